@@ -1,0 +1,182 @@
+"""The `tinyllm` command. Parsing and printing only; the work happens in the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from tinyllm.errors import TinyLLMError
+
+app = typer.Typer(
+    help="Compress a pretrained LLM, measure what each step cost, export it and serve it.\n\n"
+    "MODEL is a registered name (smollm2-135m, gemma3-270m), a Hugging Face model directory, "
+    "a .gguf file, or a tinyllm output directory.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelArg = Annotated[
+    str, typer.Argument(help="Registered name, HF directory, .gguf file or tinyllm dir.")
+]
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command()
+def info(
+    model: ModelArg = "smollm2-135m",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the facts to this JSON file.")
+    ] = None,
+) -> None:
+    """Architecture, parameter counts, shapes, dtype and size of a model."""
+    from tinyllm.models.info import model_info
+    from tinyllm.models.load import load
+
+    m, _ = load(model)
+    i = model_info(m)
+    rows = [
+        ("architecture", f"{i.architecture} ({i.model_type})"),
+        ("parameters", f"{i.params:,}"),
+        ("in block linears", f"{i.linear_params:,} ({100 * i.linear_params / i.params:.1f}%)"),
+        ("layers", str(i.layers)),
+        ("hidden size", str(i.hidden_size)),
+        ("heads / KV heads", f"{i.heads} / {i.kv_heads}"),
+        ("vocabulary", f"{i.vocab_size:,}"),
+        ("dtype", i.dtype),
+        ("size in memory", human_bytes(i.size_in_memory_bytes)),
+        ("size on disk", human_bytes(i.size_on_disk_bytes)),
+        ("linear roles", ", ".join(f"{k} x{v}" for k, v in i.roles.items())),
+    ]
+    out.print(_table(f"tinyllm info {model}", rows))
+    if json_out:
+        from tinyllm.util.fs import write_json_atomic
+
+        write_json_atomic(json_out, i.to_dict())
+
+
+@app.command("eval")
+def eval_(
+    model: ModelArg = "smollm2-135m",
+    corpus: Annotated[
+        str, typer.Option(help="'enwiki', a UTF-8 .txt, a .jsonl or a directory.")
+    ] = "enwiki",
+    seq_len: Annotated[int, typer.Option(help="Tokens per window (at least 2).")] = 512,
+    windows: Annotated[int, typer.Option(help="Windows from the corpus's evaluation slice.")] = 40,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Also report KL(reference || model) and top-1 agreement against this model."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Windows per forward (default: 2048 tokens).")
+    ] = None,
+    fast: Annotated[
+        bool, typer.Option(help="Run fp32 linears through oneDNN while scoring.")
+    ] = True,
+) -> None:
+    """Perplexity (and KLD/agreement with --reference), size, bits per weight, speed, memory.
+
+    Protocol: the corpus is tokenized without special tokens; WINDOWS back-to-back windows of
+    SEQ_LEN tokens are cut from its evaluation slice (its first 65,536 tokens); BOS is prepended
+    only when the tokenizer adds one by default; every position after the first is scored.
+    """
+    import tinyllm
+    from tinyllm.data.windows import check_seq_len
+
+    check_seq_len(seq_len)  # fail before loading anything
+    m, tok = tinyllm.load(model)
+    ref = tinyllm.load(reference) if reference else None
+    result = tinyllm.evaluate(
+        m,
+        tok,
+        corpus=corpus,
+        seq_len=seq_len,
+        windows=windows,
+        reference=ref,
+        batch_size=batch_size,
+        name=model,
+        fast=fast,
+    )
+    out.print(_table(f"tinyllm eval {model}", _eval_rows(result)))
+    if json_out:
+        result.save_json(json_out)
+        out.print(f"wrote {json_out}")
+
+
+def _eval_rows(r: object) -> list[tuple[str, str]]:
+    rows = [
+        ("corpus", f"{r.corpus} ({r.windows} x {r.seq_len}, {r.tokens:,} tokens scored)"),
+        ("perplexity", f"{r.perplexity:.4f}"),
+    ]
+    if r.kld is not None:
+        rows += [
+            ("KL(reference || model)", f"{r.kld:.6f}"),
+            ("top-1 agreement", f"{r.top1_agreement:.4f}"),
+        ]
+    rows += [
+        ("parameters", f"{r.params:,}"),
+        ("size in memory", human_bytes(r.size_bytes)),
+        ("bits per weight (linears)", f"{r.bits_per_weight:.3f}"),
+        ("eval seconds", f"{r.eval_seconds:.1f}"),
+        ("tokens per second", f"{r.tokens_per_second:.0f}"),
+        ("peak RSS", human_bytes(r.peak_rss_bytes)),
+    ]
+    return rows
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
+    )
+
+
+def main() -> None:
+    """Entry point: a TinyLLMError prints one line and exits 1; Ctrl-C exits 130."""
+    _setup_logging("-v" in sys.argv or "--verbose" in sys.argv)
+    argv = [a for a in sys.argv[1:] if a not in ("-v", "--verbose")]
+    try:
+        app(args=argv, standalone_mode=True)
+    except TinyLLMError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared machinery: kernels, step configs and the calibration runner."""

@@ -1,0 +1,1 @@
+"""Corpora and the deterministic windows cut from them."""

@@ -1,0 +1,1 @@
+"""The evaluation harness: one protocol for every artifact."""

@@ -1,0 +1,137 @@
+"""`evaluate`: score any model the same way (docs/evaluation.md).
+
+Perplexity over back-to-back windows of the corpus's evaluation slice, every position after the
+first scored; with a reference, mean per-token KL(reference || model) and top-1 agreement on the
+same positions; always size, bits per weight, time and memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tinyllm.core.kernels import fast_linears
+from tinyllm.data.corpora import DEFAULT_CORPUS, load_corpus
+from tinyllm.data.windows import eval_windows, tokenize_corpus, with_bos
+from tinyllm.errors import TokenizerMismatchError
+from tinyllm.eval.divergence import token_kl, top1_agree
+from tinyllm.eval.memory import peak_rss_bytes
+from tinyllm.eval.perplexity import perplexity, token_nll
+from tinyllm.eval.size import bits_per_weight, param_count, size_bytes
+from tinyllm.models.anatomy import analyze
+from tinyllm.util.fs import write_json_atomic
+from tinyllm.util.progress import make_progress
+
+log = logging.getLogger(__name__)
+
+TOKENS_PER_BATCH = 2048  # windows are batched up to this many tokens per forward
+
+
+@dataclass
+class EvalResult:
+    model: str
+    corpus: str
+    seq_len: int
+    windows: int
+    tokens: int
+    perplexity: float
+    kld: float | None
+    top1_agreement: float | None
+    params: int
+    size_bytes: int
+    bits_per_weight: float
+    eval_seconds: float
+    tokens_per_second: float
+    peak_rss_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_json(self, path: Path) -> None:
+        write_json_atomic(Path(path), self.to_dict())
+
+
+def check_same_tokenizer(tokenizer: object, ref_tokenizer: object) -> None:
+    if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+        raise TokenizerMismatchError(
+            "the reference model uses a different tokenizer: KL divergence and agreement need "
+            "both models to predict over the same vocabulary"
+        )
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, use_cache=False).logits
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: object,
+    *,
+    corpus: str | Path = DEFAULT_CORPUS,
+    seq_len: int = 512,
+    windows: int = 40,
+    reference: tuple[nn.Module, object] | None = None,
+    batch_size: int | None = None,
+    name: str | None = None,
+    fast: bool = True,
+) -> EvalResult:
+    """Score `model` on the evaluation windows of `corpus` (and against `reference` if given).
+
+    `fast` runs fp32 linears through oneDNN (core.kernels) for the duration; results match the
+    plain path to fp32 rounding.
+    """
+    if reference is not None:
+        check_same_tokenizer(tokenizer, reference[1])
+    text = load_corpus(corpus)
+    ids = tokenize_corpus(text, tokenizer)
+    data = with_bos(eval_windows(ids, seq_len, windows, text.name), tokenizer)  # [W, L(+1)]
+    batch_size = batch_size or max(1, TOKENS_PER_BATCH // data.shape[1])
+    model.eval()
+    nll_sum, kl_sum, agree_sum, scored, model_seconds = 0.0, 0.0, 0, 0, 0.0
+    t0 = time.perf_counter()
+    tokens_per_batch = batch_size * data.shape[1]
+    with contextlib.ExitStack() as stack:
+        if fast:
+            stack.enter_context(fast_linears(model, tokens_per_batch))
+            if reference is not None:
+                stack.enter_context(fast_linears(reference[0], tokens_per_batch))
+        bar = stack.enter_context(make_progress())
+        task = bar.add_task("evaluating", total=data.shape[0], info="")
+        for start in range(0, data.shape[0], batch_size):
+            batch = data[start : start + batch_size]
+            t1 = time.perf_counter()
+            logits = _logits(model, batch)[:, :-1]  # [B, L-1, V] predicts batch[:, 1:]
+            model_seconds += time.perf_counter() - t1
+            nll_sum += float(token_nll(logits, batch[:, 1:]).double().sum())
+            scored += batch[:, 1:].numel()
+            if reference is not None:
+                ref_logits = _logits(reference[0], batch)[:, :-1]
+                kl_sum += float(token_kl(ref_logits, logits).double().sum())
+                agree_sum += int(top1_agree(ref_logits, logits).sum())
+            ppl = perplexity(nll_sum, scored)
+            bar.update(task, advance=batch.shape[0], info=f"ppl {ppl:.3f}")
+    seconds = time.perf_counter() - t0
+    anatomy = analyze(model)
+    return EvalResult(
+        model=name or str(getattr(model, "name_or_path", "") or type(model).__name__),
+        corpus=text.name,
+        seq_len=seq_len,
+        windows=windows,
+        tokens=scored,
+        perplexity=perplexity(nll_sum, scored),
+        kld=kl_sum / scored if reference is not None else None,
+        top1_agreement=agree_sum / scored if reference is not None else None,
+        params=param_count(model),
+        size_bytes=size_bytes(model),
+        bits_per_weight=bits_per_weight(anatomy),
+        eval_seconds=seconds,
+        tokens_per_second=scored / model_seconds,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
