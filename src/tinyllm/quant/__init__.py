@@ -1,0 +1,1 @@
+"""Weight quantization: pure math (primitives), the QuantizedWeight record, QuantLinear, methods."""

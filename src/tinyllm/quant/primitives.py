@@ -1,0 +1,106 @@
+"""Pure functions: quantization parameters, quantize / dequantize, bit packing.
+
+Convention: codes are unsigned integers q in [0, 2^bits - 1]; a weight is recovered as
+`scale * (q - zero)` with one (scale, zero) per output row and group of `group_size` input columns.
+Symmetric grids fix zero at 2^(bits-1) and use the full signed range (as GGUF's Q4_0 does: the
+value of largest magnitude maps to -2^(bits-1)); asymmetric grids take an integer zero point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 5, 8)
+SUPPORTED_GROUPS = (-1, 32, 64, 128)
+SHRINK_GRID = torch.linspace(1.0, 0.5, 26)  # candidate range shrinks for the MSE search
+
+
+def qmax(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[rows, cols] -> [rows, groups, group_size] (group_size -1: one group per row)."""
+    rows, cols = w.shape
+    g = cols if group_size == -1 else group_size
+    return w.reshape(rows, cols // g, g)
+
+
+def _affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool):
+    """Scale and integer zero for ranges [lo, hi] (any shape)."""
+    if sym:
+        half = 1 << (bits - 1)
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = (amax / half).clamp_min(1e-10)
+        zero = torch.full_like(scale, float(half))
+        return scale, zero
+    lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+    scale = ((hi - lo) / qmax(bits)).clamp_min(1e-10)
+    zero = (-lo / scale).round().clamp(0, qmax(bits))
+    return scale, zero
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round to the grid and back (shapes broadcast)."""
+    q = (w / scale + zero).round().clamp(0, qmax(bits))
+    return scale * (q - zero)
+
+
+def group_qparams(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) scale and zero. [rows, cols] -> ([rows, groups], [rows, groups])
+
+    With `mse`, each group's range is shrunk by the factor in SHRINK_GRID that minimises
+    sum |w - fake_quant(w)|^norm (the clipping search of GPTQ's reference code and AWQ).
+    """
+    g = grouped(w.float(), group_size)  # [rows, groups, gs]
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale, zero = _affine_params(lo, hi, bits, sym)
+    if not mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for shrink in SHRINK_GRID.tolist():
+        s, z = _affine_params(lo * shrink, hi * shrink, bits, sym)
+        err = (fake_quant(g, s[..., None], z[..., None], bits) - g).abs().pow(norm).sum(-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Integer codes of w on the grid. [rows, cols] -> uint8 [rows, cols]"""
+    g = grouped(w.float(), group_size)
+    q = (g / scale[..., None] + zero[..., None]).round().clamp(0, qmax(bits))
+    return q.reshape(w.shape).to(torch.uint8)
+
+
+def dequantize_codes(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """scale * (q - zero), group-wise. -> float32 [rows, cols]"""
+    g = grouped(q.float(), group_size)
+    return ((g - zero[..., None].float()) * scale[..., None].float()).reshape(q.shape)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (< 2^bits) into a dense little-endian bit stream. -> uint8 [ceil(n*bits/8)]"""
+    flat = q.reshape(-1).to(torch.int32)
+    shifts = torch.arange(bits, dtype=torch.int32)
+    stream = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)  # [n * bits]
+    pad = (-stream.numel()) % 8
+    stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
+    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    return (stream * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of pack_bits. -> uint8 [numel]"""
+    stream = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1
+    stream = stream.reshape(-1)[: numel * bits].reshape(numel, bits)
+    weights = 1 << torch.arange(bits, dtype=torch.int32)
+    return (stream * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)

@@ -1,0 +1,108 @@
+"""`QuantizedWeight`: the one record of a quantized weight, read by modules, checkpoints, export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinyllm.quant.primitives import dequantize_codes, pack_bits, unpack_bits
+
+
+@dataclass
+class QuantizedWeight:
+    """Packed integer codes plus what is needed to turn them back into weights.
+
+    w[r, c] = scale[r, c // g] * (code[r, c] - zero[r, c // g]) for affine grids, or
+    w[r, c] = scale[r, c // g] * codebook[code[r, c]] when a codebook is given (NF4).
+    `perm`, if set, is the column order the codes are stored in (act-order without static groups).
+    """
+
+    packed: torch.Tensor  # uint8 bit stream of the codes, row-major over [out, in]
+    shape: tuple[int, int]  # (out_features, in_features)
+    bits: int
+    group_size: int  # -1: one group per output row
+    sym: bool
+    scale: torch.Tensor  # float16 [out, groups]
+    zero: torch.Tensor  # uint8 [out, groups]; 2^(bits-1) everywhere when sym
+    perm: torch.Tensor | None = None  # int64 [in]
+    codebook: torch.Tensor | None = None  # float32 [2^bits]
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *,
+                   bits: int, group_size: int, sym: bool, perm: torch.Tensor | None = None,
+                   codebook: torch.Tensor | None = None) -> QuantizedWeight:
+        return cls(
+            packed=pack_bits(codes, bits),
+            shape=(int(codes.shape[0]), int(codes.shape[1])),
+            bits=bits,
+            group_size=group_size,
+            sym=sym,
+            scale=scale.to(torch.float16).contiguous(),
+            zero=zero.to(torch.uint8).contiguous(),
+            perm=perm,
+            codebook=codebook,
+        )
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.group_size == -1 else self.shape[1] // self.group_size
+
+    @property
+    def effective_group(self) -> int:
+        return self.shape[1] if self.group_size == -1 else self.group_size
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes. -> uint8 [out, in] (in stored column order)"""
+        out, inp = self.shape
+        return unpack_bits(self.packed, self.bits, out * inp).reshape(out, inp)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight, columns back in the original order. -> float32 [out, in]"""
+        q = self.codes()
+        if self.codebook is not None:
+            values = self.codebook[q.long()]
+            g = values.reshape(self.shape[0], self.groups, -1)
+            w = (g * self.scale.float()[..., None]).reshape(self.shape)
+        else:
+            w = dequantize_codes(q, self.scale, self.zero, self.effective_group)
+        if self.perm is not None:
+            w = w[:, torch.argsort(self.perm)]
+        return w
+
+    def storage_bits(self) -> int:
+        """Bits stored for this weight: codes, scales, zero points (asymmetric), codebook."""
+        bits = self.shape[0] * self.shape[1] * self.bits + self.scale.numel() * 16
+        if not self.sym and self.codebook is None:
+            bits += self.zero.numel() * self.bits
+        if self.codebook is not None:
+            bits += self.codebook.numel() * 32
+        return bits
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Flat tensors for a safetensors file."""
+        out = {f"{prefix}.packed": self.packed, f"{prefix}.scale": self.scale,
+               f"{prefix}.zero": self.zero}
+        if self.perm is not None:
+            out[f"{prefix}.perm"] = self.perm
+        if self.codebook is not None:
+            out[f"{prefix}.codebook"] = self.codebook
+        return out
+
+    def meta(self) -> dict:
+        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, meta: dict) -> QuantizedWeight:
+        return cls(
+            packed=tensors[f"{prefix}.packed"],
+            shape=tuple(meta["shape"]),
+            bits=meta["bits"],
+            group_size=meta["group_size"],
+            sym=meta["sym"],
+            scale=tensors[f"{prefix}.scale"],
+            zero=tensors[f"{prefix}.zero"],
+            perm=tensors.get(f"{prefix}.perm"),
+            codebook=tensors.get(f"{prefix}.codebook"),
+        )

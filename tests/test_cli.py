@@ -1,0 +1,124 @@
+"""The command line: results, and one-line errors with a non-zero exit for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPECTED_KEYS = [
+    "model",
+    "corpus",
+    "seq_len",
+    "windows",
+    "tokens",
+    "perplexity",
+    "kld",
+    "top1_agreement",
+    "params",
+    "size_bytes",
+    "bits_per_weight",
+    "eval_seconds",
+    "tokens_per_second",
+    "peak_rss_bytes",
+]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "tinyllm.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+def assert_clean_error(p: subprocess.CompletedProcess, pattern: str) -> None:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    assert pattern in p.stderr, p.stderr
+
+
+def test_eval_json(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
+    out = tmp_path / "r.json"
+    p = run(
+        "eval",
+        str(tiny_dir),
+        "--corpus",
+        str(corpus_file),
+        "--seq-len",
+        "16",
+        "--windows",
+        "3",
+        "--reference",
+        str(tiny_dir),
+        "--json",
+        str(out),
+    )
+    assert p.returncode == 0, p.stderr
+    data = json.loads(out.read_text())
+    assert list(data) == EXPECTED_KEYS
+    assert data["kld"] == pytest.approx(0.0, abs=1e-6) and data["top1_agreement"] == 1.0
+    assert "perplexity" in p.stdout
+
+
+def test_info(tiny_dir: Path):
+    p = run("info", str(tiny_dir))
+    assert p.returncode == 0, p.stderr
+    assert "LlamaForCausalLM" in p.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "/no/such/model"], "no such file or directory"),
+        (["eval", "smollm2-135m", "--seq-len", "1"], "--seq-len must be at least 2"),
+        (["info", "/"], "no model in it"),
+    ],
+)
+def test_errors_are_one_line(args, message):
+    assert_clean_error(run(*args), message)
+
+
+def test_empty_corpus(tiny_dir: Path, tmp_path: Path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_clean_error(run("eval", str(tiny_dir), "--corpus", str(empty)), "empty")
+
+
+def test_short_corpus(tiny_dir: Path, corpus_file: Path):
+    assert_clean_error(run("eval", str(tiny_dir), "--corpus", str(corpus_file)), "too short")
+
+
+def test_reference_with_other_tokenizer(tiny_dir: Path, tmp_path: Path, corpus_file: Path):
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    other_tok = tiny_tokenizer(text="another text entirely, with other merges " * 60)
+    other = tmp_path / "other"
+    tiny_model(vocab=len(other_tok)).save_pretrained(other)
+    other_tok.save_pretrained(other)
+    p = run(
+        "eval",
+        str(tiny_dir),
+        "--corpus",
+        str(corpus_file),
+        "--seq-len",
+        "16",
+        "--windows",
+        "2",
+        "--reference",
+        str(other),
+    )
+    assert_clean_error(p, "different tokenizer")
+
+
+def test_no_blocks_found(tmp_path: Path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # GPT-2 uses Conv1D, not nn.Linear: tinyllm finds no linear layers in its blocks.
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+    ).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    assert_clean_error(run("info", str(d)), "no decoder blocks")
