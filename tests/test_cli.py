@@ -122,3 +122,61 @@ def test_no_blocks_found(tmp_path: Path, tokenizer):
     ).save_pretrained(d)
     tokenizer.save_pretrained(d)
     assert_clean_error(run("info", str(d)), "no decoder blocks")
+
+
+def test_quantize_then_eval(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
+    out = tmp_path / "q"
+    p = run(
+        "quantize",
+        str(tiny_dir),
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--calib-corpus",
+        str(corpus_file),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "-o",
+        str(out),
+    )
+    assert p.returncode == 0, p.stderr
+    meta = json.loads((out / "tinyllm.json").read_text())
+    assert meta["steps"][0]["type"] == "gptq" and meta["steps"][0]["group_size"] == 32
+    assert meta["calibration"]["samples"] == 4
+    assert len(json.loads((out / "layer_errors.json").read_text())) == 14
+    p = run("eval", str(out), "--corpus", str(corpus_file), "--seq-len", "16", "--windows", "2")
+    assert p.returncode == 0, p.stderr
+    # refuses to overwrite without --overwrite
+    p = run("quantize", str(tiny_dir), "--method", "rtn", "-o", str(out))
+    assert_clean_error(p, "--overwrite")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "rtn", "--bits", "6"], "bits must be one of"),
+        (["--method", "rtn", "--group-size", "48"], "group_size must be one of"),
+        (["--method", "nope"], "unknown method"),
+    ],
+)
+def test_quantize_bad_settings(tiny_dir: Path, tmp_path: Path, args, message):
+    assert_clean_error(run("quantize", str(tiny_dir), "-o", str(tmp_path / "o"), *args), message)
+
+
+def test_quantize_calibration_too_small(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
+    p = run(
+        "quantize",
+        str(tiny_dir),
+        "--method",
+        "gptq",
+        "--calib-corpus",
+        str(corpus_file),
+        "-o",
+        str(tmp_path / "o"),
+    )
+    assert_clean_error(p, "too small")

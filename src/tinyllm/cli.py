@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import ConfigError, TinyLLMError
 
 app = typer.Typer(
     help="Compress a pretrained LLM, measure what each step cost, export it and serve it.\n\n"
@@ -133,6 +133,108 @@ def eval_(
     if json_out:
         result.save_json(json_out)
         out.print(f"wrote {json_out}")
+
+
+@app.command()
+def quantize(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
+    method: Annotated[str, typer.Option(help="rtn | gptq | nf4.")] = "gptq",
+    bits: Annotated[int, typer.Option(help="2, 3, 4, 5 or 8 (nf4: always 4).")] = 4,
+    group_size: Annotated[
+        int,
+        typer.Option(
+            help="Input columns sharing a scale: 32, 64, 128, or -1 for one per output channel."
+        ),
+    ] = 64,
+    sym: Annotated[
+        bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point).")
+    ] = False,
+    mse: Annotated[bool, typer.Option(help="Search each group's clipping range (MSE).")] = True,
+    act_order: Annotated[
+        bool, typer.Option(help="GPTQ: columns by decreasing Hessian diagonal.")
+    ] = True,
+    static_groups: Annotated[
+        bool, typer.Option(help="GPTQ: group grids fixed before updates.")
+    ] = True,
+    damp: Annotated[float, typer.Option(help="GPTQ: dampening, fraction of mean diag(H).")] = 0.01,
+    calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Quantize the linear layers of the decoder blocks and write a packed checkpoint.
+
+    Calibrated methods (gptq) run block by block on SAMPLES windows of SEQ_LEN tokens drawn with
+    SEED from outside the corpus's evaluation slice. The output directory holds the packed
+    safetensors weights, the tokenizer, tinyllm.json (method and every setting) and
+    layer_errors.json; `tinyllm eval DIR` and `tinyllm.load(DIR)` read it back.
+    """
+    import tinyllm
+    from tinyllm.checkpoint import check_output_dir, save_checkpoint
+    from tinyllm.data.calibration import calibration_windows
+    from tinyllm.quant.api import quantize as run_quantize
+    from tinyllm.quant.api import step_classes
+
+    classes = step_classes()
+    if method not in classes:
+        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(classes)}")
+    cfg = _make_step(
+        classes[method],
+        method,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        mse=mse,
+        act_order=act_order,
+        static_groups=static_groups,
+        damp=damp,
+    )
+    check_output_dir(output, overwrite)  # fail before the slow part
+    m, tok = tinyllm.load(model)
+    calib = None
+    if cfg.calibrated:
+        calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
+    report = run_quantize(m, cfg, calib=calib)
+    meta = {
+        "source": model,
+        "steps": [cfg.describe()],
+        "seconds": report["seconds"],
+        "calibration": {
+            "corpus": calib_corpus,
+            "samples": samples,
+            "seq_len": seq_len,
+            "seed": seed,
+        }
+        if cfg.calibrated
+        else None,
+    }
+    save_checkpoint(
+        m,
+        tok,
+        output,
+        meta,
+        overwrite=overwrite,
+        extra_files={"layer_errors.json": report.get("layer_errors", {})},
+    )
+    errs = list(report.get("layer_errors", {}).values())
+    out.print(
+        f"quantized {len(errs)} layers with {method} in {report['seconds']:.1f} s "
+        f"(mean layer error {sum(errs) / max(len(errs), 1):.4g}); wrote {output}"
+    )
+
+
+def _make_step(cls: type, method: str, **options: object) -> object:
+    """Build a step config from the CLI options it accepts; pydantic errors become one line."""
+    from pydantic import ValidationError
+
+    fields = cls.model_fields
+    try:
+        return cls(**{k: v for k, v in options.items() if k in fields})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{method}: {first['loc'][0]}: {first['msg']}") from exc
 
 
 def _eval_rows(r: object) -> list[tuple[str, str]]:

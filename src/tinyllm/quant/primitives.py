@@ -2,8 +2,9 @@
 
 Convention: codes are unsigned integers q in [0, 2^bits - 1]; a weight is recovered as
 `scale * (q - zero)` with one (scale, zero) per output row and group of `group_size` input columns.
-Symmetric grids fix zero at 2^(bits-1) and use the full signed range (as GGUF's Q4_0 does: the
-value of largest magnitude maps to -2^(bits-1)); asymmetric grids take an integer zero point.
+Symmetric grids fix zero at 2^(bits-1) and use the full signed range as GGUF's Q4_0 does: the
+scale takes the sign of the value of largest magnitude, which maps exactly to code 0 (so scales
+may be negative); asymmetric grids take an integer zero point.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool):
     """Scale and integer zero for ranges [lo, hi] (any shape)."""
-    if sym:
+    if sym:  # GGUF Q4_0 style: the signed extreme maps exactly to code 0, so it is never clipped
         half = 1 << (bits - 1)
-        amax = torch.maximum(lo.abs(), hi.abs())
-        scale = (amax / half).clamp_min(1e-10)
+        extreme = torch.where(hi.abs() >= lo.abs(), hi, lo)
+        scale = -extreme / half
+        scale = torch.where(scale.abs() < 1e-10, torch.full_like(scale, -1e-10), scale)
         zero = torch.full_like(scale, float(half))
         return scale, zero
     lo, hi = lo.clamp_max(0), hi.clamp_min(0)
@@ -89,6 +91,11 @@ def dequantize_codes(
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes (< 2^bits) into a dense little-endian bit stream. -> uint8 [ceil(n*bits/8)]"""
+    if bits == 8:
+        return q.reshape(-1).to(torch.uint8).clone()
+    if bits == 4 and q.numel() % 2 == 0:  # same stream as the generic path, faster
+        pairs = q.reshape(-1, 2).to(torch.uint8)
+        return pairs[:, 0] | (pairs[:, 1] << 4)
     flat = q.reshape(-1).to(torch.int32)
     shifts = torch.arange(bits, dtype=torch.int32)
     stream = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)  # [n * bits]
@@ -100,6 +107,10 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of pack_bits. -> uint8 [numel]"""
+    if bits == 8:
+        return packed[:numel].clone()
+    if bits == 4 and numel % 2 == 0:
+        return torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:numel]
     stream = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1
     stream = stream.reshape(-1)[: numel * bits].reshape(numel, bits)
     weights = 1 << torch.arange(bits, dtype=torch.int32)

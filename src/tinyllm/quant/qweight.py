@@ -29,9 +29,18 @@ class QuantizedWeight:
     codebook: torch.Tensor | None = None  # float32 [2^bits]
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *,
-                   bits: int, group_size: int, sym: bool, perm: torch.Tensor | None = None,
-                   codebook: torch.Tensor | None = None) -> QuantizedWeight:
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        perm: torch.Tensor | None = None,
+        codebook: torch.Tensor | None = None,
+    ) -> QuantizedWeight:
         return cls(
             packed=pack_bits(codes, bits),
             shape=(int(codes.shape[0]), int(codes.shape[1])),
@@ -81,8 +90,11 @@ class QuantizedWeight:
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat tensors for a safetensors file."""
-        out = {f"{prefix}.packed": self.packed, f"{prefix}.scale": self.scale,
-               f"{prefix}.zero": self.zero}
+        out = {
+            f"{prefix}.packed": self.packed,
+            f"{prefix}.scale": self.scale,
+            f"{prefix}.zero": self.zero,
+        }
         if self.perm is not None:
             out[f"{prefix}.perm"] = self.perm
         if self.codebook is not None:
@@ -90,11 +102,17 @@ class QuantizedWeight:
         return out
 
     def meta(self) -> dict:
-        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym}
+        return {
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+        }
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, meta: dict) -> QuantizedWeight:
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], prefix: str, meta: dict
+    ) -> QuantizedWeight:
         return cls(
             packed=tensors[f"{prefix}.packed"],
             shape=tuple(meta["shape"]),

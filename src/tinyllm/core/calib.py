@@ -1,0 +1,136 @@
+"""Block-by-block calibration: capture one block's inputs, let a method look and act, move on.
+
+Memory stays bounded by one block's activations for the calibration set. Each block's inputs are
+the outputs of the previous block *after* it was compressed, so errors are corrected downstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import torch
+from torch import nn
+
+from tinyllm.core.kernels import fast_linears
+from tinyllm.models.anatomy import Anatomy, analyze
+from tinyllm.util.progress import make_progress
+
+
+class _Stop(Exception):
+    pass
+
+
+def _block_kwargs(model: nn.Module, anatomy: Anatomy, batch: torch.Tensor) -> list[dict]:
+    """Keyword arguments each block receives (masks and rotary tables differ per layer type)."""
+    captured: list[dict] = [{} for _ in anatomy.blocks]
+
+    def hook(i: int):
+        def fn(_mod, args, kwargs):
+            captured[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == len(anatomy.blocks) - 1:
+                raise _Stop
+
+        return fn
+
+    handles = [
+        b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(anatomy.blocks)
+    ]
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _first_inputs(model: nn.Module, anatomy: Anatomy, batches: list[torch.Tensor]) -> list:
+    """Hidden states entering block 0, for every batch (only embeddings run)."""
+    inputs = []
+
+    def hook(_mod, args, kwargs):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = anatomy.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            with suppress(_Stop):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        handle.remove()
+    return inputs
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def input_hooks(
+    block: nn.Module, names: list[str], fn: Callable[[str, torch.Tensor], None]
+) -> Iterator:
+    """Call fn(name, input [tokens, in_features]) on every forward of the named submodules."""
+
+    def make(name: str):
+        def hook(_mod, args):
+            fn(name, args[0].reshape(-1, args[0].shape[-1]))
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make(n)) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def observe_block(
+    block: nn.Module,
+    xs: list[torch.Tensor],
+    kwargs: dict,
+    names: list[str],
+    fn: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Forward each batch through the block (fast kernels), showing fn the named linears inputs."""
+    with fast_linears(block, xs[0].shape[0] * xs[0].shape[1]), input_hooks(block, names, fn):
+        for x in xs:
+            run_block(block, x, kwargs)
+
+
+# fn(index, block, inputs, kwargs) compresses the block; it may return a callable that runs
+# after the block's outputs were computed (to swap fake-quantized weights for packed modules).
+BlockFn = Callable[[int, nn.Module, list[torch.Tensor], dict[str, Any]], Callable[[], None] | None]
+
+
+@torch.no_grad()
+def calibrate_blocks(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    fn: BlockFn,
+    description: str = "calibrating",
+) -> None:
+    """For each block: fn(index, block, inputs, kwargs) compresses it in place; its outputs with
+    the compressed weights become the next block's inputs."""
+    anatomy = analyze(model)
+    batches = list(windows.split(batch_size))
+    was_training = model.training
+    model.eval()
+    kwargs = _block_kwargs(model, anatomy, batches[0])
+    xs = _first_inputs(model, anatomy, batches)
+    with make_progress() as bar:
+        task = bar.add_task(description, total=len(anatomy.blocks), info="")
+        for i, block in enumerate(anatomy.blocks):
+            finish = fn(i, block, xs, kwargs[i])
+            with fast_linears(block, xs[0].shape[0] * xs[0].shape[1]):
+                xs = [run_block(block, x, kwargs[i]) for x in xs]
+            if finish is not None:
+                finish()
+            bar.update(task, advance=1, info=f"block {i + 1}/{len(anatomy.blocks)}")
+    model.train(was_training)

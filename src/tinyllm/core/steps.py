@@ -1,0 +1,70 @@
+"""Step configs, the method registry, and `compress(model, steps, ctx)`.
+
+A step config is a pydantic model that forbids unknown fields (recipes validate into the same
+objects). A method registers one `apply(model, cfg, ctx)` for its config class; nothing in shared
+code knows about any particular method.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from tinyllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Step(BaseModel):
+    """Base of every step config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    calibrated: ClassVar[bool] = False  # needs calibration windows
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": type(self).__name__.lower(), **self.model_dump()}
+
+
+@dataclass
+class Context:
+    """What a step may use besides the model: calibration windows and a place for its report."""
+
+    calib: torch.Tensor | None = None  # [samples, seq_len] token ids
+    batch_size: int = 8
+    report: dict[str, Any] = field(default_factory=dict)  # e.g. per-layer errors
+
+
+Apply = Callable[[nn.Module, Step, Context], None]
+REGISTRY: dict[type[Step], Apply] = {}
+
+
+def register(cfg_cls: type[Step]) -> Callable[[Apply], Apply]:
+    def deco(fn: Apply) -> Apply:
+        REGISTRY[cfg_cls] = fn
+        return fn
+
+    return deco
+
+
+def apply_step(model: nn.Module, cfg: Step, ctx: Context) -> None:
+    fn = REGISTRY.get(type(cfg))
+    if fn is None:
+        raise ConfigError(f"no method registered for step {type(cfg).__name__}")
+    if cfg.calibrated and ctx.calib is None:
+        raise ConfigError(f"{type(cfg).__name__} needs calibration windows (ctx.calib)")
+    fn(model, cfg, ctx)
+
+
+def compress(model: nn.Module, steps: list[Step], ctx: Context | None = None) -> nn.Module:
+    """Apply steps in order, in place; returns the model."""
+    ctx = ctx or Context()
+    for cfg in steps:
+        log.info("applying %s", cfg)
+        apply_step(model, cfg, ctx)
+    return model

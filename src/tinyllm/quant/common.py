@@ -1,0 +1,78 @@
+"""Shared glue for weight-only quantizers: config fields, validation, layer walking, errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from pydantic import field_validator
+from torch import nn
+
+from tinyllm.core.steps import Context, Step
+from tinyllm.errors import ArchitectureError, ConfigError
+from tinyllm.models.anatomy import LinearSite, analyze
+from tinyllm.quant.primitives import SUPPORTED_BITS, SUPPORTED_GROUPS
+from tinyllm.quant.qlinear import replace_linear
+from tinyllm.quant.qweight import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+class WeightQuant(Step):
+    """Fields every integer weight quantizer shares."""
+
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v not in SUPPORTED_GROUPS:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUPS}, got {v}")
+        return v
+
+
+def check_divisible(sites: list[LinearSite], group_size: int) -> None:
+    """Refuse group sizes that do not divide a layer's input features, naming the layer."""
+    if group_size == -1:
+        return
+    for s in sites:
+        if s.module.in_features % group_size:
+            raise ConfigError(
+                f"group size {group_size} does not divide the {s.module.in_features} input "
+                f"features of {s.name}; use a divisor (for example 32 or 64) or -1 (per channel)"
+            )
+
+
+def target_linears(model: nn.Module) -> list[LinearSite]:
+    sites = [s for s in analyze(model).linears if isinstance(s.module, nn.Linear)]
+    if not sites:
+        raise ArchitectureError("no float linear layers left to quantize in the decoder blocks")
+    return sites
+
+
+def relative_weight_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
+    return float((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-12))
+
+
+def quantize_each(
+    model: nn.Module, ctx: Context, group_size: int, fn: Callable[[torch.Tensor], QuantizedWeight]
+) -> None:
+    """Data-free glue: quantize every block linear's weight with fn and swap in a QuantLinear."""
+    sites = target_linears(model)
+    check_divisible(sites, group_size)
+    errors = ctx.report.setdefault("layer_errors", {})
+    for s in sites:
+        w = s.module.weight.detach().float()
+        qw = fn(w)
+        errors[s.name] = relative_weight_error(w, qw)
+        replace_linear(model, s.name, qw)

@@ -1,0 +1,177 @@
+"""GPTQ (Frantar et al. 2022): quantize columns one at a time, pushing each column's rounding
+error onto the columns not yet quantized through the inverse Hessian of the layer's inputs."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from tinyllm.core.calib import calibrate_blocks, observe_block
+from tinyllm.core.steps import Context, register
+from tinyllm.errors import ConfigError
+from tinyllm.quant.common import WeightQuant, check_divisible, target_linears
+from tinyllm.quant.primitives import group_qparams, qmax
+from tinyllm.quant.qlinear import replace_linear
+from tinyllm.quant.qweight import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+class GPTQ(WeightQuant):
+    calibrated = True
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128  # columns per lazy batch update
+    act_order: bool = True  # quantize columns by decreasing Hessian diagonal
+    static_groups: bool = True  # group grids fixed from the original weights before any update
+    mse: bool = True  # clipping search for each group's grid
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, retrying with more damping."""
+    mean_diag = H.diagonal().mean()
+    for _ in range(6):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+        log.warning("%s: Cholesky failed with damp %.3g, retrying with %.3g", name, damp, damp * 10)
+        damp *= 10
+    raise ConfigError(f"{name}: Hessian is not positive definite even with damp {damp:.3g}")
+
+
+def _group_grid(window: torch.Tensor, cfg: GPTQ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of one group of columns [rows, g] -> ([rows], [rows])."""
+    s, z = group_qparams(window, cfg.bits, -1, cfg.sym, mse=cfg.mse)
+    return s[:, 0].half().float(), z[:, 0]
+
+
+def gptq_quantize(
+    W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str = "layer"
+) -> tuple[QuantizedWeight, float]:
+    """[out, in] weight and [in, in] Hessian -> (QuantizedWeight, relative output error)."""
+    W = W.detach().float().clone()
+    H = H.float().clone()
+    rows, cols = W.shape
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H0, W0 = H.clone(), W.clone()
+    g = cols if cfg.group_size == -1 else cfg.group_size
+    perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
+    static = cfg.static_groups or cfg.group_size == -1
+    if static:  # grids from the original weights, in original column order
+        scale, zero = group_qparams(W, cfg.bits, cfg.group_size, cfg.sym, mse=cfg.mse)
+        scale = scale.half().float()
+        col_scale, col_zero = scale[:, perm // g], zero[:, perm // g]  # processing order
+    else:
+        scale, zero = torch.zeros(rows, cols // g), torch.zeros(rows, cols // g)
+        col_scale, col_zero = torch.zeros(rows, cols), torch.zeros(rows, cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_cholesky(H, cfg.damp, name)
+    codes = torch.zeros(rows, cols)  # processing order
+    top = qmax(cfg.bits)
+    for i1 in range(0, cols, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, cols)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % g == 0:  # grid from the current, updated weights
+                window = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                scale[:, col // g], zero[:, col // g] = _group_grid(window, cfg)
+                col_scale[:, col : col + g] = scale[:, col // g, None]
+                col_zero[:, col : col + g] = zero[:, col // g, None]
+            w, s, z = W1[:, i], col_scale[:, col], col_zero[:, col]
+            q = (w / s + z).round_().clamp_(0, top)
+            codes[:, col] = q
+            err = (w - s * (q - z)) / U[col, col]
+            W1[:, i:].addr_(err, U[col, col:i2], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    codes = codes.to(torch.uint8)
+    if static:  # groups follow original columns: store codes in original order
+        out = torch.empty_like(codes)
+        out[:, perm] = codes
+        qw = QuantizedWeight.from_codes(
+            out, scale, zero, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym
+        )
+    else:
+        qw = QuantizedWeight.from_codes(
+            codes,
+            scale,
+            zero,
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            sym=cfg.sym,
+            perm=perm if cfg.act_order else None,
+        )
+    return qw, output_error(W0, qw.dequantize(), H0)
+
+
+def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """||X(W - Wq)^T||^2 / ||XW^T||^2 over the calibration inputs, from H = sum x x^T."""
+    D = W - Wq
+    return float(((D @ H) * D).sum() / ((W @ H) * W).sum().clamp_min(1e-12))
+
+
+class HessianAccumulator:
+    """Running H = (2/n) sum x x^T per layer input. Layers fed the same tensor (q/k/v, gate/up)
+    share one accumulation."""
+
+    def __init__(self) -> None:
+        self.H: dict[str, torch.Tensor] = {}
+        self.n: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
+        self._last: tuple[tuple, str] | None = None  # (identity of the last input, its owner)
+
+    def add(self, name: str, x: torch.Tensor) -> None:  # x: [tokens, in]
+        key = (x.data_ptr(), tuple(x.shape))
+        if name in self.alias:
+            return
+        if self._last is not None and self._last[0] == key and name not in self.H:
+            self.alias[name] = self._last[1]
+            return
+        self._last = (key, name)
+        x = x.float()
+        if name not in self.H:
+            self.H[name] = torch.zeros(x.shape[1], x.shape[1])
+            self.n[name] = 0
+        n, k = self.n[name], x.shape[0]
+        self.H[name].mul_(n / (n + k)).addmm_(x.t(), x, alpha=2.0 / (n + k))
+        self.n[name] = n + k
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.H[self.alias.get(name, name)]
+
+
+@register(GPTQ)
+def apply(model: nn.Module, cfg: GPTQ, ctx: Context) -> None:
+    sites = target_linears(model)
+    check_divisible(sites, cfg.group_size)
+    by_block: dict[int, list] = {}
+    for s in sites:
+        by_block.setdefault(s.block, []).append(s)
+    errors = ctx.report.setdefault("layer_errors", {})
+
+    def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
+        acc = HessianAccumulator()
+        block_sites = by_block.get(i, [])
+        observe_block(block, xs, kwargs, [s.local for s in block_sites], acc.add)
+        records = {}
+        for s in block_sites:
+            qw, err = gptq_quantize(s.module.weight, acc.hessian(s.local), cfg, s.name)
+            errors[s.name] = err
+            records[s.local] = qw
+            s.module.weight.data = qw.dequantize()  # fake-quant while the block's outputs run
+
+        def finish() -> None:
+            for local, qw in records.items():
+                replace_linear(block, local, qw)
+
+        return finish
+
+    calibrate_blocks(model, ctx.calib, ctx.batch_size, quantize_block, "GPTQ")

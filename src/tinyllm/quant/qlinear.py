@@ -1,0 +1,111 @@
+"""`QuantLinear`: a linear layer whose weight stays packed in memory, with real kernels.
+
+- 4-bit affine, group size 32/64/128/256, no permutation: PyTorch's CPU int4 kernel
+  (`_weight_int4pack_mm_for_cpu`, weights packed by `_convert_weight_to_int4pack_for_cpu`).
+- 8-bit symmetric per output channel: `_weight_int8pack_mm`.
+- Anything else (2/3/5 bits, codebooks, permutations): unpack and dequantize on each call.
+Inputs of more than PACKED_KERNEL_MAX_ROWS rows (prefill, evaluation) unpack the weight for that
+call and use the float matmul. The QuantizedWeight record is kept as buffers too (checkpoints
+are written from it), so memory accounting sees both it and the kernel's copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tinyllm.quant.qweight import QuantizedWeight
+
+INT4_GROUPS = (32, 64, 128, 256)
+# PyTorch's packed CPU kernels are GEMV-oriented: at prefill sizes they were 30-50x slower than
+# an fp32 matmul on the unpacked weight here (benchmarks/bench_quant.py), so larger inputs unpack.
+PACKED_KERNEL_MAX_ROWS = 8
+
+
+def choose_kernel(qw: QuantizedWeight) -> str:
+    plain = qw.codebook is None and qw.perm is None
+    if plain and qw.bits == 4 and qw.group_size in INT4_GROUPS and qw.shape[1] % 64 == 0:
+        return "int4"
+    if plain and qw.bits == 8 and qw.sym and qw.group_size == -1:
+        return "int8"
+    return "dequant"
+
+
+class QuantLinear(nn.Module):
+    is_tinyllm_linear = True
+
+    def __init__(
+        self, qw: QuantizedWeight, bias: torch.Tensor | None = None, kernel: str | None = None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.qweight = qw
+        self.kernel = kernel or choose_kernel(qw)
+        for name, t in qw.tensors("record").items():
+            self.register_buffer(name.replace(".", "_"), t, persistent=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
+        if self.kernel == "int4":
+            self._prepare_int4(qw)
+        elif self.kernel == "int8":
+            codes = qw.codes().to(torch.int16) - (1 << (qw.bits - 1))
+            self.register_buffer("w_int8", codes.to(torch.int8), persistent=False)
+            self.register_buffer("w_scale", qw.scale.float().reshape(-1), persistent=False)
+
+    def _prepare_int4(self, qw: QuantizedWeight) -> None:
+        codes = qw.codes().to(torch.int32)  # [out, in]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        scale = qw.scale.float()  # [out, groups]
+        # The kernel computes (q - 8) * s + z; ours is (q - zero) * s, so z = (8 - zero) * s.
+        zf = (8 - qw.zero.float()) * scale
+        self.register_buffer("w_int4", packed, persistent=False)
+        self.register_buffer(
+            "w_sz", torch.stack([scale.t(), zf.t()], -1).contiguous(), persistent=False
+        )
+
+    def logical_numel(self) -> int:
+        return self.in_features * self.out_features
+
+    def weight_storage_bits(self) -> int:
+        return self.qweight.storage_bits()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > PACKED_KERNEL_MAX_ROWS:  # prefill: unpack once, float matmul
+            y = x2 @ self.qweight.dequantize().to(x2.dtype).t()
+        elif self.kernel == "int4":
+            dt = x2.dtype
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.float(), self.w_int4, self.qweight.group_size, self.w_sz
+            ).to(dt)
+        elif self.kernel == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2.float(), self.w_int8, self.w_scale).to(
+                x2.dtype
+            )
+        else:
+            y = x2 @ self.qweight.dequantize().to(x2.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        q = self.qweight
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={q.bits}, "
+            f"group={q.group_size}, sym={q.sym}, kernel={self.kernel}"
+        )
+
+
+def replace_linear(model: nn.Module, name: str, qw: QuantizedWeight) -> QuantLinear:
+    """Swap the nn.Linear at `name` for a QuantLinear holding `qw` (its bias is kept)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    new = QuantLinear(qw, getattr(old, "bias", None))
+    setattr(parent, child, new)
+    return new

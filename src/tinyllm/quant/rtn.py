@@ -1,0 +1,30 @@
+"""RTN: round every weight to the nearest point of its group's grid."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tinyllm.core.steps import Context, register
+from tinyllm.quant.common import WeightQuant, quantize_each
+from tinyllm.quant.primitives import group_qparams, quantize_codes
+from tinyllm.quant.qweight import QuantizedWeight
+
+
+class RTN(WeightQuant):
+    mse: bool = False  # search a clipping range per group instead of min/max
+
+
+def rtn_quantize(w: torch.Tensor, cfg: RTN) -> QuantizedWeight:
+    """[out, in] float -> QuantizedWeight on a min/max (or MSE-clipped) grid."""
+    scale, zero = group_qparams(w, cfg.bits, cfg.group_size, cfg.sym, mse=cfg.mse)
+    scale = scale.half().float()  # quantize against the scale that is stored
+    codes = quantize_codes(w, scale, zero, cfg.bits, cfg.group_size)
+    return QuantizedWeight.from_codes(
+        codes, scale, zero, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym
+    )
+
+
+@register(RTN)
+def apply(model: nn.Module, cfg: RTN, ctx: Context) -> None:
+    quantize_each(model, ctx, cfg.group_size, lambda w: rtn_quantize(w, cfg))

@@ -1,0 +1,91 @@
+import itertools
+
+import pytest
+import torch
+
+from tinyllm.quant import primitives as P
+from tinyllm.quant.nf4 import NF4, nf4_codebook, nf4_quantize
+from tinyllm.quant.qweight import QuantizedWeight
+from tinyllm.quant.rtn import RTN, rtn_quantize
+
+
+@pytest.mark.parametrize("bits", P.SUPPORTED_BITS)
+def test_pack_round_trip(bits):
+    q = torch.randint(0, 1 << bits, (7, 13), dtype=torch.uint8)
+    packed = P.pack_bits(q, bits)
+    assert packed.numel() == (q.numel() * bits + 7) // 8  # dense: size reflects the bits
+    assert torch.equal(P.unpack_bits(packed, bits, q.numel()).reshape(q.shape), q)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [-1, 32])
+def test_rtn_error_bound(bits, sym, group):
+    """Every weight is within one step of its value (the signed grid has one level fewer on the
+    side opposite its extreme, and an asymmetric zero point rounds), and rounding error is
+    uniform on average: the mean is near a quarter step."""
+    torch.manual_seed(bits * 100 + group)
+    w = torch.randn(6, 64)
+    qw = rtn_quantize(w, RTN(bits=bits, group_size=group, sym=sym))
+    scale = qw.scale.float().abs().repeat_interleave(qw.effective_group, dim=1)
+    err = (qw.dequantize() - w).abs()
+    assert (err <= scale * 1.01).all()  # 1%: the stored float16 scale is rounded
+    assert float(err.mean()) < 0.32 * float(scale.mean())
+
+
+def test_more_bits_less_error():
+    w = torch.randn(32, 128)
+    errs = [
+        (rtn_quantize(w, RTN(bits=b, group_size=32)).dequantize() - w).norm()
+        for b in (2, 3, 4, 5, 8)
+    ]
+    assert all(a > b for a, b in itertools.pairwise(errs))
+
+
+def test_symmetric_uses_the_q4_0_grid():
+    w = torch.tensor([[-8.0, 7.0, 1.0, 0.0] * 8])
+    qw = rtn_quantize(w, RTN(bits=4, group_size=32, sym=True))
+    assert float(qw.scale[0, 0]) == 1.0 and int(qw.zero[0, 0]) == 8  # -8 -> code 0
+    flipped = rtn_quantize(-w, RTN(bits=4, group_size=32, sym=True))
+    assert float(flipped.scale[0, 0]) == -1.0  # +8 is the extreme: negative scale, no clipping
+    assert torch.equal(flipped.dequantize(), -w)
+    assert torch.equal(qw.dequantize(), w)
+
+
+def test_mse_clipping_never_worse():
+    w = torch.randn(16, 64)
+    w[0, 0] = 12.0  # an outlier stretches the min/max grid
+    plain = rtn_quantize(w, RTN(bits=3, group_size=32))
+    mse = rtn_quantize(w, RTN(bits=3, group_size=32, mse=True))
+    assert (mse.dequantize() - w).pow(2).sum() < (plain.dequantize() - w).pow(2).sum()
+
+
+def test_storage_bits_counts_scales_and_zeros():
+    qw = rtn_quantize(torch.randn(8, 64), RTN(bits=4, group_size=32, sym=False))
+    assert qw.storage_bits() == 8 * 64 * 4 + 8 * 2 * 16 + 8 * 2 * 4
+
+
+def test_record_tensors_round_trip():
+    qw = rtn_quantize(torch.randn(8, 64), RTN(bits=3, group_size=32))
+    back = QuantizedWeight.from_tensors(qw.tensors("x"), "x", qw.meta())
+    assert torch.equal(back.dequantize(), qw.dequantize())
+
+
+def test_nf4_codebook():
+    book = nf4_codebook()
+    assert book.numel() == 16 and book[0] == -1.0 and book[-1] == 1.0
+    assert (book == 0).sum() == 1 and (book > 0).sum() == 8
+    assert torch.all(book[1:] > book[:-1])
+    # QLoRA's published values, to 4 decimals
+    assert book[8].item() == pytest.approx(0.0796, abs=1e-4)
+    assert book[1].item() == pytest.approx(-0.6962, abs=1e-4)
+
+
+def test_nf4_picks_nearest_code():
+    w = torch.randn(4, 64)
+    qw = nf4_quantize(w, NF4(block_size=32))
+    book = nf4_codebook()
+    normed = w.view(4, 2, 32) / qw.scale.float()[..., None]
+    best = (normed[..., None] - book).abs().amin(-1)
+    got = (normed - book[qw.codes().view(4, 2, 32).long()]).abs()
+    torch.testing.assert_close(got, best)

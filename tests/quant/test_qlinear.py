@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from tinyllm.quant.qlinear import QuantLinear
+from tinyllm.quant.rtn import RTN, rtn_quantize
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "sym", "kernel"),
+    [
+        (4, 32, True, "int4"),
+        (4, 64, False, "int4"),
+        (4, 128, False, "int4"),
+        (8, -1, True, "int8"),
+        (3, 32, False, "dequant"),
+        (5, 64, True, "dequant"),
+        (2, -1, False, "dequant"),
+        (8, 32, False, "dequant"),
+    ],
+)
+def test_kernels_match_dequantize_then_matmul(bits, group, sym, kernel):
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 256), torch.randn(96)
+    qw = rtn_quantize(w, RTN(bits=bits, group_size=group, sym=sym))
+    layer = QuantLinear(qw, b)
+    assert layer.kernel == kernel
+    for x in (torch.randn(1, 3, 256), torch.randn(2, 40, 256)):  # packed kernel, then unpacked
+        ref = x @ qw.dequantize().t() + b
+        torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_single_token_decode_shape():
+    qw = rtn_quantize(torch.randn(64, 128), RTN(bits=4, group_size=32))
+    assert QuantLinear(qw)(torch.randn(1, 1, 128)).shape == (1, 1, 64)
