@@ -3,12 +3,35 @@
 Public API::
 
     model, tokenizer = tinyllm.load("smollm2-135m")
+    calib = tinyllm.calibration_windows(tokenizer, samples=128, seq_len=512)
+    tinyllm.quantize(model, tinyllm.GPTQ(bits=4, group_size=64), calib=calib)
     result = tinyllm.evaluate(model, tokenizer)
+    tinyllm.save_checkpoint(model, tokenizer, "out/gptq4", {"steps": []})
 """
 
+from tinyllm.checkpoint import save_checkpoint
+from tinyllm.data.calibration import calibration_windows
 from tinyllm.errors import TinyLLMError
 from tinyllm.eval.evaluate import EvalResult, evaluate
 from tinyllm.models.load import DEFAULT_MODEL, load
+from tinyllm.quant.api import quantize
+from tinyllm.quant.awq import AWQ
+from tinyllm.quant.gptq import GPTQ
+from tinyllm.quant.nf4 import NF4
+from tinyllm.quant.rtn import RTN
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_MODEL", "EvalResult", "TinyLLMError", "evaluate", "load"]
+__all__ = [
+    "AWQ",
+    "DEFAULT_MODEL",
+    "GPTQ",
+    "NF4",
+    "RTN",
+    "EvalResult",
+    "TinyLLMError",
+    "calibration_windows",
+    "evaluate",
+    "load",
+    "quantize",
+    "save_checkpoint",
+]

@@ -139,7 +139,10 @@ def eval_(
 def quantize(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
-    method: Annotated[str, typer.Option(help="rtn | gptq | nf4.")] = "gptq",
+    method: Annotated[str, typer.Option(help="rtn | gptq | awq | nf4.")] = "gptq",
+    base: Annotated[
+        str, typer.Option(help="AWQ: quantizer applied after scaling, rtn | gptq.")
+    ] = "rtn",
     bits: Annotated[int, typer.Option(help="2, 3, 4, 5 or 8 (nf4: always 4).")] = 4,
     group_size: Annotated[
         int,
@@ -180,9 +183,7 @@ def quantize(
     classes = step_classes()
     if method not in classes:
         raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(classes)}")
-    cfg = _make_step(
-        classes[method],
-        method,
+    options = dict(
         bits=bits,
         group_size=group_size,
         sym=sym,
@@ -191,13 +192,22 @@ def quantize(
         static_groups=static_groups,
         damp=damp,
     )
+    if method == "awq":
+        if base not in ("rtn", "gptq"):
+            raise ConfigError(f"--base must be rtn or gptq, got '{base}'")
+        cfg = classes["awq"](base=_make_step(classes[base], base, **options))
+    else:
+        cfg = _make_step(classes[method], method, **options)
     check_output_dir(output, overwrite)  # fail before the slow part
     m, tok = tinyllm.load(model)
     calib = None
     if cfg.calibrated:
         calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
     report = run_quantize(m, cfg, calib=calib)
+    from tinyllm.eval.memory import peak_rss_bytes
+
     meta = {
+        "peak_rss_bytes": peak_rss_bytes(),
         "source": model,
         "steps": [cfg.describe()],
         "seconds": report["seconds"],

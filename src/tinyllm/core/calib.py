@@ -115,6 +115,7 @@ def calibrate_blocks(
     batch_size: int,
     fn: BlockFn,
     description: str = "calibrating",
+    status: Callable[[int], str] | None = None,
 ) -> None:
     """For each block: fn(index, block, inputs, kwargs) compresses it in place; its outputs with
     the compressed weights become the next block's inputs."""
@@ -132,5 +133,6 @@ def calibrate_blocks(
                 xs = [run_block(block, x, kwargs[i]) for x in xs]
             if finish is not None:
                 finish()
-            bar.update(task, advance=1, info=f"block {i + 1}/{len(anatomy.blocks)}")
+            info = status(i) if status else ""
+            bar.update(task, advance=1, info=f"block {i + 1}/{len(anatomy.blocks)} {info}")
     model.train(was_training)

@@ -12,9 +12,9 @@ from tinyllm.core.steps import Context, Step, apply_step
 
 def step_classes() -> dict[str, type[Step]]:
     """Method name -> step config class (importing a method registers it)."""
-    from tinyllm.quant import gptq, nf4, rtn
+    from tinyllm.quant import awq, gptq, nf4, rtn
 
-    return {"rtn": rtn.RTN, "gptq": gptq.GPTQ, "nf4": nf4.NF4}
+    return {"rtn": rtn.RTN, "gptq": gptq.GPTQ, "awq": awq.AWQ, "nf4": nf4.NF4}
 
 
 def quantize(

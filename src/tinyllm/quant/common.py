@@ -76,3 +76,13 @@ def quantize_each(
         qw = fn(w)
         errors[s.name] = relative_weight_error(w, qw)
         replace_linear(model, s.name, qw)
+
+
+def block_error_status(by_block: dict[int, list[LinearSite]], errors: dict[str, float]):
+    """Progress-bar text: the mean reconstruction error of the block just finished."""
+
+    def status(i: int) -> str:
+        errs = [errors[s.name] for s in by_block.get(i, []) if s.name in errors]
+        return f"mean layer error {sum(errs) / len(errs):.2e}" if errs else ""
+
+    return status

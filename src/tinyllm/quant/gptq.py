@@ -11,7 +11,7 @@ from torch import nn
 from tinyllm.core.calib import calibrate_blocks, observe_block
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ConfigError
-from tinyllm.quant.common import WeightQuant, check_divisible, target_linears
+from tinyllm.quant.common import WeightQuant, block_error_status, check_divisible, target_linears
 from tinyllm.quant.primitives import group_qparams, qmax
 from tinyllm.quant.qlinear import replace_linear
 from tinyllm.quant.qweight import QuantizedWeight
@@ -174,4 +174,11 @@ def apply(model: nn.Module, cfg: GPTQ, ctx: Context) -> None:
 
         return finish
 
-    calibrate_blocks(model, ctx.calib, ctx.batch_size, quantize_block, "GPTQ")
+    calibrate_blocks(
+        model,
+        ctx.calib,
+        ctx.batch_size,
+        quantize_block,
+        "GPTQ",
+        block_error_status(by_block, errors),
+    )

@@ -1,0 +1,71 @@
+"""Decode speed: a 1-token forward of the 4-bit QuantLinear model against the FP32 model.
+
+Run: .venv/bin/python benchmarks/bench_decode.py [--repeats 50]
+Both models run in this process, interleaved, each step a forward of one new token after a
+64-token prompt held in the KV cache. Reports medians and the ratio; writes
+benchmarks/results/decode_smollm2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import tinyllm
+from tinyllm.core.kernels import fast_linears
+
+OUT = Path(__file__).parent / "results" / "decode_smollm2.json"
+
+
+@torch.inference_mode()
+def step_time(model, prompt: torch.Tensor, token: torch.Tensor) -> float:
+    cache = DynamicCache()
+    model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    t0 = time.perf_counter()
+    model(input_ids=token, past_key_values=cache, use_cache=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args()
+    fp, _tok = tinyllm.load("smollm2-135m")
+    models = {"fp32": fp}
+    for name, cfg in {
+        "rtn-4b-g64": tinyllm.RTN(bits=4, group_size=64),
+        "rtn-8b-pc": tinyllm.RTN(bits=8, group_size=-1, sym=True),
+    }.items():
+        models[name] = copy.deepcopy(fp)
+        tinyllm.quantize(models[name], cfg)
+    prompt = torch.randint(0, 49152, (1, 64))
+    token = torch.randint(0, 49152, (1, 1))
+    times: dict[str, list[float]] = {n: [] for n in [*models, "fp32-onednn"]}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            times[name].append(step_time(model, prompt, token))
+        with fast_linears(fp, 1):
+            times["fp32-onednn"].append(step_time(fp, prompt, token))
+    med = {n: statistics.median(t) for n, t in times.items()}
+    result = {
+        "median_ms": {n: 1e3 * v for n, v in med.items()},
+        "ratio_to_fp32": {n: v / med["fp32"] for n, v in med.items()},
+        "kernels": sorted(
+            {m.kernel for m in models["rtn-4b-g64"].modules() if hasattr(m, "kernel")}
+        ),
+        "repeats": args.repeats,
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

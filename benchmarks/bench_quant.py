@@ -1,0 +1,117 @@
+"""Issue 3 table: weight quantization of smollm2-135m, each row through the CLI in its own process.
+
+Run: .venv/bin/python benchmarks/bench_quant.py [--rows NAME,...] [--samples 128] [--table]
+Each row runs `tinyllm quantize` then `tinyllm eval DIR --reference smollm2-135m --json`; results
+are merged into benchmarks/results/quant_smollm2.json row by row, so an interrupted run resumes
+(finished rows are skipped unless --force). `--table` prints the Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results" / "quant_smollm2.json"
+CLI = [sys.executable, "-m", "tinyllm.cli"]
+SETTINGS = {  # name -> (bits, group, sym)
+    "4b-g64": (4, 64, False),
+    "4b-g32-sym": (4, 32, True),
+    "3b-g32": (3, 32, False),
+    "4b-pc": (4, -1, False),
+    "8b-pc": (8, -1, True),
+}
+ROWS: dict[str, list[str]] = {"fp32": []}
+for setting, (bits, group, sym) in SETTINGS.items():
+    for method in ("rtn", "gptq", "awq-rtn", "awq-gptq"):
+        name, _, base = method.partition("-")
+        flags = ["--method", name, "--bits", str(bits), "--group-size", str(group)]
+        flags += ["--base", base] if base else []
+        ROWS[f"{method}-{setting}"] = flags + (["--sym"] if sym else ["--asym"])
+ROWS["nf4-b64"] = ["--method", "nf4", "--group-size", "64"]
+
+
+def run_row(name: str, flags: list[str], samples: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        target = "smollm2-135m"
+        meta: dict = {}
+        if flags:
+            out = Path(tmp) / "q"
+            cmd = [
+                *CLI,
+                "quantize",
+                "smollm2-135m",
+                *flags,
+                "--samples",
+                str(samples),
+                "-o",
+                str(out),
+            ]
+            subprocess.run(cmd, check=True)
+            meta = json.loads((out / "tinyllm.json").read_text())
+            target = str(out)
+        res = Path(tmp) / "r.json"
+        cmd = [*CLI, "eval", target, "--reference", "smollm2-135m", "--json", str(res)]
+        subprocess.run(cmd, check=True)
+        result = json.loads(res.read_text())
+        size = sum(p.stat().st_size for p in Path(target).rglob("*.safetensors")) if flags else None
+    return {
+        "command": " ".join(["tinyllm quantize smollm2-135m", *flags]) if flags else "fp32",
+        "eval": result,
+        "quant_seconds": meta.get("seconds"),
+        "quant_peak_rss_bytes": meta.get("peak_rss_bytes"),
+        "weights_bytes_on_disk": size,
+        "samples": samples if flags else None,
+    }
+
+
+def table(results: dict) -> str:
+    fp = results["fp32"]["eval"]["perplexity"]
+    lines = [
+        "| row | perplexity | x FP32 | KLD | top-1 | bits/w | weights on disk | quant s "
+        "| quant peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ROWS:
+        if name not in results:
+            continue
+        r = results[name]
+        e = r["eval"]
+        disk = (
+            f"{r['weights_bytes_on_disk'] / 2**20:.1f} MiB" if r["weights_bytes_on_disk"] else "-"
+        )
+        qs = f"{r['quant_seconds']:.1f}" if r["quant_seconds"] is not None else "-"
+        rss = f"{r['quant_peak_rss_bytes'] / 1e9:.2f} GB" if r["quant_peak_rss_bytes"] else "-"
+        lines.append(
+            f"| {name} | {e['perplexity']:.3f} | {e['perplexity'] / fp:.3f} | {e['kld']:.4f} | "
+            f"{e['top1_agreement']:.4f} | {e['bits_per_weight']:.3f} | {disk} | {qs} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if args.table:
+        print(table(results))
+        return
+    for name in args.rows.split(","):
+        if name in results and not args.force:
+            continue
+        print(f"== {name}", flush=True)
+        results[name] = run_row(name, ROWS[name], args.samples)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""AWQ (Lin et al. 2023): protect salient input channels by scaling them up before quantizing.
+
+For each scaling group (an op whose output feeds some linears: a norm -> q/k/v, up -> down, ...)
+the per-channel scale s = mean|x|^alpha (normalised) is searched over alpha in [0, 1) to minimise
+the group's output error after quantization; the linears' weights are multiplied by s and the
+preceding op divided by s, so the float model computes the same function. Then any base quantizer
+(`AWQ(base=RTN(...))` or `AWQ(base=GPTQ(...))`) quantizes the scaled weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from tinyllm.core.calib import calibrate_blocks, input_hooks, observe_block
+from tinyllm.core.steps import Context, Step, register
+from tinyllm.quant.common import (
+    block_error_status,
+    check_divisible,
+    relative_weight_error,
+    target_linears,
+)
+from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_quantize
+from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
+from tinyllm.quant.qlinear import replace_linear
+from tinyllm.quant.rtn import RTN, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+# Which op feeds which linears, by local names inside a block. Data per family; entries whose
+# modules are missing are skipped. A norm entry is checked on the live graph before use (its
+# output must be the very tensor the linears receive); linear -> linear entries pass through
+# attention (v -> o) or an elementwise product (up -> down), which keep channels in place, and
+# are used only when the shapes line up (not v -> o under grouped-query attention).
+SCALING_GROUPS: dict[str, list[tuple[str, list[str]]]] = {
+    "llama": [
+        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("self_attn.v_proj", ["self_attn.o_proj"]),
+        ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+        ("mlp.up_proj", ["mlp.down_proj"]),
+    ],
+    "gemma3_text": [
+        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("self_attn.v_proj", ["self_attn.o_proj"]),
+        ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+        ("mlp.up_proj", ["mlp.down_proj"]),
+    ],
+}
+SCALING_GROUPS["mistral"] = SCALING_GROUPS["qwen2"] = SCALING_GROUPS["llama"]
+NORM_WEIGHT_OFFSET = {"gemma3_text": 1.0}  # Gemma norms scale by (offset + weight)
+LOSS_TOKENS = 4096  # tokens kept per input for the scale search
+
+
+class AWQ(Step):
+    calibrated = True
+    base: RTN | GPTQ = Field(default_factory=lambda: RTN(bits=4, group_size=64))
+    grid: int = 20  # alpha candidates in [0, 1)
+
+
+def search_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], base: RTN | GPTQ, grid: int
+) -> tuple[torch.Tensor, float]:
+    """Best per-input-channel scale for linears sharing input x [tokens, in]. -> ([in], alpha)"""
+    W = torch.cat(weights, dim=0).float()  # [sum(out), in]
+    ref = x @ W.t()
+    x_mag = x.abs().mean(dim=0).clamp_min(1e-8)  # [in]
+    best, best_s, best_alpha = float("inf"), torch.ones_like(x_mag), 0.0
+    for k in range(grid):
+        alpha = k / grid
+        s = x_mag.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        Ws = W * s
+        sc, z = group_qparams(Ws, base.bits, base.group_size, base.sym, mse=False)
+        Wq = fake_quant(grouped(Ws, base.group_size), sc[..., None], z[..., None], base.bits)
+        err = float((x @ (Wq.reshape(W.shape) / s).t() - ref).pow(2).mean())
+        if err < best:
+            best, best_s, best_alpha = err, s, alpha
+    return best_s, best_alpha
+
+
+def fold_scale(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, offset: float) -> None:
+    """Divide the producing op's output by s and multiply the consumers' inputs by s."""
+    if isinstance(prev, nn.Linear):  # rows of the producing linear
+        prev.weight.data.div_(s[:, None])
+        if prev.bias is not None:
+            prev.bias.data.div_(s)
+    else:  # a norm: y = (offset + w) * normed
+        prev.weight.data.copy_((offset + prev.weight.data) / s - offset)
+    for lin in linears:
+        lin.weight.data.mul_(s[None, :])
+
+
+def _feeds(
+    block: nn.Module, prev: str, consumers: list[str], x0: torch.Tensor, kwargs: dict
+) -> bool:
+    """Whether `prev`'s output is exactly the tensor its consumers receive (checked on a batch)."""
+    seen: dict[str, int] = {}
+    out_ptr: list[int] = []
+    h = block.get_submodule(prev).register_forward_hook(
+        lambda m, a, o: out_ptr.append(o.data_ptr())
+    )
+    try:
+        with input_hooks(block, consumers, lambda n, x: seen.setdefault(n, x.data_ptr())):
+            block(x0, **kwargs)
+    finally:
+        h.remove()
+    return bool(out_ptr) and all(seen.get(c) in out_ptr for c in consumers)
+
+
+def _groups_for(model: nn.Module, block: nn.Module) -> list[tuple[str, list[str]]]:
+    names = dict(block.named_modules())
+    table = SCALING_GROUPS.get(model.config.model_type, SCALING_GROUPS["llama"])
+    groups = []
+    for prev, consumers in table:
+        if prev not in names or not all(c in names for c in consumers):
+            continue
+        if (
+            isinstance(names[prev], nn.Linear)
+            and names[prev].out_features != names[consumers[0]].in_features
+        ):
+            continue  # e.g. v -> o under grouped-query attention: shapes do not line up
+        groups.append((prev, consumers))
+    return groups
+
+
+@register(AWQ)
+def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
+    sites = target_linears(model)
+    check_divisible(sites, cfg.base.group_size)
+    offset = NORM_WEIGHT_OFFSET.get(model.config.model_type, 0.0)
+    errors = ctx.report.setdefault("layer_errors", {})
+    scales_report = ctx.report.setdefault("awq_alpha", {})
+    by_block: dict[int, list] = {}
+    for s in sites:
+        by_block.setdefault(s.block, []).append(s)
+
+    def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
+        block_sites = {s.local: s for s in by_block.get(i, [])}
+        samples: dict[str, list[torch.Tensor]] = {}
+        step = max(1, sum(x.shape[0] * x.shape[1] for x in xs) // LOSS_TOKENS)
+
+        def keep(name: str, x: torch.Tensor) -> None:
+            samples.setdefault(name, []).append(x[::step].float().clone())
+
+        for prev, consumers in _groups_for(model, block):
+            direct = not isinstance(block.get_submodule(prev), nn.Linear)
+            if direct and not _feeds(block, prev, consumers, xs[0], kwargs):
+                log.warning(
+                    "block %d: %s does not feed %s directly; not scaled", i, prev, consumers
+                )
+                continue
+            samples.clear()
+            observe_block(block, xs, kwargs, consumers[:1], keep)
+            x = torch.cat(samples[consumers[0]])
+            mods = [block.get_submodule(c) for c in consumers]
+            s, alpha = search_scale(x, [m.weight for m in mods], cfg.base, cfg.grid)
+            fold_scale(block.get_submodule(prev), mods, s, offset)
+            scales_report[f"{i}.{prev}"] = alpha
+        return _quantize_scaled(block, block_sites, xs, kwargs, cfg.base, errors)
+
+    calibrate_blocks(
+        model,
+        ctx.calib,
+        ctx.batch_size,
+        quantize_block,
+        "AWQ",
+        block_error_status(by_block, errors),
+    )
+
+
+def _quantize_scaled(block, block_sites, xs, kwargs, base, errors):
+    """Quantize the (scaled) block linears with the base method; swap in packed modules later."""
+    acc = HessianAccumulator()
+    if isinstance(base, GPTQ):
+        observe_block(block, xs, kwargs, list(block_sites), acc.add)
+    records = {}
+    for local, site in block_sites.items():
+        w = site.module.weight.detach().float()
+        if isinstance(base, GPTQ):
+            qw, err = gptq_quantize(w, acc.hessian(local), base, site.name)
+        else:
+            qw = rtn_quantize(w, base)
+            err = relative_weight_error(w, qw)
+        errors[site.name] = err
+        records[local] = qw
+        site.module.weight.data = qw.dequantize()
+
+    def finish() -> None:
+        for local, qw in records.items():
+            replace_linear(block, local, qw)
+
+    return finish

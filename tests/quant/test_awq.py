@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import tiny_model
+from tinyllm.quant.api import quantize
+from tinyllm.quant.awq import AWQ, _groups_for, fold_scale, search_scale
+from tinyllm.quant.gptq import GPTQ
+from tinyllm.quant.qlinear import QuantLinear
+from tinyllm.quant.rtn import RTN
+
+
+def test_fold_keeps_the_float_function():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(16)
+    norm.weight.data = torch.rand(16) + 0.5
+    lin = nn.Linear(16, 8, bias=False)
+    x = torch.randn(5, 16)
+    ref = lin(norm(x))
+    fold_scale(norm, [lin], torch.rand(16) + 0.5, offset=0.0)
+    torch.testing.assert_close(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_into_a_producing_linear():
+    torch.manual_seed(0)
+    up, down = nn.Linear(8, 12), nn.Linear(12, 8, bias=False)
+    x = torch.randn(3, 8)
+    ref = down(up(x))
+    fold_scale(up, [down], torch.rand(12) + 0.5, offset=0.0)
+    torch.testing.assert_close(down(up(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_search_protects_salient_channels():
+    """Channels with large activations get scaled up, and the output error drops vs. alpha=0."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    x[:, :4] *= 30  # salient input channels
+    w = torch.randn(32, 64)
+    s, alpha = search_scale(x, [w], RTN(bits=3, group_size=32), grid=20)
+    assert alpha > 0 and s[:4].mean() > s[4:].mean()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_awq_groups_found_from_table_and_shapes(family, tokenizer):
+    model = tiny_model(family, vocab=len(tokenizer))
+    block = model.model.layers[0]
+    names = [prev for prev, _ in _groups_for(model, block)]
+    assert "input_layernorm" in names and "mlp.up_proj" in names
+    assert "self_attn.v_proj" not in names  # 2 KV heads of 4: shapes do not line up
+
+
+@pytest.mark.parametrize("base", [RTN(bits=4, group_size=32), GPTQ(bits=4, group_size=32)])
+def test_awq_on_a_tiny_model(base, tokenizer):
+    model = tiny_model(vocab=len(tokenizer))
+    x = torch.randint(0, len(tokenizer), (2, 24))
+    with torch.no_grad():
+        ref = model(x).logits
+    calib = torch.randint(0, len(tokenizer), (8, 32))
+    report = quantize(model, AWQ(base=base), calib=calib, batch_size=4)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    # per block: norm -> q/k/v, norm -> gate/up, up -> down; no v -> o under GQA
+    assert len(report["awq_alpha"]) == 2 * 3
+    with torch.no_grad():
+        got = model(x).logits
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
