@@ -20,12 +20,12 @@ from tinyllm.core.steps import Context, Step, register
 from tinyllm.quant.common import (
     block_error_status,
     check_divisible,
+    fake_quant_then_swap,
     relative_weight_error,
     target_linears,
 )
-from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_quantize
+from tinyllm.quant.gptq import GPTQ, gptq_block
 from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
-from tinyllm.quant.qlinear import replace_linear
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -173,23 +173,12 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
 
 def _quantize_scaled(block, block_sites, xs, kwargs, base, errors):
     """Quantize the (scaled) block linears with the base method; swap in packed modules later."""
-    acc = HessianAccumulator()
     if isinstance(base, GPTQ):
-        observe_block(block, xs, kwargs, list(block_sites), acc.add)
-    records = {}
-    for local, site in block_sites.items():
-        w = site.module.weight.detach().float()
-        if isinstance(base, GPTQ):
-            qw, err = gptq_quantize(w, acc.hessian(local), base, site.name)
-        else:
-            qw = rtn_quantize(w, base)
-            err = relative_weight_error(w, qw)
-        errors[site.name] = err
-        records[local] = qw
-        site.module.weight.data = qw.dequantize()
-
-    def finish() -> None:
-        for local, qw in records.items():
-            replace_linear(block, local, qw)
-
-    return finish
+        records = gptq_block(block, list(block_sites.values()), xs, kwargs, base, errors)
+    else:
+        records = {}
+        for local, site in block_sites.items():
+            w = site.module.weight.detach().float()
+            records[local] = rtn_quantize(w, base)
+            errors[site.name] = relative_weight_error(w, records[local])
+    return fake_quant_then_swap(block, records)

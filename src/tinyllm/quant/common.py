@@ -86,3 +86,19 @@ def block_error_status(by_block: dict[int, list[LinearSite]], errors: dict[str, 
         return f"mean layer error {sum(errs) / len(errs):.2e}" if errs else ""
 
     return status
+
+
+def fake_quant_then_swap(
+    block: nn.Module, records: dict[str, QuantizedWeight]
+) -> Callable[[], None]:
+    """Put each record's dequantized weight in its float linear, so the block's outputs (the next
+    block's calibration inputs) see the quantization; return the callable that swaps in packed
+    QuantLinear modules once those outputs are computed."""
+    for local, qw in records.items():
+        block.get_submodule(local).weight.data = qw.dequantize()
+
+    def finish() -> None:
+        for local, qw in records.items():
+            replace_linear(block, local, qw)
+
+    return finish

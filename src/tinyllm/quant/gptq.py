@@ -11,9 +11,14 @@ from torch import nn
 from tinyllm.core.calib import calibrate_blocks, observe_block
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ConfigError
-from tinyllm.quant.common import WeightQuant, block_error_status, check_divisible, target_linears
+from tinyllm.quant.common import (
+    WeightQuant,
+    block_error_status,
+    check_divisible,
+    fake_quant_then_swap,
+    target_linears,
+)
 from tinyllm.quant.primitives import group_qparams, qmax
-from tinyllm.quant.qlinear import replace_linear
 from tinyllm.quant.qweight import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -148,6 +153,20 @@ class HessianAccumulator:
         return self.H[self.alias.get(name, name)]
 
 
+def gptq_block(
+    block: nn.Module, sites: list, xs: list, kwargs: dict, cfg: GPTQ, errors: dict[str, float]
+) -> dict[str, QuantizedWeight]:
+    """Hessians of one block's linears from its calibration inputs, then GPTQ on each."""
+    acc = HessianAccumulator()
+    observe_block(block, xs, kwargs, [s.local for s in sites], acc.add)
+    records = {}
+    for s in sites:
+        records[s.local], errors[s.name] = gptq_quantize(
+            s.module.weight, acc.hessian(s.local), cfg, s.name
+        )
+    return records
+
+
 @register(GPTQ)
 def apply(model: nn.Module, cfg: GPTQ, ctx: Context) -> None:
     sites = target_linears(model)
@@ -158,21 +177,8 @@ def apply(model: nn.Module, cfg: GPTQ, ctx: Context) -> None:
     errors = ctx.report.setdefault("layer_errors", {})
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
-        acc = HessianAccumulator()
-        block_sites = by_block.get(i, [])
-        observe_block(block, xs, kwargs, [s.local for s in block_sites], acc.add)
-        records = {}
-        for s in block_sites:
-            qw, err = gptq_quantize(s.module.weight, acc.hessian(s.local), cfg, s.name)
-            errors[s.name] = err
-            records[s.local] = qw
-            s.module.weight.data = qw.dequantize()  # fake-quant while the block's outputs run
-
-        def finish() -> None:
-            for local, qw in records.items():
-                replace_linear(block, local, qw)
-
-        return finish
+        records = gptq_block(block, by_block.get(i, []), xs, kwargs, cfg, errors)
+        return fake_quant_then_swap(block, records)
 
     calibrate_blocks(
         model,
