@@ -89,3 +89,19 @@ def test_nf4_picks_nearest_code():
     best = (normed[..., None] - book).abs().amin(-1)
     got = (normed - book[qw.codes().view(4, 2, 32).long()]).abs()
     torch.testing.assert_close(got, best)
+
+
+def test_nf4_double_quant_stores_8_bit_scales_and_round_trips():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    plain = nf4_quantize(w, NF4(block_size=64, double_quant=False))
+    dq = nf4_quantize(w, NF4(block_size=64, double_quant=True))
+    n_scales = 64 * 2
+    assert plain.storage_bits() - dq.storage_bits() == n_scales * 16 - (n_scales * 8 + 32 + 32)
+    assert dq.scale_dq["codes"].dtype == torch.int8
+    # the second quantization costs little: weight error within 2% of plain NF4's
+    e_plain = (plain.dequantize() - w).norm()
+    assert (dq.dequantize() - w).norm() < 1.02 * e_plain
+    back = QuantizedWeight.from_tensors(dq.tensors("x"), "x", dq.meta())
+    assert "x.scale" not in dq.tensors("x")  # only the 8-bit form is stored
+    assert torch.equal(back.dequantize(), dq.dequantize())

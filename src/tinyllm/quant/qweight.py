@@ -27,6 +27,10 @@ class QuantizedWeight:
     zero: torch.Tensor  # uint8 [out, groups]; 2^(bits-1) everywhere when sym
     perm: torch.Tensor | None = None  # int64 [in]
     codebook: torch.Tensor | None = None  # float32 [2^bits]
+    # Double quantization of the scales (NF4): int8 codes, one float32 scale per 256 of them and
+    # their float32 mean. When set, this is what is stored; `scale` holds its exact dequantized
+    # value in memory.
+    scale_dq: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def from_codes(
@@ -81,7 +85,11 @@ class QuantizedWeight:
 
     def storage_bits(self) -> int:
         """Bits stored for this weight: codes, scales, zero points (asymmetric), codebook."""
-        bits = self.shape[0] * self.shape[1] * self.bits + self.scale.numel() * 16
+        bits = self.shape[0] * self.shape[1] * self.bits
+        if self.scale_dq is not None:
+            bits += sum(t.numel() * t.element_size() * 8 for t in self.scale_dq.values())
+        else:
+            bits += self.scale.numel() * 16
         if not self.sym and self.codebook is None:
             bits += self.zero.numel() * self.bits
         if self.codebook is not None:
@@ -90,11 +98,11 @@ class QuantizedWeight:
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat tensors for a safetensors file."""
-        out = {
-            f"{prefix}.packed": self.packed,
-            f"{prefix}.scale": self.scale,
-            f"{prefix}.zero": self.zero,
-        }
+        out = {f"{prefix}.packed": self.packed, f"{prefix}.zero": self.zero}
+        if self.scale_dq is not None:
+            out.update({f"{prefix}.scale_dq.{k}": v for k, v in self.scale_dq.items()})
+        else:
+            out[f"{prefix}.scale"] = self.scale
         if self.perm is not None:
             out[f"{prefix}.perm"] = self.perm
         if self.codebook is not None:
@@ -113,14 +121,50 @@ class QuantizedWeight:
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], prefix: str, meta: dict
     ) -> QuantizedWeight:
+        dq = None
+        if f"{prefix}.scale_dq.codes" in tensors:
+            dq = {k: tensors[f"{prefix}.scale_dq.{k}"] for k in ("codes", "absmax", "mean")}
+            groups = 1 if meta["group_size"] == -1 else meta["shape"][1] // meta["group_size"]
+            scale = dequantize_scales(dq).reshape(meta["shape"][0], groups)
+        else:
+            scale = tensors[f"{prefix}.scale"]
         return cls(
             packed=tensors[f"{prefix}.packed"],
             shape=tuple(meta["shape"]),
             bits=meta["bits"],
             group_size=meta["group_size"],
             sym=meta["sym"],
-            scale=tensors[f"{prefix}.scale"],
+            scale=scale,
             zero=tensors[f"{prefix}.zero"],
             perm=tensors.get(f"{prefix}.perm"),
             codebook=tensors.get(f"{prefix}.codebook"),
+            scale_dq=dq,
         )
+
+
+DQ_BLOCK = 256  # scales per second-level block
+
+
+def double_quantize_scales(scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scales -> int8 codes of (scale - mean), with one absmax per block of 256 (QLoRA's double
+    quantization, with an 8-bit integer grid where the paper uses FP8)."""
+    flat = scale.float().reshape(-1)
+    mean = flat.mean()
+    centred = flat - mean
+    pad = (-centred.numel()) % DQ_BLOCK
+    blocks = torch.cat([centred, centred.new_zeros(pad)]).reshape(-1, DQ_BLOCK)
+    absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
+    codes = (blocks / absmax[:, None] * 127).round().clamp(-127, 127).to(torch.int8)
+    return {
+        "codes": codes.reshape(-1)[: flat.numel()].contiguous(),
+        "absmax": absmax,
+        "mean": mean.reshape(1),
+    }
+
+
+def dequantize_scales(dq: dict[str, torch.Tensor]) -> torch.Tensor:
+    codes = dq["codes"].float()
+    pad = (-codes.numel()) % DQ_BLOCK
+    blocks = torch.cat([codes, codes.new_zeros(pad)]).reshape(-1, DQ_BLOCK)
+    values = blocks * dq["absmax"][:, None] / 127 + dq["mean"]
+    return values.reshape(-1)[: codes.numel()]
