@@ -1,10 +1,10 @@
 """tinyllm output directories: a compressed model that `tinyllm.load` reads back exactly.
 
 Layout: `config.json` and tokenizer files (Hugging Face), `model.safetensors` holding the float
-tensors plus every QuantizedWeight record (packed codes, scales, zero points), and `tinyllm.json`
-naming the quantized layers, the steps that made the model and the software versions. The
-directory is built under a temporary name and renamed when complete, so a killed run never leaves
-a directory that looks finished.
+tensors (as float16 or bfloat16 where that is lossless) plus every QuantizedWeight record (packed
+codes, scales, zero points), and `tinyllm.json` naming the quantized layers, the steps that made
+the model and the software versions. The directory is built under a temporary name and renamed
+when complete, so a killed run never leaves a directory that looks finished.
 """
 
 from __future__ import annotations
@@ -34,6 +34,26 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise ConfigError(f"output {path} exists and is not empty; pass --overwrite to replace it")
 
 
+def round_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round the model's float parameters (embeddings, norms, head, unquantized linears) to `dtype`
+    values in place, keeping float32 storage in memory, so a checkpoint that stores them as
+    `dtype` reloads to exactly this model."""
+    for p in model.parameters():
+        if p.dtype == torch.float32:
+            p.data = p.data.to(dtype).float()
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """Store float32 tensors as float16 or bfloat16 when that is lossless."""
+    if t.dtype != torch.float32:
+        return t
+    for dtype in (torch.float16, torch.bfloat16):
+        small = t.to(dtype)
+        if torch.equal(small.float(), t):
+            return small
+    return t
+
+
 def _tied(model: nn.Module) -> bool:
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and head.weight is emb.weight
@@ -60,7 +80,7 @@ def save_checkpoint(
     for key, value in model.state_dict().items():
         if tied and key == _head_key(model):
             continue
-        tensors[key] = value.detach().contiguous().clone()
+        tensors[key] = _compact(value.detach().contiguous().clone())
     info = {
         "format": FORMAT_VERSION,
         "quantized": quantized,
@@ -104,7 +124,11 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Any]:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).float()
     for name, meta in info["quantized"].items():
         replace_linear(model, name, QuantizedWeight.from_tensors(tensors, f"{name}.record", meta))
-    state = {k: v for k, v in tensors.items() if ".record." not in k}
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in tensors.items()
+        if ".record." not in k
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (info.get("tied_embeddings") and k == _head_key(model))]
     if missing or unexpected:

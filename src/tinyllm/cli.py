@@ -166,6 +166,13 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    float_dtype: Annotated[
+        str,
+        typer.Option(
+            help="Precision of the tensors left in float (embeddings, norms, head): float16 or "
+            "float32. float16 rounds them in the model too, so the checkpoint reloads exactly."
+        ),
+    ] = "float16",
 ) -> None:
     """Quantize the linear layers of the decoder blocks and write a packed checkpoint.
 
@@ -174,8 +181,10 @@ def quantize(
     safetensors weights, the tokenizer, tinyllm.json (method and every setting) and
     layer_errors.json; `tinyllm eval DIR` and `tinyllm.load(DIR)` read it back.
     """
+    import torch
+
     import tinyllm
-    from tinyllm.checkpoint import check_output_dir, save_checkpoint
+    from tinyllm.checkpoint import check_output_dir, round_floats, save_checkpoint
     from tinyllm.data.calibration import calibration_windows
     from tinyllm.quant.api import quantize as run_quantize
     from tinyllm.quant.api import step_classes
@@ -198,15 +207,19 @@ def quantize(
         cfg = classes["awq"](base=_make_step(classes[base], base, **options))
     else:
         cfg = _make_step(classes[method], method, **options)
+    if float_dtype not in ("float16", "float32"):
+        raise ConfigError(f"--float-dtype must be float16 or float32, got '{float_dtype}'")
     check_output_dir(output, overwrite)  # fail before the slow part
     m, tok = tinyllm.load(model)
     calib = None
     if cfg.calibrated:
         calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
     report = run_quantize(m, cfg, calib=calib)
+    round_floats(m, getattr(torch, float_dtype))
     from tinyllm.eval.memory import peak_rss_bytes
 
     meta = {
+        "float_dtype": float_dtype,
         "peak_rss_bytes": peak_rss_bytes(),
         "source": model,
         "steps": [cfg.describe()],
