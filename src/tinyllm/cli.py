@@ -176,10 +176,18 @@ def quantize(
 ) -> None:
     """Quantize the linear layers of the decoder blocks and write a packed checkpoint.
 
-    Calibrated methods (gptq) run block by block on SAMPLES windows of SEQ_LEN tokens drawn with
-    SEED from outside the corpus's evaluation slice. The output directory holds the packed
+    Calibrated methods (gptq, awq) run block by block on SAMPLES windows of SEQ_LEN tokens drawn
+    with SEED from outside the corpus's evaluation slice. The output directory holds the packed
     safetensors weights, the tokenizer, tinyllm.json (method and every setting) and
     layer_errors.json; `tinyllm eval DIR` and `tinyllm.load(DIR)` read it back.
+
+    Examples:
+
+      tinyllm quantize smollm2-135m --method gptq --bits 4 --group-size 64 -o out/gptq-4b
+
+      tinyllm quantize smollm2-135m --method awq --base gptq --bits 4 --group-size 32 --sym -o out/q4_0
+
+      tinyllm quantize smollm2-135m --method rtn --bits 8 --group-size -1 --sym -o out/int8
     """
     import torch
 
