@@ -185,7 +185,7 @@ def quantize(
 
       tinyllm quantize smollm2-135m --method gptq --bits 4 --group-size 64 -o out/gptq-4b
 
-      tinyllm quantize smollm2-135m --method awq --base gptq --bits 4 --group-size 32 --sym -o out/q4_0
+      tinyllm quantize smollm2-135m --method awq --base gptq --group-size 32 --sym -o out/q4
 
       tinyllm quantize smollm2-135m --method rtn --bits 8 --group-size -1 --sym -o out/int8
     """
