@@ -24,7 +24,7 @@ from tinyllm.quant.common import (
     relative_weight_error,
     target_linears,
 )
-from tinyllm.quant.gptq import GPTQ, gptq_block
+from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_quantize
 from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
@@ -132,34 +132,47 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
     check_divisible(sites, cfg.base.group_size)
     offset = NORM_WEIGHT_OFFSET.get(model.config.model_type, 0.0)
     errors = ctx.report.setdefault("layer_errors", {})
-    scales_report = ctx.report.setdefault("awq_alpha", {})
+    alphas = ctx.report.setdefault("awq_alpha", {})
     by_block: dict[int, list] = {}
     for s in sites:
         by_block.setdefault(s.block, []).append(s)
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
         block_sites = {s.local: s for s in by_block.get(i, [])}
-        samples: dict[str, list[torch.Tensor]] = {}
+        groups = _checked_groups(model, block, xs[0], kwargs, i)
+        # One pass before any folding: folding keeps the float function, so every group's input
+        # (and every Hessian, rescaled below) can be read from the unscaled block.
+        firsts = {consumers[0] for _, consumers in groups}
         step = max(1, sum(x.shape[0] * x.shape[1] for x in xs) // LOSS_TOKENS)
+        samples: dict[str, list[torch.Tensor]] = {}
+        acc = HessianAccumulator() if isinstance(cfg.base, GPTQ) else None
 
-        def keep(name: str, x: torch.Tensor) -> None:
-            samples.setdefault(name, []).append(x[::step].float().clone())
+        def look(name: str, x: torch.Tensor) -> None:
+            if name in firsts:
+                samples.setdefault(name, []).append(x[::step].float().clone())
+            if acc is not None:
+                acc.add(name, x)
 
-        for prev, consumers in _groups_for(model, block):
-            direct = not isinstance(block.get_submodule(prev), nn.Linear)
-            if direct and not _feeds(block, prev, consumers, xs[0], kwargs):
-                log.warning(
-                    "block %d: %s does not feed %s directly; not scaled", i, prev, consumers
-                )
-                continue
-            samples.clear()
-            observe_block(block, xs, kwargs, consumers[:1], keep)
-            x = torch.cat(samples[consumers[0]])
+        observe_block(block, xs, kwargs, list(block_sites), look)
+        scales: dict[str, torch.Tensor] = {}
+        for prev, consumers in groups:
             mods = [block.get_submodule(c) for c in consumers]
-            s, alpha = search_scale(x, [m.weight for m in mods], cfg.base, cfg.grid)
+            x = torch.cat(samples[consumers[0]])
+            s, alphas[f"{i}.{prev}"] = search_scale(x, [m.weight for m in mods], cfg.base, cfg.grid)
             fold_scale(block.get_submodule(prev), mods, s, offset)
-            scales_report[f"{i}.{prev}"] = alpha
-        return _quantize_scaled(block, block_sites, xs, kwargs, cfg.base, errors)
+            scales.update({c: s for c in consumers})
+        records = {}
+        for local, site in block_sites.items():
+            w = site.module.weight.detach().float()
+            if acc is not None:  # inputs divided by s: H' = H / (s s^T)
+                H = acc.hessian(local)
+                if local in scales:
+                    H = H / torch.outer(scales[local], scales[local])
+                records[local], errors[site.name] = gptq_quantize(w, H, cfg.base, site.name)
+            else:
+                records[local] = rtn_quantize(w, cfg.base)
+                errors[site.name] = relative_weight_error(w, records[local])
+        return fake_quant_then_swap(block, records)
 
     calibrate_blocks(
         model,
@@ -171,14 +184,15 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
     )
 
 
-def _quantize_scaled(block, block_sites, xs, kwargs, base, errors):
-    """Quantize the (scaled) block linears with the base method; swap in packed modules later."""
-    if isinstance(base, GPTQ):
-        records = gptq_block(block, list(block_sites.values()), xs, kwargs, base, errors)
-    else:
-        records = {}
-        for local, site in block_sites.items():
-            w = site.module.weight.detach().float()
-            records[local] = rtn_quantize(w, base)
-            errors[site.name] = relative_weight_error(w, records[local])
-    return fake_quant_then_swap(block, records)
+def _checked_groups(
+    model: nn.Module, block: nn.Module, x0: torch.Tensor, kwargs: dict, i: int
+) -> list[tuple[str, list[str]]]:
+    """The family's scaling groups; a norm group is kept only if the graph confirms it."""
+    kept = []
+    for prev, consumers in _groups_for(model, block):
+        direct = not isinstance(block.get_submodule(prev), nn.Linear)
+        if direct and not _feeds(block, prev, consumers, x0, kwargs):
+            log.warning("block %d: %s does not feed %s directly; not scaled", i, prev, consumers)
+            continue
+        kept.append((prev, consumers))
+    return kept
