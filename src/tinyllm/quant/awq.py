@@ -19,10 +19,9 @@ from tinyllm.core.calib import calibrate_blocks, input_hooks, observe_block
 from tinyllm.core.steps import Context, Step, register
 from tinyllm.quant.common import (
     block_error_status,
-    check_divisible,
     fake_quant_then_swap,
     relative_weight_error,
-    target_linears,
+    sites_by_block,
 )
 from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_quantize
 from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
@@ -128,14 +127,10 @@ def _groups_for(model: nn.Module, block: nn.Module) -> list[tuple[str, list[str]
 
 @register(AWQ)
 def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
-    sites = target_linears(model)
-    check_divisible(sites, cfg.base.group_size)
+    by_block = sites_by_block(model, cfg.base.group_size)
     offset = NORM_WEIGHT_OFFSET.get(model.config.model_type, 0.0)
     errors = ctx.report.setdefault("layer_errors", {})
     alphas = ctx.report.setdefault("awq_alpha", {})
-    by_block: dict[int, list] = {}
-    for s in sites:
-        by_block.setdefault(s.block, []).append(s)
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
         block_sites = {s.local: s for s in by_block.get(i, [])}

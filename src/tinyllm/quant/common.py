@@ -60,6 +60,16 @@ def target_linears(model: nn.Module) -> list[LinearSite]:
     return sites
 
 
+def sites_by_block(model: nn.Module, group_size: int) -> dict[int, list[LinearSite]]:
+    """The block linears to quantize, checked against the group size, grouped by block index."""
+    sites = target_linears(model)
+    check_divisible(sites, group_size)
+    by_block: dict[int, list[LinearSite]] = {}
+    for s in sites:
+        by_block.setdefault(s.block, []).append(s)
+    return by_block
+
+
 def relative_weight_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
     return float((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-12))
 

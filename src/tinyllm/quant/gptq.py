@@ -14,9 +14,8 @@ from tinyllm.errors import ConfigError
 from tinyllm.quant.common import (
     WeightQuant,
     block_error_status,
-    check_divisible,
     fake_quant_then_swap,
-    target_linears,
+    sites_by_block,
 )
 from tinyllm.quant.primitives import group_qparams, qmax
 from tinyllm.quant.qweight import QuantizedWeight
@@ -169,11 +168,7 @@ def gptq_block(
 
 @register(GPTQ)
 def apply(model: nn.Module, cfg: GPTQ, ctx: Context) -> None:
-    sites = target_linears(model)
-    check_divisible(sites, cfg.group_size)
-    by_block: dict[int, list] = {}
-    for s in sites:
-        by_block.setdefault(s.block, []).append(s)
+    by_block = sites_by_block(model, cfg.group_size)
     errors = ctx.report.setdefault("layer_errors", {})
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
