@@ -28,7 +28,10 @@ def tiny_config(family: str, vocab: int = 320):
         )
     common.update(intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
     if family == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=32)
+        # query_pre_attn_scalar = head_dim, as in the released Gemma 3 models
+        return tf.Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=32, query_pre_attn_scalar=16
+        )
     cls = {
         "llama": tf.LlamaConfig,
         "qwen2": tf.Qwen2Config,

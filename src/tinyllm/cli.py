@@ -161,6 +161,17 @@ def quantize(
         bool, typer.Option(help="GPTQ: group grids fixed before updates.")
     ] = True,
     damp: Annotated[float, typer.Option(help="GPTQ: dampening, fraction of mean diag(H).")] = 0.01,
+    clip: Annotated[
+        bool, typer.Option(help="AWQ: search each group's clipping range on calibration inputs.")
+    ] = True,
+    gguf_compatible: Annotated[
+        str | None,
+        typer.Option(
+            help="q4_0 | q4_1 | q5_0 | q5_1 | q8_0: set --bits, --group-size 32 and --sym/--asym "
+            "to that GGUF block grid (and GPTQ static groups), so `tinyllm export --type` "
+            "carries the integers exactly."
+        ),
+    ] = None,
     calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
@@ -200,6 +211,16 @@ def quantize(
     classes = step_classes()
     if method not in classes:
         raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(classes)}")
+    if gguf_compatible is not None:
+        from tinyllm.export.gguf_blocks import compatible_grid
+
+        if method == "nf4":
+            raise ConfigError("--gguf-compatible: NF4 codebooks have no GGUF block type")
+        try:
+            bits, group_size, sym = compatible_grid(gguf_compatible)
+        except ValueError as exc:
+            raise ConfigError(f"--gguf-compatible: {exc}") from exc
+        static_groups = True
     options = dict(
         bits=bits,
         group_size=group_size,
@@ -212,7 +233,7 @@ def quantize(
     if method == "awq":
         if base not in ("rtn", "gptq"):
             raise ConfigError(f"--base must be rtn or gptq, got '{base}'")
-        cfg = classes["awq"](base=_make_step(classes[base], base, **options))
+        cfg = classes["awq"](base=_make_step(classes[base], base, **options), clip=clip)
     else:
         cfg = _make_step(classes[method], method, **options)
     if float_dtype not in ("float16", "float32"):
@@ -230,6 +251,7 @@ def quantize(
         "float_dtype": float_dtype,
         "peak_rss_bytes": peak_rss_bytes(),
         "source": model,
+        "gguf_compatible": gguf_compatible,
         "steps": [cfg.describe()],
         "seconds": report["seconds"],
         "calibration": {
@@ -253,6 +275,58 @@ def quantize(
     out.print(
         f"quantized {len(errs)} layers with {method} in {report['seconds']:.1f} s "
         f"(mean layer error {sum(errs) / max(len(errs), 1):.4g}); wrote {output}"
+    )
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file.")],
+    format: Annotated[str, typer.Option("--format", help="gguf (llama.cpp).")] = "gguf",
+    type: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="GGUF tensor type for the block linears: f32, f16, bf16, q8_0, q4_0, q4_1, "
+            "q5_0, q5_1. Quantized layers on a matching grid are carried bit for bit.",
+        ),
+    ] = "f16",
+    embed_type: Annotated[
+        str | None,
+        typer.Option(help="Type of the embedding/head (default: the --type if float, else q8_0)."),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Refuse instead of re-quantizing a layer that cannot be carried.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Export a model (original or compressed) for another runtime.
+
+    GGUF files load in llama.cpp (llama-cli, llama-server, llama-cpp-python). A tinyllm checkpoint
+    quantized on a grid a GGUF block type holds (4-bit symmetric, groups of 32 or a multiple ->
+    q4_0; 4-bit -> q4_1; 5-bit -> q5_0/q5_1; 8-bit symmetric -> q8_0) keeps its exact integers
+    and scales; other layers are re-quantized with a warning (or refused with --strict).
+    `tinyllm quantize ... --gguf-compatible q4_0` makes GPTQ/AWQ produce such a grid.
+
+    Examples:
+
+      tinyllm export smollm2-135m --type f16 -o smollm2-f16.gguf
+
+      tinyllm quantize smollm2-135m --method gptq --gguf-compatible q4_0 -o out/gptq-q4_0
+      tinyllm export out/gptq-q4_0 --type q4_0 --strict -o smollm2-gptq-q4_0.gguf
+    """
+    import tinyllm
+    from tinyllm.export import check_output_file
+    from tinyllm.export import export as run_export
+
+    check_output_file(output, overwrite)  # fail before loading
+    m, tok = tinyllm.load(model)
+    report = run_export(
+        m, tok, output, format, type, overwrite=overwrite, strict=strict, embed_type=embed_type
+    )
+    out.print(
+        f"wrote {output} ({human_bytes(output.stat().st_size)}): "
+        f"{len(report.carried)} layers carried, {len(report.requantized)} re-quantized"
     )
 
 

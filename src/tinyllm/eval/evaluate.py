@@ -70,6 +70,15 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, use_cache=False).logits
 
 
+def evaluation_windows(
+    tokenizer: object, corpus: str | Path = DEFAULT_CORPUS, seq_len: int = 512, windows: int = 40
+) -> tuple[torch.Tensor, str]:
+    """The scored windows [W, L(+1 with BOS)] and the corpus name: what every evaluation uses."""
+    text = load_corpus(corpus)
+    ids = tokenize_corpus(text, tokenizer)
+    return with_bos(eval_windows(ids, seq_len, windows, text.name), tokenizer), text.name
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: object,
@@ -89,9 +98,7 @@ def evaluate(
     """
     if reference is not None:
         check_same_tokenizer(tokenizer, reference[1])
-    text = load_corpus(corpus)
-    ids = tokenize_corpus(text, tokenizer)
-    data = with_bos(eval_windows(ids, seq_len, windows, text.name), tokenizer)  # [W, L(+1)]
+    data, corpus_name = evaluation_windows(tokenizer, corpus, seq_len, windows)  # [W, L(+1)]
     batch_size = batch_size or max(1, TOKENS_PER_BATCH // data.shape[1])
     model.eval()
     nll_sum, kl_sum, agree_sum, scored, model_seconds = 0.0, 0.0, 0, 0, 0.0
@@ -121,7 +128,7 @@ def evaluate(
     anatomy = analyze(model)
     return EvalResult(
         model=name or str(getattr(model, "name_or_path", "") or type(model).__name__),
-        corpus=text.name,
+        corpus=corpus_name,
         seq_len=seq_len,
         windows=windows,
         tokens=scored,

@@ -3,8 +3,10 @@
 For each scaling group (an op whose output feeds some linears: a norm -> q/k/v, up -> down, ...)
 the per-channel scale s = mean|x|^alpha (normalised) is searched over alpha in [0, 1) to minimise
 the group's output error after quantization; the linears' weights are multiplied by s and the
-preceding op divided by s, so the float model computes the same function. Then any base quantizer
-(`AWQ(base=RTN(...))` or `AWQ(base=GPTQ(...))`) quantizes the scaled weights.
+preceding op divided by s, so the float model computes the same function. Optionally (`clip`)
+each group's weight range is then shrunk to the factor that minimises that group's share of the
+layer's output error on calibration inputs, and the weights are clamped to it. Then any base
+quantizer (`AWQ(base=RTN(...))` or `AWQ(base=GPTQ(...))`) quantizes the scaled weights.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tinyllm.quant.common import (
     sites_by_block,
 )
 from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_quantize
-from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
+from tinyllm.quant.primitives import _affine_params, fake_quant, group_qparams, grouped
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,15 @@ SCALING_GROUPS: dict[str, list[tuple[str, list[str]]]] = {
 SCALING_GROUPS["mistral"] = SCALING_GROUPS["qwen2"] = SCALING_GROUPS["llama"]
 NORM_WEIGHT_OFFSET = {"gemma3_text": 1.0}  # Gemma norms scale by (offset + weight)
 LOSS_TOKENS = 4096  # tokens kept per input for the scale search
+CLIP_TOKENS = 1024  # tokens used by the clipping search
+CLIP_GRID = torch.linspace(1.0, 0.5, 20)  # candidate range shrinks for the clipping search
 
 
 class AWQ(Step):
     calibrated = True
     base: RTN | GPTQ = Field(default_factory=lambda: RTN(bits=4, group_size=64))
     grid: int = 20  # alpha candidates in [0, 1)
+    clip: bool = True  # activation-aware clipping search after scaling
 
 
 def search_scale(
@@ -78,6 +83,30 @@ def search_scale(
         if err < best:
             best, best_s, best_alpha = err, s, alpha
     return best_s, best_alpha
+
+
+def search_clip(x: torch.Tensor, w: torch.Tensor, base: RTN | GPTQ) -> torch.Tensor:
+    """Clamp each (row, group) of w [out, in] to the shrink of its range that minimises the
+    group's contribution to the output error on inputs x [tokens, in]. -> clamped w"""
+    gs = w.shape[1] if base.group_size == -1 else base.group_size
+    xg = x.float().reshape(x.shape[0], -1, gs)  # [tokens, groups, gs]
+    out = torch.empty_like(w)
+    for r0 in range(0, w.shape[0], 128):  # row chunks bound the [tokens, rows, groups] error
+        g = grouped(w[r0 : r0 + 128].float(), base.group_size)  # [rows, groups, gs]
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        best = torch.full_like(lo, float("inf"))
+        best_r = torch.ones_like(lo)
+        for r in CLIP_GRID.tolist():
+            sc, z = _affine_params(lo * r, hi * r, base.bits, base.sym)
+            d = g - fake_quant(g, sc[..., None], z[..., None], base.bits)  # [rows, groups, gs]
+            err = torch.einsum("tgk,rgk->trg", xg, d).pow(2).sum(dim=0)  # [rows, groups]
+            better = err < best
+            best = torch.where(better, err, best)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        lo_c, hi_c = (lo * best_r)[..., None], (hi * best_r)[..., None]
+        clamped = torch.maximum(torch.minimum(g, hi_c), lo_c)
+        out[r0 : r0 + 128] = clamped.reshape(g.shape[0], -1)
+    return out
 
 
 def fold_scale(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, offset: float) -> None:
@@ -137,13 +166,13 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
         groups = _checked_groups(model, block, xs[0], kwargs, i)
         # One pass before any folding: folding keeps the float function, so every group's input
         # (and every Hessian, rescaled below) can be read from the unscaled block.
-        firsts = {consumers[0] for _, consumers in groups}
+        wanted = set(block_sites) if cfg.clip else {consumers[0] for _, consumers in groups}
         step = max(1, sum(x.shape[0] * x.shape[1] for x in xs) // LOSS_TOKENS)
         samples: dict[str, list[torch.Tensor]] = {}
         acc = HessianAccumulator() if isinstance(cfg.base, GPTQ) else None
 
         def look(name: str, x: torch.Tensor) -> None:
-            if name in firsts:
+            if name in wanted:
                 samples.setdefault(name, []).append(x[::step].float().clone())
             if acc is not None:
                 acc.add(name, x)
@@ -158,6 +187,11 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
             scales.update({c: s for c in consumers})
         records = {}
         for local, site in block_sites.items():
+            if cfg.clip:  # on the scaled layer: inputs x / s, weights already multiplied by s
+                x = torch.cat(samples[local])
+                x = x[:: max(1, x.shape[0] // CLIP_TOKENS)]
+                x = x / scales[local] if local in scales else x
+                site.module.weight.data = search_clip(x, site.module.weight.data, cfg.base)
             w = site.module.weight.detach().float()
             if acc is not None:  # inputs divided by s: H' = H / (s s^T)
                 H = acc.hessian(local)

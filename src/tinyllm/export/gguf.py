@@ -1,0 +1,423 @@
+"""GGUF export for llama.cpp, written with the `gguf` package (llama.cpp's own Python library).
+
+Metadata (architecture, hyper-parameters), the full tokenizer and every tensor under llama.cpp's
+names, from small per-family tables. Quantized layers whose grid a GGUF block type represents are
+carried bit for bit (tinyllm.export.gguf_blocks); anything else is re-quantized from its float
+values with llama.cpp's reference quantizer (gguf.quants), with a warning that says what was lost
+(or refused under `strict`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter, LlamaFileType, TokenType
+from gguf import quants as gq
+from torch import nn
+
+from tinyllm.errors import ArchitectureError, ConfigError
+from tinyllm.export.gguf_blocks import carry, permute_rows, why_not_carried
+from tinyllm.models.anatomy import analyze
+from tinyllm.quant.qlinear import QuantLinear
+from tinyllm.quant.qweight import QuantizedWeight
+from tinyllm.util.fs import atomic_path
+from tinyllm.util.progress import track
+
+log = logging.getLogger(__name__)
+
+TYPES: dict[str, T] = {
+    "f32": T.F32,
+    "f16": T.F16,
+    "bf16": T.BF16,
+    "q8_0": T.Q8_0,
+    "q4_0": T.Q4_0,
+    "q4_1": T.Q4_1,
+    "q5_0": T.Q5_0,
+    "q5_1": T.Q5_1,
+}
+FILE_TYPES = {
+    T.F32: LlamaFileType.ALL_F32,
+    T.F16: LlamaFileType.MOSTLY_F16,
+    T.BF16: LlamaFileType.MOSTLY_BF16,
+    T.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+    T.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    T.Q5_0: LlamaFileType.MOSTLY_Q5_0,
+    T.Q5_1: LlamaFileType.MOSTLY_Q5_1,
+}
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+LLAMA_BLOCK = {  # local module name inside a decoder block -> GGUF name inside blk.{bid}
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+GEMMA3_BLOCK = {
+    **LLAMA_BLOCK,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+
+
+def _gemma3_limits(cfg: Any) -> list[str]:
+    """What llama.cpp's gemma3 graph fixes and a config could set otherwise."""
+    problems = []
+    head_dim = cfg.head_dim
+    if getattr(cfg, "query_pre_attn_scalar", head_dim) != head_dim:
+        problems.append(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} != head_dim {head_dim}")
+    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention", {})
+    if local.get("rope_theta", 10000.0) != 10000.0:
+        problems.append(f"sliding-layer rope theta {local['rope_theta']} != 10000")
+    pattern = [
+        "full_attention" if i % 6 == 5 else "sliding_attention" for i in range(len(cfg.layer_types))
+    ]
+    if list(cfg.layer_types) != pattern:
+        problems.append("layer types differ from llama.cpp's 5 sliding : 1 full pattern")
+    return problems
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # llama.cpp architecture name
+    block: dict[str, str]
+    permute_qk: bool = False  # llama.cpp's llama graph uses interleaved rotary pairs
+    norm_offset: float = 0.0  # added to every norm weight (Gemma stores 1 + w in GGUF)
+    extra: dict[str, str] = field(default_factory=dict)  # GGUF key suffix -> config attribute
+    limits: Callable[[Any], list[str]] | None = None  # config settings llama.cpp cannot follow
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", LLAMA_BLOCK, permute_qk=True),
+    "mistral": Family("llama", LLAMA_BLOCK, permute_qk=True),
+    "qwen2": Family("qwen2", LLAMA_BLOCK),
+    "gemma3_text": Family(
+        "gemma3",
+        GEMMA3_BLOCK,
+        norm_offset=1.0,
+        extra={"attention.sliding_window": "sliding_window"},
+        limits=_gemma3_limits,
+    ),
+}
+# Hugging Face pre-tokenizer settings -> llama.cpp pre-tokenizer name (the regex it applies)
+PRE_TOKENIZERS = {
+    '{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}': (
+        "gpt-2"
+    ),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise ArchitectureError(
+            f"GGUF export does not support model type '{model_type}'; supported: "
+            f"{', '.join(sorted(FAMILIES))}"
+        )
+    fam = FAMILIES[model_type]
+    problems = fam.limits(model.config) if fam.limits else []
+    if problems:
+        raise ArchitectureError(
+            f"llama.cpp's {fam.arch} graph cannot run this {model_type} config: "
+            + "; ".join(problems)
+        )
+    return fam
+
+
+def _rope_theta(cfg: Any) -> float:
+    theta = getattr(cfg, "rope_theta", None)
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if theta is None and "full_attention" in params:  # per layer type (Gemma 3)
+        params = params["full_attention"]
+    kind = params.get("rope_type", "default")
+    if kind != "default" and cfg.model_type != "gemma3_text":
+        raise ArchitectureError(f"rope scaling '{kind}' is not supported by the GGUF writer yet")
+    return float(theta if theta is not None else params.get("rope_theta", 10000.0))
+
+
+def _hparams(w: GGUFWriter, cfg: Any, fam: Family) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    for key, attr in fam.extra.items():
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            w.add_uint32(f"{fam.arch}.{key}", int(value))
+
+
+def _adds_bos(tok: Any) -> bool:
+    ids = tok("a")["input_ids"]
+    return tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
+
+
+def _vocab(tok: Any, data: dict, size: int) -> tuple[list[str], list[int]]:
+    """Token strings by id and their llama.cpp types."""
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [int(TokenType.UNUSED)] * size
+    for text, i in data["model"]["vocab"].items():
+        if i < size:
+            tokens[i], types[i] = text, int(TokenType.NORMAL)
+    for added in data.get("added_tokens", []):
+        i = added["id"]
+        if i < size:
+            tokens[i] = added["content"]
+            types[i] = int(TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED)
+    if data["model"].get("byte_fallback"):
+        for i, text in enumerate(tokens):
+            if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                types[i] = int(TokenType.BYTE)
+    if tok.unk_token_id is not None and tok.unk_token_id < size:
+        types[tok.unk_token_id] = int(TokenType.UNKNOWN)
+    return tokens, types
+
+
+def _merges(data: dict) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+
+
+def _spm_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """Scores for llama.cpp's SentencePiece tokenizer, which merges the pair whose result scores
+    highest: a merged token scores minus the rank of the first merge that forms it."""
+    scores = [0.0] * len(tokens)
+    index = {t: i for i, t in enumerate(tokens)}
+    seen: set[int] = set()
+    for rank, merge in enumerate(merges):
+        i = index.get(merge.replace(" ", "", 1))
+        if i is not None and i not in seen:
+            scores[i] = -float(rank)
+            seen.add(i)
+    return scores
+
+
+def _tokenizer(w: GGUFWriter, tok: Any, cfg: Any) -> None:
+    data = json.loads(tok.backend_tokenizer.to_str())
+    if data["model"]["type"] != "BPE":
+        raise ArchitectureError(f"GGUF export supports BPE tokenizers, not {data['model']['type']}")
+    tokens, types = _vocab(tok, data, cfg.vocab_size)
+    merges = _merges(data)
+    if data["model"].get("byte_fallback"):  # SentencePiece-style BPE (Llama 2, Gemma)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_scores(_spm_scores(tokens, merges))
+        w.add_add_space_prefix(False)
+    else:
+        pre = json.dumps(data.get("pre_tokenizer"))
+        name = PRE_TOKENIZERS.get(pre)
+        if name is None:
+            log.warning("unknown pre-tokenizer %s: llama.cpp will split text its default way", pre)
+            name = "default"
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(name)
+        w.add_token_merges(merges)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    for setter, value in (
+        (w.add_bos_token_id, tok.bos_token_id),
+        (w.add_eos_token_id, tok.eos_token_id),
+        (w.add_unk_token_id, tok.unk_token_id),
+        (w.add_pad_token_id, tok.pad_token_id),
+    ):
+        if value is not None:
+            setter(int(value))
+    w.add_add_bos_token(_adds_bos(tok))
+    w.add_add_eos_token(False)
+    if getattr(tok, "chat_template", None):
+        w.add_chat_template(tok.chat_template)
+
+
+@dataclass
+class Tensor:
+    """One tensor to write: float values or a quantized record, and its GGUF name."""
+
+    name: str
+    value: torch.Tensor | None = None
+    record: QuantizedWeight | None = None
+    permute_heads: int = 0  # > 0: rows are Q/K heads to put in GGUF's rotary order
+
+
+def collect_tensors(model: nn.Module, fam: Family) -> list[Tensor]:
+    """Every tensor of the model under its GGUF name; an unmapped tensor is an error."""
+    anatomy = analyze(model)
+    cfg = model.config
+    heads = {
+        "attn_q": cfg.num_attention_heads,
+        "attn_k": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+    }
+    module_names = {id(m): n for n, m in model.named_modules()}
+    top = {}
+    if anatomy.embedding is not None:
+        top[module_names[id(anatomy.embedding)]] = "token_embd"
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    if head is not None and not tied:
+        top[module_names[id(head)]] = "output"
+    out: list[Tensor] = []
+    done: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        gguf_name = top.get(mod_name) or _block_name(mod_name, anatomy.blocks_path, fam)
+        if gguf_name is None and _is_final_norm(mod_name, mod, anatomy.blocks_path):
+            gguf_name = "output_norm"
+        if gguf_name is None:
+            continue
+        perm = 0
+        if fam.permute_qk:
+            perm = heads.get(gguf_name.rsplit(".", 1)[-1], 0)
+        if isinstance(mod, QuantLinear):
+            out.append(Tensor(f"{gguf_name}.weight", record=mod.qweight, permute_heads=perm))
+            done.add(f"{mod_name}.weight")
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{pname}"
+            if full in done:
+                continue
+            value = p.detach().float()
+            if "norm" in gguf_name and pname == "weight":
+                value = value + fam.norm_offset
+            out.append(Tensor(f"{gguf_name}.{pname}", value=value, permute_heads=perm))
+            done.add(full)
+    _check_all_mapped(model, done, tied)
+    return out
+
+
+def _block_name(mod_name: str, blocks_path: str, fam: Family) -> str | None:
+    prefix = blocks_path + "."
+    if not mod_name.startswith(prefix):
+        return None
+    bid, _, local = mod_name[len(prefix) :].partition(".")
+    name = fam.block.get(local)
+    return f"blk.{bid}.{name}" if name else None
+
+
+def _is_final_norm(mod_name: str, mod: nn.Module, blocks_path: str) -> bool:
+    from tinyllm.models.anatomy import is_norm
+
+    return is_norm(mod) and not mod_name.startswith(blocks_path + ".")
+
+
+def _check_all_mapped(model: nn.Module, done: set[str], tied: bool) -> None:
+    missing = [n for n, _ in model.named_parameters() if n not in done]
+    if tied:
+        head = model.get_output_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        missing = [n for n in missing if n != f"{names[id(head)]}.weight"]
+    if missing:
+        raise ArchitectureError(
+            f"GGUF export has no llama.cpp name for {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+
+
+@dataclass
+class ExportReport:
+    carried: list[str] = field(default_factory=list)
+    requantized: dict[str, str] = field(default_factory=dict)  # name -> why
+    types: dict[str, str] = field(default_factory=dict)
+
+
+def _float_data(value: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
+    """Float values in qtype (gguf.quants for the block types). 1-D tensors stay F32."""
+    arr = value.float().numpy()
+    if arr.ndim < 2 or qtype == T.F32:
+        return arr.astype(np.float32), T.F32
+    if qtype == T.F16:
+        return arr.astype(np.float16), T.F16
+    if arr.shape[-1] % gq.GGML_QUANT_SIZES[qtype][0]:
+        return arr.astype(np.float16), T.F16  # rows not a whole number of blocks
+    return gq.quantize(arr, qtype), qtype
+
+
+def tensor_data(t: Tensor, qtype: T, report: ExportReport, strict: bool) -> tuple[np.ndarray, T]:
+    """What to store for one tensor under the requested type."""
+    if t.record is None:
+        data, kind = _float_data(t.value, qtype)
+    elif qtype in FLOAT_TYPES:
+        data, kind = _float_data(t.record.dequantize(), qtype)
+    else:
+        reason = why_not_carried(t.record, qtype)
+        if reason is None:
+            data, kind = carry(t.record, qtype), qtype
+            report.carried.append(t.name)
+        else:
+            if strict:
+                raise ConfigError(
+                    f"{t.name}: cannot store as {qtype.name} without re-quantizing ({reason}); "
+                    "drop --strict to re-quantize, or quantize with --gguf-compatible "
+                    f"{qtype.name.lower()}"
+                )
+            report.requantized[t.name] = reason
+            data, kind = _float_data(t.record.dequantize(), qtype)
+    if t.permute_heads:
+        data = permute_rows(data, t.permute_heads)
+    report.types[t.name] = kind.name
+    return np.ascontiguousarray(data), kind
+
+
+def export_gguf(
+    model: nn.Module,
+    tokenizer: Any,
+    path: Path,
+    qtype: str = "f16",
+    embed_type: str | None = None,
+    strict: bool = False,
+    name: str = "tinyllm export",
+) -> ExportReport:
+    """Write `model` as a GGUF file llama.cpp loads; returns what was carried or re-quantized."""
+    if qtype not in TYPES:
+        raise ConfigError(f"unknown GGUF type '{qtype}'; choose one of {', '.join(TYPES)}")
+    if embed_type is not None and embed_type not in TYPES:
+        raise ConfigError(f"unknown --embed-type '{embed_type}'; choose one of {', '.join(TYPES)}")
+    fam = family_of(model)
+    main = TYPES[qtype]
+    embed = TYPES[embed_type] if embed_type else (main if main in FLOAT_TYPES else T.Q8_0)
+    tensors = collect_tensors(model, fam)
+    report = ExportReport()
+    with atomic_path(Path(path)) as tmp:
+        w = GGUFWriter(str(tmp), fam.arch)
+        w.add_name(name)
+        w.add_file_type(int(FILE_TYPES[main]))
+        w.add_quantization_version(2)
+        _hparams(w, model.config, fam)
+        _tokenizer(w, tokenizer, model.config)
+        for t in track(tensors, description=f"GGUF {qtype}"):
+            kind = embed if t.name.startswith(("token_embd.", "output.")) else main
+            data, stored = tensor_data(t, kind, report, strict)
+            w.add_tensor(t.name, data, raw_dtype=stored)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    if report.requantized:
+        log.warning(
+            "%d of %d quantized layers re-quantized to %s from their dequantized weights "
+            "(a second rounding on top of tinyllm's): %s",
+            len(report.requantized),
+            len(report.requantized) + len(report.carried),
+            main.name,
+            sorted(set(report.requantized.values())),
+        )
+    return report

@@ -1,0 +1,119 @@
+"""Pure functions: tinyllm quantized records <-> GGUF block types (the llama.cpp ggml layouts).
+
+Every legacy GGUF block covers 32 consecutive weights of one row:
+  Q4_0  d:f16, qs:16 bytes            w = d * (q - 8)        q in [0, 15]
+  Q4_1  d:f16, m:f16, qs:16 bytes     w = d * q + m          q in [0, 15]
+  Q5_0  d:f16, qh:u32, qs:16 bytes    w = d * (q - 16)       q in [0, 31]
+  Q5_1  d:f16, m:f16, qh:u32, qs:16   w = d * q + m          q in [0, 31]
+  Q8_0  d:f16, qs:32 x int8           w = d * q              q in [-128, 127]
+Low nibbles: byte j of qs holds weight j in its low 4 bits and weight j + 16 in its high 4 bits;
+for 5-bit types bit j of qh is the fifth bit of weight j. A tinyllm grid w = s * (q - z) with
+groups of 32 (or any multiple of 32: the scale is repeated) maps onto these exactly, so quantized
+integers are carried, not re-derived.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from tinyllm.quant.qweight import QuantizedWeight
+
+BLOCK = 32
+# type -> (bits, needs a symmetric grid, has a min term m)
+CARRIABLE: dict[T, tuple[int, bool, bool]] = {
+    T.Q4_0: (4, True, False),
+    T.Q4_1: (4, False, True),
+    T.Q5_0: (5, True, False),
+    T.Q5_1: (5, False, True),
+    T.Q8_0: (8, True, False),
+}
+
+
+def why_not_carried(qw: QuantizedWeight, qtype: T) -> str | None:
+    """None when qw's integers and scales fit qtype's blocks exactly, else the reason."""
+    if qtype not in CARRIABLE:
+        return f"{qtype.name} is not a block type tinyllm writes from integers"
+    bits, needs_sym, _ = CARRIABLE[qtype]
+    if qw.codebook is not None:
+        return "codebook (NF4) values are not on an integer grid"
+    if qw.bits != bits:
+        return f"{qw.bits}-bit codes do not fit {qtype.name}'s {bits} bits"
+    if needs_sym and not qw.sym:
+        return f"{qtype.name} has no zero point; the grid is asymmetric"
+    if qw.perm is not None:
+        return "columns are permuted (act-order without static groups)"
+    if qw.effective_group % BLOCK or qw.shape[1] % BLOCK:
+        return f"group size {qw.group_size} is not a multiple of {BLOCK}"
+    return None
+
+
+def _block_params(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes [rows, nblocks, 32] and per-block scale and zero [rows, nblocks]."""
+    rows, cols = qw.shape
+    rep = qw.effective_group // BLOCK
+    codes = qw.codes().numpy().reshape(rows, cols // BLOCK, BLOCK)
+    scale = qw.scale.float().numpy().repeat(rep, axis=1)
+    zero = qw.zero.numpy().astype(np.float32).repeat(rep, axis=1)
+    return codes, scale, zero
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """[..., 32] codes -> [..., 16] bytes: low nibble weight j, high nibble weight j + 16."""
+    q = q.astype(np.uint8)
+    return (q[..., :16] & 0x0F) | ((q[..., 16:] & 0x0F) << 4)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+    """[..., 32] 5-bit codes -> [..., 4] bytes of a little-endian u32 holding bit 4 of each."""
+    bits = ((q.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    return bits.sum(axis=-1, dtype=np.uint32)[..., None].view(np.uint8)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)[..., None].view(np.uint8)
+
+
+def carry(qw: QuantizedWeight, qtype: T) -> np.ndarray:
+    """The GGUF blocks holding qw's integers. -> uint8 [rows, bytes per row]"""
+    reason = why_not_carried(qw, qtype)
+    if reason is not None:
+        raise ValueError(reason)
+    rows = qw.shape[0]
+    codes, scale, zero = _block_params(qw)
+    bits, _, has_min = CARRIABLE[qtype]
+    if qtype == T.Q8_0:
+        qs = (codes.astype(np.int16) - zero[..., None].astype(np.int16)).astype(np.int8)
+        parts = [_f16_bytes(scale), qs.view(np.uint8)]
+    else:
+        offset = 1 << (bits - 1)  # w = d * (q - offset) for the symmetric types
+        if has_min:  # w = d * q + m with m = -s * z
+            parts = [_f16_bytes(scale), _f16_bytes(-scale * zero)]
+        else:
+            if not np.all(zero == offset):
+                raise ValueError("symmetric record with a zero point other than 2^(bits-1)")
+            parts = [_f16_bytes(scale)]
+        if bits == 5:
+            parts.append(_high_bits(codes))
+        parts.append(_nibbles(codes))
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def permute_rows(data: np.ndarray | torch.Tensor, n_head: int):
+    """Q/K rows from Hugging Face's rotate-half layout to GGUF's interleaved rotary pairs
+    (rows [head, 2, half] -> [head, half, 2]); works on float weights and block rows alike."""
+    rows = data.shape[0]
+    shaped = data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:])
+    if isinstance(shaped, torch.Tensor):
+        return shaped.transpose(1, 2).reshape(data.shape)
+    return shaped.swapaxes(1, 2).reshape(data.shape)
+
+
+def compatible_grid(name: str) -> tuple[int, int, bool]:
+    """(bits, group size, symmetric) that makes a quantizer's output carriable into `name`."""
+    by_name = {t.name.lower(): t for t in CARRIABLE}
+    if name not in by_name:
+        raise ValueError(f"choose one of {', '.join(by_name)}")
+    bits, sym, _ = CARRIABLE[by_name[name]]
+    return bits, BLOCK, sym

@@ -1,0 +1,144 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf import quants as gq
+
+from tests.conftest import tiny_model
+from tinyllm.errors import ArchitectureError, ConfigError
+from tinyllm.export import export
+from tinyllm.export.gguf_blocks import permute_rows
+from tinyllm.quant.api import quantize
+from tinyllm.quant.qlinear import QuantLinear
+from tinyllm.quant.rtn import RTN
+
+
+def _read(path: Path) -> tuple[GGUFReader, dict]:
+    r = GGUFReader(str(path))
+    return r, {t.name: t for t in r.tensors}
+
+
+def _field(r: GGUFReader, key: str):
+    return r.fields[key].contents()
+
+
+def _decoded(t) -> np.ndarray:
+    """A tensor of the file as float [rows, cols], decoded by gguf's own code."""
+    data = gq.dequantize(np.array(t.data), t.tensor_type)
+    return data.reshape(int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else data
+
+
+def test_f16_export_metadata_and_tensors(tokenizer, tmp_path: Path):
+    model = tiny_model(vocab=len(tokenizer))
+    path = tmp_path / "m.gguf"
+    export(model, tokenizer, path, "gguf", "f16")
+    r, tensors = _read(path)
+    assert _field(r, "general.architecture") == "llama"
+    assert _field(r, "llama.block_count") == 2
+    assert _field(r, "llama.attention.head_count_kv") == 2
+    assert _field(r, "tokenizer.ggml.model") == "gpt2"
+    assert len(r.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
+    assert len(tensors) == 2 * 9 + 3  # 9 per block, embeddings, final norm, untied head
+    emb = _decoded(tensors["token_embd.weight"])
+    ref = model.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_allclose(emb, ref, atol=1e-3)
+    q = _decoded(tensors["blk.0.attn_q.weight"])
+    want = permute_rows(model.model.layers[0].self_attn.q_proj.weight.detach(), 4).numpy()
+    np.testing.assert_allclose(q, want, atol=1e-3)
+
+
+def test_quantized_layers_are_carried_bit_for_bit(tokenizer, tmp_path: Path):
+    model = tiny_model(vocab=len(tokenizer))
+    quantize(model, RTN(bits=4, group_size=32, sym=True))
+    path = tmp_path / "q.gguf"
+    report = export(model, tokenizer, path, "gguf", "q4_0", strict=True)
+    assert len(report.carried) == 14 and not report.requantized
+    _, tensors = _read(path)
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == T.Q4_0
+    for name, mod in (
+        ("blk.1.ffn_down.weight", model.model.layers[1].mlp.down_proj),
+        ("blk.0.attn_k.weight", model.model.layers[0].self_attn.k_proj),
+    ):
+        assert isinstance(mod, QuantLinear)
+        ours = mod.qweight.dequantize()
+        if "attn_k" in name:
+            ours = permute_rows(ours, 2)
+        np.testing.assert_array_equal(_decoded(tensors[name]), ours.numpy())
+
+
+def test_grid_mismatch_warns_or_refuses(tokenizer, tmp_path: Path, caplog):
+    model = tiny_model(vocab=len(tokenizer))
+    quantize(model, RTN(bits=3, group_size=32))
+    with pytest.raises(ConfigError, match="gguf-compatible"):
+        export(model, tokenizer, tmp_path / "a.gguf", "gguf", "q4_0", strict=True)
+    assert not (tmp_path / "a.gguf").exists()
+    report = export(model, tokenizer, tmp_path / "b.gguf", "gguf", "q4_0")
+    assert len(report.requantized) == 14 and "3-bit" in next(iter(report.requantized.values()))
+    assert "re-quantized" in caplog.text
+
+
+def test_bad_outputs_and_architectures(tokenizer, tmp_path: Path):
+    model = tiny_model(vocab=len(tokenizer))
+    with pytest.raises(ConfigError, match="does not exist"):
+        export(model, tokenizer, tmp_path / "missing" / "m.gguf")
+    (tmp_path / "m.gguf").write_bytes(b"old")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        export(model, tokenizer, tmp_path / "m.gguf")
+    with pytest.raises(ConfigError, match="q4_0"):
+        export(model, tokenizer, tmp_path / "n.gguf", "gguf", "q4_k")
+    with pytest.raises(ArchitectureError, match="supported: gemma3_text, llama"):
+        export(tiny_model("opt", vocab=len(tokenizer)), tokenizer, tmp_path / "o.gguf")
+
+
+def test_interrupted_export_leaves_nothing(tokenizer, tmp_path: Path, monkeypatch):
+    from gguf import GGUFWriter
+
+    def boom(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_model(vocab=len(tokenizer)), tokenizer, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+# llama.cpp itself reads the files (skipped when llama-cpp-python is not installed)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3"])
+def test_llamacpp_logits_match_ours(family, tokenizer, tmp_path: Path):
+    pytest.importorskip("llama_cpp")
+    from tinyllm.export import llamacpp
+
+    model = tiny_model(family, vocab=len(tokenizer))
+    path = tmp_path / "m.gguf"
+    export(model, tokenizer, path, "gguf", "f32")
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"][:24]
+    theirs = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64), ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-3, rtol=0)
+
+
+def test_llamacpp_runs_carried_q4_0(tokenizer, tmp_path: Path):
+    pytest.importorskip("llama_cpp")
+    from tinyllm.export import llamacpp
+
+    model = tiny_model(vocab=len(tokenizer))
+    ids = torch.tensor([tokenizer("Pack my box with five dozen liquor jugs.")["input_ids"][:24]])
+    with torch.no_grad():
+        float_logits = model(ids).logits[0].numpy()
+    quantize(model, RTN(bits=4, group_size=32, sym=True))
+    path = tmp_path / "q.gguf"
+    export(model, tokenizer, path, "gguf", "q4_0", embed_type="f32", strict=True)
+    theirs = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64), ids[0].tolist())
+    with torch.no_grad():
+        ours = model(ids).logits[0].numpy()
+    # llama.cpp rounds activations to 8 bits for Q4_0 dot products: close to our quantized
+    # model, and much closer to it than to the float model it came from
+    err = np.abs(theirs - ours).max()
+    assert err < 0.05 * np.abs(ours).max()
+    assert err < 0.5 * np.abs(theirs - float_logits).max()
