@@ -281,8 +281,17 @@ def quantize(
 @app.command()
 def export(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file.")],
-    format: Annotated[str, typer.Option("--format", help="gguf (llama.cpp).")] = "gguf",
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output file (gguf) or directory (hf).")
+    ],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="gguf (llama.cpp) or hf (a Hugging Face directory; quantized layers in the "
+            "compressed-tensors pack-quantized format).",
+        ),
+    ] = "gguf",
     type: Annotated[
         str,
         typer.Option(
@@ -302,6 +311,10 @@ def export(
 ) -> None:
     """Export a model (original or compressed) for another runtime.
 
+    --format hf writes a directory transformers' AutoModelForCausalLM.from_pretrained loads:
+    float models as plain safetensors, quantized ones in the compressed-tensors pack-quantized
+    format (needs `pip install compressed-tensors` to write and to load).
+
     GGUF files load in llama.cpp (llama-cli, llama-server, llama-cpp-python). A tinyllm checkpoint
     quantized on a grid a GGUF block type holds (4-bit symmetric, groups of 32 or a multiple ->
     q4_0; 4-bit -> q4_1; 5-bit -> q5_0/q5_1; 8-bit symmetric -> q8_0) keeps its exact integers
@@ -314,16 +327,25 @@ def export(
 
       tinyllm quantize smollm2-135m --method gptq --gguf-compatible q4_0 -o out/gptq-q4_0
       tinyllm export out/gptq-q4_0 --type q4_0 --strict -o smollm2-gptq-q4_0.gguf
+
+      tinyllm export out/gptq-q4_0 --format hf -o out/gptq-q4_0-hf
     """
     import tinyllm
-    from tinyllm.export import check_output_file
+    from tinyllm.export import check_output
     from tinyllm.export import export as run_export
+    from tinyllm.util.fs import dir_size
 
-    check_output_file(output, overwrite)  # fail before loading
+    check_output(output, format, overwrite)  # fail before loading
     m, tok = tinyllm.load(model)
     report = run_export(
         m, tok, output, format, type, overwrite=overwrite, strict=strict, embed_type=embed_type
     )
+    if format == "hf":
+        out.print(
+            f"wrote {output} ({human_bytes(dir_size(output))}): {len(report['packed'])} layers "
+            f"packed, {len(report['dequantized'])} written as float"
+        )
+        return
     out.print(
         f"wrote {output} ({human_bytes(output.stat().st_size)}): "
         f"{len(report.carried)} layers carried, {len(report.requantized)} re-quantized"

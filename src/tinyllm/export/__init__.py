@@ -9,14 +9,22 @@ from torch import nn
 
 from tinyllm.errors import ConfigError
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "hf")  # gguf writes a file, hf a directory
 
 
-def check_output_file(path: Path, overwrite: bool) -> None:
-    """Refuse a missing parent directory, a directory, or an existing file without overwrite."""
+def check_output(path: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse a missing parent directory, the wrong kind of path, or an existing output without
+    --overwrite."""
     path = Path(path)
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if not path.parent.is_dir():
         raise ConfigError(f"directory {path.parent} does not exist; create it first")
+    if fmt == "hf":
+        from tinyllm.checkpoint import check_output_dir
+
+        check_output_dir(path, overwrite)
+        return
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; give a file path")
     if path.exists() and not overwrite:
@@ -33,10 +41,12 @@ def export(
     strict: bool = False,
     **options: Any,
 ) -> Any:
-    """Write `model` to `path` in `fmt`; the file appears only when complete."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    check_output_file(path, overwrite)
+    """Write `model` to `path` in `fmt`; the output appears only when complete."""
+    check_output(path, fmt, overwrite)
+    if fmt == "hf":
+        from tinyllm.export.hf import export_hf
+
+        return export_hf(model, tokenizer, path, strict=strict)
     from tinyllm.export.gguf import export_gguf
 
     return export_gguf(model, tokenizer, path, qtype, strict=strict, **options)
