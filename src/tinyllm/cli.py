@@ -288,18 +288,20 @@ def export(
         str,
         typer.Option(
             "--format",
-            help="gguf (llama.cpp) or hf (a Hugging Face directory; quantized layers in the "
-            "compressed-tensors pack-quantized format).",
+            help="gguf (llama.cpp), onnx (onnxruntime, with KV-cache inputs/outputs) or hf (a "
+            "Hugging Face directory; quantized layers in the compressed-tensors pack-quantized "
+            "format).",
         ),
     ] = "gguf",
     type: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--type",
-            help="GGUF tensor type for the block linears: f32, f16, bf16, q8_0, q4_0, q4_1, "
-            "q5_0, q5_1. Quantized layers on a matching grid are carried bit for bit.",
+            help="GGUF: type of the block linears, f32, f16 (default), bf16, q8_0, q4_0, q4_1, "
+            "q5_0, q5_1. ONNX: fp32 (default), q4 or q8 (quantized layers as MatMulNBits). "
+            "Quantized layers on a matching grid are carried bit for bit.",
         ),
-    ] = "f16",
+    ] = None,
     embed_type: Annotated[
         str | None,
         typer.Option(help="Type of the embedding/head (default: the --type if float, else q8_0)."),
@@ -329,13 +331,16 @@ def export(
       tinyllm export out/gptq-q4_0 --type q4_0 --strict -o smollm2-gptq-q4_0.gguf
 
       tinyllm export out/gptq-q4_0 --format hf -o out/gptq-q4_0-hf
+
+      tinyllm export out/gptq-q4_0 --format onnx --type q4 -o smollm2-q4.onnx
     """
     import tinyllm
-    from tinyllm.export import check_output
+    from tinyllm.export import DEFAULT_TYPES, check_output
     from tinyllm.export import export as run_export
     from tinyllm.util.fs import dir_size
 
     check_output(output, format, overwrite)  # fail before loading
+    type = type or DEFAULT_TYPES.get(format)
     m, tok = tinyllm.load(model)
     report = run_export(
         m, tok, output, format, type, overwrite=overwrite, strict=strict, embed_type=embed_type
@@ -344,6 +349,13 @@ def export(
         out.print(
             f"wrote {output} ({human_bytes(dir_size(output))}): {len(report['packed'])} layers "
             f"packed, {len(report['dequantized'])} written as float"
+        )
+        return
+    if format == "onnx":
+        size = output.stat().st_size + output.with_name(output.name + ".data").stat().st_size
+        out.print(
+            f"wrote {output} (+ .data, {human_bytes(size)}): {len(report.nbits)} layers as "
+            f"MatMulNBits, {len(report.float_layers)} quantized layers as float"
         )
         return
     out.print(

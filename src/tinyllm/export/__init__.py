@@ -9,7 +9,8 @@ from torch import nn
 
 from tinyllm.errors import ConfigError
 
-FORMATS = ("gguf", "hf")  # gguf writes a file, hf a directory
+FORMATS = ("gguf", "onnx", "hf")  # gguf and onnx write a file, hf a directory
+DEFAULT_TYPES = {"gguf": "f16", "onnx": "fp32"}
 
 
 def check_output(path: Path, fmt: str, overwrite: bool) -> None:
@@ -36,17 +37,22 @@ def export(
     tokenizer: Any,
     path: Path,
     fmt: str = "gguf",
-    qtype: str = "f16",
+    qtype: str | None = None,
     overwrite: bool = False,
     strict: bool = False,
     **options: Any,
 ) -> Any:
     """Write `model` to `path` in `fmt`; the output appears only when complete."""
     check_output(path, fmt, overwrite)
+    qtype = qtype or DEFAULT_TYPES.get(fmt)
     if fmt == "hf":
         from tinyllm.export.hf import export_hf
 
         return export_hf(model, tokenizer, path, strict=strict)
+    if fmt == "onnx":
+        from tinyllm.export.onnx import export_onnx
+
+        return export_onnx(model, path, qtype, strict=strict)
     from tinyllm.export.gguf import export_gguf
 
     return export_gguf(model, tokenizer, path, qtype, strict=strict, **options)
