@@ -1,5 +1,7 @@
 """Decode speed: a 1-token forward of the 4-bit QuantLinear model against the FP32 model.
 
+Rows: fp32, fp32 through oneDNN, 4-bit g64 with tinyllm's q4 kernel (the default), the same
+model with PyTorch's int4 kernel, 8-bit per channel with PyTorch's int8 kernel.
 Run: .venv/bin/python benchmarks/bench_decode.py [--repeats 50]
 Both models run in this process, interleaved, each step a forward of one new token after a
 64-token prompt held in the KV cache. Reports medians and the ratio; writes
@@ -33,6 +35,18 @@ def step_time(model, prompt: torch.Tensor, token: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def with_kernel(model, kernel: str):
+    """A copy of a quantized model whose 4-bit layers use another kernel."""
+    from tinyllm.quant.qlinear import QuantLinear
+
+    out = copy.deepcopy(model)
+    for name, mod in list(out.named_modules()):
+        if isinstance(mod, QuantLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent), child, QuantLinear(mod.qweight, mod.bias, kernel))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=50)
@@ -45,6 +59,7 @@ def main() -> None:
     }.items():
         models[name] = copy.deepcopy(fp)
         tinyllm.quantize(models[name], cfg)
+    models["rtn-4b-g64-torch-int4"] = with_kernel(models["rtn-4b-g64"], "int4")
     prompt = torch.randint(0, 49152, (1, 64))
     token = torch.randint(0, 49152, (1, 1))
     times: dict[str, list[float]] = {n: [] for n in [*models, "fp32-onednn"]}

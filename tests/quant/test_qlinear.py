@@ -8,8 +8,10 @@ from tinyllm.quant.rtn import RTN, rtn_quantize
 @pytest.mark.parametrize(
     ("bits", "group", "sym", "kernel"),
     [
+        (4, 32, True, "q4"),
+        (4, 64, False, "q4"),
+        (4, -1, False, "q4"),
         (4, 32, True, "int4"),
-        (4, 64, False, "int4"),
         (4, 128, False, "int4"),
         (8, -1, True, "int8"),
         (3, 32, False, "dequant"),
@@ -22,11 +24,21 @@ def test_kernels_match_dequantize_then_matmul(bits, group, sym, kernel):
     torch.manual_seed(0)
     w, b = torch.randn(96, 256), torch.randn(96)
     qw = rtn_quantize(w, RTN(bits=bits, group_size=group, sym=sym))
-    layer = QuantLinear(qw, b)
-    assert layer.kernel == kernel
+    chosen = QuantLinear(qw, b).kernel
+    assert chosen == kernel or (kernel == "int4" and chosen == "q4")  # ours first when built
+    layer = QuantLinear(qw, b, kernel=kernel)
     for x in (torch.randn(1, 3, 256), torch.randn(2, 40, 256)):  # packed kernel, then unpacked
         ref = x @ qw.dequantize().t() + b
         torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_q4_kernel_is_chosen_only_for_whole_lane_groups():
+    """tinyllm's kernel (and PyTorch's) take 16 output rows at a time; others dequantize."""
+    qw = rtn_quantize(torch.randn(90, 256), RTN(bits=4, group_size=64))
+    assert QuantLinear(qw).kernel == "dequant"
+    assert QuantLinear(rtn_quantize(torch.randn(96, 256), RTN(bits=4, group_size=64))).kernel == (
+        "q4"
+    )
 
 
 def test_single_token_decode_shape():

@@ -1,7 +1,8 @@
 """`QuantLinear`: a linear layer whose weight stays packed in memory, with real kernels.
 
-- 4-bit affine, group size 32/64/128/256, no permutation: PyTorch's CPU int4 kernel
-  (`_weight_int4pack_mm_for_cpu`, weights packed by `_convert_weight_to_int4pack_for_cpu`).
+- 4-bit affine, no permutation, output rows a multiple of 16: tinyllm's own C++ GEMV
+  (quant/native.py, csrc/q4gemv.cpp), built on first use; where it cannot be built, PyTorch's CPU
+  int4 kernel (`_weight_int4pack_mm_for_cpu`) for groups of 32/64/128/256.
 - 8-bit symmetric per output channel: `_weight_int8pack_mm`.
 - Anything else (2/3/5 bits, codebooks, permutations): unpack and dequantize on each call.
 Inputs of more than PACKED_KERNEL_MAX_ROWS rows (prefill, evaluation) unpack the weight for that
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tinyllm.quant import native
 from tinyllm.quant.qweight import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -24,7 +26,11 @@ PACKED_KERNEL_MAX_ROWS = 8
 
 def choose_kernel(qw: QuantizedWeight) -> str:
     plain = qw.codebook is None and qw.perm is None
-    if plain and qw.bits == 4 and qw.group_size in INT4_GROUPS and qw.shape[1] % 64 == 0:
+    q4_shape = qw.shape[0] % native.LANES == 0 and qw.effective_group % 2 == 0
+    if plain and qw.bits == 4 and q4_shape and native.q4_kernel() is not None:
+        return "q4"
+    int4_shape = qw.shape[1] % 64 == 0 and qw.shape[0] % 16 == 0
+    if plain and qw.bits == 4 and qw.group_size in INT4_GROUPS and int4_shape:
         return "int4"
     if plain and qw.bits == 8 and qw.sym and qw.group_size == -1:
         return "int8"
@@ -46,7 +52,12 @@ class QuantLinear(nn.Module):
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
-        if self.kernel == "int4":
+        if self.kernel == "q4":
+            codes, scale, zero = native.repack_q4(qw.codes(), qw.scale, qw.zero)
+            self.register_buffer("w_q4", codes, persistent=False)
+            self.register_buffer("w_q4_scale", scale, persistent=False)
+            self.register_buffer("w_q4_zero", zero, persistent=False)
+        elif self.kernel == "int4":
             self._prepare_int4(qw)
         elif self.kernel == "int8":
             codes = qw.codes().to(torch.int16) - (1 << (qw.bits - 1))
@@ -78,6 +89,13 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] > PACKED_KERNEL_MAX_ROWS:  # prefill: unpack once, float matmul
             y = x2 @ self.qweight.dequantize().to(x2.dtype).t()
+        elif self.kernel == "q4":
+            group = self.qweight.effective_group
+            y = (
+                native.q4_kernel()
+                .q4_gemv(x2.float(), self.w_q4, self.w_q4_scale, self.w_q4_zero, group)
+                .to(x2.dtype)
+            )
         elif self.kernel == "int4":
             dt = x2.dtype
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

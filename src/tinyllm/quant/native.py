@@ -1,0 +1,63 @@
+"""tinyllm's own CPU kernels (C++), compiled on first use with torch's extension builder.
+
+The 4-bit decode GEMV (csrc/q4gemv.cpp) keeps weights as 4-bit codes and reads 16 output rows
+per vector lane group, so a decode step moves an eighth of the bytes of a float32 matmul. The
+build (about a minute, once per machine; cached in $TINYLLM_KERNEL_DIR, default
+~/.cache/tinyllm/kernels, shared by every TINYLLM_CACHE) needs a C++
+compiler; without one, `q4_kernel()` returns None and QuantLinear keeps PyTorch's int4 kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+LANES = 16
+SOURCE = Path(__file__).parent / "csrc" / "q4gemv.cpp"
+
+
+@functools.cache
+def q4_kernel() -> Any | None:
+    """The compiled extension, or None if it cannot be built here."""
+    from torch.utils import cpp_extension
+
+    tag = f"{platform.machine()}-torch{torch.__version__.replace('+', '_')}"
+    try:
+        return cpp_extension.load(
+            name="tinyllm_q4gemv",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            build_directory=str(_build_dir(tag)),
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no headers: fall back, once, loudly
+        log.warning("tinyllm 4-bit kernel could not be built (%s); using PyTorch's", exc)
+        return None
+
+
+def _build_dir(tag: str) -> Path:
+    root = os.environ.get("TINYLLM_KERNEL_DIR", Path.home() / ".cache" / "tinyllm" / "kernels")
+    path = Path(root).expanduser() / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def repack_q4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """codes uint8 [N, K], scale/zero [N, G] -> interleaved codes [N/16, K/2, 16] (low nibble:
+    column 2j, high: 2j+1) and scale/zero float32 [N/16, G, 16]."""
+    n, k = codes.shape
+    pairs = codes.reshape(n, k // 2, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)  # [N, K/2]
+    packed = packed.reshape(n // LANES, LANES, k // 2).transpose(1, 2).contiguous()
+
+    def lanes(t: torch.Tensor) -> torch.Tensor:
+        return t.float().reshape(n // LANES, LANES, -1).transpose(1, 2).contiguous()
+
+    return packed, lanes(scale), lanes(zero)
