@@ -53,3 +53,20 @@ def test_carried_q4_0_scores_like_our_quantized_model(tmp_path):
     ours = tinyllm.evaluate(model, tok, windows=20).perplexity
     theirs = llamacpp.perplexity(llamacpp.open_gguf(path), windows)
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+
+
+def test_gemma3_f16_export_tokenizes_and_generates_like_ours(tmp_path):
+    """The SentencePiece-style vocabulary (scores from merge ranks) and Gemma's graph limits."""
+    model, tok = tinyllm.load("gemma3-270m")
+    path = tmp_path / "gemma.gguf"
+    export(model, tok, path, "gguf", "f16")
+    llm = llamacpp.open_gguf(path)
+    texts = [
+        "In 1905, Albert Einstein published 4 papers: ünïcödé, 日本語, emoji 🙂.",
+        "  leading spaces\tand tabs\n\nnew lines",
+        "def fib(n):\n    return n if n < 2 else fib(n-1)+fib(n-2)",
+    ]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"]
+    ids = tok("The history of the Roman Empire")["input_ids"]
+    assert llamacpp.greedy(llm, ids, 16) == _our_greedy(model, ids, 16)
