@@ -5,19 +5,12 @@ import pytest
 import torch
 
 import tinyllm
+from tests.e2e.common import PROMPTS, our_greedy
 from tinyllm.eval.evaluate import evaluation_windows
 from tinyllm.export import export
 
 pytestmark = pytest.mark.slow
 onnxrt = pytest.importorskip("tinyllm.export.onnxrt")
-
-PROMPTS = [
-    "The capital of France is",
-    "In 1905, Albert Einstein published",
-    "def fibonacci(n):",
-    "The three primary colours are",
-    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
-]
 
 
 def test_fp32_onnx_matches_logits_and_greedy_tokens(tmp_path):
@@ -28,11 +21,8 @@ def test_fp32_onnx_matches_logits_and_greedy_tokens(tmp_path):
         ids = tok(prompt)["input_ids"]
         with torch.no_grad():
             ours = model(torch.tensor([ids])).logits[0].numpy()
-            want = model.generate(
-                torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False
-            )[0, len(ids) :].tolist()
         assert np.abs(onnxrt.logits(sess, ids) - ours).max() < 1e-3
-        assert onnxrt.greedy(sess, ids, 32) == want, prompt
+        assert onnxrt.greedy(sess, ids, 32) == our_greedy(model, ids, 32), prompt
 
 
 def test_q4_onnx_scores_like_our_quantized_model(tmp_path):

@@ -1,31 +1,15 @@
 """GGUF export of the real default model, run by llama.cpp (slow; needs llama-cpp-python)."""
 
 import pytest
-import torch
 
 import tinyllm
+from tests.e2e.common import PROMPTS, our_greedy
 from tinyllm.eval.evaluate import evaluation_windows
 from tinyllm.export import export
 
 pytestmark = pytest.mark.slow
 llamacpp = pytest.importorskip("tinyllm.export.llamacpp")
 pytest.importorskip("llama_cpp")
-
-PROMPTS = [
-    "The capital of France is",
-    "In 1905, Albert Einstein published",
-    "def fibonacci(n):",
-    "The three primary colours are",
-    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
-]
-
-
-def _our_greedy(model, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False
-        )
-    return out[0, len(ids) :].tolist()
 
 
 def test_f16_export_generates_and_scores_like_ours(tmp_path):
@@ -36,7 +20,7 @@ def test_f16_export_generates_and_scores_like_ours(tmp_path):
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
-        assert llamacpp.greedy(llm, ids, 32) == _our_greedy(model, ids, 32), prompt
+        assert llamacpp.greedy(llm, ids, 32) == our_greedy(model, ids, 32), prompt
     windows, _ = evaluation_windows(tok)
     ours = tinyllm.evaluate(model, tok).perplexity
     theirs = llamacpp.perplexity(llm, windows)
@@ -69,4 +53,4 @@ def test_gemma3_f16_export_tokenizes_and_generates_like_ours(tmp_path):
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"]
     ids = tok("The history of the Roman Empire")["input_ids"]
-    assert llamacpp.greedy(llm, ids, 16) == _our_greedy(model, ids, 16)
+    assert llamacpp.greedy(llm, ids, 16) == our_greedy(model, ids, 16)
