@@ -282,7 +282,7 @@ def quantize(
 def export(
     model: ModelArg,
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Output file (gguf) or directory (hf).")
+        Path, typer.Option("-o", "--output", help="Output file (gguf, onnx) or directory (hf).")
     ],
     format: Annotated[
         str,
@@ -322,6 +322,10 @@ def export(
     q4_0; 4-bit -> q4_1; 5-bit -> q5_0/q5_1; 8-bit symmetric -> q8_0) keeps its exact integers
     and scales; other layers are re-quantized with a warning (or refused with --strict).
     `tinyllm quantize ... --gguf-compatible q4_0` makes GPTQ/AWQ produce such a grid.
+
+    --format onnx writes a decoder graph with KV-cache inputs and outputs (Llama, Mistral, Qwen2)
+    for onnxruntime, weights in FILE.data beside it; --type q4/q8 carries 4/8-bit layers as
+    MatMulNBits with their integers.
 
     Examples:
 
