@@ -11,10 +11,15 @@ PROMPTS = [
 ]
 
 
+@torch.no_grad()
 def our_greedy(model, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens from the transformers model (no stop at end-of-text)."""
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False
-        )
-    return out[0, len(ids) :].tolist()
+    """n argmax tokens from the transformers model with its KV cache; end-of-text is a token like
+    any other (generate's min_new_tokens would forbid it)."""
+    from transformers import DynamicCache
+
+    cache, x, out = DynamicCache(), torch.tensor([ids]), []
+    for _ in range(n):
+        logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits
+        out.append(int(logits[0, -1].argmax()))
+        x = torch.tensor([[out[-1]]])
+    return out

@@ -41,7 +41,15 @@ class OneDNNLinear(nn.Module):
 
 
 def _swappable(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and module.weight.dtype == torch.float32
+    """A plain fp32 nn.Linear holding its weight (not, say, one that compressed-tensors
+    decompresses on the fly)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module) is nn.Linear
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == torch.float32
+        and not module._forward_pre_hooks
+    )
 
 
 @contextlib.contextmanager
