@@ -25,7 +25,7 @@ from torch import nn
 
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.export.gguf_blocks import carry, permute_rows, why_not_carried
-from tinyllm.models.anatomy import analyze
+from tinyllm.models.anatomy import analyze, is_norm
 from tinyllm.quant.qlinear import QuantLinear
 from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.util.fs import atomic_path
@@ -314,8 +314,6 @@ def _block_name(mod_name: str, blocks_path: str, fam: Family) -> str | None:
 
 
 def _is_final_norm(mod_name: str, mod: nn.Module, blocks_path: str) -> bool:
-    from tinyllm.models.anatomy import is_norm
-
     return is_norm(mod) and not mod_name.startswith(blocks_path + ".")
 
 

@@ -102,12 +102,12 @@ class ExportReport:
 def _linear(g: Graph, x: str, mod: nn.Module, name: str, bits: int | None, rep, strict) -> str:
     """x [..., in] @ W^T (+ b): MatMulNBits for a carried record, else a float MatMul."""
     qw = mod.qweight if isinstance(mod, QuantLinear) else None
-    reason = "float layer" if qw is None else why_not_nbits(qw, bits) if bits else "fp32 export"
+    reason = why_not_nbits(qw, bits) if qw is not None and bits else "float"
     if qw is not None and bits and reason is not None:
         if strict:
             raise ConfigError(f"{name}: cannot write as {bits}-bit MatMulNBits ({reason})")
         rep.float_layers[name] = reason
-    if qw is not None and bits and reason is None:
+    if reason is None:
         y = _matmul_nbits(g, x, qw, name)
         rep.nbits.append(name)
     else:
