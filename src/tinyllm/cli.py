@@ -368,6 +368,96 @@ def export(
     )
 
 
+@app.command()
+def distill(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
+    teacher: Annotated[str, typer.Option(help="Teacher model (any MODEL spec).")] = "smollm2-135m",
+    student: Annotated[
+        str | None,
+        typer.Option(
+            help="Student model: any MODEL spec with the teacher's tokenizer, e.g. a quantized "
+            "checkpoint (trained through fake quantization, saved packed again) or a pruned one "
+            "(masks kept). Default with --layers: the teacher."
+        ),
+    ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option(help="Keep this many evenly spaced blocks of the student (15 of 30: 0,2,..)."),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft-target KD loss.")] = 1.0,
+    beta: Annotated[float, typer.Option(help="Weight of next-token cross-entropy.")] = 0.0,
+    gamma: Annotated[float, typer.Option(help="Weight of hidden-state matching.")] = 0.0,
+    delta: Annotated[
+        float, typer.Option(help="Weight of attention-map KL (eager attention).")
+    ] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KD loss.")] = 1.0,
+    kd: Annotated[str, typer.Option(help="KD divergence: forward | reverse | js.")] = "forward",
+    feature: Annotated[str, typer.Option(help="Hidden-state distance: mse | cosine.")] = "mse",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    warmup: Annotated[float, typer.Option(help="Warmup, fraction of steps (then cosine).")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    batch: Annotated[int, typer.Option(help="Windows per micro-batch (per process).")] = 4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    clip: Annotated[float, typer.Option(help="Gradient-norm clipping.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = 0,
+    corpus: Annotated[str, typer.Option(help="Corpus (training split; never its eval slice).")] = (
+        "enwiki"
+    ),
+    teacher_cache: Annotated[
+        bool, typer.Option(help="Cache the teacher's top-k logits on disk (forward KD only).")
+    ] = False,
+    topk: Annotated[int, typer.Option(help="Logits kept per position by --teacher-cache.")] = 64,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: never).")] = 100,
+    eval_windows: Annotated[int, typer.Option(help="Windows of the periodic evaluations.")] = 8,
+    eval_seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 512,
+    final_eval_windows: Annotated[
+        int, typer.Option(help="Windows of the before/after evaluations.")
+    ] = 40,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUTPUT.")] = False,
+) -> None:
+    """Train a student to behave like its teacher: L = alpha*KD + beta*task + gamma*feature.
+
+    Trains on the corpus outside its evaluation slice; evaluates perplexity and KL to the teacher
+    before, every EVAL_EVERY steps and after. OUTPUT gets model/ (the student: `tinyllm eval
+    OUTPUT/model`), checkpoint/ (for --resume; Ctrl-C saves one), log.csv, log.json, loss.png and
+    summary.json (perplexities, recovery, tokens/s, peak RSS). Runs under
+    `torchrun --nproc_per_node=N` with DistributedDataParallel (batch is per process).
+
+    Examples:
+
+      tinyllm distill --layers 15 --steps 400 -o out/student15
+
+      tinyllm distill --student out/gptq-3b --steps 200 --lr 1e-5 -o out/qat-3b
+
+      torchrun --nproc_per_node=2 -m tinyllm.cli distill --layers 15 -o out/ddp
+    """
+    from pydantic import ValidationError
+
+    from tinyllm.distill.trainer import DistillConfig, distill, make_run
+
+    options = {k: v for k, v in locals().items() if k in DistillConfig.model_fields}
+    try:
+        cfg = DistillConfig(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "settings"
+        raise ConfigError(f"distill: {where}: {first['msg']}") from exc
+    run, meta = make_run(teacher, student, layers, cfg, output, resume, overwrite)
+    summary = distill(run, cfg, resume=resume, save_meta=meta)
+    if "after" not in summary:  # not rank 0
+        return
+    b, a, t = summary["before"], summary["after"], summary["teacher_eval"]
+    out.print(
+        f"perplexity {b['perplexity']:.3f} -> {a['perplexity']:.3f} (teacher {t['perplexity']:.3f},"
+        f" recovery {summary['recovery']:.1%}); KLD {b['kld']:.4f} -> {a['kld']:.4f}; "
+        f"{summary['tokens_per_second'] or 0:.0f} tok/s; wrote {output / 'model'}"
+    )
+
+
 def _make_step(cls: type, method: str, **options: object) -> object:
     """Build a step config from the CLI options it accepts; pydantic errors become one line."""
     from pydantic import ValidationError

@@ -95,6 +95,19 @@ def sample_windows(
     return grid[picks].clone()
 
 
+def train_windows(ids: torch.Tensor, seq_len: int, name: str) -> torch.Tensor:
+    """Every non-overlapping window outside the evaluation slice, in corpus order. [N, seq_len]"""
+    check_seq_len(seq_len)
+    _, rest = split(ids)
+    available = rest.numel() // seq_len
+    if available < 1:
+        raise CorpusError(
+            f"corpus '{name}' is too small to train on: outside its evaluation slice it has "
+            f"{rest.numel()} tokens, fewer than one window of {seq_len}"
+        )
+    return rest[: available * seq_len].view(available, seq_len).clone()
+
+
 def with_bos(windows: torch.Tensor, tokenizer: object) -> torch.Tensor:
     """Prepend BOS to each window only when the tokenizer adds one by default."""
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -1,0 +1,123 @@
+"""Students: layer-dropped copies of the teacher, checks that a student fits its teacher, and
+the preparation that lets a compressed student train without losing its compression.
+
+- `layer_dropped(teacher, n)` keeps n evenly spaced blocks (DistilBERT-style: the student starts
+  from the teacher's own weights), found from the module graph, and rewrites the config.
+- `check_pair` refuses a student with another tokenizer or vocabulary.
+- `prepare_for_training` swaps packed QuantLinear layers for fake-quant ones (QAT) and fixes the
+  masks of pruned layers; `finish_training` packs the quantized layers again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from tinyllm.errors import ConfigError, TokenizerMismatchError
+from tinyllm.models.anatomy import find_blocks
+from tinyllm.quant.qat import to_fake_quant, to_quant
+
+log = logging.getLogger(__name__)
+
+# A float linear whose weight has at least this fraction of exact zeros is treated as pruned.
+PRUNED_FRACTION = 0.05
+
+
+def kept_blocks(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher blocks, first one included: 15 of 30 keeps 0, 2, ..., 28."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise ConfigError(
+            f"--layers must be between 1 and the teacher's {teacher_layers} blocks, "
+            f"got {student_layers}"
+        )
+    return [i * teacher_layers // student_layers for i in range(student_layers)]
+
+
+def layer_dropped(teacher: nn.Module, layers: int) -> nn.Module:
+    """A copy of `teacher` keeping `layers` evenly spaced decoder blocks."""
+    path, blocks = find_blocks(teacher)
+    keep = kept_blocks(len(blocks), layers)
+    student = copy.deepcopy(teacher)
+    parent_name, _, child = path.rpartition(".")
+    parent = student.get_submodule(parent_name) if parent_name else student
+    old = getattr(parent, child)
+    setattr(parent, child, nn.ModuleList([old[i] for i in keep]))
+    for new_index, block in enumerate(getattr(parent, child)):
+        for mod in block.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_index  # KV-cache slot
+    config = student.config
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    log.info("student keeps teacher blocks %s", keep)
+    return student
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(find_blocks(model)[1])
+
+
+def check_pair(teacher: nn.Module, t_tok: object, student: nn.Module, s_tok: object) -> None:
+    """A student must predict over the teacher's vocabulary, token for token."""
+    if t_tok.get_vocab() != s_tok.get_vocab():
+        raise TokenizerMismatchError(
+            "the student's tokenizer differs from the teacher's: distillation compares their "
+            "predictions token by token, so both must use the same tokenizer"
+        )
+    tv = teacher.get_output_embeddings().weight.shape[0]
+    sv = student.get_output_embeddings().weight.shape[0]
+    if tv != sv:
+        raise TokenizerMismatchError(
+            f"the student predicts over {sv} tokens and the teacher over {tv}: they need the same "
+            "vocabulary"
+        )
+
+
+class Masks:
+    """Fixed sparsity masks of pruned float linears: gradients and weights stay zero there."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.masks: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+        _, blocks = find_blocks(model)
+        for bi, block in enumerate(blocks):
+            for name, mod in block.named_modules():
+                if not isinstance(mod, nn.Linear):
+                    continue
+                mask = mod.weight.detach() != 0
+                if 1 - mask.float().mean() >= PRUNED_FRACTION:
+                    self.masks[f"{bi}.{name}"] = (mod.weight, mask)
+                    mod.weight.register_hook(lambda g, m=mask: g * m)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for weight, mask in self.masks.values():
+            weight.mul_(mask)
+
+
+def prepare_for_training(student: nn.Module) -> tuple[list[str], Masks]:
+    """Make every parameter trainable; packed layers become fake-quant (QAT); pruned layers keep
+    their masks. -> (names of the fake-quant layers, the masks)"""
+    fake = to_fake_quant(student)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    masks = Masks(student)
+    if fake:
+        log.info("QAT: %d quantized layers train through fake quantization", len(fake))
+    if len(masks):
+        log.info("%d pruned layers keep their masks", len(masks))
+    return fake, masks
+
+
+def finish_training(student: nn.Module) -> None:
+    """Pack the fake-quant layers back into QuantLinear records; freeze everything."""
+    to_quant(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    student.eval()
