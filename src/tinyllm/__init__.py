@@ -7,10 +7,18 @@ Public API::
     tinyllm.quantize(model, tinyllm.GPTQ(bits=4, group_size=64), calib=calib)
     result = tinyllm.evaluate(model, tokenizer)
     tinyllm.save_checkpoint(model, tokenizer, "out/gptq4", {"steps": []})
+
+Distillation (docs/distillation.md)::
+
+    from tinyllm.distill.trainer import make_run, distill
+    cfg = tinyllm.DistillConfig(steps=160, beta=1.0)
+    run, meta = make_run("smollm2-135m", None, 15, cfg, "out/student15")
+    summary = distill(run, cfg, save_meta=meta)
 """
 
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.data.calibration import calibration_windows
+from tinyllm.distill.trainer import DistillConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.eval.evaluate import EvalResult, evaluate
 from tinyllm.models.load import DEFAULT_MODEL, load
@@ -27,6 +35,7 @@ __all__ = [
     "GPTQ",
     "NF4",
     "RTN",
+    "DistillConfig",
     "EvalResult",
     "TinyLLMError",
     "calibration_windows",

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from tinyllm.core.kernels import fast_linears
 from tinyllm.distill import losses
 from tinyllm.distill.cache import TeacherCache
 from tinyllm.distill.logs import TrainLog
@@ -419,7 +420,9 @@ class Trainer:
         train_seconds, done = 0.0, 0
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            with make_progress() as bar:
+            # the frozen teacher runs on pre-packed oneDNN linears (core.kernels) throughout
+            micro_tokens = cfg.batch * self.run.grid.shape[1]
+            with fast_linears(self.run.teacher, micro_tokens), make_progress() as bar:
                 task = bar.add_task("distilling", total=cfg.steps, completed=self.step, info="")
                 while self.step < cfg.steps:
                     t0 = time.perf_counter()
@@ -496,10 +499,29 @@ def _check_same(saved: dict, current: dict) -> None:
         )
 
 
-def _eval_final(run: Run, cfg: DistillConfig, model: nn.Module, reference: bool) -> dict:
+def _eval_final(
+    run: Run, cfg: DistillConfig, model: nn.Module, reference: bool, memo: bool = False
+) -> dict:
+    """The default-protocol evaluation of `model` (against the teacher if `reference`). With
+    `memo`, a result for the same weights, teacher and windows is read from the cache: repeated
+    runs from one student do not re-measure their starting point."""
+    from tinyllm.data.corpora import load_corpus
+    from tinyllm.distill.cache import model_fingerprint
     from tinyllm.eval.evaluate import evaluate
+    from tinyllm.util.fs import cache_dir
 
     ref = (run.teacher, run.tokenizer) if reference else None
+    path = None
+    if memo:
+        parts = [model_fingerprint(model), model_fingerprint(run.teacher) if reference else "-"]
+        parts += [
+            load_corpus(cfg.corpus).digest,
+            str(cfg.eval_seq_len),
+            str(cfg.final_eval_windows),
+        ]
+        path = cache_dir("evals") / ("-".join(parts) + ".json")
+        if path.is_file():
+            return json.loads(path.read_text())
     r = evaluate(
         model,
         run.tokenizer,
@@ -508,7 +530,10 @@ def _eval_final(run: Run, cfg: DistillConfig, model: nn.Module, reference: bool)
         windows=cfg.final_eval_windows,
         reference=ref,
     )
-    return {"perplexity": r.perplexity, "kld": r.kld, "top1_agreement": r.top1_agreement}
+    result = {"perplexity": r.perplexity, "kld": r.kld, "top1_agreement": r.top1_agreement}
+    if path is not None:
+        write_json_atomic(path, result)
+    return result
 
 
 def recovery(teacher_ppl: float, before_ppl: float, after_ppl: float) -> float:
@@ -535,8 +560,8 @@ def distill(run: Run, cfg: DistillConfig, resume: bool = False, save_meta: dict 
     else:
         summary = {"config": cfg.model_dump(), **run.identity}
         if trainer.rank == 0:
-            summary["teacher_eval"] = _eval_final(run, cfg, run.teacher, reference=False)
-            summary["before"] = _eval_final(run, cfg, run.student, reference=True)
+            summary["teacher_eval"] = _eval_final(run, cfg, run.teacher, False, memo=True)
+            summary["before"] = _eval_final(run, cfg, run.student, True, memo=True)
             write_json_atomic(summary_path, summary)
         _barrier(trainer.size)
     speed = trainer.fit(resume)

@@ -1,0 +1,121 @@
+"""Issue 5 table: distillation of smollm2-135m, each row through the CLI in its own process.
+
+Run: .venv/bin/python benchmarks/bench_distill.py [--rows NAME,...] [--force] [--table]
+Rows:
+- kd, task, kd+task, kd+task+feature: the ablation. A 15-block student (every other block of the
+  teacher) trained for ABLATION_STEPS steps on the same windows in the same order.
+- student15: the main row, the best loss mix trained for MAIN_STEPS steps (at most 20 minutes).
+- qat-gptq-3b-g32: QAT of the GPTQ 3-bit g32 checkpoint (made with `tinyllm quantize` if
+  benchmarks/work/quant/gptq-3b-g32 is missing) for QAT_STEPS steps (at most 10 minutes), then
+  `tinyllm eval` of the saved packed checkpoint.
+The ablation rows run the live teacher (full-vocabulary KD); student15 fills the top-64 teacher
+cache on its windows and the QAT row (same windows, same order) reads it.
+Outputs are kept in benchmarks/work/distill/ROW (git-ignored); results are merged into
+benchmarks/results/distill_smollm2.json row by row, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+OUT = HERE / "results" / "distill_smollm2.json"
+WORK = HERE / "work" / "distill"
+GPTQ3 = HERE / "work" / "quant" / "gptq-3b-g32"
+CLI = [sys.executable, "-m", "tinyllm.cli"]
+ABLATION_STEPS, MAIN_STEPS, QAT_STEPS = 80, 160, 60
+COMMON = ["--batch", "4", "--seq-len", "256", "--eval-every", "20", "--save-every", "20"]
+STUDENT15 = ["--layers", "15", "--lr", "2e-4", *COMMON]
+ROWS: dict[str, list[str]] = {
+    "kd": [*STUDENT15, "--steps", str(ABLATION_STEPS)],
+    "task": [*STUDENT15, "--steps", str(ABLATION_STEPS), "--alpha", "0", "--beta", "1"],
+    "kd+task": [*STUDENT15, "--steps", str(ABLATION_STEPS), "--beta", "1"],
+    "kd+task+feature": [*STUDENT15, "--steps", str(ABLATION_STEPS), "--beta", "1", "--gamma", "1"],
+    "student15": [*STUDENT15, "--steps", str(MAIN_STEPS), "--beta", "1", "--teacher-cache"],
+    "qat-gptq-3b-g32": [
+        "--student",
+        str(GPTQ3),
+        "--lr",
+        "1e-5",
+        "--steps",
+        str(QAT_STEPS),
+        "--teacher-cache",
+        *COMMON,
+    ],
+}
+
+
+def ensure_gptq3() -> None:
+    if (GPTQ3 / "tinyllm.json").is_file():
+        return
+    cmd = [*CLI, "quantize", "smollm2-135m", "--method", "gptq", "--bits", "3"]
+    subprocess.run([*cmd, "--group-size", "32", "-o", str(GPTQ3), "--overwrite"], check=True)
+
+
+def run_row(name: str, flags: list[str]) -> dict:
+    out = WORK / name
+    if name.startswith("qat"):
+        ensure_gptq3()
+    t0 = time.perf_counter()
+    subprocess.run([*CLI, "distill", *flags, "-o", str(out), "--overwrite"], check=True)
+    wall = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    row = {"command": " ".join(["tinyllm distill", *flags, "-o", f"DIR/{name}"]), "wall": wall}
+    row.update({k: summary[k] for k in ("teacher_eval", "before", "after", "recovery")})
+    row.update({k: summary[k] for k in ("train_seconds", "tokens_per_second", "peak_rss_bytes")})
+    if name.startswith("qat"):  # the packed checkpoint loads and scores the same
+        res = out / "eval.json"
+        cmd = [*CLI, "eval", str(out / "model"), "--reference", "smollm2-135m", "--json", str(res)]
+        subprocess.run(cmd, check=True)
+        row["tinyllm_eval"] = json.loads(res.read_text())
+    return row
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| row | steps | ppl before | ppl after | teacher | recovery | KLD before -> after "
+        "| train min | tok/s | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ROWS:
+        if name not in results:
+            continue
+        r = results[name]
+        steps = r["command"].split("--steps ")[1].split()[0]
+        b, a = r["before"], r["after"]
+        lines.append(
+            f"| {name} | {steps} | {b['perplexity']:.1f} | {a['perplexity']:.2f} | "
+            f"{r['teacher_eval']['perplexity']:.3f} | {r['recovery']:.1%} | "
+            f"{b['kld']:.3f} -> {a['kld']:.3f} | {r['train_seconds'] / 60:.1f} | "
+            f"{r['tokens_per_second']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if args.table:
+        print(table(results))
+        return
+    for name in args.rows.split(","):
+        if name in results and not args.force:
+            continue
+        print(f"== {name}", flush=True)
+        results[name] = run_row(name, ROWS[name])
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
