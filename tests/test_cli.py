@@ -20,6 +20,7 @@ EXPECTED_KEYS = [
     "params",
     "size_bytes",
     "bits_per_weight",
+    "sparsity",
     "eval_seconds",
     "tokens_per_second",
     "peak_rss_bytes",

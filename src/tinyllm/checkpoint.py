@@ -2,9 +2,11 @@
 
 Layout: `config.json` and tokenizer files (Hugging Face), `model.safetensors` holding the float
 tensors (as float16 or bfloat16 where that is lossless) plus every QuantizedWeight record (packed
-codes, scales, zero points), and `tinyllm.json` naming the quantized layers, the steps that made
-the model and the software versions. The directory is built under a temporary name and renamed
-when complete, so a killed run never leaves a directory that looks finished.
+codes, scales, zero points); pruned float linears (at least 5% zeros) are stored sparse, a bitmask
+of the kept positions plus the kept values, so the file shrinks with sparsity; and `tinyllm.json`
+naming the quantized and sparse layers, the steps that made the model and the software versions.
+The directory is built under a temporary name and renamed when complete, so a killed run never
+leaves a directory that looks finished.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -77,13 +80,18 @@ def save_checkpoint(
             tensors.update(mod.qweight.tensors(f"{name}.record"))
             quantized[name] = mod.qweight.meta()
     tied = _tied(model)
+    sparse = _sparse_linears(model)
     for key, value in model.state_dict().items():
         if tied and key == _head_key(model):
+            continue
+        if key in sparse:
+            tensors.update(_sparse_tensors(key, value))
             continue
         tensors[key] = _compact(value.detach().contiguous().clone())
     info = {
         "format": FORMAT_VERSION,
         "quantized": quantized,
+        "sparse": {k: list(v) for k, v in sparse.items()},
         "tied_embeddings": tied,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         **meta,
@@ -96,6 +104,35 @@ def save_checkpoint(
             (tmp / fname).write_text(json.dumps(data, indent=2) + "\n")
         (tmp / TINYLLM_CONFIG).write_text(json.dumps(info, indent=2) + "\n")  # last: marks complete
     return path
+
+
+def _sparse_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """State-dict keys of float block linears with enough exact zeros to store sparsely."""
+    from tinyllm.models.anatomy import analyze
+    from tinyllm.prune.common import SPARSE_MIN
+
+    out = {}
+    for s in analyze(model).linears:
+        if isinstance(s.module, nn.Linear):
+            w = s.module.weight.detach()
+            if float((w == 0).float().mean()) >= SPARSE_MIN:
+                out[f"{s.name}.weight"] = tuple(w.shape)
+    return out
+
+
+def _sparse_tensors(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A bitmask of the nonzero positions (1 bit per weight) plus the kept values."""
+    keep = (w != 0).reshape(-1)
+    bits = torch.from_numpy(np.packbits(keep.numpy()))
+    return {f"{key}.mask": bits, f"{key}.values": _compact(w.detach().reshape(-1)[keep].clone())}
+
+
+def _dense(tensors: dict[str, torch.Tensor], key: str, shape: list[int]) -> torch.Tensor:
+    n = shape[0] * shape[1]
+    keep = torch.from_numpy(np.unpackbits(tensors[f"{key}.mask"].numpy(), count=n).astype(bool))
+    w = torch.zeros(n)
+    w[keep] = tensors[f"{key}.values"].float()
+    return w.reshape(shape)
 
 
 def _head_key(model: nn.Module) -> str:
@@ -124,11 +161,13 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Any]:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).float()
     for name, meta in info["quantized"].items():
         replace_linear(model, name, QuantizedWeight.from_tensors(tensors, f"{name}.record", meta))
+    sparse = info.get("sparse", {})
     state = {
         k: v.float() if v.is_floating_point() else v
         for k, v in tensors.items()
-        if ".record." not in k
+        if ".record." not in k and not k.endswith((".weight.mask", ".weight.values"))
     }
+    state.update({k: _dense(tensors, k, shape) for k, shape in sparse.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (info.get("tied_embeddings") and k == _head_key(model))]
     if missing or unexpected:

@@ -279,6 +279,107 @@ def quantize(
 
 
 @app.command()
+def prune(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
+    method: Annotated[
+        str, typer.Option(help="magnitude | wanda | sparsegpt | channels | heads | blocks.")
+    ] = "wanda",
+    sparsity: Annotated[
+        float,
+        typer.Option(
+            help="Fraction removed, in [0, 1): of the weights (magnitude, wanda, sparsegpt), of "
+            "each block's FFN channels (channels) or KV groups (heads)."
+        ),
+    ] = 0.5,
+    pattern: Annotated[
+        str | None, typer.Option(help="N:M semi-structured sparsity, e.g. 2:4 (overrides it).")
+    ] = None,
+    allocation: Annotated[
+        str, typer.Option(help="uniform | owl (outlier-weighted sparsity per block).")
+    ] = "uniform",
+    scope: Annotated[str, typer.Option(help="magnitude: layer | row | global.")] = "layer",
+    count: Annotated[
+        int | None, typer.Option(help="heads: KV groups per block; blocks: blocks to remove.")
+    ] = None,
+    bits: Annotated[
+        int | None, typer.Option(help="sparsegpt: also quantize to this many bits in one pass.")
+    ] = None,
+    group_size: Annotated[int, typer.Option(help="sparsegpt --bits: 32, 64 or 128.")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="sparsegpt --bits: grid.")] = False,
+    calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Prune the decoder blocks and write a checkpoint (sparse layers stored as mask + values).
+
+    Unstructured and N:M methods zero weights: magnitude (smallest |W|), wanda (|W| * ||X||,
+    per output row), sparsegpt (OBS updates through the inverse Hessian; --bits fuses GPTQ-style
+    quantization). --allocation owl gives blocks with more activation outliers less sparsity at
+    the same overall ratio. Structured methods shrink tensors and rewrite the config: channels
+    (FFN), heads (whole KV groups), blocks (lowest block influence). Prune before quantizing.
+
+    Examples:
+
+      tinyllm prune smollm2-135m --method wanda --sparsity 0.5 -o out/wanda50
+
+      tinyllm prune smollm2-135m --method sparsegpt --pattern 2:4 -o out/sgpt24
+
+      tinyllm prune smollm2-135m --method channels --sparsity 0.25 -o out/ffn25
+
+      tinyllm prune smollm2-135m --method blocks --count 4 -o out/drop4
+    """
+    import torch
+
+    import tinyllm
+    from tinyllm.checkpoint import check_output_dir, round_floats, save_checkpoint
+    from tinyllm.data.calibration import calibration_windows
+    from tinyllm.eval.memory import peak_rss_bytes
+    from tinyllm.prune.api import prune as run_prune
+    from tinyllm.prune.api import step_classes
+    from tinyllm.prune.common import check_float_model, sparsity_of
+
+    classes = step_classes()
+    if method not in classes:
+        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(classes)}")
+    options = dict(sparsity=sparsity, pattern=pattern, allocation=allocation, scope=scope)
+    options.update(bits=bits, group_size=group_size, sym=sym, ratio=sparsity, count=count)
+    if method == "heads" and count is not None:
+        options["ratio"] = None
+    if method == "blocks" and count is None:
+        raise ConfigError("--method blocks needs --count N (blocks to remove)")
+    cfg = _make_step(classes[method], method, **options)
+    check_output_dir(output, overwrite)
+    m, tok = tinyllm.load(model)
+    check_float_model(m)
+    calib = None
+    if cfg.calibrated or allocation == "owl":
+        calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
+    report = run_prune(m, cfg, calib=calib)
+    round_floats(m, torch.float16)
+    meta = {
+        "source": model,
+        "steps": [cfg.describe()],
+        "seconds": report["seconds"],
+        "peak_rss_bytes": peak_rss_bytes(),
+        "sparsity": sparsity_of(m),
+        "calibration": None
+        if calib is None
+        else {"corpus": calib_corpus, "samples": samples, "seq_len": seq_len, "seed": seed},
+    }
+    extra = {"prune_report.json": {k: v for k, v in report.items() if k != "seconds"}}
+    save_checkpoint(m, tok, output, meta, overwrite=overwrite, extra_files=extra)
+    from tinyllm.eval.size import param_count
+
+    out.print(
+        f"pruned with {method} in {report['seconds']:.1f} s: sparsity {meta['sparsity']:.1%} of "
+        f"the block linears, {param_count(m):,} parameters; wrote {output}"
+    )
+
+
+@app.command()
 def export(
     model: ModelArg,
     output: Annotated[
@@ -443,9 +544,7 @@ def distill(
     try:
         cfg = DistillConfig(**options)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "settings"
-        raise ConfigError(f"distill: {where}: {first['msg']}") from exc
+        raise ConfigError(f"distill: {_first_error(exc)}") from exc
     run, meta = make_run(teacher, student, layers, cfg, output, resume, overwrite)
     summary = distill(run, cfg, resume=resume, save_meta=meta)
     if "after" not in summary:  # not rank 0
@@ -466,8 +565,14 @@ def _make_step(cls: type, method: str, **options: object) -> object:
     try:
         return cls(**{k: v for k, v in options.items() if k in fields})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{method}: {first['loc'][0]}: {first['msg']}") from exc
+        raise ConfigError(f"{method}: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: object) -> str:
+    """'field: message' of a pydantic ValidationError's first error (no field: the message)."""
+    first = exc.errors()[0]
+    where = ".".join(str(x) for x in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
 
 
 def _eval_rows(r: object) -> list[tuple[str, str]]:
@@ -484,6 +589,7 @@ def _eval_rows(r: object) -> list[tuple[str, str]]:
         ("parameters", f"{r.params:,}"),
         ("size in memory", human_bytes(r.size_bytes)),
         ("bits per weight (linears)", f"{r.bits_per_weight:.3f}"),
+        ("sparsity (linears)", f"{r.sparsity:.2%}"),
         ("eval seconds", f"{r.eval_seconds:.1f}"),
         ("tokens per second", f"{r.tokens_per_second:.0f}"),
         ("peak RSS", human_bytes(r.peak_rss_bytes)),

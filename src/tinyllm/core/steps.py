@@ -68,3 +68,19 @@ def compress(model: nn.Module, steps: list[Step], ctx: Context | None = None) ->
         log.info("applying %s", cfg)
         apply_step(model, cfg, ctx)
     return model
+
+
+def run_step(
+    model: nn.Module, cfg: Step, calib: torch.Tensor | None = None, batch_size: int = 8
+) -> dict[str, Any]:
+    """Apply one step in place; returns its report (per-layer facts, seconds)."""
+    import time
+
+    if calib is not None:
+        n = calib.shape[0]
+        batch_size = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+    ctx = Context(calib=calib, batch_size=batch_size)
+    t0 = time.perf_counter()
+    apply_step(model, cfg, ctx)
+    ctx.report["seconds"] = time.perf_counter() - t0
+    return ctx.report

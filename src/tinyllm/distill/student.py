@@ -18,12 +18,11 @@ from torch import nn
 
 from tinyllm.errors import ConfigError, TokenizerMismatchError
 from tinyllm.models.anatomy import find_blocks
+from tinyllm.models.surgery import keep_blocks
+from tinyllm.prune.common import SPARSE_MIN
 from tinyllm.quant.qat import to_fake_quant, to_quant
 
 log = logging.getLogger(__name__)
-
-# A float linear whose weight has at least this fraction of exact zeros is treated as pruned.
-PRUNED_FRACTION = 0.05
 
 
 def kept_blocks(teacher_layers: int, student_layers: int) -> list[int]:
@@ -38,27 +37,11 @@ def kept_blocks(teacher_layers: int, student_layers: int) -> list[int]:
 
 def layer_dropped(teacher: nn.Module, layers: int) -> nn.Module:
     """A copy of `teacher` keeping `layers` evenly spaced decoder blocks."""
-    path, blocks = find_blocks(teacher)
-    keep = kept_blocks(len(blocks), layers)
+    keep = kept_blocks(len(find_blocks(teacher)[1]), layers)
     student = copy.deepcopy(teacher)
-    parent_name, _, child = path.rpartition(".")
-    parent = student.get_submodule(parent_name) if parent_name else student
-    old = getattr(parent, child)
-    setattr(parent, child, nn.ModuleList([old[i] for i in keep]))
-    for new_index, block in enumerate(getattr(parent, child)):
-        for mod in block.modules():
-            if hasattr(mod, "layer_idx"):
-                mod.layer_idx = new_index  # KV-cache slot
-    config = student.config
-    config.num_hidden_layers = layers
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in keep]
+    keep_blocks(student, keep)
     log.info("student keeps teacher blocks %s", keep)
     return student
-
-
-def num_blocks(model: nn.Module) -> int:
-    return len(find_blocks(model)[1])
 
 
 def check_pair(teacher: nn.Module, t_tok: object, student: nn.Module, s_tok: object) -> None:
@@ -88,7 +71,7 @@ class Masks:
                 if not isinstance(mod, nn.Linear):
                     continue
                 mask = mod.weight.detach() != 0
-                if 1 - mask.float().mean() >= PRUNED_FRACTION:
+                if 1 - mask.float().mean() >= SPARSE_MIN:
                     self.masks[f"{bi}.{name}"] = (mod.weight, mask)
                     mod.weight.register_hook(lambda g, m=mask: g * m)
 

@@ -25,6 +25,7 @@ from tinyllm.eval.memory import peak_rss_bytes
 from tinyllm.eval.perplexity import perplexity, token_nll
 from tinyllm.eval.size import bits_per_weight, param_count, size_bytes
 from tinyllm.models.anatomy import analyze
+from tinyllm.prune.common import sparsity_of
 from tinyllm.util.fs import write_json_atomic
 from tinyllm.util.progress import make_progress
 
@@ -46,6 +47,7 @@ class EvalResult:
     params: int
     size_bytes: int
     bits_per_weight: float
+    sparsity: float  # fraction of exact zeros in the block linears
     eval_seconds: float
     tokens_per_second: float
     peak_rss_bytes: int
@@ -138,6 +140,7 @@ def evaluate(
         params=param_count(model),
         size_bytes=size_bytes(model),
         bits_per_weight=bits_per_weight(anatomy),
+        sparsity=sparsity_of(model),
         eval_seconds=seconds,
         tokens_per_second=scored / model_seconds,
         peak_rss_bytes=peak_rss_bytes(),

@@ -71,9 +71,6 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
 
-    def logical_numel(self) -> int:
-        return self.in_features * self.out_features
-
     @torch.no_grad()
     def to_record(self) -> QuantizedWeight:
         """The packed record of the current weight, with the scales as they will be stored."""

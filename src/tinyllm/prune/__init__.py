@@ -1,0 +1,1 @@
+"""Pruning: unstructured, N:M, outlier-aware allocation, structured (heads, channels, blocks)."""

@@ -1,0 +1,36 @@
+"""`prune(model, cfg, calib=...)`: the Python entry point for every pruner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tinyllm.core.steps import Step, run_step
+
+
+def step_classes() -> dict[str, type[Step]]:
+    """Method name -> step config class (importing a method registers it)."""
+    from tinyllm.prune import magnitude, sparsegpt, structured, wanda
+
+    return {
+        "magnitude": magnitude.Magnitude,
+        "wanda": wanda.Wanda,
+        "sparsegpt": sparsegpt.SparseGPT,
+        "channels": structured.Channels,
+        "heads": structured.Heads,
+        "blocks": structured.Blocks,
+    }
+
+
+def prune(
+    model: nn.Module, cfg: Step, calib: torch.Tensor | None = None, batch_size: int = 8
+) -> dict[str, Any]:
+    """Prune `model` in place with `cfg`; returns the report (per-layer sparsity, seconds)."""
+    step_classes()  # registers the methods
+    if getattr(cfg, "allocation", None) == "owl" and calib is None:
+        from tinyllm.errors import ConfigError
+
+        raise ConfigError("allocation owl measures activations: it needs calibration windows")
+    return run_step(model, cfg, calib, batch_size)
