@@ -95,3 +95,25 @@ def _isolated_cache(tmp_path_factory, monkeypatch, request):
     """Unit tests get a private cache; real-model tests (marked slow) share the user's cache."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def teacher_dir(tmp_path: Path, tokenizer) -> Path:
+    """A four-block tiny Llama with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama", vocab=len(tokenizer))
+    cfg.num_hidden_layers = 4
+    cfg.initializer_range = 0.3  # a teacher with opinions: dropping blocks costs something
+    torch.manual_seed(0)
+    out = tmp_path / "teacher"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT * 8, encoding="utf-8")
+    return path

@@ -283,7 +283,10 @@ def prune(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
     method: Annotated[
-        str, typer.Option(help="magnitude | wanda | sparsegpt | channels | heads | blocks.")
+        str,
+        typer.Option(
+            help="magnitude | wanda | sparsegpt | channels | heads | blocks | movement | imp."
+        ),
     ] = "wanda",
     sparsity: Annotated[
         float,
@@ -311,6 +314,14 @@ def prune(
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    steps: Annotated[
+        int, typer.Option(help="movement: training steps; imp: steps per round.")
+    ] = 200,
+    lr: Annotated[float, typer.Option(help="movement / imp: learning rate.")] = 1e-4,
+    rounds: Annotated[int, typer.Option(help="imp: prune-retrain rounds.")] = 3,
+    rewind: Annotated[
+        bool, typer.Option(help="imp: reset surviving weights to the original before retraining.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Prune the decoder blocks and write a checkpoint (sparse layers stored as mask + values).
@@ -321,6 +332,11 @@ def prune(
     the same overall ratio. Structured methods shrink tensors and rewrite the config: channels
     (FFN), heads (whole KV groups), blocks (lowest block influence). Prune before quantizing.
 
+    Training methods use the distillation trainer with the dense model as teacher and write a
+    training directory (the pruned model in OUTPUT/model): movement (scores -W*grad accumulated
+    while fine-tuning, sparsity raised on a cubic schedule), imp (ROUNDS rounds of magnitude
+    pruning and retraining, --rewind for lottery-ticket rewinding).
+
     Examples:
 
       tinyllm prune smollm2-135m --method wanda --sparsity 0.5 -o out/wanda50
@@ -330,7 +346,12 @@ def prune(
       tinyllm prune smollm2-135m --method channels --sparsity 0.25 -o out/ffn25
 
       tinyllm prune smollm2-135m --method blocks --count 4 -o out/drop4
+
+      tinyllm prune smollm2-135m --method movement --sparsity 0.5 --steps 300 -o out/move50
     """
+    if method in ("movement", "imp"):
+        _train_prune(model, output, method, sparsity, steps, lr, rounds, rewind, overwrite)
+        return
     import torch
 
     import tinyllm
@@ -554,6 +575,42 @@ def distill(
         f"perplexity {b['perplexity']:.3f} -> {a['perplexity']:.3f} (teacher {t['perplexity']:.3f},"
         f" recovery {summary['recovery']:.1%}); KLD {b['kld']:.4f} -> {a['kld']:.4f}; "
         f"{summary['tokens_per_second'] or 0:.0f} tok/s; wrote {output / 'model'}"
+    )
+
+
+def _train_prune(
+    model: str,
+    output: Path,
+    method: str,
+    sparsity: float,
+    steps: int,
+    lr: float,
+    rounds: int,
+    rewind: bool,
+    overwrite: bool,
+) -> None:
+    """movement / imp: pruning inside the distillation trainer (teacher: the dense model)."""
+    from tinyllm.distill.trainer import DistillConfig, distill, make_run
+    from tinyllm.prune.movement import MovementPruner, iterative_magnitude
+
+    if not 0 < sparsity < 1:
+        raise ConfigError(f"--sparsity must be in (0, 1), got {sparsity}")
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {rounds}")
+    cfg = _make_step(DistillConfig, method, steps=steps, lr=lr, beta=1.0)
+    if method == "imp":
+        summary = iterative_magnitude(model, cfg, output, sparsity, rounds, rewind)
+        where = output / f"round-{rounds}" / "model"
+    else:
+        run, meta = make_run(model, model, None, cfg, output, overwrite=overwrite)
+        run.hooks.append(MovementPruner(run.student, sparsity, cfg.steps))
+        meta["steps"].insert(-1, {"type": "movement", "sparsity": sparsity})
+        summary = distill(run, cfg, save_meta=meta)
+        where = output / "model"
+    out.print(
+        f"{method}: perplexity {summary['before']['perplexity']:.3f} -> "
+        f"{summary['after']['perplexity']:.3f} (dense {summary['teacher_eval']['perplexity']:.3f});"
+        f" wrote {where}"
     )
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TEXT, tiny_config
+from tests.conftest import tiny_config
 from tests.test_cli import assert_clean_error, run
 from tinyllm.distill import trainer as tr
 from tinyllm.errors import ConfigError
@@ -30,28 +30,6 @@ SMALL = dict(
     final_eval_windows=2,
     save_every=2,
 )
-
-
-@pytest.fixture
-def teacher_dir(tmp_path: Path, tokenizer) -> Path:
-    """A four-block tiny Llama with its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config("llama", vocab=len(tokenizer))
-    cfg.num_hidden_layers = 4
-    cfg.initializer_range = 0.3  # a teacher with opinions: dropping blocks costs something
-    torch.manual_seed(0)
-    out = tmp_path / "teacher"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "train.txt"
-    path.write_text(TEXT * 8, encoding="utf-8")
-    return path
 
 
 def _train(teacher: Path, corpus: Path, out: Path, student=None, layers=2, resume=False, **kw):

@@ -83,6 +83,9 @@ class Masks:
         for weight, mask in self.masks.values():
             weight.mul_(mask)
 
+    def after_step(self, _trainer: object) -> None:
+        self.apply()
+
 
 def prepare_for_training(student: nn.Module) -> tuple[list[str], Masks]:
     """Make every parameter trainable; packed layers become fake-quant (QAT); pruned layers keep

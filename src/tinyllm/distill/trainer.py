@@ -20,7 +20,8 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -114,7 +115,10 @@ class Run:
     grid: torch.Tensor  # [windows, T] token ids of the training split
     out: Path
     identity: dict  # teacher/student specs etc.; must match on --resume
-    masks: object | None = None  # distill.student.Masks
+    # Objects with optional after_backward(trainer) / after_step(trainer) and, to survive
+    # --resume, state_dict() / load_state_dict(d): fixed masks of a pruned student, movement
+    # pruning's scores.
+    hooks: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -338,15 +342,21 @@ class Trainer:
                 f"last good checkpoint (step {self._last_saved}) is kept in "
                 f"{self.run.out / CHECKPOINT}. Lower --lr or --temperature and --resume."
             )
+        self._call("after_backward")
         params = [p for p in self.pair.parameters() if p.requires_grad]
         row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
         row["lr"] = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.run.masks is not None:
-            self.run.masks.apply()
+        self._call("after_step")
         return row
+
+    def _call(self, event: str) -> None:
+        for hook in self.run.hooks:
+            fn = getattr(hook, event, None)
+            if fn is not None:
+                fn(self)
 
     # -- checkpoints
 
@@ -359,6 +369,7 @@ class Trainer:
                     "optimizer": self.opt.state_dict(),
                     "scheduler": self.sched.state_dict(),
                     "rng": torch.get_rng_state(),
+                    "hooks": [h.state_dict() for h in self.run.hooks if hasattr(h, "state_dict")],
                 }
                 torch.save(state, tmp / "trainer.pt")
                 info = {"step": self.step, "config": self.cfg.trajectory(), **self.run.identity}
@@ -384,6 +395,9 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
+            stateful = [h for h in self.run.hooks if hasattr(h, "load_state_dict")]
+            for hook, saved in zip(stateful, state["hooks"], strict=True):
+                hook.load_state_dict(saved)
         except Exception as exc:  # safetensors / torch raise many types on damaged files
             raise TrainingError(
                 f"cannot resume: the checkpoint in {ckpt} is corrupted ({type(exc).__name__}: "
@@ -531,6 +545,7 @@ def _eval_final(
         reference=ref,
     )
     result = {"perplexity": r.perplexity, "kld": r.kld, "top1_agreement": r.top1_agreement}
+    result["sparsity"] = r.sparsity
     if path is not None:
         write_json_atomic(path, result)
     return result
@@ -614,8 +629,10 @@ def make_run(
     out: Path,
     resume: bool = False,
     overwrite: bool = False,
+    prepare: Callable[[nn.Module], None] | None = None,
 ) -> tuple[Run, dict]:
-    """Load the teacher, build or load the student, cut the training windows. -> (run, meta)"""
+    """Load the teacher, build or load the student (then `prepare(student)`, e.g. a pruning
+    round), cut the training windows. -> (run, meta)"""
     from tinyllm.data.corpora import load_corpus
     from tinyllm.data.windows import tokenize_corpus, train_windows, with_bos
     from tinyllm.distill.student import check_pair, layer_dropped, prepare_for_training
@@ -636,6 +653,8 @@ def make_run(
         student = layer_dropped(teacher, layers)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if prepare is not None:
+        prepare(student)
     _, masks = prepare_for_training(student)
     text = load_corpus(cfg.corpus)
     grid = with_bos(train_windows(tokenize_corpus(text, tok), cfg.seq_len, text.name), tok)
@@ -645,7 +664,7 @@ def make_run(
         "layers": layers,
         "global_batch": cfg.batch * cfg.grad_accum * size,
     }
-    run = Run(teacher.eval(), student, tok, grid, out, identity, masks if len(masks) else None)
+    run = Run(teacher.eval(), student, tok, grid, out, identity, [masks] if len(masks) else [])
     meta = {
         "source": student_spec or teacher_spec,
         "teacher": teacher_spec,
