@@ -150,3 +150,21 @@ def test_cli_prune_and_eval_report_sparsity(tiny_dir, corpus_file, tmp_path) -> 
     assert_clean_error(
         run("prune", str(tiny_dir), "--method", "blocks", "-o", str(tmp_path / "y")), "--count"
     )
+
+
+def test_structured_model_exports_to_transformers(tmp_path, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tinyllm.export import export
+
+    model = tiny_model(vocab=len(tokenizer))
+    prune(model, Channels(ratio=0.25), calib=CALIB)
+    prune(model, Heads(count=1), calib=CALIB)
+    prune(model, Blocks(count=1), calib=CALIB)
+    export(model, tokenizer, tmp_path / "hf", "hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    assert again.config.num_hidden_layers == 1 and again.config.intermediate_size == 96
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again(CALIB[:2]).logits, model(CALIB[:2]).logits, rtol=1e-2, atol=1e-2
+        )
