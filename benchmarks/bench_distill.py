@@ -47,6 +47,18 @@ ROWS: dict[str, list[str]] = {
         "--teacher-cache",
         *COMMON,
     ],
+    # Issue 4: QAT of the AWQ+GPTQ Q4_0-grid checkpoint (bench_quant.py's awq-gptq-4b-g32-sym),
+    # exported by bench_gguf.py's qat-awq-gptq-q4_0 row with its integers carried.
+    "qat-awq-gptq-4b-g32-sym": [
+        "--student",
+        str(HERE / "work" / "quant" / "awq-gptq-4b-g32-sym"),
+        "--lr",
+        "1e-5",
+        "--steps",
+        str(QAT_STEPS),
+        "--teacher-cache",
+        *COMMON,
+    ],
 }
 
 

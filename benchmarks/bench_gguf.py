@@ -41,7 +41,10 @@ LLAMA = {  # row -> (llama-quantize type, with imatrix)
     "llama-q4_k_m": ("Q4_K_M", False),
     "llama-q4_k_m-imatrix": ("Q4_K_M", True),
 }
-ROWS = ["f16", *LLAMA, *OURS]
+QAT = {  # row -> bench_distill.py row whose model/ is exported
+    "qat-awq-gptq-q4_0": "qat-awq-gptq-4b-g32-sym",
+}
+ROWS = ["f16", *LLAMA, *OURS, *QAT]
 
 
 def tool(name: str) -> str:
@@ -94,6 +97,15 @@ def build(name: str) -> tuple[Path, dict]:
             run([tool("llama-quantize"), *extra, str(f16), str(path), qtype, "2"])
         how = "llama-quantize" + (" --imatrix (128 x 512 calibration)" if imatrix else "")
         return path, {"command": f"{how} f16.gguf {qtype}"}
+    if name in QAT:
+        ckpt = ROOT / "work" / "distill" / QAT[name] / "model"
+        if not ckpt.exists():
+            run([sys.executable, str(ROOT / "bench_distill.py"), "--rows", QAT[name]])
+        if not path.exists():
+            run([*CLI, "export", str(ckpt), "--type", "q4_0", "--strict", "-o", str(path)])
+        return path, {
+            "command": f"bench_distill.py row {QAT[name]}, then tinyllm export --type q4_0 --strict"
+        }
     flags, twin = OURS[name]
     flags = [*flags, "--gguf-compatible", "q4_0"]
     ckpt = ROOT / "work" / "quant" / twin  # made by bench_quant.py with the same settings

@@ -14,7 +14,12 @@ from tinyllm.core.calib import calibrate_blocks, observe_block
 from tinyllm.core.steps import Context, register
 from tinyllm.prune.common import PruneStep, by_block, check_pattern_fits, prune_sites
 from tinyllm.prune.owl import block_sparsities
-from tinyllm.quant.gptq import HessianAccumulator, _inverse_cholesky, output_error
+from tinyllm.quant.gptq import (
+    HessianAccumulator,
+    inverse_cholesky,
+    output_error,
+    prepare_layer,
+)
 from tinyllm.quant.primitives import SUPPORTED_BITS, group_qparams, qmax
 from tinyllm.quant.qlinear import replace_linear
 from tinyllm.quant.qweight import QuantizedWeight
@@ -57,14 +62,10 @@ def sparsegpt_prune(
     W: torch.Tensor, H: torch.Tensor, cfg: SparseGPT, sparsity: float, name: str = "layer"
 ) -> tuple[torch.Tensor, QuantizedWeight | None, float]:
     """[out, in] weight, [in, in] Hessian -> (pruned weight, its record if quantized, error)."""
-    W = W.detach().float().clone()
-    H = H.float().clone()
+    W, H = prepare_layer(W, H)
     rows, cols = W.shape
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     H0, W0 = H.clone(), W.clone()
-    U = _inverse_cholesky(H, cfg.damp, name)
+    U = inverse_cholesky(H, cfg.damp, name)
     nm = cfg.nm
     quant = cfg.bits is not None
     g = cols if cfg.group_size == -1 else cfg.group_size

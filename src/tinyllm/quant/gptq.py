@@ -32,7 +32,7 @@ class GPTQ(WeightQuant):
     mse: bool = True  # clipping search for each group's grid
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, retrying with more damping."""
     mean_diag = H.diagonal().mean()
     for _ in range(6):
@@ -54,16 +54,22 @@ def _group_grid(window: torch.Tensor, cfg: GPTQ) -> tuple[torch.Tensor, torch.Te
     return s[:, 0].half().float(), z[:, 0]
 
 
+def prepare_layer(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float copies of a weight and its Hessian; inputs never seen in calibration (zero diagonal)
+    get a unit diagonal and zero weights, so the inverse exists."""
+    W, H = W.detach().float().clone(), H.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
 def gptq_quantize(
     W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str = "layer"
 ) -> tuple[QuantizedWeight, float]:
     """[out, in] weight and [in, in] Hessian -> (QuantizedWeight, relative output error)."""
-    W = W.detach().float().clone()
-    H = H.float().clone()
+    W, H = prepare_layer(W, H)
     rows, cols = W.shape
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     H0, W0 = H.clone(), W.clone()
     g = cols if cfg.group_size == -1 else cfg.group_size
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
@@ -76,7 +82,7 @@ def gptq_quantize(
         scale, zero = torch.zeros(rows, cols // g), torch.zeros(rows, cols // g)
         col_scale, col_zero = torch.zeros(rows, cols), torch.zeros(rows, cols)
     W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_cholesky(H, cfg.damp, name)
+    U = inverse_cholesky(H, cfg.damp, name)
     codes = torch.zeros(rows, cols)  # processing order
     top = qmax(cfg.bits)
     for i1 in range(0, cols, cfg.block_size):
