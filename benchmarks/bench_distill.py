@@ -16,12 +16,13 @@ benchmarks/results/distill_smollm2.json row by row, so an interrupted run resume
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rowtable import row_args, run_rows
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "distill_smollm2.json"
@@ -110,23 +111,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--table", action="store_true")
-    args = ap.parse_args()
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if args.table:
-        print(table(results))
-        return
-    for name in args.rows.split(","):
-        if name in results and not args.force:
-            continue
-        print(f"== {name}", flush=True)
-        results[name] = run_row(name, ROWS[name])
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    run_rows(OUT, row_args(list(ROWS)), lambda name: run_row(name, ROWS[name]), table)
 
 
 if __name__ == "__main__":

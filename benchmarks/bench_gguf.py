@@ -17,13 +17,14 @@ benchmarks/results/gguf_smollm2.json row by row.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rowtable import row_args, run_rows
 
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "gguf_smollm2.json"
@@ -159,25 +160,14 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--table", action="store_true")
-    args = ap.parse_args()
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if args.table:
-        print(table(results))
-        return
+    args = row_args(ROWS)
     WORK.mkdir(parents=True, exist_ok=True)
-    for name in args.rows.split(","):
-        if name in results and not args.force:
-            continue
-        print(f"== {name}", flush=True)
+
+    def run_row(name: str) -> dict:
         path, info = build(name)
-        results[name] = {**info, **score(path)}
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+        return {**info, **score(path)}
+
+    run_rows(OUT, args, run_row, table)
 
 
 if __name__ == "__main__":

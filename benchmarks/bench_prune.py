@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rowtable import row_args, run_rows
+
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "prune_smollm2.json"
 WORK = HERE / "work" / "prune"
@@ -46,7 +48,7 @@ STRUCTURED = {
     "blocks-4": ["--method", "blocks", "--count", "4"],
 }
 RECOVERY = {"kd": ["--beta", "1"], "ce": ["--alpha", "0", "--beta", "1"]}
-ROWS = [*UNSTRUCTURED, *(f"{n}{s}" for n in STRUCTURED for s in ("", "+kd", "+ce"))]
+ROWS = ["fp32", *UNSTRUCTURED, *(f"{n}{s}" for n in STRUCTURED for s in ("", "+kd", "+ce"))]
 
 
 def evaluate(target: Path) -> dict:
@@ -91,6 +93,8 @@ def speed(target: Path, repeats: int) -> dict:
 
 
 def run_row(name: str, repeats: int) -> dict:
+    if name == "fp32":  # the dense reference
+        return {"eval": evaluate(Path("smollm2-135m")), "weights_bytes_on_disk": None}
     base, _, recover = name.partition("+")
     row: dict = {}
     if recover:
@@ -121,13 +125,15 @@ def run_row(name: str, repeats: int) -> dict:
 
 
 def table(results: dict) -> str:
+    if "fp32" not in results:
+        return "(no fp32 row yet)"
     fp = results["fp32"]["eval"]["perplexity"]
     lines = [
         "| row | ppl | x FP32 | KLD | sparsity | params | weights on disk | prune s | peak RSS "
         "| prefill x | decode x |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ["fp32", *ROWS]:
+    for name in ROWS:
         if name not in results:
             continue
         r, e = results[name], results[name]["eval"]
@@ -151,25 +157,9 @@ def table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--table", action="store_true")
-    args = ap.parse_args()
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if "fp32" not in results:  # the dense reference, stored once (fp16 on disk, as a checkpoint)
-        results["fp32"] = {"eval": evaluate(Path("smollm2-135m")), "weights_bytes_on_disk": None}
-    if args.table:
-        print(table(results))
-        return
-    for name in args.rows.split(","):
-        if name in results and not args.force:
-            continue
-        print(f"== {name}", flush=True)
-        results[name] = run_row(name, args.repeats)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    args = row_args(ROWS, ap)
+    run_rows(OUT, args, lambda name: run_row(name, args.repeats), table)
 
 
 if __name__ == "__main__":

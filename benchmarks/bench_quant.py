@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rowtable import row_args, run_rows
+
 OUT = Path(__file__).parent / "results" / "quant_smollm2.json"
 KEEP = Path(__file__).parent / "work" / "quant"  # checkpoints of the rows (git-ignored)
 CLI = [sys.executable, "-m", "tinyllm.cli"]
@@ -98,23 +100,9 @@ def table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--table", action="store_true")
-    args = ap.parse_args()
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if args.table:
-        print(table(results))
-        return
-    for name in args.rows.split(","):
-        if name in results and not args.force:
-            continue
-        print(f"== {name}", flush=True)
-        results[name] = run_row(name, ROWS[name], args.samples)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    args = row_args(list(ROWS), ap)
+    run_rows(OUT, args, lambda name: run_row(name, ROWS[name], args.samples), table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""The row loop every table benchmark shares: results merged into one JSON file row by row, so an
+interrupted run resumes; finished rows are skipped unless --force; --table only prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+
+def row_args(rows: list[str], ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    ap = ap or argparse.ArgumentParser()
+    ap.add_argument("--rows", default=",".join(rows), help="comma-separated rows to run")
+    ap.add_argument("--force", action="store_true", help="re-run rows that have results")
+    ap.add_argument("--table", action="store_true", help="only print the Markdown table")
+    return ap.parse_args()
+
+
+def run_rows(
+    out: Path,
+    args: argparse.Namespace,
+    run_row: Callable[[str], dict],
+    table: Callable[[dict], str],
+) -> None:
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if args.table:
+        print(table(results))
+        return
+    for name in args.rows.split(","):
+        if name in results and not args.force:
+            continue
+        print(f"== {name}", flush=True)
+        results[name] = run_row(name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
