@@ -7,6 +7,7 @@ Public API::
     tinyllm.quantize(model, tinyllm.GPTQ(bits=4, group_size=64), calib=calib)
     result = tinyllm.evaluate(model, tokenizer)
     tinyllm.save_checkpoint(model, tokenizer, "out/gptq4", {"steps": []})
+    tinyllm.prune(model2, tinyllm.SparseGPT(sparsity=0.5), calib=calib)   # docs/pruning.md
 
 Distillation (docs/distillation.md)::
 
@@ -22,6 +23,11 @@ from tinyllm.distill.trainer import DistillConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.eval.evaluate import EvalResult, evaluate
 from tinyllm.models.load import DEFAULT_MODEL, load
+from tinyllm.prune.api import prune
+from tinyllm.prune.magnitude import Magnitude
+from tinyllm.prune.sparsegpt import SparseGPT
+from tinyllm.prune.structured import Blocks, Channels, Heads
+from tinyllm.prune.wanda import Wanda
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ
 from tinyllm.quant.gptq import GPTQ
@@ -35,12 +41,19 @@ __all__ = [
     "GPTQ",
     "NF4",
     "RTN",
+    "Blocks",
+    "Channels",
     "DistillConfig",
     "EvalResult",
+    "Heads",
+    "Magnitude",
+    "SparseGPT",
     "TinyLLMError",
+    "Wanda",
     "calibration_windows",
     "evaluate",
     "load",
+    "prune",
     "quantize",
     "save_checkpoint",
 ]
