@@ -38,6 +38,14 @@ def _train(teacher: Path, corpus: Path, out: Path, student=None, layers=2, resum
     return tr.distill(run_, cfg, resume=resume, save_meta=meta)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "checkpoint" / "trainable.safetensors"))
 
@@ -241,7 +249,7 @@ def test_two_processes_follow_one_process_with_twice_the_accumulation(
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29517",
+        f"--master_port={_free_port()}",
         "-m",
         "tinyllm.cli",
     ]
