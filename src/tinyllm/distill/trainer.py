@@ -239,6 +239,12 @@ class Trainer:
         self.amap = _teacher_map(cfg, s_layers, t_layers) if cfg.delta > 0 else []
         self.t_tap = BlockTap(run.teacher, self.tmap) if self.features else None
         if cfg.delta > 0:
+            heads = [m.config.num_attention_heads for m in (run.student, run.teacher)]
+            if heads[0] != heads[1]:
+                raise ConfigError(
+                    f"attention-map KL (delta) needs equal head counts: the student has "
+                    f"{heads[0]} heads, the teacher {heads[1]}; set delta to 0"
+                )
             for m in (run.student, run.teacher):
                 m.set_attn_implementation("eager")  # attention maps need the eager kernel
         self.pair = Pair(run.student, run.teacher.config.hidden_size, len(self.tmap))
