@@ -140,17 +140,24 @@ def mask_from_score(score: torch.Tensor, cfg: PruneStep, sparsity: float) -> tor
     return nm_mask(score, *nm) if nm else row_mask(score, sparsity)
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The float weight a linear computes with (dequantized for packed layers)."""
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float weight a linear computes with (dequantized for packed layers); None where the
+    module holds no plain weight (e.g. compressed-tensors layers decompressed on the fly)."""
     get = getattr(module, "dequantized_weight", None)
-    return get() if get is not None else module.weight.detach()
+    if get is not None:
+        return get()
+    w = getattr(module, "weight", None)
+    return w.detach() if isinstance(w, torch.Tensor) else None
 
 
 def sparsity_of(model: nn.Module) -> float:
-    """Fraction of exactly-zero weights over the linears of the decoder blocks."""
+    """Fraction of exactly-zero weights over the linears of the decoder blocks (those whose weight
+    can be read)."""
     zeros = total = 0
     for s in analyze(model).linears:
         w = linear_weight(s.module)
+        if w is None:
+            continue
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / total if total else 0.0
