@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -109,14 +111,14 @@ def test_fake_quant_passes_gradients_to_weights_and_scales() -> None:
     fq = FakeQuantLinear(_records()["rtn4-sym"])
     fq(torch.randn(5, 64)).pow(2).sum().backward()
     assert fq.weight.grad is not None and fq.weight.grad.abs().sum() > 0
-    assert fq.scale.grad is not None and fq.scale.grad.abs().sum() > 0
+    assert fq.log_scale.grad is not None and fq.log_scale.grad.abs().sum() > 0
 
 
 def test_trained_fake_quant_packs_to_what_it_computes() -> None:
     fq = FakeQuantLinear(_records()["gptq3-perm"])
     with torch.no_grad():
         fq.weight.add_(0.05 * torch.randn_like(fq.weight))
-        fq.scale.mul_(1.03)
+        fq.log_scale.add_(math.log(1.03))
     x = torch.randn(4, 64)
     packed = QuantLinear(fq.to_record())
     torch.testing.assert_close(packed(x), fq(x), rtol=1e-5, atol=1e-5)

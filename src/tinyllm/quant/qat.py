@@ -4,7 +4,11 @@
 record's scales as parameters; its forward rounds the weight to the same grid (bits, group size,
 zero points, column permutation, codebook) with a straight-through estimator: rounding passes the
 gradient to the weight unchanged inside the grid's range and the scales learn as in LSQ (Esser et
-al. 2020). `to_record()` turns it back into a packed `QuantizedWeight` with the same layout, so a
+al. 2020). The scales are trained as log-magnitudes (sign kept fixed): an Adam step then changes a
+scale by a bounded *relative* amount whatever its size. Trained directly, a scale of ~0.01 moves
+by lr per step like any weight, which at QAT learning rates is a 10-20% change in 60 steps and
+made the measured models worse than before training (BENCHMARKS.md, issue 5).
+`to_record()` turns it back into a packed `QuantizedWeight` with the same layout, so a
 trained student is saved as a real quantized checkpoint.
 """
 
@@ -33,11 +37,18 @@ class FakeQuantLinear(nn.Module):
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         self.double_quant = qw.scale_dq is not None
         self.weight = nn.Parameter(qw.dequantize())  # [out, in], original column order
-        self.scale = nn.Parameter(qw.scale.float().clone())  # [out, groups]
+        scale = qw.scale.float()  # [out, groups]; a symmetric grid may hold negative scales
+        self.register_buffer("scale_sign", torch.where(scale < 0, -1.0, 1.0))
+        self.log_scale = nn.Parameter(scale.abs().clamp_min(torch.finfo(torch.float32).tiny).log())
         self.register_buffer("zero", qw.zero.float().clone())
         self.register_buffer("perm", None if qw.perm is None else qw.perm.clone())
         self.register_buffer("codebook", None if qw.codebook is None else qw.codebook.clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The current scales (differentiable to `log_scale`). [out, groups]"""
+        return self.scale_sign * self.log_scale.exp()
 
     def _stored_order(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.perm is None else w[:, self.perm]
