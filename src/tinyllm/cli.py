@@ -305,6 +305,14 @@ def prune(
     count: Annotated[
         int | None, typer.Option(help="heads: KV groups per block; blocks: blocks to remove.")
     ] = None,
+    importance: Annotated[
+        str,
+        typer.Option(
+            help="channels / heads: activation (||a|| * ||W|| on calibration inputs, block by "
+            "block) | gradient (first-order Taylor |W * dL/dW| of the LM loss, one backward pass "
+            "over the calibration windows; try --samples 32)."
+        ),
+    ] = "activation",
     bits: Annotated[
         int | None, typer.Option(help="sparsegpt: also quantize to this many bits in one pass.")
     ] = None,
@@ -345,6 +353,8 @@ def prune(
 
       tinyllm prune smollm2-135m --method channels --sparsity 0.25 -o out/ffn25
 
+      tinyllm prune smollm2-135m --method heads --count 1 --importance gradient -o out/kv
+
       tinyllm prune smollm2-135m --method blocks --count 4 -o out/drop4
 
       tinyllm prune smollm2-135m --method movement --sparsity 0.5 --steps 300 -o out/move50
@@ -367,6 +377,7 @@ def prune(
         raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(classes)}")
     options = dict(sparsity=sparsity, pattern=pattern, allocation=allocation, scope=scope)
     options.update(bits=bits, group_size=group_size, sym=sym, ratio=sparsity, count=count)
+    options["importance"] = importance
     if method == "heads" and count is not None:
         options["ratio"] = None
     if method == "blocks" and count is None:

@@ -80,14 +80,45 @@ def test_channels_heads_blocks_really_shrink(tmp_path, tokenizer) -> None:
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-2, atol=1e-2)
 
 
-def test_channel_pruning_drops_dead_channels_without_changing_outputs() -> None:
+@pytest.mark.parametrize("importance", ["activation", "gradient"])
+def test_channel_pruning_drops_dead_channels_without_changing_outputs(importance) -> None:
     model = tiny_model()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.down_proj.weight[:, 96:] = 0  # channels 96..127 contribute nothing
     ref = model(CALIB[:2]).logits
-    prune(model, Channels(ratio=0.25), calib=CALIB)
+    report = prune(model, Channels(ratio=0.25, importance=importance), calib=CALIB)
+    assert all(kept == list(range(96)) for kept in report["kept_channels"].values())
     torch.testing.assert_close(model(CALIB[:2]).logits, ref, rtol=1e-5, atol=1e-5)
+    # the gradient pass leaves no gradients behind and every parameter trainable again
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("importance", ["activation", "gradient"])
+def test_head_pruning_drops_a_dead_kv_group_without_changing_outputs(importance) -> None:
+    model = tiny_model()  # 4 query heads of 16 dims sharing 2 KV groups
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, :32] = 0  # query heads 0, 1 (group 0) are unused
+    ref = model(CALIB[:2]).logits
+    report = prune(model, Heads(count=1, importance=importance), calib=CALIB)
+    assert all(kept == [1] for kept in report["kept_kv_groups"].values())
+    torch.testing.assert_close(model(CALIB[:2]).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_importance_is_the_first_order_taylor_term() -> None:
+    from tinyllm.prune.structured import taylor, taylor_importance
+
+    model = tiny_model()
+    taylor_importance(model, CALIB, batch_size=3)  # batches of 3, 3, 2 windows
+    down = model.model.layers[0].mlp.down_proj
+    got = taylor(down)
+    model.zero_grad(set_to_none=True)
+    ids = CALIB
+    logits = model(input_ids=ids).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    (grad,) = torch.autograd.grad(loss * ids[:, 1:].numel() / ids.numel(), down.weight)
+    torch.testing.assert_close(got, (down.weight * grad).abs().detach(), rtol=1e-4, atol=1e-7)
 
 
 def test_block_pruning_removes_the_block_that_changes_least() -> None:

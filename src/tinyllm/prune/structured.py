@@ -8,11 +8,18 @@ already pruned):
   the o-projection inputs of its query heads.
 - Block: how much it changes its input, mean over tokens of 1 - cos(x_in, x_out) (ShortGPT's
   block influence), measured on the dense model.
+With `importance="gradient"` channels and KV groups are instead scored by the first-order
+Taylor estimate of the loss change when the group is removed (LLM-Pruner, Ma et al. 2023): the
+sum over the group's weights (gate/up rows and down column; q/k/v rows and o columns) of
+|W * dL/dW|, with L the language-model loss summed over the calibration windows, measured once
+on the dense model.
 Every block loses the same number of channels or groups, so the result is a standard
 architecture: the config is rewritten and the model reloads and exports like any other.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,20 +33,26 @@ from tinyllm.models.anatomy import LinearSite, find_blocks
 from tinyllm.models.surgery import keep_blocks, slice_linear
 from tinyllm.prune.common import by_block, prune_sites
 from tinyllm.prune.owl import ColumnNorms
+from tinyllm.util.progress import make_progress
 
 FFN_IN, FFN_OUT = {"gate", "up", "fc1", "mlp_in"}, {"down", "fc2", "mlp_out"}
 FFN_CONFIG_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 
 
+Importance = Literal["activation", "gradient"]
+
+
 class Channels(Step):
     calibrated = True
     ratio: float = Field(0.25, gt=0, lt=1)  # fraction of FFN channels removed in every block
+    importance: Importance = "activation"
 
 
 class Heads(Step):
     calibrated = True
     ratio: float | None = Field(None, gt=0, lt=1)  # fraction of KV groups removed per block
     count: int | None = Field(None, ge=1)  # or this many groups per block
+    importance: Importance = "activation"
 
     @model_validator(mode="after")
     def _one(self) -> Heads:
@@ -73,6 +86,44 @@ def channel_scores(down: nn.Linear, act_norm: torch.Tensor) -> torch.Tensor:
     return act_norm * down.weight.detach().norm(dim=0)
 
 
+def taylor_importance(model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
+    """Accumulate dL/dW of the LM loss over `windows` into each block linear's `weight.grad`
+    (the rest of the model is frozen for the pass). Callers read |W * grad| and clear it."""
+    sites = prune_sites(model)
+    wanted = {id(s.module.weight) for s in sites}
+    frozen = [p for p in model.parameters() if id(p) not in wanted and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in sites:
+            s.module.weight.requires_grad_(True)
+            s.module.weight.grad = None
+        batches = windows.split(batch_size)
+        with make_progress() as bar:
+            task = bar.add_task("gradient importance", total=len(batches), info="")
+            for ids in batches:
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+                (loss / windows.numel()).backward()
+                bar.update(task, advance=1, info=f"loss {loss.item() / ids[:, 1:].numel():.3f}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+def taylor(linear: nn.Linear) -> torch.Tensor:
+    """|W * dL/dW| of a linear after `taylor_importance`. [out, in]"""
+    return (linear.weight.detach() * linear.weight.grad).abs()
+
+
+def _clear_grads(sites: list[LinearSite]) -> None:
+    for s in sites:
+        s.module.weight.grad = None
+
+
 def top_sorted(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return scores.topk(keep).indices.sort().values
 
@@ -86,17 +137,31 @@ def prune_channels(model: nn.Module, cfg: Channels, ctx: Context) -> None:
         raise ConfigError(f"ratio {cfg.ratio} would leave no FFN channel of {width}")
     report = ctx.report.setdefault("kept_channels", {})
 
-    def prune(i: int, block: nn.Module, xs: list, kwargs: dict):
+    def shrink(i: int, kept: torch.Tensor) -> None:
         ins, down = _ffn(groups[i])
-        norms = ColumnNorms()
-        observe_block(block, xs, kwargs, [down.local], norms.add)
-        kept = top_sorted(channel_scores(down.module, norms.norm(down.local)), keep)
         for s in ins:
             slice_linear(s.module, kept, None)
         slice_linear(down.module, None, kept)
         report[i] = kept.tolist()
 
-    calibrate_blocks(model, ctx.calib, ctx.batch_size, prune, "FFN channels")
+    if cfg.importance == "gradient":
+        taylor_importance(model, ctx.calib, ctx.batch_size)
+        scores = {}
+        for i in groups:
+            ins, down = _ffn(groups[i])
+            scores[i] = taylor(down.module).sum(0) + sum(taylor(s.module).sum(1) for s in ins)
+        _clear_grads([s for g in groups.values() for s in g])
+        for i, score in scores.items():
+            shrink(i, top_sorted(score, keep))
+    else:
+
+        def prune(i: int, block: nn.Module, xs: list, kwargs: dict):
+            down = _ffn(groups[i])[1]
+            norms = ColumnNorms()
+            observe_block(block, xs, kwargs, [down.local], norms.add)
+            shrink(i, top_sorted(channel_scores(down.module, norms.norm(down.local)), keep))
+
+        calibrate_blocks(model, ctx.calib, ctx.batch_size, prune, "FFN channels")
     for key in FFN_CONFIG_KEYS:
         if getattr(model.config, key, None):
             setattr(model.config, key, keep)
@@ -138,13 +203,8 @@ def prune_heads(model: nn.Module, cfg: Heads, ctx: Context) -> None:
     keep, rep = kv - drop, heads // kv
     report = ctx.report.setdefault("kept_kv_groups", {})
 
-    def prune(i: int, block: nn.Module, xs: list, kwargs: dict):
+    def shrink(i: int, kept: torch.Tensor) -> None:
         att = _attention(groups_by_block[i])
-        norms = ColumnNorms()
-        observe_block(block, xs, kwargs, [att["o"].local], norms.add)
-        kept = top_sorted(
-            group_scores(att["o"].module, norms.norm(att["o"].local), head_dim, kv), keep
-        )
         kv_rows = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
         q_heads = (kept[:, None] * rep + torch.arange(rep)).reshape(-1)
         q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
@@ -154,7 +214,25 @@ def prune_heads(model: nn.Module, cfg: Heads, ctx: Context) -> None:
         slice_linear(att["o"].module, None, q_rows)
         report[i] = kept.tolist()
 
-    calibrate_blocks(model, ctx.calib, ctx.batch_size, prune, "KV groups")
+    if cfg.importance == "gradient":
+        taylor_importance(model, ctx.calib, ctx.batch_size)
+        scores = {}
+        for i in groups_by_block:
+            att = _attention(groups_by_block[i])
+            per_group = [taylor(att[r].module).sum(1).reshape(kv, -1).sum(1) for r in "qkv"]
+            scores[i] = sum(per_group) + taylor(att["o"].module).sum(0).reshape(kv, -1).sum(1)
+        _clear_grads([s for g in groups_by_block.values() for s in g])
+        for i, score in scores.items():
+            shrink(i, top_sorted(score, keep))
+    else:
+
+        def prune(i: int, block: nn.Module, xs: list, kwargs: dict):
+            o = _attention(groups_by_block[i])["o"]
+            norms = ColumnNorms()
+            observe_block(block, xs, kwargs, [o.local], norms.add)
+            shrink(i, top_sorted(group_scores(o.module, norms.norm(o.local), head_dim, kv), keep))
+
+        calibrate_blocks(model, ctx.calib, ctx.batch_size, prune, "KV groups")
     model.config.head_dim = head_dim
     model.config.num_attention_heads = keep * rep
     model.config.num_key_value_heads = keep
