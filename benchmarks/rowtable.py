@@ -33,5 +33,7 @@ def run_rows(
         print(f"== {name}", flush=True)
         results[name] = run_row(name)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        tmp = out.with_suffix(".tmp")  # atomic: a crash never leaves half a results file
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(out)
     print(table(results))
