@@ -589,6 +589,107 @@ def distill(
     )
 
 
+@app.command("run")
+def run_(
+    recipe: Annotated[
+        str, typer.Argument(help="Recipe YAML file, or a built-in name (`tinyllm recipes`).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Run directory (default: runs/RECIPE-NAME)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in OUTPUT after its last finished stage.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUTPUT.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only validate the recipe and print its stages.")
+    ] = False,
+) -> None:
+    """Run a recipe: stages in order (distill -> prune -> quantize is the recommended order), each
+    checkpointed and scored, then the exports and the report.
+
+    After every stage the model is saved atomically to OUTPUT/stages/NN-TYPE and scored against
+    the original (perplexity, KLD, top-1 agreement, size on disk, bits per weight, time, peak
+    RSS). A run killed at any point continues with --resume after its last finished stage (a
+    training stage continues from its own last checkpoint); --resume refuses a recipe that changed
+    and shows the difference. OUTPUT gets report.md and report.html (`tinyllm report` rebuilds
+    them).
+
+    A recipe is YAML, never code:
+
+      model: smollm2-135m
+      calibration: {corpus: enwiki, samples: 128, seq_len: 512, seed: 0}
+      evaluation: {corpus: enwiki, windows: 40, seq_len: 512}
+      stages:
+        - {type: wanda, sparsity: 0.3}
+        - {type: recover, steps: 60}
+        - {type: gptq, bits: 4, group_size: 32, sym: true}
+      export: [{format: gguf, type: q4_0}]
+
+    Stage types: magnitude, wanda, sparsegpt, channels, heads, blocks (pruning); rtn, gptq, awq,
+    nf4 (quantization; awq takes base: {type: gptq, bits: 4, ...}); distill (layers: N for a
+    layer-dropped student) and recover (KD + task loss on the current model). Fields are those
+    of the Python step configs (docs/recipes.md).
+
+    Examples:
+
+      tinyllm recipes
+
+      tinyllm run edge -o runs/edge
+
+      tinyllm run my-recipe.yaml -o runs/mine --resume
+    """
+    from tinyllm.pipeline.recipe import load_recipe, resolve_recipe, stage_name
+    from tinyllm.pipeline.runner import run_recipe
+
+    path = resolve_recipe(recipe)
+    rec = load_recipe(path)
+    for w in rec.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if check:
+        out.print(f"{path}: valid; model {rec.model}")
+        for i, s in enumerate(rec.stages, 1):
+            out.print(f"  {i}. {stage_name(s)} {s.model_dump(exclude_defaults=True)}")
+        for e in rec.exports:
+            out.print(f"  export {e.format} {e.type or ''}")
+        return
+    output = output or Path("runs") / path.stem
+
+    def on_stage(r: dict) -> None:
+        e = r["eval"]
+        out.print(
+            f"stage {r['index']} {r['type']}: perplexity {e['perplexity']:.3f}, KLD "
+            f"{e['kld']:.4f}, {human_bytes(r['weights_bytes'])} on disk, {r['seconds']:.0f} s"
+        )
+
+    state = run_recipe(rec, path.read_text(encoding="utf-8"), output, resume, overwrite, on_stage)
+    from tinyllm.pipeline.report import markdown_table
+
+    out.print(markdown_table(state), highlight=False, soft_wrap=True)
+    out.print(f"report: {output / 'report.md'} and {output / 'report.html'}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes (run one with `tinyllm run NAME`; copy its file to change it)."""
+    from tinyllm.pipeline.recipe import builtin_recipes
+
+    for name, (path, line) in builtin_recipes().items():
+        out.print(f"[bold]{name:10}[/] {line}  ({path})", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A `tinyllm run` output directory.")],
+) -> None:
+    """Rebuild report.md and report.html of a run directory from its state.json."""
+    from tinyllm.pipeline.report import write_report
+
+    md, page = write_report(run_dir)
+    out.print(f"wrote {md} and {page}")
+
+
 def _train_prune(
     model: str,
     output: Path,

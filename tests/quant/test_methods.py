@@ -56,6 +56,20 @@ def test_gptq_retries_cholesky_with_more_damping(caplog):
     assert "retrying" in caplog.text
 
 
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_keeps_a_pruned_layer_pruned(sym, act_order):
+    """Quantizing after pruning: zeros stay exact zeros, the error feedback goes to kept weights."""
+    W, H = _layer_problem()
+    W[torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5] = 0
+    cfg = GPTQ(bits=4, group_size=32, sym=sym, act_order=act_order, static_groups=False)
+    qw, err = gptq_quantize(W, H, cfg)
+    Wq = qw.dequantize()
+    assert torch.equal(Wq[W == 0], torch.zeros(int((W == 0).sum())))
+    rtn = rtn_quantize(W, RTN(bits=4, group_size=32, sym=sym))
+    assert err < output_error(W, rtn.dequantize(), H)
+
+
 def test_gptq_dead_inputs():
     W, H = _layer_problem()
     H[3, :] = 0

@@ -16,3 +16,34 @@ def peak_rss_bytes() -> int:
 
 def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
+
+
+class PeakRSS:
+    """Peak resident set size during a `with` block, sampled by a background thread.
+
+    The process-wide peak (`peak_rss_bytes`) only grows; this measures one stage of a longer run.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())

@@ -64,6 +64,14 @@ def prepare_layer(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch
     return W, H
 
 
+def kept_positions(W: torch.Tensor) -> torch.Tensor | None:
+    """[out, in] bool mask of the nonzero weights of a pruned layer (None for a dense one)."""
+    from tinyllm.prune.common import SPARSE_MIN
+
+    zeros = W == 0
+    return ~zeros if float(zeros.float().mean()) >= SPARSE_MIN else None
+
+
 def gptq_quantize(
     W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str = "layer"
 ) -> tuple[QuantizedWeight, float]:
@@ -82,6 +90,7 @@ def gptq_quantize(
         scale, zero = torch.zeros(rows, cols // g), torch.zeros(rows, cols // g)
         col_scale, col_zero = torch.zeros(rows, cols), torch.zeros(rows, cols)
     W, H = W[:, perm], H[perm][:, perm]
+    keep = kept_positions(W)  # a pruned model stays pruned: zeros are quantized to exact zeros
     U = inverse_cholesky(H, cfg.damp, name)
     codes = torch.zeros(rows, cols)  # processing order
     top = qmax(cfg.bits)
@@ -97,6 +106,8 @@ def gptq_quantize(
                 col_zero[:, col : col + g] = zero[:, col // g, None]
             w, s, z = W1[:, i], col_scale[:, col], col_zero[:, col]
             q = (w / s + z).round_().clamp_(0, top)
+            if keep is not None:
+                q = torch.where(keep[:, col], q, z)  # z is an integer code: it dequantizes to 0
             codes[:, col] = q
             err = (w - s * (q - z)) / U[col, col]
             W1[:, i:].addr_(err, U[col, col:i2], alpha=-1.0)

@@ -1,0 +1,1 @@
+"""tinyllm pipeline: recipes, the stage runner, the report (and the planner)."""

@@ -1,0 +1,315 @@
+"""Recipes: YAML -> validated step configs, with errors that name the file, line, stage and field.
+
+A recipe never executes code: it is parsed with `yaml.safe_load` and every stage is validated into
+the same pydantic step config the Python API takes (unknown fields are errors).
+
+    model: smollm2-135m
+    calibration: {corpus: enwiki, samples: 128, seq_len: 512}
+    stages:
+      - {type: wanda, sparsity: 0.3}
+      - {type: gptq, bits: 4, group_size: 128}
+    export: [{format: gguf, type: q4_0}]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tinyllm.distill.trainer import DistillConfig
+from tinyllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RECOMMENDED = "distill -> prune -> quantize"
+
+
+class Distill(DistillConfig):
+    """Distillation stage: train the current model (or a layer-dropped copy) against the original.
+
+    Inside a recipe the trainer's own evaluations are kept small (the runner scores every stage).
+    """
+
+    layers: int | None = Field(None, ge=1, description="keep this many evenly spaced blocks")
+    eval_every: int = Field(0, ge=0)
+    final_eval_windows: int = Field(2, ge=1)
+
+
+class Recover(Distill):
+    """Recovery training after pruning or quantization: KD + task loss on the current model."""
+
+    beta: float = Field(1.0, ge=0, le=100)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Calibration(Section):
+    corpus: str = "enwiki"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class Evaluation(Section):
+    corpus: str = "enwiki"
+    windows: int = Field(40, ge=1)
+    seq_len: int = Field(512, ge=8)
+
+
+class Export(Section):
+    format: Literal["gguf", "onnx", "hf"] = "gguf"
+    type: str | None = None  # as `tinyllm export --type`
+    strict: bool = False
+
+
+def stage_classes() -> dict[str, type[BaseModel]]:
+    """Stage type -> config class: every pruner, every quantizer, distill and recover."""
+    from tinyllm.prune.api import step_classes as prune_classes
+    from tinyllm.quant.api import step_classes as quant_classes
+
+    return {**prune_classes(), **quant_classes(), "distill": Distill, "recover": Recover}
+
+
+def kind_of(cfg: BaseModel) -> str:
+    """'prune', 'quantize' or 'train': what a stage does to the model."""
+    from tinyllm.prune.api import step_classes as prune_classes
+
+    if isinstance(cfg, Distill):
+        return "train"
+    return "prune" if type(cfg) in prune_classes().values() else "quantize"
+
+
+def stage_name(cfg: BaseModel) -> str:
+    return next(k for k, v in stage_classes().items() if v is type(cfg))
+
+
+@dataclass
+class Recipe:
+    model: str
+    stages: list[BaseModel]
+    calibration: Calibration = field(default_factory=Calibration)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    exports: list[Export] = field(default_factory=list)
+    source: str = "<recipe>"
+    warnings: list[str] = field(default_factory=list)
+
+    def normalized(self) -> dict[str, Any]:
+        """Every setting, defaults filled in: what a resumed run must match."""
+        return {
+            "model": self.model,
+            "calibration": self.calibration.model_dump(),
+            "evaluation": self.evaluation.model_dump(),
+            "stages": [{"type": stage_name(s), **s.model_dump()} for s in self.stages],
+            "export": [e.model_dump() for e in self.exports],
+        }
+
+
+# --- YAML with line numbers ---------------------------------------------------------------------
+
+
+def _lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Path of every value in the document -> its 1-based line."""
+    out = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            out.update(_lines(value, (*path, key.value)))
+            out[(*path, key.value)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            out.update(_lines(value, (*path, i)))
+    return out
+
+
+class RecipeError(ConfigError):
+    """A recipe that cannot run: the message names the place and the fix."""
+
+
+@dataclass
+class Where:
+    source: str
+    lines: dict[tuple, int]
+
+    def at(self, path: tuple) -> str:
+        """'recipe.yaml, line 7, stage 2 (gptq), field bits' for the closest known path."""
+        p = tuple(path)
+        while p and p not in self.lines:
+            p = p[:-1]
+        parts = [self.source]
+        if p in self.lines:
+            parts.append(f"line {self.lines[p]}")
+        if len(path) >= 2 and path[0] == "stages" and isinstance(path[1], int):
+            parts.append(f"stage {path[1] + 1}")
+        if len(path) > 2 or (len(path) == 2 and path[0] != "stages"):
+            start = 2 if path[0] == "stages" else 0
+            parts.append("field " + ".".join(str(x) for x in path[start:]))
+        return ", ".join(parts)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file (a path, or the name of a built-in recipe)."""
+    path = resolve_recipe(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
+    return parse_recipe(text, str(path))
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{source}{line}: not valid YAML ({problem})") from exc
+    where = Where(source, _lines(node) if node is not None else {})
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with model:, stages: and export:")
+    allowed = {"model", "calibration", "evaluation", "stages", "export"}
+    for key in data:
+        if key not in allowed:
+            raise RecipeError(
+                f"{where.at((key,))}: unknown section '{key}'; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+    if not isinstance(data.get("model"), str) or not data["model"]:
+        raise RecipeError(
+            f"{source}: the recipe needs `model:` (a name such as smollm2-135m, a directory or "
+            "a .gguf file) before any stage or export can run"
+        )
+    stages = [_stage(s, i, where) for i, s in enumerate(_list(data, "stages", where))]
+    recipe = Recipe(
+        model=data["model"],
+        stages=stages,
+        calibration=_section(Calibration, data, "calibration", where),
+        evaluation=_section(Evaluation, data, "evaluation", where),
+        exports=[
+            _validate(Export, e, ("export", i), where)
+            for i, e in enumerate(_list(data, "export", where))
+        ],
+        source=source,
+    )
+    recipe.warnings = check_order(recipe.stages, where)
+    return recipe
+
+
+def _list(data: dict, key: str, where: Where) -> list:
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise RecipeError(f"{where.at((key,))}: `{key}:` must be a list (one '- ' item per entry)")
+    return value
+
+
+def _section(cls: type[Section], data: dict, key: str, where: Where) -> Section:
+    return _validate(cls, data.get(key) or {}, (key,), where)
+
+
+def _validate(cls: type[BaseModel], value: Any, path: tuple, where: Where) -> Any:
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where.at(path)}: expected a mapping of {cls.__name__} fields")
+    try:
+        return cls(**value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(x for x in err["loc"] if x != "__root__")
+        fields = ", ".join(cls.model_fields)
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field '{loc[-1]}'; allowed: {fields}"
+        else:
+            msg = err["msg"]
+            if err["type"] not in ("value_error", "assertion_error"):
+                msg += f" (got {err.get('input')!r})"
+        raise RecipeError(f"{where.at((*path, *loc))}: {msg}") from exc
+
+
+def _stage(value: Any, i: int, where: Where) -> BaseModel:
+    classes = stage_classes()
+    path = ("stages", i)
+    if not isinstance(value, dict) or "type" not in value:
+        raise RecipeError(
+            f"{where.at(path)}: a stage is a mapping with a `type:` ({', '.join(classes)})"
+        )
+    value = dict(value)
+    kind = value.pop("type")
+    if kind == "export":
+        raise RecipeError(
+            f"{where.at(path)}: export is not a stage: list exports under `export:` after the "
+            "stages, so they run on the finished model"
+        )
+    if kind not in classes:
+        raise RecipeError(
+            f"{where.at((*path, 'type'))}: unknown stage type '{kind}'; allowed: "
+            f"{', '.join(classes)}"
+        )
+    if kind == "awq" and isinstance(value.get("base"), dict):
+        base = dict(value["base"])
+        base_kind = base.pop("type", "rtn")
+        if base_kind not in ("rtn", "gptq"):
+            raise RecipeError(f"{where.at((*path, 'base'))}: AWQ's base must be rtn or gptq")
+        value["base"] = _validate(classes[base_kind], base, (*path, "base"), where)
+    return _validate(classes[kind], value, path, where)
+
+
+def check_order(stages: list[BaseModel], where: Where | None = None) -> list[str]:
+    """Refuse impossible orders; return warnings for orders known to hurt."""
+    warnings: list[str] = []
+    quantized = pruned = False
+    for i, cfg in enumerate(stages):
+        kind, name = kind_of(cfg), stage_name(cfg)
+        at = where.at(("stages", i)) if where else f"stage {i + 1}"
+        if kind == "prune" and quantized:
+            raise RecipeError(
+                f"{at}: {name} after quantization: pruners need float weights. Prune first, then "
+                f"quantize (recommended order: {RECOMMENDED})"
+            )
+        if kind == "quantize" and quantized:
+            raise RecipeError(
+                f"{at}: {name} on an already quantized model: a recipe quantizes once; "
+                "choose one quantization stage"
+            )
+        if kind == "train" and getattr(cfg, "layers", None) and (pruned or quantized):
+            warnings.append(
+                f"{at}: dropping blocks after pruning or quantization throws away what those "
+                f"stages calibrated; the recommended order is {RECOMMENDED}"
+            )
+        quantized |= kind == "quantize"
+        pruned |= kind == "prune"
+    return warnings
+
+
+# --- built-in recipes ---------------------------------------------------------------------------
+
+
+def builtin_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, tuple[Path, str]]:
+    """Name -> (path, its one-line description: the first comment line)."""
+    out = {}
+    for path in sorted(builtin_dir().glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        out[path.stem] = (path, first.lstrip("# ").strip())
+    return out
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """A recipe file, or the name of a built-in recipe (`tinyllm recipes` lists them)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    builtins = builtin_recipes()
+    if str(spec) in builtins:
+        return builtins[str(spec)][0]
+    raise RecipeError(
+        f"no recipe file {spec}; give a YAML path or a built-in recipe: {', '.join(builtins)}"
+    )

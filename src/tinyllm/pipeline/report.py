@@ -1,0 +1,281 @@
+"""The compression report: `report.md` and a self-contained `report.html` (plots embedded).
+
+Built from a run's `state.json` alone, so `tinyllm report DIR` can rebuild it at any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tinyllm.util.fs import write_text_atomic
+
+MiB = 2**20
+
+
+def stage_rows(state: dict) -> list[dict[str, Any]]:
+    """One row per model: the original, then every finished stage."""
+    orig = state["original"]["eval"]
+    rows = [
+        {
+            "stage": "0",
+            "type": "original",
+            "settings": state["recipe"]["model"],
+            "eval": orig,
+            "bytes": orig["size_bytes"],
+            "seconds": None,
+            "peak": None,
+        }
+    ]
+    for s in state["stages"]:
+        rows.append(
+            {
+                "stage": str(s["index"]),
+                "type": s["type"],
+                "settings": _settings(s),
+                "eval": s["eval"],
+                "bytes": s["weights_bytes"],
+                "seconds": s["seconds"],
+                "peak": s["peak_rss_bytes"],
+            }
+        )
+    return rows
+
+
+def _settings(stage: dict) -> str:
+    """The few settings that identify a stage (the full config is in state.json)."""
+    cfg, keys = stage["config"], ("sparsity", "pattern", "allocation", "ratio", "count", "bits")
+    keys += ("group_size", "sym", "layers", "steps", "alpha", "beta", "block_size")
+    parts = [f"{k}={cfg[k]}" for k in keys if cfg.get(k) not in (None, False)]
+    if isinstance(cfg.get("base"), dict):
+        b = cfg["base"]
+        parts.append(f"base={b.get('bits')}b g{b.get('group_size')}")
+    return ", ".join(parts)
+
+
+def markdown_table(state: dict) -> str:
+    ppl0 = state["original"]["eval"]["perplexity"]
+    size0 = state["original"]["eval"]["size_bytes"]
+    lines = [
+        "| stage | type | settings | ppl | x orig | KLD | top-1 | sparsity | params | size | "
+        "x size | bits/w | time s | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in stage_rows(state):
+        e = r["eval"]
+        cells = [
+            r["stage"],
+            r["type"],
+            r["settings"],
+            f"{e['perplexity']:.3f}",
+            f"{e['perplexity'] / ppl0:.3f}",
+            "-" if e["kld"] is None else f"{e['kld']:.4f}",
+            "-" if e["top1_agreement"] is None else f"{e['top1_agreement']:.1%}",
+            f"{e['sparsity']:.1%}",
+            f"{e['params'] / 1e6:.1f} M",
+            f"{r['bytes'] / MiB:.1f} MiB",
+            f"{r['bytes'] / size0:.3f}",
+            f"{e['bits_per_weight']:.2f}",
+            "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            "-" if r["peak"] is None else f"{r['peak'] / 2**30:.2f} GiB",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _exports_md(state: dict) -> str:
+    if not state["exports"]:
+        return "No exports."
+    return "\n".join(
+        f"- `{e['path']}` ({e['format']} {e['type'] or 'default'}): {e['bytes'] / MiB:.1f} MiB"
+        for e in state["exports"]
+    )
+
+
+def layer_errors(state: dict) -> tuple[str, dict[str, float]] | None:
+    """The last stage that reported per-layer numbers: (title, layer -> value)."""
+    for s in reversed(state["stages"]):
+        rep = s.get("report") or {}
+        for key, title in (
+            ("layer_errors", "reconstruction error"),
+            ("layer_sparsity", "sparsity"),
+        ):
+            if rep.get(key):
+                return f"stage {s['index']} ({s['type']}): per-layer {title}", rep[key]
+    return None
+
+
+def markdown(state: dict) -> str:
+    recipe = yaml_dump(state["recipe"])
+    versions = ", ".join(f"{k} {v}" for k, v in state["versions"].items())
+    e = state["recipe"]["evaluation"]
+    parts = [
+        f"# tinyllm compression report: {state['recipe']['model']}",
+        "",
+        f"Recipe: `{state['source']}`. Evaluation: {e['windows']} windows x {e['seq_len']} tokens "
+        f"of `{e['corpus']}`; KLD and top-1 agreement against the original. Size is the "
+        "weights file on disk; time and peak RSS are per stage.",
+        "",
+        markdown_table(state),
+        "",
+        "## Exports",
+        "",
+        _exports_md(state),
+        "",
+        "## Recipe (every setting)",
+        "",
+        "```yaml",
+        recipe.rstrip(),
+        "```",
+        "",
+        f"Software: {versions}.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def yaml_dump(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_ppl_vs_size(state: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = stage_rows(state)
+    xs = [r["bytes"] / MiB for r in rows]
+    ys = [r["eval"]["perplexity"] for r in rows]
+    ax.plot(xs, ys, "-", color="0.7", zorder=1)
+    for r, x, y in zip(rows, xs, ys, strict=True):
+        ax.scatter([x], [y], zorder=2, color="C3" if r["type"] == "original" else "C0")
+        ax.annotate(f"{r['stage']}: {r['type']}", (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("weights on disk (MiB)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity against size, stage by stage")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_layers(title: str, values: dict[str, float]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.08), 3.5))
+    ax.bar(range(len(names)), [values[n] for n in names], color="C0")
+    step = max(1, len(names) // 30)
+    ax.set_xticks(range(0, len(names), step))
+    ax.set_xticklabels(names[::step], rotation=90, fontsize=6)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def plot_cost(state: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = state["stages"]
+    labels = [f"{s['index']}: {s['type']}" for s in stages]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+    a1.bar(labels, [s["seconds"] for s in stages], color="C1")
+    a1.set_title("time per stage (s)")
+    a2.bar(labels, [s["peak_rss_bytes"] / 2**30 for s in stages], color="C2")
+    a2.set_title("peak RSS per stage (GiB)")
+    for a in (a1, a2):
+        a.tick_params(axis="x", rotation=30)
+        a.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def _md_table_html(md: str) -> str:
+    rows = [line.strip("|").split("|") for line in md.splitlines() if not line.startswith("|---")]
+    head, body = rows[0], rows[1:]
+    cells = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+    out = ["<table>", f"<tr>{cells}</tr>"]
+    for r in body:
+        out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;
+text-align:right}th{background:#f0f0f0}td:nth-child(2),td:nth-child(3){text-align:left}
+pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}"""
+
+
+def html_report(state: dict) -> str:
+    model = html.escape(state["recipe"]["model"])
+    imgs = [plot_ppl_vs_size(state)]
+    if state["stages"]:
+        imgs.append(plot_cost(state))
+    layers = layer_errors(state)
+    if layers:
+        imgs.append(plot_layers(*layers))
+    figures = "\n".join(f'<p><img alt="plot" src="data:image/png;base64,{b}"></p>' for b in imgs)
+    exports = "".join(
+        f"<li><code>{html.escape(e['path'])}</code>: {e['bytes'] / MiB:.1f} MiB</li>"
+        for e in state["exports"]
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in state["versions"].items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>tinyllm report: {model}</title>
+<style>{CSS}</style></head><body>
+<h1>tinyllm compression report: {model}</h1>
+<p>Recipe <code>{html.escape(state["source"])}</code>. KLD and top-1 agreement against the
+original; size is the weights file on disk; time and peak RSS per stage.</p>
+{_md_table_html(markdown_table(state))}
+{figures}
+<h2>Exports</h2><ul>{exports or "<li>none</li>"}</ul>
+<h2>Recipe (every setting)</h2><pre>{html.escape(yaml_dump(state["recipe"]))}</pre>
+<p>Software: {html.escape(versions)}.</p>
+</body></html>
+"""
+
+
+def write_report(out: Path, state: dict | None = None) -> tuple[Path, Path]:
+    """Write report.md and report.html into the run directory `out`."""
+    out = Path(out)
+    if state is None:
+        state = load_state(out)
+    write_text_atomic(out / "report.md", markdown(state))
+    write_text_atomic(out / "report.html", html_report(state))
+    return out / "report.md", out / "report.html"
+
+
+def load_state(out: Path) -> dict:
+    from tinyllm.pipeline.recipe import RecipeError
+
+    path = Path(out) / "state.json"
+    if not path.is_file():
+        raise RecipeError(f"{out} is not a tinyllm run directory (no state.json)")
+    state = json.loads(path.read_text())
+    if state.get("original") is None:
+        raise RecipeError(f"{out}: the run has not scored the original model yet: no report")
+    return state

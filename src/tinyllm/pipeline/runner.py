@@ -1,0 +1,313 @@
+"""`run_recipe`: every stage in order, each checkpointed atomically and scored, resumable.
+
+Output directory:
+
+    recipe.yaml          the recipe as given
+    state.json           the normalized recipe, the original's and every finished stage's numbers
+    stages/01-wanda/     one tinyllm checkpoint per stage (training stages: a trainer directory
+                         whose model/ is the checkpoint, checkpoint/ lets a killed stage resume)
+    export/              the exported files
+    report.md, report.html
+
+Every stage starts from the previous stage's checkpoint on disk, so a run resumed after a crash
+computes exactly what an uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel
+from torch import nn
+
+from tinyllm.pipeline.recipe import Distill, Recipe, RecipeError, kind_of, stage_name
+from tinyllm.util.fs import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+WEIGHTS = "model.safetensors"
+
+
+def stage_dir(out: Path, i: int, cfg: BaseModel) -> Path:
+    return out / "stages" / f"{i + 1:02d}-{stage_name(cfg)}"
+
+
+def model_dir(out: Path, i: int, cfg: BaseModel) -> Path:
+    """Where stage i's model checkpoint lives."""
+    d = stage_dir(out, i, cfg)
+    return d / "model" if isinstance(cfg, Distill) else d
+
+
+def _diff(old: dict, new: dict) -> str:
+    a = yaml.safe_dump(old, sort_keys=False).splitlines()
+    b = yaml.safe_dump(new, sort_keys=False).splitlines()
+    return "\n".join(difflib.unified_diff(a, b, "checkpointed recipe", "this recipe", lineterm=""))
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tinyllm-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RecipeError(
+            f"cannot write to output directory {out} ({exc.strerror}); choose another -o DIR"
+        ) from exc
+
+
+def prepare_output(out: Path, recipe: Recipe, text: str, resume: bool, overwrite: bool) -> dict:
+    """Start a new run in `out`, or load the state of the run to resume (same recipe only)."""
+    state_path = out / STATE
+    if resume:
+        if not state_path.is_file():
+            raise RecipeError(f"--resume: {out} holds no run to continue (no {STATE})")
+        state = json.loads(state_path.read_text())
+        if state["recipe"] != recipe.normalized():
+            raise RecipeError(
+                f"--resume: the recipe changed since {out} was checkpointed; run it into a new "
+                f"directory, or undo the change:\n{_diff(state['recipe'], recipe.normalized())}"
+            )
+        return state
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise RecipeError(
+                f"output {out} exists and is not empty; pass --resume to continue its run or "
+                "--overwrite to start over"
+            )
+        shutil.rmtree(out)
+    check_writable(out)
+    write_text_atomic(out / "recipe.yaml", text)
+    state = {"recipe": recipe.normalized(), "source": recipe.source, "original": None}
+    state.update(stages=[], exports=[], finished=False, versions=_versions())
+    write_json_atomic(state_path, state)
+    return state
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    import tinyllm
+
+    return {
+        "tinyllm": tinyllm.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class Runner:
+    """Runs one recipe into one output directory."""
+
+    def __init__(self, recipe: Recipe, out: Path, state: dict, on_stage: Callable | None = None):
+        from tinyllm.models.load import load
+
+        self.recipe, self.out, self.state = recipe, Path(out), state
+        self.on_stage = on_stage or (lambda record: None)
+        self.original, self.tokenizer = load(recipe.model)
+        self._calib: torch.Tensor | None = None
+
+    def save_state(self) -> None:
+        write_json_atomic(self.out / STATE, self.state)
+
+    def calib(self) -> torch.Tensor:
+        from tinyllm.data.calibration import calibration_windows
+
+        if self._calib is None:
+            c = self.recipe.calibration
+            self._calib = calibration_windows(
+                self.tokenizer, c.corpus, c.samples, c.seq_len, c.seed
+            )
+        return self._calib
+
+    def score(self, model: nn.Module, name: str, reference: bool = True) -> dict:
+        from tinyllm.eval.evaluate import evaluate
+
+        e = self.recipe.evaluation
+        ref = (self.original, self.tokenizer) if reference else None
+        result = evaluate(
+            model,
+            self.tokenizer,
+            corpus=e.corpus,
+            seq_len=e.seq_len,
+            windows=e.windows,
+            reference=ref,
+            name=name,
+        )
+        return result.to_dict()
+
+    def run(self) -> dict:
+        if self.state["original"] is None:
+            log.info("scoring the original model %s", self.recipe.model)
+            self.state["original"] = {"eval": self.score(self.original, self.recipe.model, False)}
+            self.save_state()
+        for i, cfg in enumerate(self.recipe.stages):
+            if i < len(self.state["stages"]):
+                continue  # finished before a resume
+            record = self.run_stage(i, cfg)
+            self.state["stages"].append(record)
+            self.save_state()
+            self.on_stage(record)
+        self.run_exports()
+        self.state["finished"] = True
+        self.save_state()
+        from tinyllm.pipeline.report import write_report
+
+        write_report(self.out, self.state)
+        return self.state
+
+    def source(self, i: int) -> str:
+        """The model stage i starts from."""
+        if i == 0:
+            return self.recipe.model
+        return str(model_dir(self.out, i - 1, self.recipe.stages[i - 1]))
+
+    def run_stage(self, i: int, cfg: BaseModel) -> dict:
+        from tinyllm.eval.memory import PeakRSS
+        from tinyllm.models.load import load
+
+        name, kind = stage_name(cfg), kind_of(cfg)
+        log.info("stage %d/%d: %s", i + 1, len(self.recipe.stages), name)
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            report = self.train(i, cfg) if kind == "train" else self.compress(i, cfg)
+        seconds = time.perf_counter() - t0
+        where = model_dir(self.out, i, cfg)
+        model, _ = load(where)
+        return {
+            "index": i + 1,
+            "type": name,
+            "kind": kind,
+            "config": cfg.model_dump(),
+            "dir": str(where.relative_to(self.out)),
+            "seconds": seconds,
+            "peak_rss_bytes": mem.peak,
+            "weights_bytes": (where / WEIGHTS).stat().st_size,
+            "report": report,
+            "eval": self.score(model, f"stage {i + 1}: {name}"),
+        }
+
+    def compress(self, i: int, cfg: BaseModel) -> dict:
+        from tinyllm.checkpoint import round_floats, save_checkpoint
+        from tinyllm.models.load import load
+        from tinyllm.prune.api import prune
+        from tinyllm.prune.common import check_float_model
+        from tinyllm.quant.api import quantize
+
+        model, tok = load(self.source(i))
+        kind = kind_of(cfg)
+        if kind == "prune":
+            check_float_model(model)
+        needs_calib = getattr(cfg, "calibrated", False) or getattr(cfg, "allocation", "") == "owl"
+        calib = self.calib() if needs_calib else None
+        report = (prune if kind == "prune" else quantize)(model, cfg, calib=calib)
+        round_floats(model, torch.float16)
+        meta = {
+            "source": self.source(i),
+            "steps": [*_steps_of(self.source(i)), {"type": stage_name(cfg), **cfg.model_dump()}],
+            "seconds": report["seconds"],
+            "calibration": self.recipe.calibration.model_dump() if calib is not None else None,
+        }
+        details = {k: v for k, v in report.items() if k != "seconds"}
+        save_checkpoint(
+            model,
+            tok,
+            stage_dir(self.out, i, cfg),
+            meta,
+            overwrite=True,
+            extra_files={"stage_report.json": details},
+        )
+        return details
+
+    def train(self, i: int, cfg: Distill) -> dict:
+        from tinyllm.distill.trainer import CHECKPOINT, DistillConfig, distill, make_run
+
+        d = stage_dir(self.out, i, cfg)
+        resume = (d / CHECKPOINT).is_dir()
+        settings = DistillConfig(**cfg.model_dump(exclude={"layers"}))
+        run, meta = make_run(
+            self.recipe.model,
+            self.source(i),
+            cfg.layers,
+            settings,
+            d,
+            resume=resume,
+            overwrite=not resume,
+        )
+        summary = distill(run, settings, resume=resume, save_meta=meta)
+        keep = ("train_seconds", "tokens_per_second", "recovery")
+        return {k: summary[k] for k in keep if k in summary}
+
+    def run_exports(self) -> None:
+        from tinyllm.export import export
+        from tinyllm.models.load import load
+        from tinyllm.util.fs import dir_size
+
+        if len(self.state["exports"]) == len(self.recipe.exports):
+            return
+        last = self.source(len(self.recipe.stages))
+        model, tok = load(last)
+        self.state["exports"] = []
+        for e in self.recipe.exports:
+            path = self.out / "export" / _export_name(e)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            export(model, tok, path, e.format, e.type, overwrite=True, strict=e.strict)
+            size = dir_size(path) if path.is_dir() else _file_size(path)
+            self.state["exports"].append(
+                {
+                    **e.model_dump(),
+                    "path": str(path.relative_to(self.out)),
+                    "bytes": size,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            self.save_state()
+
+
+def _file_size(path: Path) -> int:
+    extra = path.with_name(path.name + ".data")  # ONNX external weights
+    return path.stat().st_size + (extra.stat().st_size if extra.is_file() else 0)
+
+
+def _export_name(e: Any) -> str:
+    from tinyllm.export import DEFAULT_TYPES
+
+    qtype = e.type or DEFAULT_TYPES.get(e.format) or "default"
+    return {"gguf": f"model-{qtype}.gguf", "onnx": f"model-{qtype}.onnx", "hf": f"hf-{qtype}"}[
+        e.format
+    ]
+
+
+def _steps_of(spec: str) -> list:
+    path = Path(spec) / "tinyllm.json"
+    return json.loads(path.read_text()).get("steps", []) if path.is_file() else []
+
+
+def run_recipe(
+    recipe: Recipe,
+    text: str,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_stage: Callable | None = None,
+) -> dict:
+    """Run `recipe` (its YAML `text` is kept beside the results) into `out`; returns the state."""
+    out = Path(out)
+    for w in recipe.warnings:
+        log.warning(w)
+    state = prepare_output(out, recipe, text, resume, overwrite)
+    return Runner(recipe, out, state, on_stage).run()
