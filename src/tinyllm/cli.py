@@ -690,6 +690,84 @@ def report(
     out.print(f"wrote {md} and {page}")
 
 
+@app.command()
+def plan(
+    model: ModelArg,
+    max_size: Annotated[
+        str,
+        typer.Option(
+            help="Size budget on disk: 90MB, 85MiB, 1.5GB, or 0.35x (a fraction of the float16 "
+            "size)."
+        ),
+    ],
+    max_ppl_ratio: Annotated[
+        float | None, typer.Option(help="Largest perplexity ratio to the original.")
+    ] = None,
+    max_latency: Annotated[
+        float | None, typer.Option(help="Largest decode latency, ms per token (checked for real).")
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Directory for plan.md/json, front.png, recipe.")
+    ] = Path("plan"),
+    verify_top: Annotated[
+        int, typer.Option(help="Best predicted candidates quantized and scored for real.")
+    ] = 3,
+    probe_windows: Annotated[int, typer.Option(help="Calibration windows for sensitivity.")] = 2,
+    probe_seq_len: Annotated[int, typer.Option(help="Tokens per sensitivity window.")] = 256,
+    calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
+    samples: Annotated[int, typer.Option(help="Calibration windows for GPTQ.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    eval_corpus: Annotated[str, typer.Option(help="Corpus of the verification scores.")] = (
+        "enwiki"
+    ),
+    eval_windows: Annotated[int, typer.Option(help="Evaluation windows.")] = 40,
+    eval_seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 512,
+) -> None:
+    """Search quantization recipes against a budget; print the Pareto front and the recommendation.
+
+    Measures each block linear's sensitivity (KL to the original with only that layer quantized,
+    on calibration windows), predicts size (exactly) and KL of every uniform grid (bits 2-8,
+    groups 32/64/128/per-channel, symmetric or not), quantizes the best few that fit with GPTQ and
+    scores them with the evaluation harness. Writes OUTPUT/plan.md, plan.json, front.png and
+    OUTPUT/recommended.yaml, a recipe `tinyllm run` accepts. Per-layer bit widths join the search
+    when mixed precision lands.
+
+    Examples:
+
+      tinyllm plan smollm2-135m --max-size 0.35x
+
+      tinyllm plan smollm2-135m --max-size 110MiB --max-ppl-ratio 1.2 -o plans/110
+    """
+    from tinyllm.pipeline.planner import make_plan, plan_markdown, write_plan
+    from tinyllm.pipeline.recipe import Calibration, Evaluation
+
+    try:
+        cal = Calibration(corpus=calib_corpus, samples=samples, seq_len=seq_len)
+        ev = Evaluation(corpus=eval_corpus, windows=eval_windows, seq_len=eval_seq_len)
+    except ValueError as exc:
+        raise ConfigError(f"plan: {_first_error(exc)}") from exc
+    if verify_top < 1:
+        raise ConfigError("--verify-top must be at least 1")
+    p = make_plan(
+        model,
+        max_size,
+        max_ppl_ratio,
+        max_latency,
+        cal,
+        ev,
+        probe_windows,
+        probe_seq_len,
+        verify_top,
+    )
+    files = write_plan(p, output, cal.model_dump())
+    out.print(plan_markdown(p), highlight=False, soft_wrap=True)
+    if p.recommended is None:
+        out.print("no verified candidate met the budget; see the table above")
+    else:
+        out.print(f"recommended recipe: {files['recipe']} (tinyllm run {files['recipe']})")
+    out.print(f"wrote {', '.join(str(f) for f in files.values())}")
+
+
 def _train_prune(
     model: str,
     output: Path,

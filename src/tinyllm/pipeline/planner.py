@@ -1,0 +1,444 @@
+"""`plan`: search quantization recipes against a budget instead of guessing.
+
+1. Sensitivity: for every block linear, the KL divergence to the original when only that layer is
+   quantized with a probe grid (RTN 3-bit, groups of 128), on calibration windows (never the
+   evaluation slice).
+2. Prediction: a candidate grid c costs sum_l sens_l * e_l(c) / e_l(probe), with e_l the layer's
+   weight quantization error ||W - Q(W)||^2 under RTN (second-order view: each layer's KL
+   contribution grows with its squared weight error). Its size on disk is computed exactly from the
+   shapes (packed codes, float16 scales, uint8 zero points, float16 for everything else).
+3. Verification: the best few candidates that fit the budget are quantized for real (GPTQ) and
+   scored by the evaluation harness; the recommendation is the best verified one.
+
+Per-layer bit widths join the search when mixed precision lands; until then candidates are uniform
+grids, and what the planner adds is the ranking, the exact sizes and the measured check.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyllm.errors import ConfigError
+from tinyllm.models.anatomy import analyze
+from tinyllm.quant.rtn import RTN, rtn_quantize
+from tinyllm.util.progress import track
+
+log = logging.getLogger(__name__)
+
+PROBE = RTN(bits=3, group_size=128)  # per output channel where 128 does not divide the inputs
+BITS = (2, 3, 4, 5, 8)
+GROUPS = (32, 64, 128, -1)
+
+
+@dataclass(frozen=True)
+class Grid:
+    bits: int
+    group_size: int
+    sym: bool
+
+    @property
+    def label(self) -> str:
+        g = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        return f"{self.bits}b-{g}-{'sym' if self.sym else 'asym'}"
+
+
+@dataclass
+class Candidate:
+    grid: Grid
+    size_bytes: int
+    predicted_kld: float
+    measured: dict[str, Any] | None = None  # evaluation of the real GPTQ model
+
+    @property
+    def predicted_ppl_ratio(self) -> float:
+        return math.exp(self.predicted_kld)  # ln(ppl_q / ppl) is about the mean KL for small KL
+
+
+@dataclass
+class Budget:
+    max_size_bytes: int
+    max_ppl_ratio: float | None = None
+    max_latency_ms: float | None = None
+
+
+@dataclass
+class Plan:
+    model: str
+    budget: Budget
+    original: dict[str, Any]
+    sensitivity: dict[str, float]
+    candidates: list[Candidate] = field(default_factory=list)
+    recommended: Candidate | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(ref || model) per position; ref_logp are the original's log-probabilities."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+
+
+def probe_grid(in_features: int) -> Grid:
+    g = PROBE.group_size if in_features % PROBE.group_size == 0 else -1
+    return Grid(PROBE.bits, g, PROBE.sym)
+
+
+def _rtn(grid: Grid) -> RTN:
+    return RTN(bits=grid.bits, group_size=grid.group_size, sym=grid.sym)
+
+
+def layer_sensitivity(model: nn.Module, windows: torch.Tensor) -> dict[str, float]:
+    """KL to the original with only one linear quantized by the probe grid, for every linear."""
+    with torch.inference_mode():
+        ref = F.log_softmax(model(input_ids=windows).logits.float(), dim=-1)
+        out = {}
+        for site in track(analyze(model).linears, "sensitivity"):
+            w = site.module.weight.data
+            probe = _rtn(probe_grid(w.shape[1]))
+            site.module.weight.data = rtn_quantize(w, probe).dequantize().to(w.dtype)
+            try:
+                out[site.name] = max(_kl(ref, model(input_ids=windows).logits), 0.0)
+            finally:
+                site.module.weight.data = w
+    return out
+
+
+def weight_error(w: torch.Tensor, grid: Grid) -> float:
+    return float((rtn_quantize(w, _rtn(grid)).dequantize() - w.float()).pow(2).sum())
+
+
+def quantized_bytes(out_f: int, in_f: int, grid: Grid) -> int:
+    """Bytes on disk of one packed linear: codes, float16 scale and uint8 zero per group."""
+    groups = 1 if grid.group_size == -1 else in_f // grid.group_size
+    return math.ceil(out_f * in_f * grid.bits / 8) + out_f * groups * 3
+
+
+def model_bytes(model: nn.Module, grid: Grid) -> int:
+    """Checkpoint size with every block linear on `grid` and the rest in float16."""
+    from tinyllm.eval.size import param_count
+
+    linears = analyze(model).linears
+    n_lin = sum(s.module.weight.numel() for s in linears)
+    packed = sum(quantized_bytes(*s.module.weight.shape, grid) for s in linears)
+    return packed + 2 * (param_count(model) - n_lin)  # biases, norms, embeddings: float16
+
+
+def candidate_grids(group_sizes=GROUPS, bits=BITS) -> list[Grid]:
+    return [Grid(b, g, s) for b in bits for g in group_sizes for s in (False, True)]
+
+
+def predict(model: nn.Module, sens: dict[str, float], grids: list[Grid]) -> list[Candidate]:
+    """Predicted KL and exact size of every uniform grid."""
+    sites = analyze(model).linears
+    probe = {
+        s.name: weight_error(s.module.weight.data, probe_grid(s.module.in_features)) for s in sites
+    }
+    cands = []
+    for grid in track(grids, "predicting"):
+        if any(grid.group_size > 0 and s.module.in_features % grid.group_size for s in sites):
+            continue
+        kld = 0.0
+        for s in sites:
+            w = s.module.weight.data
+            kld += sens[s.name] * weight_error(w, grid) / max(probe[s.name], 1e-20)
+        cands.append(Candidate(grid, model_bytes(model, grid), kld))
+    return cands
+
+
+def pareto(cands: list[Candidate], key=lambda c: c.predicted_kld) -> list[Candidate]:
+    """Candidates no other candidate beats on both size and `key` (sorted by size)."""
+    front, best = [], math.inf
+    for c in sorted(cands, key=lambda c: (c.size_bytes, key(c))):
+        if key(c) < best:
+            front.append(c)
+            best = key(c)
+    return front
+
+
+def fits(c: Candidate, budget: Budget, measured: bool = False) -> bool:
+    if c.size_bytes > budget.max_size_bytes:
+        return False
+    if budget.max_ppl_ratio is not None:
+        ratio = c.measured["ppl_ratio"] if measured and c.measured else c.predicted_ppl_ratio
+        if ratio > budget.max_ppl_ratio:
+            return False
+    if measured and budget.max_latency_ms is not None and c.measured:
+        return c.measured["decode_ms"] <= budget.max_latency_ms
+    return True
+
+
+def decode_ms(model: nn.Module, repeats: int = 7) -> float:
+    """Median time of one decoded token after a 64-token prompt."""
+    import statistics
+
+    from transformers import DynamicCache
+
+    prompt = torch.randint(0, model.config.vocab_size, (1, 64))
+    token = prompt[:, -1:]
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = DynamicCache()
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            t0 = time.perf_counter()
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def grid_step(grid: Grid) -> Any:
+    from tinyllm.quant.gptq import GPTQ
+
+    return GPTQ(bits=grid.bits, group_size=grid.group_size, sym=grid.sym)
+
+
+def verify(
+    spec: str, c: Candidate, calib: torch.Tensor, original: dict, score: Any
+) -> dict[str, Any]:
+    """Quantize for real with GPTQ and score with the evaluation harness."""
+    from tinyllm.checkpoint import round_floats
+    from tinyllm.models.load import load
+    from tinyllm.quant.api import quantize
+
+    model, _ = load(spec)
+    t0 = time.perf_counter()
+    quantize(model, grid_step(c.grid), calib=calib)
+    round_floats(model, torch.float16)
+    seconds = time.perf_counter() - t0
+    res = score(model)
+    return {
+        "perplexity": res.perplexity,
+        "ppl_ratio": res.perplexity / original["perplexity"],
+        "kld": res.kld,
+        "decode_ms": decode_ms(model),
+        "quantize_seconds": seconds,
+    }
+
+
+def check_budget(budget: Budget) -> None:
+    if budget.max_size_bytes <= 0:
+        raise ConfigError("--max-size must be positive (e.g. 90MB or 0.35x)")
+    if budget.max_ppl_ratio is not None and budget.max_ppl_ratio < 1:
+        raise ConfigError(f"--max-ppl-ratio must be at least 1, got {budget.max_ppl_ratio}")
+
+
+def parse_size(text: str, fp16_bytes: int) -> int:
+    """'90MB', '85MiB', '1.5GB', '120000000' or '0.35x' (a fraction of the float16 size)."""
+    t = text.strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1}
+    try:
+        if t.endswith("x"):
+            return int(float(t[:-1]) * fp16_bytes)
+        for unit, mult in units.items():
+            if t.endswith(unit):
+                return int(float(t[: -len(unit)]) * mult)
+        return int(float(t))
+    except ValueError as exc:
+        raise ConfigError(
+            f"--max-size '{text}' is not a size; write e.g. 90MB, 85MiB, 1.5GB or 0.35x (of the "
+            "float16 size)"
+        ) from exc
+
+
+def recipe_yaml(plan: Plan, c: Candidate, calibration: dict) -> str:
+    """A recipe `tinyllm run` accepts for candidate `c`."""
+    import yaml
+
+    step = {"type": "gptq", **{k: v for k, v in asdict(c.grid).items()}}
+    data: dict[str, Any] = {"model": plan.model, "calibration": calibration, "stages": [step]}
+    gguf = {(4, 32, True): "q4_0", (4, 32, False): "q4_1", (5, 32, True): "q5_0"}
+    gguf.update({(5, 32, False): "q5_1", (8, 32, True): "q8_0"})
+    qtype = gguf.get((c.grid.bits, c.grid.group_size, c.grid.sym))
+    if qtype:
+        data["export"] = [{"format": "gguf", "type": qtype, "strict": True}]
+    head = (
+        f"# planned by `tinyllm plan` for max size {plan.budget.max_size_bytes / 2**20:.1f} MiB: "
+        f"GPTQ {c.grid.label}, {c.size_bytes / 2**20:.1f} MiB\n"
+    )
+    return head + yaml.safe_dump(data, sort_keys=False)
+
+
+def make_plan(
+    spec: str,
+    max_size: str,
+    max_ppl_ratio: float | None = None,
+    max_latency_ms: float | None = None,
+    calibration: Any = None,
+    evaluation: Any = None,
+    probe_windows: int = 2,
+    probe_seq_len: int = 256,
+    verify_top: int = 3,
+    grids: list[Grid] | None = None,
+) -> Plan:
+    """Measure sensitivities, predict every grid, verify the best few that fit. -> Plan"""
+    from tinyllm.data.calibration import calibration_windows
+    from tinyllm.eval.evaluate import evaluate
+    from tinyllm.eval.size import param_count
+    from tinyllm.models.load import load
+    from tinyllm.pipeline.recipe import Calibration, Evaluation
+
+    cal, ev = calibration or Calibration(), evaluation or Evaluation()
+    model, tok = load(spec)
+    budget = Budget(parse_size(max_size, 2 * param_count(model)), max_ppl_ratio, max_latency_ms)
+    check_budget(budget)
+    seconds: dict[str, float] = {}
+
+    def score(m: nn.Module) -> Any:
+        kw = dict(corpus=ev.corpus, seq_len=ev.seq_len, windows=ev.windows)
+        return evaluate(m, tok, reference=(model, tok), **kw)
+
+    t0 = time.perf_counter()
+    orig = evaluate(model, tok, corpus=ev.corpus, seq_len=ev.seq_len, windows=ev.windows)
+    original = {"perplexity": orig.perplexity, "fp16_bytes": 2 * param_count(model)}
+    original["decode_ms"] = decode_ms(model)
+    probe = calibration_windows(tok, cal.corpus, probe_windows, probe_seq_len, cal.seed + 1)
+    t1 = time.perf_counter()
+    sens = layer_sensitivity(model, probe)
+    seconds.update(original_eval=t1 - t0, sensitivity=time.perf_counter() - t1)
+    plan = Plan(spec, budget, original, sens)
+    plan.candidates = predict(model, sens, grids or candidate_grids())
+    feasible = sorted(
+        (c for c in plan.candidates if fits(c, budget)), key=lambda c: c.predicted_kld
+    )
+    if not feasible:
+        smallest = min(plan.candidates, key=lambda c: c.size_bytes)
+        floats = model_bytes(model, smallest.grid) - sum(
+            quantized_bytes(*s.module.weight.shape, smallest.grid) for s in analyze(model).linears
+        )
+        raise ConfigError(
+            f"no candidate fits {budget.max_size_bytes / 2**20:.1f} MiB"
+            + (f" at perplexity ratio {max_ppl_ratio}" if max_ppl_ratio else "")
+            + f": the smallest ({smallest.grid.label}) is {smallest.size_bytes / 2**20:.1f} MiB, of"
+            f" which {floats / 2**20:.1f} MiB are float16 embeddings, norms and head; raise "
+            "--max-size or --max-ppl-ratio"
+        )
+    calib = calibration_windows(tok, cal.corpus, cal.samples, cal.seq_len, cal.seed)
+    t2 = time.perf_counter()
+    for c in track(feasible[:verify_top], "verifying"):
+        c.measured = verify(spec, c, calib, original, score)
+    seconds["verify"] = time.perf_counter() - t2
+    ok = [c for c in feasible[:verify_top] if fits(c, budget, measured=True)]
+    plan.recommended = min(ok, key=lambda c: c.measured["perplexity"]) if ok else None
+    plan.seconds = seconds
+    return plan
+
+
+def plan_markdown(plan: Plan) -> str:
+    b, o = plan.budget, plan.original
+    lines = [
+        f"# tinyllm plan: {plan.model}",
+        "",
+        f"Budget: size <= {b.max_size_bytes / 2**20:.1f} MiB"
+        + (f", perplexity ratio <= {b.max_ppl_ratio}" if b.max_ppl_ratio else "")
+        + (f", decode <= {b.max_latency_ms} ms/token" if b.max_latency_ms else "")
+        + f". Original: perplexity {o['perplexity']:.3f}, {o['fp16_bytes'] / 2**20:.1f} MiB in "
+        f"float16, {o['decode_ms']:.1f} ms/token.",
+        "",
+        "Pareto front of the predictions (size vs predicted KL); measured = GPTQ run for real:",
+        "",
+        "| grid | size | x fp16 | predicted KLD | predicted ppl x | measured ppl | measured x "
+        "| measured KLD | decode ms | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = pareto(plan.candidates) + [
+        c for c in plan.candidates if c.measured and c not in pareto(plan.candidates)
+    ]
+    for c in rows:
+        m = c.measured or {}
+        cells = [
+            c.grid.label + (" **recommended**" if c is plan.recommended else ""),
+            f"{c.size_bytes / 2**20:.1f} MiB",
+            f"{c.size_bytes / o['fp16_bytes']:.3f}",
+            f"{c.predicted_kld:.4f}",
+            f"{c.predicted_ppl_ratio:.3f}",
+            f"{m['perplexity']:.3f}" if m else "-",
+            f"{m['ppl_ratio']:.3f}" if m else "-",
+            f"{m['kld']:.4f}" if m else "-",
+            f"{m['decode_ms']:.1f}" if m else "-",
+            "yes" if fits(c, b, measured=bool(m)) else "no",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    worst = sorted(plan.sensitivity.items(), key=lambda kv: -kv[1])[:8]
+    lines += ["", "Most sensitive layers (KL with only that layer at RTN 3-bit g128):", ""]
+    lines += [f"- `{k}`: {v:.5f}" for k, v in worst]
+    return "\n".join(lines) + "\n"
+
+
+def plot_front(plan: Plan) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    o = plan.original
+    xs = [c.size_bytes / 2**20 for c in plan.candidates]
+    ax.scatter(
+        xs,
+        [o["perplexity"] * c.predicted_ppl_ratio for c in plan.candidates],
+        s=10,
+        color="0.6",
+        label="predicted",
+    )
+    front = pareto(plan.candidates)
+    ax.plot(
+        [c.size_bytes / 2**20 for c in front],
+        [o["perplexity"] * c.predicted_ppl_ratio for c in front],
+        "-",
+        color="C0",
+        label="predicted Pareto front",
+    )
+    done = [c for c in plan.candidates if c.measured]
+    ax.scatter(
+        [c.size_bytes / 2**20 for c in done],
+        [c.measured["perplexity"] for c in done],
+        color="C3",
+        marker="x",
+        s=50,
+        label="measured (GPTQ)",
+    )
+    ax.axvline(plan.budget.max_size_bytes / 2**20, color="C2", ls="--", label="size budget")
+    ax.axhline(o["perplexity"], color="k", lw=0.8, label="original")
+    ax.set_yscale("log")
+    ax.set_xlabel("size on disk (MiB)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_plan(plan: Plan, out: Any, calibration: dict) -> dict[str, Any]:
+    """plan.json, plan.md, front.png and (if any) recommended.yaml in directory `out`."""
+    from pathlib import Path
+
+    from tinyllm.util.fs import atomic_path, write_json_atomic, write_text_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "plan.json", plan.to_dict())
+    write_text_atomic(out / "plan.md", plan_markdown(plan))
+    with atomic_path(out / "front.png") as tmp:
+        tmp.write_bytes(plot_front(plan))
+    files = {"json": out / "plan.json", "md": out / "plan.md", "png": out / "front.png"}
+    if plan.recommended is not None:
+        write_text_atomic(
+            out / "recommended.yaml", recipe_yaml(plan, plan.recommended, calibration)
+        )
+        files["recipe"] = out / "recommended.yaml"
+    return files

@@ -1,0 +1,88 @@
+"""The planner on a tiny model: sensitivities, exact sizes, predictions, the front, the CLI."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+import tinyllm
+from tests.conftest import tiny_model
+from tests.test_cli import assert_clean_error, run
+from tinyllm.checkpoint import round_floats
+from tinyllm.errors import ConfigError
+from tinyllm.pipeline.planner import (
+    Candidate,
+    Grid,
+    candidate_grids,
+    layer_sensitivity,
+    model_bytes,
+    pareto,
+    parse_size,
+    predict,
+)
+from tinyllm.pipeline.recipe import load_recipe
+
+
+def test_sensitivity_per_layer_and_predictions_fall_with_bits() -> None:
+    model = tiny_model()
+    windows = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    sens = layer_sensitivity(model, windows)
+    assert len(sens) == 14 and all(v >= 0 for v in sens.values()) and max(sens.values()) > 0
+    cands = predict(model, sens, [Grid(b, 32, False) for b in (2, 3, 4, 8)])
+    klds = [c.predicted_kld for c in cands]
+    assert klds == sorted(klds, reverse=True) and klds[-1] < 0.01 * klds[0]
+    sizes = [c.size_bytes for c in cands]
+    assert sizes == sorted(sizes)
+    # the model is unchanged afterwards
+    torch.testing.assert_close(model(windows).logits, tiny_model()(windows).logits)
+
+
+@pytest.mark.parametrize("grid", [Grid(4, 32, True), Grid(3, 64, False), Grid(8, -1, True)])
+def test_predicted_size_is_the_checkpoint_size(grid, tmp_path, tokenizer) -> None:
+    model = tiny_model(vocab=len(tokenizer))
+    expected = model_bytes(model, grid)
+    tinyllm.quantize(model, tinyllm.RTN(bits=grid.bits, group_size=grid.group_size, sym=grid.sym))
+    round_floats(model, torch.float16)  # as every tinyllm command does before saving
+    tinyllm.save_checkpoint(model, tokenizer, tmp_path / "q", {"steps": []})
+    data = (tmp_path / "q" / "model.safetensors").read_bytes()
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    assert len(data) - header == expected
+
+
+def test_pareto_front_and_sizes() -> None:
+    c = [
+        Candidate(Grid(b, 32, False), size, kld)
+        for b, size, kld in [(2, 10, 1.0), (3, 20, 0.5), (4, 30, 0.6), (5, 40, 0.1)]
+    ]
+    assert [x.grid.bits for x in pareto(c)] == [2, 3, 5]
+    assert parse_size("90MB", 1000) == 90_000_000 and parse_size("2MiB", 1) == 2 * 2**20
+    assert parse_size("0.35x", 1000) == 350 and parse_size("1234", 1) == 1234
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_size("big", 1)
+    assert len(candidate_grids()) == 40
+
+
+def test_cli_plan_recommends_a_runnable_recipe(tiny_dir, corpus_file, tmp_path) -> None:
+    out = tmp_path / "plan"
+    common = ["--calib-corpus", str(corpus_file), "--samples", "4", "--seq-len", "16"]
+    common += ["--eval-corpus", str(corpus_file), "--eval-windows", "2", "--eval-seq-len", "16"]
+    common += ["--probe-seq-len", "16"]
+    p = run(
+        "plan", str(tiny_dir), "--max-size", "0.5x", "--verify-top", "2", "-o", str(out), *common
+    )
+    assert p.returncode == 0, p.stderr
+    assert "recommended" in p.stdout and (out / "front.png").stat().st_size > 1000
+    recipe = load_recipe(out / "recommended.yaml")
+    import json
+
+    plan = json.loads((out / "plan.json").read_text())
+    rec = plan["recommended"]
+    assert rec["size_bytes"] <= plan["budget"]["max_size_bytes"]
+    assert recipe.stages[0].bits == rec["grid"]["bits"]
+    assert sum(c["measured"] is not None for c in plan["candidates"]) == 2
+    p = run("plan", str(tiny_dir), "--max-size", "1KB", "-o", str(tmp_path / "x"), *common)
+    assert_clean_error(p, "no candidate fits")
+    p = run("plan", str(tiny_dir), "--max-size", "huge", "-o", str(tmp_path / "y"), *common)
+    assert_clean_error(p, "not a size")
