@@ -44,7 +44,7 @@ def test_stages_are_checkpointed_scored_reported_and_exported(tiny_dir, corpus_f
     assert wanda["eval"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert gptq["eval"]["sparsity"] == pytest.approx(0.5, abs=0.01)  # quantizing kept the zeros
     assert gptq["eval"]["bits_per_weight"] < 6 and wanda["eval"]["kld"] > 0
-    assert gptq["weights_bytes"] < state["original"]["eval"]["size_bytes"]
+    assert gptq["weights_bytes"] < 2 * state["original"]["eval"]["params"]  # below float16
     assert gptq["report"]["layer_errors"] and gptq["peak_rss_bytes"] > 0
     model, _ = tinyllm.load(out / gptq["dir"])  # every stage is a checkpoint tinyllm loads
     assert any(hasattr(m, "qweight") for m in model.modules())

@@ -26,7 +26,7 @@ def stage_rows(state: dict) -> list[dict[str, Any]]:
             "type": "original",
             "settings": state["recipe"]["model"],
             "eval": orig,
-            "bytes": orig["size_bytes"],
+            "bytes": 2 * orig["params"],  # the float16 checkpoint: the size reference
             "seconds": None,
             "peak": None,
         }
@@ -48,21 +48,24 @@ def stage_rows(state: dict) -> list[dict[str, Any]]:
 
 def _settings(stage: dict) -> str:
     """The few settings that identify a stage (the full config is in state.json)."""
-    cfg, keys = stage["config"], ("sparsity", "pattern", "allocation", "ratio", "count", "bits")
-    keys += ("group_size", "sym", "layers", "steps", "alpha", "beta", "block_size")
-    parts = [f"{k}={cfg[k]}" for k in keys if cfg.get(k) not in (None, False)]
-    if isinstance(cfg.get("base"), dict):
-        b = cfg["base"]
-        parts.append(f"base={b.get('bits')}b g{b.get('group_size')}")
-    return ", ".join(parts)
+    cfg = stage.get("settings", stage["config"])
+
+    def show(v: Any) -> str:
+        return (
+            "{" + ", ".join(f"{k}={show(x)}" for k, x in v.items()) + "}"
+            if isinstance(v, dict)
+            else str(v)
+        )
+
+    return ", ".join(f"{k}={show(v)}" for k, v in cfg.items())
 
 
 def markdown_table(state: dict) -> str:
     ppl0 = state["original"]["eval"]["perplexity"]
-    size0 = state["original"]["eval"]["size_bytes"]
+    size0 = 2 * state["original"]["eval"]["params"]
     lines = [
         "| stage | type | settings | ppl | x orig | KLD | top-1 | sparsity | params | size | "
-        "x size | bits/w | time s | peak RSS |",
+        "x fp16 | bits/w | time s | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stage_rows(state):
@@ -118,7 +121,8 @@ def markdown(state: dict) -> str:
         "",
         f"Recipe: `{state['source']}`. Evaluation: {e['windows']} windows x {e['seq_len']} tokens "
         f"of `{e['corpus']}`; KLD and top-1 agreement against the original. Size is the "
-        "weights file on disk; time and peak RSS are per stage.",
+        "weights file on disk (the original: its float16 checkpoint size); bits/w is the harness's "
+        "in-memory bits per linear weight; time and peak RSS are per stage.",
         "",
         markdown_table(state),
         "",
@@ -249,7 +253,8 @@ def html_report(state: dict) -> str:
 <style>{CSS}</style></head><body>
 <h1>tinyllm compression report: {model}</h1>
 <p>Recipe <code>{html.escape(state["source"])}</code>. KLD and top-1 agreement against the
-original; size is the weights file on disk; time and peak RSS per stage.</p>
+original; size is the weights file on disk (the original: its float16 size); bits/w is the
+harness's in-memory bits per linear weight; time and peak RSS per stage.</p>
 {_md_table_html(markdown_table(state))}
 {figures}
 <h2>Exports</h2><ul>{exports or "<li>none</li>"}</ul>

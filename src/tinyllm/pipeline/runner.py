@@ -192,6 +192,7 @@ class Runner:
             "type": name,
             "kind": kind,
             "config": cfg.model_dump(),
+            "settings": cfg.model_dump(exclude_unset=True),  # what the recipe set
             "dir": str(where.relative_to(self.out)),
             "seconds": seconds,
             "peak_rss_bytes": mem.peak,
