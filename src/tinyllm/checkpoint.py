@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinyllm.errors import ConfigError, ModelLoadError
-from tinyllm.quant.qlinear import QuantLinear, replace_linear
+from tinyllm.quant.qlinear import QuantEmbedding, QuantLinear, replace_embedding, replace_linear
 from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.util.fs import atomic_dir
 
@@ -58,8 +58,10 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tied(model: nn.Module) -> bool:
+    """Float tied embeddings (a quantized tied head shares its record instead)."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and head.weight is emb.weight
+    a, b = getattr(head, "weight", None), getattr(emb, "weight", None)
+    return a is not None and a is b
 
 
 def save_checkpoint(
@@ -75,10 +77,18 @@ def save_checkpoint(
     check_output_dir(path, overwrite)
     tensors: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict] = {}
+    written: dict[int, str] = {}  # a record shared by a tied head is stored once
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            tensors.update(mod.qweight.tensors(f"{name}.record"))
-            quantized[name] = mod.qweight.meta()
+        if not isinstance(mod, QuantLinear | QuantEmbedding):
+            continue
+        if id(mod.qweight) in written:
+            quantized[name] = {**mod.qweight.meta(), "tied_to": written[id(mod.qweight)]}
+            continue
+        written[id(mod.qweight)] = name
+        tensors.update(mod.qweight.tensors(f"{name}.record"))
+        quantized[name] = mod.qweight.meta()
+        if isinstance(mod, QuantEmbedding):
+            quantized[name]["kind"] = "embedding"
     tied = _tied(model)
     sparse = _sparse_linears(model)
     for key, value in model.state_dict().items():
@@ -159,8 +169,16 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Any]:
     check_safetensors_dir(path)
     tensors = load_file(str(path / WEIGHTS))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).float()
+    records: dict[str, QuantizedWeight] = {}
     for name, meta in info["quantized"].items():
-        replace_linear(model, name, QuantizedWeight.from_tensors(tensors, f"{name}.record", meta))
+        if "tied_to" in meta:
+            qw = records[meta["tied_to"]]
+        else:
+            qw = records[name] = QuantizedWeight.from_tensors(tensors, f"{name}.record", meta)
+        if meta.get("kind") == "embedding":
+            replace_embedding(model, name, qw)
+        else:
+            replace_linear(model, name, qw)
     sparse = info.get("sparse", {})
     state = {
         k: v.float() if v.is_floating_point() else v

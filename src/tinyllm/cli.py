@@ -139,7 +139,9 @@ def eval_(
 def quantize(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
-    method: Annotated[str, typer.Option(help="rtn | gptq | awq | nf4.")] = "gptq",
+    method: Annotated[
+        str, typer.Option(help="rtn | gptq | awq | nf4 | embeddings (only embeddings and head).")
+    ] = "gptq",
     base: Annotated[
         str, typer.Option(help="AWQ: quantizer applied after scaling, rtn | gptq.")
     ] = "rtn",
@@ -172,6 +174,14 @@ def quantize(
             "carries the integers exactly."
         ),
     ] = None,
+    embed_bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Also quantize the token embeddings and output head (RTN, symmetric, groups of "
+            "32, MSE clipping; a tied head shares the table) to this many bits: 8 or 4 for "
+            "GGUF q8_0/q4_0. Default: they stay float."
+        ),
+    ] = None,
     calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
@@ -199,6 +209,8 @@ def quantize(
       tinyllm quantize smollm2-135m --method awq --base gptq --group-size 32 --sym -o out/q4
 
       tinyllm quantize smollm2-135m --method rtn --bits 8 --group-size -1 --sym -o out/int8
+
+      tinyllm quantize smollm2-135m --gguf-compatible q4_0 --embed-bits 8 -o out/q4-e8
     """
     import torch
 
@@ -238,12 +250,21 @@ def quantize(
         cfg = _make_step(classes[method], method, **options)
     if float_dtype not in ("float16", "float32"):
         raise ConfigError(f"--float-dtype must be float16 or float32, got '{float_dtype}'")
+    embed_cfg = None
+    if embed_bits is not None:
+        embed_cfg = _make_step(classes["embeddings"], "--embed-bits", bits=embed_bits)
     check_output_dir(output, overwrite)  # fail before the slow part
     m, tok = tinyllm.load(model)
     calib = None
     if cfg.calibrated:
         calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
     report = run_quantize(m, cfg, calib=calib)
+    steps = [cfg.describe()]
+    if embed_cfg is not None:
+        emb = run_quantize(m, embed_cfg)
+        report["layer_errors"] = {**report.get("layer_errors", {}), **emb["layer_errors"]}
+        report["seconds"] += emb["seconds"]
+        steps.append(embed_cfg.describe())
     round_floats(m, getattr(torch, float_dtype))
     from tinyllm.eval.memory import peak_rss_bytes
 
@@ -252,7 +273,7 @@ def quantize(
         "peak_rss_bytes": peak_rss_bytes(),
         "source": model,
         "gguf_compatible": gguf_compatible,
-        "steps": [cfg.describe()],
+        "steps": steps,
         "seconds": report["seconds"],
         "calibration": {
             "corpus": calib_corpus,

@@ -74,7 +74,7 @@ def test_unknown_field_lists_the_allowed_fields() -> None:
 def test_impossible_orders_are_refused_with_the_recommended_order() -> None:
     msg = _error("model: m\nstages:\n  - {type: rtn}\n  - {type: wanda}\n")
     assert "stage 2" in msg and "distill -> prune -> quantize" in msg
-    assert "quantizes once" in _error("model: m\nstages:\n  - {type: rtn}\n  - {type: gptq}\n")
+    assert "quantizes them once" in _error("model: m\nstages:\n  - {type: rtn}\n  - {type: gptq}\n")
     msg = _error("model: m\nstages:\n  - {type: export, format: gguf}\n")
     assert "export is not a stage" in msg
     assert "needs `model:`" in _error("stages:\n  - {type: rtn}\n")

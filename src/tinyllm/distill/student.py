@@ -90,6 +90,11 @@ class Masks:
 def prepare_for_training(student: nn.Module) -> tuple[list[str], Masks]:
     """Make every parameter trainable; packed layers become fake-quant (QAT); pruned layers keep
     their masks. -> (names of the fake-quant layers, the masks)"""
+    if any(getattr(m, "is_tinyllm_embedding", False) for m in student.modules()):
+        raise ConfigError(
+            "training a model with quantized embeddings is not supported: quantize the "
+            "embeddings after training (in a recipe, make the embeddings stage the last one)"
+        )
     fake = to_fake_quant(student)
     for p in student.parameters():
         p.requires_grad_(True)

@@ -45,6 +45,11 @@ def export(
     """Write `model` to `path` in `fmt`; the output appears only when complete."""
     check_output(path, fmt, overwrite)
     qtype = qtype or DEFAULT_TYPES.get(fmt)
+    if fmt != "gguf" and any(getattr(m, "is_tinyllm_embedding", False) for m in model.modules()):
+        raise ConfigError(
+            f"{fmt} export of quantized embeddings is not supported; export GGUF (which carries "
+            "them), or quantize without the embeddings step"
+        )
     if fmt == "hf":
         from tinyllm.export.hf import export_hf
 

@@ -26,7 +26,8 @@ from torch import nn
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.export.gguf_blocks import carry, permute_rows, why_not_carried
 from tinyllm.models.anatomy import analyze, is_norm
-from tinyllm.quant.qlinear import QuantLinear
+from tinyllm.quant.embed import tied_head
+from tinyllm.quant.qlinear import QuantEmbedding, QuantLinear
 from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.util.fs import atomic_path
 from tinyllm.util.progress import track
@@ -54,6 +55,7 @@ FILE_TYPES = {
     T.Q5_1: LlamaFileType.MOSTLY_Q5_1,
 }
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+CARRY_ORDER = (T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1)  # for a quantized embedding table
 
 LLAMA_BLOCK = {  # local module name inside a decoder block -> GGUF name inside blk.{bid}
     "input_layernorm": "attn_norm",
@@ -274,7 +276,7 @@ def collect_tensors(model: nn.Module, fam: Family) -> list[Tensor]:
     if anatomy.embedding is not None:
         top[module_names[id(anatomy.embedding)]] = "token_embd"
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    tied = tied_head(model)
     if head is not None and not tied:
         top[module_names[id(head)]] = "output"
     out: list[Tensor] = []
@@ -288,7 +290,7 @@ def collect_tensors(model: nn.Module, fam: Family) -> list[Tensor]:
         perm = 0
         if fam.permute_qk:
             perm = heads.get(gguf_name.rsplit(".", 1)[-1], 0)
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, QuantLinear | QuantEmbedding):
             out.append(Tensor(f"{gguf_name}.weight", record=mod.qweight, permute_heads=perm))
             done.add(f"{mod_name}.weight")
         for pname, p in mod.named_parameters(recurse=False):
@@ -393,6 +395,9 @@ def export_gguf(
     main = TYPES[qtype]
     embed = TYPES[embed_type] if embed_type else (main if main in FLOAT_TYPES else T.Q8_0)
     tensors = collect_tensors(model, fam)
+    record = next((t.record for t in tensors if t.name == "token_embd.weight"), None)
+    if embed_type is None and record is not None:  # quantized embeddings: carry them if possible
+        embed = next((q for q in CARRY_ORDER if why_not_carried(record, q) is None), embed)
     report = ExportReport()
     with atomic_path(Path(path)) as tmp:
         w = GGUFWriter(str(tmp), fam.arch)

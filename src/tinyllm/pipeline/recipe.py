@@ -261,27 +261,38 @@ def _stage(value: Any, i: int, where: Where) -> BaseModel:
 
 def check_order(stages: list[BaseModel], where: Where | None = None) -> list[str]:
     """Refuse impossible orders; return warnings for orders known to hurt."""
+    from tinyllm.quant.embed import Embeddings
+
     warnings: list[str] = []
-    quantized = pruned = False
+    pruned = False
+    targets: set[str] = set()  # what is quantized so far: linears, embeddings
     for i, cfg in enumerate(stages):
         kind, name = kind_of(cfg), stage_name(cfg)
         at = where.at(("stages", i)) if where else f"stage {i + 1}"
+        target = "embeddings" if isinstance(cfg, Embeddings) else "linears"
+        quantized = bool(targets)
+        if kind == "train" and "embeddings" in targets:
+            raise RecipeError(
+                f"{at}: {name} after quantizing the embeddings: training keeps the embeddings "
+                "in float; make the embeddings stage the last one"
+            )
         if kind == "prune" and quantized:
             raise RecipeError(
                 f"{at}: {name} after quantization: pruners need float weights. Prune first, then "
                 f"quantize (recommended order: {RECOMMENDED})"
             )
-        if kind == "quantize" and quantized:
+        if kind == "quantize" and target in targets:
             raise RecipeError(
-                f"{at}: {name} on an already quantized model: a recipe quantizes once; "
-                "choose one quantization stage"
+                f"{at}: {name} on already quantized {target}: a recipe quantizes them once; "
+                "choose one quantization stage for them"
             )
         if kind == "train" and getattr(cfg, "layers", None) and (pruned or quantized):
             warnings.append(
                 f"{at}: dropping blocks after pruning or quantization throws away what those "
                 f"stages calibrated; the recommended order is {RECOMMENDED}"
             )
-        quantized |= kind == "quantize"
+        if kind == "quantize":
+            targets.add(target)
         pruned |= kind == "prune"
     return warnings
 

@@ -12,9 +12,15 @@ from tinyllm.core.steps import Step, run_step
 
 def step_classes() -> dict[str, type[Step]]:
     """Method name -> step config class (importing a method registers it)."""
-    from tinyllm.quant import awq, gptq, nf4, rtn
+    from tinyllm.quant import awq, embed, gptq, nf4, rtn
 
-    return {"rtn": rtn.RTN, "gptq": gptq.GPTQ, "awq": awq.AWQ, "nf4": nf4.NF4}
+    return {
+        "rtn": rtn.RTN,
+        "gptq": gptq.GPTQ,
+        "awq": awq.AWQ,
+        "nf4": nf4.NF4,
+        "embeddings": embed.Embeddings,
+    }
 
 
 def quantize(

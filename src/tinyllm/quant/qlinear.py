@@ -127,3 +127,57 @@ def replace_linear(model: nn.Module, name: str, qw: QuantizedWeight) -> QuantLin
     new = QuantLinear(qw, getattr(old, "bias", None))
     setattr(parent, child, new)
     return new
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding whose table stays packed; a lookup dequantizes only the rows it reads.
+
+    With tied embeddings the output head is a QuantLinear holding the same QuantizedWeight, so the
+    table is stored once.
+    """
+
+    is_tinyllm_embedding = True
+
+    def __init__(
+        self, qw: QuantizedWeight, padding_idx: int | None = None, scale: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qw.shape
+        self.padding_idx = padding_idx
+        self.output_scale = scale  # families that scale embeddings (Gemma: sqrt(hidden))
+        self.qweight = qw
+        for name, t in qw.tensors("record").items():
+            self.register_buffer(name.replace(".", "_"), t, persistent=False)
+
+    def logical_numel(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+    def weight_storage_bits(self) -> int:
+        return self.qweight.storage_bits()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., dim]
+        flat = ids.reshape(-1)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        rows = self.qweight.rows(uniq)[inverse]
+        if self.output_scale != 1.0:
+            rows = rows * self.output_scale
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_embedding(model: nn.Module, name: str, qw: QuantizedWeight) -> QuantEmbedding:
+    """Swap the nn.Embedding at `name` for a QuantEmbedding holding `qw`."""
+    old = model.get_submodule(name)
+    scale = getattr(old, "embed_scale", 1.0)
+    scale = float(scale) if not isinstance(scale, torch.Tensor) else float(scale.item())
+    new = QuantEmbedding(qw, getattr(old, "padding_idx", None), scale)
+    set_module(model, name, new)
+    return new

@@ -83,6 +83,19 @@ class QuantizedWeight:
             w = w[:, torch.argsort(self.perm)]
         return w
 
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dequantize only the rows `idx` (an embedding lookup). -> float32 [len(idx), in]"""
+        out, inp = self.shape
+        if self.perm is not None or (inp * self.bits) % 8:
+            return self.dequantize()[idx]
+        packed = self.packed.view(out, inp * self.bits // 8)[idx].reshape(-1)
+        q = unpack_bits(packed, self.bits, idx.numel() * inp).reshape(-1, inp)
+        scale = self.scale[idx]
+        if self.codebook is not None:
+            g = self.codebook[q.long()].reshape(q.shape[0], self.groups, -1)
+            return (g * scale.float()[..., None]).reshape(q.shape)
+        return dequantize_codes(q, scale, self.zero[idx], self.effective_group)
+
     def storage_bits(self) -> int:
         """Bits stored for this weight: codes, scales, zero points (asymmetric), codebook."""
         bits = self.shape[0] * self.shape[1] * self.bits
