@@ -142,3 +142,25 @@ def test_llamacpp_runs_carried_q4_0(tokenizer, tmp_path: Path):
     err = np.abs(theirs - ours).max()
     assert err < 0.05 * np.abs(ours).max()
     assert err < 0.5 * np.abs(theirs - float_logits).max()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_llamacpp_runs_quantized_embeddings(family, tokenizer, tmp_path: Path):
+    """A q8_0 embedding table (tied head) carried from tinyllm's record, run by llama.cpp."""
+    pytest.importorskip("llama_cpp")
+    from tinyllm.export import llamacpp
+    from tinyllm.quant.embed import Embeddings
+
+    model = tiny_model(family, vocab=len(tokenizer))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    quantize(model, Embeddings(bits=8))
+    path = tmp_path / "e.gguf"
+    report = export(model, tokenizer, path, "gguf", "f32", strict=True)
+    assert "token_embd.weight" in report.carried
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"][:24]
+    theirs = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64), ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    # the head's q8_0 dot products round activations to 8 bits in llama.cpp
+    assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()
