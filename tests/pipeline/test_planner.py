@@ -64,6 +64,28 @@ def test_pareto_front_and_sizes() -> None:
     assert len(candidate_grids()) == 40
 
 
+def test_embedding_options_are_measured_and_sized(tmp_path, tokenizer) -> None:
+    from tinyllm.pipeline.planner import embedding_sensitivity
+    from tinyllm.quant.embed import Embeddings
+
+    model = tiny_model(vocab=len(tokenizer))
+    windows = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    emb = embedding_sensitivity(model, windows)
+    assert set(emb) == {8, 4} and 0 <= emb[8] < emb[4]
+    grid = Grid(4, 32, True)
+    cands = predict(model, layer_sensitivity(model, windows), [grid], emb)
+    assert [c.embed_bits for c in cands] == [None, 8, 4]
+    assert cands[0].size_bytes > cands[1].size_bytes > cands[2].size_bytes
+    assert cands[2].predicted_kld > cands[0].predicted_kld
+    tinyllm.quantize(model, tinyllm.RTN(bits=4, group_size=32, sym=True))
+    tinyllm.quantize(model, Embeddings(bits=8))
+    round_floats(model, torch.float16)
+    tinyllm.save_checkpoint(model, tokenizer, tmp_path / "q", {"steps": []})
+    data = (tmp_path / "q" / "model.safetensors").read_bytes()
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    assert len(data) - header == model_bytes(tiny_model(vocab=len(tokenizer)), grid, 8)
+
+
 def test_cli_plan_recommends_a_runnable_recipe(tiny_dir, corpus_file, tmp_path) -> None:
     out = tmp_path / "plan"
     common = ["--calib-corpus", str(corpus_file), "--samples", "4", "--seq-len", "16"]

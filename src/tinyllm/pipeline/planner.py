@@ -10,8 +10,9 @@
 3. Verification: the best few candidates that fit the budget are quantized for real (GPTQ) and
    scored by the evaluation harness; the recommendation is the best verified one.
 
-Per-layer bit widths join the search when mixed precision lands; until then candidates are uniform
-grids, and what the planner adds is the ranking, the exact sizes and the measured check.
+Candidates are uniform grids for the block linears, each with the embedding table (and head) in
+float16 or quantized to 8 or 4 bits (measured directly: two extra forwards). Per-layer bit widths
+join the search when mixed precision lands.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 PROBE = RTN(bits=3, group_size=128)  # per output channel where 128 does not divide the inputs
 BITS = (2, 3, 4, 5, 8)
 GROUPS = (32, 64, 128, -1)
+EMBED_BITS = (None, 8, 4)  # embedding table options (Embeddings step: RTN sym g32)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class Candidate:
     size_bytes: int
     predicted_kld: float
     measured: dict[str, Any] | None = None  # evaluation of the real GPTQ model
+    embed_bits: int | None = None  # embeddings (and head) quantized too; None: float16
+
+    @property
+    def label(self) -> str:
+        return self.grid.label + (f" + emb{self.embed_bits}" if self.embed_bits else "")
 
     @property
     def predicted_ppl_ratio(self) -> float:
@@ -77,6 +84,7 @@ class Plan:
     sensitivity: dict[str, float]
     candidates: list[Candidate] = field(default_factory=list)
     recommended: Candidate | None = None
+    embedding_sensitivity: dict[int, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +122,36 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor) -> dict[str, floa
     return out
 
 
+def embedding_sensitivity(model: nn.Module, windows: torch.Tensor) -> dict[int, float]:
+    """KL to the original with only the embeddings (and head) quantized, per embed bit width."""
+    import copy
+
+    from tinyllm.quant.api import quantize
+    from tinyllm.quant.embed import Embeddings
+
+    with torch.inference_mode():
+        ref = F.log_softmax(model(input_ids=windows).logits.float(), dim=-1)
+    out = {}
+    for bits in (b for b in EMBED_BITS if b):
+        m = copy.deepcopy(model)
+        quantize(m, Embeddings(bits=bits))
+        with torch.inference_mode():
+            out[bits] = max(_kl(ref, m(input_ids=windows).logits), 0.0)
+        del m
+    return out
+
+
+def embedding_bytes(model: nn.Module, bits: int | None) -> int:
+    """Bytes of the embedding table and head: float16, or packed with g32 scales/zeros."""
+    from tinyllm.quant.embed import tied_head
+
+    emb = model.get_input_embeddings().weight
+    tables = 1 if tied_head(model) or model.get_output_embeddings() is None else 2
+    if bits is None:
+        return 2 * emb.numel() * tables
+    return quantized_bytes(*emb.shape, Grid(bits, 32, True)) * tables
+
+
 def weight_error(w: torch.Tensor, grid: Grid) -> float:
     return float((rtn_quantize(w, _rtn(grid)).dequantize() - w.float()).pow(2).sum())
 
@@ -124,22 +162,29 @@ def quantized_bytes(out_f: int, in_f: int, grid: Grid) -> int:
     return math.ceil(out_f * in_f * grid.bits / 8) + out_f * groups * 3
 
 
-def model_bytes(model: nn.Module, grid: Grid) -> int:
-    """Checkpoint size with every block linear on `grid` and the rest in float16."""
+def model_bytes(model: nn.Module, grid: Grid, embed_bits: int | None = None) -> int:
+    """Checkpoint size with every block linear on `grid`, the embeddings (and head) in float16 or
+    quantized to `embed_bits`, everything else in float16."""
     from tinyllm.eval.size import param_count
 
     linears = analyze(model).linears
     n_lin = sum(s.module.weight.numel() for s in linears)
     packed = sum(quantized_bytes(*s.module.weight.shape, grid) for s in linears)
-    return packed + 2 * (param_count(model) - n_lin)  # biases, norms, embeddings: float16
+    rest = 2 * (param_count(model) - n_lin) - embedding_bytes(model, None)
+    return packed + rest + embedding_bytes(model, embed_bits)
 
 
 def candidate_grids(group_sizes=GROUPS, bits=BITS) -> list[Grid]:
     return [Grid(b, g, s) for b in bits for g in group_sizes for s in (False, True)]
 
 
-def predict(model: nn.Module, sens: dict[str, float], grids: list[Grid]) -> list[Candidate]:
-    """Predicted KL and exact size of every uniform grid."""
+def predict(
+    model: nn.Module,
+    sens: dict[str, float],
+    grids: list[Grid],
+    embed_sens: dict[int, float] | None = None,
+) -> list[Candidate]:
+    """Predicted KL and exact size of every uniform grid (x every embedding option measured)."""
     sites = analyze(model).linears
     probe = {
         s.name: weight_error(s.module.weight.data, probe_grid(s.module.in_features)) for s in sites
@@ -153,6 +198,8 @@ def predict(model: nn.Module, sens: dict[str, float], grids: list[Grid]) -> list
             w = s.module.weight.data
             kld += sens[s.name] * weight_error(w, grid) / max(probe[s.name], 1e-20)
         cands.append(Candidate(grid, model_bytes(model, grid), kld))
+        for bits, extra in (embed_sens or {}).items():
+            cands.append(Candidate(grid, model_bytes(model, grid, bits), kld + extra, None, bits))
     return cands
 
 
@@ -210,10 +257,13 @@ def verify(
     from tinyllm.checkpoint import round_floats
     from tinyllm.models.load import load
     from tinyllm.quant.api import quantize
+    from tinyllm.quant.embed import Embeddings
 
     model, _ = load(spec)
     t0 = time.perf_counter()
     quantize(model, grid_step(c.grid), calib=calib)
+    if c.embed_bits:
+        quantize(model, Embeddings(bits=c.embed_bits))
     round_floats(model, torch.float16)
     seconds = time.perf_counter() - t0
     res = score(model)
@@ -255,16 +305,20 @@ def recipe_yaml(plan: Plan, c: Candidate, calibration: dict) -> str:
     """A recipe `tinyllm run` accepts for candidate `c`."""
     import yaml
 
-    step = {"type": "gptq", **{k: v for k, v in asdict(c.grid).items()}}
-    data: dict[str, Any] = {"model": plan.model, "calibration": calibration, "stages": [step]}
+    stages = [{"type": "gptq", **asdict(c.grid)}]
+    if c.embed_bits:
+        stages.append({"type": "embeddings", "bits": c.embed_bits})
+    data: dict[str, Any] = {"model": plan.model, "calibration": calibration, "stages": stages}
     gguf = {(4, 32, True): "q4_0", (4, 32, False): "q4_1", (5, 32, True): "q5_0"}
     gguf.update({(5, 32, False): "q5_1", (8, 32, True): "q8_0"})
     qtype = gguf.get((c.grid.bits, c.grid.group_size, c.grid.sym))
+    if c.embed_bits and c.embed_bits not in (4, 8):
+        qtype = None
     if qtype:
         data["export"] = [{"format": "gguf", "type": qtype, "strict": True}]
     head = (
         f"# planned by `tinyllm plan` for max size {plan.budget.max_size_bytes / 2**20:.1f} MiB: "
-        f"GPTQ {c.grid.label}, {c.size_bytes / 2**20:.1f} MiB\n"
+        f"GPTQ {c.label}, {c.size_bytes / 2**20:.1f} MiB\n"
     )
     return head + yaml.safe_dump(data, sort_keys=False)
 
@@ -280,6 +334,7 @@ def make_plan(
     probe_seq_len: int = 256,
     verify_top: int = 3,
     grids: list[Grid] | None = None,
+    embeddings: bool = True,
 ) -> Plan:
     """Measure sensitivities, predict every grid, verify the best few that fit. -> Plan"""
     from tinyllm.data.calibration import calibration_windows
@@ -305,22 +360,23 @@ def make_plan(
     probe = calibration_windows(tok, cal.corpus, probe_windows, probe_seq_len, cal.seed + 1)
     t1 = time.perf_counter()
     sens = layer_sensitivity(model, probe)
+    embed_sens = embedding_sensitivity(model, probe) if embeddings else {}
     seconds.update(original_eval=t1 - t0, sensitivity=time.perf_counter() - t1)
-    plan = Plan(spec, budget, original, sens)
-    plan.candidates = predict(model, sens, grids or candidate_grids())
+    plan = Plan(spec, budget, original, sens, embedding_sensitivity=embed_sens)
+    plan.candidates = predict(model, sens, grids or candidate_grids(), embed_sens)
     feasible = sorted(
         (c for c in plan.candidates if fits(c, budget)), key=lambda c: c.predicted_kld
     )
     if not feasible:
         smallest = min(plan.candidates, key=lambda c: c.size_bytes)
-        floats = model_bytes(model, smallest.grid) - sum(
+        floats = model_bytes(model, smallest.grid, smallest.embed_bits) - sum(
             quantized_bytes(*s.module.weight.shape, smallest.grid) for s in analyze(model).linears
         )
         raise ConfigError(
             f"no candidate fits {budget.max_size_bytes / 2**20:.1f} MiB"
             + (f" at perplexity ratio {max_ppl_ratio}" if max_ppl_ratio else "")
-            + f": the smallest ({smallest.grid.label}) is {smallest.size_bytes / 2**20:.1f} MiB, of"
-            f" which {floats / 2**20:.1f} MiB are float16 embeddings, norms and head; raise "
+            + f": the smallest ({smallest.label}) is {smallest.size_bytes / 2**20:.1f} MiB, of"
+            f" which {floats / 2**20:.1f} MiB are embeddings, norms and head; raise "
             "--max-size or --max-ppl-ratio"
         )
     calib = calibration_windows(tok, cal.corpus, cal.samples, cal.seq_len, cal.seed)
@@ -357,7 +413,7 @@ def plan_markdown(plan: Plan) -> str:
     for c in rows:
         m = c.measured or {}
         cells = [
-            c.grid.label + (" **recommended**" if c is plan.recommended else ""),
+            c.label + (" **recommended**" if c is plan.recommended else ""),
             f"{c.size_bytes / 2**20:.1f} MiB",
             f"{c.size_bytes / o['fp16_bytes']:.3f}",
             f"{c.predicted_kld:.4f}",
