@@ -27,8 +27,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet $(LLAMA_CPP) || echo "llama-cpp-python did not install; its tests skip"
 	touch $@
 
+# The built-in edge recipe end to end: GPTQ INT4 -> recovery -> 8-bit embeddings -> GGUF q4_0,
+# scored after every stage; prints the stage table and the report's path (runs/edge/report.html).
 demo: venv
-	$(VENV)/bin/tinyllm eval smollm2-135m
+	$(VENV)/bin/tinyllm run edge -o runs/edge --overwrite
 
 test: venv
 	$(VENV)/bin/ruff check src tests benchmarks
