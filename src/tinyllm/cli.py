@@ -177,9 +177,9 @@ def quantize(
     embed_bits: Annotated[
         int | None,
         typer.Option(
-            help="Also quantize the token embeddings and output head (RTN, symmetric, groups of "
-            "32, MSE clipping; a tied head shares the table) to this many bits: 8 or 4 for "
-            "GGUF q8_0/q4_0. Default: they stay float."
+            help="Also quantize the token embeddings and output head (RTN, symmetric, MSE "
+            "clipping, one scale per row at 8 bits and per 32 values below; a tied head shares "
+            "the table) to this many bits: 8 or 4 for GGUF q8_0/q4_0. Default: they stay float."
         ),
     ] = None,
     calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
@@ -252,7 +252,12 @@ def quantize(
         raise ConfigError(f"--float-dtype must be float16 or float32, got '{float_dtype}'")
     embed_cfg = None
     if embed_bits is not None:
-        embed_cfg = _make_step(classes["embeddings"], "--embed-bits", bits=embed_bits)
+        from tinyllm.quant.embed import embed_step
+
+        try:
+            embed_cfg = embed_step(embed_bits)
+        except ValueError as exc:
+            raise ConfigError(f"--embed-bits: {_first_error(exc)}") from exc
     check_output_dir(output, overwrite)  # fail before the slow part
     m, tok = tinyllm.load(model)
     calib = None

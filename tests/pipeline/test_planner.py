@@ -66,7 +66,7 @@ def test_pareto_front_and_sizes() -> None:
 
 def test_embedding_options_are_measured_and_sized(tmp_path, tokenizer) -> None:
     from tinyllm.pipeline.planner import embedding_sensitivity
-    from tinyllm.quant.embed import Embeddings
+    from tinyllm.quant.embed import embed_step
 
     model = tiny_model(vocab=len(tokenizer))
     windows = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -78,7 +78,7 @@ def test_embedding_options_are_measured_and_sized(tmp_path, tokenizer) -> None:
     assert cands[0].size_bytes > cands[1].size_bytes > cands[2].size_bytes
     assert cands[2].predicted_kld > cands[0].predicted_kld
     tinyllm.quantize(model, tinyllm.RTN(bits=4, group_size=32, sym=True))
-    tinyllm.quantize(model, Embeddings(bits=8))
+    tinyllm.quantize(model, embed_step(8))
     round_floats(model, torch.float16)
     tinyllm.save_checkpoint(model, tokenizer, tmp_path / "q", {"steps": []})
     data = (tmp_path / "q" / "model.safetensors").read_bytes()

@@ -12,7 +12,7 @@ from tests.conftest import tiny_config
 from tests.test_cli import run
 from tinyllm.checkpoint import round_floats
 from tinyllm.errors import ConfigError
-from tinyllm.quant.embed import Embeddings, tied_head
+from tinyllm.quant.embed import Embeddings, embed_step, tied_head
 from tinyllm.quant.qlinear import QuantEmbedding, QuantLinear
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
@@ -48,6 +48,7 @@ def test_quantized_embeddings_match_float_and_reload_exactly(family, tied, tmp_p
     assert isinstance(model.get_input_embeddings(), QuantEmbedding)
     assert isinstance(model.get_output_embeddings(), QuantLinear)
     assert tied_head(model) == tied and len(report["layer_errors"]) == (1 if tied else 2)
+    assert model.get_output_embeddings().kernel == "int8"  # 8 bits per row: the int8 kernel
     with torch.no_grad():
         out = model(IDS).logits
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # 8-bit: close to float
@@ -68,7 +69,7 @@ def test_tied_table_is_stored_once(tmp_path, tokenizer) -> None:
     for bits in (None, 8, 4):
         model = _model(vocab=len(tokenizer))
         if bits:
-            tinyllm.quantize(model, Embeddings(bits=bits))
+            tinyllm.quantize(model, embed_step(bits))
         round_floats(model, torch.float16)
         tinyllm.save_checkpoint(model, tokenizer, tmp_path / str(bits), {"steps": []})
         sizes[bits] = (tmp_path / str(bits) / "model.safetensors").stat().st_size

@@ -29,6 +29,7 @@ from torch import nn
 
 from tinyllm.errors import ConfigError
 from tinyllm.models.anatomy import analyze
+from tinyllm.quant.embed import embed_step
 from tinyllm.quant.rtn import RTN, rtn_quantize
 from tinyllm.util.progress import track
 
@@ -127,14 +128,13 @@ def embedding_sensitivity(model: nn.Module, windows: torch.Tensor) -> dict[int, 
     import copy
 
     from tinyllm.quant.api import quantize
-    from tinyllm.quant.embed import Embeddings
 
     with torch.inference_mode():
         ref = F.log_softmax(model(input_ids=windows).logits.float(), dim=-1)
     out = {}
     for bits in (b for b in EMBED_BITS if b):
         m = copy.deepcopy(model)
-        quantize(m, Embeddings(bits=bits))
+        quantize(m, embed_step(bits))
         with torch.inference_mode():
             out[bits] = max(_kl(ref, m(input_ids=windows).logits), 0.0)
         del m
@@ -149,7 +149,7 @@ def embedding_bytes(model: nn.Module, bits: int | None) -> int:
     tables = 1 if tied_head(model) or model.get_output_embeddings() is None else 2
     if bits is None:
         return 2 * emb.numel() * tables
-    return quantized_bytes(*emb.shape, Grid(bits, 32, True)) * tables
+    return quantized_bytes(*emb.shape, Grid(bits, embed_step(bits).group_size, True)) * tables
 
 
 def weight_error(w: torch.Tensor, grid: Grid) -> float:
@@ -257,13 +257,12 @@ def verify(
     from tinyllm.checkpoint import round_floats
     from tinyllm.models.load import load
     from tinyllm.quant.api import quantize
-    from tinyllm.quant.embed import Embeddings
 
     model, _ = load(spec)
     t0 = time.perf_counter()
     quantize(model, grid_step(c.grid), calib=calib)
     if c.embed_bits:
-        quantize(model, Embeddings(bits=c.embed_bits))
+        quantize(model, embed_step(c.embed_bits))
     round_floats(model, torch.float16)
     seconds = time.perf_counter() - t0
     res = score(model)
@@ -307,7 +306,8 @@ def recipe_yaml(plan: Plan, c: Candidate, calibration: dict) -> str:
 
     stages = [{"type": "gptq", **asdict(c.grid)}]
     if c.embed_bits:
-        stages.append({"type": "embeddings", "bits": c.embed_bits})
+        step = embed_step(c.embed_bits)
+        stages.append({"type": "embeddings", "bits": step.bits, "group_size": step.group_size})
     data: dict[str, Any] = {"model": plan.model, "calibration": calibration, "stages": stages}
     gguf = {(4, 32, True): "q4_0", (4, 32, False): "q4_1", (5, 32, True): "q5_0"}
     gguf.update({(5, 32, False): "q5_1", (8, 32, True): "q8_0"})

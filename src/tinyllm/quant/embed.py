@@ -19,12 +19,21 @@ from tinyllm.quant.rtn import RTN, rtn_quantize
 
 
 class Embeddings(WeightQuant):
-    """RTN of the token embedding table and the output head."""
+    """RTN of the token embedding table and the output head.
+
+    Default: 8 bits, one scale per row (a row is one token's vector): the head then runs on
+    PyTorch's int8 kernel, and GGUF stores it as q8_0 exactly. Use groups of 32 below 8 bits.
+    """
 
     bits: int = 8
-    group_size: int = 32
+    group_size: int = -1
     sym: bool = True
     mse: bool = Field(True, description="search each group's clipping range")
+
+
+def embed_step(bits: int) -> Embeddings:
+    """The Embeddings step tinyllm uses for a bit width: per row at 8 bits, groups of 32 below."""
+    return Embeddings(bits=bits, group_size=-1 if bits >= 8 else 32)
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
