@@ -790,6 +790,7 @@ def plan(
     if p.recommended is None:
         out.print("no verified candidate met the budget; see the table above")
     else:
+        out.print(files["recipe"].read_text(), highlight=False, soft_wrap=True)
         out.print(f"recommended recipe: {files['recipe']} (tinyllm run {files['recipe']})")
     out.print(f"wrote {', '.join(str(f) for f in files.values())}")
 

@@ -55,6 +55,11 @@ def test_stages_are_checkpointed_scored_reported_and_exported(tiny_dir, corpus_f
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<table>" in page
     assert (out / "recipe.yaml").read_text() == text
+    (out / "report.md").unlink()
+    p = run("report", str(out))  # rebuilt from state.json alone
+    assert p.returncode == 0, p.stderr
+    assert (out / "report.md").read_text() == md
+    assert_clean_error(run("report", str(tmp_path)), "not a tinyllm run directory")
 
 
 def test_resume_skips_finished_stages_and_refuses_a_changed_recipe(tiny_dir, corpus_file, tmp_path):

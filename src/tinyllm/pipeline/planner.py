@@ -428,6 +428,10 @@ def plan_markdown(plan: Plan) -> str:
     worst = sorted(plan.sensitivity.items(), key=lambda kv: -kv[1])[:8]
     lines += ["", "Most sensitive layers (KL with only that layer at RTN 3-bit g128):", ""]
     lines += [f"- `{k}`: {v:.5f}" for k, v in worst]
+    emb = ", ".join(f"{b} bits {v:.5f}" for b, v in plan.embedding_sensitivity.items())
+    if emb:
+        lines += ["", f"Embeddings and head quantized alone (KL): {emb}."]
+    lines += ["", "![Pareto front](front.png)"]
     return "\n".join(lines) + "\n"
 
 
