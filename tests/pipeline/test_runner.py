@@ -90,7 +90,8 @@ def test_cli_bad_recipes_and_outputs_are_one_line_errors(tiny_dir, corpus_file, 
     missing = tmp_path / "missing.yaml"
     missing.write_text(recipe_text(tmp_path / "nope", corpus_file, "  - {type: rtn}\n"))
     p = run("run", str(missing), "-o", str(tmp_path / "m"))
-    assert_clean_error(p, "nope")
+    assert_clean_error(p, "missing.yaml: model: ")
+    assert not (tmp_path / "m").exists()  # refused before anything was written
     p = run("recipes")
     assert p.returncode == 0 and "edge" in p.stdout and "mobile" in p.stdout
 

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel
 from torch import nn
 
+from tinyllm.errors import TinyLLMError
 from tinyllm.pipeline.recipe import Distill, Recipe, RecipeError, kind_of, stage_name
 from tinyllm.util.fs import write_json_atomic, write_text_atomic
 
@@ -307,8 +308,14 @@ def run_recipe(
     on_stage: Callable | None = None,
 ) -> dict:
     """Run `recipe` (its YAML `text` is kept beside the results) into `out`; returns the state."""
+    from tinyllm.models.load import resolve
+
     out = Path(out)
     for w in recipe.warnings:
         log.warning(w)
+    try:
+        resolve(recipe.model)  # a missing model fails before anything is written
+    except TinyLLMError as exc:
+        raise RecipeError(f"{recipe.source}: model: {exc}") from exc
     state = prepare_output(out, recipe, text, resume, overwrite)
     return Runner(recipe, out, state, on_stage).run()
