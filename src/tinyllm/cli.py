@@ -784,6 +784,7 @@ def plan(
         probe_windows,
         probe_seq_len,
         verify_top,
+        cache=output / "sensitivity.json",
     )
     files = write_plan(p, output, cal.model_dump())
     out.print(plan_markdown(p), highlight=False, soft_wrap=True)

@@ -51,6 +51,18 @@ def test_predicted_size_is_the_checkpoint_size(grid, tmp_path, tokenizer) -> Non
     assert len(data) - header == expected
 
 
+@pytest.mark.parametrize("grid", [Grid(3, 32, False), Grid(4, -1, True), Grid(5, 64, False)])
+def test_weight_error_is_the_rtn_error(grid) -> None:
+    from tinyllm.pipeline.planner import weight_error
+    from tinyllm.quant.rtn import RTN, rtn_quantize
+
+    w = torch.randn(24, 128)
+    q = rtn_quantize(w, RTN(bits=grid.bits, group_size=grid.group_size, sym=grid.sym))
+    assert weight_error(w, grid) == pytest.approx(
+        float((q.dequantize() - w).pow(2).sum()), rel=1e-5
+    )
+
+
 def test_pareto_front_and_sizes() -> None:
     c = [
         Candidate(Grid(b, 32, False), size, kld)
@@ -104,6 +116,7 @@ def test_cli_plan_recommends_a_runnable_recipe(tiny_dir, corpus_file, tmp_path) 
     assert rec["size_bytes"] <= plan["budget"]["max_size_bytes"]
     assert recipe.stages[0].bits == rec["grid"]["bits"]
     assert sum(c["measured"] is not None for c in plan["candidates"]) == 2
+    assert (out / "sensitivity.json").is_file()  # a re-run with another budget reuses it
     p = run("plan", str(tiny_dir), "--max-size", "1KB", "-o", str(tmp_path / "x"), *common)
     assert_clean_error(p, "no candidate fits")
     p = run("plan", str(tiny_dir), "--max-size", "huge", "-o", str(tmp_path / "y"), *common)

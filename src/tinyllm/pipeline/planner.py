@@ -153,7 +153,13 @@ def embedding_bytes(model: nn.Module, bits: int | None) -> int:
 
 
 def weight_error(w: torch.Tensor, grid: Grid) -> float:
-    return float((rtn_quantize(w, _rtn(grid)).dequantize() - w.float()).pow(2).sum())
+    """||W - RTN(W)||^2 on `grid`: the rounding rtn_quantize does, without packing the codes."""
+    from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
+
+    scale, zero = group_qparams(w, grid.bits, grid.group_size, grid.sym)
+    g = grouped(w.float(), grid.group_size)  # [rows, groups, gs]
+    wq = fake_quant(g, scale.half().float()[..., None], zero[..., None], grid.bits)
+    return float((wq - g).pow(2).sum())
 
 
 def quantized_bytes(out_f: int, in_f: int, grid: Grid) -> int:
@@ -335,6 +341,7 @@ def make_plan(
     verify_top: int = 3,
     grids: list[Grid] | None = None,
     embeddings: bool = True,
+    cache: Any = None,
 ) -> Plan:
     """Measure sensitivities, predict every grid, verify the best few that fit. -> Plan"""
     from tinyllm.data.calibration import calibration_windows
@@ -359,8 +366,7 @@ def make_plan(
     original["decode_ms"] = decode_ms(model)
     probe = calibration_windows(tok, cal.corpus, probe_windows, probe_seq_len, cal.seed + 1)
     t1 = time.perf_counter()
-    sens = layer_sensitivity(model, probe)
-    embed_sens = embedding_sensitivity(model, probe) if embeddings else {}
+    sens, embed_sens = _cached_sensitivity(cache, model, probe, embeddings, spec)
     seconds.update(original_eval=t1 - t0, sensitivity=time.perf_counter() - t1)
     plan = Plan(spec, budget, original, sens, embedding_sensitivity=embed_sens)
     plan.candidates = predict(model, sens, grids or candidate_grids(), embed_sens)
@@ -388,6 +394,32 @@ def make_plan(
     plan.recommended = min(ok, key=lambda c: c.measured["perplexity"]) if ok else None
     plan.seconds = seconds
     return plan
+
+
+def _cached_sensitivity(
+    cache: Any, model: nn.Module, probe: torch.Tensor, embeddings: bool, spec: str
+) -> tuple[dict[str, float], dict[int, float]]:
+    """Layer and embedding sensitivities, reused from `cache` (a JSON file) when it was measured
+    for the same model and probe windows: a re-run with another budget skips the slow part."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from tinyllm.util.fs import write_json_atomic
+
+    key = hashlib.sha256(f"{spec}|{probe.tolist()}|{PROBE}|{embeddings}".encode()).hexdigest()
+    path = Path(cache) if cache else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            log.info("sensitivities reused from %s", path)
+            return saved["layers"], {int(k): v for k, v in saved["embeddings"].items()}
+    sens = layer_sensitivity(model, probe)
+    embed_sens = embedding_sensitivity(model, probe) if embeddings else {}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"key": key, "layers": sens, "embeddings": embed_sens})
+    return sens, embed_sens
 
 
 def plan_markdown(plan: Plan) -> str:
