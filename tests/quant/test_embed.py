@@ -49,6 +49,9 @@ def test_quantized_embeddings_match_float_and_reload_exactly(family, tied, tmp_p
     assert isinstance(model.get_output_embeddings(), QuantLinear)
     assert tied_head(model) == tied and len(report["layer_errors"]) == (1 if tied else 2)
     assert model.get_output_embeddings().kernel == "int8"  # 8 bits per row: the int8 kernel
+    from tinyllm.eval.size import param_count
+
+    assert param_count(model) == param_count(_model(family, tied, vocab=len(tokenizer)))
     with torch.no_grad():
         out = model(IDS).logits
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # 8-bit: close to float

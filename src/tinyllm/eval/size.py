@@ -24,7 +24,10 @@ def param_count(model: nn.Module) -> int:
     total = 0
     for mod in model.modules():
         logical = getattr(mod, "logical_numel", None)
-        if logical is not None:
+        record = getattr(mod, "qweight", None)
+        if logical is not None and id(record) not in seen:  # a tied head shares its record
+            if record is not None:
+                seen.add(id(record))
             total += logical()
         for p in mod.parameters(recurse=False):
             if id(p) not in seen:
