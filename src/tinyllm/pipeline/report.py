@@ -100,16 +100,17 @@ def _exports_md(state: dict) -> str:
 
 
 def layer_errors(state: dict) -> tuple[str, dict[str, float]] | None:
-    """The last stage that reported per-layer numbers: (title, layer -> value)."""
-    for s in reversed(state["stages"]):
+    """The stage with the most per-layer numbers (later on ties): (title, layer -> value)."""
+    best = None
+    for s in state["stages"]:
         rep = s.get("report") or {}
         for key, title in (
             ("layer_errors", "reconstruction error"),
             ("layer_sparsity", "sparsity"),
         ):
-            if rep.get(key):
-                return f"stage {s['index']} ({s['type']}): per-layer {title}", rep[key]
-    return None
+            if rep.get(key) and (best is None or len(rep[key]) >= len(best[1])):
+                best = (f"stage {s['index']} ({s['type']}): per-layer {title}", rep[key])
+    return best
 
 
 def markdown(state: dict) -> str:
