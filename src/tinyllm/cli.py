@@ -676,7 +676,7 @@ def run_(
     if check:
         out.print(f"{path}: valid; model {rec.model}")
         for i, s in enumerate(rec.stages, 1):
-            out.print(f"  {i}. {stage_name(s)} {s.model_dump(exclude_defaults=True)}")
+            out.print(f"  {i}. {stage_name(s)} {s.model_dump(exclude_unset=True)}")
         for e in rec.exports:
             out.print(f"  export {e.format} {e.type or ''}")
         return
