@@ -31,6 +31,12 @@ TINYLLM_CONFIG = "tinyllm.json"
 WEIGHTS = "model.safetensors"
 
 
+def prior_steps(spec: str | Path) -> list:
+    """The steps recorded in a tinyllm directory (none for any other model spec)."""
+    path = Path(spec) / TINYLLM_CONFIG
+    return json.loads(path.read_text()).get("steps", []) if path.is_file() else []
+
+
 def check_output_dir(path: Path, overwrite: bool) -> None:
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:

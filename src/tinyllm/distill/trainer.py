@@ -606,11 +606,6 @@ def distill(run: Run, cfg: DistillConfig, resume: bool = False, save_meta: dict 
     return summary
 
 
-def _prior_steps(spec: str) -> list:
-    path = Path(spec) / "tinyllm.json"
-    return json.loads(path.read_text()).get("steps", []) if path.is_file() else []
-
-
 def _prepare_output(out: Path, resume: bool, overwrite: bool, rank: int, size: int) -> None:
     import shutil
 
@@ -639,6 +634,7 @@ def make_run(
 ) -> tuple[Run, dict]:
     """Load the teacher, build or load the student (then `prepare(student)`, e.g. a pruning
     round), cut the training windows. -> (run, meta)"""
+    from tinyllm.checkpoint import prior_steps
     from tinyllm.data.corpora import load_corpus
     from tinyllm.data.windows import tokenize_corpus, train_windows, with_bos
     from tinyllm.distill.student import check_pair, layer_dropped, prepare_for_training
@@ -674,6 +670,6 @@ def make_run(
     meta = {
         "source": student_spec or teacher_spec,
         "teacher": teacher_spec,
-        "steps": [*_prior_steps(student_spec or ""), {"type": "distill", **cfg.model_dump()}],
+        "steps": [*prior_steps(student_spec or ""), {"type": "distill", **cfg.model_dump()}],
     }
     return run, meta

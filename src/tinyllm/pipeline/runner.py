@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel
 from torch import nn
 
+from tinyllm.checkpoint import prior_steps
 from tinyllm.errors import TinyLLMError
 from tinyllm.pipeline.recipe import Distill, Recipe, RecipeError, kind_of, stage_name
 from tinyllm.util.fs import write_json_atomic, write_text_atomic
@@ -219,7 +220,7 @@ class Runner:
         round_floats(model, torch.float16)
         meta = {
             "source": self.source(i),
-            "steps": [*_steps_of(self.source(i)), {"type": stage_name(cfg), **cfg.model_dump()}],
+            "steps": [*prior_steps(self.source(i)), {"type": stage_name(cfg), **cfg.model_dump()}],
             "seconds": report["seconds"],
             "calibration": self.recipe.calibration.model_dump() if calib is not None else None,
         }
@@ -292,11 +293,6 @@ def _export_name(e: Any) -> str:
     return {"gguf": f"model-{qtype}.gguf", "onnx": f"model-{qtype}.onnx", "hf": f"hf-{qtype}"}[
         e.format
     ]
-
-
-def _steps_of(spec: str) -> list:
-    path = Path(spec) / "tinyllm.json"
-    return json.loads(path.read_text()).get("steps", []) if path.is_file() else []
 
 
 def run_recipe(
