@@ -13,6 +13,7 @@ from tinyllm.quant.rtn import RTN, rtn_quantize
         (4, -1, False, "q4"),
         (4, 32, True, "int4"),
         (4, 128, False, "int4"),
+        (8, -1, True, "q8"),
         (8, -1, True, "int8"),
         (3, 32, False, "dequant"),
         (5, 64, True, "dequant"),
@@ -25,9 +26,12 @@ def test_kernels_match_dequantize_then_matmul(bits, group, sym, kernel):
     w, b = torch.randn(96, 256), torch.randn(96)
     qw = rtn_quantize(w, RTN(bits=bits, group_size=group, sym=sym))
     chosen = QuantLinear(qw, b).kernel
-    assert chosen == kernel or (kernel == "int4" and chosen == "q4")  # ours first when built
+    ours = {"int4": "q4", "int8": "q8"}  # tinyllm's kernels come first when they build
+    assert chosen == kernel or chosen == ours.get(kernel)
     layer = QuantLinear(qw, b, kernel=kernel)
-    for x in (torch.randn(1, 3, 256), torch.randn(2, 40, 256)):  # packed kernel, then unpacked
+    # 3, 7 (tiles of 4, 2, 1), 16 (tiles of 8) rows take the packed kernel; 80 rows unpack
+    sizes = [(1, 3, 256), (7, 256), (2, 8, 256), (2, 40, 256)]
+    for x in (torch.randn(*s) for s in sizes):
         ref = x @ qw.dequantize().t() + b
         torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
 

@@ -61,3 +61,10 @@ def repack_q4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         return t.float().reshape(n // LANES, LANES, -1).transpose(1, 2).contiguous()
 
     return packed, lanes(scale), lanes(zero)
+
+
+def repack_q8(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes [N, K], per-row scale [N] -> codes [N/16, K, 16] and scale float32 [N/16, 16]."""
+    n, k = codes.shape
+    packed = codes.reshape(n // LANES, LANES, k).transpose(1, 2).contiguous()
+    return packed, scale.float().reshape(n // LANES, LANES).contiguous()

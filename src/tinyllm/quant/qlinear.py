@@ -3,11 +3,14 @@
 - 4-bit affine, no permutation, output rows a multiple of 16: tinyllm's own C++ GEMV
   (quant/native.py, csrc/q4gemv.cpp), built on first use; where it cannot be built, PyTorch's CPU
   int4 kernel (`_weight_int4pack_mm_for_cpu`) for groups of 32/64/128/256.
-- 8-bit symmetric per output channel: `_weight_int8pack_mm`.
+- 8-bit symmetric per output channel: tinyllm's own C++ GEMV (q8, 16-row interleaved codes,
+  5x faster than PyTorch's here), else PyTorch's `_weight_int8pack_mm`.
 - Anything else (2/3/5 bits, codebooks, permutations): unpack and dequantize on each call.
-Inputs of more than PACKED_KERNEL_MAX_ROWS rows (prefill, evaluation) unpack the weight for that
-call and use the float matmul. The QuantizedWeight record is kept as buffers too (checkpoints
-are written from it), so memory accounting sees both it and the kernel's copy.
+Inputs of more than `max_rows` rows (prefill, evaluation) unpack the weight for that call and use
+the float matmul: tinyllm's kernels convert each weight once per tile of 8 input rows, so they
+stay ahead of unpacking up to NATIVE_MAX_ROWS rows (a decode batch of the runtime); PyTorch's
+packed kernels only up to PACKED_KERNEL_MAX_ROWS. The QuantizedWeight record is kept as buffers
+too (checkpoints are written from it), so memory accounting sees both it and the kernel's copy.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ INT4_GROUPS = (32, 64, 128, 256)
 # PyTorch's packed CPU kernels are GEMV-oriented: at prefill sizes they were 30-50x slower than
 # an fp32 matmul on the unpacked weight here (benchmarks/bench_quant.py), so larger inputs unpack.
 PACKED_KERNEL_MAX_ROWS = 8
+NATIVE_MAX_ROWS = 64
 
 
 def choose_kernel(qw: QuantizedWeight) -> str:
@@ -32,7 +36,10 @@ def choose_kernel(qw: QuantizedWeight) -> str:
     int4_shape = qw.shape[1] % 64 == 0 and qw.shape[0] % 16 == 0
     if plain and qw.bits == 4 and qw.group_size in INT4_GROUPS and int4_shape:
         return "int4"
-    if plain and qw.bits == 8 and qw.sym and qw.group_size == -1:
+    per_row_int8 = plain and qw.bits == 8 and qw.sym and qw.group_size == -1
+    if per_row_int8 and qw.shape[0] % native.LANES == 0 and native.q4_kernel() is not None:
+        return "q8"
+    if per_row_int8:
         return "int8"
     return "dequant"
 
@@ -59,6 +66,11 @@ class QuantLinear(nn.Module):
             self.register_buffer("w_q4_zero", zero, persistent=False)
         elif self.kernel == "int4":
             self._prepare_int4(qw)
+        elif self.kernel == "q8":
+            codes = (qw.codes().to(torch.int16) - (1 << (qw.bits - 1))).to(torch.int8)
+            packed, scale = native.repack_q8(codes, qw.scale.float().reshape(-1))
+            self.register_buffer("w_q8", packed, persistent=False)
+            self.register_buffer("w_q8_scale", scale, persistent=False)
         elif self.kernel == "int8":
             codes = qw.codes().to(torch.int16) - (1 << (qw.bits - 1))
             self.register_buffer("w_int8", codes.to(torch.int8), persistent=False)
@@ -87,7 +99,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > PACKED_KERNEL_MAX_ROWS:  # prefill: unpack once, float matmul
+        native_kernel = self.kernel in ("q4", "q8")
+        max_rows = NATIVE_MAX_ROWS if native_kernel else PACKED_KERNEL_MAX_ROWS
+        if x2.shape[0] > max_rows:  # prefill: unpack once, float matmul
             y = x2 @ self.qweight.dequantize().to(x2.dtype).t()
         elif self.kernel == "q4":
             group = self.qweight.effective_group
@@ -96,6 +110,8 @@ class QuantLinear(nn.Module):
                 .q4_gemv(x2.float(), self.w_q4, self.w_q4_scale, self.w_q4_zero, group)
                 .to(x2.dtype)
             )
+        elif self.kernel == "q8":
+            y = native.q4_kernel().q8_gemv(x2.float(), self.w_q8, self.w_q8_scale).to(x2.dtype)
         elif self.kernel == "int4":
             dt = x2.dtype
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -1,4 +1,4 @@
-// tinyllm 4-bit GEMV for decode (few rows): y = x @ W^T with W stored as 4-bit codes and
+// tinyllm 4-bit and 8-bit GEMV/small GEMM for decode (few rows): y = x @ W^T with W stored as 4-bit codes and
 // per-(row, group) scale and zero point, w = s * (q - z).
 //
 // Layout (made once by repack_q4): 16 output rows are interleaved so one 16-byte load holds the
@@ -9,8 +9,78 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 constexpr int64_t L = 16;
+
+// One tile: rows m0..m0+MT of x against the 16 output rows of lane block b. The 4-bit codes of
+// each input pair are widened to float once and used for every row of the tile, so a batch of
+// decoding sequences reads and converts the weights once per tile instead of once per row.
+#ifdef __AVX512F__
+template <int MT>
+static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const float* S,
+                           const float* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
+                           int64_t G, int64_t half) {
+  const __m512i low = _mm512_set1_epi32(15);
+  __m512 out[MT];
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MT];
+    for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+    const uint8_t* c = W + (b * (K / 2) + g * half) * L;
+    for (int64_t j = g * half; j < (g + 1) * half; ++j, c += L) {
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)c));
+      const __m512 we = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));
+      const __m512 wo = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+      for (int t = 0; t < MT; ++t) {
+        const float e = X[(m0 + t) * K + 2 * j], o = X[(m0 + t) * K + 2 * j + 1];
+        acc[t] = _mm512_fmadd_ps(we, _mm512_set1_ps(e), acc[t]);
+        acc[t] = _mm512_fmadd_ps(wo, _mm512_set1_ps(o), acc[t]);
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(S + (b * G + g) * L);
+    const __m512 z = _mm512_loadu_ps(Z + (b * G + g) * L);
+    for (int t = 0; t < MT; ++t) {
+      const __m512 sx = _mm512_set1_ps(GX[(m0 + t) * G + g]);
+      out[t] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, sx, acc[t]), out[t]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, out[t]);
+}
+#else
+template <int MT>
+static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const float* S,
+                           const float* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
+                           int64_t G, int64_t half) {
+  float out[MT][L] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    float acc[MT][L] = {};
+    for (int64_t j = g * half; j < (g + 1) * half; ++j) {
+      const uint8_t* c = W + (b * (K / 2) + j) * L;
+      float we[L], wo[L];
+      for (int64_t l = 0; l < L; ++l) {
+        we[l] = float(c[l] & 15);
+        wo[l] = float(c[l] >> 4);
+      }
+      for (int t = 0; t < MT; ++t) {
+        const float e = X[(m0 + t) * K + 2 * j], o = X[(m0 + t) * K + 2 * j + 1];
+        for (int64_t l = 0; l < L; ++l) acc[t][l] += we[l] * e + wo[l] * o;
+      }
+    }
+    const float* s = S + (b * G + g) * L;
+    const float* z = Z + (b * G + g) * L;
+    for (int t = 0; t < MT; ++t) {
+      const float sx = GX[(m0 + t) * G + g];
+      for (int64_t l = 0; l < L; ++l) out[t][l] += s[l] * (acc[t][l] - z[l] * sx);
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int64_t l = 0; l < L; ++l) Y[(m0 + t) * N + b * L + l] = out[t][l];
+}
+#endif
 
 torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
                       torch::Tensor zero, int64_t group) {
@@ -18,37 +88,71 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
   const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L, G = K / group;
   TORCH_CHECK(codes.size(1) * 2 == K && K % group == 0 && group % 2 == 0, "bad shapes");
   auto xs = x.contiguous();
-  auto xe = xs.view({M, K / 2, 2}).select(2, 0).contiguous();  // even columns
-  auto xo = xs.view({M, K / 2, 2}).select(2, 1).contiguous();  // odd columns
-  auto gx = xs.view({M, G, group}).sum(-1).contiguous();       // sum of x per group
   auto y = torch::empty({M, N}, x.options());
-  const float *XE = xe.data_ptr<float>(), *XO = xo.data_ptr<float>(), *GX = gx.data_ptr<float>();
+  const float* X = xs.data_ptr<float>();
+  std::vector<float> gsum(M * G, 0.f);  // sum of x over each group: the zero point's share
+  for (int64_t i = 0; i < M * K; ++i) gsum[i / group] += X[i];
+  const float* GX = gsum.data();
   const uint8_t* W = codes.data_ptr<uint8_t>();
   const float *S = scale.data_ptr<float>(), *Z = zero.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t half = group / 2;
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t m = 0; m < M; ++m) {
-        float out[L] = {0};
-        const float* xe_m = XE + m * (K / 2);
-        const float* xo_m = XO + m * (K / 2);
-        for (int64_t g = 0; g < G; ++g) {
-          float acc[L] = {0};
-          for (int64_t j = g * half; j < (g + 1) * half; ++j) {
-            const uint8_t* c = W + (b * (K / 2) + j) * L;
-            const float e = xe_m[j], o = xo_m[j];
-            for (int64_t l = 0; l < L; ++l) {
-              acc[l] += float(c[l] & 15) * e + float(c[l] >> 4) * o;
-            }
-          }
-          const float* s = S + (b * G + g) * L;
-          const float* z = Z + (b * G + g) * L;
-          const float sx = GX[m * G + g];
-          for (int64_t l = 0; l < L; ++l) out[l] += s[l] * (acc[l] - z[l] * sx);
-        }
-        for (int64_t l = 0; l < L; ++l) Y[m * N + b * L + l] = out[l];
-      }
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) q4_tile<8>(X, GX, W, S, Z, Y, b, m, K, N, G, half);
+      for (; m + 4 <= M; m += 4) q4_tile<4>(X, GX, W, S, Z, Y, b, m, K, N, G, half);
+      for (; m + 2 <= M; m += 2) q4_tile<2>(X, GX, W, S, Z, Y, b, m, K, N, G, half);
+      for (; m < M; ++m) q4_tile<1>(X, GX, W, S, Z, Y, b, m, K, N, G, half);
+    }
+  });
+  return y;
+}
+
+// 8-bit symmetric per-output-row GEMV/GEMM: codes int8 [N/16, K, 16] (16 rows interleaved),
+// scale float [N/16, 16]: y[m, n] = s[n] * sum_k q[n, k] x[m, k].
+template <int MT>
+static inline void q8_tile(const float* X, const int8_t* W, const float* S, float* Y, int64_t b,
+                           int64_t m0, int64_t K, int64_t N) {
+#ifdef __AVX512F__
+  __m512 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+  const int8_t* c = W + b * K * L;
+  for (int64_t k = 0; k < K; ++k, c += L) {
+    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)c)));
+    for (int t = 0; t < MT; ++t)
+      acc[t] = _mm512_fmadd_ps(w, _mm512_set1_ps(X[(m0 + t) * K + k]), acc[t]);
+  }
+  const __m512 s = _mm512_loadu_ps(S + b * L);
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, _mm512_mul_ps(s, acc[t]));
+#else
+  float acc[MT][L] = {};
+  const int8_t* c = W + b * K * L;
+  for (int64_t k = 0; k < K; ++k, c += L)
+    for (int t = 0; t < MT; ++t)
+      for (int64_t l = 0; l < L; ++l) acc[t][l] += float(c[l]) * X[(m0 + t) * K + k];
+  for (int t = 0; t < MT; ++t)
+    for (int64_t l = 0; l < L; ++l) Y[(m0 + t) * N + b * L + l] = S[b * L + l] * acc[t][l];
+#endif
+}
+
+torch::Tensor q8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L;
+  TORCH_CHECK(codes.size(1) == K && codes.size(2) == L, "bad shapes");
+  auto xs = x.contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  const float* X = xs.data_ptr<float>();
+  const int8_t* W = codes.data_ptr<int8_t>();
+  const float* S = scale.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) q8_tile<8>(X, W, S, Y, b, m, K, N);
+      for (; m + 4 <= M; m += 4) q8_tile<4>(X, W, S, Y, b, m, K, N);
+      for (; m + 2 <= M; m += 2) q8_tile<2>(X, W, S, Y, b, m, K, N);
+      for (; m < M; ++m) q8_tile<1>(X, W, S, Y, b, m, K, N);
     }
   });
   return y;
@@ -56,4 +160,5 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_gemv", &q4_gemv, "4-bit grouped GEMV on 16-row interleaved codes");
+  m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes");
 }

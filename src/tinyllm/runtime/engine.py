@@ -1,0 +1,411 @@
+"""The engine: continuous batching over a paged KV cache.
+
+Each `step()` (1) drops cancelled sequences and frees their blocks, (2) admits waiting requests
+from the scheduler while the batch and the KV pool have room, (3) builds one flat batch under a
+token budget: one token for every decoding sequence, then prompt chunks (chunked prefill, so a
+long prompt never stalls the others for more than one chunk), (4) runs the model once, samples
+where a sequence's known tokens are all computed, and streams the new text to each sequence's
+sink. When the pool runs out mid-decode, the most recently admitted sequence is preempted: its
+blocks are freed and it is requeued at the front to recompute later.
+
+`EngineLoop` runs steps on a background thread for the server; `Engine.generate` runs a list of
+prompts to completion in the calling thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tinyllm.errors import ConfigError
+from tinyllm.runtime.kv_cache import OutOfBlocks, PagedKVCache
+from tinyllm.runtime.metrics import Metrics
+from tinyllm.runtime.model import (
+    DecodeGroup,
+    FlatBatch,
+    LlamaRuntime,
+    PrefillChunk,
+    unsupported_reason,
+)
+from tinyllm.runtime.sampling import SamplingParams, make_generator, sample
+from tinyllm.runtime.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    kv_memory_mb: float = 256.0  # the KV pool, preallocated
+    block_size: int = 16
+    token_budget: int = 512  # tokens per step over all sequences (decode + prefill chunks)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class Event:
+    """What a sink receives: a text delta (and token id), or the end of the sequence."""
+
+    seq_id: int
+    text: str = ""
+    token: int | None = None
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    tenant: str = "default"
+    sink: Callable[[Event], None] | None = None
+    output: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose K/V are in the cache
+    text: str = ""  # decoded output so far
+    sent: int = 0  # characters of `text` already streamed
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        return len(self.prompt) + len(self.output) - self.computed
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer: object, cfg: EngineConfig | None = None):
+        self.cfg = cfg or EngineConfig()
+        reason = unsupported_reason(model)
+        if reason:
+            raise ConfigError(
+                f"the tinyllm runtime cannot run this model ({reason}); use `tinyllm generate "
+                "--backend transformers` or transformers' own generate"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.runtime = LlamaRuntime(model)
+        budget = int(self.cfg.kv_memory_mb * 2**20)
+        self.cache = PagedKVCache.for_budget(
+            self.runtime.cache_shape(), budget, self.cfg.block_size
+        )
+        self.scheduler = Scheduler(self.cfg.scheduler)
+        self.metrics = Metrics()
+        self.metrics.kv_blocks_total = self.cache.num_blocks
+        self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._cancelled: set[int] = set()
+        self.eos = _eos_ids(model, tokenizer)
+        self.max_context = min(
+            self.runtime.max_positions, self.cache.num_blocks * self.cache.block_size
+        )
+
+    # --- requests ---------------------------------------------------------------------------
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ConfigError when a request can never run (empty, or too long)."""
+        if not prompt:
+            raise ConfigError("the prompt is empty: give at least one token")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_context:
+            raise ConfigError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the context this engine can hold ({self.max_context} tokens)"
+            )
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams | None = None,
+        sink: Callable[[Event], None] | None = None,
+        tenant: str = "default",
+    ) -> Sequence:
+        """Queue a request (thread safe). Raises ConfigError or scheduler.QueueFull."""
+        params = params or SamplingParams()
+        self.check_request(prompt, params)
+        seq = Sequence(next(self._ids), list(prompt), params, tenant, sink)
+        seq.generator = make_generator(params)
+        with self._lock:
+            self.scheduler.enqueue(tenant, seq)
+            self.seqs[seq.id] = seq
+            self.metrics.queue_depth(self._queue_depths())
+        return seq
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a sequence (thread safe); its blocks are freed at the start of the next step."""
+        with self._lock:
+            self._cancelled.add(seq_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.running) or self.scheduler.waiting > 0 or bool(self._cancelled)
+
+    # --- the step ---------------------------------------------------------------------------
+    def step(self) -> int:
+        """Run one batch; returns the number of tokens computed."""
+        with self._lock:
+            self._drop_cancelled()
+            self._admit()
+        if not self.running:
+            return 0
+        t0 = time.perf_counter()
+        try:
+            work = self._plan()
+            batch = self._build(work)
+            logits = self.runtime.forward(batch, self.cache)
+        except Exception as exc:  # a bug or OOM must not leave blocks held or sinks waiting
+            log.exception("engine step failed")
+            for seq in list(self.running):
+                self._finish(seq, "error", str(exc))
+            return 0
+        dt = time.perf_counter() - t0
+        self._sample(work, logits)
+        tokens = sum(w[1] for w in work)
+        if any(w[1] == 1 for w in work):
+            self.scheduler.observe_step(dt)
+        self.metrics.step(dt, tokens, self.cache.used_blocks)
+        return tokens
+
+    def _drop_cancelled(self) -> None:
+        for sid in self._cancelled:
+            seq = self.seqs.get(sid)
+            if seq is None or seq.finish_reason:
+                continue
+            if seq in self.running:
+                self._finish(seq, "cancelled")
+            elif self.scheduler.remove(seq.tenant, seq):
+                seq.finish_reason = "cancelled"
+                self.seqs.pop(seq.id, None)
+                _emit(seq, Event(seq.id, finish_reason="cancelled"))
+        self._cancelled.clear()
+
+    def _admit(self) -> None:
+        def fits(seq: Sequence) -> bool:  # the whole known sequence plus one block of room
+            return self.cache.blocks_for(len(seq.ids)) + 1 <= self.cache.free_blocks
+
+        while (picked := self.scheduler.next(fits)) is not None:
+            _, seq = picked
+            seq.computed = self.cache.add(seq.id, seq.ids)
+            self.metrics.prefix_hit(seq.computed)
+            seq.admitted = seq.admitted or time.perf_counter()
+            self.running.append(seq)
+        self.metrics.queue_depth(self._queue_depths())
+
+    def _plan(self) -> list[tuple[Sequence, int, torch.Tensor]]:
+        """(sequence, tokens to compute now, their cache slots): decoders first, then prompt
+        chunks, within the token budget. Preempts when the pool cannot hold a step."""
+        budget = self.cfg.token_budget
+        work: list[tuple[Sequence, int, torch.Tensor]] = []
+        for seq in sorted(self.running, key=lambda s: s.pending != 1):
+            n = min(seq.pending, budget)
+            if n <= 0:
+                break
+            slots = self._reserve(seq, n, planned={id(w[0]) for w in work})
+            if slots is not None:
+                work.append((seq, n, slots))
+                budget -= n
+        return work
+
+    def _reserve(self, seq: Sequence, n: int, planned: set[int]) -> torch.Tensor | None:
+        """Slots for n tokens of seq, preempting the newest unplanned sequences (seq itself
+        last) until they fit; None if seq itself had to go."""
+        while True:
+            try:
+                return self.cache.reserve(seq.id, n)
+            except OutOfBlocks:
+                victims = [s for s in self.running if id(s) not in planned and s is not seq]
+                victim = victims[-1] if victims else seq
+                self._preempt(victim)
+                if victim is seq:
+                    return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("KV pool full: preempting sequence %d (it will recompute)", seq.id)
+        self.cache.release(seq.id)
+        self.running.remove(seq)
+        seq.computed = 0
+        self.scheduler.finished(seq.tenant)
+        self.scheduler.enqueue(seq.tenant, seq, front=True)
+        self.metrics.preemptions += 1
+
+    def _build(self, work: list[tuple[Sequence, int, torch.Tensor]]) -> FlatBatch:
+        tokens, positions, slots, logit_rows = [], [], [], []
+        decoders: list[tuple[int, Sequence]] = []
+        prefills: list[PrefillChunk] = []
+        row = 0
+        for seq, n, seq_slots in work:
+            start = seq.computed
+            tokens += seq.ids[start : start + n]
+            positions += range(start, start + n)
+            slots.append(seq_slots)
+            ctx = self.cache.slots(seq.id)  # [start + n]
+            if start + n == len(seq.ids):
+                logit_rows.append(row + n - 1)
+            if n == 1:
+                decoders.append((row, seq))
+            else:
+                qpos = torch.arange(start, start + n)
+                prefills.append(
+                    PrefillChunk(slice(row, row + n), ctx, self.runtime.visible(qpos, start + n))
+                )
+            seq.computed += n
+            row += n
+        return FlatBatch(
+            torch.tensor(tokens),
+            torch.tensor(positions),
+            torch.cat(slots),
+            torch.tensor(logit_rows, dtype=torch.long),
+            self._decode_group(decoders),
+            prefills,
+        )
+
+    def _decode_group(self, decoders: list[tuple[int, Sequence]]) -> DecodeGroup | None:
+        if not decoders:
+            return None
+        lengths = [s.computed for _, s in decoders]
+        lmax = max(lengths)
+        ctx = torch.zeros(len(decoders), lmax, dtype=torch.long)
+        mask = torch.zeros(len(decoders), lmax, dtype=torch.bool)
+        for b, ((_, seq), n) in enumerate(zip(decoders, lengths, strict=True)):
+            ctx[b, :n] = self.cache.slots(seq.id)
+            mask[b, :n] = self.runtime.visible(torch.tensor([n - 1]), n)[0]
+        rows = torch.tensor([r for r, _ in decoders])
+        return DecodeGroup(rows, ctx, mask[:, None, None, :])
+
+    def _sample(self, work: list[tuple[Sequence, int, torch.Tensor]], logits: torch.Tensor) -> None:
+        i = 0
+        now = time.perf_counter()
+        for seq, _, _ in work:
+            if seq.computed != len(seq.ids):
+                continue
+            seen = torch.tensor(seq.ids) if seq.params.repetition_penalty != 1.0 else torch.empty(0)
+            token = sample(logits[i], seq.params, seen, seq.generator)
+            i += 1
+            self._append(seq, token, now)
+
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
+        if seq.token_times:
+            self.metrics.inter_token(now - seq.token_times[-1])
+        else:
+            self.metrics.first_token(now - seq.arrival)
+        seq.token_times.append(now)
+        seq.output.append(token)
+        self.scheduler.charge(seq.tenant, 1)
+        self.metrics.tokens_generated += 1
+        if token in self.eos and not seq.params.ignore_eos:
+            self._finish(seq, "stop", drop_last=True)
+            return
+        stopped = self._stream(seq, token)
+        if stopped:
+            self._finish(seq, "stop")
+        elif len(seq.output) >= seq.params.max_tokens:
+            self._finish(seq, "length")
+
+    def _stream(self, seq: Sequence, token: int) -> bool:
+        """Send the new text; True if a stop string ended the sequence."""
+        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+            return False
+        stops = seq.params.stop
+        cut = min(
+            (i for s in stops if (i := text.find(s, max(0, seq.sent - len(s)))) >= 0), default=-1
+        )
+        if cut >= 0:
+            text = text[:cut]
+        hold = 0 if cut >= 0 else max((len(s) - 1 for s in stops), default=0)
+        seq.text = text
+        upto = max(seq.sent, len(text) - hold)
+        if upto > seq.sent:
+            _emit(seq, Event(seq.id, text[seq.sent : upto], token))
+            seq.sent = upto
+        return cut >= 0
+
+    def _finish(
+        self, seq: Sequence, reason: str, error: str | None = None, drop_last: bool = False
+    ) -> None:
+        if drop_last:  # the EOS token is not part of the text
+            seq.output.pop()
+        self.cache.release(seq.id)
+        if seq in self.running:
+            self.running.remove(seq)
+            self.scheduler.finished(seq.tenant, time.perf_counter() - seq.arrival)
+        seq.finish_reason = reason
+        self.seqs.pop(seq.id, None)
+        tail = seq.text[seq.sent :] if reason in ("stop", "length") else ""
+        seq.sent = len(seq.text)
+        self.metrics.finished(reason)
+        _emit(seq, Event(seq.id, tail, finish_reason=reason, error=error))
+
+    def _queue_depths(self) -> dict[str, int]:
+        return {t.name: len(t.queue) for t in self.scheduler.tenants.values()}
+
+    # --- synchronous use --------------------------------------------------------------------
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | None = None
+    ) -> list[Sequence]:
+        """Run the prompts to completion together (continuous batching) and return them."""
+        seqs = [self.submit(p, params) for p in prompts]
+        while any(s.finish_reason is None for s in seqs):
+            self.step()
+        return seqs
+
+
+def _emit(seq: Sequence, event: Event) -> None:
+    if seq.sink is not None:
+        try:
+            seq.sink(event)
+        except Exception:  # a broken sink must not stop the engine
+            log.exception("sink of sequence %d failed", seq.id)
+
+
+def _eos_ids(model: nn.Module, tokenizer: object) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(src, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+class EngineLoop:
+    """Runs engine steps on a daemon thread while there is work; wakes on submit."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="tinyllm-engine", daemon=True)
+
+    def start(self) -> EngineLoop:
+        self.thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.engine.has_work():
+                self.engine.step()
+            else:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()

@@ -1,0 +1,184 @@
+"""Paged KV cache: one preallocated pool of fixed-size blocks, a block table per sequence.
+
+The pool holds, per layer, keys and values for `num_blocks * block_size` token slots
+(`[slots, kv_heads, head_dim]`). A sequence owns a list of block ids; token position p lives in
+slot `table[p // block_size] * block_size + p % block_size`. Blocks are reference counted: full
+prompt blocks with identical token prefixes are shared between sequences (the hash of a block
+covers every token before it too), a fork shares every block, and a write into a block that
+another sequence also holds copies it first (copy on write). Freeing a sequence returns the
+blocks nobody else holds to the free list at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from tinyllm.errors import ConfigError
+
+
+class OutOfBlocks(Exception):
+    """The pool has fewer free blocks than a request needs (the scheduler waits or preempts)."""
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    layers: int
+    kv_heads: tuple[int, ...]  # per layer: pruned models may differ
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+
+    def bytes_per_token(self) -> int:
+        """2 (K and V) x sum over layers of kv_heads x head_dim x bytes per element."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * sum(self.kv_heads) * self.head_dim * elem
+
+
+@dataclass
+class SeqBlocks:
+    """The block table of one sequence and how many of its token slots are filled."""
+
+    table: list[int] = field(default_factory=list)
+    length: int = 0
+    hashes: list[bytes] = field(default_factory=list)  # of its full, shareable prompt blocks
+
+
+class PagedKVCache:
+    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int = 16) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ConfigError(
+                f"KV cache needs at least one block of at least one token "
+                f"(got {num_blocks} blocks of {block_size}); raise the KV memory budget"
+            )
+        self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
+        slots = num_blocks * block_size
+        self.k = [torch.zeros(slots, h, shape.head_dim, dtype=shape.dtype) for h in shape.kv_heads]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.refs = [0] * num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives block 0 first
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        self.seqs: dict[int, SeqBlocks] = {}
+
+    @classmethod
+    def for_budget(cls, shape: CacheShape, budget_bytes: int, block_size: int = 16):
+        """As many blocks as fit in `budget_bytes`."""
+        per_block = shape.bytes_per_token() * block_size
+        num = budget_bytes // per_block
+        if num < 1:
+            raise ConfigError(
+                f"a KV budget of {budget_bytes / 2**20:.2f} MiB holds no block of {block_size} "
+                f"tokens ({per_block / 2**20:.3f} MiB each for this model); raise --kv-memory"
+            )
+        return cls(shape, int(num), block_size)
+
+    # --- accounting -------------------------------------------------------------------------
+    @property
+    def free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def pool_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    # --- sequences --------------------------------------------------------------------------
+    def add(self, seq_id: int, prompt: list[int] | None = None) -> int:
+        """Register a sequence; share the longest run of cached full prompt blocks.
+
+        Returns how many prompt tokens are already in the cache (a multiple of block_size, and
+        always less than len(prompt) so the last prompt token is computed for its logits).
+        """
+        seq = SeqBlocks()
+        self.seqs[seq_id] = seq
+        if not prompt:
+            return 0
+        bs = self.block_size
+        h = hashlib.sha1()
+        for b in range((len(prompt) - 1) // bs):
+            h.update(str(prompt[b * bs : (b + 1) * bs]).encode())
+            digest = h.digest()
+            seq.hashes.append(digest)
+            block = self.by_hash.get(digest)
+            if block is None or len(seq.table) != b:
+                continue
+            self.refs[block] += 1
+            seq.table.append(block)
+            seq.length += bs
+        return seq.length
+
+    def fork(self, parent: int, child: int) -> None:
+        """The child shares every block of the parent; the first write copies (copy on write)."""
+        src = self.seqs[parent]
+        for block in src.table:
+            self.refs[block] += 1
+        self.seqs[child] = SeqBlocks(list(src.table), src.length, list(src.hashes))
+
+    def reserve(self, seq_id: int, n: int) -> torch.Tensor:
+        """Slots for the sequence's next `n` tokens (allocating and un-sharing blocks as needed)."""
+        seq = self.seqs[seq_id]
+        bs = self.block_size
+        need = self.blocks_for(seq.length + n) - len(seq.table)
+        shared_tail = seq.length % bs != 0 and self.refs[seq.table[-1]] > 1
+        if need + int(shared_tail) > len(self.free):
+            raise OutOfBlocks(f"need {need + int(shared_tail)} blocks, {len(self.free)} free")
+        if shared_tail:
+            self._copy_on_write(seq, len(seq.table) - 1)
+        for _ in range(need):
+            block = self.free.pop()
+            self.refs[block] = 1
+            seq.table.append(block)
+        pos = torch.arange(seq.length, seq.length + n)
+        table = torch.tensor(seq.table)
+        slots = table[pos // bs] * bs + pos % bs
+        seq.length += n
+        self._publish(seq)
+        return slots
+
+    def slots(self, seq_id: int) -> torch.Tensor:
+        """Every filled slot of the sequence, in position order: [length]."""
+        seq = self.seqs[seq_id]
+        bs = self.block_size
+        pos = torch.arange(seq.length)
+        return torch.tensor(seq.table, dtype=torch.long)[pos // bs] * bs + pos % bs
+
+    def release(self, seq_id: int) -> None:
+        """Drop the sequence; blocks nobody else holds go back to the pool at once."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        for block in seq.table:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                digest = self.hash_of.pop(block, None)
+                if digest is not None and self.by_hash.get(digest) == block:
+                    del self.by_hash[digest]
+                self.free.append(block)
+
+    def _publish(self, seq: SeqBlocks) -> None:
+        """Make the sequence's full prompt blocks findable by later sequences."""
+        full = min(len(seq.hashes), seq.length // self.block_size)
+        for b in range(full):
+            block = seq.table[b]
+            if block not in self.hash_of and seq.hashes[b] not in self.by_hash:
+                self.by_hash[seq.hashes[b]] = block
+                self.hash_of[block] = seq.hashes[b]
+
+    def _copy_on_write(self, seq: SeqBlocks, index: int) -> None:
+        old = seq.table[index]
+        new = self.free.pop()
+        bs = self.block_size
+        src, dst = slice(old * bs, (old + 1) * bs), slice(new * bs, (new + 1) * bs)
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst] = k[src]
+            v[dst] = v[src]
+        self.refs[old] -= 1
+        self.refs[new] = 1
+        seq.table[index] = new

@@ -1,0 +1,146 @@
+"""Engine and server metrics, rendered in Prometheus' text exposition format (version 0.0.4).
+
+Histograms keep cumulative bucket counts, a sum and a count, as Prometheus expects; they also
+keep the last few thousand raw values so `tinyllm bench` can print exact percentiles.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import threading
+import time
+
+from tinyllm.runtime.scheduler import percentile
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS, keep: int = 4096) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last is +Inf
+        self.sum = 0.0
+        self.count = 0
+        self.recent: collections.deque[float] = collections.deque(maxlen=keep)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+        self.recent.append(value)
+
+    def quantile(self, q: float) -> float:
+        return percentile(list(self.recent), q)
+
+    def render(self, name: str, help_: str) -> list[str]:
+        lines = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        total = 0
+        for bound, c in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            total += c
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'{name}_bucket{{le="{le}"}} {total}')
+        lines += [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+        return lines
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ttft = Histogram()
+        self.itl = Histogram()
+        self.step_time = Histogram()
+        self.tokens_generated = 0
+        self.tokens_computed = 0
+        self.prefix_tokens_reused = 0
+        self.preemptions = 0
+        self.rejections: collections.Counter[str] = collections.Counter()
+        self.finishes: collections.Counter[str] = collections.Counter()
+        self.queue: dict[str, int] = {}
+        self.kv_blocks_used = 0
+        self.kv_blocks_total = 0
+        self.started = time.time()
+        self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def step(self, seconds: float, tokens: int, kv_used: int) -> None:
+        self.step_time.observe(seconds)
+        self.tokens_computed += tokens
+        self.kv_blocks_used = kv_used
+        self._rate.append((time.perf_counter(), self.tokens_generated))
+
+    def prefix_hit(self, tokens: int) -> None:
+        self.prefix_tokens_reused += tokens
+
+    def finished(self, reason: str) -> None:
+        self.finishes[reason] += 1
+
+    def rejected(self, reason: str) -> None:
+        with self.lock:
+            self.rejections[reason] += 1
+
+    def queue_depth(self, depths: dict[str, int]) -> None:
+        self.queue = dict(depths)
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the recent steps."""
+        if len(self._rate) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def render(self, running: int) -> str:
+        lines: list[str] = []
+        lines += self.ttft.render("tinyllm_time_to_first_token_seconds", "Time to first token.")
+        lines += self.itl.render("tinyllm_inter_token_latency_seconds", "Time between tokens.")
+        lines += self.step_time.render("tinyllm_step_seconds", "Duration of an engine step.")
+        scalars = [
+            ("generated_tokens_total", "counter", "Tokens generated.", self.tokens_generated),
+            ("computed_tokens_total", "counter", "Tokens run through the model.",
+             self.tokens_computed),
+            ("prefix_cache_tokens_total", "counter", "Prompt tokens reused from shared KV blocks.",
+             self.prefix_tokens_reused),
+            ("preemptions_total", "counter", "Sequences preempted for KV space.",
+             self.preemptions),
+            ("tokens_per_second", "gauge", "Generated tokens per second, recent steps.",
+             round(self.tokens_per_second(), 3)),
+            ("kv_blocks_used", "gauge", "KV cache blocks in use.", self.kv_blocks_used),
+            ("kv_blocks_total", "gauge", "KV cache blocks in the pool.", self.kv_blocks_total),
+            ("running_sequences", "gauge", "Sequences in the running batch.", running),
+        ]  # fmt: skip
+        for short, kind, help_, value in scalars:
+            name = f"tinyllm_{short}"
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        lines += [
+            "# HELP tinyllm_queue_depth Waiting requests per tenant.",
+            "# TYPE tinyllm_queue_depth gauge",
+        ]
+        lines += [
+            f'tinyllm_queue_depth{{tenant="{_esc(t)}"}} {n}' for t, n in sorted(self.queue.items())
+        ]
+        lines += [
+            "# HELP tinyllm_rejections_total Requests turned away.",
+            "# TYPE tinyllm_rejections_total counter",
+        ]
+        lines += [
+            f'tinyllm_rejections_total{{reason="{_esc(r)}"}} {n}'
+            for r, n in sorted(self.rejections.items())
+        ]
+        lines += [
+            "# HELP tinyllm_finished_total Finished sequences.",
+            "# TYPE tinyllm_finished_total counter",
+        ]
+        lines += [
+            f'tinyllm_finished_total{{reason="{_esc(r)}"}} {n}'
+            for r, n in sorted(self.finishes.items())
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _esc(label: str) -> str:
+    return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,212 @@
+"""A lean decoder forward for the Llama family over a paged KV cache.
+
+It runs the modules of a loaded model directly (embedding, norms' weights, the linear layers
+whatever they are: fp32 `nn.Linear`, packed `QuantLinear`, pruned shapes) but replaces
+transformers' per-call machinery with one flat batch: the new tokens of every running sequence
+are concatenated (`[T, hidden]`), every linear runs once per step on all of them, and only
+attention is per group: all decoding sequences together (one gather of their cached keys and a
+masked batched attention), each prefill chunk on its own (causal with an offset).
+
+Families are data: `FAMILIES` maps a `config.model_type` to the names of its norms, embedding and
+head. Llama, Qwen2 (q/k/v biases live in the linears), Mistral (optional sliding window) and
+TinyLlama (a Llama) share this code; other families use `HFFallback` in engine.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyllm.models.anatomy import analyze
+from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
+
+FAMILIES: dict[str, dict[str, str]] = {
+    fam: {
+        "embed": "model.embed_tokens",
+        "final_norm": "model.norm",
+        "head": "lm_head",
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+    }
+    for fam in ("llama", "qwen2", "mistral")
+}
+# RoPE variants whose frequencies do not depend on the sequence length (the module's inv_freq
+# already holds the scaled frequencies). "dynamic" and "longrope" change with length: fallback.
+STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the lean forward cannot run this model, or None if it can."""
+    cfg = model.config
+    fam = getattr(cfg, "model_type", "?")
+    if fam not in FAMILIES:
+        return f"model family '{fam}' is not in the runtime's table ({', '.join(FAMILIES)})"
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope not in STATIC_ROPE:
+        return f"RoPE type '{rope}' depends on sequence length"
+    if getattr(cfg, "use_sliding_window", False) and fam == "qwen2":
+        return "Qwen2 with a sliding window"
+    return None
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+    heads: int
+    kv_heads: int
+
+
+@dataclass
+class DecodeGroup:
+    """Sequences adding one token each: attention over their padded cached keys."""
+
+    rows: torch.Tensor  # [B] rows of the flat batch
+    ctx: torch.Tensor  # [B, Lmax] slots of each sequence's keys (padding repeats slot 0)
+    mask: torch.Tensor  # [B, 1, 1, Lmax] True where a key is real and visible
+
+
+@dataclass
+class PrefillChunk:
+    """A run of prompt tokens of one sequence: causal attention over its whole context."""
+
+    rows: slice
+    ctx: torch.Tensor  # [L] slots of the sequence's keys, this chunk's included
+    mask: torch.Tensor  # [n, L] bool
+
+
+@dataclass
+class FlatBatch:
+    tokens: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] where each token's K/V is written
+    logit_rows: torch.Tensor  # [S] rows whose next-token logits are wanted
+    decode: DecodeGroup | None
+    prefills: list[PrefillChunk]
+
+
+class LlamaRuntime:
+    """Holds references to the model's modules (nothing copied) and runs flat batches."""
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(reason)
+        cfg = model.config
+        names = FAMILIES[cfg.model_type]
+        self.model = model
+        self.embed = model.get_submodule(names["embed"])
+        self.final_norm = model.get_submodule(names["final_norm"]).weight
+        self.head = model.get_submodule(names["head"])
+        self.eps = float(cfg.rms_norm_eps)
+        self.head_dim = int(
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        )
+        self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        rotary = model.get_submodule("model.rotary_emb")
+        self.inv_freq = rotary.inv_freq.float()  # [head_dim / 2]
+        self.rope_scale = float(rotary.attention_scaling)
+        self.layers = self._layers(model, names)
+        self.vocab = int(cfg.vocab_size)
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
+
+    def _layers(self, model: nn.Module, names: dict[str, str]) -> list[Layer]:
+        anat = analyze(model)
+        out = []
+        for i, block in enumerate(anat.blocks):
+            lin = {s.role: s.module for s in anat.block_linears(i)}
+            hd = self.head_dim
+            out.append(
+                Layer(
+                    attn_norm=block.get_submodule(names["attn_norm"]).weight,
+                    mlp_norm=block.get_submodule(names["mlp_norm"]).weight,
+                    q=lin["q"],
+                    k=lin["k"],
+                    v=lin["v"],
+                    o=lin["o"],
+                    gate=lin["gate"],
+                    up=lin["up"],
+                    down=lin["down"],
+                    heads=lin["q"].out_features // hd,
+                    kv_heads=lin["k"].out_features // hd,
+                )
+            )
+        return out
+
+    def cache_shape(self, dtype: torch.dtype = torch.float32) -> CacheShape:
+        return CacheShape(
+            len(self.layers), tuple(ly.kv_heads for ly in self.layers), self.head_dim, dtype
+        )
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return w * (x * torch.rsqrt(var + self.eps))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale  # [T, hd]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2  # x: [T, heads, hd]; cos/sin: [T, 1, hd]
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    @torch.inference_mode()
+    def forward(self, batch: FlatBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Logits [S, vocab] for `batch.logit_rows`; writes every new token's K/V to the cache."""
+        x = self.embed(batch.tokens)  # [T, hidden]
+        cos, sin = self._rope(batch.positions)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        t, hd = x.shape[0], self.head_dim
+        for i, ly in enumerate(self.layers):
+            h = self._norm(x, ly.attn_norm)
+            q = self._rotate(ly.q(h).view(t, ly.heads, hd), cos, sin)
+            k = self._rotate(ly.k(h).view(t, ly.kv_heads, hd), cos, sin)
+            v = ly.v(h).view(t, ly.kv_heads, hd)
+            cache.k[i].index_copy_(0, batch.slots, k)
+            cache.v[i].index_copy_(0, batch.slots, v)
+            attn = self._attention(q, cache.k[i], cache.v[i], batch)  # [T, heads, hd]
+            x = x + ly.o(attn.reshape(t, ly.heads * hd))
+            h = self._norm(x, ly.mlp_norm)
+            x = x + ly.down(F.silu(ly.gate(h)) * ly.up(h))
+        x = self._norm(x[batch.logit_rows], self.final_norm)
+        return self.head(x).float()
+
+    def _attention(
+        self, q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, batch: FlatBatch
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if batch.decode is not None:
+            d = batch.decode
+            keys = kpool[d.ctx].transpose(1, 2)  # [B, kv_heads, Lmax, hd]
+            vals = vpool[d.ctx].transpose(1, 2)
+            qd = q[d.rows].unsqueeze(2)  # [B, heads, 1, hd]
+            o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=d.mask, enable_gqa=True)
+            out[d.rows] = o.squeeze(2)
+        for p in batch.prefills:
+            keys = kpool[p.ctx].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, hd]
+            vals = vpool[p.ctx].transpose(0, 1).unsqueeze(0)
+            qp = q[p.rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
+            o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=p.mask, enable_gqa=True)
+            out[p.rows] = o.squeeze(0).transpose(0, 1)
+        return out
+
+    def visible(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        """[n, k_len] bool: key j is visible to a query at position p (causal, sliding window)."""
+        kpos = torch.arange(k_len)[None, :]
+        mask = kpos <= q_pos[:, None]
+        if self.window:
+            mask &= kpos > q_pos[:, None] - self.window
+        return mask
