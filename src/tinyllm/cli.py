@@ -796,6 +796,179 @@ def plan(
     out.print(f"wrote {', '.join(str(f) for f in files.values())}")
 
 
+KvOpt = Annotated[
+    float, typer.Option("--kv-memory", help="MiB preallocated for the paged KV cache.")
+]
+
+
+def _engine(model: str, kv_memory: float, **sched: object):
+    from tinyllm.models.load import load
+    from tinyllm.runtime.engine import Engine, EngineConfig
+    from tinyllm.runtime.scheduler import SchedulerConfig
+
+    m, tok = load(model)
+    return Engine(m, tok, EngineConfig(kv_memory_mb=kv_memory, scheduler=SchedulerConfig(**sched)))
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Argument(help="The prompt text.")],
+    chat: Annotated[
+        bool, typer.Option(help="Wrap the prompt in the model's chat template.")
+    ] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0, help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Keep the k likeliest tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(min=0.01, max=1, help="Nucleus mass.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(min=0.01, help="1 = off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    kv_memory: KvOpt = 64.0,
+) -> None:
+    """Generate text with the tinyllm runtime, streaming tokens as they come.
+
+    Runs FP, quantized (packed INT4/INT8 kernels) and pruned Llama-family checkpoints directly.
+    Example: tinyllm generate runs/edge/final "The capital of France is" --max-tokens 20
+    """
+    from tinyllm.runtime.sampling import SamplingParams
+
+    engine = _engine(model, kv_memory)
+    params = _make_step(
+        SamplingParams,
+        "sampling",
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop or [],
+    )
+    ids = engine.prompt_ids(prompt, chat=chat)
+    seq = engine.submit(ids, params, sink=lambda ev: out.print(ev.text, end="", highlight=False))
+    while seq.finish_reason is None:
+        engine.step()
+    out.print()
+    rate = (
+        (len(seq.token_times) - 1) / max(1e-9, seq.token_times[-1] - seq.token_times[0])
+        if len(seq.token_times) > 1
+        else float("nan")
+    )
+    err.print(
+        f"[dim]{len(seq.output)} tokens, finish: {seq.finish_reason}, decode {rate:.1f} tokens/s[/]"
+    )
+
+
+@app.command()
+def bench(
+    model: ModelArg,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated stream counts.")] = "1,4,16",
+    prompt_len: Annotated[int, typer.Option(min=1, help="Prompt tokens per stream.")] = 64,
+    gen_len: Annotated[int, typer.Option(min=1, help="Tokens generated per stream.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per level; the median is shown.")] = 3,
+    kv_memory: KvOpt = 256.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write rows here.")] = None,
+) -> None:
+    """Serve N concurrent streams and print TTFT, inter-token latency p50/p95/p99, tokens/s, KV.
+
+    Example: tinyllm bench runs/edge/final --concurrency 1,4,16 --prompt-len 64 --gen-len 64
+    """
+    from tinyllm.runtime.bench import bench as run_bench
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--concurrency takes numbers like 1,4,16 (got '{concurrency}')"
+        ) from None
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency takes positive numbers like 1,4,16 (got '{concurrency}')")
+    engine = _engine(model, kv_memory, max_batch=max(levels), max_queue=max(levels) * 2)
+    rows = run_bench(engine, levels, prompt_len, gen_len, repeats)
+    t = Table(title=f"tinyllm bench {model} (prompt {prompt_len}, generate {gen_len})")
+    for col in (
+        "streams",
+        "tokens/s",
+        "TTFT p50 ms",
+        "ITL p50 ms",
+        "ITL p95 ms",
+        "ITL p99 ms",
+        "KV peak MiB",
+    ):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            str(r.concurrency),
+            f"{r.tokens_per_s:.1f}",
+            f"{r.ttft_p50_ms:.0f}",
+            f"{r.itl_p50_ms:.1f}",
+            f"{r.itl_p95_ms:.1f}",
+            f"{r.itl_p99_ms:.1f}",
+            f"{r.kv_peak_mib:.1f}",
+        )
+    out.print(t)
+    out.print(f"KV bytes per token: {rows[0].kv_bytes_per_token:,}")
+    if json_out:
+        from tinyllm.util.fs import write_json_atomic
+
+        write_json_atomic(json_out, [r.to_dict() for r in rows])
+
+
+@app.command()
+def serve(
+    model: ModelArg,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (0.0.0.0 exposes it).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Accept this key (repeatable; each "
+            "key is its own tenant). No key and no --tenants: no auth."
+        ),
+    ] = None,
+    tenants: Annotated[
+        Path | None,
+        typer.Option(help="YAML: tenants: [{name, key, weight, priority, max_concurrency}]"),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Model id the API shows (default: MODEL).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoding at once.")] = 32,
+    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 429.")] = 256,
+    target_itl: Annotated[
+        float | None,
+        typer.Option(
+            help="Target p95 inter-token latency, ms: "
+            "the batch shrinks above it and new work gets 429."
+        ),
+    ] = None,
+    kv_memory: KvOpt = 256.0,
+) -> None:
+    """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE streaming),
+    /v1/models, /health, /metrics (Prometheus).
+
+    Example: tinyllm serve runs/edge/final --api-key sk-local --target-itl 80
+    then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
+    """
+    from tinyllm.runtime.server import create_app, load_tenants
+    from tinyllm.runtime.server import serve as run_server
+
+    keys = load_tenants(str(tenants) if tenants else None, api_key or [])
+    target = None if target_itl is None else target_itl / 1000
+    engine = _engine(
+        model, kv_memory, max_batch=max_batch, max_queue=max_queue, target_itl_p95=target
+    )
+    app_ = create_app(engine, name or model, keys)
+    err.print(
+        f"serving {name or model} on http://{host}:{port}/v1 "
+        f"({'API keys required' if keys else 'no auth'}); Ctrl-C stops"
+    )
+    run_server(app_, host, port)
+
+
 def _train_prune(
     model: str,
     output: Path,

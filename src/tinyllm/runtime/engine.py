@@ -114,6 +114,21 @@ class Engine:
         )
 
     # --- requests ---------------------------------------------------------------------------
+    def prompt_ids(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of a prompt; with chat, wrapped in the tokenizer's chat template."""
+        if not chat:
+            return self.tokenizer.encode(text)
+        return self.chat_ids([{"role": "user", "content": text}])
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation through the tokenizer's chat template, ready to answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError("this model's tokenizer has no chat template: send a plain prompt")
+        wrapped = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer.encode(wrapped, add_special_tokens=False)
+
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ConfigError when a request can never run (empty, or too long)."""
         if not prompt:
@@ -154,28 +169,31 @@ class Engine:
 
     # --- the step ---------------------------------------------------------------------------
     def step(self) -> int:
-        """Run one batch; returns the number of tokens computed."""
+        """Run one batch; returns the number of tokens computed. Everything but the model's
+        forward runs under the lock that submit() and cancel() take."""
         with self._lock:
             self._drop_cancelled()
             self._admit()
-        if not self.running:
-            return 0
-        t0 = time.perf_counter()
-        try:
+            if not self.running:
+                return 0
             work = self._plan()
             batch = self._build(work)
+        t0 = time.perf_counter()
+        try:
             logits = self.runtime.forward(batch, self.cache)
         except Exception as exc:  # a bug or OOM must not leave blocks held or sinks waiting
             log.exception("engine step failed")
-            for seq in list(self.running):
-                self._finish(seq, "error", str(exc))
+            with self._lock:
+                for seq in list(self.running):
+                    self._finish(seq, "error", str(exc))
             return 0
         dt = time.perf_counter() - t0
-        self._sample(work, logits)
         tokens = sum(w[1] for w in work)
-        if any(w[1] == 1 for w in work):
-            self.scheduler.observe_step(dt)
-        self.metrics.step(dt, tokens, self.cache.used_blocks)
+        with self._lock:
+            self._sample(work, logits)
+            if any(w[1] == 1 for w in work):
+                self.scheduler.observe_step(dt)
+            self.metrics.step(dt, tokens, self.cache.used_blocks)
         return tokens
 
     def _drop_cancelled(self) -> None:
@@ -209,6 +227,8 @@ class Engine:
         budget = self.cfg.token_budget
         work: list[tuple[Sequence, int, torch.Tensor]] = []
         for seq in sorted(self.running, key=lambda s: s.pending != 1):
+            if seq not in self.running:  # preempted to make room for one planned earlier
+                continue
             n = min(seq.pending, budget)
             if n <= 0:
                 break

@@ -101,18 +101,29 @@ class Metrics:
         lines += self.step_time.render("tinyllm_step_seconds", "Duration of an engine step.")
         scalars = [
             ("generated_tokens_total", "counter", "Tokens generated.", self.tokens_generated),
-            ("computed_tokens_total", "counter", "Tokens run through the model.",
-             self.tokens_computed),
-            ("prefix_cache_tokens_total", "counter", "Prompt tokens reused from shared KV blocks.",
-             self.prefix_tokens_reused),
-            ("preemptions_total", "counter", "Sequences preempted for KV space.",
-             self.preemptions),
-            ("tokens_per_second", "gauge", "Generated tokens per second, recent steps.",
-             round(self.tokens_per_second(), 3)),
+            (
+                "computed_tokens_total",
+                "counter",
+                "Tokens run through the model.",
+                self.tokens_computed,
+            ),
+            (
+                "prefix_cache_tokens_total",
+                "counter",
+                "Prompt tokens reused from shared KV blocks.",
+                self.prefix_tokens_reused,
+            ),
+            ("preemptions_total", "counter", "Sequences preempted for KV space.", self.preemptions),
+            (
+                "tokens_per_second",
+                "gauge",
+                "Generated tokens per second, recent steps.",
+                round(self.tokens_per_second(), 3),
+            ),
             ("kv_blocks_used", "gauge", "KV cache blocks in use.", self.kv_blocks_used),
             ("kv_blocks_total", "gauge", "KV cache blocks in the pool.", self.kv_blocks_total),
             ("running_sequences", "gauge", "Sequences in the running batch.", running),
-        ]  # fmt: skip
+        ]
         for short, kind, help_, value in scalars:
             name = f"tinyllm_{short}"
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

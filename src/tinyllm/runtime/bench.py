@@ -1,0 +1,92 @@
+"""`tinyllm bench`: the engine under 1..N concurrent streams, measured the same way each time.
+
+For each concurrency c, c requests of `prompt_len` tokens (slices of the evaluation text, each
+different so no prefix is shared) generating exactly `gen_len` tokens start together; the run
+reports time to first token, inter-token latency percentiles, aggregate generated tokens per
+second and the KV memory the batch held at its peak. Each level runs `repeats` times after one
+warm-up; the median repeat (by tokens/s) is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from tinyllm.runtime.engine import Engine
+from tinyllm.runtime.sampling import SamplingParams
+from tinyllm.runtime.scheduler import percentile
+
+
+@dataclass
+class BenchRow:
+    concurrency: int
+    prompt_len: int
+    gen_len: int
+    tokens_per_s: float  # generated tokens / wall time, all streams together
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    itl_p50_ms: float
+    itl_p95_ms: float
+    itl_p99_ms: float
+    kv_peak_mib: float  # blocks held at the peak x block bytes
+    kv_bytes_per_token: int  # 2 x layers x kv_heads x head_dim x bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench_prompts(engine: Engine, count: int, prompt_len: int) -> list[list[int]]:
+    """`count` different prompts of `prompt_len` tokens from the evaluation text."""
+    from tinyllm.data.corpora import load_corpus
+
+    text = "\n\n".join(load_corpus("enwiki").documents)
+    ids = engine.tokenizer.encode(text[: 8 * prompt_len * count + 20000])
+    if len(ids) < prompt_len * count:
+        ids = ids * (prompt_len * count // max(1, len(ids)) + 1)
+    return [ids[i * prompt_len : (i + 1) * prompt_len] for i in range(count)]
+
+
+def run_level(engine: Engine, prompts: list[list[int]], gen_len: int) -> tuple[float, list, int]:
+    """Run the prompts together to exactly gen_len tokens each: (wall s, sequences, peak blocks)."""
+    params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    seqs = [engine.submit(p, params) for p in prompts]
+    peak = 0
+    while any(s.finish_reason is None for s in seqs):
+        engine.step()
+        peak = max(peak, engine.cache.used_blocks)
+    return time.perf_counter() - t0, seqs, peak
+
+
+def bench(
+    engine: Engine, concurrency: list[int], prompt_len: int, gen_len: int, repeats: int = 3
+) -> list[BenchRow]:
+    rows = []
+    block_bytes = engine.cache.shape.bytes_per_token() * engine.cache.block_size
+    for c in concurrency:
+        prompts = bench_prompts(engine, c, prompt_len)
+        run_level(engine, prompts, min(gen_len, 8))  # warm-up
+        runs = []
+        for _ in range(repeats):
+            wall, seqs, peak = run_level(engine, prompts, gen_len)
+            runs.append((sum(len(s.output) for s in seqs) / wall, seqs, peak))
+        tps, seqs, peak = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+        ttft = [s.token_times[0] - s.arrival for s in seqs]
+        itl = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:], strict=False)]
+        rows.append(
+            BenchRow(
+                c,
+                prompt_len,
+                gen_len,
+                tps,
+                1000 * statistics.median(ttft),
+                1000 * percentile(ttft, 0.95),
+                1000 * percentile(itl, 0.5),
+                1000 * percentile(itl, 0.95),
+                1000 * percentile(itl, 0.99),
+                peak * block_bytes / 2**20,
+                engine.cache.shape.bytes_per_token(),
+            )
+        )
+    return rows

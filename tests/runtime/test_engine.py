@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+from tinyllm.errors import ConfigError
+from tinyllm.runtime.engine import Engine, EngineConfig
+from tinyllm.runtime.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+PROMPTS = [[5, 9, 14], [20, 21, 22, 23, 24, 25, 26], list(range(30, 70)), [7]]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def engine(model, tokenizer, **kw) -> Engine:
+    cfg = dict(kv_memory_mb=2.0, block_size=4, token_budget=64)
+    cfg.update(kw)
+    return Engine(model, tokenizer, EngineConfig(**cfg))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_batched_greedy_matches_transformers_generate(family, tokenizer) -> None:
+    model = tiny_model(family)
+    seqs = engine(model, tokenizer).generate(PROMPTS, GREEDY)
+    for p, s in zip(PROMPTS, seqs, strict=True):
+        assert s.output == hf_greedy(model, p, 12), p
+        assert s.finish_reason == "length"
+
+
+def test_chunked_prefill_preemption_and_joining_late_change_nothing(tokenizer) -> None:
+    model = tiny_model("llama")
+    ref = engine(model, tokenizer).generate(PROMPTS, GREEDY)
+    # a budget of 5 tokens per step splits the 40-token prompt into chunks; a pool of 6 blocks
+    # of 4 tokens cannot hold all four sequences, so some are preempted and recomputed
+    per_block = engine(model, tokenizer).cache.shape.bytes_per_token() * 4
+    tight = engine(model, tokenizer, token_budget=5, kv_memory_mb=14 * per_block / 2**20)
+    assert tight.cache.num_blocks == 14
+    seqs = tight.generate(PROMPTS, GREEDY)
+    assert [s.output for s in seqs] == [s.output for s in ref]
+    assert tight.metrics.preemptions > 0
+    assert tight.cache.used_blocks == 0
+    # a request that joins while others decode gets the same tokens as alone
+    eng = engine(model, tokenizer)
+    first = eng.submit(PROMPTS[2], GREEDY)
+    for _ in range(4):
+        eng.step()
+    late = eng.submit(PROMPTS[0], GREEDY)
+    while first.finish_reason is None or late.finish_reason is None:
+        eng.step()
+    assert first.output == ref[2].output and late.output == ref[0].output
+
+
+def test_shared_prefix_is_reused_and_gives_the_same_tokens(tokenizer) -> None:
+    model = tiny_model("llama")
+    eng = engine(model, tokenizer)
+    base = list(range(40, 61))  # 21 tokens: five full blocks
+    a = eng.submit(base, GREEDY)
+    eng.step()  # a's prompt is in the cache
+    b = eng.submit([*base[:20], 99], GREEDY)
+    while a.finish_reason is None or b.finish_reason is None:
+        eng.step()
+    assert eng.metrics.prefix_tokens_reused == 20
+    assert b.output == hf_greedy(model, [*base[:20], 99], 12)
+    assert eng.cache.used_blocks == 0
+
+
+def test_streamed_text_is_the_final_text_and_stop_strings_cut(tokenizer) -> None:
+    model = tiny_model("llama")
+    eng = engine(model, tokenizer)
+    events = []
+    seq = eng.submit(tokenizer.encode("The quick"), GREEDY, sink=events.append)
+    while seq.finish_reason is None:
+        eng.step()
+    full = tokenizer.decode(seq.output, skip_special_tokens=True)
+    assert "".join(e.text for e in events) == full == seq.text
+    assert events[-1].finish_reason == "length"
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    events.clear()
+    seq2 = eng.submit(tokenizer.encode("The quick"), GREEDY.model_copy(update={"stop": [stop]}),
+                      sink=events.append)  # fmt: skip
+    while seq2.finish_reason is None:
+        eng.step()
+    assert seq2.finish_reason == "stop"
+    assert "".join(e.text for e in events) == full[: full.find(stop)]
+
+
+def test_cancel_frees_blocks_and_no_block_leaks_after_many_requests(tokenizer) -> None:
+    model = tiny_model("llama")
+    eng = engine(model, tokenizer, kv_memory_mb=1.0)
+    gen = torch.Generator().manual_seed(0)
+    cancelled = done = 0
+    live = []
+    for i in range(500):
+        n = int(torch.randint(1, 30, (1,), generator=gen))
+        params = SamplingParams(max_tokens=int(torch.randint(1, 20, (1,), generator=gen)),
+                                ignore_eos=True, temperature=0.8, seed=i)  # fmt: skip
+        live.append(eng.submit(torch.randint(2, 300, (n,), generator=gen).tolist(), params))
+        if i % 5 == 4:  # every fifth request goes away mid-stream
+            eng.step()
+            eng.cancel(live[-1].id)
+        if len(live) >= 24:
+            while eng.has_work():
+                eng.step()
+            cancelled += sum(s.finish_reason == "cancelled" for s in live)
+            done += sum(s.finish_reason == "length" for s in live)
+            live = []
+    while eng.has_work():
+        eng.step()
+    cancelled += sum(s.finish_reason == "cancelled" for s in live)
+    done += sum(s.finish_reason == "length" for s in live)
+    assert cancelled + done == 500 and cancelled >= 80
+    assert eng.cache.used_blocks == 0 and not eng.cache.seqs and not eng.cache.by_hash
+
+
+def test_quantized_and_head_pruned_models_run_and_match_generate(tokenizer) -> None:
+    import tinyllm
+    from tinyllm.prune.structured import Heads
+
+    model = tiny_model("llama")
+    tinyllm.quantize(model, tinyllm.RTN(bits=4, group_size=32))
+    seqs = engine(model, tokenizer).generate(PROMPTS[:2], GREEDY)
+    assert [s.output for s in seqs] == [hf_greedy(model, p, 12) for p in PROMPTS[:2]]
+
+    pruned = tiny_model("llama")
+    calib = torch.randint(2, 300, (2, 16))
+    tinyllm.prune(pruned, Heads(count=1), calib=calib)  # 2 KV groups -> 1
+    eng = engine(pruned, tokenizer)
+    assert eng.cache.shape.kv_heads == (1, 1)
+    seqs = eng.generate(PROMPTS[:2], GREEDY)
+    assert [s.output for s in seqs] == [hf_greedy(pruned, p, 12) for p in PROMPTS[:2]]
+
+
+def test_requests_that_cannot_run_and_unsupported_models_are_refused(tokenizer) -> None:
+    eng = engine(tiny_model("llama"), tokenizer)
+    with pytest.raises(ConfigError, match="empty"):
+        eng.submit([], GREEDY)
+    with pytest.raises(ConfigError, match="exceeds the context"):
+        eng.submit([3] * 250, SamplingParams(max_tokens=10))  # max_position_embeddings 256
+    with pytest.raises(ConfigError, match="cannot run this model"):
+        engine(tiny_model("gemma3"), tokenizer)
