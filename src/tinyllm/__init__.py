@@ -8,6 +8,8 @@ Public API::
     result = tinyllm.evaluate(model, tokenizer)
     tinyllm.save_checkpoint(model, tokenizer, "out/gptq4", {"steps": []})
     tinyllm.prune(model2, tinyllm.SparseGPT(sparsity=0.5), calib=calib)   # docs/pruning.md
+    engine = tinyllm.Engine(model, tokenizer)                               # docs/runtime.md
+    seqs = engine.generate([tokenizer.encode("Hi")], tinyllm.SamplingParams(max_tokens=16))
 
 Distillation (docs/distillation.md)::
 
@@ -33,6 +35,8 @@ from tinyllm.quant.awq import AWQ
 from tinyllm.quant.gptq import GPTQ
 from tinyllm.quant.nf4 import NF4
 from tinyllm.quant.rtn import RTN
+from tinyllm.runtime.engine import Engine, EngineConfig
+from tinyllm.runtime.sampling import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = [
@@ -44,9 +48,12 @@ __all__ = [
     "Blocks",
     "Channels",
     "DistillConfig",
+    "Engine",
+    "EngineConfig",
     "EvalResult",
     "Heads",
     "Magnitude",
+    "SamplingParams",
     "SparseGPT",
     "TinyLLMError",
     "Wanda",

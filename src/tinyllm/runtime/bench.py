@@ -36,12 +36,12 @@ class BenchRow:
         return asdict(self)
 
 
-def bench_prompts(engine: Engine, count: int, prompt_len: int) -> list[list[int]]:
+def bench_prompts(tokenizer: object, count: int, prompt_len: int) -> list[list[int]]:
     """`count` different prompts of `prompt_len` tokens from the evaluation text."""
     from tinyllm.data.corpora import load_corpus
 
     text = "\n\n".join(load_corpus("enwiki").documents)
-    ids = engine.tokenizer.encode(text[: 8 * prompt_len * count + 20000])
+    ids = tokenizer.encode(text[: 8 * prompt_len * count + 20000])
     if len(ids) < prompt_len * count:
         ids = ids * (prompt_len * count // max(1, len(ids)) + 1)
     return [ids[i * prompt_len : (i + 1) * prompt_len] for i in range(count)]
@@ -65,7 +65,7 @@ def bench(
     rows = []
     block_bytes = engine.cache.shape.bytes_per_token() * engine.cache.block_size
     for c in concurrency:
-        prompts = bench_prompts(engine, c, prompt_len)
+        prompts = bench_prompts(engine.tokenizer, c, prompt_len)
         run_level(engine, prompts, min(gen_len, 8))  # warm-up
         runs = []
         for _ in range(repeats):

