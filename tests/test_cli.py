@@ -221,3 +221,38 @@ def test_export_errors(tiny_dir: Path, tmp_path: Path):
     assert p.returncode == 0, p.stderr
     p = run("export", str(tmp_path / "r"), "--type", "q4_0", "--strict", "-o", str(tmp_path / "x"))
     assert_clean_error(p, "cannot store as Q4_0 without re-quantizing (3-bit codes")
+
+
+def test_generate_streams_and_reports(tiny_dir: Path):
+    p = run("generate", str(tiny_dir), "The quick", "--max-tokens", "5", "--temperature", "0.8",
+            "--seed", "3")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "tokens, finish:" in p.stderr
+    again = run("generate", str(tiny_dir), "The quick", "--max-tokens", "5", "--temperature",
+                "0.8", "--seed", "3")  # fmt: skip
+    assert again.stdout == p.stdout  # seeded sampling repeats
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "{d}", "hi", "--chat"], "no chat template"),
+        (["generate", "{d}", "hi", "--max-tokens", "100000"], "exceeds the context"),
+        (["generate", "{d}", "hi", "--kv-memory", "0.0001"], "holds no block"),
+        (["bench", "{d}", "--concurrency", "1,x"], "--concurrency takes numbers"),
+        (["serve", "{d}", "--tenants", "/no/such.yaml"], "cannot read tenants"),
+    ],
+)
+def test_runtime_commands_bad_input(tiny_dir: Path, args, message):
+    assert_clean_error(run(*[a.replace("{d}", str(tiny_dir)) for a in args]), message)
+
+
+def test_bench_prints_latency_table(tiny_dir: Path, tmp_path: Path):
+    out = tmp_path / "bench.json"
+    p = run("bench", str(tiny_dir), "--concurrency", "1,3", "--prompt-len", "8", "--gen-len", "6",
+            "--repeats", "1", "--json", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    assert all(r["tokens_per_s"] > 0 and r["itl_p95_ms"] >= r["itl_p50_ms"] for r in rows)
+    assert "KV bytes per token" in p.stdout
