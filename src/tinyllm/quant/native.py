@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 LANES = 16
-SOURCE = Path(__file__).parent / "csrc" / "q4gemv.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q4gemv.cpp", "runtime_ops.cpp")]
 
 
 @functools.cache
@@ -32,7 +32,7 @@ def q4_kernel() -> Any | None:
     try:
         return cpp_extension.load(
             name="tinyllm_q4gemv",
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-march=native", "-ffast-math"],
             build_directory=str(_build_dir(tag)),
             verbose=False,

@@ -294,12 +294,14 @@ class Engine:
             torch.tensor(positions),
             torch.cat(slots),
             torch.tensor(logit_rows, dtype=torch.long),
-            self._decode_group(decoders),
+            self._decode_group(decoders, row),
             prefills,
             spans,
         )
 
-    def _decode_group(self, decoders: list[tuple[int, Sequence]]) -> DecodeGroup | None:
+    def _decode_group(
+        self, decoders: list[tuple[int, Sequence]], total_rows: int
+    ) -> DecodeGroup | None:
         if not decoders:
             return None
         lengths = [s.computed for _, s in decoders]
@@ -310,7 +312,11 @@ class Engine:
             ctx[b, :n] = self.cache.slots(seq.id)
             mask[b, :n] = self.runtime.visible(torch.tensor([n - 1]), n)[0]
         rows = torch.tensor([r for r, _ in decoders])
-        return DecodeGroup(rows, ctx, mask[:, None, None, :])
+        window = getattr(self.runtime, "window", None)
+        lens = torch.tensor(lengths)
+        starts = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
+        all_rows = len(decoders) == total_rows and all(r == i for i, (r, _) in enumerate(decoders))
+        return DecodeGroup(rows, ctx, mask[:, None, None, :], lens, starts, all_rows)
 
     def _sample(self, work: list[tuple[Sequence, int, torch.Tensor]], logits: torch.Tensor) -> None:
         i = 0

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,6 +116,9 @@ class DecodeGroup:
     rows: torch.Tensor  # [B] rows of the flat batch
     ctx: torch.Tensor  # [B, Lmax] slots of each sequence's keys (padding repeats slot 0)
     mask: torch.Tensor  # [B, 1, 1, Lmax] True where a key is real and visible
+    lengths: torch.Tensor  # [B] keys per sequence (its new token's included)
+    starts: torch.Tensor  # [B] first visible key (sliding window), else 0
+    all_rows: bool  # the decode group is the whole flat batch, in order
 
 
 @dataclass
@@ -204,6 +209,9 @@ class LlamaRuntime:
         self.rope_scale = float(rotary.attention_scaling)
         self.layers = self._layers(model, names)
         self.vocab = int(cfg.vocab_size)
+        # tinyllm's C++ ops for norm, RoPE and decode attention (fp32 only), when they build
+        fp32 = all(t.dtype == torch.float32 for t in (self.final_norm, self.inv_freq))
+        self.fused_ops = fp32 and native.q4_kernel() is not None
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
 
     def _layers(self, model: nn.Module, names: dict[str, str]) -> list[Layer]:
@@ -231,7 +239,9 @@ class LlamaRuntime:
             len(self.layers), tuple(ly.kv_heads for ly in self.layers), self.head_dim, dtype
         )
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, ops: object = None) -> torch.Tensor:
+        if ops is not None:
+            return ops.rms_norm(x, w, self.eps)
         var = x.pow(2).mean(-1, keepdim=True)
         return w * (x * torch.rsqrt(var + self.eps))
 
@@ -249,32 +259,48 @@ class LlamaRuntime:
     @torch.inference_mode()
     def forward(self, batch: FlatBatch, cache: PagedKVCache) -> torch.Tensor:
         """Logits [S, vocab] for `batch.logit_rows`; writes every new token's K/V to the cache."""
-        x = self.embed(batch.tokens)  # [T, hidden]
-        cos, sin = self._rope(batch.positions)
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        ops = native.q4_kernel() if self.fused_ops else None
+        x = self.embed(batch.tokens).float().contiguous()  # [T, hidden]
+        cos, sin = self._rope(batch.positions)  # [T, hd]
         t, hd = x.shape[0], self.head_dim
         for i, ly in enumerate(self.layers):
-            h = self._norm(x, ly.attn_norm)
+            h = self._norm(x, ly.attn_norm, ops)
             q, k, v = ly.qkv(h)
-            q = self._rotate(q.view(t, ly.heads, hd), cos, sin)
-            k = self._rotate(k.view(t, ly.kv_heads, hd), cos, sin)
+            q, k = q.view(t, ly.heads, hd), k.view(t, ly.kv_heads, hd)
+            if ops is not None:
+                ops.rope_(q, k, cos, sin)
+            else:
+                q, k = (
+                    self._rotate(q, cos[:, None], sin[:, None]),
+                    self._rotate(k, cos[:, None], sin[:, None]),
+                )
             v = v.view(t, ly.kv_heads, hd)
             cache.k[i].index_copy_(0, batch.slots, k)
             cache.v[i].index_copy_(0, batch.slots, v)
-            attn = self._attention(q, cache.k[i], cache.v[i], batch)  # [T, heads, hd]
+            attn = self._attention(q, cache.k[i], cache.v[i], batch, ops)  # [T, heads, hd]
             x = x + ly.o(attn.reshape(t, ly.heads * hd))
-            h = self._norm(x, ly.mlp_norm)
+            h = self._norm(x, ly.mlp_norm, ops)
             gate, up = ly.gate_up(h)
             x = x + ly.down(F.silu(gate) * up)
-        x = self._norm(x[batch.logit_rows], self.final_norm)
+        x = self._norm(x[batch.logit_rows].contiguous(), self.final_norm, ops)
         return self.head(x).float()
 
     def _attention(
-        self, q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, batch: FlatBatch
+        self,
+        q: torch.Tensor,
+        kpool: torch.Tensor,
+        vpool: torch.Tensor,
+        batch: FlatBatch,
+        ops: object = None,
     ) -> torch.Tensor:
+        d = batch.decode
+        if ops is not None and d is not None and d.all_rows:  # decode only: one fused call
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            return ops.paged_decode_attention(
+                q.contiguous(), kpool, vpool, d.ctx, d.lengths, d.starts, scale
+            )
         out = torch.empty_like(q)
-        if batch.decode is not None:
-            d = batch.decode
+        if d is not None:
             keys = kpool[d.ctx].transpose(1, 2)  # [B, kv_heads, Lmax, hd]
             vals = vpool[d.ctx].transpose(1, 2)
             qd = q[d.rows].unsqueeze(2)  # [B, heads, 1, hd]

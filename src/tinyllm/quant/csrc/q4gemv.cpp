@@ -24,28 +24,48 @@ template <int MT>
 static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const float* S,
                            const float* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
                            int64_t G, int64_t half) {
+  // Separate accumulators for even and odd columns, and for U input pairs at a time when the
+  // tile is small, so consecutive multiply-adds do not wait on each other's results.
+  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
   const __m512i low = _mm512_set1_epi32(15);
   __m512 out[MT];
   for (int t = 0; t < MT; ++t) out[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MT];
-    for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+    __m512 ae[U][MT], ao[U][MT];
+    for (int u = 0; u < U; ++u)
+      for (int t = 0; t < MT; ++t) ae[u][t] = ao[u][t] = _mm512_setzero_ps();
     const uint8_t* c = W + (b * (K / 2) + g * half) * L;
-    for (int64_t j = g * half; j < (g + 1) * half; ++j, c += L) {
-      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)c));
+    const float* xg = X + m0 * K + g * 2 * half;  // row m0, first column of group g
+    int64_t j = 0;
+    for (; j + U <= half; j += U) {
+      for (int u = 0; u < U; ++u) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + (j + u) * L)));
+        const __m512 we = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));
+        const __m512 wo = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+        for (int t = 0; t < MT; ++t) {
+          const float* xr = xg + t * K + 2 * (j + u);
+          ae[u][t] = _mm512_fmadd_ps(we, _mm512_set1_ps(xr[0]), ae[u][t]);
+          ao[u][t] = _mm512_fmadd_ps(wo, _mm512_set1_ps(xr[1]), ao[u][t]);
+        }
+      }
+    }
+    for (; j < half; ++j) {
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + j * L)));
       const __m512 we = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));
       const __m512 wo = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
       for (int t = 0; t < MT; ++t) {
-        const float e = X[(m0 + t) * K + 2 * j], o = X[(m0 + t) * K + 2 * j + 1];
-        acc[t] = _mm512_fmadd_ps(we, _mm512_set1_ps(e), acc[t]);
-        acc[t] = _mm512_fmadd_ps(wo, _mm512_set1_ps(o), acc[t]);
+        const float* xr = xg + t * K + 2 * j;
+        ae[0][t] = _mm512_fmadd_ps(we, _mm512_set1_ps(xr[0]), ae[0][t]);
+        ao[0][t] = _mm512_fmadd_ps(wo, _mm512_set1_ps(xr[1]), ao[0][t]);
       }
     }
     const __m512 s = _mm512_loadu_ps(S + (b * G + g) * L);
     const __m512 z = _mm512_loadu_ps(Z + (b * G + g) * L);
     for (int t = 0; t < MT; ++t) {
+      __m512 acc = _mm512_add_ps(ae[0][t], ao[0][t]);
+      for (int u = 1; u < U; ++u) acc = _mm512_add_ps(acc, _mm512_add_ps(ae[u][t], ao[u][t]));
       const __m512 sx = _mm512_set1_ps(GX[(m0 + t) * G + g]);
-      out[t] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, sx, acc[t]), out[t]);
+      out[t] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, sx, acc), out[t]);
     }
   }
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, out[t]);
@@ -115,13 +135,29 @@ template <int MT>
 static inline void q8_tile(const float* X, const int8_t* W, const float* S, float* Y, int64_t b,
                            int64_t m0, int64_t K, int64_t N) {
 #ifdef __AVX512F__
-  __m512 acc[MT];
-  for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+  constexpr int U = MT <= 2 ? 4 : 1;  // independent accumulators for small tiles
+  __m512 a[U][MT];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < MT; ++t) a[u][t] = _mm512_setzero_ps();
   const int8_t* c = W + b * K * L;
-  for (int64_t k = 0; k < K; ++k, c += L) {
-    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)c)));
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    for (int u = 0; u < U; ++u) {
+      const __m128i raw = _mm_loadu_si128((const __m128i*)(c + (k + u) * L));
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+      for (int t = 0; t < MT; ++t)
+        a[u][t] = _mm512_fmadd_ps(w, _mm512_set1_ps(X[(m0 + t) * K + k + u]), a[u][t]);
+    }
+  }
+  for (; k < K; ++k) {
+    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(c + k * L))));
     for (int t = 0; t < MT; ++t)
-      acc[t] = _mm512_fmadd_ps(w, _mm512_set1_ps(X[(m0 + t) * K + k]), acc[t]);
+      a[0][t] = _mm512_fmadd_ps(w, _mm512_set1_ps(X[(m0 + t) * K + k]), a[0][t]);
+  }
+  __m512 acc[MT];
+  for (int t = 0; t < MT; ++t) {
+    acc[t] = a[0][t];
+    for (int u = 1; u < U; ++u) acc[t] = _mm512_add_ps(acc[t], a[u][t]);
   }
   const __m512 s = _mm512_loadu_ps(S + b * L);
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, _mm512_mul_ps(s, acc[t]));
@@ -158,7 +194,17 @@ torch::Tensor q8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale)
   return y;
 }
 
+// runtime_ops.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool,
+                                     torch::Tensor ctx, torch::Tensor lengths,
+                                     torch::Tensor starts, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
+  m.def("rope_", &rope_, "rotate-half RoPE in place on q and k");
+  m.def("paged_decode_attention", &paged_decode_attention, "one-token attention, paged KV");
   m.def("q4_gemv", &q4_gemv, "4-bit grouped GEMV on 16-row interleaved codes");
   m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes");
 }
