@@ -14,9 +14,8 @@ TinyLlama (a Llama) share this code; other families use `HFFallback` in engine.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
