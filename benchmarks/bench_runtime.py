@@ -141,7 +141,7 @@ async def _stream_one(client, url: str, body: dict, headers: dict) -> dict:
     except Exception as e:  # a hang (timeout) or a dropped connection
         return {"status": type(e).__name__, "ttft": None, "tokens": len(times)}
     ttft = times[0] - t0 if times else None
-    return {"status": 200, "ttft": ttft, "tokens": len(times), "end": time.perf_counter()}
+    return {"status": 200, "ttft": ttft, "tokens": len(times), "times": times}
 
 
 async def _drive(url: str, bodies: list[dict], concurrency: int, headers: dict,
@@ -211,6 +211,28 @@ def _aggregate(results: list[dict], wall: float) -> float:
     return sum(r["tokens"] for r in results) / wall
 
 
+def _rates(out: list[dict], wall: float) -> dict:
+    """End-to-end tokens/s (from the first request sent) and decode-phase tokens/s, measured
+    by the client from the arrival times of the streamed chunks (one per token)."""
+    from tinyllm.runtime.bench import decode_rate
+
+    return {"e2e": _aggregate(out, wall), "decode": decode_rate([r["times"] for r in out])}
+
+
+def engine_levels() -> dict:
+    """The same 1 and 16 streams in-process (`tinyllm bench`), without HTTP."""
+    import tinyllm
+    from tinyllm.runtime.bench import bench
+    from tinyllm.runtime.engine import Engine, EngineConfig
+    from tinyllm.runtime.scheduler import SchedulerConfig
+
+    q, tok = tinyllm.load(int4_checkpoint())
+    eng = Engine(q, tok, EngineConfig(scheduler=SchedulerConfig(max_batch=16)))
+    rows = bench(eng, [1, 16], 64, 64, repeats=3)
+    return {f"engine_{r.concurrency}": {"e2e": r.tokens_per_s, "decode": r.decode_tokens_per_s}
+            for r in rows}  # fmt: skip
+
+
 def streams_row() -> dict:
     env_threads = {"OMP_NUM_THREADS": str(THREADS)}
     os.environ.update(env_threads)
@@ -224,7 +246,7 @@ def streams_row() -> dict:
             asyncio.run(_drive(url, bodies, c, {}))  # warm-up
             t0 = time.perf_counter()
             out = asyncio.run(_drive(url, bodies, c, {}))
-            res[f"tinyllm_{c}"] = _aggregate(out, time.perf_counter() - t0)
+            res[f"tinyllm_{c}"] = _rates(out, time.perf_counter() - t0)
     llama = [tool("llama-server"), "-m", str(q4_0_gguf()), "--port", "8312", "-np", "16",
              "-c", str(16 * 192), "-t", str(THREADS), "-tb", str(THREADS)]  # fmt: skip
     with Server(llama, "http://127.0.0.1:8312/health"):
@@ -235,7 +257,8 @@ def streams_row() -> dict:
             asyncio.run(_drive(url, bodies, c, {}))
             t0 = time.perf_counter()
             out = asyncio.run(_drive(url, bodies, c, {}))
-            res[f"llama_server_{c}"] = _aggregate(out, time.perf_counter() - t0)
+            res[f"llama_server_{c}"] = _rates(out, time.perf_counter() - t0)
+    res.update(engine_levels())
     return res
 
 

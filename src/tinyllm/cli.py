@@ -799,15 +799,26 @@ def plan(
 KvOpt = Annotated[
     float, typer.Option("--kv-memory", help="MiB preallocated for the paged KV cache.")
 ]
+KvDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--kv-dtype",
+        help="KV cache precision: float16 (half the memory and traffic, like llama.cpp) or "
+        "float32 (exactly what transformers keeps).",
+    ),
+]
 
 
-def _engine(model: str, kv_memory: float, **sched: object):
+def _engine(model: str, kv_memory: float, kv_dtype: str = "float16", **sched: object):
     from tinyllm.models.load import load
     from tinyllm.runtime.engine import Engine, EngineConfig
     from tinyllm.runtime.scheduler import SchedulerConfig
 
     m, tok = load(model)
-    return Engine(m, tok, EngineConfig(kv_memory_mb=kv_memory, scheduler=SchedulerConfig(**sched)))
+    cfg = EngineConfig(
+        kv_memory_mb=kv_memory, kv_dtype=kv_dtype, scheduler=SchedulerConfig(**sched)
+    )
+    return Engine(m, tok, cfg)
 
 
 @app.command()
@@ -825,6 +836,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     kv_memory: KvOpt = 64.0,
+    kv_dtype: KvDtypeOpt = "float16",
 ) -> None:
     """Generate text with the tinyllm runtime, streaming tokens as they come.
 
@@ -833,7 +845,7 @@ def generate(
     """
     from tinyllm.runtime.sampling import SamplingParams
 
-    engine = _engine(model, kv_memory)
+    engine = _engine(model, kv_memory, kv_dtype)
     params = _make_step(
         SamplingParams,
         "sampling",
@@ -868,6 +880,7 @@ def bench(
     gen_len: Annotated[int, typer.Option(min=1, help="Tokens generated per stream.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Runs per level; the median is shown.")] = 3,
     kv_memory: KvOpt = 256.0,
+    kv_dtype: KvDtypeOpt = "float16",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write rows here.")] = None,
 ) -> None:
     """Serve N concurrent streams and print TTFT, inter-token latency p50/p95/p99, tokens/s, KV.
@@ -884,12 +897,13 @@ def bench(
         ) from None
     if not levels or min(levels) < 1:
         raise ConfigError(f"--concurrency takes positive numbers like 1,4,16 (got '{concurrency}')")
-    engine = _engine(model, kv_memory, max_batch=max(levels), max_queue=max(levels) * 2)
+    engine = _engine(model, kv_memory, kv_dtype, max_batch=max(levels), max_queue=max(levels) * 2)
     rows = run_bench(engine, levels, prompt_len, gen_len, repeats)
     t = Table(title=f"tinyllm bench {model} (prompt {prompt_len}, generate {gen_len})")
     for col in (
         "streams",
         "tokens/s",
+        "decode tok/s",
         "TTFT p50 ms",
         "ITL p50 ms",
         "ITL p95 ms",
@@ -901,6 +915,7 @@ def bench(
         t.add_row(
             str(r.concurrency),
             f"{r.tokens_per_s:.1f}",
+            f"{r.decode_tokens_per_s:.1f}",
             f"{r.ttft_p50_ms:.0f}",
             f"{r.itl_p50_ms:.1f}",
             f"{r.itl_p95_ms:.1f}",
@@ -946,6 +961,7 @@ def serve(
         ),
     ] = None,
     kv_memory: KvOpt = 256.0,
+    kv_dtype: KvDtypeOpt = "float16",
 ) -> None:
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE streaming),
     /v1/models, /health, /metrics (Prometheus).
@@ -959,7 +975,7 @@ def serve(
     keys = load_tenants(str(tenants) if tenants else None, api_key or [])
     target = None if target_itl is None else target_itl / 1000
     engine = _engine(
-        model, kv_memory, max_batch=max_batch, max_queue=max_queue, target_itl_p95=target
+        model, kv_memory, kv_dtype, max_batch=max_batch, max_queue=max_queue, target_itl_p95=target
     )
     app_ = create_app(engine, name or model, keys)
     err.print(

@@ -25,7 +25,7 @@ def test_fp32_batched_greedy_equals_transformers_generate() -> None:
     from tinyllm.runtime.sampling import SamplingParams
 
     model, tok = tinyllm.load("smollm2-135m")
-    engine = Engine(model, tok, EngineConfig(kv_memory_mb=64))
+    engine = Engine(model, tok, EngineConfig(kv_memory_mb=64, kv_dtype="float32"))
     ids = [tok.encode(p) for p in TEN]
     seqs = engine.generate(ids, SamplingParams(max_tokens=64))
     eos = model.generation_config.eos_token_id
@@ -52,7 +52,7 @@ def test_int4_checkpoint_engine_equals_tinyllm_load(tmp_path) -> None:
     loaded, tok2 = tinyllm.load(tmp_path / "int4")
     kernels = {getattr(m, "kernel", None) for m in loaded.modules()} - {None}
     assert "q4" in kernels
-    engine = Engine(loaded, tok2, EngineConfig(kv_memory_mb=32))
+    engine = Engine(loaded, tok2, EngineConfig(kv_memory_mb=32, kv_dtype="float32"))
     ids = [tok2.encode(p) for p in TEN[:5]]
     seqs = engine.generate(ids, SamplingParams(max_tokens=48, ignore_eos=True))
     for p, s in zip(ids, seqs, strict=True):

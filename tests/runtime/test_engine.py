@@ -18,7 +18,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def engine(model, tokenizer, **kw) -> Engine:
-    cfg = dict(kv_memory_mb=2.0, block_size=4, token_budget=64)
+    cfg = dict(kv_memory_mb=2.0, block_size=4, token_budget=64, kv_dtype="float32")
     cfg.update(kw)
     return Engine(model, tokenizer, EngineConfig(**cfg))
 
@@ -30,6 +30,19 @@ def test_batched_greedy_matches_transformers_generate(family, tokenizer) -> None
     for p, s in zip(PROMPTS, seqs, strict=True):
         assert s.output == hf_greedy(model, p, 12), p
         assert s.finish_reason == "length"
+
+
+def test_float16_kv_cache_halves_memory_and_keeps_the_tokens(tokenizer) -> None:
+    model = tiny_model("llama")
+    exact = engine(model, tokenizer)
+    half = engine(model, tokenizer, kv_dtype="float16")
+    assert 2 * half.cache.shape.bytes_per_token() == exact.cache.shape.bytes_per_token()
+    assert half.cache.num_blocks == 2 * exact.cache.num_blocks  # same MiB, twice the tokens
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    a, b = exact.generate(PROMPTS, params), half.generate(PROMPTS, params)
+    assert [s.output for s in a] == [s.output for s in b]
+    with pytest.raises(ConfigError, match="KV cache dtype"):
+        engine(model, tokenizer, kv_dtype="int3")
 
 
 def test_chunked_prefill_preemption_and_joining_late_change_nothing(tokenizer) -> None:

@@ -34,7 +34,9 @@ def server():
 
     tok = tiny_tokenizer()
     tok.chat_template = TEMPLATE
-    engine = Engine(tiny_model("llama"), tok, EngineConfig(kv_memory_mb=2.0, block_size=4))
+    engine = Engine(
+        tiny_model("llama"), tok, EngineConfig(kv_memory_mb=2.0, block_size=4, kv_dtype="float32")
+    )
     keys = {KEY_A: TenantSpec("team-a"), KEY_B: TenantSpec("team-b", priority=1)}
     app = create_app(engine, "tiny", keys, max_body_bytes=4096, default_max_tokens=16)
     port = free_port()

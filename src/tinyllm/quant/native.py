@@ -33,7 +33,8 @@ def q4_kernel() -> Any | None:
         return cpp_extension.load(
             name="tinyllm_q4gemv",
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(_build_dir(tag)),
             verbose=False,
         )
@@ -51,14 +52,15 @@ def _build_dir(tag: str) -> Path:
 
 def repack_q4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     """codes uint8 [N, K], scale/zero [N, G] -> interleaved codes [N/16, K/2, 16] (low nibble:
-    column 2j, high: 2j+1) and scale/zero float32 [N/16, G, 16]."""
+    column 2j, high: 2j+1) and scale/zero float16 [N/16, G, 16] (exact: records hold fp16
+    scales and integer zero points; other scales are rounded to fp16)."""
     n, k = codes.shape
     pairs = codes.reshape(n, k // 2, 2)
     packed = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)  # [N, K/2]
     packed = packed.reshape(n // LANES, LANES, k // 2).transpose(1, 2).contiguous()
 
     def lanes(t: torch.Tensor) -> torch.Tensor:
-        return t.float().reshape(n // LANES, LANES, -1).transpose(1, 2).contiguous()
+        return t.half().reshape(n // LANES, LANES, -1).transpose(1, 2).contiguous()
 
     return packed, lanes(scale), lanes(zero)
 

@@ -101,7 +101,12 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         native_kernel = self.kernel in ("q4", "q8")
         max_rows = NATIVE_MAX_ROWS if native_kernel else PACKED_KERNEL_MAX_ROWS
-        if x2.shape[0] > max_rows:  # prefill: unpack once, float matmul
+        if x2.shape[0] > max_rows and self.kernel == "q4":  # prefill: unpack in C++, float GEMM
+            w = native.q4_kernel().q4_dequant(
+                self.w_q4, self.w_q4_scale, self.w_q4_zero, self.qweight.effective_group
+            )
+            y = x2 @ w.to(x2.dtype).t()
+        elif x2.shape[0] > max_rows:  # prefill: unpack once, float matmul
             y = x2 @ self.qweight.dequantize().to(x2.dtype).t()
         elif self.kernel == "q4":
             group = self.qweight.effective_group

@@ -23,7 +23,8 @@ class BenchRow:
     concurrency: int
     prompt_len: int
     gen_len: int
-    tokens_per_s: float  # generated tokens / wall time, all streams together
+    tokens_per_s: float  # generated tokens / wall time from submit, prefill included
+    decode_tokens_per_s: float  # tokens after each stream's first / decode-phase wall time
     ttft_p50_ms: float
     ttft_p95_ms: float
     itl_p50_ms: float
@@ -59,6 +60,15 @@ def run_level(engine: Engine, prompts: list[list[int]], gen_len: int) -> tuple[f
     return time.perf_counter() - t0, seqs, peak
 
 
+def decode_rate(times: list[list[float]]) -> float:
+    """Tokens per second of the decode phase, all streams together: the tokens after each
+    stream's first, over the time from the first stream's first token to the last token."""
+    tokens = sum(len(t) - 1 for t in times if t)
+    start = min(t[0] for t in times if t)
+    end = max(t[-1] for t in times if t)
+    return tokens / (end - start) if end > start else float("nan")
+
+
 def bench(
     engine: Engine, concurrency: list[int], prompt_len: int, gen_len: int, repeats: int = 3
 ) -> list[BenchRow]:
@@ -73,6 +83,7 @@ def bench(
             runs.append((sum(len(s.output) for s in seqs) / wall, seqs, peak))
         tps, seqs, peak = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
         ttft = [s.token_times[0] - s.arrival for s in seqs]
+        decode = decode_rate([s.token_times for s in seqs])
         itl = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:], strict=False)]
         rows.append(
             BenchRow(
@@ -80,6 +91,7 @@ def bench(
                 prompt_len,
                 gen_len,
                 tps,
+                decode,
                 1000 * statistics.median(ttft),
                 1000 * percentile(ttft, 0.95),
                 1000 * percentile(itl, 0.5),

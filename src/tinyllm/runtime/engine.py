@@ -39,11 +39,13 @@ from tinyllm.runtime.sampling import SamplingParams, make_generator, sample
 from tinyllm.runtime.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
+KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
 class EngineConfig:
     kv_memory_mb: float = 256.0  # the KV pool, preallocated
+    kv_dtype: str = "float16"  # or "float32" (exact: what transformers keeps)
     block_size: int = 16
     token_budget: int = 512  # tokens per step over all sequences (decode + prefill chunks)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -101,9 +103,12 @@ class Engine:
         else:
             self.runtime = LlamaRuntime(model)
         budget = int(self.cfg.kv_memory_mb * 2**20)
-        self.cache = PagedKVCache.for_budget(
-            self.runtime.cache_shape(), budget, self.cfg.block_size
-        )
+        if self.cfg.kv_dtype not in KV_DTYPES:
+            raise ConfigError(
+                f"KV cache dtype '{self.cfg.kv_dtype}' is not one of {', '.join(KV_DTYPES)}"
+            )
+        shape = self.runtime.cache_shape(KV_DTYPES[self.cfg.kv_dtype])
+        self.cache = PagedKVCache.for_budget(shape, budget, self.cfg.block_size)
         self.scheduler = Scheduler(self.cfg.scheduler)
         self.metrics = Metrics()
         self.metrics.kv_blocks_total = self.cache.num_blocks

@@ -274,9 +274,10 @@ class LlamaRuntime:
                     self._rotate(k, cos[:, None], sin[:, None]),
                 )
             v = v.view(t, ly.kv_heads, hd)
-            cache.k[i].index_copy_(0, batch.slots, k)
-            cache.v[i].index_copy_(0, batch.slots, v)
-            attn = self._attention(q, cache.k[i], cache.v[i], batch, ops)  # [T, heads, hd]
+            kpool, vpool = cache.k[i], cache.v[i]
+            kpool.index_copy_(0, batch.slots, k.to(kpool.dtype))
+            vpool.index_copy_(0, batch.slots, v.to(vpool.dtype))
+            attn = self._attention(q, kpool, vpool, batch, ops)  # [T, heads, hd]
             x = x + ly.o(attn.reshape(t, ly.heads * hd))
             h = self._norm(x, ly.mlp_norm, ops)
             gate, up = ly.gate_up(h)
@@ -300,14 +301,14 @@ class LlamaRuntime:
             )
         out = torch.empty_like(q)
         if d is not None:
-            keys = kpool[d.ctx].transpose(1, 2)  # [B, kv_heads, Lmax, hd]
-            vals = vpool[d.ctx].transpose(1, 2)
+            keys = kpool[d.ctx].transpose(1, 2).to(q.dtype)  # [B, kv_heads, Lmax, hd]
+            vals = vpool[d.ctx].transpose(1, 2).to(q.dtype)
             qd = q[d.rows].unsqueeze(2)  # [B, heads, 1, hd]
             o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=d.mask, enable_gqa=True)
             out[d.rows] = o.squeeze(2)
         for p in batch.prefills:
-            keys = kpool[p.ctx].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, hd]
-            vals = vpool[p.ctx].transpose(0, 1).unsqueeze(0)
+            keys = kpool[p.ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kv_heads, L, hd]
+            vals = vpool[p.ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
             qp = q[p.rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
             o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=p.mask, enable_gqa=True)
             out[p.rows] = o.squeeze(0).transpose(0, 1)

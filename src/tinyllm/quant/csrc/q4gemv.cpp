@@ -3,7 +3,8 @@
 //
 // Layout (made once by repack_q4): 16 output rows are interleaved so one 16-byte load holds the
 // same input pair (2j, 2j+1) of 16 rows: codes [N/16, K/2, 16] with the low nibble for column 2j
-// and the high nibble for column 2j+1; scales and zeros [N/16, G, 16]. The 16 lanes are 16 output
+// and the high nibble for column 2j+1; scales and zeros float16 [N/16, G, 16] (the record's own
+// fp16 scales and integer zero points, so exact). The 16 lanes are 16 output
 // rows, so a group ends with 16 independent multiply-adds and no horizontal sums:
 //   y[n] = sum_g s[n,g] * (sum_{k in g} q[n,k] x[k] - z[n,g] * sum_{k in g} x[k]).
 #include <torch/extension.h>
@@ -21,8 +22,8 @@ constexpr int64_t L = 16;
 // decoding sequences reads and converts the weights once per tile instead of once per row.
 #ifdef __AVX512F__
 template <int MT>
-static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const float* S,
-                           const float* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
+static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const at::Half* S,
+                           const at::Half* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
                            int64_t G, int64_t half) {
   // Separate accumulators for even and odd columns, and for U input pairs at a time when the
   // tile is small, so consecutive multiply-adds do not wait on each other's results.
@@ -59,8 +60,8 @@ static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, co
         ao[0][t] = _mm512_fmadd_ps(wo, _mm512_set1_ps(xr[1]), ao[0][t]);
       }
     }
-    const __m512 s = _mm512_loadu_ps(S + (b * G + g) * L);
-    const __m512 z = _mm512_loadu_ps(Z + (b * G + g) * L);
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(S + (b * G + g) * L)));
+    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(Z + (b * G + g) * L)));
     for (int t = 0; t < MT; ++t) {
       __m512 acc = _mm512_add_ps(ae[0][t], ao[0][t]);
       for (int u = 1; u < U; ++u) acc = _mm512_add_ps(acc, _mm512_add_ps(ae[u][t], ao[u][t]));
@@ -72,8 +73,8 @@ static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, co
 }
 #else
 template <int MT>
-static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const float* S,
-                           const float* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
+static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const at::Half* S,
+                           const at::Half* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
                            int64_t G, int64_t half) {
   float out[MT][L] = {};
   for (int64_t g = 0; g < G; ++g) {
@@ -90,11 +91,12 @@ static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, co
         for (int64_t l = 0; l < L; ++l) acc[t][l] += we[l] * e + wo[l] * o;
       }
     }
-    const float* s = S + (b * G + g) * L;
-    const float* z = Z + (b * G + g) * L;
+    const at::Half* s = S + (b * G + g) * L;
+    const at::Half* z = Z + (b * G + g) * L;
     for (int t = 0; t < MT; ++t) {
       const float sx = GX[(m0 + t) * G + g];
-      for (int64_t l = 0; l < L; ++l) out[t][l] += s[l] * (acc[t][l] - z[l] * sx);
+      for (int64_t l = 0; l < L; ++l)
+        out[t][l] += float(s[l]) * (acc[t][l] - float(z[l]) * sx);
     }
   }
   for (int t = 0; t < MT; ++t)
@@ -114,7 +116,7 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
   for (int64_t i = 0; i < M * K; ++i) gsum[i / group] += X[i];
   const float* GX = gsum.data();
   const uint8_t* W = codes.data_ptr<uint8_t>();
-  const float *S = scale.data_ptr<float>(), *Z = zero.data_ptr<float>();
+  const at::Half *S = scale.data_ptr<at::Half>(), *Z = zero.data_ptr<at::Half>();
   float* Y = y.data_ptr<float>();
   const int64_t half = group / 2;
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
@@ -194,6 +196,32 @@ torch::Tensor q8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale)
   return y;
 }
 
+// Unpack the 16-row interleaved 4-bit codes to a float32 weight [N, K]: w = s * (q - z). For
+// prefill-sized inputs, where one float GEMM beats the GEMV tiles.
+torch::Tensor q4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                         int64_t group) {
+  const int64_t B = codes.size(0), K = codes.size(1) * 2, N = B * L, G = K / group;
+  auto w = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* C = codes.data_ptr<uint8_t>();
+  const at::Half *S = scale.data_ptr<at::Half>(), *Z = zero.data_ptr<at::Half>();
+  float* Wt = w.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t l = 0; l < L; ++l) {
+        float* row = Wt + (b * L + l) * K;
+        for (int64_t g = 0; g < G; ++g) {
+          const float s = float(S[(b * G + g) * L + l]), z = float(Z[(b * G + g) * L + l]);
+          for (int64_t j = g * group / 2; j < (g + 1) * group / 2; ++j) {
+            const uint8_t c = C[(b * (K / 2) + j) * L + l];
+            row[2 * j] = s * (float(c & 15) - z);
+            row[2 * j + 1] = s * (float(c >> 4) - z);
+          }
+        }
+      }
+  });
+  return w;
+}
+
 // runtime_ops.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
@@ -207,4 +235,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "one-token attention, paged KV");
   m.def("q4_gemv", &q4_gemv, "4-bit grouped GEMV on 16-row interleaved codes");
   m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes");
+  m.def("q4_dequant", &q4_dequant, "16-row interleaved 4-bit codes to a float weight");
 }

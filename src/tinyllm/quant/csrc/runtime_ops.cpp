@@ -3,11 +3,15 @@
 //   rms_norm:               y = w * x / sqrt(mean(x^2) + eps), per row
 //   rope_:                  rotate-half RoPE applied in place to q [T, H, D] and k [T, KVH, D]
 //   paged_decode_attention: one query token per sequence against its cached keys and values,
-//                           read through its slot table from the paged pool (grouped-query heads)
+//                           read through its slot table from the paged pool (grouped-query heads;
+//                           a float32 or float16 pool)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: [T, H] f32");
@@ -52,46 +56,99 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor si
   rope_rows(k.data_ptr<float>(), C, S, T, k.size(1), D, k.stride(0));
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool,
-                                     torch::Tensor ctx, torch::Tensor lengths,
-                                     torch::Tensor starts, double scale) {
-  // q [B, H, D]; pools [S, KVH, D]; ctx [B, Lmax] slots; keys start..length-1 are visible
-  TORCH_CHECK(q.is_contiguous() && kpool.is_contiguous() && vpool.is_contiguous(), "contiguous");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = kpool.size(1);
-  const int64_t Lmax = ctx.size(1), rep = H / KVH;
-  auto out = torch::empty_like(q);
-  const float *Q = q.data_ptr<float>(), *K = kpool.data_ptr<float>(), *V = vpool.data_ptr<float>();
-  const int64_t *C = ctx.data_ptr<int64_t>(), *LEN = lengths.data_ptr<int64_t>(),
-                *ST = starts.data_ptr<int64_t>();
-  float* O = out.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(Lmax);
+// dot(q, k) and o += w * v over D values; k and v are float32 or float16 (the KV cache dtype)
+static inline float dot_row(const float* q, const float* k, int64_t D) {
+  float acc = 0.f;
+  for (int64_t d = 0; d < D; ++d) acc += q[d] * k[d];
+  return acc;
+}
+static inline void axpy_row(float w, const float* v, float* o, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+}
+static inline float dot_row(const float* q, const at::Half* k, int64_t D) {
+#ifdef __AVX512F__
+  if (D % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d),
+                            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + d))), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float acc = 0.f;
+  for (int64_t d = 0; d < D; ++d) acc += q[d] * float(k[d]);
+  return acc;
+}
+static inline void axpy_row(float w, const at::Half* v, float* o, int64_t D) {
+#ifdef __AVX512F__
+  if (D % 16 == 0) {
+    const __m512 wv = _mm512_set1_ps(w);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(v + d)));
+      _mm512_storeu_ps(o + d, _mm512_fmadd_ps(wv, vv, _mm512_loadu_ps(o + d)));
+    }
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) o[d] += w * float(v[d]);
+}
+
+template <typename KV>
+static void decode_attention(const float* Q, const KV* K, const KV* V, const int64_t* C,
+                             const int64_t* LEN, const int64_t* ST, float* O, int64_t B,
+                             int64_t H, int64_t KVH, int64_t D, int64_t Lmax, float scale) {
+  const int64_t rep = H / KVH;
+  // one work item per (sequence, KV head): each cached key and value row is read once and used
+  // by every query head of its group
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(rep * Lmax);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, kvh = h / rep;
-      const float* qv = Q + i * D;
+      const int64_t b = i / KVH, kvh = i % KVH;
       const int64_t* slots = C + b * Lmax;
       const int64_t lo = ST[b], hi = LEN[b];
-      float mx = -INFINITY;
+      const float* qb = Q + (b * H + kvh * rep) * D;  // rep query heads, contiguous
       for (int64_t l = lo; l < hi; ++l) {
-        const float* kv = K + (slots[l] * KVH + kvh) * D;
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += qv[d] * kv[d];
-        p[l] = dot * float(scale);
-        mx = std::max(mx, p[l]);
+        const KV* kv = K + (slots[l] * KVH + kvh) * D;
+        for (int64_t r = 0; r < rep; ++r) p[r * Lmax + l] = dot_row(qb + r * D, kv, D) * scale;
       }
-      float sum = 0.f;
-      for (int64_t l = lo; l < hi; ++l) {
-        p[l] = std::exp(p[l] - mx);
-        sum += p[l];
+      for (int64_t r = 0; r < rep; ++r) {
+        float* pr = p.data() + r * Lmax;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t l = lo; l < hi; ++l) mx = std::max(mx, pr[l]);
+        for (int64_t l = lo; l < hi; ++l) {
+          pr[l] = std::exp(pr[l] - mx);
+          sum += pr[l];
+        }
+        for (int64_t l = lo; l < hi; ++l) pr[l] /= sum;
+        float* o = O + (b * H + kvh * rep + r) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       }
-      float* o = O + i * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       for (int64_t l = lo; l < hi; ++l) {
-        const float* vv = V + (slots[l] * KVH + kvh) * D;
-        const float w = p[l] / sum;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * vv[d];
+        const KV* vv = V + (slots[l] * KVH + kvh) * D;
+        for (int64_t r = 0; r < rep; ++r)
+          axpy_row(p[r * Lmax + l], vv, O + (b * H + kvh * rep + r) * D, D);
       }
     }
   });
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool,
+                                     torch::Tensor ctx, torch::Tensor lengths,
+                                     torch::Tensor starts, double scale) {
+  // q [B, H, D] float32; pools [S, KVH, D] float32 or float16; ctx [B, Lmax] slots; keys
+  // starts[b]..lengths[b]-1 are visible
+  TORCH_CHECK(q.is_contiguous() && kpool.is_contiguous() && vpool.is_contiguous(), "contiguous");
+  TORCH_CHECK(kpool.dtype() == vpool.dtype(), "K and V pools must share a dtype");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = kpool.size(1);
+  auto out = torch::empty_like(q);
+  const int64_t *C = ctx.data_ptr<int64_t>(), *LEN = lengths.data_ptr<int64_t>(),
+                *ST = starts.data_ptr<int64_t>();
+  if (kpool.dtype() == torch::kFloat16) {
+    decode_attention(q.data_ptr<float>(), kpool.data_ptr<at::Half>(), vpool.data_ptr<at::Half>(),
+                     C, LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale));
+  } else {
+    decode_attention(q.data_ptr<float>(), kpool.data_ptr<float>(), vpool.data_ptr<float>(), C,
+                     LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale));
+  }
   return out;
 }
