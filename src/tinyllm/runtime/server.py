@@ -469,6 +469,11 @@ def load_tenants(path: str | None, keys: list[str]) -> dict[str, TenantSpec] | N
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:
+    import sys
+
     import uvicorn
 
+    # the engine thread holds the GIL between kernels; a short switch interval lets the event
+    # loop send each token promptly instead of waiting up to the default 5 ms
+    sys.setswitchinterval(0.0005)
     uvicorn.run(app, host=host, port=port, log_level="warning")

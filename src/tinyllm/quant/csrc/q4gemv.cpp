@@ -229,11 +229,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch
                                      torch::Tensor ctx, torch::Tensor lengths,
                                      torch::Tensor starts, double scale);
 
+// Every op releases the GIL while it runs, so a server's event loop can serve sockets meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
-  m.def("rope_", &rope_, "rotate-half RoPE in place on q and k");
-  m.def("paged_decode_attention", &paged_decode_attention, "one-token attention, paged KV");
-  m.def("q4_gemv", &q4_gemv, "4-bit grouped GEMV on 16-row interleaved codes");
-  m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes");
-  m.def("q4_dequant", &q4_dequant, "16-row interleaved 4-bit codes to a float weight");
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row", nogil);
+  m.def("rope_", &rope_, "rotate-half RoPE in place on q and k", nogil);
+  m.def("paged_decode_attention", &paged_decode_attention, "one-token attention, paged KV", nogil);
+  m.def("q4_gemv", &q4_gemv, "4-bit grouped GEMV on 16-row interleaved codes", nogil);
+  m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes", nogil);
+  m.def("q4_dequant", &q4_dequant, "16-row interleaved 4-bit codes to a float weight", nogil);
 }
