@@ -100,11 +100,13 @@ def decode_row() -> dict:
     q, tok = tinyllm.load(int4_checkpoint())
     fp, _ = tinyllm.load(MODEL)
     eq = Engine(q, tok, EngineConfig(kv_memory_mb=32))
+    ei = Engine(q, tok, EngineConfig(kv_memory_mb=32, int8_activations=True))
     ef = Engine(fp, tok, EngineConfig(kv_memory_mb=32))
     prompt = tok.encode("The history of the Roman Empire begins with")
     n, reps = 64, 5
     cases = {
         "engine_int4": lambda: _engine_tps(eq, prompt, n),
+        "engine_int4_int8act": lambda: _engine_tps(ei, prompt, n),
         "hf_generate_int4": lambda: _hf_tps(q, prompt, n),
         "engine_fp32": lambda: _engine_tps(ef, prompt, n),
         "hf_generate_fp32": lambda: _hf_tps(fp, prompt, n),
@@ -227,10 +229,12 @@ def engine_levels() -> dict:
     from tinyllm.runtime.scheduler import SchedulerConfig
 
     q, tok = tinyllm.load(int4_checkpoint())
-    eng = Engine(q, tok, EngineConfig(scheduler=SchedulerConfig(max_batch=16)))
-    rows = bench(eng, [1, 16], 64, 64, repeats=3)
-    return {f"engine_{r.concurrency}": {"e2e": r.tokens_per_s, "decode": r.decode_tokens_per_s}
-            for r in rows}  # fmt: skip
+    res = {}
+    for tag, i8 in (("engine", False), ("engine_i8", True)):
+        cfg = EngineConfig(int8_activations=i8, scheduler=SchedulerConfig(max_batch=16))
+        for r in bench(Engine(q, tok, cfg), [1, 16], 64, 64, repeats=3):
+            res[f"{tag}_{r.concurrency}"] = {"e2e": r.tokens_per_s, "decode": r.decode_tokens_per_s}
+    return res
 
 
 def streams_row() -> dict:
@@ -239,14 +243,15 @@ def streams_row() -> dict:
     prompts = _prompts(16, 64)
     res: dict = {"command": "benchmarks/bench_runtime.py --rows streams"}
     ours = {"model": "m", "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}
-    with _ours(8311, "--max-batch", "16"):
-        url = "http://127.0.0.1:8311/v1/completions"
-        for c in (1, 16):
-            bodies = [{**ours, "prompt": p} for p in prompts[:c]]
-            asyncio.run(_drive(url, bodies, c, {}))  # warm-up
-            t0 = time.perf_counter()
-            out = asyncio.run(_drive(url, bodies, c, {}))
-            res[f"tinyllm_{c}"] = _rates(out, time.perf_counter() - t0)
+    for tag, extra in (("tinyllm", []), ("tinyllm_i8", ["--int8-act"])):
+        with _ours(8311, "--max-batch", "16", *extra):
+            url = "http://127.0.0.1:8311/v1/completions"
+            for c in (1, 16):
+                bodies = [{**ours, "prompt": p} for p in prompts[:c]]
+                asyncio.run(_drive(url, bodies, c, {}))  # warm-up
+                t0 = time.perf_counter()
+                out = asyncio.run(_drive(url, bodies, c, {}))
+                res[f"{tag}_{c}"] = _rates(out, time.perf_counter() - t0)
     llama = [tool("llama-server"), "-m", str(q4_0_gguf()), "--port", "8312", "-np", "16",
              "-c", str(16 * 192), "-t", str(THREADS), "-tb", str(THREADS)]  # fmt: skip
     with Server(llama, "http://127.0.0.1:8312/health"):
@@ -269,15 +274,12 @@ def kv_row() -> dict:
     q, tok = tinyllm.load(int4_checkpoint())
     eng = Engine(q, tok, EngineConfig(kv_memory_mb=64))
     c = q.config
-    theory = (
-        2
-        * c.num_hidden_layers
-        * c.num_key_value_heads
-        * (c.hidden_size // c.num_attention_heads)
-        * 4
-    )
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    elem = eng.cache.k[0].element_size()  # the pool's dtype (float16 by default)
+    theory = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * elem
     measured = eng.cache.pool_bytes() / (eng.cache.num_blocks * eng.cache.block_size)
-    res = {"theory_bytes_per_token": theory, "pool_bytes_per_token": measured}
+    res = {"theory_bytes_per_token": theory, "pool_bytes_per_token": measured,
+           "kv_dtype": str(eng.cache.k[0].dtype)}  # fmt: skip
     prompts = _prompts(500, 24)
     with _ours(8313, "--max-batch", "32", "--max-queue", "600") as srv:
         url = "http://127.0.0.1:8313/v1/completions"
@@ -371,7 +373,7 @@ def table(results: dict) -> str:
     if d:
         base = d["engine_int4"]
         lines += ["| batch-1 decode | tokens/s | tinyllm INT4 / this |", "|---|---|---|"]
-        for k in ("engine_int4", "llama_cpp_q4_0", "hf_generate_int4", "engine_fp32",
+        for k in ("engine_int4", "engine_int4_int8act", "llama_cpp_q4_0", "hf_generate_int4", "engine_fp32",
                   "hf_generate_fp32"):  # fmt: skip
             if d.get(k):
                 lines.append(f"| {k} | {d[k]:.1f} | {base / d[k]:.2f} |")
@@ -385,7 +387,9 @@ def table(results: dict) -> str:
         ]
         names = {
             "engine": "tinyllm engine, in process",
+            "engine_i8": "tinyllm engine --int8-act, in process",
             "tinyllm": "tinyllm serve, HTTP",
+            "tinyllm_i8": "tinyllm serve --int8-act, HTTP",
             "llama_server": "llama-server -np 16, HTTP",
         }
         for key, label in names.items():

@@ -809,14 +809,29 @@ KvDtypeOpt = Annotated[
 ]
 
 
-def _engine(model: str, kv_memory: float, kv_dtype: str = "float16", **sched: object):
+Int8ActOpt = Annotated[
+    bool,
+    typer.Option(
+        "--int8-act",
+        help="Run 4-bit layers on integer kernels with activations rounded to int8 per block of "
+        "32 (AVX512-VNNI; like llama.cpp's Q4_0 x Q8_0): faster, no longer bit-exact.",
+    ),
+]
+
+
+def _engine(
+    model: str, kv_memory: float, kv_dtype: str = "float16", int8_act: bool = False, **sched: object
+):
     from tinyllm.models.load import load
     from tinyllm.runtime.engine import Engine, EngineConfig
     from tinyllm.runtime.scheduler import SchedulerConfig
 
     m, tok = load(model)
     cfg = EngineConfig(
-        kv_memory_mb=kv_memory, kv_dtype=kv_dtype, scheduler=SchedulerConfig(**sched)
+        kv_memory_mb=kv_memory,
+        kv_dtype=kv_dtype,
+        int8_activations=int8_act,
+        scheduler=SchedulerConfig(**sched),
     )
     return Engine(m, tok, cfg)
 
@@ -837,6 +852,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     kv_memory: KvOpt = 64.0,
     kv_dtype: KvDtypeOpt = "float16",
+    int8_act: Int8ActOpt = False,
 ) -> None:
     """Generate text with the tinyllm runtime, streaming tokens as they come.
 
@@ -845,7 +861,7 @@ def generate(
     """
     from tinyllm.runtime.sampling import SamplingParams
 
-    engine = _engine(model, kv_memory, kv_dtype)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act)
     params = _make_step(
         SamplingParams,
         "sampling",
@@ -881,6 +897,7 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, help="Runs per level; the median is shown.")] = 3,
     kv_memory: KvOpt = 256.0,
     kv_dtype: KvDtypeOpt = "float16",
+    int8_act: Int8ActOpt = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write rows here.")] = None,
 ) -> None:
     """Serve N concurrent streams and print TTFT, inter-token latency p50/p95/p99, tokens/s, KV.
@@ -897,7 +914,9 @@ def bench(
         ) from None
     if not levels or min(levels) < 1:
         raise ConfigError(f"--concurrency takes positive numbers like 1,4,16 (got '{concurrency}')")
-    engine = _engine(model, kv_memory, kv_dtype, max_batch=max(levels), max_queue=max(levels) * 2)
+    engine = _engine(
+        model, kv_memory, kv_dtype, int8_act, max_batch=max(levels), max_queue=max(levels) * 2
+    )
     rows = run_bench(engine, levels, prompt_len, gen_len, repeats)
     t = Table(title=f"tinyllm bench {model} (prompt {prompt_len}, generate {gen_len})")
     for col in (
@@ -962,6 +981,7 @@ def serve(
     ] = None,
     kv_memory: KvOpt = 256.0,
     kv_dtype: KvDtypeOpt = "float16",
+    int8_act: Int8ActOpt = False,
 ) -> None:
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE streaming),
     /v1/models, /health, /metrics (Prometheus).
@@ -975,7 +995,13 @@ def serve(
     keys = load_tenants(str(tenants) if tenants else None, api_key or [])
     target = None if target_itl is None else target_itl / 1000
     engine = _engine(
-        model, kv_memory, kv_dtype, max_batch=max_batch, max_queue=max_queue, target_itl_p95=target
+        model,
+        kv_memory,
+        kv_dtype,
+        int8_act,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        target_itl_p95=target,
     )
     app_ = create_app(engine, name or model, keys)
     err.print(

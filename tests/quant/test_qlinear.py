@@ -48,3 +48,22 @@ def test_q4_kernel_is_chosen_only_for_whole_lane_groups():
 def test_single_token_decode_shape():
     qw = rtn_quantize(torch.randn(64, 128), RTN(bits=4, group_size=32))
     assert QuantLinear(qw)(torch.randn(1, 1, 128)).shape == (1, 1, 64)
+
+
+@pytest.mark.parametrize(("group", "sym"), [(32, True), (64, False), (-1, False)])
+def test_int8_activation_kernel_is_close_to_the_exact_product(group, sym):
+    """q4_gemv_i8 rounds activations to int8 per block of 32: about 0.5% relative error."""
+    from tinyllm.quant import native
+
+    k = native.q4_kernel()
+    if k is None or not k.q4_i8_supported():
+        pytest.skip("needs tinyllm's native kernels with AVX512-VNNI")
+    torch.manual_seed(0)
+    qw = rtn_quantize(torch.randn(96, 256), RTN(bits=4, group_size=group, sym=sym))
+    layer = QuantLinear(qw)
+    for m in (1, 5, 16):  # tiles of 1, 4 and 8 rows
+        x = torch.randn(m, 256)
+        ref = x @ qw.dequantize().float().t()
+        y = k.q4_gemv_i8(x, layer.w_q4, layer.w_q4_scale, layer.w_q4_zero, qw.effective_group)
+        rel = ((y - ref).norm() / ref.norm()).item()
+        assert 1e-4 < rel < 0.015  # not exact, but close

@@ -148,6 +148,22 @@ def test_quantized_and_head_pruned_models_run_and_match_generate(tokenizer) -> N
     assert [s.output for s in seqs] == [hf_greedy(pruned, p, 12) for p in PROMPTS[:2]]
 
 
+def test_int8_activation_mode_runs_the_integer_kernel_and_mostly_agrees(tokenizer) -> None:
+    import tinyllm
+    from tinyllm.quant import native
+
+    if native.q4_kernel() is None or not native.q4_kernel().q4_i8_supported():
+        pytest.skip("needs tinyllm's native kernels with AVX512-VNNI")
+    model = tiny_model("llama")
+    tinyllm.quantize(model, tinyllm.RTN(bits=4, group_size=32))
+    exact = engine(model, tokenizer).generate(PROMPTS, GREEDY)
+    fast = engine(model, tokenizer, int8_activations=True)
+    assert all(ly.qkv.i8 and ly.down.i8 for ly in fast.runtime.layers)
+    seqs = fast.generate(PROMPTS, GREEDY)
+    first = [s.output[:3] for s in seqs]
+    assert first == [s.output[:3] for s in exact]  # rounding moves logits by ~0.5%
+
+
 def test_other_families_fall_back_to_transformers_with_the_same_tokens(tokenizer) -> None:
     model = tiny_model("gemma3")  # sliding-window layers: not in the lean forward's table
     eng = engine(model, tokenizer, token_budget=8)  # chunked prefill through the fallback too

@@ -61,11 +61,13 @@ def run_level(engine: Engine, prompts: list[list[int]], gen_len: int) -> tuple[f
 
 
 def decode_rate(times: list[list[float]]) -> float:
-    """Tokens per second of the decode phase, all streams together: the tokens after each
-    stream's first, over the time from the first stream's first token to the last token."""
-    tokens = sum(len(t) - 1 for t in times if t)
-    start = min(t[0] for t in times if t)
-    end = max(t[-1] for t in times if t)
+    """Steady-state decode tokens per second, all streams together: the tokens that arrive
+    after every stream has its first token (so no prompt is being prefilled any more), over
+    the time from that moment to the last token."""
+    times = [t for t in times if t]
+    start = max(t[0] for t in times)
+    end = max(t[-1] for t in times)
+    tokens = sum(sum(1 for x in t if x > start) for t in times)
     return tokens / (end - start) if end > start else float("nan")
 
 

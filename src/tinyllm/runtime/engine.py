@@ -46,6 +46,7 @@ KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 class EngineConfig:
     kv_memory_mb: float = 256.0  # the KV pool, preallocated
     kv_dtype: str = "float16"  # or "float32" (exact: what transformers keeps)
+    int8_activations: bool = False  # 4-bit layers on int8 x int4 integer kernels (not exact)
     block_size: int = 16
     token_budget: int = 512  # tokens per step over all sequences (decode + prefill chunks)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -101,7 +102,7 @@ class Engine:
             )
             self.runtime: LlamaRuntime | HFRuntime = HFRuntime(model)
         else:
-            self.runtime = LlamaRuntime(model)
+            self.runtime = LlamaRuntime(model, self.cfg.int8_activations)
         budget = int(self.cfg.kv_memory_mb * 2**20)
         if self.cfg.kv_dtype not in KV_DTYPES:
             raise ConfigError(

@@ -62,15 +62,23 @@ class Fused:
     replaced by views into the concatenation, so nothing is added to memory and the modules
     still compute exactly what they did. Anything the kernel does not take (other kernels, mixed
     group sizes, biases, prefill-sized inputs) runs the modules one by one.
+
+    With `int8_act`, the call quantizes its input to int8 per block of 32 and runs the integer
+    kernel (q4_gemv_i8, AVX512-VNNI) instead: faster, not exact (see docs/runtime.md).
     """
 
-    def __init__(self, mods: list[nn.Module]) -> None:
+    def __init__(self, mods: list[nn.Module], int8_act: bool = False) -> None:
         self.mods = mods
         self.sizes = [m.out_features for m in mods]
         self.group = _common_q4_group(mods)
         if self.group is None:
             return
+        k = native.q4_kernel()
+        self.i8 = int8_act and self.group % 32 == 0 and bool(k.q4_i8_supported())
         self.buffers = {}
+        if len(mods) == 1:
+            self.buffers = {n: getattr(mods[0], n) for n in ("w_q4", "w_q4_scale", "w_q4_zero")}
+            return
         for name in ("w_q4", "w_q4_scale", "w_q4_zero"):
             whole = torch.cat([getattr(m, name) for m in mods])  # [sum N / 16, ...]
             start = 0
@@ -84,12 +92,14 @@ class Fused:
         if self.group is None or x.shape[0] > NATIVE_MAX_ROWS:
             return [m(x) for m in self.mods]
         b = self.buffers
-        y = native.q4_kernel().q4_gemv(x, b["w_q4"], b["w_q4_scale"], b["w_q4_zero"], self.group)
-        return list(y.split(self.sizes, dim=-1))
+        k = native.q4_kernel()
+        gemv = k.q4_gemv_i8 if self.i8 else k.q4_gemv
+        y = gemv(x, b["w_q4"], b["w_q4_scale"], b["w_q4_zero"], self.group)
+        return list(y.split(self.sizes, dim=-1)) if len(self.mods) > 1 else [y]
 
 
 def _common_q4_group(mods: list[nn.Module]) -> int | None:
-    if len(mods) < 2 or any(getattr(m, "kernel", None) != "q4" or m.bias is not None for m in mods):
+    if any(getattr(m, "kernel", None) != "q4" or m.bias is not None for m in mods):
         return None
     groups = {m.qweight.effective_group for m in mods}
     ins = {m.in_features for m in mods}
@@ -101,9 +111,9 @@ class Layer:
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
     qkv: Fused
-    o: nn.Module
+    o: Fused
     gate_up: Fused
-    down: nn.Module
+    down: Fused
     heads: int
     kv_heads: int
 
@@ -188,7 +198,8 @@ class LlamaRuntime:
     def release(self, seq_id: int) -> None:
         """Nothing to drop: the sequence's keys live in the paged cache."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, int8_act: bool = False) -> None:
+        self.int8_act = int8_act
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(reason)
@@ -223,10 +234,10 @@ class LlamaRuntime:
                 Layer(
                     attn_norm=block.get_submodule(names["attn_norm"]).weight,
                     mlp_norm=block.get_submodule(names["mlp_norm"]).weight,
-                    qkv=Fused([lin["q"], lin["k"], lin["v"]]),
-                    o=lin["o"],
-                    gate_up=Fused([lin["gate"], lin["up"]]),
-                    down=lin["down"],
+                    qkv=Fused([lin["q"], lin["k"], lin["v"]], self.int8_act),
+                    o=Fused([lin["o"]], self.int8_act),
+                    gate_up=Fused([lin["gate"], lin["up"]], self.int8_act),
+                    down=Fused([lin["down"]], self.int8_act),
                     heads=lin["q"].out_features // hd,
                     kv_heads=lin["k"].out_features // hd,
                 )
@@ -278,10 +289,10 @@ class LlamaRuntime:
             kpool.index_copy_(0, batch.slots, k.to(kpool.dtype))
             vpool.index_copy_(0, batch.slots, v.to(vpool.dtype))
             attn = self._attention(q, kpool, vpool, batch, ops)  # [T, heads, hd]
-            x = x + ly.o(attn.reshape(t, ly.heads * hd))
+            x = x + ly.o(attn.reshape(t, ly.heads * hd))[0]
             h = self._norm(x, ly.mlp_norm, ops)
             gate, up = ly.gate_up(h)
-            x = x + ly.down(F.silu(gate) * up)
+            x = x + ly.down(F.silu(gate) * up)[0]
         x = self._norm(x[batch.logit_rows].contiguous(), self.final_norm, ops)
         return self.head(x).float()
 

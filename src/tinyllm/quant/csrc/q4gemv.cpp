@@ -9,6 +9,7 @@
 //   y[n] = sum_g s[n,g] * (sum_{k in g} q[n,k] x[k] - z[n,g] * sum_{k in g} x[k]).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 #ifdef __AVX512F__
@@ -131,6 +132,116 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
   return y;
 }
 
+// The same product with activations quantized to int8 per block of 32 inputs (as llama.cpp's
+// Q8_0 blocks) and integer dot products (AVX512-VNNI vpdpbusd: 4-bit codes as u8 x int8
+// activations, 64 products per instruction). Not exact: each block of x is rounded to 255 levels
+// of its absolute maximum. y[n] = sum_g s * sum_{blocks} sa * (sum q*xi - z * sum xi).
+// Needs groups (and K) in multiples of 32; the caller checks `q4_i8_supported()`.
+bool q4_i8_supported() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+template <int MT>
+static inline void q4_i8_tile(const int8_t* XE, const int8_t* XO, const float* SA,
+                              const float* SX, const uint8_t* W, const at::Half* S,
+                              const at::Half* Z, float* Y, int64_t b, int64_t m0, int64_t K,
+                              int64_t N, int64_t G, int64_t group) {
+  // 64 bytes = pairs j..j+3 of 16 rows, j-major; this permutation makes each row's four bytes
+  // adjacent (row l's dword = pairs j..j+3), the operand order vpdpbusd multiplies in.
+  alignas(64) static const uint8_t perm_bytes[64] = {
+      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21,
+      37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
+      11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+  const __m512i perm = _mm512_load_si512((const void*)perm_bytes);
+  const __m512i nib = _mm512_set1_epi8(15);
+  const int64_t KB = K / 32, H2 = K / 2;
+  __m512 out[MT];
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(Z + (b * G + g) * L)));
+    __m512 fg[MT];
+    for (int t = 0; t < MT; ++t) fg[t] = _mm512_setzero_ps();
+    for (int64_t blk = g * group / 32; blk < (g + 1) * group / 32; ++blk) {
+      __m512i lo_acc[MT], hi_acc[MT];
+      for (int t = 0; t < MT; ++t) lo_acc[t] = hi_acc[t] = _mm512_setzero_si512();
+      for (int64_t j = blk * 16; j < blk * 16 + 16; j += 4) {
+        const __m512i raw = _mm512_loadu_si512((const void*)(W + (b * H2 + j) * L));
+        const __m512i v = _mm512_permutexvar_epi8(perm, raw);
+        const __m512i lo = _mm512_and_si512(v, nib);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        for (int t = 0; t < MT; ++t) {
+          const int32_t e = *(const int32_t*)(XE + (m0 + t) * H2 + j);
+          const int32_t o = *(const int32_t*)(XO + (m0 + t) * H2 + j);
+          lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, _mm512_set1_epi32(e));
+          hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, _mm512_set1_epi32(o));
+        }
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[t], hi_acc[t]));
+        const __m512 sa = _mm512_set1_ps(SA[(m0 + t) * KB + blk]);
+        const __m512 sx = _mm512_set1_ps(SX[(m0 + t) * KB + blk]);
+        fg[t] = _mm512_fmadd_ps(sa, _mm512_fnmadd_ps(z, sx, dot), fg[t]);
+      }
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(S + (b * G + g) * L)));
+    for (int t = 0; t < MT; ++t) out[t] = _mm512_fmadd_ps(s, fg[t], out[t]);
+  }
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, out[t]);
+}
+#endif
+
+torch::Tensor q4_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
+                         torch::Tensor zero, int64_t group) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L, G = K / group;
+  TORCH_CHECK(codes.size(1) * 2 == K && K % group == 0 && group % 32 == 0, "bad shapes");
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  auto xs = x.contiguous();
+  const float* X = xs.data_ptr<float>();
+  const int64_t KB = K / 32, H2 = K / 2;
+  std::vector<int8_t> xe(M * H2), xo(M * H2);
+  std::vector<float> sa(M * KB), sx(M * KB);
+  // symmetric int8 per block of 32 inputs, split into even and odd columns (the nibble order)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t blk = 0; blk < KB; ++blk) {
+      const float* xb = X + m * K + blk * 32;
+      const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const __m512i qe = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(x0, even, x1), inv));
+      const __m512i qo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(x0, odd, x1), inv));
+      _mm_storeu_si128((__m128i*)(xe.data() + m * H2 + blk * 16), _mm512_cvtepi32_epi8(qe));
+      _mm_storeu_si128((__m128i*)(xo.data() + m * H2 + blk * 16), _mm512_cvtepi32_epi8(qo));
+      sa[m * KB + blk] = amax / 127.f;
+      sx[m * KB + blk] = float(_mm512_reduce_add_epi32(_mm512_add_epi32(qe, qo)));
+    }
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* W = codes.data_ptr<uint8_t>();
+  const at::Half *S = scale.data_ptr<at::Half>(), *Z = zero.data_ptr<at::Half>();
+  float* Y = y.data_ptr<float>();
+  const int8_t *XE = xe.data(), *XO = xo.data();
+  const float *SA = sa.data(), *SX = sx.data();
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) q4_i8_tile<8>(XE, XO, SA, SX, W, S, Z, Y, b, m, K, N, G, group);
+      for (; m + 4 <= M; m += 4) q4_i8_tile<4>(XE, XO, SA, SX, W, S, Z, Y, b, m, K, N, G, group);
+      for (; m < M; ++m) q4_i8_tile<1>(XE, XO, SA, SX, W, S, Z, Y, b, m, K, N, G, group);
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "q4_gemv_i8 needs AVX512-VNNI and AVX512-VBMI");
+#endif
+}
+
 // 8-bit symmetric per-output-row GEMV/GEMM: codes int8 [N/16, K, 16] (16 rows interleaved),
 // scale float [N/16, 16]: y[m, n] = s[n] * sum_k q[n, k] x[m, k].
 template <int MT>
@@ -238,4 +349,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_gemv", &q4_gemv, "4-bit grouped GEMV on 16-row interleaved codes", nogil);
   m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes", nogil);
   m.def("q4_dequant", &q4_dequant, "16-row interleaved 4-bit codes to a float weight", nogil);
+  m.def("q4_gemv_i8", &q4_gemv_i8, "4-bit GEMV with int8 block-quantized activations", nogil);
+  m.def("q4_i8_supported", &q4_i8_supported, "whether q4_gemv_i8 was compiled in");
 }
