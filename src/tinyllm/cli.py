@@ -989,7 +989,7 @@ def serve(
     Example: tinyllm serve runs/edge/final --api-key sk-local --target-itl 80
     then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
     """
-    from tinyllm.runtime.server import create_app, load_tenants
+    from tinyllm.runtime.server import load_tenants
     from tinyllm.runtime.server import serve as run_server
 
     keys = load_tenants(str(tenants) if tenants else None, api_key or [])
@@ -1003,12 +1003,11 @@ def serve(
         max_queue=max_queue,
         target_itl_p95=target,
     )
-    app_ = create_app(engine, name or model, keys)
     err.print(
         f"serving {name or model} on http://{host}:{port}/v1 "
         f"({'API keys required' if keys else 'no auth'}); Ctrl-C stops"
     )
-    run_server(app_, host, port)
+    run_server(engine, name or model, keys, host, port)
 
 
 def _train_prune(

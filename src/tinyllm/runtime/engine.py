@@ -423,15 +423,22 @@ def _eos_ids(model: nn.Module, tokenizer: object) -> set[int]:
 
 
 class EngineLoop:
-    """Runs engine steps on a daemon thread while there is work; wakes on submit."""
+    """Runs engine steps while there is work; sleeps until a submit wakes it.
+
+    `run()` blocks the calling thread; `start()` runs it on a daemon thread. Prefer `run()` on
+    the main thread (as `tinyllm serve` does, with HTTP on a side thread): OpenMP gives a second
+    thread team only a short spin before sleeping, so kernels called from a non-main thread pay a
+    wake-up on every parallel region and ran 2-4x slower here.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="tinyllm-engine", daemon=True)
+        self.thread: threading.Thread | None = None
 
     def start(self) -> EngineLoop:
+        self.thread = threading.Thread(target=self.run, name="tinyllm-engine", daemon=True)
         self.thread.start()
         return self
 
@@ -441,12 +448,19 @@ class EngineLoop:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self.thread.join(timeout=10)
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        self.run_until(lambda: False)
+
+    def run_until(self, done: Callable[[], bool]) -> None:
+        """Step while there is work, until stop() or `done()` (checked when idle)."""
         while not self._stop.is_set():
             if self.engine.has_work():
                 self.engine.step()
+            elif done():
+                return
             else:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()

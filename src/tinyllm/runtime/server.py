@@ -160,15 +160,22 @@ def create_app(
     api_keys: dict[str, TenantSpec] | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     default_max_tokens: int = 256,
+    engine_loop: EngineLoop | None = None,
 ) -> FastAPI:
-    """The app; the engine loop starts and stops with it."""
+    """The app. Without `engine_loop`, an engine loop thread starts and stops with the app;
+    `serve()` passes one it runs on the main thread instead (faster kernels, see EngineLoop)."""
     loop_holder: dict[str, EngineLoop] = {}
+    if engine_loop is not None:
+        loop_holder["loop"] = engine_loop
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loop_holder["loop"] = EngineLoop(engine).start()
+        own = engine_loop is None
+        if own:
+            loop_holder["loop"] = EngineLoop(engine).start()
         yield
-        loop_holder["loop"].stop()
+        if own:
+            loop_holder["loop"].stop()
 
     app = FastAPI(title="tinyllm", lifespan=lifespan, docs_url=None, redoc_url=None)
     for spec in (api_keys or {}).values():
@@ -468,12 +475,29 @@ def load_tenants(path: str | None, keys: list[str]) -> dict[str, TenantSpec] | N
     return out or None
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
+def serve(engine: Engine, model_name: str, keys: dict[str, TenantSpec] | None, host: str,
+          port: int) -> None:  # fmt: skip
+    """Serve until Ctrl-C: HTTP (uvicorn) on a side thread, the engine loop on this one."""
+    import signal
     import sys
+    import threading
 
     import uvicorn
 
     # the engine thread holds the GIL between kernels; a short switch interval lets the event
     # loop send each token promptly instead of waiting up to the default 5 ms
     sys.setswitchinterval(0.0005)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    loop = EngineLoop(engine)
+    app = create_app(engine, model_name, keys, engine_loop=loop)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="tinyllm-http", daemon=True)
+    http.start()
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop())  # Ctrl-C raises KeyboardInterrupt
+    try:
+        while http.is_alive() and not loop._stop.is_set():
+            loop.run_until(lambda: not http.is_alive())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
