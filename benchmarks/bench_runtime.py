@@ -13,8 +13,11 @@ Rows:
            bytes; 500 requests through the server, every fifth dropped mid-stream: blocks in use
            after.
   load     1000 streaming requests at concurrency 64 against `tinyllm serve --max-queue 32
-           --max-batch 16`: completed vs 429, none hanging (30 s client timeout), server RSS
-           after each 100 requests, p99 TTFT of admitted requests.
+           --max-batch 16`, once with a 429 final and once with clients honouring Retry-After:
+           completed vs 429, none hanging (30 s client timeout), server RSS after each 100
+           requests, p99 TTFT of admitted requests.
+  throttle 48 streams at once against --max-batch 32, without and with --target-itl 60:
+           inter-token latency p50/p95 of admitted streams, 429s, tokens/s.
 Artifacts live in benchmarks/work/runtime; results merge into
 benchmarks/results/runtime_smollm2.json row by row.
 """
@@ -38,7 +41,7 @@ OUT = ROOT / "results" / "runtime_smollm2.json"
 WORK = ROOT / "work" / "runtime"
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 MODEL = "smollm2-135m"
-ROWS = ["decode", "streams", "kv", "load"]
+ROWS = ["decode", "streams", "kv", "load", "throttle"]
 THREADS = 2
 
 
@@ -136,7 +139,9 @@ async def _stream_one(client, url: str, body: dict, headers: dict) -> dict:
         async with client.stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
                 await r.aread()
-                return {"status": r.status_code, "ttft": None, "tokens": 0}
+                retry = r.headers.get("retry-after")
+                return {"status": r.status_code, "ttft": None, "tokens": 0, "times": [],
+                        "retry_after": float(retry) if retry else None}  # fmt: skip
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     times.append(time.perf_counter())
@@ -147,7 +152,7 @@ async def _stream_one(client, url: str, body: dict, headers: dict) -> dict:
 
 
 async def _drive(url: str, bodies: list[dict], concurrency: int, headers: dict,
-                 on_done=None) -> list[dict]:  # fmt: skip
+                 on_done=None, retry: bool = False) -> list[dict]:  # fmt: skip
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -155,8 +160,14 @@ async def _drive(url: str, bodies: list[dict], concurrency: int, headers: dict,
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
 
         async def one(i: int, body: dict) -> dict:
+            rejected = 0
             async with sem:
                 res = await _stream_one(client, url, body, headers)
+                while retry and res["status"] == 429 and rejected < 60:
+                    rejected += 1  # honour Retry-After, then try again
+                    await asyncio.sleep(res["retry_after"] or 1.0)
+                    res = await _stream_one(client, url, body, headers)
+                res["rejections"] = rejected
                 if on_done:
                     on_done(i)
                 return res
@@ -330,41 +341,76 @@ async def _drive_with_drops(url: str, bodies: list[dict], concurrency: int) -> l
         return await asyncio.gather(*(one(dict(b)) for b in bodies))
 
 
-def load_row() -> dict:
-    prompts = _prompts(1000, 32)
+def _load_phase(srv: Server, url: str, bodies: list[dict], retry: bool) -> dict:
+    from tinyllm.runtime.scheduler import percentile
+
     rss: list[float] = []
+
+    def sample(i: int) -> None:
+        if (i + 1) % 100 == 0:
+            rss.append(srv.rss_mib())
+
+    t0 = time.perf_counter()
+    out = asyncio.run(_drive(url, bodies, 64, {}, on_done=sample, retry=retry))
+    wall = time.perf_counter() - t0
+    ok = [r for r in out if r["status"] == 200]
+    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
+    after_warmup = rss[2:] if len(rss) > 2 else rss
+    return {
+        "requests": len(out), "completed": len(ok),
+        "final_429": sum(r["status"] == 429 for r in out),
+        "responses_429": sum(r["rejections"] for r in out) + sum(r["status"] == 429 for r in out),
+        "other": sorted({str(r["status"]) for r in out} - {"200", "429"}),
+        "wall_s": wall, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+        "rss_mib_every_100": rss,
+        "rss_growth_after_warmup_mib": max(after_warmup) - min(after_warmup) if rss else None,
+    }  # fmt: skip
+
+
+def load_row() -> dict:
+    """1000 streaming requests, 64 at a time, against --max-queue 32: once where a 429 is final,
+    once where each client honours Retry-After and tries again until it gets in."""
+    prompts = _prompts(1000, 32)
+    res: dict = {"command": "benchmarks/bench_runtime.py --rows load"}
     with _ours(8314, "--max-batch", "16", "--max-queue", "32") as srv:
         url = "http://127.0.0.1:8314/v1/completions"
         bodies = [{"model": "m", "prompt": p, "max_tokens": 16, "temperature": 0,
                    "ignore_eos": True, "stream": True} for p in prompts]  # fmt: skip
+        res["no_retry"] = _load_phase(srv, url, bodies, retry=False)
+        res["retry"] = _load_phase(srv, url, bodies, retry=True)
+    return res
 
-        def sample(i: int) -> None:
-            if (i + 1) % 100 == 0:
-                rss.append(srv.rss_mib())
 
-        t0 = time.perf_counter()
-        out = asyncio.run(_drive(url, bodies, 64, {}, on_done=sample))
-        wall = time.perf_counter() - t0
-    ok = [r for r in out if r["status"] == 200]
-    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
+def throttle_row() -> dict:
+    """48 streams at once against --max-batch 32, without and with --target-itl 60 (ms): the
+    inter-token latency admitted streams see, and how many requests were turned away."""
     from tinyllm.runtime.scheduler import percentile
 
-    after_warmup = rss[2:] if len(rss) > 2 else rss
-    growth = max(after_warmup) - min(after_warmup) if after_warmup else None
-    return {
-        "requests": len(out), "completed": len(ok),
-        "rejected_429": sum(r["status"] == 429 for r in out),
-        "other": sorted({str(r["status"]) for r in out} - {"200", "429"}),
-        "wall_s": wall, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-        "rss_mib_every_100": rss,
-        "rss_growth_after_warmup_mib": growth,
-        "command": "benchmarks/bench_runtime.py --rows load",
-    }  # fmt: skip
+    prompts = _prompts(240, 32)
+    res: dict = {"command": "benchmarks/bench_runtime.py --rows throttle"}
+    for tag, extra in (("no_target", []), ("target_60ms", ["--target-itl", "60"])):
+        with _ours(8315, "--max-batch", "32", "--max-queue", "64", *extra):
+            url = "http://127.0.0.1:8315/v1/completions"
+            bodies = [{"model": "m", "prompt": p, "max_tokens": 48, "temperature": 0,
+                       "ignore_eos": True, "stream": True} for p in prompts]  # fmt: skip
+            t0 = time.perf_counter()
+            out = asyncio.run(_drive(url, bodies, 48, {}))
+            wall = time.perf_counter() - t0
+        ok = [r for r in out if r["status"] == 200]
+        itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)]
+        res[tag] = {
+            "completed": len(ok), "rejected_429": sum(r["status"] == 429 for r in out),
+            "itl_p50_ms": 1000 * percentile(itl, 0.5), "itl_p95_ms": 1000 * percentile(itl, 0.95),
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        }  # fmt: skip
+    return res
 
 
 def run_row(name: str) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
-    return {"decode": decode_row, "streams": streams_row, "kv": kv_row, "load": load_row}[name]()
+    rows = {"decode": decode_row, "streams": streams_row, "kv": kv_row, "load": load_row,
+            "throttle": throttle_row}  # fmt: skip
+    return rows[name]()
 
 
 def table(results: dict) -> str:
@@ -405,9 +451,9 @@ def table(results: dict) -> str:
     k = results.get("kv")
     if k:
         lines.append(json.dumps(k))
-    lo = results.get("load")
-    if lo:
-        lines.append(json.dumps(lo))
+    for key in ("load", "throttle"):
+        if results.get(key):
+            lines.append(json.dumps(results[key]))
     return "\n".join(lines)
 
 
