@@ -67,3 +67,20 @@ def test_int8_activation_kernel_is_close_to_the_exact_product(group, sym):
         y = k.q4_gemv_i8(x, layer.w_q4, layer.w_q4_scale, layer.w_q4_zero, qw.effective_group)
         rel = ((y - ref).norm() / ref.norm()).item()
         assert 1e-4 < rel < 0.015  # not exact, but close
+
+
+def test_int8_activation_head_kernel_is_close_to_the_exact_product():
+    from tinyllm.quant import native
+
+    k = native.q4_kernel()
+    if k is None or not k.q4_i8_supported():
+        pytest.skip("needs tinyllm's native kernels with AVX512-VNNI")
+    torch.manual_seed(0)
+    qw = rtn_quantize(torch.randn(160, 256), RTN(bits=8, group_size=-1, sym=True))
+    layer = QuantLinear(qw)
+    assert layer.kernel == "q8"
+    for m in (1, 6, 16):
+        x = torch.randn(m, 256)
+        ref = x @ qw.dequantize().float().t()
+        rel = ((k.q8_gemv_i8(x, layer.w_q8, layer.w_q8_scale) - ref).norm() / ref.norm()).item()
+        assert 1e-5 < rel < 0.015

@@ -45,6 +45,45 @@ def test_float16_kv_cache_halves_memory_and_keeps_the_tokens(tokenizer) -> None:
         engine(model, tokenizer, kv_dtype="int3")
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    ],
+)  # fmt: skip
+def test_rope_scaling_variants_match_generate(rope, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.rope_parameters = {**rope, "rope_theta": 10000.0}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    seqs = engine(model, tokenizer).generate(PROMPTS, GREEDY)
+    assert [s.output for s in seqs] == [hf_greedy(model, p, 12) for p in PROMPTS]
+
+
+def test_a_failing_step_ends_its_sequences_with_an_error_and_frees_blocks(tokenizer) -> None:
+    eng = engine(tiny_model("llama"), tokenizer)
+    events = []
+    seqs = [eng.submit(p, GREEDY, sink=events.append) for p in PROMPTS]
+    eng.step()
+    assert eng.cache.used_blocks > 0
+
+    def boom(*_):
+        raise RuntimeError("simulated kernel failure")
+
+    eng.runtime.forward = boom
+    eng.step()
+    assert all(s.finish_reason == "error" for s in seqs)
+    assert eng.cache.used_blocks == 0 and not eng.running
+    assert {e.error for e in events if e.finish_reason} == {"simulated kernel failure"}
+
+
 def test_chunked_prefill_preemption_and_joining_late_change_nothing(tokenizer) -> None:
     model = tiny_model("llama")
     ref = engine(model, tokenizer).generate(PROMPTS, GREEDY)

@@ -72,7 +72,10 @@ class Sequence:
     sink: Callable[[Event], None] | None = None
     output: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose K/V are in the cache
-    text: str = ""  # decoded output so far
+    text: str = ""  # output text so far (cut before a stop string)
+    decoded: str = ""  # every decoded token's text
+    prefix_off: int = 0  # incremental detokenization offsets into output
+    read_off: int = 0
     sent: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
@@ -325,14 +328,22 @@ class Engine:
         return DecodeGroup(rows, ctx, mask[:, None, None, :], lens, starts, all_rows)
 
     def _sample(self, work: list[tuple[Sequence, int, torch.Tensor]], logits: torch.Tensor) -> None:
-        i = 0
+        """A token for every sequence whose known tokens are all computed (one logits row each,
+        in work order); plain greedy rows share one argmax."""
         now = time.perf_counter()
-        for seq, _, _ in work:
-            if seq.computed != len(seq.ids):
-                continue
-            seen = torch.tensor(seq.ids) if seq.params.repetition_penalty != 1.0 else torch.empty(0)
-            token = sample(logits[i], seq.params, seen, seq.generator)
-            i += 1
+        ready = [seq for seq, _, _ in work if seq.computed == len(seq.ids)]
+        plain = [
+            i
+            for i, s in enumerate(ready)
+            if s.params.temperature == 0.0 and s.params.repetition_penalty == 1.0
+        ]
+        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True)) if plain else {}
+        for i, seq in enumerate(ready):
+            token = greedy.get(i)
+            if token is None:
+                p = seq.params.repetition_penalty
+                seen = torch.tensor(seq.ids) if p != 1.0 else torch.empty(0, dtype=torch.long)
+                token = sample(logits[i], seq.params, seen, seq.generator)
             self._append(seq, token, now)
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
@@ -354,10 +365,18 @@ class Engine:
             self._finish(seq, "length")
 
     def _stream(self, seq: Sequence, token: int) -> bool:
-        """Send the new text; True if a stop string ended the sequence."""
-        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+        """Send the new text; True if a stop string ended the sequence.
+
+        Incremental detokenization: only the tokens since the last emitted text are decoded,
+        with the one before them as context (so leading spaces and merges come out right)."""
+        ids = seq.output
+        prefix = self.tokenizer.decode(ids[seq.prefix_off : seq.read_off], skip_special_tokens=True)
+        window = self.tokenizer.decode(ids[seq.prefix_off :], skip_special_tokens=True)
+        if window.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
             return False
+        seq.decoded += window[len(prefix) :]
+        seq.prefix_off, seq.read_off = seq.read_off, len(ids)
+        text = seq.decoded
         stops = seq.params.stop
         cut = min(
             (i for s in stops if (i := text.find(s, max(0, seq.sent - len(s)))) >= 0), default=-1

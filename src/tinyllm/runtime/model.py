@@ -222,6 +222,14 @@ class LlamaRuntime:
         # tinyllm's C++ ops for norm, RoPE and decode attention (fp32 only), when they build
         fp32 = all(t.dtype == torch.float32 for t in (self.final_norm, self.inv_freq))
         self.fused_ops = fp32 and native.q4_kernel() is not None
+        self.head_i8 = (
+            int8_act
+            and self.fused_ops
+            and getattr(self.head, "kernel", None) == "q8"
+            and self.head.bias is None
+            and self.head.in_features % 32 == 0
+            and bool(native.q4_kernel().q4_i8_supported())
+        )
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
 
     def _layers(self, model: nn.Module, names: dict[str, str]) -> list[Layer]:
@@ -294,6 +302,8 @@ class LlamaRuntime:
             gate, up = ly.gate_up(h)
             x = x + ly.down(F.silu(gate) * up)[0]
         x = self._norm(x[batch.logit_rows].contiguous(), self.final_norm, ops)
+        if self.head_i8 and x.shape[0] <= NATIVE_MAX_ROWS:
+            return ops.q8_gemv_i8(x, self.head.w_q8, self.head.w_q8_scale)
         return self.head(x).float()
 
     def _attention(

@@ -307,6 +307,89 @@ torch::Tensor q8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale)
   return y;
 }
 
+// 8-bit per-row weights x int8 activations (per block of 32), integer dot products. vpdpbusd
+// multiplies u8 x s8, so the weights are read as u8 (w + 128, one xor) and the activations stay
+// signed: sum (w + 128) x = sum w x + 128 sum x, and 128 * sum x is taken off per block.
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+template <int MT>
+static inline void q8_i8_tile(const int8_t* XQ, const float* SA, const float* SX,
+                              const int8_t* W, const float* S, float* Y, int64_t b, int64_t m0,
+                              int64_t K, int64_t N) {
+  alignas(64) static const uint8_t perm_bytes[64] = {
+      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21,
+      37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
+      11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+  const __m512i perm = _mm512_load_si512((const void*)perm_bytes);
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  const int64_t KB = K / 32;
+  __m512 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < KB; ++blk) {
+    __m512i dot[MT];
+    for (int t = 0; t < MT; ++t) dot[t] = _mm512_setzero_si512();
+    for (int64_t k = blk * 32; k < blk * 32 + 32; k += 4) {
+      const __m512i raw = _mm512_loadu_si512((const void*)(W + (b * K + k) * L));
+      const __m512i w = _mm512_xor_si512(_mm512_permutexvar_epi8(perm, raw), flip);
+      for (int t = 0; t < MT; ++t) {
+        const int32_t xq = *(const int32_t*)(XQ + (m0 + t) * K + k);
+        dot[t] = _mm512_dpbusd_epi32(dot[t], w, _mm512_set1_epi32(xq));
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      const __m512 d = _mm512_cvtepi32_ps(dot[t]);
+      const __m512 corr = _mm512_set1_ps(128.f * SX[(m0 + t) * KB + blk]);
+      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(SA[(m0 + t) * KB + blk]), _mm512_sub_ps(d, corr),
+                               acc[t]);
+    }
+  }
+  const __m512 s = _mm512_loadu_ps(S + b * L);
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, _mm512_mul_ps(s, acc[t]));
+}
+#endif
+
+torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L;
+  TORCH_CHECK(codes.size(1) == K && codes.size(2) == L && K % 32 == 0, "bad shapes");
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  auto xs = x.contiguous();
+  const float* X = xs.data_ptr<float>();
+  const int64_t KB = K / 32;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> sa(M * KB), sx(M * KB);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t blk = 0; blk < KB; ++blk) {
+      const float* xb = X + m * K + blk * 32;
+      const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+      _mm_storeu_si128((__m128i*)(xq.data() + m * K + blk * 32), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128((__m128i*)(xq.data() + m * K + blk * 32 + 16), _mm512_cvtepi32_epi8(q1));
+      sa[m * KB + blk] = amax / 127.f;
+      sx[m * KB + blk] = float(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    }
+  auto y = torch::empty({M, N}, x.options());
+  const int8_t* W = codes.data_ptr<int8_t>();
+  const float* S = scale.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int8_t* XQ = xq.data();
+  const float *SA = sa.data(), *SX = sx.data();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) q8_i8_tile<8>(XQ, SA, SX, W, S, Y, b, m, K, N);
+      for (; m + 4 <= M; m += 4) q8_i8_tile<4>(XQ, SA, SX, W, S, Y, b, m, K, N);
+      for (; m < M; ++m) q8_i8_tile<1>(XQ, SA, SX, W, S, Y, b, m, K, N);
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "q8_gemv_i8 needs AVX512-VNNI and AVX512-VBMI");
+#endif
+}
+
 // Unpack the 16-row interleaved 4-bit codes to a float32 weight [N, K]: w = s * (q - z). For
 // prefill-sized inputs, where one float GEMM beats the GEMV tiles.
 torch::Tensor q4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
@@ -350,5 +433,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes", nogil);
   m.def("q4_dequant", &q4_dequant, "16-row interleaved 4-bit codes to a float weight", nogil);
   m.def("q4_gemv_i8", &q4_gemv_i8, "4-bit GEMV with int8 block-quantized activations", nogil);
+  m.def("q8_gemv_i8", &q8_gemv_i8, "8-bit GEMV with int8 block-quantized activations", nogil);
   m.def("q4_i8_supported", &q4_i8_supported, "whether q4_gemv_i8 was compiled in");
 }
