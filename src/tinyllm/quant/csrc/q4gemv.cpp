@@ -146,18 +146,20 @@ bool q4_i8_supported() {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+// 64 bytes laid out [4 columns][16 rows] -> [16 rows][4 columns]: each row's four bytes become
+// one dword, the operand order vpdpbusd multiplies in.
+alignas(64) static const uint8_t kRowsOf4[64] = {
+    0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21,
+    37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
+    11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+
 template <int MT>
 static inline void q4_i8_tile(const int8_t* XE, const int8_t* XO, const float* SA,
                               const float* SX, const uint8_t* W, const at::Half* S,
                               const at::Half* Z, float* Y, int64_t b, int64_t m0, int64_t K,
                               int64_t N, int64_t G, int64_t group) {
-  // 64 bytes = pairs j..j+3 of 16 rows, j-major; this permutation makes each row's four bytes
-  // adjacent (row l's dword = pairs j..j+3), the operand order vpdpbusd multiplies in.
-  alignas(64) static const uint8_t perm_bytes[64] = {
-      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21,
-      37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
-      11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
-  const __m512i perm = _mm512_load_si512((const void*)perm_bytes);
+  // 64 bytes = pairs j..j+3 of 16 rows, j-major; kRowsOf4 makes row l's dword = pairs j..j+3
+  const __m512i perm = _mm512_load_si512((const void*)kRowsOf4);
   const __m512i nib = _mm512_set1_epi8(15);
   const int64_t KB = K / 32, H2 = K / 2;
   __m512 out[MT];
@@ -315,11 +317,7 @@ template <int MT>
 static inline void q8_i8_tile(const int8_t* XQ, const float* SA, const float* SX,
                               const int8_t* W, const float* S, float* Y, int64_t b, int64_t m0,
                               int64_t K, int64_t N) {
-  alignas(64) static const uint8_t perm_bytes[64] = {
-      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21,
-      37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
-      11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
-  const __m512i perm = _mm512_load_si512((const void*)perm_bytes);
+  const __m512i perm = _mm512_load_si512((const void*)kRowsOf4);
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   const int64_t KB = K / 32;
   __m512 acc[MT];
