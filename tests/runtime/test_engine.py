@@ -218,3 +218,13 @@ def test_requests_that_cannot_run_are_refused(tokenizer) -> None:
         eng.submit([], GREEDY)
     with pytest.raises(ConfigError, match="exceeds the context"):
         eng.submit([3] * 250, SamplingParams(max_tokens=10))  # max_position_embeddings 256
+
+
+def test_the_longest_request_the_pool_allows_still_runs(tokenizer) -> None:
+    per_block = engine(tiny_model("llama"), tokenizer).cache.shape.bytes_per_token() * 4
+    eng = engine(tiny_model("llama"), tokenizer, kv_memory_mb=6 * per_block / 2**20)
+    assert eng.max_context == 5 * 4  # one block kept free for admission
+    seq = eng.generate([list(range(2, 18))], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(seq.output) == 4 and eng.cache.used_blocks == 0
+    with pytest.raises(ConfigError, match="exceeds the context"):
+        eng.submit(list(range(2, 18)), SamplingParams(max_tokens=5))

@@ -122,9 +122,15 @@ class Engine:
         self._lock = threading.Lock()
         self._cancelled: set[int] = set()
         self.eos = _eos_ids(model, tokenizer)
-        self.max_context = min(
-            self.runtime.max_positions, self.cache.num_blocks * self.cache.block_size
-        )
+        # one block of headroom: admission wants a free block beyond the prompt's, so a request
+        # of the whole pool would wait forever
+        pool_tokens = (self.cache.num_blocks - 1) * self.cache.block_size
+        if pool_tokens < 1:
+            raise ConfigError(
+                f"the KV pool holds {self.cache.num_blocks} block(s); at least 2 are needed: "
+                "raise --kv-memory"
+            )
+        self.max_context = min(self.runtime.max_positions, pool_tokens)
 
     # --- requests ---------------------------------------------------------------------------
     def prompt_ids(self, text: str, chat: bool = False) -> list[int]:
