@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -212,7 +213,11 @@ class _Ctx:
                 "authentication_error",
                 code="invalid_api_key",
             )
-        spec = self.api_keys.get(key)
+        # constant-time comparison: response timing does not leak how much of a key matched
+        spec = next(
+            (v for k, v in self.api_keys.items() if hmac.compare_digest(k.encode(), key.encode())),
+            None,
+        )
         if spec is None:
             raise APIError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
         return spec.name
