@@ -283,7 +283,7 @@ class Engine:
 
     def _build(self, work: list[tuple[Sequence, int, torch.Tensor]]) -> FlatBatch:
         tokens, positions, slots, logit_rows, spans = [], [], [], [], []
-        decoders: list[tuple[int, Sequence]] = []
+        decoders: list[tuple[int, torch.Tensor]] = []  # (row, the sequence's slots)
         prefills: list[PrefillChunk] = []
         row = 0
         for seq, n, seq_slots in work:
@@ -296,7 +296,7 @@ class Engine:
             if start + n == len(seq.ids):
                 logit_rows.append(row + n - 1)
             if n == 1:
-                decoders.append((row, seq))
+                decoders.append((row, ctx))
             else:
                 qpos = torch.arange(start, start + n)
                 prefills.append(
@@ -315,23 +315,19 @@ class Engine:
         )
 
     def _decode_group(
-        self, decoders: list[tuple[int, Sequence]], total_rows: int
+        self, decoders: list[tuple[int, torch.Tensor]], total_rows: int
     ) -> DecodeGroup | None:
         if not decoders:
             return None
-        lengths = [s.computed for _, s in decoders]
-        lmax = max(lengths)
-        ctx = torch.zeros(len(decoders), lmax, dtype=torch.long)
-        mask = torch.zeros(len(decoders), lmax, dtype=torch.bool)
-        for b, ((_, seq), n) in enumerate(zip(decoders, lengths, strict=True)):
-            ctx[b, :n] = self.cache.slots(seq.id)
-            mask[b, :n] = self.runtime.visible(torch.tensor([n - 1]), n)[0]
-        rows = torch.tensor([r for r, _ in decoders])
+        lens = torch.tensor([len(c) for _, c in decoders])
+        ctx = torch.nn.utils.rnn.pad_sequence([c for _, c in decoders], batch_first=True)
         window = getattr(self.runtime, "window", None)
-        lens = torch.tensor(lengths)
         starts = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
-        all_rows = len(decoders) == total_rows and all(r == i for i, (r, _) in enumerate(decoders))
-        return DecodeGroup(rows, ctx, mask[:, None, None, :], lens, starts, all_rows)
+        kpos = torch.arange(ctx.shape[1])[None, :]
+        mask = (kpos < lens[:, None]) & (kpos >= starts[:, None])  # [B, Lmax]
+        rows = [r for r, _ in decoders]
+        all_rows = rows == list(range(total_rows))
+        return DecodeGroup(torch.tensor(rows), ctx, mask[:, None, None, :], lens, starts, all_rows)
 
     def _sample(self, work: list[tuple[Sequence, int, torch.Tensor]], logits: torch.Tensor) -> None:
         """A token for every sequence whose known tokens are all computed (one logits row each,
