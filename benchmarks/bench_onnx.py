@@ -1,9 +1,11 @@
 """Issue 4 ONNX rows: smollm2-135m exported to ONNX and run by onnxruntime, beside tinyllm.
 
-Run: .venv/bin/python benchmarks/bench_onnx.py
+Run: .venv/bin/python benchmarks/bench_onnx.py [ROW ...]   (rows merge into the results file)
 Rows: fp32 (the float model), q4 (the GPTQ 4-bit g32 symmetric checkpoint that
 benchmarks/bench_quant.py keeps in benchmarks/work/quant/gptq-4b-g32-sym, else RTN with the same
-grid) as MatMulNBits, q8 (RTN 8-bit g32 symmetric) as MatMulNBits. Columns: perplexity from
+grid) as MatMulNBits, q8 (RTN 8-bit g32 symmetric) as MatMulNBits, w8a8 (the SmoothQuant
+static checkpoint benchmarks/bench_actquant.py keeps, else int8-dynamic) as QuantizeLinear +
+MatMulInteger. Columns: perplexity from
 onnxruntime's logits on the 40 x 512 evaluation windows and from `tinyllm eval` of the same model,
 and greedy decode speed (64 new tokens after a 32-token prompt, median of 3) of onnxruntime (KV
 cache through the graph's inputs/outputs) and of the tinyllm/transformers model (generate with its
@@ -27,13 +29,21 @@ from tinyllm.export import export, onnxrt
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "onnx_smollm2.json"
 GPTQ_DIR = ROOT / "work" / "quant" / "gptq-4b-g32-sym"
+SQ_DIR = ROOT / "work" / "actquant" / "smoothquant-static-layer"
 NEW, REPEATS = 64, 3
 
 
 def model_for(row: str):
     if row == "q4" and (GPTQ_DIR / "tinyllm.json").exists():
         return (*tinyllm.load(GPTQ_DIR), "GPTQ 4-bit g32 sym (bench_quant checkpoint)")
+    if row == "w8a8" and (SQ_DIR / "tinyllm.json").exists():
+        return (*tinyllm.load(SQ_DIR), "SmoothQuant W8A8 static (bench_actquant checkpoint)")
     model, tok = tinyllm.load("smollm2-135m")
+    if row == "w8a8":
+        from tinyllm.quant.int8 import Int8Dynamic
+
+        tinyllm.quantize(model, Int8Dynamic())
+        return model, tok, "INT8 dynamic W8A8"
     if row == "fp32":
         return model, tok, "float"
     bits = 4 if row == "q4" else 8
@@ -98,8 +108,10 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    results = {}
-    for row in ("fp32", "q4", "q8"):
+    import sys
+
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    for row in sys.argv[1:] or ("fp32", "q4", "q8", "w8a8"):
         print(f"== {row}", flush=True)
         results[row] = run_row(row)
         OUT.write_text(json.dumps(results, indent=2) + "\n")

@@ -32,9 +32,13 @@ from tinyllm.prune.structured import Blocks, Channels, Heads
 from tinyllm.prune.wanda import Wanda
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ
+from tinyllm.quant.fp8 import FP8
 from tinyllm.quant.gptq import GPTQ
+from tinyllm.quant.int8 import Int8Dynamic, Int8Static
+from tinyllm.quant.mixed import Mixed
 from tinyllm.quant.nf4 import NF4
 from tinyllm.quant.rtn import RTN
+from tinyllm.quant.smoothquant import SmoothQuant
 from tinyllm.runtime.engine import Engine, EngineConfig
 from tinyllm.runtime.sampling import SamplingParams
 
@@ -42,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AWQ",
     "DEFAULT_MODEL",
+    "FP8",
     "GPTQ",
     "NF4",
     "RTN",
@@ -52,8 +57,12 @@ __all__ = [
     "EngineConfig",
     "EvalResult",
     "Heads",
+    "Int8Dynamic",
+    "Int8Static",
     "Magnitude",
+    "Mixed",
     "SamplingParams",
+    "SmoothQuant",
     "SparseGPT",
     "TinyLLMError",
     "Wanda",

@@ -22,7 +22,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinyllm.errors import ConfigError, ModelLoadError
-from tinyllm.quant.qlinear import QuantEmbedding, QuantLinear, replace_embedding, replace_linear
+from tinyllm.quant.actquant import ActivationQuant
+from tinyllm.quant.qlinear import (
+    ActQuantLinear,
+    QuantEmbedding,
+    QuantLinear,
+    replace_act_linear,
+    replace_embedding,
+    replace_linear,
+)
 from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.util.fs import atomic_dir
 
@@ -85,7 +93,7 @@ def save_checkpoint(
     quantized: dict[str, dict] = {}
     written: dict[int, str] = {}  # a record shared by a tied head is stored once
     for name, mod in model.named_modules():
-        if not isinstance(mod, QuantLinear | QuantEmbedding):
+        if not isinstance(mod, QuantLinear | QuantEmbedding | ActQuantLinear):
             continue
         if id(mod.qweight) in written:
             quantized[name] = {**mod.qweight.meta(), "tied_to": written[id(mod.qweight)]}
@@ -95,6 +103,9 @@ def save_checkpoint(
         quantized[name] = mod.qweight.meta()
         if isinstance(mod, QuantEmbedding):
             quantized[name]["kind"] = "embedding"
+        if isinstance(mod, ActQuantLinear):  # the input's quantization (W8A8, FP8)
+            quantized[name]["act"] = mod.act.meta()
+            tensors.update(mod.act.tensors(f"{name}.act"))
     tied = _tied(model)
     sparse = _sparse_linears(model)
     for key, value in model.state_dict().items():
@@ -151,6 +162,12 @@ def _dense(tensors: dict[str, torch.Tensor], key: str, shape: list[int]) -> torc
     return w.reshape(shape)
 
 
+def _is_act_tensor(key: str, quantized: dict) -> bool:
+    """An activation-quantization tensor ('<layer>.act.scale'), not a model parameter."""
+    name, _, leaf = key.rpartition(".act.")
+    return bool(name) and leaf in ("scale", "zero") and "act" in quantized.get(name, {})
+
+
 def _head_key(model: nn.Module) -> str:
     head = model.get_output_embeddings()
     for name, mod in model.named_modules():
@@ -183,13 +200,18 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Any]:
             qw = records[name] = QuantizedWeight.from_tensors(tensors, f"{name}.record", meta)
         if meta.get("kind") == "embedding":
             replace_embedding(model, name, qw)
+        elif "act" in meta:
+            act = ActivationQuant.from_tensors(tensors, f"{name}.act", meta["act"])
+            replace_act_linear(model, name, qw, act)
         else:
             replace_linear(model, name, qw)
     sparse = info.get("sparse", {})
     state = {
         k: v.float() if v.is_floating_point() else v
         for k, v in tensors.items()
-        if ".record." not in k and not k.endswith((".weight.mask", ".weight.values"))
+        if ".record." not in k
+        and not _is_act_tensor(k, info["quantized"])
+        and not k.endswith((".weight.mask", ".weight.values"))
     }
     state.update({k: _dense(tensors, k, shape) for k, shape in sparse.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -140,7 +140,12 @@ def quantize(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
     method: Annotated[
-        str, typer.Option(help="rtn | gptq | awq | nf4 | embeddings (only embeddings and head).")
+        str,
+        typer.Option(
+            help="Weight-only: rtn | gptq | awq | nf4 | embeddings (only embeddings and head); "
+            "per-layer bits: mixed; weights and activations: int8-dynamic | int8-static | "
+            "smoothquant | fp8."
+        ),
     ] = "gptq",
     base: Annotated[
         str, typer.Option(help="AWQ: quantizer applied after scaling, rtn | gptq.")
@@ -182,6 +187,55 @@ def quantize(
             "the table) to this many bits: 8 or 4 for GGUF q8_0/q4_0. Default: they stay float."
         ),
     ] = None,
+    activations: Annotated[
+        str,
+        typer.Option(
+            help="smoothquant, fp8: static (ranges fixed from calibration) or dynamic (per-token "
+            "scales at run time). Default: static for smoothquant, dynamic for fp8."
+        ),
+    ] = "",
+    observer: Annotated[
+        str,
+        typer.Option(
+            help="Static activations: minmax (extremes seen), percentile (--percentile of each "
+            "tail) or mse (range that minimises the rounding error)."
+        ),
+    ] = "minmax",
+    granularity: Annotated[
+        str,
+        typer.Option(
+            help="Static int8 activations: one scale per tensor, or per input channel (folded "
+            "into the weight's columns, so the GEMM stays integer)."
+        ),
+    ] = "tensor",
+    percentile: Annotated[float, typer.Option(help="Percentile observer's p, in (50, 100].")] = (
+        99.99
+    ),
+    act_sym: Annotated[
+        bool,
+        typer.Option("--act-sym/--act-asym", help="Static activations: symmetric or zero point."),
+    ] = True,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="SmoothQuant migration strength in [0, 1]; omitted: searched (--alpha-search)."
+        ),
+    ] = None,
+    alpha_search: Annotated[
+        str, typer.Option(help="SmoothQuant: search alpha per layer (group) or per model.")
+    ] = "layer",
+    fp8_format: Annotated[str, typer.Option(help="FP8: e4m3 or e5m2.")] = "e4m3",
+    avg_bits: Annotated[
+        float | None,
+        typer.Option(help="mixed: budget as mean bits per linear weight (codes), e.g. 3.5."),
+    ] = None,
+    size_mb: Annotated[
+        float | None,
+        typer.Option(help="mixed: budget as MiB of the block linears (codes, scales, zeros)."),
+    ] = None,
+    candidate_bits: Annotated[
+        str, typer.Option(help="mixed: widths a layer may get, comma-separated.")
+    ] = "3,4,8",
     calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
@@ -211,6 +265,15 @@ def quantize(
       tinyllm quantize smollm2-135m --method rtn --bits 8 --group-size -1 --sym -o out/int8
 
       tinyllm quantize smollm2-135m --gguf-compatible q4_0 --embed-bits 8 -o out/q4-e8
+
+      tinyllm quantize smollm2-135m --method smoothquant -o out/w8a8   (alpha searched)
+
+      tinyllm quantize smollm2-135m --method int8-dynamic -o out/w8a8-dyn
+
+      tinyllm quantize smollm2-135m --method mixed --avg-bits 3.5 --base gptq -o out/mixed
+
+    Methods that quantize activations write an activation report (per-layer input outlier
+    ratios) beside the checkpoint; `tinyllm outliers MODEL` prints it for any model.
     """
     import torch
 
@@ -242,10 +305,23 @@ def quantize(
         static_groups=static_groups,
         damp=damp,
     )
+    options.update(
+        observer=observer,
+        granularity=granularity,
+        percentile=percentile,
+        act_sym=act_sym,
+        alpha=alpha,
+        search=alpha_search,
+        format=fp8_format,
+    )
+    if activations:
+        options["activations"] = activations
     if method == "awq":
         if base not in ("rtn", "gptq"):
             raise ConfigError(f"--base must be rtn or gptq, got '{base}'")
         cfg = classes["awq"](base=_make_step(classes[base], base, **options), clip=clip)
+    elif method == "mixed":
+        cfg = _mixed_step(classes, base, options, clip, avg_bits, size_mb, candidate_bits)
     else:
         cfg = _make_step(classes[method], method, **options)
     if float_dtype not in ("float16", "float32"):
@@ -295,13 +371,71 @@ def quantize(
         output,
         meta,
         overwrite=overwrite,
-        extra_files={"layer_errors.json": report.get("layer_errors", {})},
+        extra_files={
+            "layer_errors.json": report.get("layer_errors", {}),
+            "quant_report.json": {k: v for k, v in report.items() if k != "layer_errors"},
+        },
     )
     errs = list(report.get("layer_errors", {}).values())
     out.print(
         f"quantized {len(errs)} layers with {method} in {report['seconds']:.1f} s "
         f"(mean layer error {sum(errs) / max(len(errs), 1):.4g}); wrote {output}"
     )
+    for key in ("activations", "simulated", "avg_bits", "smoothquant_model_alpha"):
+        if key in report:
+            out.print(f"  {key.replace('_', ' ')}: {report[key]}")
+    if report.get("outliers"):
+        worst = max(report["outliers"].items(), key=lambda kv: kv[1]["ratio"])
+        out.print(
+            f"  largest input outlier ratio (max / median channel): {worst[1]['ratio']:.0f} at "
+            f"{worst[0]}; see quant_report.json or `tinyllm outliers`"
+        )
+
+
+@app.command()
+def outliers(
+    model: ModelArg,
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    top: Annotated[int, typer.Option(help="Rows to print, worst first (0: all).")] = 20,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the full report here.")
+    ] = None,
+) -> None:
+    """Show each linear layer's input outliers: why a model resists W8A8.
+
+    For every block linear: the largest per-channel |input| over calibration windows, the ratio
+    of the largest channel to the median channel, and `levels`, how many of an 8-bit per-tensor
+    grid's 127 steps the median channel gets. Ratios in the hundreds (few levels) are what
+    SmoothQuant (`tinyllm quantize --method smoothquant`) flattens.
+
+    Example: tinyllm outliers smollm2-135m --samples 16 --top 10
+    """
+    import tinyllm
+    from tinyllm.data.calibration import calibration_windows
+    from tinyllm.quant.outliers import outlier_report
+
+    m, tok = tinyllm.load(model)
+    calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
+    report = outlier_report(m, calib)
+    rows = sorted(report.items(), key=lambda kv: -kv[1]["ratio"])
+    table = Table("layer", "max |x|", "median channel max", "ratio", "int8 levels (median)")
+    for name, r in rows[: top or None]:
+        table.add_row(
+            name,
+            f"{r['max']:.3g}",
+            f"{r['median_channel_max']:.3g}",
+            f"{r['ratio']:.0f}",
+            f"{r['levels']:.1f}",
+        )
+    out.print(table)
+    if json_out is not None:
+        from tinyllm.util.fs import write_json_atomic
+
+        write_json_atomic(json_out, report)
+        out.print(f"wrote {json_out}")
 
 
 @app.command()
@@ -344,6 +478,55 @@ def prune(
     ] = None,
     group_size: Annotated[int, typer.Option(help="sparsegpt --bits: 32, 64 or 128.")] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="sparsegpt --bits: grid.")] = False,
+    activations: Annotated[
+        str,
+        typer.Option(
+            help="smoothquant, fp8: static (ranges fixed from calibration) or dynamic (per-token "
+            "scales at run time). Default: static for smoothquant, dynamic for fp8."
+        ),
+    ] = "",
+    observer: Annotated[
+        str,
+        typer.Option(
+            help="Static activations: minmax (extremes seen), percentile (--percentile of each "
+            "tail) or mse (range that minimises the rounding error)."
+        ),
+    ] = "minmax",
+    granularity: Annotated[
+        str,
+        typer.Option(
+            help="Static int8 activations: one scale per tensor, or per input channel (folded "
+            "into the weight's columns, so the GEMM stays integer)."
+        ),
+    ] = "tensor",
+    percentile: Annotated[float, typer.Option(help="Percentile observer's p, in (50, 100].")] = (
+        99.99
+    ),
+    act_sym: Annotated[
+        bool,
+        typer.Option("--act-sym/--act-asym", help="Static activations: symmetric or zero point."),
+    ] = True,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="SmoothQuant migration strength in [0, 1]; omitted: searched (--alpha-search)."
+        ),
+    ] = None,
+    alpha_search: Annotated[
+        str, typer.Option(help="SmoothQuant: search alpha per layer (group) or per model.")
+    ] = "layer",
+    fp8_format: Annotated[str, typer.Option(help="FP8: e4m3 or e5m2.")] = "e4m3",
+    avg_bits: Annotated[
+        float | None,
+        typer.Option(help="mixed: budget as mean bits per linear weight (codes), e.g. 3.5."),
+    ] = None,
+    size_mb: Annotated[
+        float | None,
+        typer.Option(help="mixed: budget as MiB of the block linears (codes, scales, zeros)."),
+    ] = None,
+    candidate_bits: Annotated[
+        str, typer.Option(help="mixed: widths a layer may get, comma-separated.")
+    ] = "3,4,8",
     calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
@@ -457,7 +640,9 @@ def export(
         typer.Option(
             "--type",
             help="GGUF: type of the block linears, f32, f16 (default), bf16, q8_0, q4_0, q4_1, "
-            "q5_0, q5_1. ONNX: fp32 (default), q4 or q8 (quantized layers as MatMulNBits). "
+            "q5_0, q5_1. ONNX: fp32 (default), q4 or q8 (quantized layers as MatMulNBits), "
+            "w8a8 (int8-static/-dynamic and smoothquant layers as QuantizeLinear + "
+            "MatMulInteger). "
             "Quantized layers on a matching grid are carried bit for bit.",
         ),
     ] = None,
@@ -748,6 +933,10 @@ def plan(
     ),
     eval_windows: Annotated[int, typer.Option(help="Evaluation windows.")] = 40,
     eval_seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 512,
+    mixed: Annotated[
+        bool,
+        typer.Option(help="Also search per-layer bit widths (2/3/4/5/8) filling the budget."),
+    ] = True,
 ) -> None:
     """Search quantization recipes against a budget; print the Pareto front and the recommendation.
 
@@ -755,8 +944,10 @@ def plan(
     on calibration windows), predicts size (exactly) and KL of every uniform grid (bits 2-8,
     groups 32/64/128/per-channel, symmetric or not), quantizes the best few that fit with GPTQ and
     scores them with the evaluation harness. Writes OUTPUT/plan.md, plan.json, front.png and
-    OUTPUT/recommended.yaml, a recipe `tinyllm run` accepts. Per-layer bit widths join the search
-    when mixed precision lands.
+    OUTPUT/recommended.yaml, a recipe `tinyllm run` accepts. With --mixed (default) it also
+    allocates per-layer widths (2, 3, 4, 5, 8 bits) that minimise the predicted KL at exactly the
+    size budget, for each group size and symmetry; those candidates are verified as GPTQ with
+    their widths and written as a `mixed` stage that replays the allocation.
 
     Examples:
 
@@ -785,6 +976,7 @@ def plan(
         probe_seq_len,
         verify_top,
         cache=output / "sensitivity.json",
+        mixed=mixed,
     )
     files = write_plan(p, output, cal.model_dump())
     out.print(plan_markdown(p), highlight=False, soft_wrap=True)
@@ -1043,6 +1235,32 @@ def _train_prune(
         f"{method}: perplexity {summary['before']['perplexity']:.3f} -> "
         f"{summary['after']['perplexity']:.3f} (dense {summary['teacher_eval']['perplexity']:.3f});"
         f" wrote {where}"
+    )
+
+
+def _mixed_step(
+    classes: dict,
+    base: str,
+    options: dict,
+    clip: bool,
+    avg_bits: float | None,
+    size_mb: float | None,
+    candidate_bits: str,
+) -> object:
+    """The `mixed` step: per-layer widths from `candidate_bits` under one budget, any base."""
+    if base not in ("rtn", "gptq", "awq"):
+        raise ConfigError(f"--base must be rtn, gptq or awq for mixed, got '{base}'")
+    try:
+        widths = [int(b) for b in candidate_bits.split(",") if b.strip()]
+    except ValueError as exc:
+        msg = f"--candidate-bits: comma-separated integers, got '{candidate_bits}'"
+        raise ConfigError(msg) from exc
+    if base == "awq":
+        base_cfg = classes["awq"](base=_make_step(classes["rtn"], "rtn", **options), clip=clip)
+    else:
+        base_cfg = _make_step(classes[base], base, **options)
+    return _make_step(
+        classes["mixed"], "mixed", base=base_cfg, bits=widths, avg_bits=avg_bits, size_mb=size_mb
     )
 
 

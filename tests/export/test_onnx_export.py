@@ -88,3 +88,40 @@ def test_onnx_bad_input(tokenizer, tmp_path: Path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export(model, tokenizer, tmp_path / "m.onnx", "onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["int8-dynamic", "int8-static", "int8-static-channel-asym", "smoothquant"],
+)
+def test_w8a8_as_integer_ops_matches_ours(method, tokenizer, tmp_path: Path):
+    import onnx
+
+    from tinyllm.quant.int8 import Int8Dynamic, Int8Static
+    from tinyllm.quant.smoothquant import SmoothQuant
+
+    cfg = {
+        "int8-dynamic": Int8Dynamic(),
+        "int8-static": Int8Static(),
+        "int8-static-channel-asym": Int8Static(granularity="channel", act_sym=False),
+        "smoothquant": SmoothQuant(),
+    }[method]
+    model = tiny_model(vocab=len(tokenizer))
+    calib = torch.randint(0, len(tokenizer), (16, 64), generator=torch.Generator().manual_seed(0))
+    quantize(model, cfg, calib=calib)
+    report = export(model, tokenizer, tmp_path / "w.onnx", "onnx", "w8a8")
+    assert len(report.nbits) == 14 and not report.float_layers
+    ops = {n.op_type for n in onnx.load(tmp_path / "w.onnx", load_external_data=False).graph.node}
+    assert "MatMulInteger" in ops
+    assert ("QuantizeLinear" in ops) != (method == "int8-dynamic")
+    sess = onnxrt.open_onnx(tmp_path / "w.onnx")
+    ids = tokenizer(PROMPT)["input_ids"][:20]
+    ours = _ours(model, ids)
+    # same integer codes; only float rounding of the rescale differs (and a rare tie in rounding)
+    assert np.abs(onnxrt.logits(sess, ids) - ours).max() < 2e-3 * np.abs(ours).max()
+
+
+def test_w8a8_type_needs_w8a8_layers(tokenizer, tmp_path: Path):
+    model = tiny_model(vocab=len(tokenizer))
+    with pytest.raises(ConfigError, match="has none; quantize it first"):
+        export(model, tokenizer, tmp_path / "w.onnx", "onnx", "w8a8")

@@ -30,7 +30,7 @@ def test_sensitivity_per_layer_and_predictions_fall_with_bits() -> None:
     windows = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
     sens = layer_sensitivity(model, windows)
     assert len(sens) == 14 and all(v >= 0 for v in sens.values()) and max(sens.values()) > 0
-    cands = predict(model, sens, [Grid(b, 32, False) for b in (2, 3, 4, 8)])
+    cands, _ = predict(model, sens, [Grid(b, 32, False) for b in (2, 3, 4, 8)])
     klds = [c.predicted_kld for c in cands]
     assert klds == sorted(klds, reverse=True) and klds[-1] < 0.01 * klds[0]
     sizes = [c.size_bytes for c in cands]
@@ -85,7 +85,7 @@ def test_embedding_options_are_measured_and_sized(tmp_path, tokenizer) -> None:
     emb = embedding_sensitivity(model, windows)
     assert set(emb) == {8, 4} and 0 <= emb[8] < emb[4]
     grid = Grid(4, 32, True)
-    cands = predict(model, layer_sensitivity(model, windows), [grid], emb)
+    cands, _ = predict(model, layer_sensitivity(model, windows), [grid], emb)
     assert [c.embed_bits for c in cands] == [None, 8, 4]
     assert cands[0].size_bytes > cands[1].size_bytes > cands[2].size_bytes
     assert cands[2].predicted_kld > cands[0].predicted_kld
@@ -114,10 +114,33 @@ def test_cli_plan_recommends_a_runnable_recipe(tiny_dir, corpus_file, tmp_path) 
     plan = json.loads((out / "plan.json").read_text())
     rec = plan["recommended"]
     assert rec["size_bytes"] <= plan["budget"]["max_size_bytes"]
-    assert recipe.stages[0].bits == rec["grid"]["bits"]
+    if rec["layer_bits"] is not None:  # a mixed-precision candidate won: replayed exactly
+        assert recipe.stages[0].allocation == rec["layer_bits"]
+        assert recipe.stages[0].base.group_size == rec["grid"]["group_size"]
+    else:
+        assert recipe.stages[0].bits == rec["grid"]["bits"]
     assert sum(c["measured"] is not None for c in plan["candidates"]) == 2
     assert (out / "sensitivity.json").is_file()  # a re-run with another budget reuses it
     p = run("plan", str(tiny_dir), "--max-size", "1KB", "-o", str(tmp_path / "x"), *common)
     assert_clean_error(p, "no candidate fits")
     p = run("plan", str(tiny_dir), "--max-size", "huge", "-o", str(tmp_path / "y"), *common)
     assert_clean_error(p, "not a size")
+
+
+def test_mixed_candidates_fill_the_budget_and_beat_uniform() -> None:
+    from tinyllm.pipeline.planner import Budget, candidate_step, fits, mixed_candidates
+
+    model = tiny_model()
+    windows = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    sens = layer_sensitivity(model, windows)
+    grids = [Grid(b, 32, False) for b in (2, 3, 4, 5, 8)]
+    uniform, costs = predict(model, sens, grids)
+    budget = Budget((uniform[1].size_bytes + uniform[2].size_bytes) // 2)  # between 3 and 4 bits
+    mixed = mixed_candidates(model, costs, budget)
+    assert len(mixed) == 1  # group 32 asymmetric is the only grid family predicted
+    m = mixed[0]
+    assert fits(m, budget) and m.size_bytes > uniform[1].size_bytes
+    assert m.predicted_kld <= min(c.predicted_kld for c in uniform if fits(c, budget))
+    assert 3 <= m.avg_bits <= 4 and m.label.startswith("mixed ") and len(m.layer_bits) == 14
+    step = candidate_step(m)
+    assert step.allocation == m.layer_bits and step.base.group_size == 32

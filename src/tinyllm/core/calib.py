@@ -103,6 +103,24 @@ def observe_block(
             run_block(block, x, kwargs)
 
 
+@torch.no_grad()
+def block_inputs(
+    model: nn.Module, batches: list[torch.Tensor]
+) -> tuple[list[list[torch.Tensor]], list[dict[str, Any]]]:
+    """What every block receives under the current weights, for every batch (of one shape), and
+    each block's keyword arguments. -> (inputs[block][batch] plus the last block's outputs as a
+    final entry, kwargs[block])"""
+    anatomy = analyze(model)
+    kwargs = _block_kwargs(model, anatomy, batches[0])
+    xs = _first_inputs(model, anatomy, batches)
+    inputs = [xs]
+    for i, block in enumerate(anatomy.blocks):
+        with fast_linears(block, xs[0].shape[0] * xs[0].shape[1]):
+            xs = [run_block(block, x, kwargs[i]) for x in xs]
+        inputs.append(xs)
+    return inputs, kwargs
+
+
 # fn(index, block, inputs, kwargs) compresses the block; it may return a callable that runs
 # after the block's outputs were computed (to swap fake-quantized weights for packed modules).
 BlockFn = Callable[[int, nn.Module, list[torch.Tensor], dict[str, Any]], Callable[[], None] | None]

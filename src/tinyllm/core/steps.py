@@ -38,6 +38,9 @@ class Context:
     calib: torch.Tensor | None = None  # [samples, seq_len] token ids
     batch_size: int = 8
     report: dict[str, Any] = field(default_factory=dict)  # e.g. per-layer errors
+    # Per-layer bit widths for weight quantizers (mixed precision), keyed by the full linear
+    # name (LinearSite.name); layers not listed use the step's own `bits`.
+    layer_bits: dict[str, int] = field(default_factory=dict)
 
 
 Apply = Callable[[nn.Module, Step, Context], None]

@@ -10,7 +10,10 @@ past + seq positions. Positions continue from the past length.
 Types: `fp32` writes every linear as a float MatMul (quantized layers dequantized). `q4` / `q8`
 write tinyllm's 4-bit / 8-bit records as onnxruntime's `com.microsoft.MatMulNBits` with our packed
 codes, scales and zero points unchanged (blocks of 32, 64 or 128); other layers stay float, with a
-warning (or refused with `strict`).
+warning (or refused with `strict`). `w8a8` writes INT8 weight-and-activation layers (int8-static,
+int8-dynamic, smoothquant) as standard integer ops: the input quantized by `QuantizeLinear`
+(static scales, per tensor or per channel) or by Abs/ReduceMax/Div/Round/Clip/Cast (dynamic, per
+token), `MatMulInteger` on our int8 weight codes, then the zero-point correction and the rescale.
 """
 
 from __future__ import annotations
@@ -31,14 +34,14 @@ from torch import nn
 
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.models.anatomy import analyze
-from tinyllm.quant.qlinear import QuantLinear
+from tinyllm.quant.qlinear import ActQuantLinear, QuantLinear
 from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.util.fs import atomic_dir
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2")  # one RMSNorm + rotary + GQA + SwiGLU graph
-TYPES = {"fp32": None, "q4": 4, "q8": 8}
+TYPES = {"fp32": None, "q4": 4, "q8": 8, "w8a8": "w8a8"}
 BLOCK = {  # role -> local module name inside a decoder block
     "attn_norm": "input_layernorm",
     "q": "self_attn.q_proj",
@@ -99,19 +102,39 @@ class ExportReport:
     float_layers: dict[str, str] = field(default_factory=dict)  # name -> why not MatMulNBits
 
 
-def _linear(g: Graph, x: str, mod: nn.Module, name: str, bits: int | None, rep, strict) -> str:
-    """x [..., in] @ W^T (+ b): MatMulNBits for a carried record, else a float MatMul."""
-    qw = mod.qweight if isinstance(mod, QuantLinear) else None
-    reason = why_not_nbits(qw, bits) if qw is not None and bits else "float"
-    if qw is not None and bits and reason is not None:
+def why_not_w8a8(mod: nn.Module) -> str | None:
+    """None when the layer is an INT8 weight-and-activation layer, else the reason."""
+    if not isinstance(mod, ActQuantLinear):
+        return "weight-only or float layer (no activation quantization)"
+    if mod.kernel != "int8_mm":
+        return f"{mod.act.dtype} activations are simulated, not integer"
+    return None
+
+
+def _why_not(mod: nn.Module, bits: int | str | None) -> str | None:
+    if bits == "w8a8":
+        return why_not_w8a8(mod)
+    if not isinstance(mod, QuantLinear):
+        return "float" if not bits else "not a weight-only quantized layer"
+    return why_not_nbits(mod.qweight, bits) if bits else "float"
+
+
+def _linear(g: Graph, x: str, mod: nn.Module, name: str, bits, rep, strict) -> str:
+    """x [..., in] @ W^T (+ b): MatMulNBits / MatMulInteger for a carried record, else a float
+    MatMul."""
+    quantized = isinstance(mod, QuantLinear | ActQuantLinear)
+    reason = _why_not(mod, bits)
+    if quantized and bits and reason is not None:
         if strict:
-            raise ConfigError(f"{name}: cannot write as {bits}-bit MatMulNBits ({reason})")
+            raise ConfigError(f"{name}: cannot write as {bits} ({reason})")
         rep.float_layers[name] = reason
     if reason is None:
-        y = _matmul_nbits(g, x, qw, name)
+        y = _w8a8(g, x, mod, name) if bits == "w8a8" else _matmul_nbits(g, x, mod.qweight, name)
         rep.nbits.append(name)
     else:
-        w = qw.dequantize() if qw is not None else mod.weight.detach().float()
+        w = mod.dequantized_weight() if quantized else mod.weight.detach().float()
+        if isinstance(mod, ActQuantLinear) and bits is None:
+            rep.float_layers[name] = f"{mod.act.describe()} input written as float"
         y = g.op("MatMul", [x, g.const(f"{name}.weight_t", w.t().numpy())])
     bias = getattr(mod, "bias", None)
     if bias is not None:
@@ -134,6 +157,41 @@ def _matmul_nbits(g: Graph, x: str, qw: QuantizedWeight, name: str) -> str:
         inputs.append(g.const(f"{name}.zero_points", zero.reshape(-1)))
     attrs = dict(K=k, N=n, bits=qw.bits, block_size=qw.group_size)
     return g.op("MatMulNBits", inputs, domain="com.microsoft", **attrs)
+
+
+def _w8a8(g: Graph, x: str, mod: ActQuantLinear, name: str) -> str:
+    """Integer W8A8 layer: quantize x, MatMulInteger with the int8 weight codes, rescale."""
+    act = mod.act
+    w_t = mod.w_i8.t().contiguous().numpy()  # int8 [in, out]
+    w_scale = mod.w_i8_scale.reshape(-1).numpy()  # [out]
+    if act.dynamic:  # per token: s = max|x| / 127 over the last axis
+        amax = g.op("ReduceMax", [g.op("Abs", [x]), g.ints(-1)], keepdims=1)
+        sx = g.op("Div", [g.op("Max", [amax, _f32(g, 1e-8)]), _f32(g, 127.0)])
+        q = g.op("Round", [g.op("Div", [x, sx])])
+        q = g.op("Cast", [g.op("Clip", [q, _f32(g, -127.0), _f32(g, 127.0)])], to=TensorProto.INT8)
+        scale = g.op("Mul", [sx, g.const(f"{name}.w_scale", w_scale)])
+    else:  # static: scale (and zero point) from calibration; per channel folded into W
+        zero = act.zero if act.zero is not None else torch.zeros_like(act.scale, dtype=torch.int32)
+        axis = {"axis": -1} if act.granularity == "channel" else {}
+        xs = act.scale.numpy().astype(np.float32)
+        xz = zero.numpy().astype(np.int8)
+        if act.granularity != "channel":
+            xs, xz = xs.reshape(()), xz.reshape(())
+        q = g.op(
+            "QuantizeLinear",
+            [x, g.const(f"{name}.x_scale", xs), g.const(f"{name}.x_zero", xz)],
+            **axis,
+        )
+        factor = w_scale if act.granularity == "channel" else w_scale * float(act.scale)
+        scale = g.const(f"{name}.out_scale", factor.astype(np.float32))
+    acc = g.op("MatMulInteger", [q, g.const(f"{name}.w_int8", w_t)])  # int32 [..., out]
+    if mod.zero_term is not None:
+        acc = g.op("Sub", [acc, g.const(f"{name}.zero_term", mod.zero_term.reshape(-1).numpy())])
+    return g.op("Mul", [g.op("Cast", [acc], to=TensorProto.FLOAT), scale])
+
+
+def _f32(g: Graph, value: float) -> str:
+    return g.const("c", np.array(value, dtype=np.float32))
 
 
 def _rms_norm(g: Graph, x: str, weight: torch.Tensor, eps: float) -> str:
@@ -318,7 +376,13 @@ def export_onnx(
     if qtype not in TYPES:
         raise ConfigError(f"unknown ONNX type '{qtype}'; choose one of {', '.join(TYPES)}")
     bits = TYPES[qtype]
-    if bits and not any(isinstance(m, QuantLinear) for m in model.modules()):
+    if bits == "w8a8" and not any(isinstance(m, ActQuantLinear) for m in model.modules()):
+        raise ConfigError(
+            "--type w8a8 writes INT8 weight-and-activation layers, and this model has none; "
+            "quantize it first (tinyllm quantize --method smoothquant | int8-static | "
+            "int8-dynamic)"
+        )
+    if bits and bits != "w8a8" and not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ConfigError(
             f"--type {qtype} writes quantized layers as MatMulNBits, and this model has none; "
             f"quantize it first (tinyllm quantize --bits {bits} --group-size 32)"

@@ -11,8 +11,11 @@
    scored by the evaluation harness; the recommendation is the best verified one.
 
 Candidates are uniform grids for the block linears, each with the embedding table (and head) in
-float16 or quantized to 8 or 4 bits (measured directly: two extra forwards). Per-layer bit widths
-join the search when mixed precision lands.
+float16 or quantized to 8 or 4 bits (measured directly: two extra forwards), plus mixed-precision
+candidates: for each group size and symmetry, the per-layer widths (2, 3, 4, 5 or 8 bits) that
+minimise the predicted KL with the model exactly at the size budget (the multiple-choice knapsack
+of quant/mixed.py over the same per-layer predictions); verified as GPTQ with those widths, and
+written to the recipe as a `mixed` stage that replays the allocation.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ PROBE = RTN(bits=3, group_size=128)  # per output channel where 128 does not div
 BITS = (2, 3, 4, 5, 8)
 GROUPS = (32, 64, 128, -1)
 EMBED_BITS = (None, 8, 4)  # embedding table options (Embeddings step: RTN sym g32)
+MIXED_BITS = (2, 3, 4, 5, 8)  # widths a mixed-precision candidate may give a layer
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,15 @@ class Candidate:
     predicted_kld: float
     measured: dict[str, Any] | None = None  # evaluation of the real GPTQ model
     embed_bits: int | None = None  # embeddings (and head) quantized too; None: float16
+    layer_bits: dict[str, int] | None = None  # mixed precision: width per block linear
+    avg_bits: float | None = None  # mixed precision: parameter-weighted mean width
 
     @property
     def label(self) -> str:
-        return self.grid.label + (f" + emb{self.embed_bits}" if self.embed_bits else "")
+        grid = self.grid.label
+        if self.layer_bits is not None:  # the grid's bits are not used: say the mean width
+            grid = f"mixed {self.avg_bits:.2f}b" + grid[grid.index("-") :]
+        return grid + (f" + emb{self.embed_bits}" if self.embed_bits else "")
 
     @property
     def predicted_ppl_ratio(self) -> float:
@@ -189,24 +198,65 @@ def predict(
     sens: dict[str, float],
     grids: list[Grid],
     embed_sens: dict[int, float] | None = None,
-) -> list[Candidate]:
-    """Predicted KL and exact size of every uniform grid (x every embedding option measured)."""
+) -> tuple[list[Candidate], dict[Grid, dict[str, float]]]:
+    """Predicted KL and exact size of every uniform grid (x every embedding option measured).
+    -> (candidates, per grid the predicted KL of each layer alone on it)"""
     sites = analyze(model).linears
     probe = {
         s.name: weight_error(s.module.weight.data, probe_grid(s.module.in_features)) for s in sites
     }
     cands = []
+    costs: dict[Grid, dict[str, float]] = {}  # predicted KL of each layer alone on each grid
     for grid in track(grids, "predicting"):
         if any(grid.group_size > 0 and s.module.in_features % grid.group_size for s in sites):
             continue
-        kld = 0.0
-        for s in sites:
-            w = s.module.weight.data
-            kld += sens[s.name] * weight_error(w, grid) / max(probe[s.name], 1e-20)
+        costs[grid] = {
+            s.name: sens[s.name]
+            * weight_error(s.module.weight.data, grid)
+            / max(probe[s.name], 1e-20)
+            for s in sites
+        }
+        kld = sum(costs[grid].values())
         cands.append(Candidate(grid, model_bytes(model, grid), kld))
         for bits, extra in (embed_sens or {}).items():
             cands.append(Candidate(grid, model_bytes(model, grid, bits), kld + extra, None, bits))
-    return cands
+    return cands, costs
+
+
+def mixed_candidates(
+    model: nn.Module,
+    costs: dict[Grid, dict[str, float]],
+    budget: Budget,
+    embed_sens: dict[int, float] | None = None,
+) -> list[Candidate]:
+    """For each group size and symmetry (and embedding option), the per-layer widths from
+    MIXED_BITS with the least summed predicted KL whose model fits the size budget."""
+    from tinyllm.quant.mixed import allocate
+
+    sites = analyze(model).linears
+    numel = {s.name: s.module.weight.numel() for s in sites}
+    out = []
+    for g in GROUPS:
+        for sym in (False, True):
+            grids = [Grid(b, g, sym) for b in MIXED_BITS]
+            if any(gr not in costs for gr in grids):
+                continue  # the group size does not divide every layer
+            loss = torch.tensor([[costs[gr][s.name] for gr in grids] for s in sites])
+            cost = torch.tensor(
+                [[quantized_bytes(*s.module.weight.shape, gr) for gr in grids] for s in sites]
+            )
+            for eb, extra in [(None, 0.0), *(embed_sens or {}).items()]:
+                rest = model_bytes(model, grids[0], eb) - int(cost[:, 0].sum())
+                room = budget.max_size_bytes - rest
+                if room < int(cost[:, 0].sum()):
+                    continue
+                picks = allocate(loss, cost, room).tolist()
+                bits = {s.name: MIXED_BITS[k] for s, k in zip(sites, picks, strict=True)}
+                size = rest + sum(int(cost[i, k]) for i, k in enumerate(picks))
+                kld = sum(float(loss[i, k]) for i, k in enumerate(picks)) + extra
+                avg = sum(numel[n] * b for n, b in bits.items()) / sum(numel.values())
+                out.append(Candidate(grids[0], size, kld, None, eb, bits, avg))
+    return out
 
 
 def pareto(cands: list[Candidate], key=lambda c: c.predicted_kld) -> list[Candidate]:
@@ -256,6 +306,16 @@ def grid_step(grid: Grid) -> Any:
     return GPTQ(bits=grid.bits, group_size=grid.group_size, sym=grid.sym)
 
 
+def candidate_step(c: Candidate) -> Any:
+    """GPTQ on the candidate's grid; with per-layer widths, the mixed step replaying them."""
+    if c.layer_bits is None:
+        return grid_step(c.grid)
+    from tinyllm.quant.mixed import Mixed
+
+    widths = sorted(set(c.layer_bits.values()))
+    return Mixed(base=grid_step(c.grid), bits=widths, allocation=c.layer_bits)
+
+
 def verify(
     spec: str, c: Candidate, calib: torch.Tensor, original: dict, score: Any
 ) -> dict[str, Any]:
@@ -266,7 +326,7 @@ def verify(
 
     model, _ = load(spec)
     t0 = time.perf_counter()
-    quantize(model, grid_step(c.grid), calib=calib)
+    quantize(model, candidate_step(c), calib=calib)
     if c.embed_bits:
         quantize(model, embed_step(c.embed_bits))
     round_floats(model, torch.float16)
@@ -311,13 +371,17 @@ def recipe_yaml(plan: Plan, c: Candidate, calibration: dict) -> str:
     import yaml
 
     stages = [{"type": "gptq", **asdict(c.grid)}]
+    if c.layer_bits is not None:
+        step = candidate_step(c)
+        base = {"type": "gptq", **asdict(c.grid)}
+        stages = [{"type": "mixed", "base": base, "bits": step.bits, "allocation": c.layer_bits}]
     if c.embed_bits:
         step = embed_step(c.embed_bits)
         stages.append({"type": "embeddings", "bits": step.bits, "group_size": step.group_size})
     data: dict[str, Any] = {"model": plan.model, "calibration": calibration, "stages": stages}
     gguf = {(4, 32, True): "q4_0", (4, 32, False): "q4_1", (5, 32, True): "q5_0"}
     gguf.update({(5, 32, False): "q5_1", (8, 32, True): "q8_0"})
-    qtype = gguf.get((c.grid.bits, c.grid.group_size, c.grid.sym))
+    qtype = None if c.layer_bits else gguf.get((c.grid.bits, c.grid.group_size, c.grid.sym))
     if c.embed_bits and c.embed_bits not in (4, 8):
         qtype = None
     if qtype:
@@ -342,6 +406,7 @@ def make_plan(
     grids: list[Grid] | None = None,
     embeddings: bool = True,
     cache: Any = None,
+    mixed: bool = True,
 ) -> Plan:
     """Measure sensitivities, predict every grid, verify the best few that fit. -> Plan"""
     from tinyllm.data.calibration import calibration_windows
@@ -369,7 +434,9 @@ def make_plan(
     sens, embed_sens = _cached_sensitivity(cache, model, probe, embeddings, spec)
     seconds.update(original_eval=t1 - t0, sensitivity=time.perf_counter() - t1)
     plan = Plan(spec, budget, original, sens, embedding_sensitivity=embed_sens)
-    plan.candidates = predict(model, sens, grids or candidate_grids(), embed_sens)
+    plan.candidates, costs = predict(model, sens, grids or candidate_grids(), embed_sens)
+    if mixed:
+        plan.candidates += mixed_candidates(model, costs, budget, embed_sens)
     feasible = sorted(
         (c for c in plan.candidates if fits(c, budget)), key=lambda c: c.predicted_kld
     )

@@ -14,6 +14,7 @@ the same pydantic step config the Python API takes (unknown fields are errors).
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -250,12 +251,22 @@ def _stage(value: Any, i: int, where: Where) -> BaseModel:
             f"{where.at((*path, 'type'))}: unknown stage type '{kind}'; allowed: "
             f"{', '.join(classes)}"
         )
-    if kind == "awq" and isinstance(value.get("base"), dict):
+    return _with_base(kind, value, path, where, classes)
+
+
+def _with_base(kind: str, value: dict, path: tuple, where: Where, classes: dict) -> BaseModel:
+    """Validate a stage whose `base:` is itself a stage (AWQ over rtn|gptq, mixed over
+    rtn|gptq|awq); the allowed base types are read from the config's `base` annotation."""
+    field = classes[kind].model_fields.get("base")
+    if field is not None and isinstance(value.get("base"), dict):
+        allowed = [k for k, c in classes.items() if c in typing.get_args(field.annotation)]
         base = dict(value["base"])
         base_kind = base.pop("type", "rtn")
-        if base_kind not in ("rtn", "gptq"):
-            raise RecipeError(f"{where.at((*path, 'base'))}: AWQ's base must be rtn or gptq")
-        value["base"] = _validate(classes[base_kind], base, (*path, "base"), where)
+        if base_kind not in allowed:
+            raise RecipeError(
+                f"{where.at((*path, 'base'))}: {kind}'s base must be one of {', '.join(allowed)}"
+            )
+        value["base"] = _with_base(base_kind, base, (*path, "base"), where, classes)
     return _validate(classes[kind], value, path, where)
 
 

@@ -12,7 +12,7 @@ from tinyllm.core.steps import Step, run_step
 
 def step_classes() -> dict[str, type[Step]]:
     """Method name -> step config class (importing a method registers it)."""
-    from tinyllm.quant import awq, embed, gptq, nf4, rtn
+    from tinyllm.quant import awq, embed, fp8, gptq, int8, mixed, nf4, rtn, smoothquant
 
     return {
         "rtn": rtn.RTN,
@@ -20,6 +20,11 @@ def step_classes() -> dict[str, type[Step]]:
         "awq": awq.AWQ,
         "nf4": nf4.NF4,
         "embeddings": embed.Embeddings,
+        "mixed": mixed.Mixed,
+        "int8-dynamic": int8.Int8Dynamic,
+        "int8-static": int8.Int8Static,
+        "smoothquant": smoothquant.SmoothQuant,
+        "fp8": fp8.FP8,
     }
 
 

@@ -7,6 +7,10 @@ preceding op divided by s, so the float model computes the same function. Option
 each group's weight range is then shrunk to the factor that minimises that group's share of the
 layer's output error on calibration inputs, and the weights are clamped to it. Then any base
 quantizer (`AWQ(base=RTN(...))` or `AWQ(base=GPTQ(...))`) quantizes the scaled weights.
+
+With per-layer widths (Context.layer_bits, set by the mixed-precision step) each layer's clipping
+search and quantization use its own width; a scaling group's scale search uses the narrowest width
+among the group's consumers, the layer whose rounding error the scale matters most for.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tinyllm.core.steps import Context, Step, register
 from tinyllm.quant.common import (
     block_error_status,
     fake_quant_then_swap,
+    layer_cfg,
     relative_weight_error,
     sites_by_block,
 )
@@ -166,7 +171,7 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
         block_sites = {s.local: s for s in by_block.get(i, [])}
-        groups = _checked_groups(model, block, xs[0], kwargs, i)
+        groups = checked_groups(model, block, xs[0], kwargs, i)
         # One pass before any folding: folding keeps the float function, so every input's
         # statistics can be read from the unscaled block and rescaled (x / s) afterwards.
         # GPTQ needs full Hessians anyway; for RTN a subsample of tokens is enough.
@@ -181,11 +186,14 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
 
         observe_block(block, xs, kwargs, list(block_sites), look)
         scales: dict[str, torch.Tensor] = {}
+        bases = {loc: layer_cfg(cfg.base, s.name, ctx.layer_bits) for loc, s in block_sites.items()}
         for prev, consumers in groups:
             mods = [block.get_submodule(c) for c in consumers]
             x_mag, H = absum[consumers[0]] / total, acc.hessian(consumers[0])
+            # mixed precision: search on the narrowest grid among the consumers
+            group_base = min((bases.get(c, cfg.base) for c in consumers), key=lambda b: b.bits)
             s, alphas[f"{i}.{prev}"] = search_scale(
-                x_mag, H, [m.weight for m in mods], cfg.base, cfg.grid
+                x_mag, H, [m.weight for m in mods], group_base, cfg.grid
             )
             fold_scale(block.get_submodule(prev), mods, s, offset)
             scales.update({c: s for c in consumers})
@@ -194,13 +202,14 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
             H = acc.hessian(local)
             if local in scales:  # inputs divided by s: H' = H / (s s^T)
                 H = H / torch.outer(scales[local], scales[local])
+            base = bases[local]
             if cfg.clip:
-                site.module.weight.data = search_clip(H, site.module.weight.data, cfg.base)
+                site.module.weight.data = search_clip(H, site.module.weight.data, base)
             w = site.module.weight.detach().float()
-            if isinstance(cfg.base, GPTQ):
-                records[local], errors[site.name] = gptq_quantize(w, H, cfg.base, site.name)
+            if isinstance(base, GPTQ):
+                records[local], errors[site.name] = gptq_quantize(w, H, base, site.name)
             else:
-                records[local] = rtn_quantize(w, cfg.base)
+                records[local] = rtn_quantize(w, base)
                 errors[site.name] = relative_weight_error(w, records[local])
         return fake_quant_then_swap(block, records)
 
@@ -214,7 +223,7 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
     )
 
 
-def _checked_groups(
+def checked_groups(
     model: nn.Module, block: nn.Module, x0: torch.Tensor, kwargs: dict, i: int
 ) -> list[tuple[str, list[str]]]:
     """The family's scaling groups; a norm group is kept only if the graph confirms it."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from pydantic import field_validator
@@ -17,6 +18,7 @@ from tinyllm.quant.qlinear import replace_linear
 from tinyllm.quant.qweight import QuantizedWeight
 
 log = logging.getLogger(__name__)
+Q = TypeVar("Q", bound="WeightQuant")
 
 
 class WeightQuant(Step):
@@ -39,6 +41,15 @@ class WeightQuant(Step):
         if v not in SUPPORTED_GROUPS:
             raise ValueError(f"group_size must be one of {SUPPORTED_GROUPS}, got {v}")
         return v
+
+
+def layer_cfg(cfg: Q, name: str, layer_bits: Mapping[str, int]) -> Q:
+    """The config one layer is quantized with: `cfg`, with its bit width overridden when
+    `layer_bits` (Context.layer_bits, mixed precision) names the layer."""
+    bits = layer_bits.get(name)
+    if bits is None or bits == cfg.bits:
+        return cfg
+    return cfg.model_copy(update={"bits": bits})
 
 
 def check_divisible(sites: list[LinearSite], group_size: int) -> None:
@@ -78,12 +89,22 @@ def quantize_each(
     model: nn.Module, ctx: Context, group_size: int, fn: Callable[[torch.Tensor], QuantizedWeight]
 ) -> None:
     """Data-free glue: quantize every block linear's weight with fn and swap in a QuantLinear."""
+    quantize_each_layer(model, ctx, group_size, lambda w, _name: fn(w))
+
+
+def quantize_each_layer(
+    model: nn.Module,
+    ctx: Context,
+    group_size: int,
+    fn: Callable[[torch.Tensor, str], QuantizedWeight],
+) -> None:
+    """quantize_each, with fn(weight, full layer name) for methods that vary per layer."""
     sites = target_linears(model)
     check_divisible(sites, group_size)
     errors = ctx.report.setdefault("layer_errors", {})
     for s in sites:
         w = s.module.weight.detach().float()
-        qw = fn(w)
+        qw = fn(w, s.name)
         errors[s.name] = relative_weight_error(w, qw)
         replace_linear(model, s.name, qw)
 

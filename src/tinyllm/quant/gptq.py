@@ -4,6 +4,7 @@ error onto the columns not yet quantized through the inverse Hessian of the laye
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from tinyllm.quant.common import (
     WeightQuant,
     block_error_status,
     fake_quant_then_swap,
+    layer_cfg,
     sites_by_block,
 )
 from tinyllm.quant.primitives import group_qparams, qmax
@@ -170,15 +172,22 @@ class HessianAccumulator:
 
 
 def gptq_block(
-    block: nn.Module, sites: list, xs: list, kwargs: dict, cfg: GPTQ, errors: dict[str, float]
+    block: nn.Module,
+    sites: list,
+    xs: list,
+    kwargs: dict,
+    cfg: GPTQ,
+    errors: dict[str, float],
+    layer_bits: Mapping[str, int] | None = None,
 ) -> dict[str, QuantizedWeight]:
-    """Hessians of one block's linears from its calibration inputs, then GPTQ on each."""
+    """Hessians of one block's linears from its calibration inputs, then GPTQ on each (at its
+    own width where `layer_bits` names it)."""
     acc = HessianAccumulator()
     observe_block(block, xs, kwargs, [s.local for s in sites], acc.add)
     records = {}
     for s in sites:
         records[s.local], errors[s.name] = gptq_quantize(
-            s.module.weight, acc.hessian(s.local), cfg, s.name
+            s.module.weight, acc.hessian(s.local), layer_cfg(cfg, s.name, layer_bits or {}), s.name
         )
     return records
 
@@ -189,7 +198,7 @@ def apply(model: nn.Module, cfg: GPTQ, ctx: Context) -> None:
     errors = ctx.report.setdefault("layer_errors", {})
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
-        records = gptq_block(block, by_block.get(i, []), xs, kwargs, cfg, errors)
+        records = gptq_block(block, by_block.get(i, []), xs, kwargs, cfg, errors, ctx.layer_bits)
         return fake_quant_then_swap(block, records)
 
     calibrate_blocks(

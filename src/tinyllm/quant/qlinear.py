@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tinyllm.quant import native
+from tinyllm.quant.actquant import ActivationQuant
 from tinyllm.quant.qweight import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -147,6 +148,90 @@ def replace_linear(model: nn.Module, name: str, qw: QuantizedWeight) -> QuantLin
     old = getattr(parent, child)
     new = QuantLinear(qw, getattr(old, "bias", None))
     setattr(parent, child, new)
+    return new
+
+
+class ActQuantLinear(nn.Module):
+    """A linear layer that quantizes its input too (W8A8, FP8), with its weight in a record.
+
+    INT8: the input is quantized per token (dynamic) or with calibrated static scales, and the
+    product runs as an integer GEMM (`torch._int_mm`, int8 x int8 -> int32 on oneDNN/VNNI), with
+    the rescale (and the zero-point correction, a constant per output row) applied after it. For a
+    per-channel static scale the record holds the codes of W diag(s) (see quant/actquant.py).
+    FP8: simulated, as CPUs here have no FP8 GEMM: the input is rounded to the FP8 grid and
+    multiplied by the dequantized FP8 weight in float32.
+    """
+
+    is_tinyllm_linear = True
+
+    def __init__(
+        self, qw: QuantizedWeight, act: ActivationQuant, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.qweight, self.act = qw, act
+        self.kernel = "int8_mm" if act.dtype == "int8" else "fp8_simulated"
+        for name, t in qw.tensors("record").items():
+            self.register_buffer(name.replace(".", "_"), t, persistent=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
+        if self.kernel == "int8_mm":
+            if not (qw.bits == 8 and qw.sym and qw.group_size == -1 and qw.codebook is None):
+                raise ValueError("int8 activations need a symmetric 8-bit per-row weight record")
+            codes = (qw.codes().to(torch.int16) - 128).to(torch.int8)  # [out, in]
+            self.register_buffer("w_i8", codes, persistent=False)
+            self.register_buffer("w_i8_scale", qw.scale.float().reshape(1, -1), persistent=False)
+            zero_term = None
+            if act.zero is not None:  # (x_q - z) W^T = x_q W^T - z W^T: a constant row
+                zero_term = (act.zero.to(torch.int32).expand(qw.shape[1]) @ codes.int().t())[None]
+            self.register_buffer("zero_term", zero_term, persistent=False)
+        else:
+            self.register_buffer("w_float", qw.dequantize(), persistent=False)
+
+    def logical_numel(self) -> int:
+        return self.in_features * self.out_features
+
+    def weight_storage_bits(self) -> int:
+        return self.qweight.storage_bits()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight this layer stands for (a folded per-channel input scale undone)."""
+        w = self.qweight.dequantize()
+        if self.act.granularity == "channel":
+            w = w / self.act.scale
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.kernel == "int8_mm":
+            q, sx = self.act.quantize_int8(x2)  # int8 [m, in], [m, 1] | [1]
+            acc = torch._int_mm(q, self.w_i8.t())  # int32 [m, out]
+            if self.zero_term is not None:
+                acc = acc - self.zero_term
+            y = acc.float() * (sx * self.w_i8_scale)
+        else:
+            y = self.act.fake(x2) @ self.w_float.t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        q = self.qweight
+        return (
+            f"in={self.in_features}, out={self.out_features}, weight {q.bits}-bit, "
+            f"input {self.act.describe()}, kernel={self.kernel}"
+        )
+
+
+def replace_act_linear(
+    model: nn.Module, name: str, qw: QuantizedWeight, act: ActivationQuant
+) -> ActQuantLinear:
+    """Swap the linear at `name` for an ActQuantLinear (its bias is kept)."""
+    old = model.get_submodule(name)
+    new = ActQuantLinear(qw, act, getattr(old, "bias", None))
+    set_module(model, name, new)
     return new
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tinyllm.core.steps import Context, register
-from tinyllm.quant.common import WeightQuant, quantize_each
+from tinyllm.quant.common import WeightQuant, layer_cfg, quantize_each_layer
 from tinyllm.quant.primitives import group_qparams, quantize_codes
 from tinyllm.quant.qweight import QuantizedWeight
 
@@ -27,4 +27,9 @@ def rtn_quantize(w: torch.Tensor, cfg: RTN) -> QuantizedWeight:
 
 @register(RTN)
 def apply(model: nn.Module, cfg: RTN, ctx: Context) -> None:
-    quantize_each(model, ctx, cfg.group_size, lambda w: rtn_quantize(w, cfg))
+    quantize_each_layer(
+        model,
+        ctx,
+        cfg.group_size,
+        lambda w, name: rtn_quantize(w, layer_cfg(cfg, name, ctx.layer_bits)),
+    )
