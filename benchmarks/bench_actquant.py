@@ -16,11 +16,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from rowtable import row_args, run_rows
+from rowtable import cli_eval, row_args, run_rows
 
 OUT = Path(__file__).parent / "results" / "actquant_smollm2.json"
 KEEP = Path(__file__).parent / "work" / "actquant"
@@ -47,21 +46,15 @@ ROWS: dict[str, list[str]] = {
 def run_row(name: str, flags: list[str]) -> dict:
     if name == "prefill":
         return prefill_speed()
-    with tempfile.TemporaryDirectory() as tmp:
-        target, meta = "smollm2-135m", {}
-        if flags:
-            out = KEEP / name
-            shutil.rmtree(out, ignore_errors=True)
-            subprocess.run([*CLI, "quantize", "smollm2-135m", *flags, "-o", str(out)], check=True)
-            meta = json.loads((out / "tinyllm.json").read_text())
-            target = str(out)
-        res = Path(tmp) / "r.json"
-        cmd = [*CLI, "eval", target, "--reference", "smollm2-135m", "--json", str(res)]
-        subprocess.run(cmd, check=True)
-        result = json.loads(res.read_text())
-        report = {}
-        if flags:
-            report = json.loads((Path(target) / "quant_report.json").read_text())
+    target, meta, report = "smollm2-135m", {}, {}
+    if flags:
+        out = KEEP / name
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([*CLI, "quantize", "smollm2-135m", *flags, "-o", str(out)], check=True)
+        meta = json.loads((out / "tinyllm.json").read_text())
+        report = json.loads((out / "quant_report.json").read_text())
+        target = str(out)
+    result = cli_eval(target)
     return {
         "command": " ".join(["tinyllm quantize smollm2-135m", *flags]) if flags else "fp32",
         "eval": result,

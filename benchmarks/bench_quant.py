@@ -14,10 +14,9 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from rowtable import row_args, run_rows
+from rowtable import cli_eval, row_args, run_rows
 
 OUT = Path(__file__).parent / "results" / "quant_smollm2.json"
 KEEP = Path(__file__).parent / "work" / "quant"  # checkpoints of the rows (git-ignored)
@@ -40,30 +39,17 @@ ROWS["nf4-b64"] = ["--method", "nf4", "--group-size", "64"]
 
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        target = "smollm2-135m"
-        meta: dict = {}
-        if flags:
-            out = KEEP / name  # kept: bench_gguf.py exports the Q4_0-grid ones
-            shutil.rmtree(out, ignore_errors=True)
-            cmd = [
-                *CLI,
-                "quantize",
-                "smollm2-135m",
-                *flags,
-                "--samples",
-                str(samples),
-                "-o",
-                str(out),
-            ]
-            subprocess.run(cmd, check=True)
-            meta = json.loads((out / "tinyllm.json").read_text())
-            target = str(out)
-        res = Path(tmp) / "r.json"
-        cmd = [*CLI, "eval", target, "--reference", "smollm2-135m", "--json", str(res)]
+    target = "smollm2-135m"
+    meta: dict = {}
+    if flags:
+        out = KEEP / name  # kept: bench_gguf.py exports the Q4_0-grid ones
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [*CLI, "quantize", "smollm2-135m", *flags, "--samples", str(samples), "-o", str(out)]
         subprocess.run(cmd, check=True)
-        result = json.loads(res.read_text())
-        size = sum(p.stat().st_size for p in Path(target).rglob("*.safetensors")) if flags else None
+        meta = json.loads((out / "tinyllm.json").read_text())
+        target = str(out)
+    result = cli_eval(target)
+    size = sum(p.stat().st_size for p in Path(target).rglob("*.safetensors")) if flags else None
     return {
         "command": " ".join(["tinyllm quantize smollm2-135m", *flags]) if flags else "fp32",
         "eval": result,

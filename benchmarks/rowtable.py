@@ -37,3 +37,16 @@ def run_rows(
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(out)
     print(table(results))
+
+
+def cli_eval(target: str, reference: str = "smollm2-135m") -> dict:
+    """`tinyllm eval TARGET --reference REFERENCE --json` in a fresh process; its result."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "tinyllm.cli", "eval", target, "--reference", reference]
+        subprocess.run([*cmd, "--json", str(res)], check=True)
+        return json.loads(res.read_text())

@@ -478,55 +478,6 @@ def prune(
     ] = None,
     group_size: Annotated[int, typer.Option(help="sparsegpt --bits: 32, 64 or 128.")] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="sparsegpt --bits: grid.")] = False,
-    activations: Annotated[
-        str,
-        typer.Option(
-            help="smoothquant, fp8: static (ranges fixed from calibration) or dynamic (per-token "
-            "scales at run time). Default: static for smoothquant, dynamic for fp8."
-        ),
-    ] = "",
-    observer: Annotated[
-        str,
-        typer.Option(
-            help="Static activations: minmax (extremes seen), percentile (--percentile of each "
-            "tail) or mse (range that minimises the rounding error)."
-        ),
-    ] = "minmax",
-    granularity: Annotated[
-        str,
-        typer.Option(
-            help="Static int8 activations: one scale per tensor, or per input channel (folded "
-            "into the weight's columns, so the GEMM stays integer)."
-        ),
-    ] = "tensor",
-    percentile: Annotated[float, typer.Option(help="Percentile observer's p, in (50, 100].")] = (
-        99.99
-    ),
-    act_sym: Annotated[
-        bool,
-        typer.Option("--act-sym/--act-asym", help="Static activations: symmetric or zero point."),
-    ] = True,
-    alpha: Annotated[
-        float | None,
-        typer.Option(
-            help="SmoothQuant migration strength in [0, 1]; omitted: searched (--alpha-search)."
-        ),
-    ] = None,
-    alpha_search: Annotated[
-        str, typer.Option(help="SmoothQuant: search alpha per layer (group) or per model.")
-    ] = "layer",
-    fp8_format: Annotated[str, typer.Option(help="FP8: e4m3 or e5m2.")] = "e4m3",
-    avg_bits: Annotated[
-        float | None,
-        typer.Option(help="mixed: budget as mean bits per linear weight (codes), e.g. 3.5."),
-    ] = None,
-    size_mb: Annotated[
-        float | None,
-        typer.Option(help="mixed: budget as MiB of the block linears (codes, scales, zeros)."),
-    ] = None,
-    candidate_bits: Annotated[
-        str, typer.Option(help="mixed: widths a layer may get, comma-separated.")
-    ] = "3,4,8",
     calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,

@@ -219,6 +219,9 @@ def test_bad_inputs(calib):
         quantize(tiny_model(), cfg, calib=calib)
     with pytest.raises(ConfigError, match="calibration"):
         quantize(tiny_model(), SmoothQuant(activations="dynamic"))
+    with pytest.raises(ConfigError, match="calibration"):
+        quantize(tiny_model(), FP8(activations="static"))
+    assert not FP8().calibrated  # dynamic FP8 needs no windows
 
 
 def test_smoothquant_names_layers_that_cannot_host_scales(calib):
@@ -243,3 +246,25 @@ def test_cli_smoothquant_and_outliers(tiny_dir: Path, tmp_path: Path, corpus_fil
     p = run("outliers", str(tiny_dir), *args, "--top", "3", "--json", str(tmp_path / "o.json"))
     assert p.returncode == 0, p.stderr
     assert "ratio" in p.stdout and (tmp_path / "o.json").is_file()
+
+
+def test_cli_mixed_and_bad_budget(tiny_dir: Path, tmp_path: Path, corpus_file: Path):
+    import json
+
+    from tests.test_cli import assert_clean_error, run
+
+    out = tmp_path / "mixed"
+    args = ["--calib-corpus", str(corpus_file), "--samples", "4", "--seq-len", "32"]
+    p = run(
+        "quantize", str(tiny_dir), "--method", "mixed", "--avg-bits", "3.5", "--group-size",
+        "32", *args, "-o", str(out),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "quant_report.json").read_text())
+    assert set(report["bit_allocation"].values()) <= {3, 4, 8}
+    assert report["avg_bits"] <= 3.5
+    loaded, _ = tinyllm.load(out)
+    widths = {m.qweight.bits for m in loaded.modules() if hasattr(m, "qweight")}
+    assert widths == set(report["bit_allocation"].values())
+    bad = run("quantize", str(tiny_dir), "--method", "mixed", "--avg-bits", "2", "-o", "x")
+    assert_clean_error(bad, "below the smallest width")

@@ -228,3 +228,17 @@ def test_the_longest_request_the_pool_allows_still_runs(tokenizer) -> None:
     assert len(seq.output) == 4 and eng.cache.used_blocks == 0
     with pytest.raises(ConfigError, match="exceeds the context"):
         eng.submit(list(range(2, 18)), SamplingParams(max_tokens=5))
+
+
+@pytest.mark.parametrize("method", ["int8-dynamic", "smoothquant"])
+def test_w8a8_models_run_in_the_engine_and_match_generate(method, tokenizer) -> None:
+    import tinyllm
+    from tinyllm.quant.qlinear import ActQuantLinear
+
+    model = tiny_model("llama")
+    calib = torch.randint(2, 300, (16, 64), generator=torch.Generator().manual_seed(0))
+    cfg = tinyllm.Int8Dynamic() if method == "int8-dynamic" else tinyllm.SmoothQuant()
+    tinyllm.quantize(model, cfg, calib=calib)
+    assert isinstance(model.model.layers[0].mlp.down_proj, ActQuantLinear)
+    seqs = engine(model, tokenizer).generate(PROMPTS[:2], GREEDY)
+    assert [s.output for s in seqs] == [hf_greedy(model, p, 12) for p in PROMPTS[:2]]

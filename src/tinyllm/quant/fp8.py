@@ -31,10 +31,13 @@ SIMULATED = (
 
 
 class FP8(StaticActivations):
-    calibrated = False  # only static activations need calibration windows (checked in apply)
     format: Literal["e4m3", "e5m2"] = "e4m3"
     activations: Literal["static", "dynamic"] = "dynamic"
     granularity: Literal["tensor"] = "tensor"
+
+    @property
+    def calibrated(self) -> bool:  # only static activations need calibration windows
+        return self.activations == "static"
 
 
 def fp8_codebook(dtype: str) -> torch.Tensor:
@@ -78,10 +81,6 @@ def apply(model: nn.Module, cfg: FP8, ctx: Context) -> None:
         for site in target_linears(model):
             quantize(model, site, ActivationQuant(dtype, "token"), errors)
     else:
-        if ctx.calib is None:
-            from tinyllm.errors import ConfigError
-
-            raise ConfigError("FP8 with static activations needs calibration windows")
         fn = static_block_fn(model, ctx, cfg, quantize, dtype)
         calibrate_blocks(model, ctx.calib, ctx.batch_size, fn, "FP8 static")
     kind = "dynamic per-token" if cfg.activations == "dynamic" else f"static ({cfg.observer})"
