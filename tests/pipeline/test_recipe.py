@@ -93,3 +93,26 @@ def test_builtin_recipes_parse_and_missing_files_are_explained() -> None:
         assert load_recipe(name).stages
     with pytest.raises(RecipeError, match="built-in recipe: cloud"):
         load_recipe("no-such-recipe.yaml")
+
+
+def test_issue9_stage_types_and_nested_bases() -> None:
+    from tinyllm.quant.mixed import Mixed
+    from tinyllm.quant.smoothquant import SmoothQuant
+
+    text = """\
+model: smollm2-135m
+stages:
+  - type: mixed
+    avg_bits: 3.5
+    base: {type: awq, base: {type: gptq, group_size: 64}}
+"""
+    r = parse_recipe(text, "m.yaml")
+    assert isinstance(r.stages[0], Mixed) and isinstance(r.stages[0].base, AWQ)
+    assert isinstance(r.stages[0].base.base, GPTQ) and r.stages[0].base.base.group_size == 64
+    sq = parse_recipe(
+        "model: m\nstages:\n  - {type: smoothquant, alpha: 0.6, activations: dynamic}\n", "s.yaml"
+    )
+    assert isinstance(sq.stages[0], SmoothQuant) and sq.stages[0].alpha == 0.6
+    bad = "model: m\nstages:\n  - {type: mixed, avg_bits: 3.5, base: {type: nf4}}\n"
+    assert "base must be one of rtn, gptq, awq" in _error(bad)
+    assert "alpha must be in" in _error("model: m\nstages:\n  - {type: smoothquant, alpha: 2}\n")
