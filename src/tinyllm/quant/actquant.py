@@ -44,6 +44,11 @@ def fp8_round(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return x.clamp(-m, m).to(FP8_DTYPES[dtype]).float()
 
 
+def token_scale(x: torch.Tensor, top: float) -> torch.Tensor:
+    """One scale per row of x [m, in] mapping its absmax onto `top`. -> [m, 1]"""
+    return x.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / top
+
+
 @dataclass
 class ActivationQuant:
     """How one linear layer's input is quantized; scale/zero are None when dynamic."""
@@ -61,7 +66,7 @@ class ActivationQuant:
         """x [m, in] float -> (codes int8 [m, in], scale to multiply the GEMM by: [m, 1] or [1]).
         For channel granularity the scale lives in the weight, so the returned one is 1."""
         if self.dynamic:
-            s = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / INT8_MAX  # [m, 1]
+            s = token_scale(x, INT8_MAX)  # [m, 1]
             return (x / s).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), s
         q = (x / self.scale).round_()
         if self.zero is not None:
@@ -75,17 +80,14 @@ class ActivationQuant:
         if self.dtype != "int8":
             s = self._fp8_scale(x)
             return fp8_round(x / s, self.dtype) * s
-        q, _ = self.quantize_int8(x)
+        q, s = self.quantize_int8(x)
         if self.dynamic:
-            s = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / INT8_MAX
             return q.float() * s
         z = 0 if self.zero is None else self.zero
         return (q.float() - z) * self.scale
 
     def _fp8_scale(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic:
-            return x.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / fp8_max(self.dtype)
-        return self.scale
+        return token_scale(x, fp8_max(self.dtype)) if self.dynamic else self.scale
 
     def meta(self) -> dict:
         return {"dtype": self.dtype, "granularity": self.granularity, "sym": self.zero is None}

@@ -29,7 +29,7 @@ from tinyllm.quant.actquant import (
     observe,
     stride_for,
 )
-from tinyllm.quant.common import relative_weight_error, target_linears
+from tinyllm.quant.common import relative_weight_error, sites_by_block, target_linears
 from tinyllm.quant.qlinear import replace_act_linear
 from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.quant.rtn import RTN, rtn_quantize
@@ -134,9 +134,7 @@ def static_block_fn(
     dtype: str = "int8",
 ):
     """calibrate_blocks callback: observe a block's inputs, then swap in the quantized layers."""
-    by_block: dict[int, list[LinearSite]] = {}
-    for s in target_linears(model):
-        by_block.setdefault(s.block, []).append(s)
+    by_block = sites_by_block(model, -1)
     errors = ctx.report.setdefault("layer_errors", {})
 
     def fn(i: int, block: nn.Module, xs: list, kwargs: dict) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks
 from tinyllm.quant.actquant import INT8_MAX, ActStats
-from tinyllm.quant.common import target_linears
+from tinyllm.quant.common import sites_by_block
 
 
 def outlier_stats(st: ActStats) -> dict:
@@ -36,9 +36,7 @@ def outlier_report(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) -
     """Layer name -> outlier summary of its inputs, from a pass over the unchanged model."""
     from tinyllm.quant.int8 import collect_stats
 
-    by_block: dict[int, list] = {}
-    for s in target_linears(model):
-        by_block.setdefault(s.block, []).append(s)
+    by_block = sites_by_block(model, -1)
     report: dict[str, dict] = {}
 
     def fn(i: int, block: nn.Module, xs: list, kwargs: dict) -> None:

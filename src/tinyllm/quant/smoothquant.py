@@ -25,7 +25,7 @@ from tinyllm.core.steps import Context, register
 from tinyllm.errors import ArchitectureError
 from tinyllm.quant.actquant import ActivationQuant, ActStats
 from tinyllm.quant.awq import NORM_WEIGHT_OFFSET, checked_groups, fold_scale
-from tinyllm.quant.common import target_linears
+from tinyllm.quant.common import sites_by_block
 from tinyllm.quant.int8 import (
     StaticActivations,
     collect_stats,
@@ -118,9 +118,7 @@ def _block_groups(
 
 @register(SmoothQuant)
 def apply(model: nn.Module, cfg: SmoothQuant, ctx: Context) -> None:
-    by_block: dict[int, list] = {}
-    for s in target_linears(model):
-        by_block.setdefault(s.block, []).append(s)
+    by_block = sites_by_block(model, -1)
     dynamic = cfg.activations == "dynamic"
     alpha = cfg.alpha
     if alpha is None and cfg.search == "model":
