@@ -713,6 +713,13 @@ def distill(
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUTPUT.")] = False,
+    train: Annotated[
+        str,
+        typer.Option(
+            help="What trains: all, or scales (QAT of a quantized student: only its quantization "
+            "scales, norms and biases; latent weights and embeddings frozen)."
+        ),
+    ] = "all",
 ) -> None:
     """Train a student to behave like its teacher: L = alpha*KD + beta*task + gamma*feature.
 
@@ -726,7 +733,9 @@ def distill(
 
       tinyllm distill --layers 15 --steps 400 -o out/student15
 
-      tinyllm distill --student out/gptq-3b --steps 200 --lr 1e-5 -o out/qat-3b
+      tinyllm distill --student out/gptq-3b --steps 60 --lr 1e-4 -o out/qat-3b
+
+      tinyllm distill --student out/gptq-3b --train scales --lr 1e-3 -o out/qat-3b-scales
 
       torchrun --nproc_per_node=2 -m tinyllm.cli distill --layers 15 -o out/ddp
     """

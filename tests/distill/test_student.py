@@ -135,3 +135,20 @@ def test_prepare_swaps_quantized_layers_and_back() -> None:
     assert isinstance(model.get_submodule(name), FakeQuantLinear)
     assert to_quant(model) == [name] and isinstance(model.get_submodule(name), QuantLinear)
     assert to_fake_quant(model) == [name]
+
+
+def test_prepare_scales_only_freezes_weights_and_needs_a_quantized_student() -> None:
+    model = tiny_model()
+    name = "model.layers.1.self_attn.q_proj"
+    w = model.get_submodule(name).weight.detach()
+    replace_linear(model, name, rtn_quantize(w, RTN(bits=4, group_size=32, sym=True)))
+    prepare_for_training(model, "scales")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert f"{name}.log_scale" in trainable
+    assert f"{name}.weight" not in trainable
+    assert "model.embed_tokens.weight" not in trainable
+    assert "model.layers.0.mlp.up_proj.weight" not in trainable
+    assert "model.norm.weight" in trainable and "model.layers.0.input_layernorm.weight" in trainable
+    # a float student has no scales to train: a clear error, not a run that trains only norms
+    with pytest.raises(ConfigError, match="no quantized layers"):
+        prepare_for_training(tiny_model(), "scales")

@@ -87,20 +87,28 @@ class Masks:
         self.apply()
 
 
-def prepare_for_training(student: nn.Module) -> tuple[list[str], Masks]:
-    """Make every parameter trainable; packed layers become fake-quant (QAT); pruned layers keep
-    their masks. -> (names of the fake-quant layers, the masks)"""
+def prepare_for_training(student: nn.Module, train: str = "all") -> tuple[list[str], Masks]:
+    """Make the parameters trainable; packed layers become fake-quant (QAT); pruned layers keep
+    their masks. `train="scales"` (QAT only) trains just the quantization scales and the 1-D
+    parameters (norms, biases): the latent weights and embeddings stay frozen.
+    -> (names of the fake-quant layers, the masks)"""
     if any(getattr(m, "is_tinyllm_embedding", False) for m in student.modules()):
         raise ConfigError(
             "training a model with quantized embeddings is not supported: quantize the "
             "embeddings after training (in a recipe, make the embeddings stage the last one)"
         )
     fake = to_fake_quant(student)
-    for p in student.parameters():
-        p.requires_grad_(True)
+    if train == "scales" and not fake:
+        raise ConfigError(
+            "train: scales trains the quantization scales of a quantized student, and this "
+            "student has no quantized layers; use train: all (the default)"
+        )
+    for name, p in student.named_parameters():
+        p.requires_grad_(train == "all" or p.ndim == 1 or name.endswith("log_scale"))
     masks = Masks(student)
     if fake:
-        log.info("QAT: %d quantized layers train through fake quantization", len(fake))
+        what = "their scales only" if train == "scales" else "fake quantization"
+        log.info("QAT: %d quantized layers train through %s", len(fake), what)
     if len(masks):
         log.info("%d pruned layers keep their masks", len(masks))
     return fake, masks

@@ -93,6 +93,11 @@ class DistillConfig(BaseModel):
     eval_seq_len: int = Field(512, ge=2)
     final_eval_windows: int = Field(40, ge=1)
     save_every: int = Field(100, ge=1)
+    train: Literal["all", "scales"] = Field(
+        "all",
+        description="parameters that train: all, or (QAT) only the quantization scales, norms "
+        "and biases, the latent weights and embeddings frozen (EfficientQAT's end-to-end stage)",
+    )
 
     @model_validator(mode="after")
     def _weights(self) -> DistillConfig:
@@ -657,7 +662,7 @@ def make_run(
         p.requires_grad_(False)
     if prepare is not None:
         prepare(student)
-    _, masks = prepare_for_training(student)
+    _, masks = prepare_for_training(student, cfg.train)
     text = load_corpus(cfg.corpus)
     grid = with_bos(train_windows(tokenize_corpus(text, tok), cfg.seq_len, text.name), tok)
     identity = {
