@@ -690,6 +690,13 @@ def distill(
     feature: Annotated[str, typer.Option(help="Hidden-state distance: mse | cosine.")] = "mse",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    scale_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak learning rate of quantization scales (log-scales), norms and biases "
+            "(QAT: 3e-3 works where the weights take 1e-4); default --lr."
+        ),
+    ] = None,
     warmup: Annotated[float, typer.Option(help="Warmup, fraction of steps (then cosine).")] = 0.05,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     batch: Annotated[int, typer.Option(help="Windows per micro-batch (per process).")] = 4,

@@ -153,6 +153,35 @@ def test_qat_student_is_saved_packed_with_its_grid(teacher_dir, corpus, tmp_path
     assert [s["type"] for s in steps] == ["rtn", "distill"]
 
 
+def test_qat_scales_only_and_scale_lr(teacher_dir, corpus, tmp_path) -> None:
+    """--train scales moves scales and norms, never the latent weights or embeddings; --scale-lr
+    puts scales and 1-D parameters in their own optimizer group."""
+    import tinyllm
+    from tinyllm.quant.qat import FakeQuantLinear
+
+    model, tok = tinyllm.load(teacher_dir)
+    tinyllm.quantize(model, tinyllm.RTN(bits=3, group_size=32, sym=False))
+    qdir = tinyllm.save_checkpoint(model, tok, tmp_path / "q3", {"steps": [{"type": "rtn"}]})
+    cfg = tr.DistillConfig(**{**SMALL, "corpus": str(corpus), "train": "scales", "lr": 3e-3})
+    run_, _ = tr.make_run(str(teacher_dir), str(qdir), None, cfg, tmp_path / "s")
+    fq = [m for m in run_.student.modules() if isinstance(m, FakeQuantLinear)]
+    weights = [m.weight.detach().clone() for m in fq]
+    scales = [m.log_scale.detach().clone() for m in fq]
+    embed = run_.student.get_input_embeddings().weight.detach().clone()
+    tr.distill(run_, cfg)
+    assert all(torch.equal(m.weight, w) for m, w in zip(fq, weights, strict=True))
+    # frozen: only the float16 rounding of the saved checkpoint touched it
+    assert torch.equal(run_.student.get_input_embeddings().weight, embed.half().float())
+    assert sum(not torch.equal(m.log_scale, s) for m, s in zip(fq, scales, strict=True)) > 0
+
+    cfg = tr.DistillConfig(**{**SMALL, "corpus": str(corpus), "lr": 1e-4, "scale_lr": 3e-3})
+    run_, _ = tr.make_run(str(teacher_dir), str(qdir), None, cfg, tmp_path / "b")
+    groups = tr.Trainer(run_, cfg).opt.param_groups
+    assert [g["initial_lr"] for g in groups] == [1e-4, 3e-3]
+    assert all(p.ndim == 2 for p in groups[0]["params"])  # latent weights, embeddings
+    assert len(groups[1]["params"]) == 4 * 7 + 4 * 2 + 1  # log-scales, block norms, final norm
+
+
 def test_teacher_cache_with_full_vocabulary_matches_live_teacher(
     teacher_dir, corpus, tmp_path, tokenizer
 ) -> None:

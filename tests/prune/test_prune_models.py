@@ -142,6 +142,8 @@ def test_bad_structured_requests_are_refused() -> None:
         prune(tiny_model(), Heads(ratio=0.1), calib=CALIB)
     with pytest.raises(ConfigError, match="does not divide"):
         prune(tiny_model(), Wanda(pattern="3:5"), calib=CALIB)
+    with pytest.raises(ConfigError, match="would leave no FFN channel"):  # an empty FFN
+        prune(tiny_model(), Channels(ratio=0.999), calib=CALIB)
 
 
 def test_quantized_model_is_refused() -> None:

@@ -93,6 +93,13 @@ class DistillConfig(BaseModel):
     eval_seq_len: int = Field(512, ge=2)
     final_eval_windows: int = Field(40, ge=1)
     save_every: int = Field(100, ge=1)
+    scale_lr: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="peak learning rate of the quantization scales (trained as log-scales) and the "
+        "1-D parameters (norms, biases); default: lr",
+    )
     train: Literal["all", "scales"] = Field(
         "all",
         description="parameters that train: all, or (QAT) only the quantization scales, norms "
@@ -256,14 +263,24 @@ class Trainer:
         self.model: nn.Module = self.pair
         if self.size > 1:
             self.model = nn.parallel.DistributedDataParallel(self.pair)
-        params = [p for p in self.pair.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.order = Order(run.grid.shape[0], cfg.seed)
         self.cache = self._cache()
         self.log = TrainLog()
         self.step = self._last_saved = 0
         self._stop = False
+
+    def _param_groups(self) -> list[dict]:
+        """Trainable parameters; with scale_lr, the quantization scales and 1-D parameters (norms,
+        biases) form a second group at that learning rate."""
+        groups: dict[bool, list[nn.Parameter]] = {False: [], True: []}
+        for name, p in self.pair.named_parameters():
+            if p.requires_grad:
+                groups[p.ndim == 1 or name.endswith("log_scale")].append(p)
+        if self.cfg.scale_lr is None:
+            return [{"params": groups[False] + groups[True]}]
+        return [{"params": groups[False]}, {"params": groups[True], "lr": self.cfg.scale_lr}]
 
     def _lr_factor(self, step: int) -> float:
         """Linear warmup, then cosine decay to min_lr_ratio."""
