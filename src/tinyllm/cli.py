@@ -742,7 +742,7 @@ def distill(
 
       tinyllm distill --student out/gptq-3b --steps 60 --lr 1e-4 -o out/qat-3b
 
-      tinyllm distill --student out/gptq-3b --train scales --lr 1e-3 -o out/qat-3b-scales
+      tinyllm distill --student out/gptq-3b --train scales --lr 3e-3 --steps 60 -o out/qat-3b-scales
 
       torchrun --nproc_per_node=2 -m tinyllm.cli distill --layers 15 -o out/ddp
     """
