@@ -6,8 +6,9 @@ Each row runs `tinyllm prune` (output kept in benchmarks/work/prune/ROW, git-ign
 512-token forward) and decode (one token after a 64-token prompt in the KV cache) times against
 the FP32 model, interleaved in one process (medians of --repeats; prefill both with logits for
 all 512 positions, as perplexity needs, and with the last position's only, as serving does);
-their `+kd` / `+ce` rows recover them for RECOVERY_STEPS steps of distillation (KD + task) or of plain cross-entropy
-fine-tuning, the same data and steps. Results merge into benchmarks/results/prune_smollm2.json.
+their `+kd` / `+ce` rows recover them for RECOVERY_STEPS steps of distillation (KD + task) or of
+plain cross-entropy fine-tuning, the same data and steps (SparseGPT rows get a `+kd` row too,
+masks fixed). Results merge into benchmarks/results/prune_smollm2.json.
 """
 
 from __future__ import annotations
