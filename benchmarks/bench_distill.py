@@ -66,6 +66,19 @@ ROWS: dict[str, list[str]] = {
         "--teacher-cache",
         *COMMON,
     ],
+    # the learning-rate sweep's third point
+    "qat-scales-gptq-3b-g32-lr1e-2": [
+        "--student",
+        str(GPTQ3),
+        "--train",
+        "scales",
+        "--lr",
+        "1e-2",
+        "--steps",
+        str(QAT_STEPS),
+        "--teacher-cache",
+        *COMMON,
+    ],
     # the same, as many steps as 10 minutes hold at its ~200 tok/s (no weight gradients)
     "qat-scales-gptq-3b-g32-long": [
         "--student",
