@@ -36,87 +36,42 @@ ABLATION_STEPS, MAIN_STEPS, QAT_STEPS = 80, 130, 60
 QAT_LR = "1e-4"
 COMMON = ["--batch", "4", "--seq-len", "256", "--eval-every", "20", "--save-every", "20"]
 STUDENT15 = ["--layers", "15", "--lr", "2e-4", *COMMON]
+
+
+def qat(student: Path, lr: str, *extra: str, steps: int = QAT_STEPS) -> list[str]:
+    """Flags of a QAT row: the quantized checkpoint trained against the cached teacher."""
+    return [
+        "--student",
+        str(student),
+        "--lr",
+        lr,
+        *extra,
+        "--steps",
+        str(steps),
+        "--teacher-cache",
+        *COMMON,
+    ]
+
+
 ROWS: dict[str, list[str]] = {
     "kd": [*STUDENT15, "--steps", str(ABLATION_STEPS)],
     "task": [*STUDENT15, "--steps", str(ABLATION_STEPS), "--alpha", "0", "--beta", "1"],
     "kd+task": [*STUDENT15, "--steps", str(ABLATION_STEPS), "--beta", "1"],
     "kd+task+feature": [*STUDENT15, "--steps", str(ABLATION_STEPS), "--beta", "1", "--gamma", "1"],
     "student15": [*STUDENT15, "--steps", str(MAIN_STEPS), "--beta", "1", "--teacher-cache"],
-    "qat-gptq-3b-g32": [
-        "--student",
-        str(GPTQ3),
-        "--lr",
-        QAT_LR,
-        "--steps",
-        str(QAT_STEPS),
-        "--teacher-cache",
-        *COMMON,
-    ],
+    "qat-gptq-3b-g32": qat(GPTQ3, QAT_LR),
     # QAT that trains only the scales, norms and biases (--train scales): 20-step pilots on an RTN
     # 3-bit model (8 evaluation windows) went 54.6 -> 41.5 at lr 1e-3 and -> 37.5 at 3e-3.
-    "qat-scales-gptq-3b-g32": [
-        "--student",
-        str(GPTQ3),
-        "--train",
-        "scales",
-        "--lr",
-        "3e-3",
-        "--steps",
-        str(QAT_STEPS),
-        "--teacher-cache",
-        *COMMON,
-    ],
+    "qat-scales-gptq-3b-g32": qat(GPTQ3, "3e-3", "--train", "scales"),
     # the learning-rate sweep's third point
-    "qat-scales-gptq-3b-g32-lr1e-2": [
-        "--student",
-        str(GPTQ3),
-        "--train",
-        "scales",
-        "--lr",
-        "1e-2",
-        "--steps",
-        str(QAT_STEPS),
-        "--teacher-cache",
-        *COMMON,
-    ],
+    "qat-scales-gptq-3b-g32-lr1e-2": qat(GPTQ3, "1e-2", "--train", "scales"),
     # the same, as many steps as 10 minutes hold at its ~200 tok/s (no weight gradients)
-    "qat-scales-gptq-3b-g32-long": [
-        "--student",
-        str(GPTQ3),
-        "--train",
-        "scales",
-        "--lr",
-        "3e-3",
-        "--steps",
-        "110",
-        "--teacher-cache",
-        *COMMON,
-    ],
+    "qat-scales-gptq-3b-g32-long": qat(GPTQ3, "3e-3", "--train", "scales", steps=110),
     # both: the latent weights at the QAT lr, the scales, norms and biases at the scales-only lr
-    "qat-both-gptq-3b-g32": [
-        "--student",
-        str(GPTQ3),
-        "--lr",
-        QAT_LR,
-        "--scale-lr",
-        "3e-3",
-        "--steps",
-        str(QAT_STEPS),
-        "--teacher-cache",
-        *COMMON,
-    ],
+    "qat-both-gptq-3b-g32": qat(GPTQ3, QAT_LR, "--scale-lr", "3e-3"),
     # Issue 4: QAT of the AWQ+GPTQ Q4_0-grid checkpoint (bench_quant.py's awq-gptq-4b-g32-sym),
     # exported by bench_gguf.py's qat-awq-gptq-q4_0 row with its integers carried.
-    "qat-awq-gptq-4b-g32-sym": [
-        "--student",
-        str(HERE / "work" / "quant" / "awq-gptq-4b-g32-sym"),
-        "--lr",
-        QAT_LR,
-        "--steps",
-        str(QAT_STEPS),
-        "--teacher-cache",
-        *COMMON,
-    ],
+    "qat-awq-gptq-4b-g32-sym": qat(HERE / "work" / "quant" / "awq-gptq-4b-g32-sym", QAT_LR),
 }
 
 
