@@ -87,6 +87,12 @@ class Masks:
         self.apply()
 
 
+def scale_like(name: str, p: nn.Parameter) -> bool:
+    """A quantization scale (a fake-quant layer's log-scale) or a 1-D parameter (norm, bias): what
+    `train="scales"` trains and `scale_lr` addresses."""
+    return p.ndim == 1 or name.endswith("log_scale")
+
+
 def prepare_for_training(student: nn.Module, train: str = "all") -> tuple[list[str], Masks]:
     """Make the parameters trainable; packed layers become fake-quant (QAT); pruned layers keep
     their masks. `train="scales"` (QAT only) trains just the quantization scales and the 1-D
@@ -104,7 +110,7 @@ def prepare_for_training(student: nn.Module, train: str = "all") -> tuple[list[s
             "student has no quantized layers; use train: all (the default)"
         )
     for name, p in student.named_parameters():
-        p.requires_grad_(train == "all" or p.ndim == 1 or name.endswith("log_scale"))
+        p.requires_grad_(train == "all" or scale_like(name, p))
     masks = Masks(student)
     if fake:
         what = "their scales only" if train == "scales" else "fake quantization"

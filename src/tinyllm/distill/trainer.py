@@ -274,13 +274,14 @@ class Trainer:
     def _param_groups(self) -> list[dict]:
         """Trainable parameters; with scale_lr, the quantization scales and 1-D parameters (norms,
         biases) form a second group at that learning rate."""
-        groups: dict[bool, list[nn.Parameter]] = {False: [], True: []}
-        for name, p in self.pair.named_parameters():
-            if p.requires_grad:
-                groups[p.ndim == 1 or name.endswith("log_scale")].append(p)
-        if self.cfg.scale_lr is None:
-            return [{"params": groups[False] + groups[True]}]
-        return [{"params": groups[False]}, {"params": groups[True], "lr": self.cfg.scale_lr}]
+        from tinyllm.distill.student import scale_like
+
+        named = [(n, p) for n, p in self.pair.named_parameters() if p.requires_grad]
+        if self.cfg.scale_lr is None:  # one group, in module order (as checkpoints store it)
+            return [{"params": [p for _, p in named]}]
+        rest = [p for n, p in named if not scale_like(n, p)]
+        scales = [p for n, p in named if scale_like(n, p)]
+        return [{"params": rest}, {"params": scales, "lr": self.cfg.scale_lr}]
 
     def _lr_factor(self, step: int) -> float:
         """Linear warmup, then cosine decay to min_lr_ratio."""
