@@ -67,6 +67,8 @@ ROWS: dict[str, list[str]] = {
     "qat-scales-gptq-3b-g32-lr1e-2": qat(GPTQ3, "1e-2", "--train", "scales"),
     # the same, as many steps as 10 minutes hold at its ~200 tok/s (no weight gradients)
     "qat-scales-gptq-3b-g32-long": qat(GPTQ3, "3e-3", "--train", "scales", steps=110),
+    # scales only with the loss mix of the student15 row (KD + next-token cross-entropy)
+    "qat-scales-kdtask-gptq-3b-g32": qat(GPTQ3, "3e-3", "--train", "scales", "--beta", "1"),
     # both: the latent weights at the QAT lr, the scales, norms and biases at the scales-only lr
     "qat-both-gptq-3b-g32": qat(GPTQ3, QAT_LR, "--scale-lr", "3e-3"),
     # Issue 4: QAT of the AWQ+GPTQ Q4_0-grid checkpoint (bench_quant.py's awq-gptq-4b-g32-sym),

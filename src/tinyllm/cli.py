@@ -135,6 +135,17 @@ def eval_(
         out.print(f"wrote {json_out}")
 
 
+CalibDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--calib-dtype",
+        help="Precision of the calibration forwards: float32, bfloat16 (linears under autocast; "
+        "GPTQ 4-bit g64 146 -> 126 s here, KLD 4% higher) or auto (bfloat16 where the CPU has "
+        "native bf16 dot products). Hessians stay fp32.",
+    ),
+]
+
+
 @app.command()
 def quantize(
     model: ModelArg,
@@ -168,6 +179,14 @@ def quantize(
         bool, typer.Option(help="GPTQ: group grids fixed before updates.")
     ] = True,
     damp: Annotated[float, typer.Option(help="GPTQ: dampening, fraction of mean diag(H).")] = 0.01,
+    float_targets: Annotated[
+        float,
+        typer.Option(
+            help="GPTQ (also as AWQ's base): strength (0-1, 0 = off; GPTAQ uses 0.25) of moving "
+            "each layer toward the float model's outputs rather than the float weights' outputs "
+            "on the quantized model's inputs; one more block pass per block."
+        ),
+    ] = 0.0,
     clip: Annotated[
         bool, typer.Option(help="AWQ: search each group's clipping range on calibration inputs.")
     ] = True,
@@ -240,6 +259,7 @@ def quantize(
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    calib_dtype: CalibDtypeOpt = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
     float_dtype: Annotated[
         str,
@@ -304,6 +324,7 @@ def quantize(
         act_order=act_order,
         static_groups=static_groups,
         damp=damp,
+        float_targets=float_targets,
     )
     options.update(
         observer=observer,
@@ -339,7 +360,7 @@ def quantize(
     calib = None
     if cfg.calibrated:
         calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
-    report = run_quantize(m, cfg, calib=calib)
+    report = run_quantize(m, cfg, calib=calib, calib_dtype=calib_dtype)
     steps = [cfg.describe()]
     if embed_cfg is not None:
         emb = run_quantize(m, embed_cfg)
@@ -361,6 +382,7 @@ def quantize(
             "samples": samples,
             "seq_len": seq_len,
             "seed": seed,
+            "dtype": report.get("calib_dtype"),
         }
         if cfg.calibrated
         else None,
@@ -482,6 +504,7 @@ def prune(
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    calib_dtype: CalibDtypeOpt = "float32",
     steps: Annotated[
         int, typer.Option(help="movement: training steps; imp: steps per round.")
     ] = 200,
@@ -549,7 +572,7 @@ def prune(
     calib = None
     if cfg.calibrated or allocation == "owl":
         calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
-    report = run_prune(m, cfg, calib=calib)
+    report = run_prune(m, cfg, calib=calib, calib_dtype=calib_dtype)
     round_floats(m, torch.float16)
     meta = {
         "source": model,
@@ -559,7 +582,13 @@ def prune(
         "sparsity": sparsity_of(m),
         "calibration": None
         if calib is None
-        else {"corpus": calib_corpus, "samples": samples, "seq_len": seq_len, "seed": seed},
+        else {
+            "corpus": calib_corpus,
+            "samples": samples,
+            "seq_len": seq_len,
+            "seed": seed,
+            "dtype": report.get("calib_dtype"),
+        },
     }
     extra = {"prune_report.json": {k: v for k, v in report.items() if k != "seconds"}}
     save_checkpoint(m, tok, output, meta, overwrite=overwrite, extra_files=extra)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tinyllm.core.kernels import fast_linears
+from tinyllm.core.kernels import block_compute
 from tinyllm.models.anatomy import Anatomy, analyze
 from tinyllm.util.progress import make_progress
 
@@ -97,10 +97,58 @@ def observe_block(
     names: list[str],
     fn: Callable[[str, torch.Tensor], None],
 ) -> None:
-    """Forward each batch through the block (fast kernels), showing fn the named linears inputs."""
-    with fast_linears(block, xs[0].shape[0] * xs[0].shape[1]), input_hooks(block, names, fn):
+    """Forward each batch through the block (fast kernels), showing fn the named linears inputs.
+    Nothing after the last named input is needed: from the second batch on, each forward stops
+    there (saving, say, the down projection when every linear is observed)."""
+    look = _StopAfterLast(fn)
+    with block_compute(block, xs[0].shape[0] * xs[0].shape[1]), input_hooks(block, names, look):
         for x in xs:
-            run_block(block, x, kwargs)
+            with suppress(_Stop):
+                run_block(block, x, kwargs)
+            look.learned()
+
+
+class _StopAfterLast:
+    """Hook wrapper: records the order of the observed inputs on the first forward, then stops
+    later forwards (raising _Stop) once the last of them was seen, if it is seen only once."""
+
+    def __init__(self, fn: Callable[[str, torch.Tensor], None]) -> None:
+        self.fn, self.order, self.last = fn, [], None
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        self.fn(name, x)
+        if self.last is None:
+            self.order.append(name)
+        elif name == self.last:
+            raise _Stop
+
+    def learned(self) -> None:
+        if self.last is None and self.order and self.order.count(self.order[-1]) == 1:
+            self.last = self.order[-1]
+
+
+def observe_pair(
+    block: nn.Module,
+    xs: list[torch.Tensor],
+    ref: list[torch.Tensor],
+    kwargs: dict,
+    names: list[str],
+    fn: Callable[[str, torch.Tensor, torch.Tensor], None],
+) -> None:
+    """observe_block for two streams: batch by batch, the float model's hidden states `ref` run
+    through the (still float) block first, then the compressed model's `xs`; fn(name, x, x_ref)
+    sees each named linear's input from both. `ref` is replaced in place by the block's float
+    outputs, so it enters the next block as the float model's hidden states."""
+    seen: dict[str, torch.Tensor] = {}
+    look = _StopAfterLast(lambda n, t: fn(n, t, seen[n]))
+    with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
+        for b, (x, r) in enumerate(zip(xs, ref, strict=True)):
+            with input_hooks(block, names, seen.__setitem__):
+                ref[b] = run_block(block, r, kwargs)
+            with input_hooks(block, names, look), suppress(_Stop):
+                run_block(block, x, kwargs)
+            look.learned()
+            seen.clear()
 
 
 @torch.no_grad()
@@ -115,7 +163,7 @@ def block_inputs(
     xs = _first_inputs(model, anatomy, batches)
     inputs = [xs]
     for i, block in enumerate(anatomy.blocks):
-        with fast_linears(block, xs[0].shape[0] * xs[0].shape[1]):
+        with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
             xs = [run_block(block, x, kwargs[i]) for x in xs]
         inputs.append(xs)
     return inputs, kwargs
@@ -123,7 +171,9 @@ def block_inputs(
 
 # fn(index, block, inputs, kwargs) compresses the block; it may return a callable that runs
 # after the block's outputs were computed (to swap fake-quantized weights for packed modules).
-BlockFn = Callable[[int, nn.Module, list[torch.Tensor], dict[str, Any]], Callable[[], None] | None]
+# With reference=True it is called as fn(index, block, inputs, kwargs, ref) and must advance
+# `ref`, the float model's hidden states, through the float block (observe_pair does).
+BlockFn = Callable[..., Callable[[], None] | None]
 
 
 @torch.no_grad()
@@ -134,9 +184,13 @@ def calibrate_blocks(
     fn: BlockFn,
     description: str = "calibrating",
     status: Callable[[int], str] | None = None,
+    reference: bool = False,
 ) -> None:
     """For each block: fn(index, block, inputs, kwargs) compresses it in place; its outputs with
-    the compressed weights become the next block's inputs."""
+    the compressed weights become the next block's inputs. reference=True also carries the float
+    model's hidden states (for methods that match the float model's outputs, not the float
+    weights' outputs on compressed inputs); that costs one more block pass and one more copy
+    of the calibration activations."""
     anatomy = analyze(model)
     batches = list(windows.split(batch_size))
     was_training = model.training
@@ -145,9 +199,16 @@ def calibrate_blocks(
     xs = _first_inputs(model, anatomy, batches)
     with make_progress() as bar:
         task = bar.add_task(description, total=len(anatomy.blocks), info="")
+        ref = [x.clone() for x in xs] if reference else None
         for i, block in enumerate(anatomy.blocks):
-            finish = fn(i, block, xs, kwargs[i])
-            with fast_linears(block, xs[0].shape[0] * xs[0].shape[1]):
+            if ref is None:
+                finish = fn(i, block, xs, kwargs[i])
+            else:
+                before = ref[0]
+                finish = fn(i, block, xs, kwargs[i], ref)
+                if ref[0] is before:
+                    raise RuntimeError(f"{description}: block {i} did not advance the reference")
+            with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
                 xs = [run_block(block, x, kwargs[i]) for x in xs]
             if finish is not None:
                 finish()

@@ -10,8 +10,12 @@ holds is never changed. The packed copy costs the linears' weight bytes once mor
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import logging
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,3 +73,63 @@ def fast_linears(model: nn.Module, batch_tokens: int | None = None) -> Iterator[
     finally:
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
+
+
+# --- Calibration precision -------------------------------------------------------------------
+# Calibration passes (block forwards over 128 x 512 tokens) dominate the cost of GPTQ, AWQ,
+# SparseGPT and Wanda. On CPUs with native bfloat16 dot products (AVX512_BF16, AMX) oneDNN runs
+# bf16 matmuls about 4x faster than fp32 ones. In bf16 the block's linears run under autocast
+# (fp32 accumulation; the residual stream, norms and attention stay fp32). A block's output then
+# differs from fp32 by about 1% of its update, an order of magnitude below 4-bit quantization
+# error. Hessians are accumulated from fp32 products whatever the setting (quant.gptq.gram).
+# float32 stays the default: on GPTQ 4-bit g64 of SmolLM2, bf16 forwards cost 4% more KLD.
+
+CALIB_DTYPES = ("auto", "float32", "bfloat16")
+_CALIB_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar(
+    "calib_dtype", default=torch.float32
+)
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (Linux cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    found = re.search(r"\b(avx512_bf16|amx_bf16)\b", flags)
+    return bool(found) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_calib_dtype(name: str) -> torch.dtype:
+    """'auto' -> bfloat16 where the CPU computes it natively, else float32."""
+    if name not in CALIB_DTYPES:
+        raise ValueError(f"calibration dtype must be one of {CALIB_DTYPES}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return getattr(torch, name)
+
+
+def calib_dtype() -> torch.dtype:
+    """The precision calibration passes run in right now (float32 unless a step set it)."""
+    return _CALIB_DTYPE.get()
+
+
+@contextlib.contextmanager
+def calibration_precision(dtype: torch.dtype) -> Iterator[None]:
+    token = _CALIB_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _CALIB_DTYPE.reset(token)
+
+
+@contextlib.contextmanager
+def block_compute(block: nn.Module, batch_tokens: int | None = None) -> Iterator[nn.Module]:
+    """How a calibration pass runs a block: fp32 oneDNN linears, or bf16 autocast."""
+    if calib_dtype() == torch.bfloat16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield block
+    else:
+        with fast_linears(block, batch_tokens):
+            yield block

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from tinyllm.core.kernels import calibration_precision, resolve_calib_dtype
 from tinyllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class Context:
 
     calib: torch.Tensor | None = None  # [samples, seq_len] token ids
     batch_size: int = 8
+    # Precision of calibration forwards: float32, bfloat16 or auto (bfloat16 where the CPU
+    # computes it natively); Hessians stay fp32 (tinyllm.core.kernels).
+    calib_dtype: str = "float32"
     report: dict[str, Any] = field(default_factory=dict)  # e.g. per-layer errors
     # Per-layer bit widths for weight quantizers (mixed precision), keyed by the full linear
     # name (LinearSite.name); layers not listed use the step's own `bits`.
@@ -61,7 +65,14 @@ def apply_step(model: nn.Module, cfg: Step, ctx: Context) -> None:
         raise ConfigError(f"no method registered for step {type(cfg).__name__}")
     if cfg.calibrated and ctx.calib is None:
         raise ConfigError(f"{type(cfg).__name__} needs calibration windows (ctx.calib)")
-    fn(model, cfg, ctx)
+    try:
+        dtype = resolve_calib_dtype(ctx.calib_dtype)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if ctx.calib is not None:
+        ctx.report["calib_dtype"] = str(dtype).removeprefix("torch.")
+    with calibration_precision(dtype):
+        fn(model, cfg, ctx)
 
 
 def compress(model: nn.Module, steps: list[Step], ctx: Context | None = None) -> nn.Module:
@@ -74,7 +85,11 @@ def compress(model: nn.Module, steps: list[Step], ctx: Context | None = None) ->
 
 
 def run_step(
-    model: nn.Module, cfg: Step, calib: torch.Tensor | None = None, batch_size: int = 8
+    model: nn.Module,
+    cfg: Step,
+    calib: torch.Tensor | None = None,
+    batch_size: int = 8,
+    calib_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Apply one step in place; returns its report (per-layer facts, seconds)."""
     import time
@@ -82,7 +97,7 @@ def run_step(
     if calib is not None:
         n = calib.shape[0]
         batch_size = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
-    ctx = Context(calib=calib, batch_size=batch_size)
+    ctx = Context(calib=calib, batch_size=batch_size, calib_dtype=calib_dtype)
     t0 = time.perf_counter()
     apply_step(model, cfg, ctx)
     ctx.report["seconds"] = time.perf_counter() - t0

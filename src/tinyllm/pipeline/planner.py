@@ -317,7 +317,12 @@ def candidate_step(c: Candidate) -> Any:
 
 
 def verify(
-    spec: str, c: Candidate, calib: torch.Tensor, original: dict, score: Any
+    spec: str,
+    c: Candidate,
+    calib: torch.Tensor,
+    original: dict,
+    score: Any,
+    calib_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Quantize for real with GPTQ and score with the evaluation harness."""
     from tinyllm.checkpoint import round_floats
@@ -326,7 +331,7 @@ def verify(
 
     model, _ = load(spec)
     t0 = time.perf_counter()
-    quantize(model, candidate_step(c), calib=calib)
+    quantize(model, candidate_step(c), calib=calib, calib_dtype=calib_dtype)
     if c.embed_bits:
         quantize(model, embed_step(c.embed_bits))
     round_floats(model, torch.float16)
@@ -455,7 +460,7 @@ def make_plan(
     calib = calibration_windows(tok, cal.corpus, cal.samples, cal.seq_len, cal.seed)
     t2 = time.perf_counter()
     for c in track(feasible[:verify_top], "verifying"):
-        c.measured = verify(spec, c, calib, original, score)
+        c.measured = verify(spec, c, calib, original, score, cal.dtype)
     seconds["verify"] = time.perf_counter() - t2
     ok = [c for c in feasible[:verify_top] if fits(c, budget, measured=True)]
     plan.recommended = min(ok, key=lambda c: c.measured["perplexity"]) if ok else None

@@ -56,6 +56,7 @@ class Calibration(Section):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
     seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # calibration forwards
 
 
 class Evaluation(Section):

@@ -216,7 +216,8 @@ class Runner:
             check_float_model(model)
         needs_calib = getattr(cfg, "calibrated", False) or getattr(cfg, "allocation", "") == "owl"
         calib = self.calib() if needs_calib else None
-        report = (prune if kind == "prune" else quantize)(model, cfg, calib=calib)
+        run = prune if kind == "prune" else quantize
+        report = run(model, cfg, calib=calib, calib_dtype=self.recipe.calibration.dtype)
         round_floats(model, torch.float16)
         meta = {
             "source": self.source(i),

@@ -25,12 +25,17 @@ def step_classes() -> dict[str, type[Step]]:
 
 
 def prune(
-    model: nn.Module, cfg: Step, calib: torch.Tensor | None = None, batch_size: int = 8
+    model: nn.Module,
+    cfg: Step,
+    calib: torch.Tensor | None = None,
+    batch_size: int = 8,
+    calib_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Prune `model` in place with `cfg`; returns the report (per-layer sparsity, seconds)."""
+    """Prune `model` in place with `cfg`; returns the report (per-layer sparsity, seconds).
+    `calib_dtype`: precision of the calibration passes (auto, float32, bfloat16)."""
     step_classes()  # registers the methods
     if getattr(cfg, "allocation", None) == "owl" and calib is None:
         from tinyllm.errors import ConfigError
 
         raise ConfigError("allocation owl measures activations: it needs calibration windows")
-    return run_step(model, cfg, calib, batch_size)
+    return run_step(model, cfg, calib, batch_size, calib_dtype)

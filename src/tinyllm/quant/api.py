@@ -29,8 +29,13 @@ def step_classes() -> dict[str, type[Step]]:
 
 
 def quantize(
-    model: nn.Module, cfg: Step, calib: torch.Tensor | None = None, batch_size: int = 8
+    model: nn.Module,
+    cfg: Step,
+    calib: torch.Tensor | None = None,
+    batch_size: int = 8,
+    calib_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Quantize `model` in place with `cfg`; returns the report (per-layer errors, seconds)."""
+    """Quantize `model` in place with `cfg`; returns the report (per-layer errors, seconds).
+    `calib_dtype`: precision of the calibration passes (auto, float32, bfloat16)."""
     step_classes()  # registers the methods
-    return run_step(model, cfg, calib, batch_size)
+    return run_step(model, cfg, calib, batch_size, calib_dtype)

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tinyllm.core.calib import calibrate_blocks, input_hooks, observe_block
+from tinyllm.core.calib import calibrate_blocks, input_hooks, observe_block, observe_pair
 from tinyllm.core.steps import Context, Step, register
 from tinyllm.quant.common import (
     block_error_status,
@@ -169,7 +169,7 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
     errors = ctx.report.setdefault("layer_errors", {})
     alphas = ctx.report.setdefault("awq_alpha", {})
 
-    def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict):
+    def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict, ref=None):
         block_sites = {s.local: s for s in by_block.get(i, [])}
         groups = checked_groups(model, block, xs[0], kwargs, i)
         # One pass before any folding: folding keeps the float function, so every input's
@@ -180,11 +180,14 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
         acc = HessianAccumulator()
         absum: dict[str, torch.Tensor] = {}
 
-        def look(name: str, x: torch.Tensor) -> None:
+        def look(name: str, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
             absum[name] = absum.get(name, 0) + x.float().abs().sum(dim=0)
-            acc.add(name, x[::step])
+            acc.add(name, x[::step], None if x_ref is None else x_ref[::step])
 
-        observe_block(block, xs, kwargs, list(block_sites), look)
+        if ref is None:
+            observe_block(block, xs, kwargs, list(block_sites), look)
+        else:  # GPTQ base with float targets: the float model's inputs ride along
+            observe_pair(block, xs, ref, kwargs, list(block_sites), look)
         scales: dict[str, torch.Tensor] = {}
         bases = {loc: layer_cfg(cfg.base, s.name, ctx.layer_bits) for loc, s in block_sites.items()}
         for prev, consumers in groups:
@@ -199,15 +202,16 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
             scales.update({c: s for c in consumers})
         records = {}
         for local, site in block_sites.items():
-            H = acc.hessian(local)
-            if local in scales:  # inputs divided by s: H' = H / (s s^T)
+            H, C = acc.hessian(local), acc.cross(local)
+            if local in scales:  # inputs divided by s: H' = H / (s s^T), C' likewise
                 H = H / torch.outer(scales[local], scales[local])
+                C = None if C is None else C / torch.outer(scales[local], scales[local])
             base = bases[local]
             if cfg.clip:
                 site.module.weight.data = search_clip(H, site.module.weight.data, base)
             w = site.module.weight.detach().float()
             if isinstance(base, GPTQ):
-                records[local], errors[site.name] = gptq_quantize(w, H, base, site.name)
+                records[local], errors[site.name] = gptq_quantize(w, H, base, site.name, C)
             else:
                 records[local] = rtn_quantize(w, base)
                 errors[site.name] = relative_weight_error(w, records[local])
@@ -220,6 +224,7 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
         quantize_block,
         "AWQ",
         block_error_status(by_block, errors),
+        reference=isinstance(cfg.base, GPTQ) and cfg.base.float_targets > 0,
     )
 
 

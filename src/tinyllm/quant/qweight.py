@@ -83,6 +83,29 @@ class QuantizedWeight:
             w = w[:, torch.argsort(self.perm)]
         return w
 
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """Row blocks of this weight as separate records (a stacked q/k/v back into q, k, v)."""
+        codes = self.codes()
+        out, start = [], 0
+        for n in sizes:
+            rows = slice(start, start + n)
+            out.append(
+                QuantizedWeight.from_codes(
+                    codes[rows],
+                    self.scale[rows],
+                    self.zero[rows],
+                    bits=self.bits,
+                    group_size=self.group_size,
+                    sym=self.sym,
+                    perm=self.perm,
+                    codebook=self.codebook,
+                )
+            )
+            start += n
+        if start != self.shape[0]:
+            raise ValueError(f"row sizes {sizes} do not add up to {self.shape[0]}")
+        return out
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantize only the rows `idx` (an embedding lookup). -> float32 [len(idx), in]"""
         out, inp = self.shape
