@@ -74,6 +74,10 @@ ROWS: dict[str, list[str]] = {
     # Issue 4: QAT of the AWQ+GPTQ Q4_0-grid checkpoint (bench_quant.py's awq-gptq-4b-g32-sym),
     # exported by bench_gguf.py's qat-awq-gptq-q4_0 row with its integers carried.
     "qat-awq-gptq-4b-g32-sym": qat(HERE / "work" / "quant" / "awq-gptq-4b-g32-sym", QAT_LR),
+    # the same checkpoint with scales-only QAT (codes untouched, so it still carries into Q4_0)
+    "qat-scales-awq-gptq-4b-g32-sym": qat(
+        HERE / "work" / "quant" / "awq-gptq-4b-g32-sym", "3e-3", "--train", "scales"
+    ),
 }
 
 

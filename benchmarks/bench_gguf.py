@@ -44,6 +44,7 @@ LLAMA = {  # row -> (llama-quantize type, with imatrix)
 }
 QAT = {  # row -> bench_distill.py row whose model/ is exported
     "qat-awq-gptq-q4_0": "qat-awq-gptq-4b-g32-sym",
+    "qat-scales-awq-gptq-q4_0": "qat-scales-awq-gptq-4b-g32-sym",
 }
 ROWS = ["f16", *LLAMA, *OURS, *QAT]
 

@@ -36,6 +36,13 @@ for setting, (bits, group, sym) in SETTINGS.items():
         flags += ["--base", base] if base else []
         ROWS[f"{method}-{setting}"] = flags + (["--sym"] if sym else ["--asym"])
 ROWS["nf4-b64"] = ["--method", "nf4", "--group-size", "64"]
+# Asymmetric calibration (GPTQ --float-targets 0.25, GPTAQ's strength) and bf16 calibration forwards
+FT = ["--float-targets", "0.25"]
+ROWS["gptq-ft-4b-g64"] = [*ROWS["gptq-4b-g64"], *FT]
+ROWS["gptq-ft-3b-g32"] = [*ROWS["gptq-3b-g32"], *FT]
+ROWS["awq-gptq-ft-3b-g32"] = [*ROWS["awq-gptq-3b-g32"], *FT]
+ROWS["awq-gptq-ft-4b-g32-sym"] = [*ROWS["awq-gptq-4b-g32-sym"], *FT]
+ROWS["gptq-4b-g64-bf16"] = [*ROWS["gptq-4b-g64"], "--calib-dtype", "bfloat16"]
 
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:
