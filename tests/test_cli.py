@@ -142,13 +142,18 @@ def test_quantize_then_eval(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
         "4",
         "--seq-len",
         "32",
+        "--calib-dtype",
+        "bfloat16",
+        "--float-targets",
+        "0.25",
         "-o",
         str(out),
     )
     assert p.returncode == 0, p.stderr
     meta = json.loads((out / "tinyllm.json").read_text())
     assert meta["steps"][0]["type"] == "gptq" and meta["steps"][0]["group_size"] == 32
-    assert meta["calibration"]["samples"] == 4
+    assert meta["steps"][0]["float_targets"] == 0.25
+    assert meta["calibration"]["samples"] == 4 and meta["calibration"]["dtype"] == "bfloat16"
     assert len(json.loads((out / "layer_errors.json").read_text())) == 14
     p = run("eval", str(out), "--corpus", str(corpus_file), "--seq-len", "16", "--windows", "2")
     assert p.returncode == 0, p.stderr
@@ -163,6 +168,8 @@ def test_quantize_then_eval(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
         (["--method", "rtn", "--bits", "6"], "bits must be one of"),
         (["--method", "rtn", "--group-size", "48"], "group_size must be one of"),
         (["--method", "nope"], "unknown method"),
+        (["--method", "gptq", "--calib-dtype", "fp8"], "--calib-dtype must be one of"),
+        (["--method", "gptq", "--float-targets", "2"], "float_targets"),
     ],
 )
 def test_quantize_bad_settings(tiny_dir: Path, tmp_path: Path, args, message):

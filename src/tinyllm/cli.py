@@ -355,6 +355,7 @@ def quantize(
             embed_cfg = embed_step(embed_bits)
         except ValueError as exc:
             raise ConfigError(f"--embed-bits: {_first_error(exc)}") from exc
+    _check_calib_dtype(calib_dtype)
     check_output_dir(output, overwrite)  # fail before the slow part
     m, tok = tinyllm.load(model)
     calib = None
@@ -566,6 +567,7 @@ def prune(
     if method == "blocks" and count is None:
         raise ConfigError("--method blocks needs --count N (blocks to remove)")
     cfg = _make_step(classes[method], method, **options)
+    _check_calib_dtype(calib_dtype)
     check_output_dir(output, overwrite)
     m, tok = tinyllm.load(model)
     check_float_model(m)
@@ -1258,6 +1260,13 @@ def _mixed_step(
     return _make_step(
         classes["mixed"], "mixed", base=base_cfg, bits=widths, avg_bits=avg_bits, size_mb=size_mb
     )
+
+
+def _check_calib_dtype(name: str) -> None:
+    from tinyllm.core.kernels import CALIB_DTYPES
+
+    if name not in CALIB_DTYPES:
+        raise ConfigError(f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)}, got '{name}'")
 
 
 def _make_step(cls: type, method: str, **options: object) -> object:
