@@ -35,6 +35,10 @@ OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same
     "rtn-q4_0": (["--method", "rtn"], "rtn-4b-g32-sym"),
     "gptq-q4_0": (["--method", "gptq"], "gptq-4b-g32-sym"),
     "awq-gptq-q4_0": (["--method", "awq", "--base", "gptq"], "awq-gptq-4b-g32-sym"),
+    "awq-gptq-ft-q4_0": (
+        ["--method", "awq", "--base", "gptq", "--float-targets", "0.25"],
+        "awq-gptq-ft-4b-g32-sym",
+    ),
 }
 LLAMA = {  # row -> (llama-quantize type, with imatrix)
     "llama-q4_0": ("Q4_0", False),
@@ -45,6 +49,7 @@ LLAMA = {  # row -> (llama-quantize type, with imatrix)
 QAT = {  # row -> bench_distill.py row whose model/ is exported
     "qat-awq-gptq-q4_0": "qat-awq-gptq-4b-g32-sym",
     "qat-scales-awq-gptq-q4_0": "qat-scales-awq-gptq-4b-g32-sym",
+    "qat-scales-kdtask-awq-gptq-q4_0": "qat-scales-kdtask-awq-gptq-4b-g32-sym",
 }
 ROWS = ["f16", *LLAMA, *OURS, *QAT]
 
