@@ -94,6 +94,7 @@ def float_target(
     Hd.diagonal().add_(damp * H.diagonal().mean())
     L, info = torch.linalg.cholesky_ex(Hd)
     if info != 0:
+        log.warning("float target skipped: the damped Hessian is not positive definite")
         return W
     return W + strength * torch.cholesky_solve((C - H).t() @ W.t(), L).t()
 
@@ -212,7 +213,7 @@ class HessianAccumulator:
 
     def __init__(self) -> None:
         self.H: dict[str, torch.Tensor] = {}
-        self.C: dict[str, torch.Tensor] = {}  # X~^T X against a reference stream (add_pair)
+        self.C: dict[str, torch.Tensor] = {}  # X~^T X against a reference stream (add x_ref)
         self.n: dict[str, int] = {}
         self.alias: dict[str, str] = {}
         self._last: tuple[tuple, str] | None = None  # (identity of the last input, its owner)
