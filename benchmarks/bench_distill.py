@@ -29,6 +29,7 @@ HERE = Path(__file__).parent
 OUT = HERE / "results" / "distill_smollm2.json"
 WORK = HERE / "work" / "distill"
 GPTQ3 = HERE / "work" / "quant" / "gptq-3b-g32"
+AWQ_FT4 = HERE / "work" / "quant" / "awq-gptq-ft-4b-g32-sym"  # bench_quant.py row
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 ABLATION_STEPS, MAIN_STEPS, QAT_STEPS = 80, 130, 60
 # QAT at 1e-5 left the latent weights within half a grid step (nothing re-rounds) and, with
@@ -81,6 +82,14 @@ ROWS: dict[str, list[str]] = {
     # KD + task at a third of that lr (KD alone at 3e-3 made this 4-bit model worse)
     "qat-scales-kdtask-awq-gptq-4b-g32-sym": qat(
         HERE / "work" / "quant" / "awq-gptq-4b-g32-sym", "1e-3", "--train", "scales", "--beta", "1"
+    ),
+    # Session 11: the cached top-k KD keeps the teacher's tail mass (k + 1 outcomes); every row
+    # above ran the renormalised top-k loss, which dropped the 11% of the teacher's mass outside
+    # its top 64. The same 3-bit KD-only row, then KD-only and KD + task on the best PTQ Q4_0 grid.
+    "qat-scales-kd-tail-gptq-3b-g32": qat(GPTQ3, "3e-3", "--train", "scales"),
+    "qat-scales-kd-tail-awq-gptq-ft-4b-g32-sym": qat(AWQ_FT4, "1e-3", "--train", "scales"),
+    "qat-scales-kdtask-tail-awq-gptq-ft-4b-g32-sym": qat(
+        AWQ_FT4, "1e-3", "--train", "scales", "--beta", "1"
     ),
 }
 

@@ -50,6 +50,8 @@ QAT = {  # row -> bench_distill.py row whose model/ is exported
     "qat-awq-gptq-q4_0": "qat-awq-gptq-4b-g32-sym",
     "qat-scales-awq-gptq-q4_0": "qat-scales-awq-gptq-4b-g32-sym",
     "qat-scales-kdtask-awq-gptq-q4_0": "qat-scales-kdtask-awq-gptq-4b-g32-sym",
+    "qat-scales-kd-tail-awq-gptq-ft-q4_0": "qat-scales-kd-tail-awq-gptq-ft-4b-g32-sym",
+    "qat-scales-kdtask-tail-awq-gptq-ft-q4_0": "qat-scales-kdtask-tail-awq-gptq-ft-4b-g32-sym",
 }
 ROWS = ["f16", *LLAMA, *OURS, *QAT]
 

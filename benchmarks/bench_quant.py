@@ -43,6 +43,18 @@ ROWS["gptq-ft-3b-g32"] = [*ROWS["gptq-3b-g32"], *FT]
 ROWS["awq-gptq-ft-3b-g32"] = [*ROWS["awq-gptq-3b-g32"], *FT]
 ROWS["awq-gptq-ft-4b-g32-sym"] = [*ROWS["awq-gptq-4b-g32-sym"], *FT]
 ROWS["gptq-4b-g64-bf16"] = [*ROWS["gptq-4b-g64"], "--calib-dtype", "bfloat16"]
+# True-sequential GPTQ (q/k/v, o, gate/up, down in stages), alone and with float targets
+TS = ["--true-sequential"]
+for _row in ("gptq-4b-g64", "gptq-3b-g32", "gptq-4b-g32-sym", "gptq-ft-3b-g32"):
+    ROWS[_row.replace("gptq-", "gptq-ts-", 1)] = [*ROWS[_row], *TS]
+for _row in ("awq-gptq-ft-3b-g32", "awq-gptq-ft-4b-g32-sym"):
+    ROWS[_row.replace("-ft-", "-ts-ft-")] = [*ROWS[_row], *TS]
+# GPTQ's group clipping search weighted by diag H (importance-matrix style)
+WG = ["--weighted-grid"]
+for _row in ("gptq-3b-g32", "gptq-4b-g32-sym", "awq-gptq-ft-3b-g32", "awq-gptq-ft-4b-g32-sym"):
+    ROWS[_row.replace("gptq-", "gptq-wg-", 1)] = [*ROWS[_row], *WG]
+# AWQ+RTN at 4-bit per channel without its clipping search (the row that loses to RTN on ppl)
+ROWS["awq-rtn-4b-pc-noclip"] = [*ROWS["awq-rtn-4b-pc"], "--no-clip"]
 # Other calibration samples (seeds 1, 2) of the rows closest to the targets: GPTQ's result
 # moves by a few percent between runs, so one draw cannot settle a target that close.
 for _row in ("awq-gptq-ft-3b-g32", "awq-gptq-ft-4b-g32-sym"):

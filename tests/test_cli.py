@@ -146,6 +146,8 @@ def test_quantize_then_eval(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
         "bfloat16",
         "--float-targets",
         "0.25",
+        "--true-sequential",
+        "--weighted-grid",
         "-o",
         str(out),
     )
@@ -153,6 +155,7 @@ def test_quantize_then_eval(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
     meta = json.loads((out / "tinyllm.json").read_text())
     assert meta["steps"][0]["type"] == "gptq" and meta["steps"][0]["group_size"] == 32
     assert meta["steps"][0]["float_targets"] == 0.25
+    assert meta["steps"][0]["true_sequential"] and meta["steps"][0]["weighted_grid"]
     assert meta["calibration"]["samples"] == 4 and meta["calibration"]["dtype"] == "bfloat16"
     assert len(json.loads((out / "layer_errors.json").read_text())) == 14
     p = run("eval", str(out), "--corpus", str(corpus_file), "--seq-len", "16", "--windows", "2")

@@ -187,6 +187,21 @@ def quantize(
             "on the quantized model's inputs; one more block pass per block."
         ),
     ] = 0.0,
+    true_sequential: Annotated[
+        bool,
+        typer.Option(
+            help="GPTQ (also as AWQ's base): quantize each block's layers in stages (q/k/v, o, "
+            "gate/up, down), each stage calibrated on inputs through the quantized earlier "
+            "stages; about a third more forward work."
+        ),
+    ] = False,
+    weighted_grid: Annotated[
+        bool,
+        typer.Option(
+            help="GPTQ (also as AWQ's base): weigh each column's error in the group clipping "
+            "search by its inputs' mean square (diag H), as an importance matrix does."
+        ),
+    ] = False,
     clip: Annotated[
         bool, typer.Option(help="AWQ: search each group's clipping range on calibration inputs.")
     ] = True,
@@ -325,6 +340,8 @@ def quantize(
         static_groups=static_groups,
         damp=damp,
         float_targets=float_targets,
+        true_sequential=true_sequential,
+        weighted_grid=weighted_grid,
     )
     options.update(
         observer=observer,

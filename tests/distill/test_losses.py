@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tinyllm.distill import losses
+from tinyllm.distill.cache import log_rest
 from tinyllm.distill.student import kept_blocks
 
 
@@ -63,6 +64,43 @@ def test_topk_kd_renormalises_teacher_over_k() -> None:
     top = torch.tensor([t]).topk(2, dim=-1)
     got = losses.kd_loss_topk(torch.tensor([s]), top.values, top.indices)
     assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_topk_kd_with_the_rest_by_hand() -> None:
+    """With the teacher's mass outside its top k, the KL runs over k + 1 outcomes."""
+    s, t = [0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 0.5, -1.0]
+    p, q = _softmax(t), _softmax(s)
+    pk, qk = [p[0], p[1], p[2] + p[3]], [q[0], q[1], q[2] + q[3]]
+    want = sum(a * math.log(a / b) for a, b in zip(pk, qk, strict=True))
+    logits = torch.tensor([t])
+    top = logits.topk(2, dim=-1)
+    rest = log_rest(logits, top.indices)
+    assert float(rest.exp()) == pytest.approx(p[2] + p[3], rel=1e-6)
+    got = losses.kd_loss_topk(torch.tensor([s]), top.values, top.indices, rest=rest)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_topk_kd_with_the_rest_keeps_the_tail() -> None:
+    """A student equal to the teacher: zero loss and zero gradient with the rest; the
+    renormalised loss instead pushes the student's tail mass into the teacher's top k."""
+    t = torch.randn(6, 50) * 2
+    top = t.topk(8, dim=-1)
+    rest = log_rest(t, top.indices)
+    grads = []
+    for r in (rest, None):
+        s = t.clone().requires_grad_(True)
+        loss = losses.kd_loss_topk(s, top.values, top.indices, rest=r)
+        loss.backward()
+        grads.append(s.grad.abs().max())
+        if r is not None:
+            assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    assert float(grads[0]) < 1e-6 < float(grads[1])
+    full = t.topk(50, dim=-1)  # k = V: no rest, same as full KD, finite gradients
+    s = torch.randn(6, 50, requires_grad=True)
+    loss = losses.kd_loss_topk(s, full.values, full.indices, rest=log_rest(t, full.indices))
+    loss.backward()
+    assert float(loss) == pytest.approx(float(losses.kd_loss(s, t)), rel=1e-5)
+    assert torch.isfinite(s.grad).all()
 
 
 def test_feature_losses_by_hand() -> None:

@@ -105,3 +105,26 @@ def test_nf4_double_quant_stores_8_bit_scales_and_round_trips():
     back = QuantizedWeight.from_tensors(dq.tensors("x"), "x", dq.meta())
     assert "x.scale" not in dq.tensors("x")  # only the 8-bit form is stored
     assert torch.equal(back.dequantize(), dq.dequantize())
+
+
+def test_weighted_clipping_search_minimises_the_weighted_error():
+    """With column importances the search picks, per group, the candidate with the lowest
+    importance-weighted squared error; unit importances give the plain squared-error search."""
+    from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * torch.linspace(0.2, 3.0, 64)
+    imp = torch.rand(64) ** 4 * 100
+
+    def weighted_err(s, z):
+        g = grouped(w, 32)
+        return (
+            (fake_quant(g, s[..., None], z[..., None], 3) - g) ** 2 * grouped(imp[None], 32)
+        ).sum(-1)
+
+    plain = group_qparams(w, 3, 32, False, mse=True, norm=2.0)
+    weighted = group_qparams(w, 3, 32, False, mse=True, norm=2.0, importance=imp)
+    assert (weighted_err(*weighted) <= weighted_err(*plain) + 1e-6).all()
+    assert weighted_err(*weighted).sum() < 0.98 * weighted_err(*plain).sum()
+    ones = group_qparams(w, 3, 32, False, mse=True, norm=2.0, importance=torch.ones(64))
+    assert torch.equal(ones[0], plain[0]) and torch.equal(ones[1], plain[1])

@@ -134,21 +134,67 @@ def observe_pair(
     kwargs: dict,
     names: list[str],
     fn: Callable[[str, torch.Tensor, torch.Tensor], None],
+    float_block: nn.Module | None = None,
+    advance: bool = True,
 ) -> None:
     """observe_block for two streams: batch by batch, the float model's hidden states `ref` run
-    through the (still float) block first, then the compressed model's `xs`; fn(name, x, x_ref)
-    sees each named linear's input from both. `ref` is replaced in place by the block's float
-    outputs, so it enters the next block as the float model's hidden states."""
+    through the float block first, then the compressed model's `xs`; fn(name, x, x_ref) sees
+    each named linear's input from both. The float block is `block` itself unless
+    `float_block` (a float copy, for a block already partly compressed) is given. With advance,
+    `ref` is replaced in place by the float block's outputs, so it enters the next block as the
+    float model's hidden states; without, both forwards stop after the last named input."""
+    float_block = block if float_block is None else float_block
     seen: dict[str, torch.Tensor] = {}
     look = _StopAfterLast(lambda n, t: fn(n, t, seen[n]))
-    with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
+    look_ref = seen.__setitem__ if advance else _StopAfterLast(seen.__setitem__)
+    tokens = xs[0].shape[0] * xs[0].shape[1]
+    with block_compute(block, tokens), _maybe_compute(float_block, block, tokens):
         for b, (x, r) in enumerate(zip(xs, ref, strict=True)):
-            with input_hooks(block, names, seen.__setitem__):
-                ref[b] = run_block(block, r, kwargs)
+            with input_hooks(float_block, names, look_ref), suppress(_Stop):
+                out = run_block(float_block, r, kwargs)
+                if advance:
+                    ref[b] = out
             with input_hooks(block, names, look), suppress(_Stop):
                 run_block(block, x, kwargs)
             look.learned()
+            if not advance:
+                look_ref.learned()
             seen.clear()
+
+
+@contextmanager
+def _maybe_compute(other: nn.Module, block: nn.Module, tokens: int) -> Iterator:
+    """block_compute for a second block, unless it is the block already set up."""
+    if other is block:
+        yield
+    else:
+        with block_compute(other, tokens):
+            yield
+
+
+def input_stages(
+    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
+) -> list[list[str]]:
+    """The named linears grouped by the tensor they read (q/k/v share one, gate/up another), in
+    the order one forward reaches them: the order in which true-sequential calibration
+    compresses them, so each stage is observed with every earlier stage already compressed."""
+    stages: list[list[str]] = []
+    owners: dict[tuple, int] = {}
+    alive: list[torch.Tensor] = []  # inputs stay alive, so their storage is not reused
+
+    def see(name: str, t: torch.Tensor) -> None:
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in owners:
+            owners[key] = len(stages)
+            stages.append([])
+            alive.append(t)
+        if name not in stages[owners[key]]:
+            stages[owners[key]].append(name)
+
+    with input_hooks(block, names, see):
+        run_block(block, x, kwargs)
+    missing = [n for n in names if not any(n in s for s in stages)]
+    return stages + [[n] for n in missing]
 
 
 @torch.no_grad()

@@ -6,8 +6,10 @@ Every loss is a mean over positions, so its size does not depend on batch or seq
 - `kd_loss`: soft targets (Hinton et al. 2015): T^2 * KL(p_t || p_s) on softmax(logits / T).
   `kind="reverse"` gives KL(p_s || p_t) (mode-seeking, as in MiniLLM), `kind="js"` the
   Jensen-Shannon divergence. The T^2 factor keeps gradient sizes comparable across temperatures.
-- `kd_loss_topk`: forward KL against a teacher known only by its top-k logits (the on-disk cache):
-  the teacher distribution is the softmax of its k largest logits, renormalised over them.
+- `kd_loss_topk`: forward KL against a teacher known only by its top-k logits (the on-disk cache),
+  over k + 1 outcomes (the k tokens and "any other token") when the teacher's mass outside its
+  top k is known; otherwise the teacher is renormalised over its k tokens, which drops its tail
+  (11% of the mass at k = 64 on SmolLM2 and Wikipedia) and pulls the student's tail to zero.
 - `feature_loss`: hidden-state matching, MSE relative to the teacher's mean square (so layers with
   large activations do not dominate) or 1 - cosine similarity per position.
 - `attention_kl`: KL between attention maps, averaged over heads and query positions.
@@ -53,18 +55,34 @@ def kd_loss(
 
 
 def kd_loss_topk(
-    student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, temperature: float = 1.0
+    student: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    temperature: float = 1.0,
+    rest: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward KL to a teacher given by its top-k logits `values` at vocabulary `indices`.
 
-    student [..., V]; values, indices [..., k]. The teacher's mass outside its top k is dropped
-    (renormalised over the k), so this equals `kd_loss` when k = V. -> scalar
+    student [..., V]; values, indices [..., k]; rest [...]: log of the teacher's probability
+    outside its top k (at temperature 1). With `rest` the KL runs over k + 1 outcomes, the k
+    tokens and the rest of the vocabulary, so the student keeps the teacher's tail mass; it
+    equals `kd_loss` when k = V and is zero (with zero gradient) when the student is the
+    teacher. Without `rest` (or at another temperature, where it is unknown) the teacher is
+    renormalised over its k tokens. -> scalar
     """
     t = temperature
     log_s = F.log_softmax(_flat(student) / t, dim=-1)  # [N, V]
     log_t = F.log_softmax(_flat(values) / t, dim=-1)  # [N, k]
-    log_s_k = log_s.gather(-1, indices.reshape(-1, indices.shape[-1]).long())  # [N, k]
-    return _kl(log_t, log_s_k).mean() * t * t
+    idx = indices.reshape(-1, indices.shape[-1]).long()
+    log_s_k = log_s.gather(-1, idx)  # [N, k]
+    if rest is None or t != 1.0:
+        return _kl(log_t, log_s_k).mean() * t * t
+    r = rest.reshape(-1).float().clamp_max(0.0)  # [N]
+    top = _kl(log_t + torch.log1p(-r.exp().clamp_max(1 - 1e-6))[:, None], log_s_k)
+    has = torch.isfinite(r)  # k = V leaves no rest: its term is 0 (kept NaN-free for autograd)
+    log_s_rest = log_s.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    r, log_s_rest = torch.where(has, r, 0.0), torch.where(has, log_s_rest, 0.0)
+    return (top + torch.where(has, r.exp() * (r - log_s_rest), 0.0)).mean()
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:

@@ -320,8 +320,10 @@ class Trainer:
         if cfg.beta > 0:
             terms["task"] = losses.task_loss(logits, ids[:, 1:])
         if self.cache is not None:
-            values, idx = self.cache.get(rows, self._teacher_logits)
-            terms["kd"] = losses.kd_loss_topk(logits, values[:, :-1], idx[:, :-1], cfg.temperature)
+            values, idx, rest = self.cache.get(rows, self._teacher_logits)
+            terms["kd"] = losses.kd_loss_topk(
+                logits, values[:, :-1], idx[:, :-1], cfg.temperature, rest[:, :-1]
+            )
             return terms
         need_teacher = cfg.alpha > 0 or self.features or want_attn
         if not need_teacher:

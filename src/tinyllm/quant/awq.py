@@ -15,6 +15,7 @@ among the group's consumers, the layer whose rounding error the scale matters mo
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -30,7 +31,7 @@ from tinyllm.quant.common import (
     relative_weight_error,
     sites_by_block,
 )
-from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_quantize
+from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_block, gptq_quantize
 from tinyllm.quant.primitives import _affine_params, fake_quant, group_qparams, grouped
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
@@ -184,7 +185,9 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
             absum[name] = absum.get(name, 0) + x.float().abs().sum(dim=0)
             acc.add(name, x[::step], None if x_ref is None else x_ref[::step])
 
-        if ref is None:
+        # GPTQ base in stages: its own passes take the Hessians after folding (and carry ref)
+        staged = isinstance(cfg.base, GPTQ) and cfg.base.true_sequential
+        if ref is None or staged:
             observe_block(block, xs, kwargs, list(block_sites), look)
         else:  # GPTQ base with float targets: the float model's inputs ride along
             observe_pair(block, xs, ref, kwargs, list(block_sites), look)
@@ -200,12 +203,20 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
             )
             fold_scale(block.get_submodule(prev), mods, s, offset)
             scales.update({c: s for c in consumers})
+        if staged:  # the folded block before clipping computes the float model's stream
+            float_block = copy.deepcopy(block) if ref is not None else None
+            for local, site in block_sites.items() if cfg.clip else ():
+                H = scaled_hessian(acc.hessian(local), scales.get(local))
+                site.module.weight.data = search_clip(H, site.module.weight.data, bases[local])
+            sites = list(block_sites.values())
+            records = gptq_block(
+                block, sites, xs, kwargs, cfg.base, errors, ctx.layer_bits, ref, float_block
+            )
+            return fake_quant_then_swap(block, records)
         records = {}
         for local, site in block_sites.items():
-            H, C = acc.hessian(local), acc.cross(local)
-            if local in scales:  # inputs divided by s: H' = H / (s s^T), C' likewise
-                H = H / torch.outer(scales[local], scales[local])
-                C = None if C is None else C / torch.outer(scales[local], scales[local])
+            H = scaled_hessian(acc.hessian(local), scales.get(local))
+            C = scaled_hessian(acc.cross(local), scales.get(local))
             base = bases[local]
             if cfg.clip:
                 site.module.weight.data = search_clip(H, site.module.weight.data, base)
@@ -226,6 +237,11 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
         block_error_status(by_block, errors),
         reference=isinstance(cfg.base, GPTQ) and cfg.base.float_targets > 0,
     )
+
+
+def scaled_hessian(H: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor | None:
+    """A second-moment matrix of inputs divided by s (folded scales): H / (s s^T)."""
+    return H if H is None or s is None else H / torch.outer(s, s)
 
 
 def checked_groups(

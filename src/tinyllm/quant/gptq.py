@@ -3,6 +3,7 @@ error onto the columns not yet quantized through the inverse Hessian of the laye
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 
@@ -10,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tinyllm.core.calib import calibrate_blocks, observe_block, observe_pair
+from tinyllm.core.calib import calibrate_blocks, input_stages, observe_block, observe_pair
 from tinyllm.core.kernels import onednn_available
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ConfigError
@@ -39,6 +40,14 @@ class GPTQ(WeightQuant):
     # quantized model's inputs X, not the float weights' output X W^T, so errors from earlier
     # layers are compensated. Costs one more block pass per block.
     float_targets: float = Field(0.0, ge=0.0, le=1.0)
+    # Clipping search of the group grids weighted by diag H (each input column's mean square),
+    # squared error: the grid keeps the columns that carry signal, as an importance matrix does.
+    weighted_grid: bool = False
+    # Quantize a block's layers in the order its forward reads them (q/k/v, o, gate/up, down),
+    # each stage's Hessian taken with the earlier stages already quantized (GPTQ's paper
+    # quantizes a block's layers on inputs that passed through its quantized predecessors).
+    # Costs partial block forwards per stage (about a third more forward work).
+    true_sequential: bool = False
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
@@ -57,9 +66,19 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     raise ConfigError(f"{name}: Hessian is not positive definite even with damp {damp:.3g}")
 
 
-def _group_grid(window: torch.Tensor, cfg: GPTQ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid of one group of columns [rows, g] -> ([rows], [rows])."""
-    s, z = group_qparams(window, cfg.bits, -1, cfg.sym, mse=cfg.mse)
+def _grid_search(cfg: GPTQ, H: torch.Tensor, cols: slice = slice(None)) -> dict:
+    """group_qparams' search options for these columns: weighted by diag H if asked."""
+    if cfg.mse and cfg.weighted_grid:
+        return {"mse": True, "norm": 2.0, "importance": H.diagonal()[cols]}
+    return {"mse": cfg.mse}
+
+
+def _group_grid(
+    window: torch.Tensor, cfg: GPTQ, H: torch.Tensor, col: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of one group of columns [rows, g] starting at `col` -> ([rows], [rows])."""
+    opts = _grid_search(cfg, H, slice(col, col + window.shape[1]))
+    s, z = group_qparams(window, cfg.bits, -1, cfg.sym, **opts)
     return s[:, 0].half().float(), z[:, 0]
 
 
@@ -140,7 +159,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str) -> QuantizedWe
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
     static = cfg.static_groups or cfg.group_size == -1
     if static:  # grids from the original weights, in original column order
-        scale, zero = group_qparams(W, cfg.bits, cfg.group_size, cfg.sym, mse=cfg.mse)
+        scale, zero = group_qparams(W, cfg.bits, cfg.group_size, cfg.sym, **_grid_search(cfg, H))
         scale = scale.half().float()
         col_scale, col_zero = scale[:, perm // g], zero[:, perm // g]  # processing order
     else:
@@ -158,7 +177,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str) -> QuantizedWe
             col = i1 + i
             if not static and col % g == 0:  # grid from the current, updated weights
                 window = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                scale[:, col // g], zero[:, col // g] = _group_grid(window, cfg)
+                scale[:, col // g], zero[:, col // g] = _group_grid(window, cfg, H, col)
                 col_scale[:, col : col + g] = scale[:, col // g, None]
                 col_zero[:, col : col + g] = zero[:, col // g, None]
             w, s, z = W1[:, i], col_scale[:, col], col_zero[:, col]
@@ -255,31 +274,43 @@ def gptq_block(
     errors: dict[str, float],
     layer_bits: Mapping[str, int] | None = None,
     ref: list | None = None,
+    float_block: nn.Module | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Hessians of one block's linears from its calibration inputs, then GPTQ on each (at its
-    own width where `layer_bits` names it). With `ref` (the float model's hidden states, advanced
-    through the block here) each layer aims at the float model's outputs."""
-    acc = HessianAccumulator()
+    own width where `layer_bits` names it), leaving each quantized weight in its float linear.
+    With `ref` (the float model's hidden states, advanced through the block here) each layer
+    aims at the float model's outputs, computed by `float_block` (default: the block as it is on
+    entry). With cfg.true_sequential the layers go in stages (q/k/v, o, gate/up, down), each
+    observed with the earlier stages quantized."""
     names = [s.local for s in sites]
-    if ref is None:
-        observe_block(block, xs, kwargs, names, acc.add)
-    else:
-        observe_pair(block, xs, ref, kwargs, names, acc.add)
-    stacks: dict[tuple, list] = {}  # layers sharing an input and a width quantize together
-    for s in sites:
-        c = layer_cfg(cfg, s.name, layer_bits or {})
-        stacks.setdefault((acc.alias.get(s.local, s.local), c.bits), []).append((s, c))
+    stages = input_stages(block, xs[0][:1], kwargs, names) if cfg.true_sequential else [names]
+    if ref is not None and float_block is None and len(stages) > 1:
+        float_block = copy.deepcopy(block)  # the stages below quantize `block` in place
+    by_local = {s.local: s for s in sites}
     records = {}
-    for (owner, _), members in stacks.items():
-        results = gptq_quantize_stack(
-            [s.module.weight for s, _ in members],
-            acc.hessian(owner),
-            members[0][1],
-            "+".join(s.name for s, _ in members),
-            acc.cross(owner),
-        )
-        for (s, _), (qw, err) in zip(members, results, strict=True):
-            records[s.local], errors[s.name] = qw, err
+    for k, stage in enumerate(stages):
+        acc = HessianAccumulator()
+        if ref is None:
+            observe_block(block, xs, kwargs, stage, acc.add)
+        else:
+            last = k == len(stages) - 1
+            observe_pair(block, xs, ref, kwargs, stage, acc.add, float_block, advance=last)
+        stacks: dict[tuple, list] = {}  # layers sharing an input and a width quantize together
+        for local in stage:
+            s = by_local[local]
+            c = layer_cfg(cfg, s.name, layer_bits or {})
+            stacks.setdefault((acc.alias.get(local, local), c.bits), []).append((s, c))
+        for (owner, _), members in stacks.items():
+            results = gptq_quantize_stack(
+                [s.module.weight for s, _ in members],
+                acc.hessian(owner),
+                members[0][1],
+                "+".join(s.name for s, _ in members),
+                acc.cross(owner),
+            )
+            for (s, _), (qw, err) in zip(members, results, strict=True):
+                records[s.local], errors[s.name] = qw, err
+                s.module.weight.data = qw.dequantize()
     return records
 
 

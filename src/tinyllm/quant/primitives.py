@@ -49,22 +49,33 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
 
 
 def group_qparams(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False, norm: float = 2.4
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    mse: bool = False,
+    norm: float = 2.4,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(row, group) scale and zero. [rows, cols] -> ([rows, groups], [rows, groups])
 
     With `mse`, each group's range is shrunk by the factor in SHRINK_GRID that minimises
-    sum |w - fake_quant(w)|^norm (the clipping search of GPTQ's reference code and AWQ).
+    sum |w - fake_quant(w)|^norm (the clipping search of GPTQ's reference code and AWQ), each
+    column's error weighted by `importance` [cols] when given (for example the inputs' mean
+    square, diag H: then the sum is the diagonal part of the output error, as llama.cpp's
+    importance matrix weighs its scale search).
     """
     g = grouped(w.float(), group_size)  # [rows, groups, gs]
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale, zero = _affine_params(lo, hi, bits, sym)
     if not mse:
         return scale, zero
+    imp = 1.0 if importance is None else grouped(importance.float()[None], group_size)
     best = torch.full_like(scale, float("inf"))
     for shrink in SHRINK_GRID.tolist():
         s, z = _affine_params(lo * shrink, hi * shrink, bits, sym)
-        err = (fake_quant(g, s[..., None], z[..., None], bits) - g).abs().pow(norm).sum(-1)
+        diff = (fake_quant(g, s[..., None], z[..., None], bits) - g).abs().pow(norm)
+        err = (diff * imp).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)

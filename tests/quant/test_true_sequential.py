@@ -1,0 +1,120 @@
+"""True-sequential GPTQ: a block's layers in stages, each calibrated after its predecessors."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+from tinyllm.core.calib import block_inputs, input_stages, observe_block, observe_pair
+from tinyllm.models.anatomy import analyze
+from tinyllm.quant import gptq as gptq_mod
+from tinyllm.quant.api import quantize
+from tinyllm.quant.awq import AWQ
+from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_block
+from tinyllm.quant.qlinear import QuantLinear
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_stages_follow_the_forward_and_shared_inputs(family):
+    model = tiny_model(family)
+    inputs, kwargs = block_inputs(model, [torch.randint(0, 320, (1, 12))])
+    block = analyze(model).blocks[0]
+    names = [s.local for s in analyze(model).linears if s.block == 0]
+    stages = input_stages(block, inputs[0][0], kwargs[0], names)
+    assert stages == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+def _block_setup(seed=0):
+    model = tiny_model(seed=seed)
+    inputs, kwargs = block_inputs(model, [torch.randint(0, 320, (2, 24)) for _ in range(2)])
+    sites = [s for s in analyze(model).linears if s.block == 0]
+    return analyze(model).blocks[0], sites, inputs, kwargs
+
+
+@torch.no_grad()
+def test_later_stages_see_the_quantized_earlier_ones(monkeypatch):
+    """o_proj's Hessian comes from a block whose q/k/v are already quantized (and equals the one
+    computed by hand from such a block); without stages it comes from the float block."""
+    seen = {}
+    real = gptq_mod.gptq_quantize_stack
+
+    def spy(Ws, H, cfg, name="layers", C=None):
+        seen[name.split(".")[-1]] = H.clone()
+        return real(Ws, H, cfg, name, C)
+
+    monkeypatch.setattr(gptq_mod, "gptq_quantize_stack", spy)
+    hessians = {}
+    for staged in (False, True):
+        block, sites, inputs, kwargs = _block_setup()
+        qkv = {s.local: s.module.weight.data.clone() for s in sites if "self_attn" in s.local}
+        cfg = GPTQ(bits=3, group_size=32, true_sequential=staged)
+        records = gptq_block(block, sites, inputs[0], kwargs[0], cfg, {})
+        hessians[staged] = seen["o_proj"]
+        # by hand: o_proj's inputs with q/k/v quantized (staged) or float (not)
+        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            block.get_submodule(n).weight.data = records[n].dequantize() if staged else qkv[n]
+        acc = HessianAccumulator()
+        observe_block(block, inputs[0], kwargs[0], ["self_attn.o_proj"], acc.add)
+        assert torch.allclose(
+            acc.hessian("self_attn.o_proj"), hessians[staged], rtol=1e-4, atol=1e-5
+        )
+    assert not torch.allclose(hessians[False], hessians[True], rtol=1e-3, atol=1e-4)
+
+
+@torch.no_grad()
+def test_staged_reference_stream_stays_float():
+    """With float targets, ref leaves the block as the *float* block's output although the
+    block's weights are quantized stage by stage."""
+    block, sites, inputs, kwargs = _block_setup()
+    ref = [x.clone() for x in inputs[0]]
+    xs = [x + 0.01 * torch.randn_like(x) for x in inputs[0]]
+    cfg = GPTQ(bits=3, group_size=32, true_sequential=True, float_targets=0.25)
+    gptq_block(block, sites, xs, kwargs[0], cfg, {}, ref=ref)
+    for r, want in zip(ref, inputs[1], strict=True):
+        assert torch.allclose(r, want, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_observe_pair_without_advance_leaves_ref():
+    block, _sites, inputs, kwargs = _block_setup()
+    ref = [x.clone() for x in inputs[0]]
+    got = []
+    observe_pair(
+        block,
+        inputs[0],
+        ref,
+        kwargs[0],
+        ["self_attn.o_proj"],
+        lambda n, x, r: got.append(n),
+        advance=False,
+    )
+    assert got == ["self_attn.o_proj"] * 2
+    assert all(torch.equal(r, x) for r, x in zip(ref, inputs[0], strict=True))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GPTQ(bits=3, group_size=32, true_sequential=True),
+        GPTQ(bits=3, group_size=32, true_sequential=True, float_targets=0.25),
+        AWQ(base=GPTQ(bits=3, group_size=32, true_sequential=True, float_targets=0.25)),
+        AWQ(base=GPTQ(bits=4, group_size=32, sym=True, true_sequential=True), clip=False),
+        GPTQ(bits=3, group_size=32, weighted_grid=True),
+        GPTQ(bits=3, group_size=32, weighted_grid=True, static_groups=False),
+    ],
+)
+def test_true_sequential_on_a_tiny_model(cfg):
+    model = tiny_model()
+    x = torch.randint(0, 320, (2, 24))
+    with torch.no_grad():
+        ref = model(x).logits
+    report = quantize(model, cfg, calib=torch.randint(0, 320, (8, 32)), batch_size=4)
+    assert len(report["layer_errors"]) == 14
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    with torch.no_grad():
+        got = model(x).logits
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
