@@ -22,8 +22,12 @@ RUNS = {
     "rtn-sym-nomse": lambda: tinyllm.RTN(bits=4, group_size=32, sym=True, mse=False),
     "rtn-asym-mse": lambda: tinyllm.RTN(bits=4, group_size=32, mse=True),
     "rtn-asym-nomse": lambda: tinyllm.RTN(bits=4, group_size=32, mse=False),
-    "gptq-sym-mse": lambda: tinyllm.GPTQ(bits=4, group_size=32, sym=True, mse=True),
-    "gptq-sym-nomse": lambda: tinyllm.GPTQ(bits=4, group_size=32, sym=True, mse=False),
+    "gptq-sym-mse": lambda: tinyllm.GPTQ(
+        bits=4, group_size=32, sym=True, mse=True, weighted_grid=False
+    ),
+    "gptq-sym-nomse": lambda: tinyllm.GPTQ(
+        bits=4, group_size=32, sym=True, mse=False, weighted_grid=False
+    ),
     "awq-rtn-clip": lambda: AWQ(base=tinyllm.RTN(bits=4, group_size=64, mse=True), clip=True),
     "awq-rtn-noclip": lambda: AWQ(base=tinyllm.RTN(bits=4, group_size=64, mse=True), clip=False),
 }

@@ -97,7 +97,16 @@ ROWS: dict[str, list[str]] = {
 def ensure_gptq3() -> None:
     if (GPTQ3 / "tinyllm.json").is_file():
         return
-    cmd = [*CLI, "quantize", "smollm2-135m", "--method", "gptq", "--bits", "3"]
+    cmd = [
+        *CLI,
+        "quantize",
+        "smollm2-135m",
+        "--method",
+        "gptq",
+        "--bits",
+        "3",
+        "--no-weighted-grid",
+    ]
     subprocess.run([*cmd, "--group-size", "32", "-o", str(GPTQ3), "--overwrite"], check=True)
 
 

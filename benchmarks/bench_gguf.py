@@ -33,10 +33,13 @@ CLI = [sys.executable, "-m", "tinyllm.cli"]
 MODEL = "smollm2-135m"
 OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same checkpoint)
     "rtn-q4_0": (["--method", "rtn"], "rtn-4b-g32-sym"),
-    "gptq-q4_0": (["--method", "gptq"], "gptq-4b-g32-sym"),
-    "awq-gptq-q4_0": (["--method", "awq", "--base", "gptq"], "awq-gptq-4b-g32-sym"),
+    "gptq-q4_0": (["--method", "gptq", "--no-weighted-grid"], "gptq-4b-g32-sym"),
+    "awq-gptq-q4_0": (
+        ["--method", "awq", "--base", "gptq", "--no-weighted-grid"],
+        "awq-gptq-4b-g32-sym",
+    ),
     "awq-gptq-ft-q4_0": (
-        ["--method", "awq", "--base", "gptq", "--float-targets", "0.25"],
+        ["--method", "awq", "--base", "gptq", "--no-weighted-grid", "--float-targets", "0.25"],
         "awq-gptq-ft-4b-g32-sym",
     ),
 }

@@ -43,9 +43,11 @@ ROWS: dict[str, Step | None] = {
     "rtn-3b-g64": RTN(bits=3, group_size=64),
     "rtn-4b-g64": RTN(bits=4, group_size=64),
     "mixed-rtn-3.5b-g64": Mixed(base=RTN(bits=4, group_size=64), bits=MIXED_BITS, avg_bits=3.5),
-    "gptq-3b-g64": GPTQ(bits=3, group_size=64),
-    "gptq-4b-g64": GPTQ(bits=4, group_size=64),
-    "mixed-gptq-3.5b-g64": Mixed(base=GPTQ(bits=4, group_size=64), bits=MIXED_BITS, avg_bits=3.5),
+    "gptq-3b-g64": GPTQ(bits=3, group_size=64, weighted_grid=False),
+    "gptq-4b-g64": GPTQ(bits=4, group_size=64, weighted_grid=False),
+    "mixed-gptq-3.5b-g64": Mixed(
+        base=GPTQ(bits=4, group_size=64, weighted_grid=False), bits=MIXED_BITS, avg_bits=3.5
+    ),
     # ablations: widths 3 and 4 only; sensitivities on 4x more windows
     "mixed-rtn-3.5b-g64-w34": Mixed(base=RTN(bits=4, group_size=64), bits=[3, 4], avg_bits=3.5),
     "mixed-rtn-3.5b-g64-s8": Mixed(

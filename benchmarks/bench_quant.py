@@ -34,6 +34,8 @@ for setting, (bits, group, sym) in SETTINGS.items():
         name, _, base = method.partition("-")
         flags = ["--method", name, "--bits", str(bits), "--group-size", str(group)]
         flags += ["--base", base] if base else []
+        # rows with a GPTQ step were measured before the weighted grid became the default
+        flags += ["--no-weighted-grid"] if "gptq" in method else []
         ROWS[f"{method}-{setting}"] = flags + (["--sym"] if sym else ["--asym"])
 ROWS["nf4-b64"] = ["--method", "nf4", "--group-size", "64"]
 # Asymmetric calibration (GPTQ --float-targets 0.25, GPTAQ's strength) and bf16 calibration forwards
@@ -50,9 +52,18 @@ for _row in ("gptq-4b-g64", "gptq-3b-g32", "gptq-4b-g32-sym", "gptq-ft-3b-g32"):
 for _row in ("awq-gptq-ft-3b-g32", "awq-gptq-ft-4b-g32-sym"):
     ROWS[_row.replace("-ft-", "-ts-ft-")] = [*ROWS[_row], *TS]
 # GPTQ's group clipping search weighted by diag H (importance-matrix style)
-WG = ["--weighted-grid"]
-for _row in ("gptq-3b-g32", "gptq-4b-g32-sym", "awq-gptq-ft-3b-g32", "awq-gptq-ft-4b-g32-sym"):
-    ROWS[_row.replace("gptq-", "gptq-wg-", 1)] = [*ROWS[_row], *WG]
+WG, NWG = ["--weighted-grid"], ["--no-weighted-grid"]
+for _row in (
+    "gptq-4b-g64",
+    "gptq-3b-g32",
+    "gptq-4b-g32-sym",
+    "gptq-ft-3b-g32",
+    "gptq-ft-4b-g64",
+    "awq-gptq-ft-3b-g32",
+    "awq-gptq-ft-4b-g32-sym",
+):
+    ROWS[_row.replace("gptq-", "gptq-wg-", 1)] = [f for f in ROWS[_row] if f not in NWG] + WG
+ROWS["gptq-wg-ft-4b-g32-sym"] = [*ROWS["gptq-wg-4b-g32-sym"], *FT]
 # AWQ+RTN at 4-bit per channel without its clipping search (the row that loses to RTN on ppl)
 ROWS["awq-rtn-4b-pc-noclip"] = [*ROWS["awq-rtn-4b-pc"], "--no-clip"]
 # Other calibration samples (seeds 1, 2) of the rows closest to the targets: GPTQ's result

@@ -199,9 +199,11 @@ def quantize(
         bool,
         typer.Option(
             help="GPTQ (also as AWQ's base): weigh each column's error in the group clipping "
-            "search by its inputs' mean square (diag H), as an importance matrix does."
+            "search by its inputs' mean square (diag H), as an importance matrix does "
+            "(smollm2-135m 4-bit g64: 1.17x -> 1.12x FP32 perplexity). With AWQ, whose own "
+            "clipping search runs first, it helped at 4 bits and hurt at 3.",
         ),
-    ] = False,
+    ] = True,
     clip: Annotated[
         bool, typer.Option(help="AWQ: search each group's clipping range on calibration inputs.")
     ] = True,

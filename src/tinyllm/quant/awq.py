@@ -134,17 +134,16 @@ def _feeds(
     block: nn.Module, prev: str, consumers: list[str], x0: torch.Tensor, kwargs: dict
 ) -> bool:
     """Whether `prev`'s output is exactly the tensor its consumers receive (checked on a batch)."""
-    seen: dict[str, int] = {}
-    out_ptr: list[int] = []
-    h = block.get_submodule(prev).register_forward_hook(
-        lambda m, a, o: out_ptr.append(o.data_ptr())
-    )
+    seen: dict[str, torch.Tensor] = {}
+    outs: list[torch.Tensor] = []  # held, so no other tensor can take their memory meanwhile
+    h = block.get_submodule(prev).register_forward_hook(lambda m, a, o: outs.append(o))
     try:
-        with input_hooks(block, consumers, lambda n, x: seen.setdefault(n, x.data_ptr())):
+        with input_hooks(block, consumers, lambda n, x: seen.setdefault(n, x)):
             block(x0, **kwargs)
     finally:
         h.remove()
-    return bool(out_ptr) and all(seen.get(c) in out_ptr for c in consumers)
+    ptrs = {o.data_ptr() for o in outs}
+    return bool(outs) and all(c in seen and seen[c].data_ptr() in ptrs for c in consumers)
 
 
 def _groups_for(model: nn.Module, block: nn.Module) -> list[tuple[str, list[str]]]:
