@@ -758,7 +758,11 @@ def distill(
         "enwiki"
     ),
     teacher_cache: Annotated[
-        bool, typer.Option(help="Cache the teacher's top-k logits on disk (forward KD only).")
+        bool,
+        typer.Option(
+            help="Cache the teacher's top-k logits and the mass outside them on disk; KD then "
+            "runs over the k tokens plus 'any other' (forward KD only)."
+        ),
     ] = False,
     topk: Annotated[int, typer.Option(help="Logits kept per position by --teacher-cache.")] = 64,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: never).")] = 100,

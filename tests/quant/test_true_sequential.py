@@ -118,3 +118,22 @@ def test_true_sequential_on_a_tiny_model(cfg):
     with torch.no_grad():
         got = model(x).logits
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
+
+
+def test_shared_inputs_are_recognised_without_address_reuse():
+    """Layers reading the same tensor share one Hessian; a tensor freed in between cannot hand
+    its memory (and so its address) to the next layer's input, because the accumulator holds
+    the last input it compares against."""
+    import gc
+    import weakref
+
+    acc = HessianAccumulator()
+    x = torch.randn(64, 8)
+    alive = weakref.ref(x)
+    acc.add("q", x)
+    acc.add("k", x)  # same tensor: shares q's Hessian
+    del x
+    gc.collect()
+    assert alive() is not None  # still held: its address cannot be reused
+    acc.add("o", torch.randn(64, 8))
+    assert acc.alias == {"k": "q"} and set(acc.H) == {"q", "o"}
