@@ -68,7 +68,13 @@ ROWS["gptq-wg-ft-4b-g32-sym"] = [*ROWS["gptq-wg-4b-g32-sym"], *FT]
 ROWS["awq-rtn-4b-pc-noclip"] = [*ROWS["awq-rtn-4b-pc"], "--no-clip"]
 # Other calibration samples (seeds 1, 2) of the rows closest to the targets: GPTQ's result
 # moves by a few percent between runs, so one draw cannot settle a target that close.
-for _row in ("awq-gptq-ft-3b-g32", "awq-gptq-ft-4b-g32-sym", "gptq-wg-ft-3b-g32", "gptq-wg-4b-g64"):
+for _row in (
+    "awq-gptq-ft-3b-g32",
+    "awq-gptq-ft-4b-g32-sym",
+    "gptq-wg-ft-3b-g32",
+    "gptq-wg-4b-g64",
+    "gptq-wg-ft-4b-g32-sym",
+):
     for _seed in (1, 2):
         ROWS[f"{_row}-seed{_seed}"] = [*ROWS[_row], "--seed", str(_seed)]
 
