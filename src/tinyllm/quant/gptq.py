@@ -287,7 +287,8 @@ def gptq_block(
     entry). With cfg.true_sequential the layers go in stages (q/k/v, o, gate/up, down), each
     observed with the earlier stages quantized."""
     names = [s.local for s in sites]
-    stages = input_stages(block, xs[0][:1], kwargs, names) if cfg.true_sequential else [names]
+    staged = cfg.true_sequential and names  # (a block with nothing to quantize: one empty stage)
+    stages = input_stages(block, xs[0][:1], kwargs, names) if staged else [names]
     if ref is not None and float_block is None and len(stages) > 1:
         float_block = copy.deepcopy(block)  # the stages below quantize `block` in place
     by_local = {s.local: s for s in sites}
