@@ -30,6 +30,7 @@ OUT = HERE / "results" / "distill_smollm2.json"
 WORK = HERE / "work" / "distill"
 GPTQ3 = HERE / "work" / "quant" / "gptq-3b-g32"
 AWQ_FT4 = HERE / "work" / "quant" / "awq-gptq-ft-4b-g32-sym"  # bench_quant.py row
+RF4 = HERE / "work" / "quant" / "gptq-wg-rf2-ft-4b-g32-sym"  # bench_quant.py row (session 12)
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 ABLATION_STEPS, MAIN_STEPS, QAT_STEPS = 80, 130, 60
 # QAT at 1e-5 left the latent weights within half a grid step (nothing re-rounds) and, with
@@ -90,6 +91,11 @@ ROWS: dict[str, list[str]] = {
     "qat-scales-kd-tail-awq-gptq-ft-4b-g32-sym": qat(AWQ_FT4, "1e-3", "--train", "scales"),
     "qat-scales-kdtask-tail-awq-gptq-ft-4b-g32-sym": qat(
         AWQ_FT4, "1e-3", "--train", "scales", "--beta", "1"
+    ),
+    # Session 12: KD-only (fidelity-improving) scales QAT, four times as long at twice the lr, on
+    # the lowest-KLD PTQ Q4_0 grid (GPTQ, weighted grid, float targets, two scale refits)
+    "qat-scales-kd-long-gptq-wg-rf2-ft-4b-g32-sym": qat(
+        RF4, "2e-3", "--train", "scales", steps=240
     ),
 }
 

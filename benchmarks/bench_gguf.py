@@ -42,6 +42,13 @@ OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same
         ["--method", "awq", "--base", "gptq", "--no-weighted-grid", "--float-targets", "0.25"],
         "awq-gptq-ft-4b-g32-sym",
     ),
+    # session 12: GPTQ with the weighted grid (default) and float targets, then with two rounds
+    # of least-squares scale refitting
+    "gptq-wg-ft-q4_0": (["--method", "gptq", "--float-targets", "0.25"], "gptq-wg-ft-4b-g32-sym"),
+    "gptq-wg-rf2-ft-q4_0": (
+        ["--method", "gptq", "--float-targets", "0.25", "--refit-scales", "2"],
+        "gptq-wg-rf2-ft-4b-g32-sym",
+    ),
 }
 LLAMA = {  # row -> (llama-quantize type, with imatrix)
     "llama-q4_0": ("Q4_0", False),
@@ -55,6 +62,7 @@ QAT = {  # row -> bench_distill.py row whose model/ is exported
     "qat-scales-kdtask-awq-gptq-q4_0": "qat-scales-kdtask-awq-gptq-4b-g32-sym",
     "qat-scales-kd-tail-awq-gptq-ft-q4_0": "qat-scales-kd-tail-awq-gptq-ft-4b-g32-sym",
     "qat-scales-kdtask-tail-awq-gptq-ft-q4_0": "qat-scales-kdtask-tail-awq-gptq-ft-4b-g32-sym",
+    "qat-scales-kd-long-gptq-wg-rf2-ft-q4_0": "qat-scales-kd-long-gptq-wg-rf2-ft-4b-g32-sym",
 }
 ROWS = ["f16", *LLAMA, *OURS, *QAT]
 

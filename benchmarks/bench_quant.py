@@ -77,6 +77,13 @@ for _row in (
 ):
     for _seed in (1, 2):
         ROWS[f"{_row}-seed{_seed}"] = [*ROWS[_row], "--seed", str(_seed)]
+# Least-squares refit of the group scales (codes fixed), 2 rounds (--refit-scales 2)
+RF = ["--refit-scales", "2"]
+for _row in ("gptq-wg-ft-4b-g32-sym", "gptq-wg-4b-g64", "gptq-wg-ft-3b-g32", "gptq-wg-4b-g32-sym"):
+    ROWS[_row.replace("-wg-", "-wg-rf2-", 1)] = [*ROWS[_row], *RF]
+for _row in ("gptq-wg-rf2-ft-4b-g32-sym", "gptq-wg-rf2-4b-g64", "gptq-wg-rf2-ft-3b-g32"):
+    for _seed in (1, 2):
+        ROWS[f"{_row}-seed{_seed}"] = [*ROWS[_row], "--seed", str(_seed)]
 
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:

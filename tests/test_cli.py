@@ -148,6 +148,8 @@ def test_quantize_then_eval(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
         "0.25",
         "--true-sequential",
         "--weighted-grid",
+        "--refit-scales",
+        "2",
         "-o",
         str(out),
     )
@@ -156,6 +158,7 @@ def test_quantize_then_eval(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
     assert meta["steps"][0]["type"] == "gptq" and meta["steps"][0]["group_size"] == 32
     assert meta["steps"][0]["float_targets"] == 0.25
     assert meta["steps"][0]["true_sequential"] and meta["steps"][0]["weighted_grid"]
+    assert meta["steps"][0]["refit_scales"] == 2
     assert meta["calibration"]["samples"] == 4 and meta["calibration"]["dtype"] == "bfloat16"
     assert len(json.loads((out / "layer_errors.json").read_text())) == 14
     p = run("eval", str(out), "--corpus", str(corpus_file), "--seq-len", "16", "--windows", "2")
@@ -173,6 +176,7 @@ def test_quantize_then_eval(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
         (["--method", "nope"], "unknown method"),
         (["--method", "gptq", "--calib-dtype", "fp8"], "--calib-dtype must be one of"),
         (["--method", "gptq", "--float-targets", "2"], "float_targets"),
+        (["--method", "gptq", "--refit-scales", "9"], "--refit-scales"),
     ],
 )
 def test_quantize_bad_settings(tiny_dir: Path, tmp_path: Path, args, message):

@@ -204,6 +204,16 @@ def quantize(
             "clipping search runs first, it helped at 4 bits and hurt at 3.",
         ),
     ] = True,
+    refit_scales: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=8,
+            help="GPTQ (also as AWQ's base): rounds of least-squares refitting of each row's "
+            "group scales on the layer's output error, codes fixed; each round after the first "
+            "reruns the column loop on the refitted grids first. 0 = off.",
+        ),
+    ] = 0,
     clip: Annotated[
         bool, typer.Option(help="AWQ: search each group's clipping range on calibration inputs.")
     ] = True,
@@ -344,6 +354,7 @@ def quantize(
         float_targets=float_targets,
         true_sequential=true_sequential,
         weighted_grid=weighted_grid,
+        refit_scales=refit_scales,
     )
     options.update(
         observer=observer,

@@ -4,6 +4,7 @@ error onto the columns not yet quantized through the inverse Hessian of the laye
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -49,6 +50,11 @@ class GPTQ(WeightQuant):
     # quantizes a block's layers on inputs that passed through its quantized predecessors).
     # Costs partial block forwards per stage (about a third more forward work).
     true_sequential: bool = False
+    # Rounds of scale refitting after the column loop: each refits every row's group scales,
+    # codes fixed, by least squares on the layer's output error (w - A s)^T H (w - A s) (GPTQ
+    # fixes a group's scale before its columns are reached and never revisits it); a further
+    # round reruns the column loop on the refitted grids, then refits again. 0 = off.
+    refit_scales: int = Field(0, ge=0, le=8)
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
@@ -146,6 +152,10 @@ def gptq_quantize_stack(
     if C is not None and cfg.float_targets > 0 and kept_positions(W) is None:
         W = float_target(W, H, C.float(), cfg.damp, cfg.float_targets)
     qw = _gptq(W, H, cfg, name)
+    for k in range(cfg.refit_scales):
+        if k > 0:  # codes again, on the refitted grids
+            qw = _gptq(W, H, cfg, name, grid=(qw.scale, qw.zero))
+        qw = refit_scales(qw, W, H)
     sizes = [w.shape[0] for w in Ws]
     parts = [qw] if len(Ws) == 1 else qw.split_rows(sizes)
     return [
@@ -153,19 +163,27 @@ def gptq_quantize_stack(
     ]
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str) -> QuantizedWeight:
-    """The column loop on a prepared weight and Hessian (neither is modified)."""
+def _gptq(
+    W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str, grid: tuple | None = None
+) -> QuantizedWeight:
+    """The column loop on a prepared weight and Hessian (neither is modified). `grid` (scale,
+    zero) [rows, groups], in the codes' stored group order, fixes every group's grid instead of
+    searching it (refit rounds)."""
     rows, cols = W.shape
     g = cols if cfg.group_size == -1 else cfg.group_size
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
     static = cfg.static_groups or cfg.group_size == -1
-    if static:  # grids from the original weights, in original column order
+    search = grid is None and not static  # grids from the updated weights as groups are reached
+    if grid is not None:
+        scale, zero = grid[0].float(), grid[1].float()
+    elif static:  # grids from the original weights, in original column order
         scale, zero = group_qparams(W, cfg.bits, cfg.group_size, cfg.sym, **_grid_search(cfg, H))
-        scale = scale.half().float()
-        col_scale, col_zero = scale[:, perm // g], zero[:, perm // g]  # processing order
     else:
         scale, zero = torch.zeros(rows, cols // g), torch.zeros(rows, cols // g)
-        col_scale, col_zero = torch.zeros(rows, cols), torch.zeros(rows, cols)
+    scale = scale.half().float()
+    # per column, in processing order (dynamic groups are stored in processing order)
+    group_of = perm // g if static else torch.arange(cols) // g
+    col_scale, col_zero = scale[:, group_of], zero[:, group_of]
     W, H = W[:, perm], H[perm][:, perm]
     keep = kept_positions(W)  # a pruned model stays pruned: zeros are quantized to exact zeros
     U = inverse_cholesky(H, cfg.damp, name)
@@ -176,7 +194,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str) -> QuantizedWe
         W1, Err1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
         for i in range(i2 - i1):
             col = i1 + i
-            if not static and col % g == 0:  # grid from the current, updated weights
+            if search and col % g == 0:  # grid from the current, updated weights
                 window = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
                 scale[:, col // g], zero[:, col // g] = _group_grid(window, cfg, H, col)
                 col_scale[:, col : col + g] = scale[:, col // g, None]
@@ -208,6 +226,31 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, name: str) -> QuantizedWe
             perm=perm if cfg.act_order else None,
         )
     return qw
+
+
+def refit_scales(
+    qw: QuantizedWeight, W: torch.Tensor, H: torch.Tensor, ridge: float = 1e-4
+) -> QuantizedWeight:
+    """Least-squares group scales for fixed codes: per row r, with c = code - zero and A_r the
+    [in, groups] matrix holding c in each group's own column, minimise (w_r - A_r s)^T H
+    (w_r - A_r s) + lam ||s - s_old||^2, i.e. solve (A^T H A + lam I) s = A^T H w + lam s_old.
+    The small ridge (lam = ridge * mean diagonal of A^T H A) keeps a group whose codes are all
+    at the zero point at its old scale. Scales stay fp16, as stored."""
+    rows, cols = qw.shape
+    g = qw.effective_group
+    G = cols // g
+    if qw.perm is not None:  # codes in stored order: bring target and Hessian into that order
+        W, H = W[:, qw.perm], H[qw.perm][:, qw.perm]
+    c = (qw.codes().float() - qw.zero.float().repeat_interleave(g, dim=1)).reshape(rows, G, g)
+    H4 = H.reshape(G, g, G, g)
+    M = torch.einsum("rai,aibj,rbj->rab", c, H4, c)  # A^T H A per row [rows, G, G]
+    b = ((W @ H).reshape(rows, G, g) * c).sum(-1)  # A^T H w [rows, G]
+    old = qw.scale.float()
+    lam = ridge * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [rows]
+    M.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+    s = torch.linalg.solve(M, b + lam[:, None] * old)
+    s = torch.where(torch.isfinite(s), s, old).half()
+    return dataclasses.replace(qw, scale=s.contiguous())
 
 
 def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
