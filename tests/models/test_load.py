@@ -20,6 +20,22 @@ def test_hf_dir_round_trip(tiny_dir: Path):
         assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_loaded_weights_do_not_map_the_file(tiny_dir: Path):
+    """A loaded model owns its weights: no tensor is a view of the safetensors file mapping
+    (whose pages would stay resident while compression replaces the weights), ties kept."""
+    model, _ = tinyllm.load(tiny_dir)
+    weights = str((tiny_dir / "model.safetensors").resolve())
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    assert not any(line.rstrip().endswith(weights) for line in maps)
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    x = torch.randint(0, 50, (1, 8))
+    back, _ = tinyllm.load(tiny_dir)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, back(x).logits)
+
+
 def test_missing_path_names_the_registered_models():
     with pytest.raises(ModelNotFoundError, match="smollm2-135m"):
         resolve("/no/such/model")
