@@ -66,6 +66,8 @@ for _row in (
 ROWS["gptq-wg-ft-4b-g32-sym"] = [*ROWS["gptq-wg-4b-g32-sym"], *FT]
 # AWQ+RTN at 4-bit per channel without its clipping search (the row that loses to RTN on ppl)
 ROWS["awq-rtn-4b-pc-noclip"] = [*ROWS["awq-rtn-4b-pc"], "--no-clip"]
+# ... and with AWQ's clipping but without the base's own (unweighted) clipping search after it
+ROWS["awq-rtn-4b-pc-nomse"] = [*ROWS["awq-rtn-4b-pc"], "--no-mse"]
 # Other calibration samples (seeds 1, 2) of the rows closest to the issue's targets: GPTQ's result
 # moves by a few percent between runs, so one draw cannot settle a target that close.
 for _row in (
@@ -84,6 +86,16 @@ for _row in ("gptq-wg-ft-4b-g32-sym", "gptq-wg-4b-g64", "gptq-wg-ft-3b-g32", "gp
 for _row in ("gptq-wg-rf2-ft-4b-g32-sym", "gptq-wg-rf2-4b-g64", "gptq-wg-rf2-ft-3b-g32"):
     for _seed in (1, 2):
         ROWS[f"{_row}-seed{_seed}"] = [*ROWS[_row], "--seed", str(_seed)]
+# The same flags again after loading stopped leaving the weights mapped from the safetensors file
+# (session 12; compare peak RSS with gptq-wg-4b-g64 and its seed rows)
+ROWS["gptq-wg-4b-g64-rerun"] = list(ROWS["gptq-wg-4b-g64"])
+# Twice the calibration windows (256 x 512) and a stronger float-target step at 4-bit g32 sym
+ROWS["gptq-wg-rf2-ft-4b-g32-sym-256"] = [*ROWS["gptq-wg-rf2-ft-4b-g32-sym"], "--samples", "256"]
+ROWS["gptq-wg-rf2-ft50-4b-g32-sym"] = [
+    *ROWS["gptq-wg-rf2-4b-g32-sym"],
+    "--float-targets",
+    "0.5",
+]
 
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:
@@ -92,7 +104,15 @@ def run_row(name: str, flags: list[str], samples: int) -> dict:
     if flags:
         out = KEEP / name  # kept: bench_gguf.py exports the Q4_0-grid ones
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [*CLI, "quantize", "smollm2-135m", *flags, "--samples", str(samples), "-o", str(out)]
+        own = "--samples" in flags  # a row that sets its own calibration size keeps it
+        cmd = [
+            *CLI,
+            "quantize",
+            "smollm2-135m",
+            *flags,
+            *([] if own else ["--samples", str(samples)]),
+        ]
+        cmd += ["-o", str(out)]
         subprocess.run(cmd, check=True)
         meta = json.loads((out / "tinyllm.json").read_text())
         target = str(out)
@@ -104,7 +124,9 @@ def run_row(name: str, flags: list[str], samples: int) -> dict:
         "quant_seconds": meta.get("seconds"),
         "quant_peak_rss_bytes": meta.get("peak_rss_bytes"),
         "weights_bytes_on_disk": size,
-        "samples": samples if flags else None,
+        "samples": (int(flags[flags.index("--samples") + 1]) if "--samples" in flags else samples)
+        if flags
+        else None,
     }
 
 
