@@ -222,8 +222,8 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
             w = site.module.weight.detach().float()
             if isinstance(base, GPTQ):
                 records[local], errors[site.name] = gptq_quantize(w, H, base, site.name, C)
-            else:
-                records[local] = rtn_quantize(w, base)
+            else:  # after AWQ's own clipping, the clamped range is the grid (see rtn_base)
+                records[local] = rtn_quantize(w, rtn_base(base, cfg.clip))
                 errors[site.name] = relative_weight_error(w, records[local])
         return fake_quant_then_swap(block, records)
 
@@ -236,6 +236,15 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
         block_error_status(by_block, errors),
         reference=isinstance(cfg.base, GPTQ) and cfg.base.float_targets > 0,
     )
+
+
+def rtn_base(base: RTN, clipped: bool) -> RTN:
+    """The RTN that quantizes AWQ's weights. After AWQ's clipping search (which picked each
+    group's range by its share of the output error and clamped the weights to it) the grid is
+    the clamped weights' min/max, as in the AWQ paper: a second, weight-space MSE search would
+    shrink the chosen ranges by an objective that ignores the activations. On smollm2-135m
+    4-bit per channel that second search took AWQ+RTN from 31.2 to 50.1 perplexity."""
+    return base.model_copy(update={"mse": False}) if clipped and base.mse else base
 
 
 def scaled_hessian(H: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor | None:
