@@ -171,7 +171,13 @@ def quantize(
     sym: Annotated[
         bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point).")
     ] = False,
-    mse: Annotated[bool, typer.Option(help="Search each group's clipping range (MSE).")] = True,
+    mse: Annotated[
+        bool,
+        typer.Option(
+            help="Search each group's clipping range (MSE). AWQ with --clip sets the RTN base's "
+            "range by its own output-error search instead."
+        ),
+    ] = True,
     act_order: Annotated[
         bool, typer.Option(help="GPTQ: columns by decreasing Hessian diagonal.")
     ] = True,

@@ -6,7 +6,8 @@ the group's output error after quantization; the linears' weights are multiplied
 preceding op divided by s, so the float model computes the same function. Optionally (`clip`)
 each group's weight range is then shrunk to the factor that minimises that group's share of the
 layer's output error on calibration inputs, and the weights are clamped to it. Then any base
-quantizer (`AWQ(base=RTN(...))` or `AWQ(base=GPTQ(...))`) quantizes the scaled weights.
+quantizer (`AWQ(base=RTN(...))` or `AWQ(base=GPTQ(...))`) quantizes the scaled weights (an RTN
+base on the clamped range, without a second clipping search of its own).
 
 With per-layer widths (Context.layer_bits, set by the mixed-precision step) each layer's clipping
 search and quantization use its own width; a scaling group's scale search uses the narrowest width
