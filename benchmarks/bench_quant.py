@@ -68,6 +68,8 @@ ROWS["gptq-wg-ft-4b-g32-sym"] = [*ROWS["gptq-wg-4b-g32-sym"], *FT]
 ROWS["awq-rtn-4b-pc-noclip"] = [*ROWS["awq-rtn-4b-pc"], "--no-clip"]
 # ... and with AWQ's clipping but without the base's own (unweighted) clipping search after it
 ROWS["awq-rtn-4b-pc-nomse"] = [*ROWS["awq-rtn-4b-pc"], "--no-mse"]
+# (session 12: that rule now holds for an RTN base by default;) the same question for GPTQ's base
+ROWS["awq-gptq-nomse-4b-g32-sym"] = [*ROWS["awq-gptq-4b-g32-sym"], "--no-mse"]
 # Other calibration samples (seeds 1, 2) of the rows closest to the targets: GPTQ's result
 # moves by a few percent between runs, so one draw cannot settle a target that close.
 for _row in (
