@@ -83,21 +83,20 @@ for _row in (
         ROWS[f"{_row}-seed{_seed}"] = [*ROWS[_row], "--seed", str(_seed)]
 # Least-squares refit of the group scales (codes fixed), 2 rounds (--refit-scales 2)
 RF = ["--refit-scales", "2"]
-for _row in ("gptq-wg-ft-4b-g32-sym", "gptq-wg-4b-g64", "gptq-wg-ft-3b-g32", "gptq-wg-4b-g32-sym"):
+for _row in ("gptq-wg-ft-4b-g32-sym", "gptq-wg-4b-g64"):
     ROWS[_row.replace("-wg-", "-wg-rf2-", 1)] = [*ROWS[_row], *RF]
-for _row in ("gptq-wg-rf2-ft-4b-g32-sym", "gptq-wg-rf2-4b-g64", "gptq-wg-rf2-ft-3b-g32"):
-    for _seed in (1, 2):
-        ROWS[f"{_row}-seed{_seed}"] = [*ROWS[_row], "--seed", str(_seed)]
+for _seed in (1, 2):
+    ROWS[f"gptq-wg-rf2-ft-4b-g32-sym-seed{_seed}"] = [
+        *ROWS["gptq-wg-rf2-ft-4b-g32-sym"],
+        "--seed",
+        str(_seed),
+    ]
 # The same flags again after loading stopped leaving the weights mapped from the safetensors file
 # (session 12; compare peak RSS with gptq-wg-4b-g64 and its seed rows)
 ROWS["gptq-wg-4b-g64-rerun"] = list(ROWS["gptq-wg-4b-g64"])
 # Twice the calibration windows (256 x 512) and a stronger float-target step at 4-bit g32 sym
 ROWS["gptq-wg-rf2-ft-4b-g32-sym-256"] = [*ROWS["gptq-wg-rf2-ft-4b-g32-sym"], "--samples", "256"]
-ROWS["gptq-wg-rf2-ft50-4b-g32-sym"] = [
-    *ROWS["gptq-wg-rf2-4b-g32-sym"],
-    "--float-targets",
-    "0.5",
-]
+ROWS["gptq-wg-rf2-ft50-4b-g32-sym"] = [*ROWS["gptq-wg-4b-g32-sym"], *RF, "--float-targets", "0.5"]
 
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:
@@ -106,15 +105,9 @@ def run_row(name: str, flags: list[str], samples: int) -> dict:
     if flags:
         out = KEEP / name  # kept: bench_gguf.py exports the Q4_0-grid ones
         shutil.rmtree(out, ignore_errors=True)
-        own = "--samples" in flags  # a row that sets its own calibration size keeps it
-        cmd = [
-            *CLI,
-            "quantize",
-            "smollm2-135m",
-            *flags,
-            *([] if own else ["--samples", str(samples)]),
-        ]
-        cmd += ["-o", str(out)]
+        if "--samples" in flags:  # a row that sets its own calibration size keeps it
+            samples = int(flags[flags.index("--samples") + 1])
+        cmd = [*CLI, "quantize", "smollm2-135m", *flags, "--samples", str(samples), "-o", str(out)]
         subprocess.run(cmd, check=True)
         meta = json.loads((out / "tinyllm.json").read_text())
         target = str(out)
@@ -126,9 +119,7 @@ def run_row(name: str, flags: list[str], samples: int) -> dict:
         "quant_seconds": meta.get("seconds"),
         "quant_peak_rss_bytes": meta.get("peak_rss_bytes"),
         "weights_bytes_on_disk": size,
-        "samples": (int(flags[flags.index("--samples") + 1]) if "--samples" in flags else samples)
-        if flags
-        else None,
+        "samples": samples if flags else None,
     }
 
 

@@ -228,6 +228,9 @@ def _gptq(
     return qw
 
 
+REFIT_CHUNK_FLOATS = 1 << 25  # bound on the einsum intermediate (128 MiB) of refit_scales
+
+
 def refit_scales(
     qw: QuantizedWeight, W: torch.Tensor, H: torch.Tensor, ridge: float = 1e-4
 ) -> QuantizedWeight:
@@ -235,7 +238,8 @@ def refit_scales(
     [in, groups] matrix holding c in each group's own column, minimise (w_r - A_r s)^T H
     (w_r - A_r s) + lam ||s - s_old||^2, i.e. solve (A^T H A + lam I) s = A^T H w + lam s_old.
     The small ridge (lam = ridge * mean diagonal of A^T H A) keeps a group whose codes are all
-    at the zero point at its old scale. Scales stay fp16, as stored."""
+    at the zero point at its old scale. Rows go in chunks, so memory stays bounded on wide
+    layers. Scales stay fp16, as stored."""
     rows, cols = qw.shape
     g = qw.effective_group
     G = cols // g
@@ -243,12 +247,16 @@ def refit_scales(
         W, H = W[:, qw.perm], H[qw.perm][:, qw.perm]
     c = (qw.codes().float() - qw.zero.float().repeat_interleave(g, dim=1)).reshape(rows, G, g)
     H4 = H.reshape(G, g, G, g)
-    M = torch.einsum("rai,aibj,rbj->rab", c, H4, c)  # A^T H A per row [rows, G, G]
     b = ((W @ H).reshape(rows, G, g) * c).sum(-1)  # A^T H w [rows, G]
     old = qw.scale.float()
-    lam = ridge * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [rows]
-    M.diagonal(dim1=1, dim2=2).add_(lam[:, None])
-    s = torch.linalg.solve(M, b + lam[:, None] * old)
+    s = torch.empty_like(old)
+    step = max(1, REFIT_CHUNK_FLOATS // (G * G * g))
+    for r0 in range(0, rows, step):
+        r = slice(r0, r0 + step)
+        M = torch.einsum("rai,aibj,rbj->rab", c[r], H4, c[r])  # A^T H A per row [rows, G, G]
+        lam = ridge * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [rows]
+        M.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+        s[r] = torch.linalg.solve(M, b[r] + lam[:, None] * old[r])
     s = torch.where(torch.isfinite(s), s, old).half()
     return dataclasses.replace(qw, scale=s.contiguous())
 
