@@ -31,6 +31,7 @@ WORK = HERE / "work" / "distill"
 GPTQ3 = HERE / "work" / "quant" / "gptq-3b-g32"
 AWQ_FT4 = HERE / "work" / "quant" / "awq-gptq-ft-4b-g32-sym"  # bench_quant.py row
 RF4 = HERE / "work" / "quant" / "gptq-wg-rf2-ft-4b-g32-sym"  # bench_quant.py row (session 12)
+AWQ_RF4 = HERE / "work" / "quant" / "awq-gptq-nomse-rf2-ft-4b-g32-sym"  # (session 13)
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 ABLATION_STEPS, MAIN_STEPS, QAT_STEPS = 80, 130, 60
 # QAT at 1e-5 left the latent weights within half a grid step (nothing re-rounds) and, with
@@ -96,6 +97,11 @@ ROWS: dict[str, list[str]] = {
     # the lowest-KLD PTQ Q4_0 grid (GPTQ, weighted grid, float targets, two scale refits)
     "qat-scales-kd-long-gptq-wg-rf2-ft-4b-g32-sym": qat(
         RF4, "2e-3", "--train", "scales", steps=240
+    ),
+    # Session 13: the same KD-only scales QAT for 400 steps on the lowest-perplexity PTQ Q4_0 grid
+    # (AWQ+GPTQ on AWQ's clamped range, float targets, two scale refits)
+    "qat-scales-kd-400-awq-gptq-nomse-rf2-ft-4b-g32-sym": qat(
+        AWQ_RF4, "2e-3", "--train", "scales", steps=400
     ),
 }
 

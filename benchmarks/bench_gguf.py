@@ -31,15 +31,16 @@ OUT = ROOT / "results" / "gguf_smollm2.json"
 WORK = ROOT / "work" / "gguf"
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 MODEL = "smollm2-135m"
+AWQ_GPTQ = ["--method", "awq", "--base", "gptq", "--no-weighted-grid"]
 OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same checkpoint)
     "rtn-q4_0": (["--method", "rtn"], "rtn-4b-g32-sym"),
     "gptq-q4_0": (["--method", "gptq", "--no-weighted-grid"], "gptq-4b-g32-sym"),
     "awq-gptq-q4_0": (
-        ["--method", "awq", "--base", "gptq", "--no-weighted-grid"],
+        ["--method", "awq", "--base", "gptq", "--no-weighted-grid", "--base-search"],
         "awq-gptq-4b-g32-sym",
     ),
     "awq-gptq-ft-q4_0": (
-        ["--method", "awq", "--base", "gptq", "--no-weighted-grid", "--float-targets", "0.25"],
+        [*AWQ_GPTQ, "--base-search", "--float-targets", "0.25"],
         "awq-gptq-ft-4b-g32-sym",
     ),
     # session 12: GPTQ with the weighted grid (default) and float targets, then with two rounds
@@ -48,6 +49,11 @@ OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same
     "gptq-wg-rf2-ft-q4_0": (
         ["--method", "gptq", "--float-targets", "0.25", "--refit-scales", "2"],
         "gptq-wg-rf2-ft-4b-g32-sym",
+    ),
+    # session 13: AWQ+GPTQ on AWQ's clamped range (the default since), float targets, 2 refits
+    "awq-gptq-rf2-ft-q4_0": (
+        [*AWQ_GPTQ, "--no-mse", "--float-targets", "0.25", "--refit-scales", "2"],
+        "awq-gptq-nomse-rf2-ft-4b-g32-sym",
     ),
 }
 LLAMA = {  # row -> (llama-quantize type, with imatrix)
@@ -63,6 +69,7 @@ QAT = {  # row -> bench_distill.py row whose model/ is exported
     "qat-scales-kd-tail-awq-gptq-ft-q4_0": "qat-scales-kd-tail-awq-gptq-ft-4b-g32-sym",
     "qat-scales-kdtask-tail-awq-gptq-ft-q4_0": "qat-scales-kdtask-tail-awq-gptq-ft-4b-g32-sym",
     "qat-scales-kd-long-gptq-wg-rf2-ft-q4_0": "qat-scales-kd-long-gptq-wg-rf2-ft-4b-g32-sym",
+    "qat-scales-kd-400-awq-gptq-rf2-ft-q4_0": "qat-scales-kd-400-awq-gptq-nomse-rf2-ft-4b-g32-sym",
 }
 ROWS = ["f16", *LLAMA, *OURS, *QAT]
 

@@ -34,8 +34,10 @@ for setting, (bits, group, sym) in SETTINGS.items():
         name, _, base = method.partition("-")
         flags = ["--method", name, "--bits", str(bits), "--group-size", str(group)]
         flags += ["--base", base] if base else []
-        # rows with a GPTQ step were measured before the weighted grid became the default
+        # rows with a GPTQ step were measured before the weighted grid became the default, and
+        # AWQ+GPTQ rows before GPTQ took AWQ's clamped range as its grid (session 13)
         flags += ["--no-weighted-grid"] if "gptq" in method else []
+        flags += ["--base-search"] if method == "awq-gptq" else []
         ROWS[f"{method}-{setting}"] = flags + (["--sym"] if sym else ["--asym"])
 ROWS["nf4-b64"] = ["--method", "nf4", "--group-size", "64"]
 # Asymmetric calibration (GPTQ --float-targets 0.25, GPTAQ's strength) and bf16 calibration forwards
@@ -69,7 +71,10 @@ ROWS["awq-rtn-4b-pc-noclip"] = [*ROWS["awq-rtn-4b-pc"], "--no-clip"]
 # ... and with AWQ's clipping but without the base's own (unweighted) clipping search after it
 ROWS["awq-rtn-4b-pc-nomse"] = [*ROWS["awq-rtn-4b-pc"], "--no-mse"]
 # (session 12: that rule now holds for an RTN base by default;) the same question for GPTQ's base
-ROWS["awq-gptq-nomse-4b-g32-sym"] = [*ROWS["awq-gptq-4b-g32-sym"], "--no-mse"]
+ROWS["awq-gptq-nomse-4b-g32-sym"] = [
+    *[f for f in ROWS["awq-gptq-4b-g32-sym"] if f != "--base-search"],
+    "--no-mse",
+]
 # Other calibration samples (seeds 1, 2) of the rows closest to the issue's targets: GPTQ's result
 # moves by a few percent between runs, so one draw cannot settle a target that close.
 for _row in (
@@ -97,6 +102,22 @@ ROWS["gptq-wg-4b-g64-rerun"] = list(ROWS["gptq-wg-4b-g64"])
 # Twice the calibration windows (256 x 512) and a stronger float-target step at 4-bit g32 sym
 ROWS["gptq-wg-rf2-ft-4b-g32-sym-256"] = [*ROWS["gptq-wg-rf2-ft-4b-g32-sym"], "--samples", "256"]
 ROWS["gptq-wg-rf2-ft50-4b-g32-sym"] = [*ROWS["gptq-wg-4b-g32-sym"], *RF, "--float-targets", "0.5"]
+
+# Session 13: AWQ+GPTQ with GPTQ's grid taken from AWQ's clamped range (--no-mse: the static group
+# grids are the clamped weights' min/max, no second, activation-blind clipping search), with float
+# targets, and with two scale refits, on three calibration draws
+NOMSE_FT = [f for f in ROWS["awq-gptq-ft-4b-g32-sym"] if f != "--base-search"] + ["--no-mse"]
+for _seed in (0, 1, 2):
+    _tail = ["--seed", str(_seed)] if _seed else []
+    _sfx = f"-seed{_seed}" if _seed else ""
+    ROWS[f"awq-gptq-nomse-ft-4b-g32-sym{_sfx}"] = [*NOMSE_FT, *_tail]
+    ROWS[f"awq-gptq-nomse-rf2-ft-4b-g32-sym{_sfx}"] = [*NOMSE_FT, *RF, *_tail]
+
+# ... and the table's other AWQ+GPTQ settings with that default (no --base-search)
+for _setting in ("4b-g64", "3b-g32", "4b-pc", "8b-pc"):
+    ROWS[f"awq-gptq-clamped-{_setting}"] = [
+        f for f in ROWS[f"awq-gptq-{_setting}"] if f != "--base-search"
+    ]
 
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:

@@ -174,8 +174,8 @@ def quantize(
     mse: Annotated[
         bool,
         typer.Option(
-            help="Search each group's clipping range (MSE). AWQ with --clip sets the RTN base's "
-            "range by its own output-error search instead."
+            help="Search each group's clipping range (MSE). AWQ with --clip sets its base's "
+            "range by its own output-error search instead (see --base-search)."
         ),
     ] = True,
     act_order: Annotated[
@@ -223,6 +223,13 @@ def quantize(
     clip: Annotated[
         bool, typer.Option(help="AWQ: search each group's clipping range on calibration inputs.")
     ] = True,
+    base_search: Annotated[
+        bool,
+        typer.Option(
+            help="AWQ with --clip: let the base (RTN or GPTQ) run its own weight-space clipping "
+            "search (--mse) after AWQ's; off: AWQ's clamped range is the grid, as in the paper."
+        ),
+    ] = False,
     gguf_compatible: Annotated[
         str | None,
         typer.Option(
@@ -376,9 +383,11 @@ def quantize(
     if method == "awq":
         if base not in ("rtn", "gptq"):
             raise ConfigError(f"--base must be rtn or gptq, got '{base}'")
-        cfg = classes["awq"](base=_make_step(classes[base], base, **options), clip=clip)
+        base_cfg = _make_step(classes[base], base, **options)
+        cfg = classes["awq"](base=base_cfg, clip=clip, base_search=base_search)
     elif method == "mixed":
-        cfg = _mixed_step(classes, base, options, clip, avg_bits, size_mb, candidate_bits)
+        awq_opts = {"clip": clip, "base_search": base_search}
+        cfg = _mixed_step(classes, base, options, awq_opts, avg_bits, size_mb, candidate_bits)
     else:
         cfg = _make_step(classes[method], method, **options)
     if float_dtype not in ("float16", "float32"):
@@ -1280,7 +1289,7 @@ def _mixed_step(
     classes: dict,
     base: str,
     options: dict,
-    clip: bool,
+    awq_opts: dict,
     avg_bits: float | None,
     size_mb: float | None,
     candidate_bits: str,
@@ -1294,7 +1303,7 @@ def _mixed_step(
         msg = f"--candidate-bits: comma-separated integers, got '{candidate_bits}'"
         raise ConfigError(msg) from exc
     if base == "awq":
-        base_cfg = classes["awq"](base=_make_step(classes["rtn"], "rtn", **options), clip=clip)
+        base_cfg = classes["awq"](base=_make_step(classes["rtn"], "rtn", **options), **awq_opts)
     else:
         base_cfg = _make_step(classes[base], base, **options)
     return _make_step(

@@ -93,20 +93,28 @@ def test_quant_error_is_the_output_error():
     assert quant_error(D, x.t() @ x / len(x)) == pytest.approx(float(direct), rel=1e-4)
 
 
-def _awq_codes(base: RTN, clip: bool, tokenizer) -> list[torch.Tensor]:
+def _awq_codes(base: RTN | GPTQ, clip: bool, tokenizer, **awq) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = tiny_model(vocab=len(tokenizer))
     calib = torch.randint(0, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(1))
-    quantize(model, AWQ(base=base, clip=clip), calib=calib, batch_size=4)
+    quantize(model, AWQ(base=base, clip=clip, **awq), calib=calib, batch_size=4)
     return [m.qweight.codes() for m in model.modules() if isinstance(m, QuantLinear)]
 
 
-def test_clipped_awq_quantizes_on_the_clamped_range(tokenizer):
-    """After AWQ's clipping search the RTN base uses the clamped weights' min/max grid: asking
-    the base for its own MSE search changes nothing then, and does without AWQ's clipping."""
-    with_search = _awq_codes(RTN(bits=4, group_size=32, mse=True), True, tokenizer)
-    plain = _awq_codes(RTN(bits=4, group_size=32, mse=False), True, tokenizer)
-    assert all(torch.equal(a, b) for a, b in zip(with_search, plain, strict=True))
-    unclipped = _awq_codes(RTN(bits=4, group_size=32, mse=True), False, tokenizer)
-    unclipped_plain = _awq_codes(RTN(bits=4, group_size=32, mse=False), False, tokenizer)
-    assert not all(torch.equal(a, b) for a, b in zip(unclipped, unclipped_plain, strict=True))
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("kind", [RTN, GPTQ])
+def test_clipped_awq_quantizes_on_the_clamped_range(kind, tokenizer):
+    """After AWQ's clipping search the base (RTN, or GPTQ with static groups) uses the clamped
+    weights' min/max grid: asking the base for its own MSE search changes nothing then, and does
+    without AWQ's clipping or with base_search."""
+    with_search = _awq_codes(kind(bits=4, group_size=32, mse=True), True, tokenizer)
+    plain = _awq_codes(kind(bits=4, group_size=32, mse=False), True, tokenizer)
+    assert _same(with_search, plain)
+    both = _awq_codes(kind(bits=4, group_size=32, mse=True), True, tokenizer, base_search=True)
+    assert not _same(both, plain)
+    unclipped = _awq_codes(kind(bits=4, group_size=32, mse=True), False, tokenizer)
+    unclipped_plain = _awq_codes(kind(bits=4, group_size=32, mse=False), False, tokenizer)
+    assert not _same(unclipped, unclipped_plain)

@@ -6,8 +6,8 @@ the group's output error after quantization; the linears' weights are multiplied
 preceding op divided by s, so the float model computes the same function. Optionally (`clip`)
 each group's weight range is then shrunk to the factor that minimises that group's share of the
 layer's output error on calibration inputs, and the weights are clamped to it. Then any base
-quantizer (`AWQ(base=RTN(...))` or `AWQ(base=GPTQ(...))`) quantizes the scaled weights (an RTN
-base on the clamped range, without a second clipping search of its own).
+quantizer (`AWQ(base=RTN(...))` or `AWQ(base=GPTQ(...))`) quantizes the scaled weights, on the
+clamped range, without a second clipping search of its own (`base_search` restores it).
 
 With per-layer widths (Context.layer_bits, set by the mixed-precision step) each layer's clipping
 search and quantization use its own width; a scaling group's scale search uses the narrowest width
@@ -68,6 +68,9 @@ class AWQ(Step):
     base: RTN | GPTQ = Field(default_factory=lambda: RTN(bits=4, group_size=64))
     grid: int = 20  # alpha candidates in [0, 1)
     clip: bool = True  # activation-aware clipping search after scaling
+    # After that clipping, also let the base run its own (weight-space) clipping search (its
+    # `mse`). Off: the clamped weights' min/max is the grid (see clamped_base).
+    base_search: bool = False
 
 
 def quant_error(D: torch.Tensor, H: torch.Tensor) -> float:
@@ -192,7 +195,10 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
         else:  # GPTQ base with float targets: the float model's inputs ride along
             observe_pair(block, xs, ref, kwargs, list(block_sites), look)
         scales: dict[str, torch.Tensor] = {}
-        bases = {loc: layer_cfg(cfg.base, s.name, ctx.layer_bits) for loc, s in block_sites.items()}
+        bases = {
+            loc: clamped_base(layer_cfg(cfg.base, s.name, ctx.layer_bits), cfg)
+            for loc, s in block_sites.items()
+        }
         for prev, consumers in groups:
             mods = [block.get_submodule(c) for c in consumers]
             x_mag, H = absum[consumers[0]] / total, acc.hessian(consumers[0])
@@ -209,8 +215,9 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
                 H = scaled_hessian(acc.hessian(local), scales.get(local))
                 site.module.weight.data = search_clip(H, site.module.weight.data, bases[local])
             sites = list(block_sites.values())
+            base = clamped_base(cfg.base, cfg)
             records = gptq_block(
-                block, sites, xs, kwargs, cfg.base, errors, ctx.layer_bits, ref, float_block
+                block, sites, xs, kwargs, base, errors, ctx.layer_bits, ref, float_block
             )
             return fake_quant_then_swap(block, records)
         records = {}
@@ -223,8 +230,8 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
             w = site.module.weight.detach().float()
             if isinstance(base, GPTQ):
                 records[local], errors[site.name] = gptq_quantize(w, H, base, site.name, C)
-            else:  # after AWQ's own clipping, the clamped range is the grid (see rtn_base)
-                records[local] = rtn_quantize(w, rtn_base(base, cfg.clip))
+            else:
+                records[local] = rtn_quantize(w, base)
                 errors[site.name] = relative_weight_error(w, records[local])
         return fake_quant_then_swap(block, records)
 
@@ -239,13 +246,17 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
     )
 
 
-def rtn_base(base: RTN, clipped: bool) -> RTN:
-    """The RTN that quantizes AWQ's weights. After AWQ's clipping search (which picked each
-    group's range by its share of the output error and clamped the weights to it) the grid is
-    the clamped weights' min/max, as in the AWQ paper: a second, weight-space MSE search would
-    shrink the chosen ranges by an objective that ignores the activations. On smollm2-135m
-    4-bit per channel that second search took AWQ+RTN from 31.2 to 50.1 perplexity."""
-    return base.model_copy(update={"mse": False}) if clipped and base.mse else base
+def clamped_base(base: RTN | GPTQ, cfg: AWQ) -> RTN | GPTQ:
+    """The base quantizer as AWQ runs it. After AWQ's clipping search (which picked each group's
+    range by its share of the output error and clamped the weights to it) the grid is the
+    clamped weights' min/max, as in the AWQ paper: the base's own weight-space MSE search would
+    shrink the chosen ranges again by an objective that ignores the activations (for GPTQ, with
+    static groups, the grids come from the clamped weights before any update). On smollm2-135m
+    that second search took AWQ+RTN 4-bit per channel from 31.2 to 50.1 perplexity, and
+    AWQ+GPTQ 4-bit g32 sym's KLD from 0.105 to 0.120 (BENCHMARKS.md)."""
+    if cfg.clip and base.mse and not cfg.base_search:
+        return base.model_copy(update={"mse": False})
+    return base
 
 
 def scaled_hessian(H: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor | None:
