@@ -241,7 +241,8 @@ def test_single_width_reaches_the_quantizers_as_uniform(base, width, monkeypatch
     spy(awq, "search_clip")
     model = tiny_model()
     quantize(model, Mixed(base=base, avg_bits=width), calib=_calib(), batch_size=4)
-    uniform = (base.base if isinstance(base, AWQ) else base).model_copy(update={"bits": width})
+    inner = awq.clamped_base(base.base, base) if isinstance(base, AWQ) else base  # as AWQ runs it
+    uniform = inner.model_copy(update={"bits": width})
     assert len(seen) >= 8, [
         (c.bits, type(c).__name__) for c in seen
     ]  # 2 blocks x (4 stacks, or 7 layers)
