@@ -119,11 +119,6 @@ for _setting in ("4b-g64", "3b-g32", "4b-pc", "8b-pc"):
         f for f in ROWS[f"awq-gptq-{_setting}"] if f != "--base-search"
     ]
 
-# The same GPTQ 4-bit g64 flags after Hessians of wide inputs became symmetric block products
-# (session 13; compare quant seconds with gptq-wg-4b-g64-rerun and gptq-4b-g64-bf16)
-ROWS["gptq-wg-4b-g64-symgram"] = list(ROWS["gptq-wg-4b-g64"])
-ROWS["gptq-wg-4b-g64-bf16-symgram"] = [*ROWS["gptq-wg-4b-g64"], "--calib-dtype", "bfloat16"]
-
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:
     target = "smollm2-135m"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import logging
 from collections.abc import Mapping
 
@@ -268,38 +267,15 @@ def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     return float(((D @ H) * D).sum() / ((W @ H) * W).sum().clamp_min(1e-12))
 
 
-SYM_BLOCK = 384  # column block of gram's symmetric product
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a b^T in fp32 for row-major [m, k] and [n, k], through oneDNN where available (about
-    twice MKL's speed on AMD CPUs)."""
-    if onednn_available():
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return a @ b.t()
-
-
 def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """x^T y (y defaults to x) in fp32 for one batch [tokens, in]. Always fp32: bf16 products
-    perturb H by 3-13% of its mean diagonal on SmolLM2's outlier channels, more than GPTQ's 1%
-    dampening absorbs. x^T x is symmetric: its columns are cut into blocks of at least SYM_BLOCK
-    and only the blocks on and above the diagonal are multiplied (10 of 16 for 1536 inputs)."""
+    """x^T y (y defaults to x) in fp32 for one batch [tokens, in], through oneDNN where available
+    (about twice MKL's speed on AMD CPUs). Always fp32: bf16 products perturb H by 3-13% of its
+    mean diagonal on SmolLM2's outlier channels, more than GPTQ's 1% dampening absorbs."""
     xt = x.float().t().contiguous()
-    if y is not None:
-        return _mm(xt, y.float().t().contiguous())
-    n = xt.shape[0]
-    nb = max(1, n // SYM_BLOCK)
-    if nb == 1:
-        return _mm(xt, xt)
-    edges = [round(i * n / nb) for i in range(nb + 1)]
-    cuts = [slice(a, b) for a, b in itertools.pairwise(edges)]
-    H = xt.new_empty(n, n)
-    for i, a in enumerate(cuts):
-        for b in cuts[i:]:
-            H[a, b] = _mm(xt[a], xt[b])
-            if b is not a:
-                H[b, a] = H[a, b].t()
-    return H
+    yt = xt if y is None else y.float().t().contiguous()
+    if onednn_available():
+        return torch.ops.mkldnn._linear_pointwise(xt, yt, None, "none", [], "")
+    return xt @ yt.t()
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
