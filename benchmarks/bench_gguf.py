@@ -36,7 +36,7 @@ OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same
     "rtn-q4_0": (["--method", "rtn"], "rtn-4b-g32-sym"),
     "gptq-q4_0": (["--method", "gptq", "--no-weighted-grid"], "gptq-4b-g32-sym"),
     "awq-gptq-q4_0": (
-        ["--method", "awq", "--base", "gptq", "--no-weighted-grid", "--base-search"],
+        [*AWQ_GPTQ, "--base-search"],
         "awq-gptq-4b-g32-sym",
     ),
     "awq-gptq-ft-q4_0": (
