@@ -99,6 +99,9 @@ for _seed in (1, 2):
 # The same flags again after loading stopped leaving the weights mapped from the safetensors file
 # (session 12; compare peak RSS with gptq-wg-4b-g64 and its seed rows)
 ROWS["gptq-wg-4b-g64-rerun"] = list(ROWS["gptq-wg-4b-g64"])
+# ... and after the calibration glue stopped holding the linears it swaps out (session 14: each
+# replaced float weight, 14 MB per block, stayed alive until the end of the run)
+ROWS["gptq-wg-4b-g64-freed"] = list(ROWS["gptq-wg-4b-g64"])
 # Twice the calibration windows (256 x 512) and a stronger float-target step at 4-bit g32 sym
 ROWS["gptq-wg-rf2-ft-4b-g32-sym-256"] = [*ROWS["gptq-wg-rf2-ft-4b-g32-sym"], "--samples", "256"]
 ROWS["gptq-wg-rf2-ft50-4b-g32-sym"] = [*ROWS["gptq-wg-4b-g32-sym"], *RF, "--float-targets", "0.5"]

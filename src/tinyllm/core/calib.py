@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tinyllm.core.kernels import block_compute
-from tinyllm.models.anatomy import Anatomy, analyze
+from tinyllm.models.anatomy import analyze
 from tinyllm.util.progress import make_progress
 
 
@@ -22,21 +22,19 @@ class _Stop(Exception):
     pass
 
 
-def _block_kwargs(model: nn.Module, anatomy: Anatomy, batch: torch.Tensor) -> list[dict]:
+def _block_kwargs(model: nn.Module, blocks: list[nn.Module], batch: torch.Tensor) -> list[dict]:
     """Keyword arguments each block receives (masks and rotary tables differ per layer type)."""
-    captured: list[dict] = [{} for _ in anatomy.blocks]
+    captured: list[dict] = [{} for _ in blocks]
 
     def hook(i: int):
         def fn(_mod, args, kwargs):
             captured[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if i == len(anatomy.blocks) - 1:
+            if i == len(blocks) - 1:
                 raise _Stop
 
         return fn
 
-    handles = [
-        b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(anatomy.blocks)
-    ]
+    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         model(input_ids=batch, use_cache=False)
     except _Stop:
@@ -47,7 +45,7 @@ def _block_kwargs(model: nn.Module, anatomy: Anatomy, batch: torch.Tensor) -> li
     return captured
 
 
-def _first_inputs(model: nn.Module, anatomy: Anatomy, batches: list[torch.Tensor]) -> list:
+def _first_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor]) -> list:
     """Hidden states entering block 0, for every batch (only embeddings run)."""
     inputs = []
 
@@ -55,7 +53,7 @@ def _first_inputs(model: nn.Module, anatomy: Anatomy, batches: list[torch.Tensor
         inputs.append(args[0] if args else kwargs["hidden_states"])
         raise _Stop
 
-    handle = anatomy.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
             with suppress(_Stop):
@@ -204,11 +202,11 @@ def block_inputs(
     """What every block receives under the current weights, for every batch (of one shape), and
     each block's keyword arguments. -> (inputs[block][batch] plus the last block's outputs as a
     final entry, kwargs[block])"""
-    anatomy = analyze(model)
-    kwargs = _block_kwargs(model, anatomy, batches[0])
-    xs = _first_inputs(model, anatomy, batches)
+    blocks = analyze(model).blocks
+    kwargs = _block_kwargs(model, blocks, batches[0])
+    xs = _first_inputs(model, blocks, batches)
     inputs = [xs]
-    for i, block in enumerate(anatomy.blocks):
+    for i, block in enumerate(blocks):
         with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
             xs = [run_block(block, x, kwargs[i]) for x in xs]
         inputs.append(xs)
@@ -237,16 +235,18 @@ def calibrate_blocks(
     model's hidden states (for methods that match the float model's outputs, not the float
     weights' outputs on compressed inputs); that costs one more block pass and one more copy
     of the calibration activations."""
-    anatomy = analyze(model)
+    # Only the blocks: holding the anatomy's linear sites would keep every linear a method
+    # swaps out (its float weight) alive until the end of the run.
+    blocks = analyze(model).blocks
     batches = list(windows.split(batch_size))
     was_training = model.training
     model.eval()
-    kwargs = _block_kwargs(model, anatomy, batches[0])
-    xs = _first_inputs(model, anatomy, batches)
+    kwargs = _block_kwargs(model, blocks, batches[0])
+    xs = _first_inputs(model, blocks, batches)
     with make_progress() as bar:
-        task = bar.add_task(description, total=len(anatomy.blocks), info="")
+        task = bar.add_task(description, total=len(blocks), info="")
         ref = [x.clone() for x in xs] if reference else None
-        for i, block in enumerate(anatomy.blocks):
+        for i, block in enumerate(blocks):
             if ref is None:
                 finish = fn(i, block, xs, kwargs[i])
             else:
@@ -259,5 +259,5 @@ def calibrate_blocks(
             if finish is not None:
                 finish()
             info = status(i) if status else ""
-            bar.update(task, advance=1, info=f"block {i + 1}/{len(anatomy.blocks)} {info}")
+            bar.update(task, advance=1, info=f"block {i + 1}/{len(blocks)} {info}")
     model.train(was_training)

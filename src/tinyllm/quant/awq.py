@@ -174,7 +174,7 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
     alphas = ctx.report.setdefault("awq_alpha", {})
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict, ref=None):
-        block_sites = {s.local: s for s in by_block.get(i, [])}
+        block_sites = {s.local: s for s in by_block.pop(i, [])}
         groups = checked_groups(model, block, xs[0], kwargs, i)
         # One pass before any folding: folding keeps the float function, so every input's
         # statistics can be read from the unscaled block and rescaled (x / s) afterwards.

@@ -110,10 +110,13 @@ def quantize_each_layer(
 
 
 def block_error_status(by_block: dict[int, list[LinearSite]], errors: dict[str, float]):
-    """Progress-bar text: the mean reconstruction error of the block just finished."""
+    """Progress-bar text: the mean reconstruction error of the block just finished. It keeps
+    the layer names only, as the glue pops each block's sites when it quantizes the block: a
+    site holds its linear, and a linear swapped out for a packed one must be freed then."""
+    names = {i: [s.name for s in sites] for i, sites in by_block.items()}
 
     def status(i: int) -> str:
-        errs = [errors[s.name] for s in by_block.get(i, []) if s.name in errors]
+        errs = [errors[n] for n in names.get(i, []) if n in errors]
         return f"mean layer error {sum(errs) / len(errs):.2e}" if errs else ""
 
     return status

@@ -377,7 +377,7 @@ def apply(model: nn.Module, cfg: GPTQ, ctx: Context) -> None:
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict, ref=None):
         records = gptq_block(
-            block, by_block.get(i, []), xs, kwargs, cfg, errors, ctx.layer_bits, ref
+            block, by_block.pop(i, []), xs, kwargs, cfg, errors, ctx.layer_bits, ref
         )
         return fake_quant_then_swap(block, records)
 

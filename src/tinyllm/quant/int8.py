@@ -138,7 +138,7 @@ def static_block_fn(
     errors = ctx.report.setdefault("layer_errors", {})
 
     def fn(i: int, block: nn.Module, xs: list, kwargs: dict) -> None:
-        sites = by_block.get(i, [])
+        sites = by_block.pop(i, [])
         stats = collect_stats(block, xs, kwargs, [s.local for s in sites])
         record_outliers(ctx, sites, stats)
         specs = static_specs(stats, cfg, dtype)

@@ -362,21 +362,22 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
     sites = target_linears(model)
     check_divisible(sites, grid.group_size)
     if cfg.allocation is not None:
-        _replay(model, cfg, ctx, sites)
-        return
-    cost = cost_table(sites, cfg, grid)
-    budget = budget_bits(cfg, sites, cost)
-    t0 = time.perf_counter()
-    exact = isinstance(cfg.base, RTN)
+        allocation = _replay(ctx, cfg, sites)
+    else:
+        cost = cost_table(sites, cfg, grid)
+        budget = budget_bits(cfg, sites, cost)
+        t0 = time.perf_counter()
+        exact = isinstance(cfg.base, RTN)
 
-    def quantizer(w: torch.Tensor, bits: int) -> torch.Tensor:
-        return rtn_quantize(w.float(), probe_config(grid, bits, exact)).dequantize()
+        def quantizer(w: torch.Tensor, bits: int) -> torch.Tensor:
+            return rtn_quantize(w.float(), probe_config(grid, bits, exact)).dequantize()
 
-    sens = measure_sensitivity(model, sites, _windows(ctx, cfg), cfg.bits, quantizer)
-    seconds = time.perf_counter() - t0
-    picks = allocate(_loss_table(sens, sites, cfg.bits), cost, budget)
-    allocation = {s.name: cfg.bits[int(k)] for s, k in zip(sites, picks, strict=True)}
-    _report(ctx, cfg, sites, allocation, sens, cost, picks, seconds)
+        sens = measure_sensitivity(model, sites, _windows(ctx, cfg), cfg.bits, quantizer)
+        seconds = time.perf_counter() - t0
+        picks = allocate(_loss_table(sens, sites, cfg.bits), cost, budget)
+        allocation = {s.name: cfg.bits[int(k)] for s, k in zip(sites, picks, strict=True)}
+        _report(ctx, cfg, sites, allocation, sens, cost, picks, seconds)
+    del sites  # a site holds its linear: the base must be able to free each one it swaps out
     previous = ctx.layer_bits
     ctx.layer_bits = {**previous, **allocation}
     try:
@@ -385,8 +386,8 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
         ctx.layer_bits = previous
 
 
-def _replay(model: nn.Module, cfg: Mixed, ctx: Context, sites: list[LinearSite]) -> None:
-    """Quantize with a given allocation; it must name exactly the model's block linears."""
+def _replay(ctx: Context, cfg: Mixed, sites: list[LinearSite]) -> dict[str, int]:
+    """A given allocation, checked: it must name exactly the model's block linears."""
     names = {s.name for s in sites}
     missing, unknown = names - set(cfg.allocation), set(cfg.allocation) - names
     if missing or unknown:
@@ -399,12 +400,7 @@ def _replay(model: nn.Module, cfg: Mixed, ctx: Context, sites: list[LinearSite])
     ctx.report["avg_bits"] = sum(params[n] * b for n, b in cfg.allocation.items()) / sum(
         params.values()
     )
-    previous = ctx.layer_bits
-    ctx.layer_bits = {**previous, **cfg.allocation}
-    try:
-        apply_step(model, cfg.base, ctx)
-    finally:
-        ctx.layer_bits = previous
+    return dict(cfg.allocation)
 
 
 def _report(

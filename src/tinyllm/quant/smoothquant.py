@@ -129,7 +129,7 @@ def apply(model: nn.Module, cfg: SmoothQuant, ctx: Context) -> None:
     unsmoothed = ctx.report.setdefault("unsmoothed", [])
 
     def fn(i: int, block: nn.Module, xs: list, kwargs: dict) -> None:
-        sites = by_block.get(i, [])
+        sites = by_block.pop(i, [])
         stats = collect_stats(block, xs, kwargs, [s.local for s in sites])
         record_outliers(ctx, sites, stats)
         grouped = set()
