@@ -70,6 +70,9 @@ QAT = {  # row -> bench_distill.py row whose model/ is exported
     "qat-scales-kdtask-tail-awq-gptq-ft-q4_0": "qat-scales-kdtask-tail-awq-gptq-ft-4b-g32-sym",
     "qat-scales-kd-long-gptq-wg-rf2-ft-q4_0": "qat-scales-kd-long-gptq-wg-rf2-ft-4b-g32-sym",
     "qat-scales-kd-400-awq-gptq-rf2-ft-q4_0": "qat-scales-kd-400-awq-gptq-nomse-rf2-ft-4b-g32-sym",
+    "qat-scales-kd-600-lr1e-3-awq-gptq-rf2-ft-q4_0": (
+        "qat-scales-kd-600-lr1e-3-awq-gptq-nomse-rf2-ft-4b-g32-sym"
+    ),
 }
 ROWS = ["f16", *LLAMA, *OURS, *QAT]
 
