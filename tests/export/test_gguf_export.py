@@ -164,3 +164,41 @@ def test_llamacpp_runs_quantized_embeddings(family, tokenizer, tmp_path: Path):
         ours = model(torch.tensor([ids])).logits[0].numpy()
     # the head's q8_0 dot products round activations to 8 bits in llama.cpp
     assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()
+
+
+def test_llamacpp_score_matches_our_metrics(tokenizer, tmp_path: Path):
+    """llamacpp.score computes perplexity, KLD and top-1 agreement the way `tinyllm eval` does:
+    an F32 export is scored against the model itself (KLD ~ 0, full agreement), and a carried
+    4-bit export against the float model it came from gives the KLD of our own quantized model.
+    """
+    pytest.importorskip("llama_cpp")
+    import copy
+
+    from tinyllm.eval.divergence import token_kl, top1_agree
+    from tinyllm.eval.perplexity import perplexity, token_nll
+    from tinyllm.export import llamacpp
+
+    model = tiny_model(vocab=len(tokenizer))
+    text = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen jugs. " * 4
+    windows = torch.tensor(tokenizer(text)["input_ids"][:96]).view(3, 32)
+    path = tmp_path / "m.gguf"
+    export(model, tokenizer, path, "gguf", "f32")
+    same = llamacpp.score(llamacpp.open_gguf(path, n_ctx=64), windows, model)
+    with torch.no_grad():
+        ours = model(windows).logits[:, :-1]
+    ppl = perplexity(float(token_nll(ours, windows[:, 1:]).double().sum()), 3 * 31)
+    assert same["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    assert same["kld"] < 1e-5 and same["top1_agreement"] == 1.0
+
+    q = copy.deepcopy(model)
+    quantize(q, RTN(bits=4, group_size=32, sym=True))
+    export(q, tokenizer, tmp_path / "q.gguf", "gguf", "q4_0", embed_type="f32", strict=True)
+    got = llamacpp.score(llamacpp.open_gguf(tmp_path / "q.gguf", n_ctx=64), windows, model)
+    with torch.no_grad():
+        mine = q(windows).logits[:, :-1]
+    kld = float(token_kl(ours, mine).mean())
+    assert kld > 5e-5 > 5 * same["kld"]  # 4 bits moved the model: the check below can fail
+    assert got["kld"] == pytest.approx(kld, rel=0.1)  # llama.cpp's 8-bit activations add a little
+    assert got["top1_agreement"] == pytest.approx(
+        float(top1_agree(ours, mine).float().mean()), abs=0.1
+    )

@@ -41,13 +41,18 @@ def logits(llm: Any, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
+def _row_nll(z: torch.Tensor, row: list[int]) -> float:
+    """Summed next-token NLL of one window from its logits z [seq - 1, vocab]."""
+    z = z.double()
+    target = torch.tensor(row[1:])
+    return float((z.logsumexp(-1) - z.gather(1, target[:, None])[:, 0]).sum())
+
+
 def nll_sum(llm: Any, windows: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over windows [n, seq] and the token count."""
     total, count = 0.0, 0
     for row in windows.tolist():
-        z = torch.from_numpy(logits(llm, row))[:-1].double()  # [seq - 1, vocab]
-        target = torch.tensor(row[1:])
-        total += float((z.logsumexp(-1) - z.gather(1, target[:, None])[:, 0]).sum())
+        total += _row_nll(torch.from_numpy(logits(llm, row))[:-1], row)
         count += len(row) - 1
     return total, count
 
@@ -55,6 +60,30 @@ def nll_sum(llm: Any, windows: torch.Tensor) -> tuple[float, int]:
 def perplexity(llm: Any, windows: torch.Tensor) -> float:
     total, count = nll_sum(llm, windows)
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def score(llm: Any, windows: torch.Tensor, reference: torch.nn.Module) -> dict[str, float]:
+    """llama.cpp's perplexity, and its KL divergence from and top-1 agreement with `reference`
+    (a tinyllm/transformers model, usually the FP32 original) at the same positions, with the
+    formulas `tinyllm eval` uses. -> {"perplexity", "kld", "top1_agreement"}
+    """
+    from tinyllm.eval.divergence import token_kl, top1_agree
+
+    reference.eval()
+    total, kl, agree, count = 0.0, 0.0, 0, 0
+    for row in windows.tolist():
+        z = torch.from_numpy(logits(llm, row))[:-1]  # [seq - 1, vocab] predicts row[1:]
+        ref = reference(input_ids=torch.tensor([row]), use_cache=False).logits[0, :-1]
+        total += _row_nll(z, row)
+        kl += float(token_kl(ref, z).double().sum())
+        agree += int(top1_agree(ref, z).sum())
+        count += len(row) - 1
+    return {
+        "perplexity": math.exp(total / count),
+        "kld": kl / count,
+        "top1_agreement": agree / count,
+    }
 
 
 def greedy(llm: Any, ids: list[int], n: int) -> list[int]:
