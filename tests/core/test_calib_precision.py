@@ -14,7 +14,7 @@ from tinyllm.core.kernels import (
 )
 from tinyllm.errors import ConfigError
 from tinyllm.quant.api import quantize
-from tinyllm.quant.gptq import GPTQ, gram
+from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gram
 
 
 def test_resolve():
@@ -40,6 +40,28 @@ def test_gram_is_fp32_exact():
         got = gram(x)
     ref = x.double().t() @ x.double()
     assert ((got.double() - ref).norm() / ref.norm()) < 1e-5  # bf16 products: ~1e-3
+
+
+def test_hessian_accumulator_is_fp32_exact_and_symmetric():
+    """The accumulator multiplies only the upper row blocks of x^T x (on and above the diagonal)
+    and mirrors them: the result is the full, symmetric running mean (2/n) sum x x^T, in fp32
+    even when the hooks run under bf16 autocast, for widths that split into uneven blocks."""
+    g = torch.Generator().manual_seed(0)
+    for width in (96, 576, 700):
+        xs = [torch.randn(n, width, generator=g) * torch.logspace(0, 3, width) for n in (300, 500)]
+        acc = HessianAccumulator()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for x in xs:
+                acc.add("layer", x)
+        x = torch.cat(xs).double()
+        ref = 2 * x.t() @ x / x.shape[0]
+        H = acc.hessian("layer").double()
+        assert torch.equal(H, H.t())
+        assert ((H - ref).norm() / ref.norm()) < 1e-5
+        acc.add("layer", xs[0])  # adding after reading works on the upper triangle again
+        x = torch.cat([*xs, xs[0]]).double()
+        ref = 2 * x.t() @ x / x.shape[0]
+        assert ((acc.hessian("layer").double() - ref).norm() / ref.norm()) < 1e-5
 
 
 def test_bf16_block_forward_is_close_and_keeps_fp32_stream():

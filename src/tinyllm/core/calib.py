@@ -255,7 +255,8 @@ def calibrate_blocks(
                 if ref[0] is before:
                     raise RuntimeError(f"{description}: block {i} did not advance the reference")
             with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
-                xs = [run_block(block, x, kwargs[i]) for x in xs]
+                for b, x in enumerate(xs):  # in place: each input is freed as it is replaced
+                    xs[b] = run_block(block, x, kwargs[i])
             if finish is not None:
                 finish()
             info = status(i) if status else ""

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 class GPTQ(WeightQuant):
     calibrated = True
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
-    block_size: int = 128  # columns per lazy batch update
+    # columns per lazy batch update (32: the rank-1 updates inside a batch cost less than with
+    # the paper's 128, the same result; BENCHMARKS.md, session 16)
+    block_size: int = 32
     act_order: bool = True  # quantize columns by decreasing Hessian diagonal
     static_groups: bool = True  # group grids fixed from the original weights before any update
     mse: bool = True  # clipping search for each group's grid
@@ -183,31 +185,35 @@ def _gptq(
     scale = scale.half().float()
     # per column, in processing order (dynamic groups are stored in processing order)
     group_of = perm // g if static else torch.arange(cols) // g
-    col_scale, col_zero = scale[:, group_of], zero[:, group_of]
-    W, H = W[:, perm], H[perm][:, perm]
-    keep = kept_positions(W)  # a pruned model stays pruned: zeros are quantized to exact zeros
+    # The loop works on transposed copies ([columns, rows]): each column is a contiguous row.
+    col_scale, col_zero = scale.t()[group_of].contiguous(), zero.t()[group_of].contiguous()
+    H = H[perm][:, perm]
+    Wt = W.t()[perm].contiguous()
+    keep = kept_positions(Wt)  # a pruned model stays pruned: zeros are quantized to exact zeros
     U = inverse_cholesky(H, cfg.damp, name)
-    codes = torch.zeros(rows, cols)  # processing order
+    diag = U.diagonal().tolist()
+    codes = torch.zeros(cols, rows)  # processing order
     top = qmax(cfg.bits)
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
-        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+        W1, Err1 = Wt[i1:i2].clone(), torch.zeros(i2 - i1, rows)
         for i in range(i2 - i1):
             col = i1 + i
             if search and col % g == 0:  # grid from the current, updated weights
-                window = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                window = torch.cat([W1[i:], Wt[i2:]])[:g].t()
                 scale[:, col // g], zero[:, col // g] = _group_grid(window, cfg, H, col)
-                col_scale[:, col : col + g] = scale[:, col // g, None]
-                col_zero[:, col : col + g] = zero[:, col // g, None]
-            w, s, z = W1[:, i], col_scale[:, col], col_zero[:, col]
-            q = (w / s + z).round_().clamp_(0, top)
+                col_scale[col : col + g] = scale[:, col // g]
+                col_zero[col : col + g] = zero[:, col // g]
+            w, s, z = W1[i], col_scale[col], col_zero[col]
+            q = (w / s).add_(z).round_().clamp_(0, top)
             if keep is not None:
-                q = torch.where(keep[:, col], q, z)  # z is an integer code: it dequantizes to 0
-            codes[:, col] = q
-            err = (w - s * (q - z)) / U[col, col]
-            W1[:, i:].addr_(err, U[col, col:i2], alpha=-1.0)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+                q = torch.where(keep[col], q, z)  # z is an integer code: it dequantizes to 0
+            codes[col] = q
+            err = torch.sub(w, (q - z).mul_(s)).div_(diag[col])
+            W1[i:].addr_(U[col, col:i2], err, alpha=-1.0)
+            Err1[i] = err
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
+    codes = codes.t()
     codes = codes.to(torch.uint8)
     if static:  # groups follow original columns: store codes in original order
         out = torch.empty_like(codes)
@@ -269,13 +275,37 @@ def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
 
 def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """x^T y (y defaults to x) in fp32 for one batch [tokens, in], through oneDNN where available
-    (about twice MKL's speed on AMD CPUs). Always fp32: bf16 products perturb H by 3-13% of its
-    mean diagonal on SmolLM2's outlier channels, more than GPTQ's 1% dampening absorbs."""
+    (about twice MKL's speed on some AMD CPUs). Always fp32: bf16 products perturb H by 3-13% of
+    its mean diagonal on SmolLM2's outlier channels, more than GPTQ's 1% dampening absorbs."""
     xt = x.float().t().contiguous()
     yt = xt if y is None else y.float().t().contiguous()
     if onednn_available():
         return torch.ops.mkldnn._linear_pointwise(xt, yt, None, "none", [], "")
     return xt @ yt.t()
+
+
+SYM_ROWS = 256  # rows of x^T x per product in the symmetric accumulation
+
+
+def add_gram_upper(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
+    """H <- beta H + alpha x^T x on and above the diagonal only, for x [tokens, in]: x^T x is
+    symmetric, so its row blocks are multiplied from the diagonal rightwards (about 0.55-0.65x
+    the work of the full product for 576-1536 inputs; the lower triangle of H is left stale,
+    see `mirror_upper`). Always fp32 (autocast off), whatever the calibration passes run in."""
+    d = x.shape[1]
+    pieces = -(-d // SYM_ROWS)
+    rows = -(-d // pieces)  # equal row blocks of at most SYM_ROWS rows
+    with torch.autocast("cpu", enabled=False):
+        x = x.float()
+        xt = x.t()
+        for i in range(0, d, rows):
+            H[i : i + rows, i:].addmm_(xt[i : i + rows], x[:, i:], beta=beta, alpha=alpha)
+
+
+def mirror_upper(H: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is H's (in place)."""
+    upper = H.triu()
+    return H.copy_(upper + upper.triu(1).t())
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -284,7 +314,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class HessianAccumulator:
     """Running H = (2/n) sum x x^T per layer input. Layers fed the same tensor (q/k/v, gate/up)
-    share one accumulation."""
+    share one accumulation. Only the upper triangle is accumulated; `hessian` mirrors it."""
 
     def __init__(self) -> None:
         self.H: dict[str, torch.Tensor] = {}
@@ -292,6 +322,7 @@ class HessianAccumulator:
         self.n: dict[str, int] = {}
         self.alias: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None  # (the last input, its owner)
+        self._mirrored: set[str] = set()
 
     def add(self, name: str, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
         """Add a batch of inputs x [tokens, in]; with x_ref (the float model's inputs to the same
@@ -308,13 +339,18 @@ class HessianAccumulator:
             if x_ref is not None:
                 self.C[name] = torch.zeros(x.shape[1], x.shape[1])
         n, k = self.n[name], x.shape[0]
-        self.H[name].mul_(n / (n + k)).add_(gram(x), alpha=2.0 / (n + k))
+        add_gram_upper(self.H[name], x, n / (n + k), 2.0 / (n + k))
+        self._mirrored.discard(name)
         if x_ref is not None:
             self.C[name].mul_(n / (n + k)).add_(gram(x_ref, x), alpha=2.0 / (n + k))
         self.n[name] = n + k
 
     def hessian(self, name: str) -> torch.Tensor:
-        return self.H[self.alias.get(name, name)]
+        owner = self.alias.get(name, name)
+        if owner not in self._mirrored:
+            mirror_upper(self.H[owner])
+            self._mirrored.add(owner)
+        return self.H[owner]
 
     def cross(self, name: str) -> torch.Tensor | None:
         return self.C.get(self.alias.get(name, name))
