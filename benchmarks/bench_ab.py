@@ -65,7 +65,7 @@ def main() -> None:
     ).stdout.strip()
     dirty = bool(
         subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--", "src"],  # results files do not count
             cwd=ROOT,
             check=True,
             capture_output=True,
