@@ -213,8 +213,7 @@ def _gptq(
             W1[i:].addr_(U[col, col:i2], err, alpha=-1.0)
             Err1[i] = err
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
-    codes = codes.t()
-    codes = codes.to(torch.uint8)
+    codes = codes.t().to(torch.uint8)  # [rows, cols], processing order
     if static:  # groups follow original columns: store codes in original order
         out = torch.empty_like(codes)
         out[:, perm] = codes
