@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 class GPTQ(WeightQuant):
     calibrated = True
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
-    # columns per lazy batch update (32: the rank-1 updates inside a batch cost less than with
-    # the paper's 128, the same result; BENCHMARKS.md, session 16)
+    # columns per lazy batch update (the paper's 128 measures the same with the transposed loop;
+    # bench_gptq_parts.py, BENCHMARKS.md session 16)
     block_size: int = 32
     act_order: bool = True  # quantize columns by decreasing Hessian diagonal
     static_groups: bool = True  # group grids fixed from the original weights before any update
@@ -288,7 +288,7 @@ SYM_ROWS = 256  # rows of x^T x per product in the symmetric accumulation
 
 def add_gram_upper(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
     """H <- beta H + alpha x^T x on and above the diagonal only, for x [tokens, in]: x^T x is
-    symmetric, so its row blocks are multiplied from the diagonal rightwards (about 0.55-0.65x
+    symmetric, so its row blocks are multiplied from the diagonal rightwards (about 0.55-0.70x
     the work of the full product for 576-1536 inputs; the lower triangle of H is left stale,
     see `mirror_upper`). Always fp32 (autocast off), whatever the calibration passes run in."""
     d = x.shape[1]
