@@ -125,6 +125,18 @@ for _setting in ("4b-g64", "3b-g32", "4b-pc", "8b-pc"):
         f for f in ROWS[f"awq-gptq-{_setting}"] if f != "--base-search"
     ]
 
+# Rows above that run GPTQ on its own without float targets were measured before such GPTQ became
+# true-sequential by default (session 17); they pin --no-true-sequential to keep their meaning.
+for _name, _flags in ROWS.items():
+    if _flags[1:2] == ["gptq"] and not {"--float-targets", "--true-sequential"} & set(_flags):
+        _flags.append("--no-true-sequential")
+# Session 17: GPTQ's defaults (weighted grid; true-sequential as one staged pass, about one block
+# forward) at the table's settings
+for _setting in ("4b-g64", "3b-g32", "4b-g32-sym", "4b-pc", "8b-pc"):
+    _pins = {"--no-true-sequential", "--no-weighted-grid"}
+    ROWS[f"gptq-wg-staged-{_setting}"] = [f for f in ROWS[f"gptq-{_setting}"] if f not in _pins]
+ROWS["gptq-wg-staged-4b-g64-seed1"] = [*ROWS["gptq-wg-staged-4b-g64"], "--seed", "1"]
+
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:
     target = "smollm2-135m"

@@ -194,13 +194,17 @@ def quantize(
         ),
     ] = 0.0,
     true_sequential: Annotated[
-        bool,
+        bool | None,
         typer.Option(
+            "--true-sequential/--no-true-sequential",
             help="GPTQ (also as AWQ's base): quantize each block's layers in stages (q/k/v, o, "
             "gate/up, down), each stage calibrated on inputs through the quantized earlier "
-            "stages; about a third more forward work."
+            "stages. Default: on for GPTQ without --float-targets (the stages then take about "
+            "one block forward, less than unstaged calibration's two), off with float targets "
+            "or under AWQ (there they cost about a third more forward work).",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     weighted_grid: Annotated[
         bool,
         typer.Option(

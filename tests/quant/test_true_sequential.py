@@ -1,10 +1,20 @@
 """True-sequential GPTQ: a block's layers in stages, each calibrated after its predecessors."""
 
+import collections
+import copy
+import dataclasses
+
 import pytest
 import torch
 
 from tests.conftest import tiny_model
-from tinyllm.core.calib import block_inputs, input_stages, observe_block, observe_pair
+from tinyllm.core.calib import (
+    block_inputs,
+    input_stages,
+    observe_block,
+    observe_pair,
+    replay_plans,
+)
 from tinyllm.models.anatomy import analyze
 from tinyllm.quant import gptq as gptq_mod
 from tinyllm.quant.api import quantize
@@ -137,3 +147,72 @@ def test_shared_inputs_are_recognised_without_address_reuse():
     assert alive() is not None  # still held: its address cannot be reused
     acc.add("o", torch.randn(64, 8))
     assert acc.alias == {"k": "q"} and set(acc.H) == {"q", "o"}
+
+
+def test_replay_plans_find_modules_that_return_a_linears_output():
+    model = tiny_model()
+    inputs, kwargs = block_inputs(model, [torch.randint(0, 320, (1, 12))])
+    block = analyze(model).blocks[0]
+    names = [s.local for s in analyze(model).linears if s.block == 0]
+    plans = replay_plans(block, inputs[0][0], kwargs[0], names)
+    # attention returns (o_proj's output, None): attention weights are not asked for
+    assert plans == {"self_attn.o_proj": ("self_attn", 0, 2), "mlp.down_proj": ("mlp", None, 1)}
+
+    class Scaled(torch.nn.Module):  # its output is computed *from* its linear's output
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return 2 * self.lin(x)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Scaled(), torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    plans = replay_plans(Block(), torch.randn(1, 3, 4), {}, ["a.lin", "b.0"])
+    assert plans == {"b.0": ("b", None, 1)}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@torch.no_grad()
+def test_staged_pass_equals_stage_by_stage_forwards_with_attention_run_once(family):
+    """staged_pass (advance=True) quantizes every layer exactly as the stage-by-stage forwards
+    do and leaves the quantized block's outputs in xs, while the attention module runs for
+    each batch only in the q/k/v and o stages (then o_proj on kept inputs stands in for it)."""
+    model = tiny_model(family)
+    batches = [torch.randint(0, 320, (2, 24)) for _ in range(3)]
+    inputs, kwargs = block_inputs(model, batches)
+    base = analyze(model).blocks[0]
+    sites = [s for s in analyze(model).linears if s.block == 0]
+    cfg = GPTQ(bits=3, group_size=32, true_sequential=True)
+    results = {}
+    for advance in (False, True):
+        block = copy.deepcopy(base)
+        mine = [dataclasses.replace(s, module=block.get_submodule(s.local)) for s in sites]
+        calls = collections.Counter()
+        for name in ("self_attn", "mlp.gate_proj"):
+            block.get_submodule(name).register_forward_pre_hook(
+                lambda *_a, name=name, calls=calls: calls.update([name])
+            )
+        xs = [x.clone() for x in inputs[0]]
+        records = gptq_block(block, mine, xs, kwargs[0], cfg, {}, advance=advance)
+        results[advance] = records, xs, block, calls
+    (r0, _, block0, _), (r1, xs1, _, calls) = results[False], results[True]
+    assert r0.keys() == r1.keys() and len(r1) == 7
+    for name in r0:
+        assert torch.equal(r0[name].dequantize(), r1[name].dequantize()), name
+    for x, xq in zip(inputs[0], xs1, strict=True):
+        want = block0(x, **kwargs[0])
+        want = want[0] if isinstance(want, tuple) else want
+        assert torch.allclose(xq, want, atol=1e-5, rtol=1e-5)
+    n = len(batches)
+    # one-sample trial forwards (input_stages, replay_plans) + the q/k/v and o stages
+    assert calls["self_attn"] == 2 + 2 * n
+    # trials + the gate/up stage (stops at gate_proj's input) + the down stage + the final
+    # forward (down_proj's input is wider than the block's, so it is not kept)
+    assert calls["mlp.gate_proj"] == 2 + 3 * n

@@ -195,6 +195,152 @@ def input_stages(
     return stages + [[n] for n in missing]
 
 
+def replay_plans(
+    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
+) -> dict[str, tuple[str, int | None, int]]:
+    """Named linears whose output is, as is, the whole output of their parent module (o_proj's
+    is the attention module's, down_proj's the MLP's), found by one forward:
+    {linear: (parent, position in the parent's output tuple or None, tuple length)}. A tuple
+    qualifies when every other element is None (no attention weights returned)."""
+    outs: dict[str, Any] = {}
+
+    def grab(key: str):
+        def hook(_mod, _args, out):
+            outs[key] = out
+
+        return hook
+
+    parents = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    handles = [block.get_submodule(k).register_forward_hook(grab(k)) for k in [*parents, *names]]
+    try:
+        run_block(block, x, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    plans: dict[str, tuple[str, int | None, int]] = {}
+    for name in names:
+        parent = name.rsplit(".", 1)[0] if "." in name else None
+        if parent is None or name not in outs or parent not in outs:
+            continue
+        out, mine = outs[parent], outs[name]
+        if out is mine:
+            plans[name] = (parent, None, 1)
+        elif isinstance(out, tuple) and all(o is mine or o is None for o in out):
+            at = [i for i, o in enumerate(out) if o is mine]
+            if len(at) == 1:
+                plans[name] = (parent, at[0], len(out))
+    return plans
+
+
+class _Replayed(nn.Module):
+    """Stands in for a module whose output is one of its linears' outputs: that linear applied
+    to the input it was seen with (kept per batch), computed once and then returned again.
+    `batch` says which batch the running forward is."""
+
+    def __init__(self, leaf: str, index: int | None, arity: int, kept: list) -> None:
+        super().__init__()
+        self.leaf, self.index, self.arity, self.values = leaf, index, arity, kept
+        self.done = [False] * len(kept)
+        self.batch = 0
+
+    def bind(self, original: nn.Module) -> None:
+        self.__dict__["linear"] = original.get_submodule(self.leaf)  # not a submodule
+
+    def forward(self, *_args, **_kwargs):
+        b = self.batch
+        if not self.done[b]:
+            self.values[b], self.done[b] = self.__dict__["linear"](self.values[b]), True
+        out = self.values[b]
+        return (
+            out
+            if self.index is None
+            else tuple(out if i == self.index else None for i in range(self.arity))
+        )
+
+
+@contextmanager
+def _replacing(block: nn.Module, replays: dict[str, _Replayed]) -> Iterator:
+    """Put each replay in its module's place inside the block (restored after)."""
+    swapped = []
+    try:
+        for path, replay in replays.items():
+            parent_path, _, attr = path.rpartition(".")
+            parent = block.get_submodule(parent_path) if parent_path else block
+            original = getattr(parent, attr)
+            replay.bind(original)
+            setattr(parent, attr, replay)
+            swapped.append((parent, attr, original))
+        yield
+    finally:
+        for parent, attr, original in reversed(swapped):
+            setattr(parent, attr, original)
+
+
+def staged_pass(
+    block: nn.Module,
+    xs: list[torch.Tensor],
+    kwargs: dict,
+    stages: list[list[str]],
+    observe: Callable[[str, torch.Tensor], None],
+    compress: Callable[[list[str]], None],
+) -> None:
+    """True-sequential calibration of one block in about one forward's work; `xs` is replaced
+    in place by the block's outputs under the compressed weights.
+
+    For each stage (linears reading one tensor, in forward order; see input_stages) every
+    batch's forward runs up to the stage's input, which observe(name, x) sees for each member,
+    and stops there; then compress(stage) changes the stage's weights. A final forward of each
+    batch gives the block's outputs. What is computed once is not computed again: a stage that
+    completes a module whose output is its linear's output (o_proj -> attention) keeps its
+    inputs when they are no wider than the block's input (at most one more copy of the
+    calibration activations), and later forwards replace that module by the compressed linear
+    applied to the kept input, so attention runs once, not in every later stage. A wider input
+    (down_proj's) is not kept; the final forward recomputes the MLP up to it."""
+    names = [n for stage in stages for n in stage]
+    plans = replay_plans(block, xs[0][:1], kwargs, names) if names else {}
+    stage_of = {n: k for k, stage in enumerate(stages) for n in stage}
+    keep: dict[int, tuple[str, str, int | None, int]] = {}
+    for name, (parent, index, arity) in plans.items():
+        inside = [n for n in names if n.startswith(parent + ".")]
+        narrow = block.get_submodule(name).in_features <= xs[0].shape[-1]
+        if narrow and all(stage_of[n] <= stage_of[name] for n in inside):
+            keep.setdefault(stage_of[name], (name, parent, index, arity))
+    replays: dict[str, _Replayed] = {}
+    tokens = xs[0].shape[0] * xs[0].shape[1]
+    for k, stage in enumerate([*stages, None]):
+        kept: list | None = [] if k in keep else None
+
+        def seen(_mod, args, stage=stage, kept=kept):
+            flat = args[0].reshape(-1, args[0].shape[-1])
+            for n in stage:
+                observe(n, flat)
+            if kept is not None:
+                kept.append(args[0])
+            raise _Stop
+
+        with block_compute(block, tokens), _replacing(block, replays):
+            handles = [block.get_submodule(n).register_forward_pre_hook(seen) for n in stage or []]
+            try:
+                for b, x in enumerate(xs):
+                    for replay in replays.values():
+                        replay.batch = b
+                    try:
+                        out = run_block(block, x, kwargs)
+                    except _Stop:
+                        continue
+                    if stage is not None:
+                        raise RuntimeError(f"the forward never reached {stage[0]}")
+                    xs[b] = out
+            finally:
+                for h in handles:
+                    h.remove()
+        if stage is not None:
+            compress(stage)
+            if kept is not None:
+                name, parent, index, arity = keep[k]
+                replays[parent] = _Replayed(name[len(parent) + 1 :], index, arity, kept)
+
+
 @torch.no_grad()
 def block_inputs(
     model: nn.Module, batches: list[torch.Tensor]
@@ -213,8 +359,17 @@ def block_inputs(
     return inputs, kwargs
 
 
+class Advanced:
+    """Returned by a BlockFn that already replaced the block's inputs by its outputs (as
+    staged_pass does), so calibrate_blocks does not run the block again; `finish` as below."""
+
+    def __init__(self, finish: Callable[[], None] | None = None) -> None:
+        self.finish = finish
+
+
 # fn(index, block, inputs, kwargs) compresses the block; it may return a callable that runs
-# after the block's outputs were computed (to swap fake-quantized weights for packed modules).
+# after the block's outputs were computed (to swap fake-quantized weights for packed modules),
+# or Advanced(that callable) when it computed those outputs itself.
 # With reference=True it is called as fn(index, block, inputs, kwargs, ref) and must advance
 # `ref`, the float model's hidden states, through the float block (observe_pair does).
 BlockFn = Callable[..., Callable[[], None] | None]
@@ -254,9 +409,12 @@ def calibrate_blocks(
                 finish = fn(i, block, xs, kwargs[i], ref)
                 if ref[0] is before:
                     raise RuntimeError(f"{description}: block {i} did not advance the reference")
-            with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
-                for b, x in enumerate(xs):  # in place: each input is freed as it is replaced
-                    xs[b] = run_block(block, x, kwargs[i])
+            if isinstance(finish, Advanced):
+                finish = finish.finish
+            else:
+                with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
+                    for b, x in enumerate(xs):  # in place: each input is freed as it is replaced
+                        xs[b] = run_block(block, x, kwargs[i])
             if finish is not None:
                 finish()
             info = status(i) if status else ""

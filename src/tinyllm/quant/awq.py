@@ -189,7 +189,8 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
             acc.add(name, x[::step], None if x_ref is None else x_ref[::step])
 
         # GPTQ base in stages: its own passes take the Hessians after folding (and carry ref)
-        staged = isinstance(cfg.base, GPTQ) and cfg.base.true_sequential
+        # (true_sequential None, the default, leaves an AWQ base unstaged)
+        staged = isinstance(cfg.base, GPTQ) and cfg.base.true_sequential is True
         if ref is None or staged:
             observe_block(block, xs, kwargs, list(block_sites), look)
         else:  # GPTQ base with float targets: the float model's inputs ride along

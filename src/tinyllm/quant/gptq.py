@@ -12,7 +12,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tinyllm.core.calib import calibrate_blocks, input_stages, observe_block, observe_pair
+from tinyllm.core.calib import (
+    Advanced,
+    calibrate_blocks,
+    input_stages,
+    observe_block,
+    observe_pair,
+    staged_pass,
+)
 from tinyllm.core.kernels import onednn_available
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ConfigError
@@ -50,13 +57,23 @@ class GPTQ(WeightQuant):
     # Quantize a block's layers in the order its forward reads them (q/k/v, o, gate/up, down),
     # each stage's Hessian taken with the earlier stages already quantized (GPTQ's paper
     # quantizes a block's layers on inputs that passed through its quantized predecessors).
-    # Costs partial block forwards per stage (about a third more forward work).
-    true_sequential: bool = False
+    # None (the default) = on for GPTQ on its own without float targets, where the stages run
+    # as one staged pass (core.calib.staged_pass: about one block forward, against the two of
+    # unstaged calibration); off with float targets and under AWQ, where stages cost extra
+    # partial forwards (about a third more forward work).
+    true_sequential: bool | None = None
     # Rounds of scale refitting after the column loop: each refits every row's group scales,
     # codes fixed, by least squares on the layer's output error (w - A s)^T H (w - A s) (GPTQ
     # fixes a group's scale before its columns are reached and never revisits it); a further
     # round reruns the column loop on the refitted grids, then refits again. 0 = off.
     refit_scales: int = Field(0, ge=0, le=8)
+
+
+def staged(cfg: GPTQ) -> bool:
+    """Whether GPTQ quantizes each block's layers in stages (cfg.true_sequential, resolved)."""
+    if cfg.true_sequential is not None:
+        return cfg.true_sequential
+    return cfg.float_targets == 0
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
@@ -365,27 +382,24 @@ def gptq_block(
     layer_bits: Mapping[str, int] | None = None,
     ref: list | None = None,
     float_block: nn.Module | None = None,
+    advance: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """Hessians of one block's linears from its calibration inputs, then GPTQ on each (at its
     own width where `layer_bits` names it), leaving each quantized weight in its float linear.
     With `ref` (the float model's hidden states, advanced through the block here) each layer
     aims at the float model's outputs, computed by `float_block` (default: the block as it is on
-    entry). With cfg.true_sequential the layers go in stages (q/k/v, o, gate/up, down), each
-    observed with the earlier stages quantized."""
+    entry). With staged(cfg) the layers go in stages (q/k/v, o, gate/up, down), each
+    observed with the earlier stages quantized; with `advance` too (and no `ref`) that runs as
+    core.calib.staged_pass, which also replaces `xs` by the block's quantized outputs."""
     names = [s.local for s in sites]
-    staged = cfg.true_sequential and names  # (a block with nothing to quantize: one empty stage)
-    stages = input_stages(block, xs[0][:1], kwargs, names) if staged else [names]
+    in_stages = staged(cfg) and names  # (a block with nothing to quantize: one empty stage)
+    stages = input_stages(block, xs[0][:1], kwargs, names) if in_stages else [names]
     if ref is not None and float_block is None and len(stages) > 1:
         float_block = copy.deepcopy(block)  # the stages below quantize `block` in place
     by_local = {s.local: s for s in sites}
-    records = {}
-    for k, stage in enumerate(stages):
-        acc = HessianAccumulator()
-        if ref is None:
-            observe_block(block, xs, kwargs, stage, acc.add)
-        else:
-            last = k == len(stages) - 1
-            observe_pair(block, xs, ref, kwargs, stage, acc.add, float_block, advance=last)
+    records: dict[str, QuantizedWeight] = {}
+
+    def quantize_stage(stage: list[str], acc: HessianAccumulator) -> None:
         stacks: dict[tuple, list] = {}  # layers sharing an input and a width quantize together
         for local in stage:
             s = by_local[local]
@@ -402,6 +416,25 @@ def gptq_block(
             for (s, _), (qw, err) in zip(members, results, strict=True):
                 records[s.local], errors[s.name] = qw, err
                 s.module.weight.data = qw.dequantize()
+
+    if advance and staged(cfg) and ref is None:
+        accs = [HessianAccumulator()]
+
+        def compress(stage: list[str]) -> None:
+            quantize_stage(stage, accs[0])
+            accs[0] = HessianAccumulator()
+
+        observe = lambda name, x: accs[0].add(name, x)  # noqa: E731 (the stage's accumulator)
+        staged_pass(block, xs, kwargs, stages if names else [], observe, compress)
+        return records
+    for k, stage in enumerate(stages):
+        acc = HessianAccumulator()
+        if ref is None:
+            observe_block(block, xs, kwargs, stage, acc.add)
+        else:
+            last = k == len(stages) - 1
+            observe_pair(block, xs, ref, kwargs, stage, acc.add, float_block, advance=last)
+        quantize_stage(stage, acc)
     return records
 
 
@@ -411,10 +444,12 @@ def apply(model: nn.Module, cfg: GPTQ, ctx: Context) -> None:
     errors = ctx.report.setdefault("layer_errors", {})
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict, ref=None):
+        advance = staged(cfg) and ref is None  # staged_pass computes the outputs
         records = gptq_block(
-            block, by_block.pop(i, []), xs, kwargs, cfg, errors, ctx.layer_bits, ref
+            block, by_block.pop(i, []), xs, kwargs, cfg, errors, ctx.layer_bits, ref, None, advance
         )
-        return fake_quant_then_swap(block, records)
+        finish = fake_quant_then_swap(block, records)
+        return Advanced(finish) if advance else finish
 
     calibrate_blocks(
         model,
