@@ -23,7 +23,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tinyllm.core.calib import calibrate_blocks, input_hooks, observe_block, observe_pair
+from tinyllm.core.calib import (
+    Advanced,
+    calibrate_blocks,
+    input_hooks,
+    observe_block,
+    observe_pair,
+)
 from tinyllm.core.steps import Context, Step, register
 from tinyllm.quant.common import (
     block_error_status,
@@ -217,10 +223,12 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
                 site.module.weight.data = search_clip(H, site.module.weight.data, bases[local])
             sites = list(block_sites.values())
             base = clamped_base(cfg.base, cfg)
+            advance = ref is None  # one staged pass, which also computes the block's outputs
             records = gptq_block(
-                block, sites, xs, kwargs, base, errors, ctx.layer_bits, ref, float_block
+                block, sites, xs, kwargs, base, errors, ctx.layer_bits, ref, float_block, advance
             )
-            return fake_quant_then_swap(block, records)
+            finish = fake_quant_then_swap(block, records)
+            return Advanced(finish) if advance else finish
         records = {}
         for local, site in block_sites.items():
             H = scaled_hessian(acc.hessian(local), scales.get(local))
