@@ -234,8 +234,8 @@ def replay_plans(
 
 class _Replayed(nn.Module):
     """Stands in for a module whose output is one of its linears' outputs: that linear applied
-    to the input it was seen with (kept per batch), computed once and then returned again.
-    `batch` says which batch the running forward is."""
+    to the input it was seen with (kept per batch as (tensor, the dtype it was seen in)),
+    computed once and then returned again. `batch` says which batch the running forward is."""
 
     def __init__(self, leaf: str, index: int | None, arity: int, kept: list) -> None:
         super().__init__()
@@ -249,7 +249,8 @@ class _Replayed(nn.Module):
     def forward(self, *_args, **_kwargs):
         b = self.batch
         if not self.done[b]:
-            self.values[b], self.done[b] = self.__dict__["linear"](self.values[b]), True
+            x, dtype = self.values[b]
+            self.values[b], self.done[b] = self.__dict__["linear"](x.to(dtype)), True
         out = self.values[b]
         return (
             out
@@ -276,6 +277,14 @@ def _replacing(block: nn.Module, replays: dict[str, _Replayed]) -> Iterator:
             setattr(parent, attr, original)
 
 
+def _compact(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """x stored in dtype where every value fits it (else x itself)."""
+    if dtype is None or x.dtype.itemsize <= dtype.itemsize:
+        return x
+    y = x.to(dtype)
+    return y if torch.isfinite(y).all() else x
+
+
 def staged_pass(
     block: nn.Module,
     xs: list[torch.Tensor],
@@ -283,6 +292,7 @@ def staged_pass(
     stages: list[list[str]],
     observe: Callable[[str, torch.Tensor], None],
     compress: Callable[[list[str]], None],
+    wide: torch.dtype | None = torch.float16,
 ) -> None:
     """True-sequential calibration of one block in about one forward's work; `xs` is replaced
     in place by the block's outputs under the compressed weights.
@@ -291,31 +301,36 @@ def staged_pass(
     batch's forward runs up to the stage's input, which observe(name, x) sees for each member,
     and stops there; then compress(stage) changes the stage's weights. A final forward of each
     batch gives the block's outputs. What is computed once is not computed again: a stage that
-    completes a module whose output is its linear's output (o_proj -> attention) keeps its
-    inputs when they are no wider than the block's input (at most one more copy of the
-    calibration activations), and later forwards replace that module by the compressed linear
-    applied to the kept input, so attention runs once, not in every later stage. A wider input
-    (down_proj's) is not kept; the final forward recomputes the MLP up to it."""
+    completes a module whose output is its linear's output (o_proj -> attention, down_proj ->
+    MLP) keeps its inputs, and later forwards replace that module by the compressed linear
+    applied to the kept input, so attention runs once, not in every later stage, and the final
+    forward does not recompute gate/up. Inputs no wider than the block's (o_proj's) are kept
+    as they are (one more copy of the calibration activations); wider ones (down_proj's, 2.7x
+    on SmolLM2) are kept in `wide` (float16: half the memory; each batch whose values float16
+    cannot hold stays in its own dtype), so the final forward sees them rounded to 11
+    significant bits, while the stage's own observation saw them exact. wide=None (or the
+    calibration dtype) keeps them exactly: float16 or None only matters for float32 forwards."""
     names = [n for stage in stages for n in stage]
     plans = replay_plans(block, xs[0][:1], kwargs, names) if names else {}
     stage_of = {n: k for k, stage in enumerate(stages) for n in stage}
-    keep: dict[int, tuple[str, str, int | None, int]] = {}
+    keep: dict[int, tuple[str, str, int | None, int, bool]] = {}
     for name, (parent, index, arity) in plans.items():
         inside = [n for n in names if n.startswith(parent + ".")]
         narrow = block.get_submodule(name).in_features <= xs[0].shape[-1]
-        if narrow and all(stage_of[n] <= stage_of[name] for n in inside):
-            keep.setdefault(stage_of[name], (name, parent, index, arity))
+        if (narrow or wide is not None) and all(stage_of[n] <= stage_of[name] for n in inside):
+            keep.setdefault(stage_of[name], (name, parent, index, arity, not narrow))
     replays: dict[str, _Replayed] = {}
     tokens = xs[0].shape[0] * xs[0].shape[1]
     for k, stage in enumerate([*stages, None]):
         kept: list | None = [] if k in keep else None
+        store = wide if k in keep and keep[k][4] else None
 
-        def seen(_mod, args, stage=stage, kept=kept):
+        def seen(_mod, args, stage=stage, kept=kept, store=store):
             flat = args[0].reshape(-1, args[0].shape[-1])
             for n in stage:
                 observe(n, flat)
             if kept is not None:
-                kept.append(args[0])
+                kept.append((_compact(args[0], store), args[0].dtype))
             raise _Stop
 
         with block_compute(block, tokens), _replacing(block, replays):
@@ -337,7 +352,7 @@ def staged_pass(
         if stage is not None:
             compress(stage)
             if kept is not None:
-                name, parent, index, arity = keep[k]
+                name, parent, index, arity, _ = keep[k]
                 replays[parent] = _Replayed(name[len(parent) + 1 :], index, arity, kept)
 
 
