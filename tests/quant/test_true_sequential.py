@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import tiny_model
 from tinyllm.core.calib import (
-    _compact,
+    _Kept,
     block_inputs,
     input_stages,
     observe_block,
@@ -241,11 +241,15 @@ def test_staged_pass_keeps_wide_inputs_in_float16_unless_they_do_not_fit():
     """Kept down_proj inputs: float16 gives the float32 outputs to float16's rounding and
     changes nothing the stages observe; wide=None keeps them exactly; a batch float16 cannot
     hold (values past 65504) is kept exactly too, not as inf."""
-    assert _compact(torch.tensor([1.0, 3e4]), torch.float16).dtype == torch.float16
+    kept = _Kept(4, torch.float16)
     big = torch.tensor([1.0, 1e5])
-    assert _compact(big, torch.float16) is big
-    half = torch.ones(2, dtype=torch.bfloat16)
-    assert _compact(half, torch.float16) is half and _compact(big, None) is big
+    for x in (torch.tensor([1.0, 3e4]), big, torch.ones(3)):  # the last: another shape
+        kept.add(x)
+    kept.add(torch.ones(2, dtype=torch.bfloat16))  # no narrower than float16: kept as it is
+    stored = [(t.dtype, d) for t, d in kept.items]
+    f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
+    assert stored == [(f16, f32), (f32, f32), (f16, f32), (bf16, bf16)]
+    assert kept.items[1][0] is big and kept.items[0][0].data_ptr() == kept.buffer.data_ptr()
     model = tiny_model()
     inputs, kwargs = block_inputs(model, [torch.randint(0, 320, (2, 24)) for _ in range(2)])
     base = analyze(model).blocks[0]

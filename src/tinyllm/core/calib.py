@@ -277,12 +277,28 @@ def _replacing(block: nn.Module, replays: dict[str, _Replayed]) -> Iterator:
             setattr(parent, attr, original)
 
 
-def _compact(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """x stored in dtype where every value fits it (else x itself)."""
-    if dtype is None or x.dtype.itemsize <= dtype.itemsize:
-        return x
-    y = x.to(dtype)
-    return y if torch.isfinite(y).all() else x
+class _Kept:
+    """One stage's kept inputs, batch by batch, as (tensor, the dtype it was seen in), in one
+    buffer for all batches: a single large allocation, given back to the system when freed,
+    where many batch-sized ones would leave the heap fragmented and the process larger. Stored
+    in `dtype` (when narrower) for each batch whose values all fit it, else as they were."""
+
+    def __init__(self, batches: int, dtype: torch.dtype | None) -> None:
+        self.batches, self.dtype = batches, dtype
+        self.buffer: torch.Tensor | None = None
+        self.items: list = []
+
+    def add(self, x: torch.Tensor) -> None:
+        narrower = self.dtype is not None and self.dtype.itemsize < x.dtype.itemsize
+        want = self.dtype if narrower else x.dtype
+        if self.buffer is None:
+            self.buffer = torch.empty((self.batches, *x.shape), dtype=want)
+        b = len(self.items)
+        fits = self.buffer.shape[1:] == x.shape and self.buffer.dtype == want
+        slot = self.buffer[b].copy_(x) if fits else x.to(want, copy=True)
+        if narrower and not torch.isfinite(slot).all():
+            slot = x
+        self.items.append((slot, x.dtype))
 
 
 def staged_pass(
@@ -322,15 +338,14 @@ def staged_pass(
     replays: dict[str, _Replayed] = {}
     tokens = xs[0].shape[0] * xs[0].shape[1]
     for k, stage in enumerate([*stages, None]):
-        kept: list | None = [] if k in keep else None
-        store = wide if k in keep and keep[k][4] else None
+        kept = _Kept(len(xs), wide if keep[k][4] else None) if k in keep else None
 
-        def seen(_mod, args, stage=stage, kept=kept, store=store):
+        def seen(_mod, args, stage=stage, kept=kept):
             flat = args[0].reshape(-1, args[0].shape[-1])
             for n in stage:
                 observe(n, flat)
             if kept is not None:
-                kept.append((_compact(args[0], store), args[0].dtype))
+                kept.add(args[0])
             raise _Stop
 
         with block_compute(block, tokens), _replacing(block, replays):
@@ -346,6 +361,8 @@ def staged_pass(
                     if stage is not None:
                         raise RuntimeError(f"the forward never reached {stage[0]}")
                     xs[b] = out
+                    for replay in replays.values():  # the final forward was its last use
+                        replay.values[b] = None
             finally:
                 for h in handles:
                     h.remove()
@@ -353,7 +370,7 @@ def staged_pass(
             compress(stage)
             if kept is not None:
                 name, parent, index, arity, _ = keep[k]
-                replays[parent] = _Replayed(name[len(parent) + 1 :], index, arity, kept)
+                replays[parent] = _Replayed(name[len(parent) + 1 :], index, arity, kept.items)
 
 
 @torch.no_grad()
