@@ -324,8 +324,9 @@ def staged_pass(
     as they are (one more copy of the calibration activations); wider ones (down_proj's, 2.7x
     on SmolLM2) are kept in `wide` (float16: half the memory; each batch whose values float16
     cannot hold stays in its own dtype), so the final forward sees them rounded to 11
-    significant bits, while the stage's own observation saw them exact. wide=None (or the
-    calibration dtype) keeps them exactly: float16 or None only matters for float32 forwards."""
+    significant bits, while the stage's own observation saw them exact. With 16-bit
+    calibration forwards they are kept as they are; wide=None does not keep them (the final
+    forward recomputes the MLP up to them, session 17's behaviour)."""
     names = [n for stage in stages for n in stage]
     plans = replay_plans(block, xs[0][:1], kwargs, names) if names else {}
     stage_of = {n: k for k, stage in enumerate(stages) for n in stage}
