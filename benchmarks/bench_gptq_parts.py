@@ -5,7 +5,8 @@ Run: .venv/bin/python benchmarks/bench_gptq_parts.py
 1. The host's fp32 speed: the 4096 x 576 x 1536 product through oneDNN with a packed weight (the
    number that tells one session's machine from another's).
 2. One batch's Hessian product x^T x (4096 tokens): the full product (`gram`) against the upper
-   row blocks that `HessianAccumulator` multiplies (`add_gram_upper`), for 576 and 1536 inputs.
+   row blocks that `HessianAccumulator` multiplies (`add_gram_upper`, MKL's addmm_), for 576 and
+   1536 inputs, and the same row blocks through oneDNN (tried in session 18, not adopted).
 3. GPTQ's column loop (`_gptq`, 4-bit g64) on the q/k/v, gate/up and down stacks, with lazy
    batches of 128 columns (the paper's) and 32 (the default), and whether the codes agree.
 """
@@ -17,8 +18,8 @@ import time
 
 import torch
 
-from tinyllm.core.kernels import OneDNNLinear
-from tinyllm.quant.gptq import GPTQ, _gptq, add_gram_upper, gram, prepare_layer
+from tinyllm.core.kernels import OneDNNLinear, onednn_available
+from tinyllm.quant.gptq import GPTQ, SYM_ROWS, _gptq, add_gram_upper, gram, prepare_layer
 
 
 def median_s(repeats: int, fn, *args) -> float:
@@ -30,6 +31,17 @@ def median_s(repeats: int, fn, *args) -> float:
         fn(*args)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def upper_onednn(H: torch.Tensor, x: torch.Tensor) -> None:
+    """add_gram_upper's row blocks (beta = alpha = 1) as oneDNN products of x^T's rows."""
+    d = x.shape[1]
+    rows = -(-d // -(-d // SYM_ROWS))
+    xt = x.t().contiguous()
+    for i in range(0, d, rows):
+        H[i : i + rows, i:] += torch.ops.mkldnn._linear_pointwise(
+            xt[i : i + rows], xt[i:], None, "none", [], ""
+        )
 
 
 @torch.no_grad()
@@ -46,9 +58,10 @@ def main() -> None:
         H = torch.zeros(width, width)
         full = median_s(9, gram, x)
         upper = median_s(9, add_gram_upper, H, x, 1.0, 1.0)
+        dnn = median_s(9, upper_onednn, H, x) if onednn_available() else float("nan")
         print(
             f"x^T x, {width} wide: full {full * 1e3:.1f} ms, upper blocks {upper * 1e3:.1f} ms "
-            f"({upper / full:.2f}x)"
+            f"({upper / full:.2f}x), upper blocks through oneDNN {dnn * 1e3:.1f} ms"
         )
 
     for rows, cols, what in ((960, 576, "q/k/v"), (3072, 576, "gate/up"), (576, 1536, "down")):
