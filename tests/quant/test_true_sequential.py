@@ -238,9 +238,9 @@ def _rounding_pass(block, xs, kwargs, wide, seen):
 
 @torch.no_grad()
 def test_staged_pass_keeps_wide_inputs_in_float16_unless_they_do_not_fit():
-    """Kept down_proj inputs: float16 gives the float32 outputs to float16's rounding and
-    changes nothing the stages observe; wide=None keeps them exactly; a batch float16 cannot
-    hold (values past 65504) is kept exactly too, not as inf."""
+    """Kept down_proj inputs: float16 gives the outputs of wide=None (which recomputes them
+    exactly) to float16's rounding and changes nothing the stages observe; a batch float16
+    cannot hold (values past 65504) is kept in float32, not as inf, so its outputs are exact."""
     kept = _Kept(4, torch.float16)
     big = torch.tensor([1.0, 1e5])
     for x in (torch.tensor([1.0, 3e4]), big, torch.ones(3)):  # the last: another shape
