@@ -1,4 +1,5 @@
-"""Calibration precision: bf16 block forwards under autocast, fp32 Hessians, the plumbing."""
+"""Calibration precision: bf16 block forwards under autocast, Hessians (fp32, or bf16 with the
+largest channels exact in bf16 passes), the plumbing."""
 
 import pytest
 import torch
@@ -14,7 +15,15 @@ from tinyllm.core.kernels import (
 )
 from tinyllm.errors import ConfigError
 from tinyllm.quant.api import quantize
-from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gram
+from tinyllm.quant.gptq import (
+    EXACT_ROWS,
+    GPTQ,
+    HessianAccumulator,
+    add_gram_upper_bf16,
+    gptq_quantize,
+    gram,
+    output_error,
+)
 
 
 def test_resolve():
@@ -62,6 +71,57 @@ def test_hessian_accumulator_is_fp32_exact_and_symmetric():
         x = torch.cat([*xs, xs[0]]).double()
         ref = 2 * x.t() @ x / x.shape[0]
         assert ((acc.hessian("layer").double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def _outlier_inputs(g: torch.Generator, tokens: int, width: int) -> torch.Tensor:
+    """Correlated inputs with a few channels 30-300x larger, as in an LLM's residual stream
+    (the same channels in every token: the accumulator picks its exact rows from a first batch)."""
+    mix = torch.randn(width, width, generator=g) / width**0.5 + torch.eye(width)
+    x = torch.randn(tokens, width, generator=g) @ mix
+    big = torch.randperm(width, generator=g)[:6]
+    x[:, big] *= torch.tensor([300.0, 200.0, 100.0, 60.0, 40.0, 30.0])
+    return x
+
+
+def test_bf16_hessian_keeps_the_largest_channels_exact():
+    """In bf16 passes the accumulator multiplies in bf16 but keeps the largest channels' rows and
+    columns exact: within 1% of the mean diagonal of the fp32 Hessian (GPTQ's dampening), while
+    plain bf16 products miss by more on the same inputs; GPTQ's output error is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    for width in (96, 576):
+        xs = list(_outlier_inputs(g, 3072, width).split([2048, 1024]))  # same outliers
+        acc = HessianAccumulator()
+        with calibration_precision(torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
+            for x in xs:
+                acc.add("layer", x)
+        H = acc.hessian("layer")
+        x = torch.cat(xs).double()
+        ref = (2 * x.t() @ x / x.shape[0]).float()
+        mean_diag = float(ref.diagonal().mean())
+        assert torch.equal(H, H.t())
+        assert float((H - ref).abs().max()) < 0.01 * mean_diag
+        top = torch.topk(xs[0].pow(2).sum(0), min(EXACT_ROWS, width)).indices
+        assert torch.allclose(H[top], ref[top], rtol=1e-5, atol=1e-6 * mean_diag)
+        plain = torch.zeros(width, width)
+        for x in xs:
+            add_gram_upper_bf16(plain, x, 1.0, 2.0 / 3072)
+        plain = plain.triu() + plain.triu(1).t()
+        assert float((plain - ref).abs().max()) > 0.01 * mean_diag
+        W = torch.randn(64, width, generator=g)
+        cfg = GPTQ(bits=4, group_size=32)
+        errors = [output_error(W, gptq_quantize(W, h, cfg)[0].dequantize(), ref) for h in (ref, H)]
+        assert abs(errors[1] / errors[0] - 1) < 0.02
+
+
+def test_bf16_hessian_only_in_bf16_passes():
+    g = torch.Generator().manual_seed(1)
+    x = _outlier_inputs(g, 512, 96)
+    acc = HessianAccumulator()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast alone is not the setting
+        acc.add("layer", x)
+    assert not acc.exact
+    ref = 2 * x.double().t() @ x.double() / 512
+    assert ((acc.hessian("layer").double() - ref).norm() / ref.norm()) < 1e-5
 
 
 def test_bf16_block_forward_is_close_and_keeps_fp32_stream():

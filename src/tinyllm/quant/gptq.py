@@ -20,7 +20,7 @@ from tinyllm.core.calib import (
     observe_pair,
     staged_pass,
 )
-from tinyllm.core.kernels import onednn_available
+from tinyllm.core.kernels import calib_dtype, onednn_available
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ConfigError
 from tinyllm.quant.common import (
@@ -307,15 +307,41 @@ def add_gram_upper(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) 
     """H <- beta H + alpha x^T x on and above the diagonal only, for x [tokens, in]: x^T x is
     symmetric, so its row blocks are multiplied from the diagonal rightwards (about 0.55-0.70x
     the work of the full product for 576-1536 inputs; the lower triangle of H is left stale,
-    see `mirror_upper`). Always fp32 (autocast off), whatever the calibration passes run in."""
+    see `mirror_upper`). fp32 (autocast off), whatever the calibration passes run in."""
     d = x.shape[1]
-    pieces = -(-d // SYM_ROWS)
-    rows = -(-d // pieces)  # equal row blocks of at most SYM_ROWS rows
     with torch.autocast("cpu", enabled=False):
         x = x.float()
         xt = x.t()
-        for i in range(0, d, rows):
+        for i, rows in _row_blocks(0, d):
             H[i : i + rows, i:].addmm_(xt[i : i + rows], x[:, i:], beta=beta, alpha=alpha)
+
+
+def _row_blocks(start: int, stop: int) -> list[tuple[int, int]]:
+    """(first row, rows) of equal row blocks of at most SYM_ROWS rows covering start..stop."""
+    pieces = -(-(stop - start) // SYM_ROWS)
+    rows = -(-(stop - start) // max(pieces, 1))
+    return [(i, min(rows, stop - i)) for i in range(start, stop, rows)]
+
+
+# bf16 Hessians (bf16 calibration passes only). oneDNN multiplies bf16 about 2.4x faster than
+# fp32 on CPUs with native bf16 dot products, but rounds each product's outputs to bf16: on
+# SmolLM2's outlier input channels (diagonal up to 370x the mean) the error of a plain bf16
+# Hessian reached 4-27% of the mean diagonal, beyond what GPTQ's 1% dampening absorbs (block
+# 0's o_proj needed 100x dampening, output error 4.5x). So the rows and columns of the
+# EXACT_ROWS largest channels (largest mean square in the layer's first batch) are accumulated
+# in fp32 beside the bf16 products and replace theirs: errors fall to 0.1-3% of the mean
+# diagonal and GPTQ's output errors stay within 0.1% of the exact Hessian's on every layer
+# measured (BENCHMARKS.md, session 19).
+EXACT_ROWS = 32
+
+
+def add_gram_upper_bf16(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
+    """add_gram_upper from bf16 products (fp32 accumulation inside each, bf16 outputs)."""
+    with torch.autocast("cpu", enabled=False):
+        xb = x.bfloat16()
+        xbt = xb.t()
+        for i, rows in _row_blocks(0, x.shape[1]):
+            H[i : i + rows, i:].mul_(beta).add_(xbt[i : i + rows] @ xb[:, i:], alpha=alpha)
 
 
 def mirror_upper(H: torch.Tensor) -> torch.Tensor:
@@ -330,7 +356,9 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class HessianAccumulator:
     """Running H = (2/n) sum x x^T per layer input. Layers fed the same tensor (q/k/v, gate/up)
-    share one accumulation. Only the upper triangle is accumulated; `hessian` mirrors it."""
+    share one accumulation. Only the upper triangle is accumulated; `hessian` mirrors it. In
+    bf16 calibration passes the products are bf16 except the largest channels' rows
+    (add_gram_upper_bf16); those rows are accumulated in fp32 too and replace theirs in `hessian`."""
 
     def __init__(self) -> None:
         self.H: dict[str, torch.Tensor] = {}
@@ -339,6 +367,8 @@ class HessianAccumulator:
         self.alias: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None  # (the last input, its owner)
         self._mirrored: set[str] = set()
+        # bf16 passes: the largest input channels and their exact rows of H, [k] and [k, in]
+        self.exact: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, name: str, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
         """Add a batch of inputs x [tokens, in]; with x_ref (the float model's inputs to the same
@@ -352,10 +382,19 @@ class HessianAccumulator:
         if name not in self.H:
             self.H[name] = torch.zeros(x.shape[1], x.shape[1])
             self.n[name] = 0
+            if calib_dtype() == torch.bfloat16 and x.shape[1] > EXACT_ROWS:
+                top = torch.topk(x.detach().float().pow(2).sum(0), EXACT_ROWS).indices
+                self.exact[name] = (top, torch.zeros(EXACT_ROWS, x.shape[1]))
             if x_ref is not None:
                 self.C[name] = torch.zeros(x.shape[1], x.shape[1])
         n, k = self.n[name], x.shape[0]
-        add_gram_upper(self.H[name], x, n / (n + k), 2.0 / (n + k))
+        if name in self.exact:
+            top, rows = self.exact[name]
+            add_gram_upper_bf16(self.H[name], x, n / (n + k), 2.0 / (n + k))
+            with torch.autocast("cpu", enabled=False):
+                rows.mul_(n / (n + k)).addmm_(x[:, top].float().t(), x.float(), alpha=2.0 / (n + k))
+        else:
+            add_gram_upper(self.H[name], x, n / (n + k), 2.0 / (n + k))
         self._mirrored.discard(name)
         if x_ref is not None:
             self.C[name].mul_(n / (n + k)).add_(gram(x_ref, x), alpha=2.0 / (n + k))
@@ -365,6 +404,12 @@ class HessianAccumulator:
         owner = self.alias.get(name, name)
         if owner not in self._mirrored:
             mirror_upper(self.H[owner])
+            if owner in self.exact:  # the largest channels' exact rows and columns
+                top, rows = self.exact.pop(owner)
+                both = rows[:, top]
+                self.H[owner][top] = rows
+                self.H[owner][:, top] = rows.t()
+                self.H[owner][top[:, None], top] = (both + both.t()) / 2  # exactly symmetric
             self._mirrored.add(owner)
         return self.H[owner]
 
