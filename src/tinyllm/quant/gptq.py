@@ -357,8 +357,8 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 class HessianAccumulator:
     """Running H = (2/n) sum x x^T per layer input. Layers fed the same tensor (q/k/v, gate/up)
     share one accumulation. Only the upper triangle is accumulated; `hessian` mirrors it. In
-    bf16 calibration passes the products are bf16 except the largest channels' rows
-    (add_gram_upper_bf16); those rows are accumulated in fp32 too and replace theirs in `hessian`."""
+    bf16 calibration passes the products are bf16 (add_gram_upper_bf16) and the rows of the
+    largest channels are accumulated in fp32 too, replacing theirs in `hessian`."""
 
     def __init__(self) -> None:
         self.H: dict[str, torch.Tensor] = {}
