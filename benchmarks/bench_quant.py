@@ -141,6 +141,14 @@ ROWS["gptq-wg-staged-4b-g64-seed1"] = [*ROWS["gptq-wg-staged-4b-g64"], "--seed",
 for _setting in ("4b-g64", "3b-g32", "4b-g32-sym", "4b-pc", "8b-pc"):
     ROWS[f"gptq-wg-kept16-{_setting}"] = list(ROWS[f"gptq-wg-staged-{_setting}"])
 
+# Session 19: bf16 calibration with bf16 Hessians (the 32 largest input channels' rows exact)
+for _setting in ("4b-g64", "3b-g32", "4b-g32-sym"):
+    ROWS[f"gptq-wg-bf16h-{_setting}"] = [
+        *ROWS[f"gptq-wg-kept16-{_setting}"],
+        "--calib-dtype",
+        "bfloat16",
+    ]
+
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:
     target = "smollm2-135m"

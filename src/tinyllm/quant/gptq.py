@@ -221,14 +221,13 @@ def _gptq(
                 scale[:, col // g], zero[:, col // g] = _group_grid(window, cfg, H, col)
                 col_scale[col : col + g] = scale[:, col // g]
                 col_zero[col : col + g] = zero[:, col // g]
-            w, s, z = W1[i], col_scale[col], col_zero[col]
-            q = (w / s).add_(z).round_().clamp_(0, top)
-            if keep is not None:
-                q = torch.where(keep[col], q, z)  # z is an integer code: it dequantizes to 0
-            codes[col] = q
-            err = torch.sub(w, (q - z).mul_(s)).div_(diag[col])
-            W1[i:].addr_(U[col, col:i2], err, alpha=-1.0)
-            Err1[i] = err
+            w, s, z, q, err = W1[i], col_scale[col], col_zero[col], codes[col], Err1[i]
+            torch.div(w, s, out=q).add_(z).round_().clamp_(0, top)
+            if keep is not None:  # z is an integer code: it dequantizes to 0
+                torch.where(keep[col], q, z, out=q)
+            # err = (w - (q - z) s) / d, in place: one pass per op, no temporaries
+            torch.sub(q, z, out=err).mul_(s).sub_(w).div_(-diag[col])
+            W1[i + 1 :].addr_(U[col, col + 1 : i2], err, alpha=-1.0)
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
     codes = codes.t().to(torch.uint8)  # [rows, cols], processing order
     if static:  # groups follow original columns: store codes in original order
@@ -392,7 +391,8 @@ class HessianAccumulator:
             top, rows = self.exact[name]
             add_gram_upper_bf16(self.H[name], x, n / (n + k), 2.0 / (n + k))
             with torch.autocast("cpu", enabled=False):
-                rows.mul_(n / (n + k)).addmm_(x[:, top].float().t(), x.float(), alpha=2.0 / (n + k))
+                xf = x.float()
+                rows.mul_(n / (n + k)).addmm_(xf.index_select(1, top).t(), xf, alpha=2.0 / (n + k))
         else:
             add_gram_upper(self.H[name], x, n / (n + k), 2.0 / (n + k))
         self._mirrored.discard(name)

@@ -70,12 +70,15 @@ def group_qparams(
     scale, zero = _affine_params(lo, hi, bits, sym)
     if not mse:
         return scale, zero
-    imp = 1.0 if importance is None else grouped(importance.float()[None], group_size)
+    imp = None if importance is None else grouped(importance.float()[None], group_size)
     best = torch.full_like(scale, float("inf"))
     for shrink in SHRINK_GRID.tolist():
         s, z = _affine_params(lo * shrink, hi * shrink, bits, sym)
-        diff = (fake_quant(g, s[..., None], z[..., None], bits) - g).abs().pow(norm)
-        err = (diff * imp).sum(-1)
+        s3, z3 = s[..., None], z[..., None]
+        # fake_quant(g) - g, in place (the search's cost is its passes over the weight)
+        diff = torch.div(g, s3).add_(z3).round_().clamp_(0, qmax(bits)).sub_(z3).mul_(s3).sub_(g)
+        diff = diff.mul_(diff) if norm == 2.0 else diff.abs_().pow_(norm)
+        err = (diff if imp is None else diff.mul_(imp)).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
