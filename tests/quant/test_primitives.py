@@ -128,3 +128,31 @@ def test_weighted_clipping_search_minimises_the_weighted_error():
     assert weighted_err(*weighted).sum() < 0.98 * weighted_err(*plain).sum()
     ones = group_qparams(w, 3, 32, False, mse=True, norm=2.0, importance=torch.ones(64))
     assert torch.equal(ones[0], plain[0]) and torch.equal(ones[1], plain[1])
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (3, 32, False), (4, 32, True)])
+@pytest.mark.parametrize("norm,weighted", [(2.0, True), (2.4, False)])
+def test_clipping_search_picks_the_best_candidate_of_the_grid(bits, group, sym, norm, weighted):
+    """The in-place search returns, for every group, exactly the candidate of SHRINK_GRID (the
+    first among equals) whose weighted |w - fake_quant(w)|^norm is smallest, as a plain
+    out-of-place evaluation of every candidate finds it."""
+    from tinyllm.quant.primitives import SHRINK_GRID, _affine_params, fake_quant, grouped
+
+    torch.manual_seed(1)
+    w = torch.randn(40, 128) * torch.linspace(0.1, 4.0, 128)
+    imp = torch.rand(128) ** 3 if weighted else None
+    g = grouped(w, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    weight = grouped(imp[None], group) if weighted else 1.0
+    errs, cands = [], []
+    for shrink in SHRINK_GRID.tolist():
+        s, z = _affine_params(lo * shrink, hi * shrink, bits, sym)
+        errs.append(
+            ((fake_quant(g, s[..., None], z[..., None], bits) - g).abs() ** norm * weight).sum(-1)
+        )
+        cands.append((s, z))
+    pick = torch.stack(errs).argmin(0)  # first minimum
+    want_s = torch.stack([c[0] for c in cands]).gather(0, pick[None])[0]
+    want_z = torch.stack([c[1] for c in cands]).gather(0, pick[None])[0]
+    s, z = P.group_qparams(w, bits, group, sym, mse=True, norm=norm, importance=imp)
+    assert torch.equal(s, want_s) and torch.equal(z, want_z)

@@ -81,9 +81,10 @@ def fast_linears(model: nn.Module, batch_tokens: int | None = None) -> Iterator[
 # bf16 matmuls about 4x faster than fp32 ones. In bf16 the block's linears run under autocast
 # (fp32 accumulation; the residual stream, norms and attention stay fp32). A block's output then
 # differs from fp32 by about 1% of its update, an order of magnitude below 4-bit quantization
-# error. Hessians are accumulated from fp32 products whatever the setting (quant.gptq.gram).
-# float32 stays the default; GPTQ 4-bit g64 on SmolLM2 showed no loss in bf16 beyond GPTQ's
-# run-to-run spread (two runs each), other methods are not measured in bf16 yet.
+# error. Hessians (GPTQ, SparseGPT) then come from bf16 products too, with the rows and columns
+# of the 32 largest input channels accumulated in fp32 (quant.gptq.HessianAccumulator).
+# float32 stays the default; GPTQ on SmolLM2 showed no loss in bf16 beyond GPTQ's run-to-run
+# spread (4-bit g64, 3-bit g32), other methods are not measured in bf16 yet.
 
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
 _CALIB_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar(

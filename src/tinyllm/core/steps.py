@@ -39,7 +39,7 @@ class Context:
     calib: torch.Tensor | None = None  # [samples, seq_len] token ids
     batch_size: int = 8
     # Precision of calibration forwards: float32, bfloat16 or auto (bfloat16 where the CPU
-    # computes it natively); Hessians stay fp32 (tinyllm.core.kernels).
+    # computes it natively); see tinyllm.core.kernels.
     calib_dtype: str = "float32"
     report: dict[str, Any] = field(default_factory=dict)  # e.g. per-layer errors
     # Per-layer bit widths for weight quantizers (mixed precision), keyed by the full linear

@@ -290,8 +290,7 @@ def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
 
 def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """x^T y (y defaults to x) in fp32 for one batch [tokens, in], through oneDNN where available
-    (about twice MKL's speed on some AMD CPUs). Always fp32: bf16 products perturb H by 3-13% of
-    its mean diagonal on SmolLM2's outlier channels, more than GPTQ's 1% dampening absorbs."""
+    (about twice MKL's speed on some AMD CPUs). Always fp32 (see EXACT_ROWS for bf16 Hessians)."""
     xt = x.float().t().contiguous()
     yt = xt if y is None else y.float().t().contiguous()
     if onednn_available():
@@ -325,11 +324,11 @@ def _row_blocks(start: int, stop: int) -> list[tuple[int, int]]:
 # bf16 Hessians (bf16 calibration passes only). oneDNN multiplies bf16 about 2.4x faster than
 # fp32 on CPUs with native bf16 dot products, but rounds each product's outputs to bf16: on
 # SmolLM2's outlier input channels (diagonal up to 370x the mean) the error of a plain bf16
-# Hessian reached 4-27% of the mean diagonal, beyond what GPTQ's 1% dampening absorbs (block
+# Hessian reached up to 27% of the mean diagonal, beyond what GPTQ's 1% dampening absorbs (block
 # 0's o_proj needed 100x dampening, output error 4.5x). So the rows and columns of the
 # EXACT_ROWS largest channels (largest mean square in the layer's first batch) are accumulated
 # in fp32 beside the bf16 products and replace theirs: errors fall to 0.1-3% of the mean
-# diagonal and GPTQ's output errors stay within 0.1% of the exact Hessian's on every layer
+# diagonal and GPTQ's output errors stay within 0.2% of the exact Hessian's on every layer
 # measured (BENCHMARKS.md, session 19).
 EXACT_ROWS = 32
 
