@@ -43,6 +43,16 @@ UNSTRUCTURED = {
     "magnitude-50-owl": ["--method", "magnitude", "--sparsity", "0.5", "--allocation", "owl"],
     "wanda-50-owl": ["--method", "wanda", "--sparsity", "0.5", "--allocation", "owl"],
     "sparsegpt-50-owl": ["--method", "sparsegpt", "--sparsity", "0.5", "--allocation", "owl"],
+    # bf16 calibration passes (session 19: bf16 Hessians with the 32 largest channels exact)
+    "sparsegpt-50-bf16": [
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--calib-dtype",
+        "bfloat16",
+    ],
+    "wanda-50-bf16": ["--method", "wanda", "--sparsity", "0.5", "--calib-dtype", "bfloat16"],
 }
 STRUCTURED = {
     "channels-25": ["--method", "channels", "--sparsity", "0.25"],

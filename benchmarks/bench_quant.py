@@ -148,6 +148,9 @@ for _setting in ("4b-g64", "3b-g32", "4b-g32-sym"):
         "--calib-dtype",
         "bfloat16",
     ]
+# ... and AWQ in bf16 (its activation statistics and scale search), alone and as GPTQ's front end
+for _row in ("awq-rtn-4b-g64", "awq-gptq-clamped-4b-g64"):
+    ROWS[f"{_row}-bf16"] = [*ROWS[_row], "--calib-dtype", "bfloat16"]
 
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:

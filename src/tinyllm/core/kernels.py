@@ -83,8 +83,8 @@ def fast_linears(model: nn.Module, batch_tokens: int | None = None) -> Iterator[
 # differs from fp32 by about 1% of its update, an order of magnitude below 4-bit quantization
 # error. Hessians (GPTQ, SparseGPT) then come from bf16 products too, with the rows and columns
 # of the 32 largest input channels accumulated in fp32 (quant.gptq.HessianAccumulator).
-# float32 stays the default; GPTQ on SmolLM2 showed no loss in bf16 beyond GPTQ's run-to-run
-# spread (4-bit g64, 3-bit g32), other methods are not measured in bf16 yet.
+# float32 stays the default; on SmolLM2 GPTQ (4-bit g64, 3-bit g32), AWQ, SparseGPT and Wanda
+# showed no loss in bf16 beyond their run-to-run spread (BENCHMARKS.md, issue 3, session 19).
 
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
 _CALIB_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar(
