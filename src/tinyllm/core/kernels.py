@@ -78,7 +78,7 @@ def fast_linears(model: nn.Module, batch_tokens: int | None = None) -> Iterator[
 # --- Calibration precision -------------------------------------------------------------------
 # Calibration passes (block forwards over 128 x 512 tokens) dominate the cost of GPTQ, AWQ,
 # SparseGPT and Wanda. On CPUs with native bfloat16 dot products (AVX512_BF16, AMX) oneDNN runs
-# bf16 matmuls about 4x faster than fp32 ones. In bf16 the block's linears run under autocast
+# bf16 matmuls 2.4-4x faster than fp32 ones. In bf16 the block's linears run under autocast
 # (fp32 accumulation; the residual stream, norms and attention stay fp32). A block's output then
 # differs from fp32 by about 1% of its update, an order of magnitude below 4-bit quantization
 # error. Hessians (GPTQ, SparseGPT) then come from bf16 products too, with the rows and columns
