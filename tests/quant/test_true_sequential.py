@@ -14,6 +14,7 @@ from tinyllm.core.calib import (
     input_stages,
     observe_block,
     observe_pair,
+    probe_block,
     replay_plans,
     staged_pass,
 )
@@ -214,14 +215,14 @@ def test_staged_pass_equals_stage_by_stage_forwards_with_attention_run_once(fami
         # the final forward applies down_proj to its inputs kept in float16 (11 bits)
         assert torch.allclose(xq, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)
     n = len(batches)
-    # one-sample trial forwards (input_stages, replay_plans) + the q/k/v and o stages
-    assert calls["self_attn"] == 2 + 2 * n
-    # trials + the gate/up stage (stops at gate_proj's input) + the down stage; the final
+    # one one-sample trial forward (probe_block) + the q/k/v and o stages
+    assert calls["self_attn"] == 1 + 2 * n
+    # trial + the gate/up stage (stops at gate_proj's input) + the down stage; the final
     # forward applies down_proj to the inputs kept from its stage instead of the MLP
-    assert calls["mlp.gate_proj"] == 2 + 2 * n
+    assert calls["mlp.gate_proj"] == 1 + 2 * n
 
 
-def _rounding_pass(block, xs, kwargs, wide, seen):
+def _rounding_pass(block, xs, kwargs, wide, seen, skip=True):
     """staged_pass with a stand-in compression (weights rounded to multiples of 1/512), recording
     the sum of every observed input."""
     names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -233,7 +234,75 @@ def _rounding_pass(block, xs, kwargs, wide, seen):
             w.data = torch.round(w * 512) / 512
 
     observe = lambda n, x: seen.append((n, x.double().sum().item()))  # noqa: E731
-    staged_pass(block, xs, kwargs, stages, observe, compress, wide=wide)
+    staged_pass(block, xs, kwargs, stages, observe, compress, wide=wide, skip=skip)
+
+
+# Norms whose output only the attention or the MLP reads, per family (Gemma 3's post-attention
+# and post-feedforward norms feed the residual sums, in the block's own code)
+FED = {
+    "llama": {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"},
+    "gemma3": {"input_layernorm": "self_attn", "pre_feedforward_layernorm": "mlp"},
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@torch.no_grad()
+def test_norms_that_only_feed_a_replayed_module_are_not_run(family):
+    """probe_block finds the norms whose output only attention or the MLP reads; once those are
+    replayed the staged pass skips them, changing nothing it observes or outputs (bit for bit)
+    while the input norm runs only in the q/k/v and o stages."""
+    model = tiny_model(family)
+    batches = [torch.randint(0, 320, (2, 24)) for _ in range(3)]
+    inputs, kwargs = block_inputs(model, batches)
+    base = analyze(model).blocks[0]
+    names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+    feeds = probe_block(base, inputs[0][0][:1], kwargs[0], names).feeds
+    # (Gemma 3's MLP also feeds only its post-feedforward norm: true, and never replayed)
+    assert {c: r for c, r in feeds.items() if r in ("self_attn", "mlp")} == FED[family]
+    outs, seen, calls = {}, {}, {}
+    for skip in (False, True):
+        block = copy.deepcopy(base)
+        calls[skip] = collections.Counter()
+        for name in FED[family]:
+            block.get_submodule(name).register_forward_pre_hook(
+                lambda *_a, name=name, c=calls[skip]: c.update([name])
+            )
+        xs, seen[skip] = [x.clone() for x in inputs[0]], []
+        _rounding_pass(block, xs, kwargs[0], torch.float16, seen[skip], skip=skip)
+        outs[skip] = xs
+    assert seen[True] == seen[False]
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
+    n, first, second = len(batches), *FED[family]
+    # two trial forwards (input_stages, then the staged pass's probe) + the stages that run it:
+    # q/k/v, o (then attention is replayed); gate/up, down (then the MLP is)
+    assert calls[True] == {first: 2 + 2 * n, second: 2 + 2 * n}
+    assert calls[False] == {first: 2 + 5 * n, second: 2 + 3 * n}
+
+
+@torch.no_grad()
+def test_a_norm_the_block_itself_also_reads_is_not_skipped():
+    """A block whose residual is the normed input (as with post-layernorm residuals): the norm
+    feeds the block's own code too, so it is not skipped, and the outputs equal the unskipped."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+            self.attn = torch.nn.Sequential(torch.nn.Linear(8, 8))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return h + self.attn(h)
+
+    block = Block()
+    xs = [torch.randn(2, 5, 8) for _ in range(2)]
+    assert probe_block(block, xs[0][:1], {}, ["attn.0"]).feeds == {}
+    outs = {}
+    for skip in (False, True):
+        b, ys = copy.deepcopy(block), [x.clone() for x in xs]
+        _rounding_pass(b, ys, {}, None, [], skip=skip)
+        outs[skip] = ys
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
 
 
 @torch.no_grad()

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from tinyllm.core.kernels import block_compute
 from tinyllm.models.anatomy import analyze
@@ -207,15 +210,51 @@ def _maybe_compute(other: nn.Module, block: nn.Module, tokens: int) -> Iterator:
             yield
 
 
-def input_stages(
-    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
-) -> list[list[str]]:
-    """The named linears grouped by the tensor they read (q/k/v share one, gate/up another), in
-    the order one forward reaches them: the order in which true-sequential calibration
-    compresses them, so each stage is observed with every earlier stage already compressed."""
+@dataclass
+class Probe:
+    """What one trial forward of a block shows (see probe_block)."""
+
+    stages: list[list[str]]  # input_stages
+    plans: dict[str, tuple[str, int | None, int]]  # replay_plans
+    # a child module of the block -> the one other child that alone reads its output (the input
+    # norm -> attention): once that reader is replayed, the child's work is thrown away
+    feeds: dict[str, str] = field(default_factory=dict)
+
+
+class _Reads(TorchFunctionMode):
+    """Records which of the block's children (None: the block's own code) each watched tensor
+    is read by, through any torch function or tensor method."""
+
+    def __init__(self, watched: dict[int, str], running: list[str], reads: dict) -> None:
+        super().__init__()
+        self.watched, self.running, self.reads = watched, running, reads
+
+    def note(self, values: Any, reader: str | None) -> None:
+        for leaf in tree_leaves(values):
+            owner = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if owner is not None:
+                self.reads[owner].add(reader)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.note((args, kwargs), self.running[0] if self.running else None)
+        return func(*args, **kwargs)
+
+
+def probe_block(block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]) -> Probe:
+    """One trial forward of the block on x (one sample) with the named linears: their stages
+    (input_stages), the modules their outputs stand for (replay_plans) and which children only
+    feed another child (Probe.feeds; only children whose output is a plain tensor, traced
+    through every torch call, so a tensor the block's own code reads is never counted as fed)."""
     stages: list[list[str]] = []
     owners: dict[tuple, int] = {}
     alive: list[torch.Tensor] = []  # inputs stay alive, so their storage is not reused
+    outs: dict[str, Any] = {}
+    children = dict(block.named_children())
+    watched: dict[int, str] = {}
+    reads: dict[str, set] = {name: set() for name in children}
+    running: list[str] = []
+    mode = _Reads(watched, running, reads)
 
     def see(name: str, t: torch.Tensor) -> None:
         key = (t.data_ptr(), tuple(t.shape))
@@ -226,34 +265,41 @@ def input_stages(
         if name not in stages[owners[key]]:
             stages[owners[key]].append(name)
 
-    with input_hooks(block, names, see):
-        run_block(block, x, kwargs)
-    missing = [n for n in names if not any(n in s for s in stages)]
-    return stages + [[n] for n in missing]
-
-
-def replay_plans(
-    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
-) -> dict[str, tuple[str, int | None, int]]:
-    """Named linears whose output is, as is, the whole output of their parent module (o_proj's
-    is the attention module's, down_proj's the MLP's), found by one forward:
-    {linear: (parent, position in the parent's output tuple or None, tuple length)}. A tuple
-    qualifies when every other element is None (no attention weights returned)."""
-    outs: dict[str, Any] = {}
-
     def grab(key: str):
         def hook(_mod, _args, out):
             outs[key] = out
 
         return hook
 
+    def enter(child: str):
+        def hook(_mod, args, kw):
+            mode.note((args, kw), child)
+            running.append(child)
+
+        return hook
+
+    def leave(child: str):
+        def hook(_mod, _args, _kw, out):
+            running.pop()
+            if isinstance(out, torch.Tensor) and id(out) not in watched:
+                watched[id(out)] = child
+                alive.append(out)
+
+        return hook
+
     parents = {n.rsplit(".", 1)[0] for n in names if "." in n}
     handles = [block.get_submodule(k).register_forward_hook(grab(k)) for k in [*parents, *names]]
+    for child, module in children.items():
+        handles.append(module.register_forward_pre_hook(enter(child), with_kwargs=True))
+        handles.append(module.register_forward_hook(leave(child), with_kwargs=True))
     try:
-        run_block(block, x, kwargs)
+        with input_hooks(block, names, see), mode:
+            out = run_block(block, x, kwargs)
+        mode.note(out, None)
     finally:
         for h in handles:
             h.remove()
+    missing = [n for n in names if not any(n in s for s in stages)]
     plans: dict[str, tuple[str, int | None, int]] = {}
     for name in names:
         parent = name.rsplit(".", 1)[0] if "." in name else None
@@ -266,7 +312,31 @@ def replay_plans(
             at = [i for i, o in enumerate(out) if o is mine]
             if len(at) == 1:
                 plans[name] = (parent, at[0], len(out))
-    return plans
+    feeds = {
+        child: next(iter(by))
+        for child, by in reads.items()
+        if len(by) == 1 and None not in by and child not in by
+    }
+    return Probe(stages + [[n] for n in missing], plans, feeds)
+
+
+def input_stages(
+    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
+) -> list[list[str]]:
+    """The named linears grouped by the tensor they read (q/k/v share one, gate/up another), in
+    the order one forward reaches them: the order in which true-sequential calibration
+    compresses them, so each stage is observed with every earlier stage already compressed."""
+    return probe_block(block, x, kwargs, names).stages
+
+
+def replay_plans(
+    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
+) -> dict[str, tuple[str, int | None, int]]:
+    """Named linears whose output is, as is, the whole output of their parent module (o_proj's
+    is the attention module's, down_proj's the MLP's), found by one forward:
+    {linear: (parent, position in the parent's output tuple or None, tuple length)}. A tuple
+    qualifies when every other element is None (no attention weights returned)."""
+    return probe_block(block, x, kwargs, names).plans
 
 
 class _Replayed(nn.Module):
@@ -296,16 +366,26 @@ class _Replayed(nn.Module):
         )
 
 
+class _Skipped(nn.Module):
+    """Stands in for a child of the block whose output only a replayed module reads (and that
+    ignores its inputs): hands its first input on instead of computing (the input norm once
+    attention is replayed: its output would be thrown away)."""
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else next(iter(kwargs.values()))
+
+
 @contextmanager
-def _replacing(block: nn.Module, replays: dict[str, _Replayed]) -> Iterator:
-    """Put each replay in its module's place inside the block (restored after)."""
+def _replacing(block: nn.Module, replays: dict[str, nn.Module]) -> Iterator:
+    """Put each replay (or stand-in) in its module's place inside the block (restored after)."""
     swapped = []
     try:
         for path, replay in replays.items():
             parent_path, _, attr = path.rpartition(".")
             parent = block.get_submodule(parent_path) if parent_path else block
             original = getattr(parent, attr)
-            replay.bind(original)
+            if isinstance(replay, _Replayed):
+                replay.bind(original)
             setattr(parent, attr, replay)
             swapped.append((parent, attr, original))
         yield
@@ -346,6 +426,8 @@ def staged_pass(
     observe: Callable[[str, torch.Tensor], None],
     compress: Callable[[list[str]], None],
     wide: torch.dtype | None = torch.float16,
+    probe: Probe | None = None,
+    skip: bool = True,
 ) -> None:
     """True-sequential calibration of one block in about one forward's work; `xs` is replaced
     in place by the block's outputs under the compressed weights.
@@ -363,9 +445,16 @@ def staged_pass(
     cannot hold stays in its own dtype), so the final forward sees them rounded to 11
     significant bits, while the stage's own observation saw them exact. With 16-bit
     calibration forwards they are kept as they are; wide=None does not keep them (the final
-    forward recomputes the MLP up to them, session 17's behaviour)."""
+    forward recomputes the MLP up to them, session 17's behaviour). With `skip`, a child of the
+    block whose output only a replayed module reads (Probe.feeds: the input norm once attention
+    is replayed, the MLP's norm in the final forward) is not run either. `probe`: the block's
+    probe_block on these names, if the caller has it (else taken here)."""
     names = [n for stage in stages for n in stage]
-    plans = replay_plans(block, xs[0][:1], kwargs, names) if names else {}
+    if probe is None:
+        probe = probe_block(block, xs[0][:1], kwargs, names) if names else Probe([], {})
+    plans = probe.plans
+    children = [c for c, _ in block.named_children()]
+    with_linears = {c for c in children if any(n == c or n.startswith(c + ".") for n in names)}
     stage_of = {n: k for k, stage in enumerate(stages) for n in stage}
     keep: dict[int, tuple[str, str, int | None, int, bool]] = {}
     for name, (parent, index, arity) in plans.items():
@@ -377,6 +466,11 @@ def staged_pass(
     tokens = xs[0].shape[0] * xs[0].shape[1]
     for k, stage in enumerate([*stages, None]):
         kept = _Kept(len(xs), wide if keep[k][4] else None) if k in keep else None
+        dead = {
+            child: _Skipped()
+            for child, reader in probe.feeds.items()
+            if skip and reader in replays and child not in replays and child not in with_linears
+        }
 
         def seen(_mod, args, stage=stage, kept=kept):
             flat = args[0].reshape(-1, args[0].shape[-1])
@@ -386,7 +480,7 @@ def staged_pass(
                 kept.add(args[0])
             raise _Stop
 
-        with block_compute(block, tokens), _replacing(block, replays):
+        with block_compute(block, tokens), _replacing(block, {**replays, **dead}):
             handles = [block.get_submodule(n).register_forward_pre_hook(seen) for n in stage or []]
             try:
                 for b, x in enumerate(xs):

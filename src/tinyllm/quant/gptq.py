@@ -15,9 +15,9 @@ from torch import nn
 from tinyllm.core.calib import (
     Advanced,
     calibrate_blocks,
-    input_stages,
     observe_block,
     observe_pair,
+    probe_block,
     staged_pass,
 )
 from tinyllm.core.kernels import calib_dtype, onednn_available
@@ -437,7 +437,8 @@ def gptq_block(
     core.calib.staged_pass, which also replaces `xs` by the block's quantized outputs."""
     names = [s.local for s in sites]
     in_stages = staged(cfg) and names  # (a block with nothing to quantize: one empty stage)
-    stages = input_stages(block, xs[0][:1], kwargs, names) if in_stages else [names]
+    probe = probe_block(block, xs[0][:1], kwargs, names) if in_stages else None
+    stages = probe.stages if probe is not None else [names]
     if ref is not None and float_block is None and len(stages) > 1:
         float_block = copy.deepcopy(block)  # the stages below quantize `block` in place
     by_local = {s.local: s for s in sites}
@@ -469,7 +470,7 @@ def gptq_block(
             accs[0] = HessianAccumulator()
 
         observe = lambda name, x: accs[0].add(name, x)  # noqa: E731 (the stage's accumulator)
-        staged_pass(block, xs, kwargs, stages if names else [], observe, compress)
+        staged_pass(block, xs, kwargs, stages if names else [], observe, compress, probe=probe)
         return records
     for k, stage in enumerate(stages):
         acc = HessianAccumulator()
