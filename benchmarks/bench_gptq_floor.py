@@ -12,6 +12,8 @@ medians of R runs of each, in each calibration precision asked for:
 4. staged GPTQ: what a run does per block, `gptq_block` on a copy of the block (the staged pass:
    stages, Hessians, GPTQ, the block's quantized outputs).
 The floor is 1 + 2 + 3: the same forward, Hessians and column loops with no stage overhead.
+Also timed, once per run: capturing every block's keyword arguments on a whole batch of 8 (as
+before session 20) against on one sequence (`_block_kwargs`).
 The report gives 4 / floor and, times 30 blocks, the whole model's estimate of both, so the
 issue's 120 s can be read against what this host's arithmetic allows.
 Results go to benchmarks/results/gptq_floor.json.
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 import tinyllm
-from tinyllm.core.calib import _block_kwargs, _first_inputs, run_block
+from tinyllm.core.calib import _block_kwargs, _capture_kwargs, _first_inputs, run_block
 from tinyllm.core.kernels import block_compute, calibration_precision
 from tinyllm.data.calibration import calibration_windows
 from tinyllm.models.anatomy import analyze
@@ -125,7 +127,20 @@ def main() -> None:
     with torch.no_grad():
         kwargs = _block_kwargs(model, blocks, batches[0])[0]
         xs = _first_inputs(model, blocks, batches)
-    results = {}
+    with torch.no_grad():
+        capture = {
+            "whole batch": median_s(
+                args.repeats, lambda: _capture_kwargs(model, blocks, batches[0])
+            ),
+            "one sequence": median_s(
+                args.repeats, lambda: _block_kwargs(model, blocks, batches[0])
+            ),
+        }
+    print(
+        f"kwargs capture: whole batch {capture['whole batch']:.2f} s, "
+        f"one sequence {capture['one sequence']:.2f} s"
+    )
+    results: dict = {"kwargs capture": capture}
     for name in args.calib_dtype.split(","):
         r = measure(model, xs, kwargs, getattr(torch, name), args.repeats)
         results[name] = r
