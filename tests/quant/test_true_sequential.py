@@ -340,3 +340,18 @@ def test_staged_pass_keeps_wide_inputs_in_float16_unless_they_do_not_fit():
                 assert torch.allclose(compact, exact, atol=1e-3 * scale, rtol=1e-3)
             else:
                 assert torch.equal(compact, exact)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [GPTQ(bits=4, group_size=32), AWQ(base=GPTQ(bits=4, group_size=32, true_sequential=True))],
+)
+def test_staged_gptq_with_materialized_sliding_window_masks(cfg):
+    """Windows longer than Gemma 3's sliding window (32 here) give its blocks materialized masks.
+    Captured for a whole batch they have the batch's size, which a one-sample trial forward
+    cannot take (session 19's code failed so on Gemma-3-270M at 512 tokens); captured on one
+    sequence they broadcast to both."""
+    model = tiny_model("gemma3")
+    report = quantize(model, cfg, calib=torch.randint(0, 320, (8, 48)), batch_size=4)
+    assert len(report["layer_errors"]) == 14
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
