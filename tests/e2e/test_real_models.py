@@ -57,3 +57,16 @@ def test_gemma3_loads_and_adds_bos():
     r = tinyllm.evaluate(model, tok, windows=2, seq_len=128)
     assert r.tokens == 2 * 128  # BOS prepended: every corpus token is scored
     assert 5 < r.perplexity < 100
+
+
+def test_gemma3_gptq_at_512_tokens():
+    """Staged GPTQ on Gemma 3 with full 512-token windows, where its blocks get materialized
+    attention masks (session 19's code failed here on the trial forward: its kwargs had the
+    batch's size); the quantized model stays close to the float one."""
+    model, tok = tinyllm.load("gemma3-270m")
+    before = tinyllm.evaluate(model, tok, windows=2, seq_len=512)
+    calib = tinyllm.calibration_windows(tok, "enwiki", 8, 512, 0)
+    report = tinyllm.quantize(model, tinyllm.GPTQ(bits=4, group_size=64), calib=calib)
+    assert len(report["layer_errors"]) == 18 * 7
+    after = tinyllm.evaluate(model, tok, windows=2, seq_len=512)
+    assert after.perplexity < 1.5 * before.perplexity
