@@ -70,7 +70,7 @@ def _broadcasts_to(one: Any, full: Any) -> bool:
 def _block_kwargs(model: nn.Module, blocks: list[nn.Module], batch: torch.Tensor) -> list[dict]:
     """Keyword arguments each block receives (masks and rotary tables differ per layer type).
     Reaching the last block runs all the others, so they are captured on the batch's first
-    sequence (on SmolLM2, 0.8 s against 6.3 s for a batch of 8, in any calibration precision: the
+    sequence (on SmolLM2, 0.86 s against 6.8 s for a batch of 8, in any calibration precision: the
     capture runs in fp32; benchmarks/bench_gptq_floor.py) and used
     for whole batches by broadcasting. That holds when they do not depend on the sequence (full
     windows: no padding masks); block 0's, captured for the whole batch as well (only the
