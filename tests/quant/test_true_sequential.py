@@ -355,3 +355,41 @@ def test_staged_gptq_with_materialized_sliding_window_masks(cfg):
     report = quantize(model, cfg, calib=torch.randint(0, 320, (8, 48)), batch_size=4)
     assert len(report["layer_errors"]) == 14
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+
+
+@torch.no_grad()
+def test_staged_gptq_takes_kwargs_captured_for_a_whole_batch():
+    """Keyword arguments that differ between sequences (padding masks) are captured for a whole
+    batch (core.calib._block_kwargs falls back). Trial forwards (GPTQ's stages, AWQ's groups)
+    then run on the whole first batch: a one-sample forward cannot take Gemma 3's materialized
+    masks made for 4 sequences. Stages, groups, quantized weights and outputs are those of the
+    one-sequence kwargs."""
+    from tinyllm.core.calib import _capture_kwargs, probe_input
+    from tinyllm.quant.awq import checked_groups
+
+    model = tiny_model("gemma3")
+    batch = torch.randint(0, 320, (4, 48))  # longer than the sliding window (32): masks
+    inputs, kwargs = block_inputs(model, [batch])
+    blocks = analyze(model).blocks
+    whole = _capture_kwargs(model, blocks, batch)[0]
+    assert any(
+        isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[0] == 4 for v in whole.values()
+    )
+    assert probe_input(inputs[0][0], whole).shape[0] == 4
+    assert probe_input(inputs[0][0], kwargs[0]).shape[0] == 1
+    groups = checked_groups(model, blocks[0], inputs[0][0], kwargs[0], 0)
+    assert len(groups) == 3 and checked_groups(model, blocks[0], inputs[0][0], whole, 0) == groups
+    sites = [s for s in analyze(model).linears if s.block == 0]
+    cfg = GPTQ(bits=4, group_size=32, true_sequential=True)
+    results = []
+    for kw in (kwargs[0], whole):
+        block = copy.deepcopy(blocks[0])
+        mine = [dataclasses.replace(s, module=block.get_submodule(s.local)) for s in sites]
+        xs = [x.clone() for x in inputs[0]]
+        results.append((gptq_block(block, mine, xs, kw, cfg, {}, advance=True), xs))
+    (r_one, xs_one), (r_whole, xs_whole) = results
+    assert r_one.keys() == r_whole.keys() and len(r_one) == 7
+    for name in r_one:
+        assert torch.equal(r_one[name].dequantize(), r_whole[name].dequantize()), name
+    for a, b in zip(xs_one, xs_whole, strict=True):
+        torch.testing.assert_close(a, b)

@@ -242,8 +242,25 @@ class _Reads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def probe_input(x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """What a block's trial forward (probe_block) runs on: x's first sample, or the whole batch
+    x where a keyword argument was captured for the whole batch (one whose first dimension is
+    x's batch size: _block_kwargs falls back to whole-batch capture when the arguments differ
+    between sequences, and a one-sample forward could not take a padding mask made for 8)."""
+
+    def per_batch(v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return v.dim() > 0 and v.shape[0] == x.shape[0]
+        if isinstance(v, (tuple, list)):
+            return any(per_batch(a) for a in v)
+        return False
+
+    whole = x.shape[0] > 1 and any(per_batch(v) for v in kwargs.values())
+    return x if whole else x[:1]
+
+
 def probe_block(block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]) -> Probe:
-    """One trial forward of the block on x (one sample) with the named linears: their stages
+    """One trial forward of the block on x (see probe_input) with the named linears: their stages
     (input_stages), the modules their outputs stand for (replay_plans) and which children only
     feed another child (Probe.feeds; only children whose output is a plain tensor, traced
     through every torch call, so a tensor the block's own code reads is never counted as fed)."""
@@ -451,8 +468,10 @@ def staged_pass(
     is replayed, the MLP's norm in the final forward) is not run either. `probe`: the block's
     probe_block on these names, if the caller has it (else taken here)."""
     names = [n for stage in stages for n in stage]
-    if probe is None:
-        probe = probe_block(block, xs[0][:1], kwargs, names) if names else Probe([], {})
+    if probe is None and not names:
+        probe = Probe([], {})
+    elif probe is None:
+        probe = probe_block(block, probe_input(xs[0], kwargs), kwargs, names)
     plans = probe.plans
     children = [c for c, _ in block.named_children()]
     with_linears = {c for c in children if any(n == c or n.startswith(c + ".") for n in names)}

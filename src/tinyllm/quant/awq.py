@@ -29,6 +29,7 @@ from tinyllm.core.calib import (
     input_hooks,
     observe_block,
     observe_pair,
+    probe_input,
 )
 from tinyllm.core.steps import Context, Step, register
 from tinyllm.quant.common import (
@@ -280,7 +281,7 @@ def checked_groups(
     kept = []
     for prev, consumers in _groups_for(model, block):
         direct = not isinstance(block.get_submodule(prev), nn.Linear)
-        if direct and not _feeds(block, prev, consumers, x0[:1], kwargs):
+        if direct and not _feeds(block, prev, consumers, probe_input(x0, kwargs), kwargs):
             log.warning("block %d: %s does not feed %s directly; not scaled", i, prev, consumers)
             continue
         kept.append((prev, consumers))
