@@ -1,6 +1,7 @@
 """Issue 3 table: weight quantization of smollm2-135m, each row through the CLI in its own process.
 
 Run: .venv/bin/python benchmarks/bench_quant.py [--rows NAME,...] [--samples 128] [--table]
+     [--only PREFIX]   (--only s21-: session 21's table, every method at the CLI's defaults)
 Each row runs `tinyllm quantize` (checkpoint kept in benchmarks/work/quant/ROW) then
 `tinyllm eval DIR --reference smollm2-135m --json`; results
 are merged into benchmarks/results/quant_smollm2.json row by row, so an interrupted run resumes
@@ -152,6 +153,25 @@ for _setting in ("4b-g64", "3b-g32", "4b-g32-sym"):
 for _row in ("awq-rtn-4b-g64", "awq-gptq-clamped-4b-g64"):
     ROWS[f"{_row}-bf16"] = [*ROWS[_row], "--calib-dtype", "bfloat16"]
 
+# Session 21: the issue's table re-measured with today's code at the CLI's defaults (no pinned
+# flags): every method at every setting, NF4, the two float-target configurations the 3-bit and
+# g32 targets rely on, and GPTQ 4-bit g64 with bf16 calibration (the time target). `--only s21-`
+# prints just these rows (with the fp32 row) and their flags.
+NOW = "s21-"
+for _setting in ("4b-g64", "4b-g32-sym", "3b-g32", "8b-pc", "4b-pc"):
+    _bits, _group, _sym = SETTINGS[_setting]
+    for _method in ("rtn", "gptq", "awq-rtn", "awq-gptq"):
+        _name, _, _base = _method.partition("-")
+        ROWS[f"{NOW}{_method}-{_setting}"] = [
+            *["--method", _name, "--bits", str(_bits), "--group-size", str(_group)],
+            *(["--base", _base] if _base else []),
+            "--sym" if _sym else "--asym",
+        ]
+ROWS[f"{NOW}nf4-b64"] = ["--method", "nf4", "--group-size", "64"]
+ROWS[f"{NOW}gptq-ft-3b-g32"] = [*ROWS[f"{NOW}gptq-3b-g32"], *FT]
+ROWS[f"{NOW}awq-gptq-ft-4b-g32-sym"] = [*ROWS[f"{NOW}awq-gptq-4b-g32-sym"], *FT, "--no-mse"]
+ROWS[f"{NOW}gptq-4b-g64-bf16"] = [*ROWS[f"{NOW}gptq-4b-g64"], "--calib-dtype", "bfloat16"]
+
 
 def run_row(name: str, flags: list[str], samples: int) -> dict:
     target = "smollm2-135m"
@@ -177,16 +197,19 @@ def run_row(name: str, flags: list[str], samples: int) -> dict:
     }
 
 
-def table(results: dict) -> str:
+def table(results: dict, only: str | None = None) -> str:
+    """All rows measured, or (only=PREFIX) the fp32 row and those named PREFIX..., with flags."""
     fp = results["fp32"]["eval"]["perplexity"]
+    names = [
+        n for n in ROWS if n in results and (only is None or n == "fp32" or n.startswith(only))
+    ]
+    flags_col = only is not None
     lines = [
         "| row | perplexity | x FP32 | KLD | top-1 | bits/w | weights on disk | quant s "
-        "| quant peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| quant peak RSS |" + (" flags |" if flags_col else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if flags_col else ""),
     ]
-    for name in ROWS:
-        if name not in results:
-            continue
+    for name in names:
         r = results[name]
         e = r["eval"]
         disk = (
@@ -194,18 +217,33 @@ def table(results: dict) -> str:
         )
         qs = f"{r['quant_seconds']:.1f}" if r["quant_seconds"] is not None else "-"
         rss = f"{r['quant_peak_rss_bytes'] / 1e9:.2f} GB" if r["quant_peak_rss_bytes"] else "-"
-        lines.append(
-            f"| {name} | {e['perplexity']:.3f} | {e['perplexity'] / fp:.3f} | {e['kld']:.4f} | "
+        row = name.removeprefix(only) if only and name != "fp32" else name
+        line = (
+            f"| {row} | {e['perplexity']:.3f} | {e['perplexity'] / fp:.3f} | {e['kld']:.4f} | "
             f"{e['top1_agreement']:.4f} | {e['bits_per_weight']:.3f} | {disk} | {qs} | {rss} |"
         )
+        if flags_col:
+            line += f" `{' '.join(ROWS[name])}` |" if ROWS[name] else " - |"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument(
+        "--only", metavar="PREFIX", help="run and print only the fp32 row and rows named PREFIX..."
+    )
     args = row_args(list(ROWS), ap)
-    run_rows(OUT, args, lambda name: run_row(name, ROWS[name], args.samples), table)
+    if args.only:
+        keep = [n for n in args.rows.split(",") if n == "fp32" or n.startswith(args.only)]
+        args.rows = ",".join(keep)
+    run_rows(
+        OUT,
+        args,
+        lambda name: run_row(name, ROWS[name], args.samples),
+        lambda results: table(results, args.only),
+    )
 
 
 if __name__ == "__main__":
