@@ -260,10 +260,12 @@ def probe_input(x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 def probe_block(block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]) -> Probe:
-    """One trial forward of the block on x (see probe_input) with the named linears: their stages
-    (input_stages), the modules their outputs stand for (replay_plans) and which children only
-    feed another child (Probe.feeds; only children whose output is a plain tensor, traced
-    through every torch call, so a tensor the block's own code reads is never counted as fed)."""
+    """One trial forward of the block on a batch x (on its first sample where the kwargs allow,
+    see probe_input) with the named linears: their stages (input_stages), the modules their
+    outputs stand for (replay_plans) and which children only feed another child (Probe.feeds;
+    only children whose output is a plain tensor, traced through every torch call, so a tensor
+    the block's own code reads is never counted as fed)."""
+    x = probe_input(x, kwargs)
     stages: list[list[str]] = []
     owners: dict[tuple, int] = {}
     alive: list[torch.Tensor] = []  # inputs stay alive, so their storage is not reused
@@ -468,10 +470,8 @@ def staged_pass(
     is replayed, the MLP's norm in the final forward) is not run either. `probe`: the block's
     probe_block on these names, if the caller has it (else taken here)."""
     names = [n for stage in stages for n in stage]
-    if probe is None and not names:
-        probe = Probe([], {})
-    elif probe is None:
-        probe = probe_block(block, probe_input(xs[0], kwargs), kwargs, names)
+    if probe is None:
+        probe = probe_block(block, xs[0], kwargs, names) if names else Probe([], {})
     plans = probe.plans
     children = [c for c, _ in block.named_children()]
     with_linears = {c for c in children if any(n == c or n.startswith(c + ".") for n in names)}

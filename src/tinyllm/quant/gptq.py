@@ -18,7 +18,6 @@ from tinyllm.core.calib import (
     observe_block,
     observe_pair,
     probe_block,
-    probe_input,
     staged_pass,
 )
 from tinyllm.core.kernels import calib_dtype, onednn_available
@@ -438,9 +437,7 @@ def gptq_block(
     core.calib.staged_pass, which also replaces `xs` by the block's quantized outputs."""
     names = [s.local for s in sites]
     in_stages = staged(cfg) and names  # (a block with nothing to quantize: one empty stage)
-    probe = None
-    if in_stages:
-        probe = probe_block(block, probe_input(xs[0], kwargs), kwargs, names)
+    probe = probe_block(block, xs[0], kwargs, names) if in_stages else None
     stages = probe.stages if probe is not None else [names]
     if ref is not None and float_block is None and len(stages) > 1:
         float_block = copy.deepcopy(block)  # the stages below quantize `block` in place
