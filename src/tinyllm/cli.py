@@ -864,7 +864,13 @@ def run_(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in OUTPUT after its last finished stage.")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUTPUT.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Start over in OUTPUT, a previous run's directory (any other non-empty "
+            "directory is refused); the old run is deleted once the new one is in place."
+        ),
+    ] = False,
     check: Annotated[
         bool, typer.Option("--check", help="Only validate the recipe and print its stages.")
     ] = False,
@@ -877,7 +883,7 @@ def run_(
     RSS). A run killed at any point continues with --resume after its last finished stage (a
     training stage continues from its own last checkpoint); --resume refuses a recipe that changed
     and shows the difference. OUTPUT gets report.md and report.html (`tinyllm report` rebuilds
-    them).
+    them). A run locks OUTPUT (.OUTPUT.lock beside it): a second run into it fails at once.
 
     A recipe is YAML, never code:
 

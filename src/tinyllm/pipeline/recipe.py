@@ -1,7 +1,9 @@
 """Recipes: YAML -> validated step configs, with errors that name the file, line, stage and field.
 
-A recipe never executes code: it is parsed with `yaml.safe_load` and every stage is validated into
-the same pydantic step config the Python API takes (unknown fields are errors).
+A recipe never executes code: it is parsed with `util.safe_yaml` (`yaml.SafeLoader` that refuses
+duplicate keys, deep nesting and alias bombs) and every stage is validated in pydantic's strict
+mode into the same step config the Python API takes: unknown fields are errors, and so is a
+value of the wrong type (`bits: "4"`, `bits: 4.5`); an int where a float is expected is fine.
 
     model: smollm2-135m
     calibration: {corpus: enwiki, samples: 128, seq_len: 512}
@@ -14,6 +16,7 @@ the same pydantic step config the Python API takes (unknown fields are errors).
 from __future__ import annotations
 
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinyllm.distill.trainer import DistillConfig
 from tinyllm.errors import ConfigError
+from tinyllm.util import safe_yaml
 
 log = logging.getLogger(__name__)
 
@@ -158,22 +162,39 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (a path, or the name of a built-in recipe)."""
     path = resolve_recipe(path)
     try:
+        if path.stat().st_size > safe_yaml.MAX_BYTES:
+            raise RecipeError(
+                f"{path}: larger than {safe_yaml.MAX_BYTES // 1024} KiB; a recipe is a short "
+                "YAML file (is this the right file?)"
+            )
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte offset {exc.start}); save the recipe as UTF-8"
+        ) from exc
     return parse_recipe(text, str(path))
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+def _yaml(text: str, source: str) -> tuple[Any, Where]:
+    """The recipe's data and the line of every value; YAML errors name the line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = safe_yaml.compose(text)
+        data = safe_yaml.construct(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if isinstance(exc, safe_yaml.RefusedYAML):
+            raise RecipeError(f"{source}{line}: {problem}") from exc
         raise RecipeError(f"{source}{line}: not valid YAML ({problem})") from exc
-    where = Where(source, _lines(node) if node is not None else {})
+    return data, Where(source, _lines(node) if node is not None else {})
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Validate recipe YAML `text` (`source` names it in errors) into a `Recipe`."""
+    data, where = _yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with model:, stages: and export:")
     allowed = {"model", "calibration", "evaluation", "stages", "export"}
@@ -216,10 +237,12 @@ def _section(cls: type[Section], data: dict, key: str, where: Where) -> Section:
 
 
 def _validate(cls: type[BaseModel], value: Any, path: tuple, where: Where) -> Any:
+    """`cls` from a YAML mapping in strict mode: "4" or 4.5 for an int is an error."""
     if not isinstance(value, dict):
         raise RecipeError(f"{where.at(path)}: expected a mapping of {cls.__name__} fields")
+    _check_finite(value, path, where)
     try:
-        return cls(**value)
+        return cls.model_validate(value, strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(x for x in err["loc"] if x != "__root__")
@@ -229,8 +252,29 @@ def _validate(cls: type[BaseModel], value: Any, path: tuple, where: Where) -> An
         else:
             msg = err["msg"]
             if err["type"] not in ("value_error", "assertion_error"):
-                msg += f" (got {err.get('input')!r})"
+                msg += f" (got {err.get('input')!r})" + _type_hint(err["type"], err.get("input"))
         raise RecipeError(f"{where.at((*path, *loc))}: {msg}") from exc
+
+
+def _type_hint(kind: str, value: Any) -> str:
+    """What to write instead of a value of the wrong YAML type."""
+    if kind in ("int_type", "float_type", "bool_type") and isinstance(value, str):
+        return "; write numbers and true/false without quotes"
+    if kind == "int_type" and isinstance(value, float):
+        return "; this field takes a whole number"
+    if kind == "string_type" and not isinstance(value, str):
+        return "; put the value in quotes to make it text"
+    return ""
+
+
+def _check_finite(value: Any, path: tuple, where: Where) -> None:
+    """No recipe field takes .inf or .nan."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RecipeError(f"{where.at((*path, key))}: {v} is not a usable number")
+        if isinstance(v, dict | list):
+            _check_finite(v, (*path, key), where)
 
 
 def _stage(value: Any, i: int, where: Where) -> BaseModel:
@@ -242,6 +286,8 @@ def _stage(value: Any, i: int, where: Where) -> BaseModel:
         )
     value = dict(value)
     kind = value.pop("type")
+    if not isinstance(kind, str):
+        raise RecipeError(f"{where.at((*path, 'type'))}: `type:` is a name ({', '.join(classes)})")
     if kind == "export":
         raise RecipeError(
             f"{where.at(path)}: export is not a stage: list exports under `export:` after the "

@@ -10,13 +10,14 @@ Output directory:
     report.md, report.html
 
 Every stage starts from the previous stage's checkpoint on disk, so a run resumed after a crash
-computes exactly what an uninterrupted run computes.
+computes exactly what an uninterrupted run computes. A run holds the directory's lock
+(`rundir.locked`) from start to end; `--overwrite` replaces only a run directory, and only once the
+new run's first files are in place (`rundir.replace_dir`).
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import shutil
 import time
@@ -32,11 +33,21 @@ from torch import nn
 from tinyllm.checkpoint import prior_steps
 from tinyllm.errors import TinyLLMError
 from tinyllm.pipeline.recipe import Distill, Recipe, RecipeError, kind_of, stage_name
+from tinyllm.pipeline.rundir import (
+    STATE,
+    CorruptStateError,
+    fsync_dir,
+    is_run_dir,
+    locked,
+    new_sibling,
+    read_state,
+    replace_dir,
+    sweep,
+)
 from tinyllm.util.fs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-STATE = "state.json"
 WEIGHTS = "model.safetensors"
 
 
@@ -70,29 +81,67 @@ def check_writable(out: Path) -> None:
 
 def prepare_output(out: Path, recipe: Recipe, text: str, resume: bool, overwrite: bool) -> dict:
     """Start a new run in `out`, or load the state of the run to resume (same recipe only)."""
-    state_path = out / STATE
     if resume:
-        if not state_path.is_file():
-            raise RecipeError(f"--resume: {out} holds no run to continue (no {STATE})")
-        state = json.loads(state_path.read_text())
-        if state["recipe"] != recipe.normalized():
-            raise RecipeError(
-                f"--resume: the recipe changed since {out} was checkpointed; run it into a new "
-                f"directory, or undo the change:\n{_diff(state['recipe'], recipe.normalized())}"
-            )
-        return state
+        return _resumable(out, recipe)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise RecipeError(
                 f"output {out} exists and is not empty; pass --resume to continue its run or "
                 "--overwrite to start over"
             )
-        shutil.rmtree(out)
+        if not is_run_dir(out):
+            raise RecipeError(
+                f"--overwrite: {out} is not a tinyllm run directory (no {STATE} and recipe.yaml), "
+                "so tinyllm will not delete it; remove it yourself or choose another -o DIR"
+            )
+        real = out.resolve()  # through a symlink, replace the directory it points to
+        sweep(real)
+        new = new_sibling(real, "new")
+        try:
+            state = _start(new, recipe, text)
+            replace_dir(new, real)  # the old run is deleted only once the new one is in place
+        finally:
+            if new.exists():
+                shutil.rmtree(new, ignore_errors=True)
+        return state
+    check_writable(out)
+    return _start(out, recipe, text)
+
+
+def _start(out: Path, recipe: Recipe, text: str) -> dict:
+    """Write a new run's recipe.yaml and state.json into `out`."""
     check_writable(out)
     write_text_atomic(out / "recipe.yaml", text)
     state = {"recipe": recipe.normalized(), "source": recipe.source, "original": None}
     state.update(stages=[], exports=[], finished=False, versions=_versions())
-    write_json_atomic(state_path, state)
+    write_json_atomic(out / STATE, state)
+    fsync_dir(out)
+    return state
+
+
+def _resumable(out: Path, recipe: Recipe) -> dict:
+    """The state of the run in `out`, checked against `recipe` and the stage checkpoints."""
+    if not (out / STATE).is_file():
+        raise RecipeError(f"--resume: {out} holds no run to continue (no {STATE})")
+    state = read_state(out)
+    if state["recipe"] != recipe.normalized():
+        raise RecipeError(
+            f"--resume: the recipe changed since {out} was checkpointed; run it into a new "
+            f"directory, or undo the change:\n{_diff(state['recipe'], recipe.normalized())}"
+        )
+    done = len(state["stages"])
+    if done > len(recipe.stages):
+        raise CorruptStateError(
+            f"{out / STATE} lists more finished stages than the recipe has; start the run over "
+            "with --overwrite"
+        )
+    if done:
+        last = model_dir(out, done - 1, recipe.stages[done - 1])
+        if not (last / WEIGHTS).is_file():
+            raise RecipeError(
+                f"--resume: {STATE} says stage {done} finished, but its checkpoint {last} is "
+                "missing; start the run over with --overwrite"
+            )
     return state
 
 
@@ -314,5 +363,6 @@ def run_recipe(
         resolve(recipe.model)  # a missing model fails before anything is written
     except TinyLLMError as exc:
         raise RecipeError(f"{recipe.source}: model: {exc}") from exc
-    state = prepare_output(out, recipe, text, resume, overwrite)
-    return Runner(recipe, out, state, on_stage).run()
+    with locked(out):
+        state = prepare_output(out, recipe, text, resume, overwrite)
+        return Runner(recipe, out, state, on_stage).run()

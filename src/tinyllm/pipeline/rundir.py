@@ -1,0 +1,206 @@
+"""A run directory's safety: one run at a time, a checked `state.json`, replacement without loss.
+
+- `locked(out)`: an exclusive `flock` on `.NAME.lock` beside the run directory `NAME`, held for the
+  whole run. The kernel releases it when the process ends, however it ends (SIGKILL included), so a
+  crashed run never leaves a stale lock. The lock file sits beside the directory, not inside it, so
+  `--overwrite` can swap the directory while the lock stays held; it is never deleted (deleting a
+  lock file lets two processes lock two different files of one name).
+- `read_state(out)`: `state.json` parsed and checked, or an error that says how to go on.
+- `replace_dir(new, target)`: `new` becomes `target`; the old `target` is deleted only after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tinyllm.pipeline.recipe import RecipeError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+RECIPE = "recipe.yaml"
+
+
+class RunLockedError(RecipeError):
+    """Another process is running into the same run directory."""
+
+
+class CorruptStateError(RecipeError):
+    """A run directory's state.json cannot be read back."""
+
+
+def lock_path(out: Path) -> Path:
+    """`.NAME.lock` beside the run directory NAME (symlinks resolved: one lock per directory)."""
+    real = Path(out).resolve()
+    return real.parent / f".{real.name}.lock"
+
+
+def _holder(fd: int) -> str:
+    """' (PID n)' from the lock file, where the holder wrote it."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+        return f" (PID {pid})"
+    return ""
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[Path]:
+    """Hold the run directory `out` exclusively for the block; a second holder fails at once."""
+    path = lock_path(out)
+    if fcntl is None:
+        log.warning("no flock on this platform: %s is not locked against a second run", out)
+        yield path
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise RecipeError(
+            f"cannot write the lock file {path} ({exc.strerror}); choose another -o DIR"
+        ) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(
+                f"{out} is in use by another tinyllm run{_holder(fd)}; wait for it to finish "
+                "(or stop it), or run into another -o DIR"
+            ) from None
+        except OSError as exc:
+            raise RecipeError(
+                f"cannot lock {path} ({exc.strerror}); put the run on a local file system"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+        os.ftruncate(fd, 0)  # no stale PID once the run is over
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory `tinyllm run` wrote: it holds both recipe.yaml and state.json."""
+    return (path / STATE).is_file() and (path / RECIPE).is_file()
+
+
+def _corrupt(out: Path, why: str) -> CorruptStateError:
+    return CorruptStateError(
+        f"{out / STATE} is corrupt ({why}), so this run cannot continue from it. Start it over "
+        f"with --overwrite (finished stages are computed again), or run into another -o DIR"
+    )
+
+
+def _shape_problem(state: Any) -> str | None:
+    """What is missing or of the wrong type in a parsed state.json (None: nothing)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__} instead of an object"
+    expected = {"recipe": dict, "stages": list, "exports": list, "finished": bool}
+    for key, kind in expected.items():
+        if not isinstance(state.get(key), kind):
+            return f"'{key}' missing or not a{'n' if kind is list else ''} {kind.__name__}"
+    original = state.get("original")
+    if original is not None and not isinstance(original, dict):
+        return "'original' is not an object"
+    for i, record in enumerate(state["stages"], 1):
+        if not isinstance(record, dict) or not isinstance(record.get("eval"), dict):
+            return f"stage record {i} is not an object with 'eval'"
+    return None
+
+
+def read_state(out: Path) -> dict:
+    """The parsed and checked state.json of run directory `out`."""
+    path = Path(out) / STATE
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{out} is not a tinyllm run directory (no {STATE})") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read {path} ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise _corrupt(Path(out), f"not UTF-8 at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise _corrupt(Path(out), f"{exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise _corrupt(Path(out), "nested too deeply") from exc
+    problem = _shape_problem(state)
+    if problem:
+        raise _corrupt(Path(out), problem)
+    return state
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def new_sibling(target: Path, tag: str) -> Path:
+    """A fresh hidden directory `.NAME.TAG-PID-RANDOM` beside `target` (umask permissions)."""
+    path = target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir(parents=True)
+    return path
+
+
+def sweep(target: Path) -> None:
+    """Delete what an interrupted `replace_dir` of `target` left beside it, while `target` exists
+    (if it does not, a leftover may be the only copy of a run). Call it holding `target`'s lock,
+    so no live replacement is swept."""
+    if not target.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(new|old)-\d+-[0-9a-f]{{8}}")
+    for path in target.parent.iterdir():
+        if pattern.fullmatch(path.name) and path.is_dir():
+            log.info("removing %s, left by an interrupted --overwrite", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` in place of the directory `target`, then delete the old one.
+
+    Where the kernel can swap both atomically, a crash leaves `target` old or new, never missing;
+    elsewhere the old directory is renamed aside first (`.NAME.old-*`) and deleted only after `new`
+    is in place, so a crash never loses both.
+    """
+    if _exchange(new, target):
+        old = new
+    else:
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(target, old)
+        os.rename(new, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
