@@ -4,20 +4,23 @@ Layout: `config.json` and tokenizer files (Hugging Face), `model.safetensors` ho
 tensors (as float16 or bfloat16 where that is lossless) plus every QuantizedWeight record (packed
 codes, scales, zero points); pruned float linears (at least 5% zeros) are stored sparse, a bitmask
 of the kept positions plus the kept values, so the file shrinks with sparsity; and `tinyllm.json`
-naming the quantized and sparse layers, the steps that made the model and the software versions.
-The directory is built under a temporary name and renamed when complete, so a killed run never
-leaves a directory that looks finished.
+naming the quantized and sparse layers, the steps that made the model, the software versions and
+the sha256 digest of each weight file (verified on load; `verify=False` / `--no-verify` skips it).
+The directory is built under a temporary name, flushed to disk and swapped in when complete (see
+`util.fs.atomic_dir`), so a killed run leaves the complete old or the complete new checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,11 +35,82 @@ from tinyllm.quant.qlinear import (
     replace_linear,
 )
 from tinyllm.quant.qweight import QuantizedWeight
-from tinyllm.util.fs import atomic_dir
+from tinyllm.util.fs import OUTPUT_MARKER, atomic_dir, sha256_file
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TINYLLM_CONFIG = "tinyllm.json"
 WEIGHTS = "model.safetensors"
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ActMeta(_Entry):
+    dtype: str
+    granularity: str
+    sym: StrictBool
+
+
+class QuantMeta(_Entry):
+    """One quantized layer in tinyllm.json."""
+
+    shape: tuple[StrictInt, StrictInt]
+    bits: StrictInt = Field(ge=1, le=8)
+    group_size: StrictInt = Field(ge=-1)
+    sym: StrictBool
+    tied_to: str | None = None
+    kind: Literal["embedding"] | None = None
+    act: ActMeta | None = None
+
+
+class CheckpointInfo(_Entry):
+    """The schema of tinyllm.json. Fields beyond these (steps, source, ...) are kept as given."""
+
+    format: Literal[1]
+    quantized: dict[str, QuantMeta] = {}
+    sparse: dict[str, tuple[StrictInt, StrictInt]] = {}
+    tied_embeddings: StrictBool = False
+    digests: dict[str, str] | None = None  # weight file name -> sha256 hex
+    steps: list[dict[str, Any]] = []
+
+
+def read_info(path: Path) -> CheckpointInfo:
+    """Parse `path/tinyllm.json`; every invalid field is named in the error."""
+    file = Path(path) / TINYLLM_CONFIG
+    try:
+        text = file.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file} is unreadable: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        found = data.get("format") if isinstance(data, dict) else data
+        raise ModelLoadError(
+            f"{path}: unknown tinyllm format {found!r} (this tinyllm reads format "
+            f"{FORMAT_VERSION}); load it with the tinyllm version that wrote it"
+        )
+    try:
+        info = CheckpointInfo.model_validate_json(text)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{file} is invalid: {_field_errors(exc)}") from exc
+    for name, digest in (info.digests or {}).items():
+        if not isinstance(digest, str) or len(digest) != 64 or "/" in name or name.startswith("."):
+            raise ModelLoadError(f"{file} is invalid: digests.{name} is not a sha256 of a file")
+    return info
+
+
+def _field_errors(exc: ValidationError) -> str:
+    """'field.path: message (got value)' for each error, joined with '; '."""
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in e["loc"])
+        got = repr(e.get("input"))[:60]
+        parts.append(f"{loc}: {e['msg']} (got {got})")
+    more = f"; and {exc.error_count() - 5} more" if exc.error_count() > 5 else ""
+    return "; ".join(parts) + more
 
 
 def prior_steps(spec: str | Path) -> list:
@@ -45,10 +119,29 @@ def prior_steps(spec: str | Path) -> list:
     return json.loads(path.read_text()).get("steps", []) if path.is_file() else []
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
+def is_tinyllm_output(path: Path) -> bool:
+    """A directory tinyllm wrote: a checkpoint (tinyllm.json) or anything `atomic_dir` completed
+    (its `.tinyllm` marker: HF exports, distill checkpoints)."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    return (path / TINYLLM_CONFIG).is_file() or (path / OUTPUT_MARKER).is_file()
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to write over a non-empty path, and with `overwrite` refuse anything that is not
+    a tinyllm output: replacing it would delete files tinyllm did not write."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not path.is_dir():
+        raise ConfigError(f"output {path} is a file, not a directory; choose another path")
+    if not overwrite:
         raise ConfigError(f"output {path} exists and is not empty; pass --overwrite to replace it")
+    if not is_tinyllm_output(path):
+        raise ConfigError(
+            f"--overwrite refused: {path} is not empty and is not a tinyllm output (it has no "
+            f"{TINYLLM_CONFIG} and no {OUTPUT_MARKER} marker), so replacing it would delete "
+            "files tinyllm did not write; delete or move it yourself, or choose another output"
+        )
 
 
 def round_floats(model: nn.Module, dtype: torch.dtype) -> None:
@@ -129,6 +222,7 @@ def save_checkpoint(
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_text(json.dumps(data, indent=2) + "\n")
+        info["digests"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / TINYLLM_CONFIG).write_text(json.dumps(info, indent=2) + "\n")  # last: marks complete
     return path
 
@@ -176,22 +270,38 @@ def _head_key(model: nn.Module) -> str:
     return ""
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, Any]:
-    """Rebuild the model from config, swap in QuantLinear records, load the float tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_checkpoint(path: Path, verify: bool = True) -> tuple[nn.Module, Any]:
+    """Rebuild the model from config, swap in QuantLinear records, load the float tensors.
 
-    from tinyllm.models.load import check_safetensors_dir, load_tokenizer
+    Before anything is allocated: tinyllm.json is validated, the weight files are checked
+    against their recorded sha256 digests (unless `verify` is False), and the shapes config.json
+    and tinyllm.json imply are compared with the stored ones."""
+    from transformers import AutoModelForCausalLM
+
+    from tinyllm.models.load import check_safetensors_dir, load_config, load_tokenizer
+    from tinyllm.models.validate import (
+        check_shapes,
+        check_vocab,
+        expected_shapes,
+        meta_model,
+        read_config,
+    )
 
     path = Path(path)
-    try:
-        info = json.loads((path / TINYLLM_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path / TINYLLM_CONFIG} is unreadable: {exc}") from exc
-    if info.get("format") != FORMAT_VERSION:
-        raise ModelLoadError(f"{path}: unknown tinyllm format {info.get('format')!r}")
-    check_safetensors_dir(path)
+    meta = read_info(path)
+    raw = read_config(path)
+    shapes = check_safetensors_dir(path)
+    if verify:
+        verify_digests(path, meta)
+    info = meta.model_dump(exclude_none=True)
+    tokenizer = load_tokenizer(path)
+    config = load_config(path)
+    skeleton = meta_model(config)
+    want, tied = expected_shapes(skeleton)
+    check_shapes(path, raw, want, _stored_shapes(path, info, shapes), tied, strict_names=True)
+    check_vocab(path, tokenizer, skeleton.get_input_embeddings().weight.shape[0])
     tensors = load_file(str(path / WEIGHTS))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).float()
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False).float()
     records: dict[str, QuantizedWeight] = {}
     for name, meta in info["quantized"].items():
         if "tied_to" in meta:
@@ -224,4 +334,64 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Any]:
     if info.get("tied_embeddings"):
         model.tie_weights()
     model.name_or_path = str(path)
-    return model.eval(), load_tokenizer(path)
+    return model.eval(), tokenizer
+
+
+def verify_digests(path: Path, info: CheckpointInfo) -> None:
+    """Each weight file must have the sha256 recorded when the checkpoint was written."""
+    if info.digests is None:
+        log.debug("%s records no weight digests (written before they were added)", path)
+        return
+    if WEIGHTS not in info.digests:
+        raise ModelLoadError(f"{path / TINYLLM_CONFIG}: digests has no entry for {WEIGHTS}")
+    for name, expected in info.digests.items():
+        file = path / name
+        if not file.is_file():
+            raise ModelLoadError(f"{file} is missing ({TINYLLM_CONFIG} records its digest)")
+        found = sha256_file(file)
+        if found != expected:
+            raise ModelLoadError(
+                f"{file} is not the file this checkpoint was written with: its sha256 is "
+                f"{found}, {TINYLLM_CONFIG} expects {expected} (corrupted or changed on disk). "
+                "Re-create the checkpoint, or load it anyway with --no-verify "
+                "(Python: load(..., verify=False))"
+            )
+
+
+def _stored_shapes(path: Path, info: dict, shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """The model weight shapes a checkpoint holds: float tensors as stored, quantized and sparse
+    layers as tinyllm.json describes them (their stored parts checked against that)."""
+    quantized, sparse = info["quantized"], info["sparse"]
+    out = {
+        k: s
+        for k, s in shapes.items()
+        if ".record." not in k
+        and not _is_act_tensor(k, quantized)
+        and not k.endswith((".weight.mask", ".weight.values"))
+    }
+    for name, q in quantized.items():
+        out[f"{name}.weight"] = tuple(q["shape"])
+        if "tied_to" not in q:
+            _check_record(path, name, q, shapes)
+    for key, shape in sparse.items():
+        out[key] = tuple(shape)
+        mask = shapes.get(f"{key}.mask")
+        if mask is None or mask != ((shape[0] * shape[1] + 7) // 8,):
+            raise ModelLoadError(
+                f"{path}: sparse layer {key} of shape {list(shape)} has a mask of "
+                f"{list(mask) if mask else 'no'} bytes; the checkpoint is corrupted"
+            )
+    return out
+
+
+def _check_record(path: Path, name: str, q: dict, shapes: dict[str, tuple]) -> None:
+    """A quantized layer's packed codes must be as long as its recorded shape and bits imply."""
+    rows, cols = q["shape"]
+    need = (rows * cols * q["bits"] + 7) // 8
+    packed = shapes.get(f"{name}.record.packed")
+    if packed != (need,):
+        raise ModelLoadError(
+            f"{path}: quantized layer {name} ({rows}x{cols}, {q['bits']} bits) needs {need} "
+            f"packed bytes, the file holds {list(packed) if packed else 'none'}; "
+            f"{TINYLLM_CONFIG} and the weights do not match"
+        )

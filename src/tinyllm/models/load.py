@@ -18,7 +18,17 @@ from torch import nn
 
 from tinyllm.errors import ModelLoadError, ModelNotFoundError
 from tinyllm.models import registry
-from tinyllm.util.fs import atomic_dir, cache_dir, file_fingerprint
+from tinyllm.models.validate import (
+    check_shapes,
+    check_tokenizer_files,
+    check_vocab,
+    expected_shapes,
+    meta_model,
+    read_config,
+    read_header,
+    safetensors_shapes,
+)
+from tinyllm.util.fs import atomic_dir, cache_dir, file_fingerprint, recover_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +36,13 @@ DEFAULT_MODEL = "smollm2-135m"
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "tinyllm-source.json"  # written beside a converted checkpoint
 TINYLLM_CONFIG = "tinyllm.json"  # marks a tinyllm output directory
+_verify_default = True  # the CLI's --no-verify turns it off for the whole command
+
+
+def set_verify_default(verify: bool) -> None:
+    """Whether `load` checks checkpoint digests when its caller does not say (CLI --no-verify)."""
+    global _verify_default
+    _verify_default = verify
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,8 @@ def resolve(spec: str | Path) -> Resolved:
     if text in registry.REGISTRY:
         return Resolved("registered", Path(), text)
     path = Path(text).expanduser()
+    if not path.exists() and recover_dir(path):  # a replacement of it was interrupted
+        log.warning("%s was being replaced when a run stopped; its previous version is back", path)
     if not path.exists():
         known = ", ".join(registry.REGISTRY)
         raise ModelNotFoundError(
@@ -69,8 +88,11 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def load(spec: str | Path = DEFAULT_MODEL) -> tuple[nn.Module, object]:
-    """Load a model (fp32, eval mode) and its tokenizer from any spec `resolve` accepts."""
+def load(spec: str | Path = DEFAULT_MODEL, verify: bool | None = None) -> tuple[nn.Module, object]:
+    """Load a model (fp32, eval mode) and its tokenizer from any spec `resolve` accepts.
+
+    `verify`: check a tinyllm checkpoint's weight files against the sha256 digests it recorded
+    (default: on, unless the CLI was given --no-verify)."""
     r = resolve(spec)
     if r.kind == "registered":
         gguf = registry.gguf_path(registry.REGISTRY[r.name])
@@ -80,7 +102,7 @@ def load(spec: str | Path = DEFAULT_MODEL) -> tuple[nn.Module, object]:
     elif r.kind == "tinyllm_dir":
         from tinyllm.checkpoint import load_checkpoint  # a compressed checkpoint
 
-        return load_checkpoint(r.path)
+        return load_checkpoint(r.path, verify=_verify_default if verify is None else verify)
     else:
         directory = r.path
     return load_hf_dir(directory)
@@ -94,15 +116,30 @@ def _quiet_transformers() -> None:
 
 
 def load_hf_dir(directory: Path) -> tuple[nn.Module, object]:
-    """Load a Hugging Face checkpoint directory (safetensors weights only)."""
+    """Load a Hugging Face checkpoint directory (safetensors weights only).
+
+    Everything is checked before any weight is allocated: config.json (sizes, no custom code),
+    the safetensors headers, the shapes the config implies against the stored ones, and the
+    tokenizer."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    check_safetensors_dir(directory)
+    raw = read_config(directory)
+    shapes = check_safetensors_dir(directory)
     tokenizer = load_tokenizer(directory)
+    config = load_config(directory)
+    skeleton = meta_model(config)
+    want, tied = expected_shapes(skeleton)
+    check_shapes(directory, raw, want, shapes, tied, skeleton.base_model_prefix)
+    check_vocab(directory, tokenizer, skeleton.get_input_embeddings().weight.shape[0])
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, use_safetensors=True, output_loading_info=True
+            directory,
+            config=config,
+            dtype=torch.float32,
+            use_safetensors=True,
+            output_loading_info=True,
+            trust_remote_code=False,
         )
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         raise ModelLoadError(f"cannot load the model in {directory}: {_one_line(exc)}") from exc
@@ -128,12 +165,30 @@ def own_memory(model: nn.Module) -> None:
 
 
 def load_tokenizer(directory: Path) -> object:
+    """The directory's tokenizer; never runs code shipped with it."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(directory)
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load a tokenizer from {directory}: {_one_line(exc)}") from exc
+        raise ModelLoadError(
+            f"cannot load a tokenizer from {directory}: {_one_line(exc)}; copy the tokenizer "
+            "files of the model it was made from into it"
+        ) from exc
+    if isinstance(tokenizer, bool) or not hasattr(tokenizer, "encode"):
+        raise ModelLoadError(f"{directory}: its tokenizer files hold no usable tokenizer")
+    return tokenizer
+
+
+def load_config(directory: Path) -> object:
+    """transformers' config object for a directory `read_config` accepted."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{directory}/config.json is not valid: {_one_line(exc)}") from exc
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
@@ -142,8 +197,10 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     )
 
 
-def check_safetensors_dir(directory: Path) -> None:
-    """Refuse directories without safetensors weights, and truncated or corrupted files."""
+def check_safetensors_dir(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Refuse directories without safetensors weights, and truncated or corrupted files.
+
+    -> the stored tensors' shapes (from the headers; nothing is read or allocated)"""
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
@@ -162,13 +219,14 @@ def check_safetensors_dir(directory: Path) -> None:
             ) from exc
         if f.stat().st_size < header_end:
             raise ModelLoadError(f"{f} is truncated ({f.stat().st_size} of {header_end} bytes)")
+    return safetensors_shapes(files)
 
 
 def _safetensors_data_end(path: Path) -> int:
     """Bytes the header says the file has: 8 + header length + largest tensor end offset."""
+    header = read_header(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     return 8 + n + max(ends, default=0)
 
