@@ -954,7 +954,9 @@ def report(
 ) -> None:
     """Rebuild report.md and report.html of a run directory from its state.json."""
     from tinyllm.pipeline.report import write_report
+    from tinyllm.pipeline.rundir import read_state
 
+    read_state(run_dir)  # a missing or corrupt state.json is a one-line error
     md, page = write_report(run_dir)
     out.print(f"wrote {md} and {page}")
 

@@ -145,21 +145,30 @@ def _fake_run(out: Path, text: str, state: bytes | None = None) -> None:
     out.mkdir(parents=True)
     (out / "recipe.yaml").write_text(text)
     if state is None:
-        state = json.dumps({"recipe": parse_recipe(text).normalized(), "stages": []}).encode()
+        fields = {"recipe": parse_recipe(text).normalized(), **GOOD, "stages": []}
+        state = json.dumps(fields).encode()
     (out / "state.json").write_bytes(state)
     (out / "stages" / "01-rtn").mkdir(parents=True)
     (out / "stages" / "01-rtn" / "marker").write_text("old run")
 
 
+GOOD = {"source": "r.yaml", "versions": {}, "original": None, "exports": [], "finished": False}
+OK = json.dumps(GOOD)[1:-1]  # its fields, to splice into a JSON object
 CORRUPT = {
     "truncated": (b'{"recipe": {"model": "m", "stag', "Unterminated string"),
     "empty": (b"", "Expecting value at line 1, column 1"),
     "binary": (b"\x00\xff\xfe garbage", "not UTF-8 at byte 1"),
     "a list": (b"[]", "a list instead of an object"),
-    "no stages": (b'{"recipe": {}, "exports": [], "finished": false}', "'stages' missing"),
+    "no stages": (f'{{"recipe": {{}}, {OK}}}'.encode(), "'stages' missing or not of type list"),
     "bad record": (
-        b'{"recipe": {}, "stages": [1], "exports": [], "finished": false}',
-        "stage record 1",
+        f'{{"recipe": {{}}, "stages": [{{"index": 1, "eval": {{}}}}], {OK}}}'.encode(),
+        "stage record 1 lacks dir, kind, seconds, type, weights_bytes",
+    ),
+    "bad original": (
+        f'{{"recipe": {{}}, "stages": [], {OK}}}'.replace(
+            '"original": null', '"original": 3'
+        ).encode(),
+        "'original' is not an object with 'eval'",
     ),
     "deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
 }
@@ -189,6 +198,7 @@ def test_cli_corrupt_state_has_no_traceback(tiny_dir, corpus_file, tmp_path) -> 
     p = run("run", str(recipe), "-o", str(out), "--resume")
     assert_clean_error(p, "state.json is corrupt (Expecting value at line 1, column 12)")
     assert "--overwrite" in p.stderr
+    assert_clean_error(run("report", str(out)), "state.json is corrupt (Expecting value")
 
 
 # --- --overwrite ----------------------------------------------------------------------------------
@@ -240,7 +250,7 @@ def test_a_failure_while_starting_over_keeps_the_old_run(tmp_path: Path, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("tinyllm.pipeline.runner._versions", broken)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(RecipeError, match=r"cannot write the new run into .* \(No space left"):
         prepare_output(out, parse_recipe(TEXT), TEXT, resume=False, overwrite=True)
     assert (out / "state.json").read_bytes() == before
     assert (out / "stages" / "01-rtn" / "marker").read_text() == "old run"

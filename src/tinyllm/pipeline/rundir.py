@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 RECIPE = "recipe.yaml"
+STAGE_KEYS = {"index", "type", "kind", "dir", "seconds", "weights_bytes", "eval"}
 
 
 class RunLockedError(RecipeError):
@@ -110,16 +111,19 @@ def _shape_problem(state: Any) -> str | None:
     """What is missing or of the wrong type in a parsed state.json (None: nothing)."""
     if not isinstance(state, dict):
         return f"a {type(state).__name__} instead of an object"
-    expected = {"recipe": dict, "stages": list, "exports": list, "finished": bool}
-    for key, kind in expected.items():
+    expected = {"recipe": dict, "source": str, "versions": dict, "stages": list, "exports": list}
+    for key, kind in {**expected, "finished": bool}.items():
         if not isinstance(state.get(key), kind):
-            return f"'{key}' missing or not a{'n' if kind is list else ''} {kind.__name__}"
+            return f"'{key}' missing or not of type {kind.__name__}"
     original = state.get("original")
-    if original is not None and not isinstance(original, dict):
-        return "'original' is not an object"
+    if original is not None and not (
+        isinstance(original, dict) and isinstance(original.get("eval"), dict)
+    ):
+        return "'original' is not an object with 'eval'"
     for i, record in enumerate(state["stages"], 1):
-        if not isinstance(record, dict) or not isinstance(record.get("eval"), dict):
-            return f"stage record {i} is not an object with 'eval'"
+        missing = STAGE_KEYS - set(record) if isinstance(record, dict) else STAGE_KEYS
+        if missing or not isinstance(record["eval"], dict):
+            return f"stage record {i} lacks {', '.join(sorted(missing)) or 'a valid eval'}"
     return None
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from tinyllm.checkpoint import prior_steps
 from tinyllm.errors import TinyLLMError
 from tinyllm.pipeline.recipe import Distill, Recipe, RecipeError, kind_of, stage_name
 from tinyllm.pipeline.rundir import (
+    RECIPE,
     STATE,
     CorruptStateError,
     fsync_dir,
@@ -67,51 +69,54 @@ def _diff(old: dict, new: dict) -> str:
     return "\n".join(difflib.unified_diff(a, b, "checkpointed recipe", "this recipe", lineterm=""))
 
 
-def check_writable(out: Path) -> None:
+def prepare_output(out: Path, recipe: Recipe, text: str, resume: bool, overwrite: bool) -> dict:
+    """Start a new run in `out`, or load the state of the run to resume (same recipe only).
+
+    A new run's recipe.yaml and state.json are written into a hidden directory beside `out`, which
+    then takes its place: a run directory always holds both, and `--overwrite` deletes the old run
+    only once the new one is in place."""
+    if resume:
+        return _resumable(out, recipe)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    if not fresh and not overwrite:
+        raise RecipeError(
+            f"output {out} exists and is not empty; pass --resume to continue its run or "
+            "--overwrite to start over"
+        )
+    if not fresh and not is_run_dir(out):
+        raise RecipeError(
+            f"--overwrite: {out} is not a tinyllm run directory (no {STATE} and recipe.yaml), "
+            "so tinyllm will not delete it; remove it yourself or choose another -o DIR"
+        )
+    real = out.resolve()  # through a symlink, replace the directory it points to
+    sweep(real)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tinyllm-write-test"
-        probe.write_text("")
-        probe.unlink()
+        new = new_sibling(real, "new")
     except OSError as exc:
         raise RecipeError(
             f"cannot write to output directory {out} ({exc.strerror}); choose another -o DIR"
         ) from exc
-
-
-def prepare_output(out: Path, recipe: Recipe, text: str, resume: bool, overwrite: bool) -> dict:
-    """Start a new run in `out`, or load the state of the run to resume (same recipe only)."""
-    if resume:
-        return _resumable(out, recipe)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise RecipeError(
-                f"output {out} exists and is not empty; pass --resume to continue its run or "
-                "--overwrite to start over"
-            )
-        if not is_run_dir(out):
-            raise RecipeError(
-                f"--overwrite: {out} is not a tinyllm run directory (no {STATE} and recipe.yaml), "
-                "so tinyllm will not delete it; remove it yourself or choose another -o DIR"
-            )
-        real = out.resolve()  # through a symlink, replace the directory it points to
-        sweep(real)
-        new = new_sibling(real, "new")
-        try:
-            state = _start(new, recipe, text)
-            replace_dir(new, real)  # the old run is deleted only once the new one is in place
-        finally:
-            if new.exists():
-                shutil.rmtree(new, ignore_errors=True)
-        return state
-    check_writable(out)
-    return _start(out, recipe, text)
+    try:
+        state = _start(new, recipe, text)
+        if fresh:
+            os.replace(new, real)  # onto nothing, or onto an empty directory
+            fsync_dir(real.parent)
+        else:
+            replace_dir(new, real)
+    except OSError as exc:
+        raise RecipeError(
+            f"cannot write the new run into {out} ({exc.strerror or exc}); free space or "
+            "choose another -o DIR"
+        ) from exc
+    finally:
+        if new.exists():
+            shutil.rmtree(new, ignore_errors=True)
+    return state
 
 
 def _start(out: Path, recipe: Recipe, text: str) -> dict:
     """Write a new run's recipe.yaml and state.json into `out`."""
-    check_writable(out)
-    write_text_atomic(out / "recipe.yaml", text)
+    write_text_atomic(out / RECIPE, text)
     state = {"recipe": recipe.normalized(), "source": recipe.source, "original": None}
     state.update(stages=[], exports=[], finished=False, versions=_versions())
     write_json_atomic(out / STATE, state)
