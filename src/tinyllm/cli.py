@@ -30,6 +30,23 @@ ModelArg = Annotated[
 ]
 
 
+@app.callback()
+def _global_options(
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Load tinyllm checkpoints without checking their weight files against the "
+            "sha256 digests in tinyllm.json (accepted anywhere on the command line).",
+        ),
+    ] = False,
+) -> None:
+    if no_verify:
+        from tinyllm.models.load import set_verify_default
+
+        set_verify_default(False)
+
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -1383,6 +1400,8 @@ def main() -> None:
     """Entry point: a TinyLLMError prints one line and exits 1; Ctrl-C exits 130."""
     _setup_logging("-v" in sys.argv or "--verbose" in sys.argv)
     argv = [a for a in sys.argv[1:] if a not in ("-v", "--verbose")]
+    if "--no-verify" in argv:  # a global option, also accepted after the command
+        argv = ["--no-verify", *[a for a in argv if a != "--no-verify"]]
     try:
         app(args=argv, standalone_mode=True)
     except TinyLLMError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,48 @@ def test_atomic_dir_flushes_every_file(tmp_path: Path, monkeypatch):
     names = {Path(s).name for s in synced}
     assert {"a.txt", "b.txt", "sub", fs.OUTPUT_MARKER}.issubset(names)
     assert str(tmp_path) in synced
+
+
+def _die_at(step: int) -> None:
+    """In a forked child: exit on the spot (no cleanup, like SIGKILL) at the `step`-th file system
+    operation of a directory replacement."""
+    calls = [0]
+
+    def wrap(fn):
+        def dying(*args, **kwargs):
+            if calls[0] == step:
+                os._exit(0)
+            calls[0] += 1
+            return fn(*args, **kwargs)
+
+        return dying
+
+    fs.os.rename = wrap(os.rename)
+    fs.os.replace = wrap(os.replace)
+    fs.shutil.rmtree = wrap(shutil.rmtree)
+    fs.fsync_dir = wrap(fs.fsync_dir)
+    fs._exchange = wrap(fs._exchange)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_death_at_every_step_of_a_replace(tmp_path: Path, swap: str):
+    """A writer dying before any one of the renames, syncs and deletions of a replacement leaves
+    the complete old or the complete new directory (after `recover_dir` on the fallback path)."""
+    outcomes = []
+    for step in range(8):
+        target = tmp_path / f"out{step}"
+        with fs.atomic_dir(target) as tmp:
+            _write(tmp, "old")
+        pid = os.fork()
+        if pid == 0:
+            _die_at(step)
+            with fs.atomic_dir(target) as tmp:
+                _write(tmp, "new")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        fs.recover_dir(target)
+        outcomes.append(_read(target)[0])
+        with fs.atomic_dir(target) as tmp:  # the next writer leaves no debris behind
+            _write(tmp, "next")
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".out{step}")) == []
+    assert set(outcomes) == {"old", "new"}, outcomes  # both sides of the swap were reached
