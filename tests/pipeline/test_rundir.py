@@ -15,10 +15,10 @@ import pytest
 
 from tests.pipeline.test_runner import recipe_text
 from tests.test_cli import assert_clean_error, run
-from tinyllm.pipeline import rundir
 from tinyllm.pipeline.recipe import RecipeError, parse_recipe
 from tinyllm.pipeline.rundir import CorruptStateError, RunLockedError, lock_path, locked
 from tinyllm.pipeline.runner import prepare_output, run_recipe
+from tinyllm.util import fs
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -223,7 +223,10 @@ def test_overwrite_refuses_what_is_not_a_run_directory(tmp_path: Path) -> None:
 
 
 def _leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".run."))
+    """Hidden entries beside the run directory `run` other than its lock file."""
+    return sorted(
+        p.name for p in parent.iterdir() if p.name.startswith(".run.") and p.suffix != ".lock"
+    )
 
 
 @pytest.mark.parametrize("exchange", [True, False])
@@ -231,7 +234,7 @@ def test_overwrite_replaces_a_run_and_leaves_nothing_behind(
     exchange: bool, tmp_path: Path, monkeypatch
 ) -> None:
     if not exchange:  # file systems without renameat2: rename aside, then delete
-        monkeypatch.setattr(rundir, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
     out = tmp_path / "run"
     _fake_run(out, TEXT)
     (tmp_path / "link").symlink_to(out, target_is_directory=True)
@@ -260,38 +263,49 @@ def test_a_failure_while_starting_over_keeps_the_old_run(tmp_path: Path, monkeyp
 KILL_AT = """
 import os, signal, sys
 from pathlib import Path
-from tinyllm.pipeline import rundir
+from tinyllm.util import fs
 from tinyllm.pipeline.recipe import parse_recipe
 from tinyllm.pipeline.runner import prepare_output
 
-out, when, exchange = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
-if not exchange:
-    rundir._exchange = lambda a, b: False
+out, when = Path(sys.argv[1]), sys.argv[2]
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
-if when == "swap":  # killed just before the new run is put in place
-    rundir._exchange, rundir.os.rename = die, die
-else:  # killed just after, before the old run is deleted
-    rundir.fsync_dir = die
+real_rename = os.rename
+def rename_once(a, b):  # the fallback's second rename (new run into place) never happens
+    os.rename = die
+    real_rename(a, b)
+if when == "swap":  # just before the atomic swap
+    fs._exchange = die
+elif when == "between":  # rename-aside fallback: old run set aside, new one not yet in place
+    fs._exchange, os.rename = (lambda a, b: False), rename_once
+else:  # just after the swap, before the old run is deleted
+    fs.shutil.rmtree = die
 text = "model: m\\nstages: [{type: rtn}]\\n"
 prepare_output(out, parse_recipe(text), text, resume=False, overwrite=True)
 """
 
 
-@pytest.mark.parametrize("exchange", ["1", "0"])
-def test_sigkill_during_overwrite_never_loses_both_runs(exchange: str, tmp_path: Path) -> None:
+def _is_old(path: Path) -> bool:
+    return (path / "stages" / "01-rtn" / "marker").is_file()
+
+
+@pytest.mark.parametrize("when", ["swap", "between", "cleanup"])
+def test_sigkill_during_overwrite_never_loses_both_runs(when: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     _fake_run(out, TEXT)
-    cmd = [sys.executable, "-c", KILL_AT, str(out)]
-    p = subprocess.run([*cmd, "swap", exchange], env=_env(), capture_output=True)
-    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
-    assert (out / "stages" / "01-rtn" / "marker").read_text() == "old run"  # old run intact
-    p = subprocess.run([*cmd, "cleanup", exchange], env=_env(), capture_output=True)
-    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
-    state = json.loads((out / "state.json").read_text())  # the new run is in place
-    assert state["stages"] == [] and not (out / "stages").exists()
-    old = [p for p in tmp_path.iterdir() if (p / "stages" / "01-rtn" / "marker").is_file()]
-    assert len(old) == 1 and old[0].name.startswith(".run.")  # the old one set aside, hidden
-    assert len(_leftovers(tmp_path)) == 1  # what the first kill left was swept
+    old_state = json.loads((out / "state.json").read_text())
+    p = subprocess.run([sys.executable, "-c", KILL_AT, str(out), when], env=_env())
+    assert p.returncode == -signal.SIGKILL
+    old = [p.name for p in tmp_path.iterdir() if _is_old(p)]
+    if when == "swap":
+        assert old == ["run"]  # the old run is untouched
+    elif when == "between":
+        assert old == [".run.old"] and not out.exists()  # set aside, never deleted
+        # the next run puts it back before anything else: here --resume continues it
+        state = prepare_output(out, parse_recipe(TEXT), TEXT, resume=True, overwrite=False)
+        assert state == old_state and _is_old(out)
+    else:
+        assert len(old) == 1 and old[0].startswith(".run.")  # the old run, hidden
+        assert json.loads((out / "state.json").read_text())["stages"] == []  # the new run
     prepare_output(out, parse_recipe(TEXT), TEXT, resume=False, overwrite=True)
-    assert _leftovers(tmp_path) == []  # the next --overwrite sweeps both
+    assert not _is_old(out) and _leftovers(tmp_path) == []  # the next --overwrite sweeps up

@@ -1,4 +1,4 @@
-"""A run directory's safety: one run at a time, a checked `state.json`, replacement without loss.
+"""A run directory's safety: one run at a time, and a checked `state.json`.
 
 - `locked(out)`: an exclusive `flock` on `.NAME.lock` beside the run directory `NAME`, held for the
   whole run. The kernel releases it when the process ends, however it ends (SIGKILL included), so a
@@ -6,20 +6,17 @@
   `--overwrite` can swap the directory while the lock stays held; it is never deleted (deleting a
   lock file lets two processes lock two different files of one name).
 - `read_state(out)`: `state.json` parsed and checked, or an error that says how to go on.
-- `replace_dir(new, target)`: `new` becomes `target`; the old `target` is deleted only after.
+
+Starting a run over (`--overwrite`) goes through `util.fs.atomic_dir`: the old run is deleted only
+once the new one is in place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import json
 import logging
 import os
-import re
-import secrets
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,65 +143,3 @@ def read_state(out: Path) -> dict:
     if problem:
         raise _corrupt(Path(out), problem)
     return state
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def new_sibling(target: Path, tag: str) -> Path:
-    """A fresh hidden directory `.NAME.TAG-PID-RANDOM` beside `target` (umask permissions)."""
-    path = target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
-    path.mkdir(parents=True)
-    return path
-
-
-def sweep(target: Path) -> None:
-    """Delete what an interrupted `replace_dir` of `target` left beside it, while `target` exists
-    (if it does not, a leftover may be the only copy of a run). Call it holding `target`'s lock,
-    so no live replacement is swept."""
-    if not target.is_dir():
-        return
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(new|old)-\d+-[0-9a-f]{{8}}")
-    for path in target.parent.iterdir():
-        if pattern.fullmatch(path.name) and path.is_dir():
-            log.info("removing %s, left by an interrupted --overwrite", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put directory `new` in place of the directory `target`, then delete the old one.
-
-    Where the kernel can swap both atomically, a crash leaves `target` old or new, never missing;
-    elsewhere the old directory is renamed aside first (`.NAME.old-*`) and deleted only after `new`
-    is in place, so a crash never loses both.
-    """
-    if _exchange(new, target):
-        old = new
-    else:
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(target, old)
-        os.rename(new, target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)

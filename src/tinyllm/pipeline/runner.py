@@ -12,15 +12,13 @@ Output directory:
 Every stage starts from the previous stage's checkpoint on disk, so a run resumed after a crash
 computes exactly what an uninterrupted run computes. A run holds the directory's lock
 (`rundir.locked`) from start to end; `--overwrite` replaces only a run directory, and only once the
-new run's first files are in place (`rundir.replace_dir`).
+new run's first files are in place (`util.fs.atomic_dir`).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,19 +32,8 @@ from torch import nn
 from tinyllm.checkpoint import prior_steps
 from tinyllm.errors import TinyLLMError
 from tinyllm.pipeline.recipe import Distill, Recipe, RecipeError, kind_of, stage_name
-from tinyllm.pipeline.rundir import (
-    RECIPE,
-    STATE,
-    CorruptStateError,
-    fsync_dir,
-    is_run_dir,
-    locked,
-    new_sibling,
-    read_state,
-    replace_dir,
-    sweep,
-)
-from tinyllm.util.fs import write_json_atomic, write_text_atomic
+from tinyllm.pipeline.rundir import RECIPE, STATE, CorruptStateError, is_run_dir, locked, read_state
+from tinyllm.util.fs import atomic_dir, recover_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +60,9 @@ def prepare_output(out: Path, recipe: Recipe, text: str, resume: bool, overwrite
     """Start a new run in `out`, or load the state of the run to resume (same recipe only).
 
     A new run's recipe.yaml and state.json are written into a hidden directory beside `out`, which
-    then takes its place: a run directory always holds both, and `--overwrite` deletes the old run
-    only once the new one is in place."""
+    then takes its place (`atomic_dir`): a run directory always holds both, and `--overwrite`
+    deletes the old run only once the new one is in place."""
+    recover_dir(out.resolve())  # a replacement a crash interrupted: its old run is put back
     if resume:
         return _resumable(out, recipe)
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
@@ -89,29 +77,14 @@ def prepare_output(out: Path, recipe: Recipe, text: str, resume: bool, overwrite
             "so tinyllm will not delete it; remove it yourself or choose another -o DIR"
         )
     real = out.resolve()  # through a symlink, replace the directory it points to
-    sweep(real)
     try:
-        new = new_sibling(real, "new")
-    except OSError as exc:
-        raise RecipeError(
-            f"cannot write to output directory {out} ({exc.strerror}); choose another -o DIR"
-        ) from exc
-    try:
-        state = _start(new, recipe, text)
-        if fresh:
-            os.replace(new, real)  # onto nothing, or onto an empty directory
-            fsync_dir(real.parent)
-        else:
-            replace_dir(new, real)
+        with atomic_dir(real) as new:  # the old run goes only once the new one is in place
+            return _start(new, recipe, text)
     except OSError as exc:
         raise RecipeError(
             f"cannot write the new run into {out} ({exc.strerror or exc}); free space or "
             "choose another -o DIR"
         ) from exc
-    finally:
-        if new.exists():
-            shutil.rmtree(new, ignore_errors=True)
-    return state
 
 
 def _start(out: Path, recipe: Recipe, text: str) -> dict:
@@ -120,7 +93,6 @@ def _start(out: Path, recipe: Recipe, text: str) -> dict:
     state = {"recipe": recipe.normalized(), "source": recipe.source, "original": None}
     state.update(stages=[], exports=[], finished=False, versions=_versions())
     write_json_atomic(out / STATE, state)
-    fsync_dir(out)
     return state
 
 
