@@ -4,6 +4,10 @@
 never imported). Pages in the article namespace that are not redirects become one document each:
 the title, a blank line, and the body with wiki markup stripped by mwparserfromhell. The extracted
 text is cached under `$TINYLLM_CACHE/corpora/`.
+
+User files must be UTF-8 text: an empty file, a binary one (a NUL byte) or invalid UTF-8 is an
+error naming the file (and the byte offset and line), unless `errors="replace"` (or the environment
+variable `TINYLLM_CORPUS_ERRORS=replace`) asks to read invalid bytes as U+FFFD.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -30,6 +35,8 @@ ENWIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p00003
 ENWIKI_VERSION = "v2"  # bump when the extraction changes, so caches are rebuilt
 DOC_SEPARATOR = "\n\n\n"  # between documents in the cached text
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+ERRORS = ("strict", "replace")
+ERRORS_ENV = "TINYLLM_CORPUS_ERRORS"
 
 
 @dataclass(frozen=True)
@@ -45,42 +52,78 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
-def load_corpus(spec: str | Path = DEFAULT_CORPUS) -> Corpus:
-    """A named corpus (`enwiki`), a UTF-8 text file, a `.jsonl` file or a directory of texts."""
+def load_corpus(spec: str | Path = DEFAULT_CORPUS, errors: str | None = None) -> Corpus:
+    """A named corpus (`enwiki`), a UTF-8 text file, a `.jsonl` file or a directory of texts.
+
+    `errors`: "strict" (invalid UTF-8 is an error) or "replace" (invalid bytes read as U+FFFD,
+    with a warning); default `$TINYLLM_CORPUS_ERRORS`, else strict."""
     text = str(spec)
+    errors = errors or os.environ.get(ERRORS_ENV) or "strict"
+    if errors not in ERRORS:
+        raise CorpusError(f"unknown corpus errors mode '{errors}'; choose {' or '.join(ERRORS)}")
     if text == "enwiki":
         docs = enwiki_documents()
     else:
         path = Path(text).expanduser()
         if not path.exists():
             raise CorpusError(f"corpus '{text}' is neither a named corpus (enwiki) nor a path")
-        docs = _path_documents(path)
+        docs = _path_documents(path, errors)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise CorpusError(f"corpus '{text}' is empty: it holds no text")
     return Corpus(text, tuple(docs))
 
 
-def _path_documents(path: Path) -> list[str]:
+def _path_documents(path: Path, errors: str = "strict") -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise CorpusError(f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES)})")
-        return [_read_utf8(f) for f in files]
+        return [_read_utf8(f, errors) for f in files]
     if path.suffix == ".jsonl":
-        return list(_jsonl_documents(path))
-    return [_read_utf8(path)]
+        return list(_jsonl_documents(path, errors))
+    return [_read_utf8(path, errors)]
 
 
-def _read_utf8(path: Path) -> str:
+def _read_utf8(path: Path, errors: str = "strict") -> str:
+    """The text of a UTF-8 file; empty, binary and (strict) undecodable files are errors."""
+    if not path.is_file():
+        raise CorpusError(f"{path} is not a regular file; give a text file or a directory")
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorpusError(f"cannot read {path}: {exc.strerror}") from exc
+    _check_not_binary(path, data)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CorpusError(f"{path} is not UTF-8 text (byte {exc.start}); convert it first") from exc
+        if errors != "replace":
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise CorpusError(
+                f"{path} is not UTF-8 text: invalid byte 0x{data[exc.start]:02x} at byte offset "
+                f"{exc.start} (line {line}); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), "
+                f"or set {ERRORS_ENV}=replace to read invalid bytes as U+FFFD"
+            ) from exc
+        text = data.decode("utf-8", errors="replace")
+        log.warning("%s: invalid UTF-8 bytes read as U+FFFD (first at byte %d)", path, exc.start)
+    if not text.strip():
+        raise CorpusError(f"{path} is empty: it holds no text; remove it or give another corpus")
+    return text.removeprefix("\ufeff")
 
 
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
+def _check_not_binary(path: Path, data: bytes) -> None:
+    """Text never holds a NUL byte; UTF-16 text does, and gets a hint."""
+    nul = data.find(b"\x00")
+    if nul < 0:
+        return
+    head = data[:64]
+    utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff") or 3 * head.count(0) >= len(head)
+    hint = "; if it is UTF-16 text, convert it to UTF-8 first" if utf16 else ""
+    raise CorpusError(f"{path} is binary, not text: NUL byte at byte offset {nul}{hint}")
+
+
+def _jsonl_documents(path: Path, errors: str = "strict") -> Iterator[str]:
+    for lineno, line in enumerate(_read_utf8(path, errors).splitlines(), 1):
         if not line.strip():
             continue
         try:
