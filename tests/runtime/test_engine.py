@@ -3,7 +3,7 @@ import torch
 
 from tests.conftest import tiny_model
 from tinyllm.errors import ConfigError
-from tinyllm.runtime.engine import Engine, EngineConfig
+from tinyllm.runtime.engine import INTERNAL_ERROR, Engine, EngineConfig, EngineLoop
 from tinyllm.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -81,7 +81,9 @@ def test_a_failing_step_ends_its_sequences_with_an_error_and_frees_blocks(tokeni
     eng.step()
     assert all(s.finish_reason == "error" for s in seqs)
     assert eng.cache.used_blocks == 0 and not eng.running
-    assert {e.error for e in events if e.finish_reason} == {"simulated kernel failure"}
+    errors = {e.error for e in events if e.finish_reason}
+    assert errors == {INTERNAL_ERROR}  # the exception's text stays in the log
+    assert eng.metrics.step_failures == 1
 
 
 def test_chunked_prefill_preemption_and_joining_late_change_nothing(tokenizer) -> None:
@@ -242,3 +244,81 @@ def test_w8a8_models_run_in_the_engine_and_match_generate(method, tokenizer) -> 
     assert isinstance(model.model.layers[0].mlp.down_proj, ActQuantLinear)
     seqs = engine(model, tokenizer).generate(PROMPTS[:2], GREEDY)
     assert [s.output for s in seqs] == [hf_greedy(model, p, 12) for p in PROMPTS[:2]]
+
+
+def run_all(eng: Engine) -> None:
+    while eng.has_work():
+        eng.step()
+
+
+def test_nan_logits_end_only_their_sequence(tokenizer) -> None:
+    eng = engine(tiny_model("llama"), tokenizer)
+    forward = eng.runtime.forward
+    sampled = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, seed=1)
+    seqs = [eng.submit(p, params) for p, params in zip(PROMPTS, [GREEDY, sampled] * 2,
+                                                       strict=True)]  # fmt: skip
+    victims = {seqs[0].id, seqs[1].id}  # one greedy, one sampled
+
+    def poisoned(batch, cache):
+        logits = forward(batch, cache).clone()  # [rows, vocab], a row per sequence to sample
+        ready = [sid for sid, span in batch.spans if span.stop - 1 in batch.logit_rows.tolist()]
+        for row, sid in enumerate(ready):
+            if sid in victims:
+                logits[row] = float("nan")
+        return logits
+
+    eng.runtime.forward = poisoned
+    run_all(eng)
+    assert [s.finish_reason for s in seqs] == ["error", "error", "length", "length"]
+    assert eng.metrics.nonfinite_logits == 2 and eng.cache.used_blocks == 0
+
+
+def test_a_detokenizer_failure_ends_only_its_sequence(tokenizer) -> None:
+    eng = engine(tiny_model("llama"), tokenizer)
+    seqs = [eng.submit(p, GREEDY) for p in PROMPTS]
+    stream = eng._stream
+
+    def flaky(seq, token):
+        if seq is seqs[2] and len(seq.output) == 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated")
+        return stream(seq, token)
+
+    eng._stream = flaky
+    run_all(eng)
+    assert [s.finish_reason for s in seqs] == ["length", "length", "error", "length"]
+    assert eng.cache.used_blocks == 0 and not eng.running
+
+
+def test_a_step_that_fails_outside_the_forward_frees_everything_and_the_next_runs(
+    tokenizer,
+) -> None:
+    eng = engine(tiny_model("llama"), tokenizer)
+    seqs = [eng.submit(p, GREEDY) for p in PROMPTS]
+    eng.step()
+    plan = eng._plan
+    eng._plan = lambda: 1 / 0
+    assert eng.step() == 0
+    assert all(s.finish_reason == "error" for s in seqs) and eng.cache.used_blocks == 0
+    eng._plan = plan
+    (after,) = eng.generate([PROMPTS[0]], GREEDY)
+    assert after.finish_reason == "length" and eng.cache.used_blocks == 0
+
+
+def test_the_loop_survives_a_raising_step_and_reports_a_stall(tokenizer) -> None:
+    eng = engine(tiny_model("llama"), tokenizer)
+    loop = EngineLoop(eng, stall_seconds=0.2)
+    calls = []
+
+    def step() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated")
+        return Engine.step(eng)
+
+    eng.step = step
+    seq = eng.submit(PROMPTS[0], GREEDY)
+    loop.run_until(lambda: seq.finish_reason is not None)
+    assert seq.finish_reason == "length" and eng.metrics.step_failures == 1
+    assert loop.problem() is None
+    loop.beat -= 1.0  # as if a step had hung for a second
+    assert "no progress" in loop.problem()

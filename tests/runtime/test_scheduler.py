@@ -69,3 +69,32 @@ def test_queue_limit_and_latency_governor_reject_with_retry_after() -> None:
     for _ in range(40):  # fast steps let it grow back
         s.observe_step(0.01)
     assert s.batch_cap > cap
+
+
+def test_each_tenant_has_its_own_share_of_the_queue() -> None:
+    s = Scheduler(SchedulerConfig(max_queue=6))
+    s.tenant("a")
+    s.tenant("b")
+    s.tenant("c", max_queue=1)  # its own quota
+    for i in range(2):
+        s.enqueue("a", i)
+    with pytest.raises(QueueFull, match="tenant 'a'"):  # a's share: 6 // 3 = 2
+        s.enqueue("a", 2)
+    s.enqueue("b", 0)  # b is not locked out by a
+    s.enqueue("c", 0)
+    with pytest.raises(QueueFull, match="tenant 'c'"):
+        s.enqueue("c", 1)
+    s.enqueue("b", 1)
+    assert s.waiting == 5
+
+
+def test_a_head_that_does_not_fit_does_not_block_other_tenants() -> None:
+    s = Scheduler(SchedulerConfig(max_queue=100))
+    s.tenant("big", priority=1)
+    s.tenant("small")
+    s.enqueue("big", "huge")
+    s.enqueue("small", "tiny")
+    fits = lambda item: item != "huge"  # noqa: E731
+    assert s.next(fits) == ("small", "tiny")
+    assert s.next(fits) is None  # the big request waits for room, first in line
+    assert s.next(lambda _: True) == ("big", "huge")

@@ -14,6 +14,7 @@ prompts to completion in the calling thread.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -35,10 +36,17 @@ from tinyllm.runtime.model import (
     PrefillChunk,
     unsupported_reason,
 )
-from tinyllm.runtime.sampling import SamplingParams, make_generator, sample
+from tinyllm.runtime.sampling import (
+    NonFiniteLogits,
+    SamplingParams,
+    broken_rows,
+    make_generator,
+    sample_token,
+)
 from tinyllm.runtime.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
+INTERNAL_ERROR = "internal error while generating (details are in the server log)"
 KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -131,6 +139,7 @@ class Engine:
                 "raise --kv-memory"
             )
         self.max_context = min(self.runtime.max_positions, pool_tokens)
+        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
 
     # --- requests ---------------------------------------------------------------------------
     def prompt_ids(self, text: str, chat: bool = False) -> list[int]:
@@ -149,9 +158,16 @@ class Engine:
         return self.tokenizer.encode(wrapped, add_special_tokens=False)
 
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
-        """Raise ConfigError when a request can never run (empty, or too long)."""
+        """Raise ConfigError when a request can never run (empty, too long, ids out of the
+        vocabulary)."""
         if not prompt:
             raise ConfigError("the prompt is empty: give at least one token")
+        vocab = self.vocab_size
+        if vocab and (bad := [t for t in params.logit_bias if t >= vocab]):
+            raise ConfigError(
+                f"logit_bias names token id {bad[0]}, outside this model's vocabulary "
+                f"(ids 0 to {vocab - 1})"
+            )
         total = len(prompt) + params.max_tokens
         if total > self.max_context:
             raise ConfigError(
@@ -189,7 +205,19 @@ class Engine:
     # --- the step ---------------------------------------------------------------------------
     def step(self) -> int:
         """Run one batch; returns the number of tokens computed. Everything but the model's
-        forward runs under the lock that submit() and cancel() take."""
+        forward runs under the lock that submit() and cancel() take. A failure anywhere in the
+        step ends the running sequences with an error (blocks freed); it never propagates."""
+        try:
+            return self._step()
+        except Exception:
+            log.exception("engine step failed outside the model forward")
+            self.metrics.step_failures += 1
+            with self._lock:
+                for seq in list(self.running):
+                    self._finish_safely(seq, "error", INTERNAL_ERROR)
+            return 0
+
+    def _step(self) -> int:
         with self._lock:
             self._drop_cancelled()
             self._admit()
@@ -200,11 +228,12 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits = self.runtime.forward(batch, self.cache)
-        except Exception as exc:  # a bug or OOM must not leave blocks held or sinks waiting
-            log.exception("engine step failed")
+        except Exception:  # a bug or OOM must not leave blocks held or sinks waiting
+            log.exception("engine step failed in the model forward")
+            self.metrics.step_failures += 1
             with self._lock:
                 for seq in list(self.running):
-                    self._finish(seq, "error", str(exc))
+                    self._finish_safely(seq, "error", INTERNAL_ERROR)
             return 0
         dt = time.perf_counter() - t0
         tokens = sum(w[1] for w in work)
@@ -331,22 +360,38 @@ class Engine:
 
     def _sample(self, work: list[tuple[Sequence, int, torch.Tensor]], logits: torch.Tensor) -> None:
         """A token for every sequence whose known tokens are all computed (one logits row each,
-        in work order); plain greedy rows share one argmax."""
+        in work order); plain greedy rows share one argmax. A failure here (NaN logits, a
+        tokenizer or stop-string error) ends only the sequence it happened in."""
         now = time.perf_counter()
         ready = [seq for seq, _, _ in work if seq.computed == len(seq.ids)]
-        plain = [
-            i
-            for i, s in enumerate(ready)
-            if s.params.temperature == 0.0 and s.params.repetition_penalty == 1.0
-        ]
-        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True)) if plain else {}
+        plain = [i for i, s in enumerate(ready) if s.params.plain_greedy]
+        greedy: dict[int, int] = {}
+        if plain:
+            rows = logits[plain]  # [len(plain), vocab]
+            bad = broken_rows(rows).tolist()
+            picks = rows.argmax(-1).tolist()
+            greedy = {i: t for i, t, b in zip(plain, picks, bad, strict=True) if not b}
         for i, seq in enumerate(ready):
-            token = greedy.get(i)
-            if token is None:
-                p = seq.params.repetition_penalty
-                seen = torch.tensor(seq.ids) if p != 1.0 else torch.empty(0, dtype=torch.long)
-                token = sample(logits[i], seq.params, seen, seq.generator)
-            self._append(seq, token, now)
+            try:
+                token = greedy.get(i)
+                if token is None:
+                    token = self._sample_one(seq, logits[i])
+                self._append(seq, token, now)
+            except NonFiniteLogits:
+                log.error("sequence %d: the model produced non-finite logits", seq.id)
+                self.metrics.nonfinite_logits += 1
+                self._finish_safely(seq, "error", "the model produced non-finite logits")
+            except Exception:
+                log.exception("sequence %d failed while sampling or detokenizing", seq.id)
+                self._finish_safely(seq, "error", INTERNAL_ERROR)
+
+    def _sample_one(self, seq: Sequence, row: torch.Tensor) -> int:
+        p = seq.params.repetition_penalty
+        seen = torch.tensor(seq.ids) if p != 1.0 else torch.empty(0, dtype=torch.long)
+        token, fell_back = sample_token(row, seq.params, seen, seq.generator)
+        if fell_back:
+            self.metrics.sampling_fallbacks += 1
+        return token
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         if seq.token_times:
@@ -410,6 +455,23 @@ class Engine:
         self.metrics.finished(reason)
         _emit(seq, Event(seq.id, tail, finish_reason=reason, error=error))
 
+    def _finish_safely(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """_finish that cannot raise: a failure while releasing is logged and the sequence is
+        still marked finished, so no caller waits on it forever."""
+        if seq.finish_reason is not None:
+            return
+        try:
+            self._finish(seq, reason, error)
+        except Exception:
+            log.exception("finishing sequence %d failed", seq.id)
+            if seq in self.running:
+                self.running.remove(seq)
+                with contextlib.suppress(Exception):
+                    self.scheduler.finished(seq.tenant)
+            self.seqs.pop(seq.id, None)
+            seq.finish_reason = reason
+            _emit(seq, Event(seq.id, finish_reason=reason, error=error))
+
     def _queue_depths(self) -> dict[str, int]:
         return {t.name: len(t.queue) for t in self.scheduler.tenants.values()}
 
@@ -450,13 +512,22 @@ class EngineLoop:
     the main thread (as `tinyllm serve` does, with HTTP on a side thread): OpenMP gives a second
     thread team only a short spin before sleeping, so kernels called from a non-main thread pay a
     wake-up on every parallel region and ran 2-4x slower here.
+
+    The loop is watched: every iteration stamps a heartbeat, a step that raises is logged and
+    counted (Engine.step already ends the affected sequences), and `problem()` says when the loop
+    has died or has not come round for `stall_seconds` (a step that hangs), so the server can
+    answer 503 instead of letting requests wait forever.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stall_seconds: float = 60.0) -> None:
         self.engine = engine
+        self.stall_seconds = stall_seconds
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
+        self.beat = time.monotonic()
+        self.dead: str | None = None  # why the loop ended abnormally
+        self._reported: str | None = None
 
     def start(self) -> EngineLoop:
         self.thread = threading.Thread(target=self.run, name="tinyllm-engine", daemon=True)
@@ -477,11 +548,40 @@ class EngineLoop:
 
     def run_until(self, done: Callable[[], bool]) -> None:
         """Step while there is work, until stop() or `done()` (checked when idle)."""
-        while not self._stop.is_set():
-            if self.engine.has_work():
-                self.engine.step()
-            elif done():
-                return
+        try:
+            while not self._stop.is_set():
+                self.beat = time.monotonic()
+                if self.engine.has_work():
+                    self._step()
+                elif done():
+                    return
+                else:
+                    self._wake.wait(timeout=0.05)
+                    self._wake.clear()
+        except BaseException as e:
+            self.dead = f"the engine loop stopped ({type(e).__name__})"
+            log.critical("%s; requests are answered 503 until restart", self.dead, exc_info=True)
+            raise
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception:  # Engine.step catches its own failures; this is the last net
+            log.exception("engine step raised")
+            self.engine.metrics.step_failures += 1
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve now (dead or stalled loop), or None when healthy."""
+        reason = self.dead
+        if reason is None and self.thread is not None and not self.thread.is_alive():
+            reason = "the engine loop thread is not running"
+        stalled = time.monotonic() - self.beat
+        if reason is None and not self._stop.is_set() and stalled > self.stall_seconds:
+            reason = f"the engine loop has made no progress for {stalled:.0f} s"
+        if reason != self._reported:
+            if reason:
+                log.error("engine unhealthy: %s", reason)
             else:
-                self._wake.wait(timeout=0.05)
-                self._wake.clear()
+                log.warning("engine healthy again")
+            self._reported = reason
+        return reason

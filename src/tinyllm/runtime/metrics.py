@@ -54,6 +54,9 @@ class Metrics:
         self.tokens_computed = 0
         self.prefix_tokens_reused = 0
         self.preemptions = 0
+        self.sampling_fallbacks = 0  # non-finite probabilities: argmax taken instead of a draw
+        self.nonfinite_logits = 0  # sequences ended because the model produced NaN/inf logits
+        self.step_failures = 0  # engine steps that raised (their sequences ended with an error)
         self.rejections: collections.Counter[str] = collections.Counter()
         self.finishes: collections.Counter[str] = collections.Counter()
         self.queue: dict[str, int] = {}
@@ -114,6 +117,24 @@ class Metrics:
                 self.prefix_tokens_reused,
             ),
             ("preemptions_total", "counter", "Sequences preempted for KV space.", self.preemptions),
+            (
+                "sampling_fallbacks_total",
+                "counter",
+                "Draws replaced by the argmax because the probabilities were not finite.",
+                self.sampling_fallbacks,
+            ),
+            (
+                "nonfinite_logits_total",
+                "counter",
+                "Sequences ended because the model produced NaN or infinite logits.",
+                self.nonfinite_logits,
+            ),
+            (
+                "step_failures_total",
+                "counter",
+                "Engine steps that failed (their sequences ended with an error).",
+                self.step_failures,
+            ),
             (
                 "tokens_per_second",
                 "gauge",

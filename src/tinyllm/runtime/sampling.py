@@ -1,33 +1,93 @@
-"""Sampling parameters and the choice of the next token from one sequence's logits."""
+"""Sampling parameters and the choice of the next token from one sequence's logits.
+
+Numerics are guarded: a temperature under `TEMPERATURE_FLOOR` is greedy (dividing by 1e-45
+overflows), every knob is bounded, and non-finite probabilities never reach `multinomial`: the
+pick falls back to the argmax and says so. Logits the model itself produced as NaN (or +inf)
+raise `NonFiniteLogits`, which the engine turns into that one sequence's error.
+"""
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TEMPERATURE_FLOOR = 1e-5  # below it sampling is greedy, as in vLLM
+MAX_TOKENS_LIMIT = 1_000_000
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+MAX_LOGIT_BIAS, LOGIT_BIAS_RANGE = 300, 100.0
+SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+class NonFiniteLogits(Exception):
+    """The model produced NaN or +inf logits: a broken model, not a bad request."""
 
 
 class SamplingParams(BaseModel):
-    """How to pick tokens. temperature 0 is greedy (argmax); the other fields then do nothing
-    except repetition_penalty, which reshapes the logits before the argmax as well."""
+    """How to pick tokens. A temperature under TEMPERATURE_FLOOR (0 included) is greedy (argmax);
+    top_k and top_p then do nothing, while repetition_penalty and logit_bias still reshape the
+    logits before the argmax."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_tokens: int = Field(64, ge=1, le=1_000_000)
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(0.0, ge=0.0, le=10.0)
-    top_k: int = Field(0, ge=0)  # 0: off
+    top_k: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)  # 0: off
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_lengths(cls, stops: list[str]) -> list[str]:
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[int, float]) -> dict[int, float]:
+        for token, value in bias.items():
+            if token < 0:
+                raise ValueError(f"token id {token} is negative")
+            if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"bias {value} of token {token} is outside [-100, 100]")
+        return bias
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < TEMPERATURE_FLOOR
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that reshapes the logits: one batched argmax serves it."""
+        return self.greedy and self.repetition_penalty == 1.0 and not self.logit_bias
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
-    if params.temperature == 0.0:
+    if params.greedy:
         return None
     gen = torch.Generator()
     gen.manual_seed(params.seed if params.seed is not None else torch.seed())
     return gen
+
+
+def broken_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[rows] True where a row of model logits holds NaN or +inf."""
+    return (torch.isnan(logits) | torch.isposinf(logits)).any(-1)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """Add OpenAI's logit_bias (token id -> value in [-100, 100]) to the logits."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype)
+    logits = logits.clone()
+    logits[ids] += values
+    return logits
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, p: float) -> torch.Tensor:
@@ -56,15 +116,36 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample(
+def _argmax(logits: torch.Tensor) -> int:
+    return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
+
+
+def sample_token(
     logits: torch.Tensor,  # [vocab]
     params: SamplingParams,
     seen: torch.Tensor,  # [n] token ids already in the sequence (prompt and output)
     gen: torch.Generator | None,
-) -> int:
+) -> tuple[int, bool]:
+    """(token, fell_back): fell_back is True when the probabilities were not finite and the
+    argmax was taken instead of a draw. Raises NonFiniteLogits on NaN/+inf model logits."""
+    if bool(broken_rows(logits[None])[0]):
+        raise NonFiniteLogits("the model produced NaN or infinite logits")
+    logits = apply_logit_bias(logits, params.logit_bias)
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
+    if params.greedy:
+        return _argmax(logits), False
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    probs = torch.softmax(logits.float(), dim=-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        return _argmax(logits), True
+    return int(torch.multinomial(probs, 1, generator=gen)), False
+
+
+def sample(
+    logits: torch.Tensor,  # [vocab]
+    params: SamplingParams,
+    seen: torch.Tensor,  # [n]
+    gen: torch.Generator | None,
+) -> int:
+    """The next token (see sample_token)."""
+    return sample_token(logits, params, seen, gen)[0]

@@ -32,6 +32,7 @@ class Tenant:
     weight: float = 1.0
     priority: int = 0
     max_concurrency: int | None = None
+    max_queue: int | None = None  # waiting requests of this tenant; None: its share of the queue
     clock: float = 0.0  # virtual time: generated tokens / weight
     running: int = 0
     queue: collections.deque = field(default_factory=collections.deque)
@@ -44,7 +45,7 @@ class Tenant:
 @dataclass
 class SchedulerConfig:
     max_batch: int = 32  # sequences decoding at once, at most
-    max_queue: int = 256  # waiting requests over all tenants before 429
+    max_queue: int = 256  # waiting requests over all tenants before 429 (split among tenants)
     target_itl_p95: float | None = None  # seconds; None: no latency governor
     window: int = 32  # steps the governor looks back over
 
@@ -76,25 +77,36 @@ class Scheduler:
     def enqueue(self, tenant: str, item: Any, front: bool = False) -> None:
         t = self.tenant(tenant)
         if not front:
-            self._check_admission()
+            self._check_admission(t)
         if not t.queue and t.running == 0:
             active = [x.clock for x in self.tenants.values() if x.queue or x.running]
             t.clock = max(t.clock, min(active, default=t.clock))
         (t.queue.appendleft if front else t.queue.append)(item)
 
-    def _check_admission(self) -> None:
+    def quota(self, t: Tenant) -> int:
+        """How many requests tenant t may have waiting: its own max_queue, else an equal share
+        of max_queue among the known tenants, so one tenant cannot fill the queue for all."""
+        if t.max_queue is not None:
+            return t.max_queue
+        return max(1, self.cfg.max_queue // max(1, len(self.tenants)))
+
+    def _check_admission(self, t: Tenant) -> None:
         waiting = self.waiting
+        if len(t.queue) >= self.quota(t):
+            self._reject(f"tenant '{t.name}' has {len(t.queue)} requests waiting (its quota)")
         if waiting >= self.cfg.max_queue:
-            self.rejected += 1
-            raise QueueFull(f"queue is full ({waiting} waiting)", self.retry_after())
+            self._reject(f"queue is full ({waiting} waiting)")
         throttled = self.batch_cap < self.cfg.max_batch
-        if throttled and waiting >= self.batch_cap:
-            self.rejected += 1
-            raise QueueFull(
+        share = max(1, self.batch_cap // max(1, sum(1 for x in self.tenants.values() if x.queue)))
+        if throttled and waiting >= self.batch_cap and len(t.queue) >= share:
+            self._reject(
                 f"inter-token latency is over its target; the batch is held at {self.batch_cap} "
-                f"and {waiting} requests already wait",
-                self.retry_after(),
+                f"and {waiting} requests already wait"
             )
+
+    def _reject(self, reason: str) -> None:
+        self.rejected += 1
+        raise QueueFull(reason, self.retry_after())
 
     def retry_after(self) -> int:
         """Seconds until the queue ahead would drain at the current batch size."""
@@ -110,18 +122,18 @@ class Scheduler:
         return False
 
     def next(self, fits: Callable[[Any], bool]) -> tuple[str, Any] | None:
-        """Pop the next request to admit, or None (batch full, limits reached, or it does not
-        fit the KV cache yet: `fits` decides)."""
+        """Pop the next request to admit, or None (batch full, limits reached, or no ready
+        tenant's head fits the KV cache yet: `fits` decides). Tenants are tried in order of
+        priority and fair-share clock; one whose head does not fit is passed over, so a large
+        request waits for room without holding up the other tenants."""
         if self.running >= self.batch_cap:
             return None
         ready = [t for t in self.tenants.values() if t.queue and t.can_run_more]
-        if not ready:
-            return None
-        t = min(ready, key=lambda x: (-x.priority, x.clock))
-        if not fits(t.queue[0]):
-            return None
-        t.running += 1
-        return t.name, t.queue.popleft()
+        for t in sorted(ready, key=lambda x: (-x.priority, x.clock)):
+            if fits(t.queue[0]):
+                t.running += 1
+                return t.name, t.queue.popleft()
+        return None
 
     def finished(self, tenant: str, seconds: float | None = None) -> None:
         self.tenants[tenant].running -= 1
