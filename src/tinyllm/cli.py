@@ -1228,14 +1228,42 @@ def serve(
     api_key: Annotated[
         list[str] | None,
         typer.Option(
-            help="Accept this key (repeatable; each "
-            "key is its own tenant). No key and no --tenants: no auth."
+            help="Accept this key (repeatable; each key is its own tenant). Keys also come from "
+            "--api-key-file, --tenants and TINYLLM_API_KEYS (comma-separated); none: no auth, "
+            "allowed only on loopback unless --insecure."
         ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="File of API keys, one a line (# comments).")
     ] = None,
     tenants: Annotated[
         Path | None,
-        typer.Option(help="YAML: tenants: [{name, key, weight, priority, max_concurrency}]"),
+        typer.Option(
+            help="YAML: tenants: [{name, key, weight > 0, priority, max_concurrency >= 1, "
+            "max_queue >= 1}]"
+        ),
     ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Allow binding beyond loopback with no API key (warns).")
+    ] = False,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Host header name to answer besides IP literals, localhost and --host "
+            "(repeatable; '*' for any). Others get 421 (DNS rebinding guard)."
+        ),
+    ] = None,
+    public_metrics: Annotated[
+        bool, typer.Option(help="Serve /metrics without a key even when keys are set.")
+    ] = False,
+    request_timeout: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds a request may take in all; then 503 + Retry-After."),
+    ] = 600.0,
+    max_queue_wait: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a request may wait to start; then 429 + Retry-After."),
+    ] = 120.0,
     name: Annotated[
         str | None, typer.Option(help="Model id the API shows (default: MODEL).")
     ] = None,
@@ -1258,10 +1286,22 @@ def serve(
     Example: tinyllm serve runs/edge/final --api-key sk-local --target-itl 80
     then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
     """
-    from tinyllm.runtime.server import load_tenants
+    from tinyllm.runtime.server import ServerLimits, check_exposure, load_tenants
     from tinyllm.runtime.server import serve as run_server
 
-    keys = load_tenants(str(tenants) if tenants else None, api_key or [])
+    keys = load_tenants(
+        str(tenants) if tenants else None,
+        api_key or [],
+        str(api_key_file) if api_key_file else None,
+    )
+    check_exposure(host, keys, insecure)
+    limits = ServerLimits(
+        request_timeout=request_timeout,
+        max_queue_wait=max_queue_wait,
+        bind_host=host,
+        allowed_hosts=tuple(allowed_host or ()),
+        public_metrics=public_metrics,
+    )
     target = None if target_itl is None else target_itl / 1000
     engine = _engine(
         model,
@@ -1276,7 +1316,7 @@ def serve(
         f"serving {name or model} on http://{host}:{port}/v1 "
         f"({'API keys required' if keys else 'no auth'}); Ctrl-C stops"
     )
-    run_server(engine, name or model, keys, host, port)
+    run_server(engine, name or model, keys, host, port, limits)
 
 
 def _train_prune(
