@@ -3,8 +3,13 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 server-sent events), GET /v1/models, /health, /metrics (Prometheus text). Every error, the
 user's or ours, is a JSON body in OpenAI's shape `{"error": {"message", "type", "param",
-"code"}}`; bad input is a 4xx, never a 500. A client that disconnects cancels its sequence, which
-frees its KV blocks at the next engine step.
+"code"}}`; bad input is a 4xx, never a 500, and a 500 never carries exception text.
+
+Every field is bounded at the boundary (`_Common`, `loads_limited`, the Content-Type and Host
+checks), tokenization runs on a tokenizer thread, and each request waits for its events through
+a `_Watch` that enforces its deadline and queue wait, notices a client that went away (its
+sequence is cancelled and its KV blocks freed at the next step) and answers 503 while the engine
+loop is dead or stalled. Limits and codes: docs/runtime.md.
 """
 
 from __future__ import annotations
