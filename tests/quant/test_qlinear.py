@@ -84,3 +84,30 @@ def test_int8_activation_head_kernel_is_close_to_the_exact_product():
         ref = x @ qw.dequantize().float().t()
         rel = ((k.q8_gemv_i8(x, layer.w_q8, layer.w_q8_scale) - ref).norm() / ref.norm()).item()
         assert 1e-5 < rel < 0.015
+
+
+def test_a_kernel_build_killed_midway_does_not_hang_later_builds(tmp_path):
+    """torch's build baton is a plain file: a builder killed while holding it used to make every
+    later process wait forever. Our flock dies with its holder, and under it the baton is stale."""
+    import subprocess
+    import sys
+    import time
+
+    from tinyllm.quant.native import build_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from tinyllm.quant.native import build_lock\n"
+         f"with build_lock(Path({str(tmp_path)!r})):\n"
+         f"    Path({str(tmp_path / 'lock')!r}).touch()\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()  # dies mid-"build", leaving torch's baton behind
+    holder.wait()
+    assert (tmp_path / "lock").exists()
+    t0 = time.perf_counter()
+    with build_lock(tmp_path):  # neither waits on the dead holder nor keeps its baton
+        assert not (tmp_path / "lock").exists()
+    assert time.perf_counter() - t0 < 5

@@ -5,10 +5,17 @@ per vector lane group, so a decode step moves an eighth of the bytes of a float3
 build (about a minute, once per machine; cached in $TINYLLM_KERNEL_DIR, default
 ~/.cache/tinyllm/kernels, shared by every TINYLLM_CACHE) needs a C++
 compiler; without one, `q4_kernel()` returns None and QuantLinear keeps PyTorch's int4 kernel.
+
+Builds are serialized by an OS file lock (`flock`), which the kernel releases when its holder
+dies. torch's own build lock is a plain file that a process killed mid-build leaves behind, and
+every later process then waits on it forever; under our lock no other build is running, so such
+a file is stale and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -29,18 +36,36 @@ def q4_kernel() -> Any | None:
     from torch.utils import cpp_extension
 
     tag = f"{platform.machine()}-torch{torch.__version__.replace('+', '_')}"
+    build = _build_dir(tag)
     try:
-        return cpp_extension.load(
-            name="tinyllm_q4gemv",
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(_build_dir(tag)),
-            verbose=False,
-        )
+        with build_lock(build):
+            return cpp_extension.load(
+                name="tinyllm_q4gemv",
+                sources=[str(s) for s in SOURCES],
+                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
     except Exception as exc:  # no compiler, no headers: fall back, once, loudly
         log.warning("tinyllm 4-bit kernel could not be built (%s); using PyTorch's", exc)
         return None
+
+
+@contextlib.contextmanager
+def build_lock(build: Path) -> Any:
+    """Hold an exclusive flock on the build directory; drop torch's baton file if one is left
+    from a build whose process died (no live build can hold it while we hold the flock)."""
+    with open(build / ".tinyllm-build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        baton = build / "lock"
+        if baton.exists():
+            log.warning("removing %s left by a kernel build that did not finish", baton)
+            baton.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build_dir(tag: str) -> Path:
