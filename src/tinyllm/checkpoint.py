@@ -115,8 +115,7 @@ def _field_errors(exc: ValidationError) -> str:
 
 def prior_steps(spec: str | Path) -> list:
     """The steps recorded in a tinyllm directory (none for any other model spec)."""
-    path = Path(spec) / TINYLLM_CONFIG
-    return json.loads(path.read_text()).get("steps", []) if path.is_file() else []
+    return read_info(Path(spec)).steps if (Path(spec) / TINYLLM_CONFIG).is_file() else []
 
 
 def is_tinyllm_output(path: Path) -> bool:

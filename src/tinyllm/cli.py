@@ -322,7 +322,10 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
     calib_dtype: CalibDtypeOpt = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace a non-empty output directory, only one tinyllm wrote."),
+    ] = False,
     float_dtype: Annotated[
         str,
         typer.Option(
@@ -581,7 +584,10 @@ def prune(
     rewind: Annotated[
         bool, typer.Option(help="imp: reset surviving weights to the original before retraining.")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace a non-empty output directory, only one tinyllm wrote."),
+    ] = False,
 ) -> None:
     """Prune the decoder blocks and write a checkpoint (sparse layers stored as mask + values).
 
@@ -702,7 +708,10 @@ def export(
     strict: Annotated[
         bool, typer.Option(help="Refuse instead of re-quantizing a layer that cannot be carried.")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace an existing output (an hf directory only if tinyllm wrote it)."),
+    ] = False,
 ) -> None:
     """Export a model (original or compressed) for another runtime.
 

@@ -271,3 +271,15 @@ def test_tokenizer_of_a_bigger_model(tmp_path: Path, tokenizer):
     tokenizer.save_pretrained(out)
     with pytest.raises(ModelLoadError, match=r"tokenizer has \d+ tokens but .* 64 rows"):
         tinyllm.load(out)
+
+
+def test_architecture_without_a_causal_lm(tiny_dir: Path):
+    _edit_json(tiny_dir / "config.json", model_type="vit")
+    with pytest.raises(ModelLoadError, match="cannot build a 'vit' causal language model"):
+        tinyllm.load(tiny_dir)
+
+
+def test_config_without_model_type(tiny_dir: Path):
+    _edit_json(tiny_dir / "config.json", model_type=None)
+    with pytest.raises(ModelLoadError, match="has no model_type"):
+        tinyllm.load(tiny_dir)

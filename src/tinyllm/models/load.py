@@ -60,8 +60,8 @@ def resolve(spec: str | Path) -> Resolved:
     if text in registry.REGISTRY:
         return Resolved("registered", Path(), text)
     path = Path(text).expanduser()
-    if not path.exists() and recover_dir(path):  # a replacement of it was interrupted
-        log.warning("%s was being replaced when a run stopped; its previous version is back", path)
+    if not path.exists():
+        _recover(path)
     if not path.exists():
         known = ", ".join(registry.REGISTRY)
         raise ModelNotFoundError(
@@ -81,6 +81,17 @@ def resolve(spec: str | Path) -> Resolved:
         f"{path} is not a model file: expected a .gguf file, a Hugging Face model directory, "
         "a tinyllm output directory or a registered name"
     )
+
+
+def _recover(path: Path) -> None:
+    """Put back a directory whose replacement a crash interrupted (see util.fs.atomic_dir)."""
+    try:
+        if recover_dir(path):
+            log.warning(
+                "%s was being replaced when a run stopped; its previous version is back", path
+            )
+    except OSError as exc:  # an unreadable parent: the not-found error below says enough
+        log.debug("cannot check %s for an interrupted replacement: %s", path, exc)
 
 
 def _is_gguf(path: Path) -> bool:

@@ -135,8 +135,13 @@ def meta_model(config: Any) -> nn.Module:
     """The model `config` describes, on the meta device: shapes without memory."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types for configs it cannot build
+        kind = getattr(config, "model_type", "?")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot build a '{kind}' causal language model: {first}") from exc
 
 
 def expected_shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -170,9 +175,11 @@ def check_shapes(
 
     w = {norm(k): v for k, v in want.items()}
     h = {norm(k): v for k, v in have.items()}
+    stored_name = {norm(k): k for k in have}
     for key in sorted(w.keys() & h.keys()):
         if w[key] != h[key]:
-            raise ModelLoadError(_shape_message(directory, config, key, w[key], h[key]))
+            name = stored_name[key]
+            raise ModelLoadError(_shape_message(directory, config, name, w[key], h[key]))
     if not strict_names and 2 * len(w.keys() & h.keys()) < len(h):
         _check_total(directory, config, want, have)
         return
