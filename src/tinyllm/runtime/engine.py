@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +40,6 @@ from tinyllm.runtime.model import (
 from tinyllm.runtime.sampling import (
     NonFiniteLogits,
     SamplingParams,
-    broken_rows,
     make_generator,
     sample_token,
 )
@@ -367,10 +367,9 @@ class Engine:
         plain = [i for i, s in enumerate(ready) if s.params.plain_greedy]
         greedy: dict[int, int] = {}
         if plain:
-            rows = logits[plain]  # [len(plain), vocab]
-            bad = broken_rows(rows).tolist()
-            picks = rows.argmax(-1).tolist()
-            greedy = {i: t for i, t, b in zip(plain, picks, bad, strict=True) if not b}
+            top, picks = logits[plain].max(-1)  # one pass: the argmax, and NaN/inf rows
+            ok = (top < math.inf).tolist()
+            greedy = {i: t for i, t, g in zip(plain, picks.tolist(), ok, strict=True) if g}
         for i, seq in enumerate(ready):
             try:
                 token = greedy.get(i)

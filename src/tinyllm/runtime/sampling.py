@@ -8,6 +8,8 @@ raise `NonFiniteLogits`, which the engine turns into that one sequence's error.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -75,8 +77,8 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def broken_rows(logits: torch.Tensor) -> torch.Tensor:
-    """[rows] True where a row of model logits holds NaN or +inf."""
-    return (torch.isnan(logits) | torch.isposinf(logits)).any(-1)
+    """[rows] True where a row of model logits holds NaN or +inf (max propagates NaN)."""
+    return ~(logits.amax(-1) < math.inf)
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
@@ -116,28 +118,28 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def _argmax(logits: torch.Tensor) -> int:
-    return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
-
-
 def sample_token(
     logits: torch.Tensor,  # [vocab]
     params: SamplingParams,
     seen: torch.Tensor,  # [n] token ids already in the sequence (prompt and output)
     gen: torch.Generator | None,
 ) -> tuple[int, bool]:
-    """(token, fell_back): fell_back is True when the probabilities were not finite and the
-    argmax was taken instead of a draw. Raises NonFiniteLogits on NaN/+inf model logits."""
-    if bool(broken_rows(logits[None])[0]):
+    """(token, fell_back): fell_back is True when the probabilities would not be finite (the
+    largest scaled logit overflowed, or every token was filtered) and the argmax was taken
+    instead of a draw. Raises NonFiniteLogits on NaN/+inf model logits.
+
+    One max decides both checks: torch's max propagates NaN, and a softmax whose largest input
+    is finite is finite (it subtracts the max), so nothing scans the vocabulary twice."""
+    if not float(logits.max()) < math.inf:
         raise NonFiniteLogits("the model produced NaN or infinite logits")
     logits = apply_logit_bias(logits, params.logit_bias)
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return _argmax(logits), False
+        return int(torch.argmax(logits)), False  # no NaN can arise from finite inputs here
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits.float(), dim=-1)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
-        return _argmax(logits), True
+    if not math.isfinite(float(logits.max())):
+        return int(torch.argmax(logits)), True
+    probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen)), False
 
 
