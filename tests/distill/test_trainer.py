@@ -293,3 +293,20 @@ def test_two_processes_follow_one_process_with_twice_the_accumulation(
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4
+
+
+def test_overwrite_replaces_only_a_training_output(tmp_path):
+    """--overwrite deletes OUTPUT only when it is what a distill run writes."""
+    from tinyllm.distill.trainer import _prepare_output
+    from tinyllm.errors import ConfigError
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ConfigError, match="not a tinyllm training output"):
+        _prepare_output(foreign, resume=False, overwrite=True, rank=0, size=1)
+    assert (foreign / "holiday.jpg").exists()
+    ours = tmp_path / "run"
+    (ours / "model").mkdir(parents=True)
+    _prepare_output(ours, resume=False, overwrite=True, rank=0, size=1)
+    assert not ours.exists()

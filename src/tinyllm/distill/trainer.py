@@ -631,6 +631,11 @@ def distill(run: Run, cfg: DistillConfig, resume: bool = False, save_meta: dict 
     return summary
 
 
+def _is_training_output(out: Path) -> bool:
+    """What a distill run writes: its training checkpoint, its model, or its summary."""
+    return out.is_dir() and any((out / name).exists() for name in (CHECKPOINT, MODEL, SUMMARY))
+
+
 def _prepare_output(out: Path, resume: bool, overwrite: bool, rank: int, size: int) -> None:
     import shutil
 
@@ -641,6 +646,12 @@ def _prepare_output(out: Path, resume: bool, overwrite: bool, rank: int, size: i
         raise ConfigError(
             f"output {out} exists and is not empty; pass --resume to continue its run or "
             "--overwrite to start over"
+        )
+    if busy and overwrite and not resume and not _is_training_output(out):
+        raise ConfigError(
+            f"--overwrite refused: {out} is not empty and is not a tinyllm training output (no "
+            f"{CHECKPOINT}/, {MODEL}/ or {SUMMARY}), so replacing it would delete files tinyllm "
+            "did not write; delete or move it yourself, or choose another output"
         )
     if busy and overwrite and not resume and rank == 0:
         shutil.rmtree(out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +275,11 @@ def write_report(out: Path, state: dict | None = None) -> tuple[Path, Path]:
 
 
 def load_state(out: Path) -> dict:
+    """The run's checked state.json (a clear error when it is missing or corrupt)."""
     from tinyllm.pipeline.recipe import RecipeError
+    from tinyllm.pipeline.rundir import read_state
 
-    path = Path(out) / "state.json"
-    if not path.is_file():
-        raise RecipeError(f"{out} is not a tinyllm run directory (no state.json)")
-    state = json.loads(path.read_text())
+    state = read_state(Path(out))
     if state.get("original") is None:
         raise RecipeError(f"{out}: the run has not scored the original model yet: no report")
     return state
