@@ -149,7 +149,7 @@ def test_cancel_frees_blocks_and_no_block_leaks_after_many_requests(tokenizer) -
     gen = torch.Generator().manual_seed(0)
     cancelled = done = 0
     live = []
-    for i in range(500):
+    for i in range(300):
         n = int(torch.randint(1, 30, (1,), generator=gen))
         params = SamplingParams(max_tokens=int(torch.randint(1, 20, (1,), generator=gen)),
                                 ignore_eos=True, temperature=0.8, seed=i)  # fmt: skip
@@ -167,7 +167,7 @@ def test_cancel_frees_blocks_and_no_block_leaks_after_many_requests(tokenizer) -
         eng.step()
     cancelled += sum(s.finish_reason == "cancelled" for s in live)
     done += sum(s.finish_reason == "length" for s in live)
-    assert cancelled + done == 500 and cancelled >= 80
+    assert cancelled + done == 300 and cancelled >= 48
     assert eng.cache.used_blocks == 0 and not eng.cache.seqs and not eng.cache.by_hash
 
 
