@@ -86,10 +86,7 @@ def resolve(spec: str | Path) -> Resolved:
 def _recover(path: Path) -> None:
     """Put back a directory whose replacement a crash interrupted (see util.fs.atomic_dir)."""
     try:
-        if recover_dir(path):
-            log.warning(
-                "%s was being replaced when a run stopped; its previous version is back", path
-            )
+        recover_dir(path)  # logs a warning when it puts the old version back
     except OSError as exc:  # an unreadable parent: the not-found error below says enough
         log.debug("cannot check %s for an interrupted replacement: %s", path, exc)
 

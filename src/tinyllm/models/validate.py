@@ -145,14 +145,16 @@ def meta_model(config: Any) -> nn.Module:
 
 
 def expected_shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """(state-dict key -> shape, keys that share their tensor with an earlier key (tied))."""
-    shapes, tied, seen = {}, set(), set()
+    """(state-dict key -> shape, keys a checkpoint may lack: those sharing their tensor with an
+    earlier key (tied) and those the model class lets transformers leave missing)."""
+    ignore = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+    shapes, optional, seen = {}, set(), set()
     for key, t in model.state_dict(keep_vars=True).items():
         shapes[key] = tuple(t.shape)
-        if id(t) in seen:
-            tied.add(key)
+        if id(t) in seen or any(re.search(p, key) for p in ignore):
+            optional.add(key)
         seen.add(id(t))
-    return shapes, tied
+    return shapes, optional
 
 
 def check_shapes(
@@ -183,7 +185,8 @@ def check_shapes(
     if not strict_names and 2 * len(w.keys() & h.keys()) < len(h):
         _check_total(directory, config, want, have)
         return
-    missing = [k for k in w if k not in h and k not in {norm(o) for o in optional}]
+    may_lack = {norm(o) for o in optional}
+    missing = [k for k in w if k not in h and k not in may_lack]
     if missing:
         raise ModelLoadError(_missing_message(directory, config, missing, w, h))
 
@@ -268,14 +271,14 @@ def check_vocab(directory: Path, tokenizer: Any, rows: int) -> None:
     total = len(tokenizer)
     if total < 1:
         raise ModelLoadError(f"{directory}: the tokenizer is empty; it is not usable")
-    if base > rows:
+    if base - rows > max(64, rows // 100):  # a few extra ids (image tokens) only warn
         raise ModelLoadError(
             f"{directory}: the tokenizer has {base} tokens but the model's embedding only "
             f"{rows} rows; the tokenizer belongs to another model"
         )
     if total > rows:
         log.warning(
-            "%s: the tokenizer's added tokens reach id %d, beyond the embedding's %d rows",
+            "%s: the tokenizer's ids reach %d, beyond the embedding's %d rows",
             directory,
             total - 1,
             rows,

@@ -197,7 +197,10 @@ def _locked(directory: Path) -> Iterator[None]:
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # NFS emulates flock with fcntl locks, refused on directories
+            log.debug("no lock on %s (%s); replacing without it", directory, exc)
         yield
     finally:
         os.close(fd)  # closing releases the lock
