@@ -301,13 +301,13 @@ def test_nan_logits_end_only_that_request_with_an_error(server, monkeypatch) -> 
     assert err["code"] == "generation_failed" and "non-finite" in err["message"]
     streamed = post(base, "/v1/completions", {**OK, "stream": True})  # fails before any text
     assert error_of(streamed, 500)["code"] == "generation_failed"
-    calls = iter(range(10**6))  # from the third step on: the stream has begun, then fails
+    calls = iter(range(10**6))  # from the fifth step on: the stream has begun, then fails
     monkeypatch.setattr(
         engine.runtime,
         "forward",
-        lambda b, c: forward(b, c) * (1.0 if next(calls) < 2 else float("nan")),
+        lambda b, c: forward(b, c) * (1.0 if next(calls) < 4 else float("nan")),
     )
-    body = {**OK, "stream": True, "ignore_eos": True, "max_tokens": 8}
+    body = {**OK, "stream": True, "ignore_eos": True, "max_tokens": 8, "temperature": 0}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=AUTH) as s:
         lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
     assert json.loads(lines[0][6:])["choices"][0]["text"] is not None
