@@ -2,8 +2,9 @@
 
 The 4-bit decode GEMV (csrc/q4gemv.cpp) keeps weights as 4-bit codes and reads 16 output rows
 per vector lane group, so a decode step moves an eighth of the bytes of a float32 matmul. The
-build (about a minute, once per machine; cached in $TINYLLM_KERNEL_DIR, default
-~/.cache/tinyllm/kernels, shared by every TINYLLM_CACHE) needs a C++
+build (about a minute, once per machine and source version; cached in $TINYLLM_KERNEL_DIR,
+default ~/.cache/tinyllm/kernels, shared by every TINYLLM_CACHE, in a directory named by the
+machine, the torch version and a digest of the sources) needs a C++
 compiler; without one, `q4_kernel()` returns None and QuantLinear keeps PyTorch's int4 kernel.
 
 Builds are serialized by an OS file lock (`flock`), which the kernel releases when its holder
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -35,8 +37,7 @@ def q4_kernel() -> Any | None:
     """The compiled extension, or None if it cannot be built here."""
     from torch.utils import cpp_extension
 
-    tag = f"{platform.machine()}-torch{torch.__version__.replace('+', '_')}"
-    build = _build_dir(tag)
+    build = _build_dir(_build_tag())
     try:
         with build_lock(build):
             return cpp_extension.load(
@@ -66,6 +67,17 @@ def build_lock(build: Path) -> Any:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_tag() -> str:
+    """Machine, torch version and a digest of the sources (their paths and bytes): two checkouts
+    or versions never share, and so never rebuild over, one build directory."""
+    digest = hashlib.sha256()
+    for src in SOURCES:
+        digest.update(str(src.resolve()).encode() + b"\0" + src.read_bytes())
+    return (
+        f"{platform.machine()}-torch{torch.__version__.replace('+', '_')}-{digest.hexdigest()[:12]}"
+    )
 
 
 def _build_dir(tag: str) -> Path:
