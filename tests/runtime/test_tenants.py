@@ -45,6 +45,12 @@ def test_a_valid_tenant_file_sets_every_field(tmp_path: Path) -> None:
     assert keys["sk-batch"] == TenantSpec("batch")
 
 
+# nine levels of ten aliases each: 10**9 values once expanded, from under 1 KB of text
+BILLION_LAUGHS = "l0: &l0 [x]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10)
+)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -65,6 +71,8 @@ def test_a_valid_tenant_file_sets_every_field(tmp_path: Path) -> None:
         ("tenants: [{name: a, key: k}, {name: b, key: k}]", "repeats an API key"),
         ("tenants: [{name: a, key: k1}, {name: a, key: k2, weight: 2}]", "different settings"),
         ("tenants: [{name: a, key: k", "cannot read tenants"),
+        ("tenants:\n  - {name: a, key: k1, weight: 1, weight: 50}", "duplicate key"),
+        (BILLION_LAUGHS, "expands to more than"),
     ],
 )
 def test_bad_tenant_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:

@@ -863,12 +863,15 @@ KEYS_ENV = "TINYLLM_API_KEYS"
 
 
 def read_tenant_file(path: str) -> dict[str, TenantSpec]:
-    """key -> TenantSpec from a --tenants YAML file, validated (ConfigError naming the field)."""
+    """key -> TenantSpec from a --tenants YAML file, validated (ConfigError naming the field);
+    read as recipes are (`util.safe_yaml`: a duplicate key is an error, not a silent override)."""
     import yaml
+
+    from tinyllm.util import safe_yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_yaml.load(f.read(safe_yaml.MAX_BYTES + 1))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read tenants from {path} ({e}); {TENANTS_EXAMPLE}") from None
     try:
