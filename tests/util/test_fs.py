@@ -175,3 +175,17 @@ def test_death_at_every_step_of_a_replace(tmp_path: Path, swap: str):
             _write(tmp, "next")
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".out{step}")) == []
     assert set(outcomes) == {"old", "new"}, outcomes  # both sides of the swap were reached
+
+
+def test_a_completed_directory_gets_the_usual_mode_not_mkdtemps_0700(tmp_path) -> None:
+    import os
+
+    from tinyllm.util.fs import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

@@ -110,6 +110,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     )
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; an output gets the usual mode
     try:
         yield tmp
         (tmp / OUTPUT_MARKER).touch()
@@ -118,6 +119,13 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace_dir(new: Path, target: Path) -> None:
