@@ -75,6 +75,29 @@ def fast_linears(model: nn.Module, batch_tokens: int | None = None) -> Iterator[
             setattr(parent, name, child)
 
 
+# --- Reproducible factorizations ------------------------------------------------------------
+# MKL's LAPACK (Cholesky, its inverse, solves) splits its work by the thread count, so the last
+# bits of its results change with it (1 against 2 threads on a 576 x 576 Hessian). GPTQ turns
+# such bits into flipped roundings, the flips into different inputs for the next block, and two
+# runs of one command with different thread counts (OMP_NUM_THREADS, CPU affinity) ended with 8-20%
+# of their codes different. Factorizations run on one thread: the same inputs give the same bits
+# whatever the thread count (they are a small part of a block's time; 2 threads were not faster).
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on one intra-op thread (restored after)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 # --- Calibration precision -------------------------------------------------------------------
 # Calibration passes (block forwards over 128 x 512 tokens) dominate the cost of GPTQ, AWQ,
 # SparseGPT and Wanda. On CPUs with native bfloat16 dot products (AVX512_BF16, AMX) oneDNN runs

@@ -20,7 +20,7 @@ from tinyllm.core.calib import (
     probe_block,
     staged_pass,
 )
-from tinyllm.core.kernels import calib_dtype, onednn_available
+from tinyllm.core.kernels import calib_dtype, one_thread, onednn_available
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ConfigError
 from tinyllm.quant.common import (
@@ -77,7 +77,13 @@ def staged(cfg: GPTQ) -> bool:
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, retrying with more damping."""
+    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, retrying with more damping. On one
+    thread, so its bits do not depend on the thread count (core.kernels.one_thread)."""
+    with one_thread():
+        return _inverse_cholesky(H, damp, name)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     mean_diag = H.diagonal().mean()
     for _ in range(6):
         Hd = H.clone()
@@ -137,11 +143,13 @@ def float_target(
     the thousands), so `strength` scales it, as GPTAQ's alpha does."""
     Hd = H.clone()
     Hd.diagonal().add_(damp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(Hd)
-    if info != 0:
-        log.warning("float target skipped: the damped Hessian is not positive definite")
-        return W
-    return W + strength * torch.cholesky_solve((C - H).t() @ W.t(), L).t()
+    with one_thread():  # bits independent of the thread count
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info != 0:
+            log.warning("float target skipped: the damped Hessian is not positive definite")
+            return W
+        step = torch.cholesky_solve((C - H).t() @ W.t(), L).t()
+    return W + strength * step
 
 
 def gptq_quantize(
