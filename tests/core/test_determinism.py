@@ -58,3 +58,25 @@ def test_two_processes_write_identical_checkpoints(
     assert stable_meta(a / "quant_report.json") == stable_meta(b / "quant_report.json")
     # the runs did quantize (a checkpoint of float weights would be trivially identical)
     assert json.loads((a / "tinyllm.json").read_text())["quantized"]
+
+
+def test_gptq_factorization_does_not_depend_on_the_thread_count() -> None:
+    """MKL's Cholesky and its inverse give other last bits at 1 and 2 threads on
+    real-model-sized Hessians; GPTQ's factorization must not, or the codes drift between runs
+    with other thread counts (8-20% of codes by the second block of SmolLM2)."""
+    import torch
+
+    from tinyllm.quant.gptq import inverse_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 1536, generator=g)
+    H = x.T @ x / 2048  # [1536, 1536], SmolLM2's down_proj width
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = inverse_cholesky(H, 0.01, "h")
+        torch.set_num_threads(2)
+        two = inverse_cholesky(H, 0.01, "h")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
