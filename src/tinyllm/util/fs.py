@@ -34,7 +34,8 @@ RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux >= 3.15)
 
 
 def fsync_file(path: Path) -> None:
-    """Flush a file's data to disk."""
+    """Flush a file's data to disk (or a directory's entries: the names created, renamed or
+    removed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -43,14 +44,9 @@ def fsync_file(path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (the names of files created, renamed or removed in it)."""
-    if os.name == "nt":  # directories cannot be opened (nor need to be synced) on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Flush a directory's entries."""
+    if os.name != "nt":  # directories cannot be opened (nor need to be synced) on Windows
+        fsync_file(path)
 
 
 def _fsync_tree(root: Path) -> None:
