@@ -10,7 +10,9 @@ sampled; at the end the server must go idle with no KV block held.
 
 Pass criteria (the issue's): the process never dies, no 5xx at all (a hostile request is a
 client error: 4xx, or 200 where the value is legal), no ordinary request refused, zero KV blocks
-in use once idle, RSS growth after warm-up (the first 20% of the run) under 2%.
+in use once idle, RSS growth after warm-up under 2%: the median RSS over the last quarter of the
+run against the median over 20-45% of it (the first 20% is warm-up; medians, so a transient
+peak during a burst of long prefills is not read as growth; the peak is reported apart).
 Results: benchmarks/results/soak_smollm2.json.
 """
 
@@ -74,7 +76,7 @@ def hostile(rng: random.Random) -> dict:
         {"body": {**base, "logit_bias": {"1": 1e308}}},
         {"body": {**base, "logit_bias": {str(i): 1 for i in range(5000)}}},
         {"body": {**base, "prompt": ""}},
-        {"body": {**base, "prompt": "\x00\ud800"}},
+        {"raw": b'{"model": "m", "prompt": "\\u0000\\ud800", "max_tokens": 8}'},
         {"body": {**base, "prompt": "word " * 20_000}},
         {"raw": _deep(5000)},
         {"raw": b"[" * 100_000 + b"]" * 100_000},
@@ -124,6 +126,8 @@ class Tally:
 
     def note(self, kind: str, status: int | str, detail: str = "") -> None:
         self.status[f"{kind}:{status}"] += 1
+        if status == "dropped":  # the client closed the stream, as planned
+            return
         if isinstance(status, int) and status >= 500:
             self.five_xx.append(f"{kind} {status} {detail[:200]}")
         elif isinstance(status, int) and kind == "ordinary" and status != 200:
@@ -157,7 +161,8 @@ async def send(client: httpx.AsyncClient, url: str, req: dict, drop_after: int |
 
 async def worker(wid: int, url: str, stop_at: float, tally: Tally, seed: int) -> None:
     rng = random.Random(seed * 1000 + wid)
-    async with httpx.AsyncClient(timeout=120) as client:
+    # as long as the server's own --request-timeout: a slow answer is not a fault
+    async with httpx.AsyncClient(timeout=600) as client:
         while time.monotonic() < stop_at:
             u = rng.random()
             if u < 0.1:
@@ -227,11 +232,21 @@ def idle_state(url: str) -> dict:
     }
 
 
+def rss_windows(samples: list[dict], duration: float) -> tuple[float | None, float | None]:
+    """Median RSS just after warm-up (20-45% of the run) and over the last quarter: medians, so
+    a transient peak (a burst of long prefills) is not read as growth; peaks are kept apart."""
+    import statistics
+
+    def median(lo: float, hi: float) -> float | None:
+        xs = [s["rss_mib"] for s in samples if lo * duration <= s["t"] < hi * duration]
+        return statistics.median(xs) if xs else None
+
+    return median(0.2, 0.45), median(0.75, 1.01)
+
+
 def summarize(res: dict, idle: dict, alive: bool, args: argparse.Namespace) -> dict:
     tally, samples = res["tally"], res["samples"]
-    warm = [s for s in samples if s["t"] >= 0.2 * args.duration]
-    base = warm[0]["rss_mib"] if warm else None
-    last = samples[-1]["rss_mib"] if samples else None
+    base, last = rss_windows(samples, args.duration)
     growth = (last - base) / base if base and last else None
     total = sum(tally.status.values())
     return {
@@ -247,7 +262,8 @@ def summarize(res: dict, idle: dict, alive: bool, args: argparse.Namespace) -> d
         "transport_errors": len(tally.transport_errors),
         "transport_error_examples": tally.transport_errors[:10],
         "idle": idle, "rss_mib_after_warmup": base, "rss_mib_end": last,
-        "rss_growth_after_warmup": growth, "samples": samples,
+        "rss_growth_after_warmup": growth,
+        "rss_mib_peak": max((s["rss_mib"] for s in samples), default=None), "samples": samples,
     }  # fmt: skip
 
 
