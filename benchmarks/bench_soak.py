@@ -267,6 +267,22 @@ def summarize(res: dict, idle: dict, alive: bool, args: argparse.Namespace) -> d
     }  # fmt: skip
 
 
+def resummarize(path: Path) -> None:
+    """Recompute the derived fields of a saved result (RSS windows and peak) from its samples."""
+    out = json.loads(path.read_text())
+    base, last = rss_windows(out["samples"], out["duration_s"])
+    out["rss_mib_after_warmup"], out["rss_mib_end"] = base, last
+    out["rss_growth_after_warmup"] = (last - base) / base if base and last else None
+    out["rss_mib_peak"] = max((s["rss_mib"] for s in out["samples"]), default=None)
+    out["transport_errors"] = sum(
+        n for k, n in out["by_kind_and_status"].items()
+        if not k.split(":")[1].isdigit() and k.split(":")[1] != "dropped"
+    )  # fmt: skip
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: out[k] for k in ("rss_growth_after_warmup", "rss_mib_peak",
+                                          "transport_errors")}))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=1200.0, help="seconds of traffic")
@@ -275,7 +291,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8377)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--resummarize", type=Path, help="recompute a saved result's RSS summary")
     args = ap.parse_args()
+    if args.resummarize:
+        resummarize(args.resummarize)
+        return
     cmd = [*CLI, "serve", args.model, "--port", str(args.port), "--name", "m", "--api-key", KEY]
     print("$", " ".join(cmd), flush=True)
     import subprocess
