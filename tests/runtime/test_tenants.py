@@ -100,7 +100,7 @@ def test_no_keys_beyond_loopback_needs_insecure(caplog) -> None:
 
 
 def test_serve_refuses_an_open_public_bind_before_loading(monkeypatch) -> None:
-    from tinyllm.cli import serve
+    from tinyllm.cli.runtime import serve
 
     monkeypatch.delenv(KEYS_ENV, raising=False)
     with pytest.raises(ConfigError, match="exposes the server"):

@@ -1,0 +1,122 @@
+"""Options, consoles and helpers shared by the command modules."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tinyllm.errors import ConfigError
+
+out = Console()
+err = Console(stderr=True)
+
+
+ModelArg = Annotated[
+    str, typer.Argument(help="Registered name, HF directory, .gguf file or tinyllm dir.")
+]
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+CalibDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--calib-dtype",
+        help="Precision of the calibration passes: float32, bfloat16 (linears under autocast, "
+        "Hessians from bf16 products with the 32 largest input channels exact; GPTQ 4-bit g64 "
+        "about 0.7x the fp32 time, same quality within run-to-run spread) or auto (bfloat16 "
+        "where the CPU has native bf16 dot products).",
+    ),
+]
+
+
+KvOpt = Annotated[
+    float, typer.Option("--kv-memory", help="MiB preallocated for the paged KV cache.")
+]
+
+
+KvDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--kv-dtype",
+        help="KV cache precision: float16 (half the memory and traffic, like llama.cpp) or "
+        "float32 (exactly what transformers keeps).",
+    ),
+]
+
+
+Int8ActOpt = Annotated[
+    bool,
+    typer.Option(
+        "--int8-act",
+        help="Run 4-bit layers on integer kernels with activations rounded to int8 per block of "
+        "32 (AVX512-VNNI; like llama.cpp's Q4_0 x Q8_0): faster, no longer bit-exact.",
+    ),
+]
+
+
+def _check_calib_dtype(name: str) -> None:
+    from tinyllm.core.kernels import CALIB_DTYPES
+
+    if name not in CALIB_DTYPES:
+        raise ConfigError(f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)}, got '{name}'")
+
+
+def _make_step(cls: type, method: str, **options: object) -> object:
+    """Build a step config from the CLI options it accepts; pydantic errors become one line."""
+    from pydantic import ValidationError
+
+    fields = cls.model_fields
+    try:
+        return cls(**{k: v for k, v in options.items() if k in fields})
+    except ValidationError as exc:
+        raise ConfigError(f"{method}: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: object) -> str:
+    """'field: message' of a pydantic ValidationError's first error (no field: the message)."""
+    first = exc.errors()[0]
+    where = ".".join(str(x) for x in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+def _eval_rows(r: object) -> list[tuple[str, str]]:
+    rows = [
+        ("corpus", f"{r.corpus} ({r.windows} x {r.seq_len}, {r.tokens:,} tokens scored)"),
+        ("perplexity", f"{r.perplexity:.4f}"),
+    ]
+    if r.kld is not None:
+        rows += [
+            ("KL(reference || model)", f"{r.kld:.6f}"),
+            ("top-1 agreement", f"{r.top1_agreement:.4f}"),
+        ]
+    rows += [
+        ("parameters", f"{r.params:,}"),
+        ("size in memory", human_bytes(r.size_bytes)),
+        ("bits per weight (linears)", f"{r.bits_per_weight:.3f}"),
+        ("sparsity (linears)", f"{r.sparsity:.2%}"),
+        ("eval seconds", f"{r.eval_seconds:.1f}"),
+        ("tokens per second", f"{r.tokens_per_second:.0f}"),
+        ("peak RSS", human_bytes(r.peak_rss_bytes)),
+    ]
+    return rows

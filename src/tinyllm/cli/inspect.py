@@ -1,0 +1,150 @@
+"""`tinyllm info`, `eval` and `outliers`: look at a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from tinyllm.cli._common import (
+    ModelArg,
+    _eval_rows,
+    _table,
+    human_bytes,
+    out,
+)
+from tinyllm.cli.app import app
+
+
+@app.command()
+def info(
+    model: ModelArg = "smollm2-135m",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the facts to this JSON file.")
+    ] = None,
+) -> None:
+    """Architecture, parameter counts, shapes, dtype and size of a model."""
+    from tinyllm.models.info import model_info
+    from tinyllm.models.load import load
+
+    m, _ = load(model)
+    i = model_info(m)
+    rows = [
+        ("architecture", f"{i.architecture} ({i.model_type})"),
+        ("parameters", f"{i.params:,}"),
+        ("in block linears", f"{i.linear_params:,} ({100 * i.linear_params / i.params:.1f}%)"),
+        ("layers", str(i.layers)),
+        ("hidden size", str(i.hidden_size)),
+        ("heads / KV heads", f"{i.heads} / {i.kv_heads}"),
+        ("vocabulary", f"{i.vocab_size:,}"),
+        ("dtype", i.dtype),
+        ("size in memory", human_bytes(i.size_in_memory_bytes)),
+        ("size on disk", human_bytes(i.size_on_disk_bytes)),
+        ("linear roles", ", ".join(f"{k} x{v}" for k, v in i.roles.items())),
+    ]
+    out.print(_table(f"tinyllm info {model}", rows))
+    if json_out:
+        from tinyllm.util.fs import write_json_atomic
+
+        write_json_atomic(json_out, i.to_dict())
+
+
+@app.command("eval")
+def eval_(
+    model: ModelArg = "smollm2-135m",
+    corpus: Annotated[
+        str, typer.Option(help="'enwiki', a UTF-8 .txt, a .jsonl or a directory.")
+    ] = "enwiki",
+    seq_len: Annotated[int, typer.Option(help="Tokens per window (at least 2).")] = 512,
+    windows: Annotated[int, typer.Option(help="Windows from the corpus's evaluation slice.")] = 40,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Also report KL(reference || model) and top-1 agreement against this model."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Windows per forward (default: 2048 tokens).")
+    ] = None,
+    fast: Annotated[
+        bool, typer.Option(help="Run fp32 linears through oneDNN while scoring.")
+    ] = True,
+) -> None:
+    """Perplexity (and KLD/agreement with --reference), size, bits per weight, speed, memory.
+
+    Protocol: the corpus is tokenized without special tokens; WINDOWS back-to-back windows of
+    SEQ_LEN tokens are cut from its evaluation slice (its first 65,536 tokens); BOS is prepended
+    only when the tokenizer adds one by default; every position after the first is scored.
+    """
+    import tinyllm
+    from tinyllm.data.windows import check_seq_len
+
+    check_seq_len(seq_len)  # fail before loading anything
+    m, tok = tinyllm.load(model)
+    ref = tinyllm.load(reference) if reference else None
+    result = tinyllm.evaluate(
+        m,
+        tok,
+        corpus=corpus,
+        seq_len=seq_len,
+        windows=windows,
+        reference=ref,
+        batch_size=batch_size,
+        name=model,
+        fast=fast,
+    )
+    out.print(_table(f"tinyllm eval {model}", _eval_rows(result)))
+    if json_out:
+        result.save_json(json_out)
+        out.print(f"wrote {json_out}")
+
+
+@app.command()
+def outliers(
+    model: ModelArg,
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    top: Annotated[int, typer.Option(help="Rows to print, worst first (0: all).")] = 20,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the full report here.")
+    ] = None,
+) -> None:
+    """Show each linear layer's input outliers: why a model resists W8A8.
+
+    For every block linear: the largest per-channel |input| over calibration windows, the ratio
+    of the largest channel to the median channel, and `levels`, how many of an 8-bit per-tensor
+    grid's 127 steps the median channel gets. Ratios in the hundreds (few levels) are what
+    SmoothQuant (`tinyllm quantize --method smoothquant`) flattens.
+
+    Example: tinyllm outliers smollm2-135m --samples 16 --top 10
+    """
+    import tinyllm
+    from tinyllm.data.calibration import calibration_windows
+    from tinyllm.quant.outliers import outlier_report
+
+    m, tok = tinyllm.load(model)
+    calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
+    report = outlier_report(m, calib)
+    rows = sorted(report.items(), key=lambda kv: -kv[1]["ratio"])
+    table = Table("layer", "max |x|", "median channel max", "ratio", "int8 levels (median)")
+    for name, r in rows[: top or None]:
+        table.add_row(
+            name,
+            f"{r['max']:.3g}",
+            f"{r['median_channel_max']:.3g}",
+            f"{r['ratio']:.0f}",
+            f"{r['levels']:.1f}",
+        )
+    out.print(table)
+    if json_out is not None:
+        from tinyllm.util.fs import write_json_atomic
+
+        write_json_atomic(json_out, report)
+        out.print(f"wrote {json_out}")
