@@ -37,7 +37,7 @@ def step_time(model, prompt: torch.Tensor, token: torch.Tensor) -> float:
 
 def with_kernel(model, kernel: str):
     """A copy of a quantized model whose 4-bit layers use another kernel."""
-    from tinyllm.quant.qlinear import QuantLinear
+    from tinyllm.kernels.qlinear import QuantLinear
 
     out = copy.deepcopy(model)
     for name, mod in list(out.named_modules()):

@@ -28,6 +28,13 @@ from tinyllm.core.kernels import (
     native_bf16,
     onednn_available,
 )
+from tinyllm.kernels.primitives import (
+    SHRINK_GRID,
+    _affine_params,
+    fake_quant,
+    group_qparams,
+    grouped,
+)
 from tinyllm.quant.gptq import (
     GPTQ,
     SYM_ROWS,
@@ -37,7 +44,6 @@ from tinyllm.quant.gptq import (
     gram,
     prepare_layer,
 )
-from tinyllm.quant.primitives import SHRINK_GRID, _affine_params, fake_quant, group_qparams, grouped
 
 
 def median_s(repeats: int, fn, *args) -> float:

@@ -28,9 +28,9 @@ import tinyllm
 from rowtable import row_args, run_rows
 from tinyllm.checkpoint import round_floats
 from tinyllm.core.steps import Step
+from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.quant.gptq import GPTQ
 from tinyllm.quant.mixed import Mixed
-from tinyllm.quant.qlinear import QuantLinear
 from tinyllm.quant.rtn import RTN
 
 HERE = Path(__file__).parent

@@ -14,8 +14,8 @@ import copy
 import tinyllm
 from tinyllm.data.calibration import calibration_windows
 from tinyllm.eval.evaluate import evaluate
+from tinyllm.kernels.qlinear import set_module
 from tinyllm.quant.api import quantize
-from tinyllm.quant.qlinear import set_module
 from tinyllm.quant.smoothquant import SmoothQuant
 
 WINDOWS = 10

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinyllm.errors import ConfigError, ModelLoadError
-from tinyllm.quant.actquant import ActivationQuant
-from tinyllm.quant.qlinear import (
+from tinyllm.kernels.actquant import ActivationQuant
+from tinyllm.kernels.qlinear import (
     ActQuantLinear,
     QuantEmbedding,
     QuantLinear,
@@ -34,7 +34,7 @@ from tinyllm.quant.qlinear import (
     replace_embedding,
     replace_linear,
 )
-from tinyllm.quant.qweight import QuantizedWeight
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.util.fs import OUTPUT_MARKER, atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)

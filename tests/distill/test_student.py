@@ -10,10 +10,10 @@ import torch
 from tests.conftest import tiny_model, tiny_tokenizer
 from tinyllm.distill.student import Masks, check_pair, layer_dropped, prepare_for_training
 from tinyllm.errors import ConfigError, TokenizerMismatchError
+from tinyllm.kernels.qlinear import QuantLinear, replace_linear
 from tinyllm.quant.gptq import GPTQ, gptq_quantize
 from tinyllm.quant.nf4 import NF4, nf4_quantize
 from tinyllm.quant.qat import FakeQuantLinear, to_fake_quant, to_quant
-from tinyllm.quant.qlinear import QuantLinear, replace_linear
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 

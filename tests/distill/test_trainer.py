@@ -131,7 +131,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
 
 def test_qat_student_is_saved_packed_with_its_grid(teacher_dir, corpus, tmp_path) -> None:
     import tinyllm
-    from tinyllm.quant.qlinear import QuantLinear
+    from tinyllm.kernels.qlinear import QuantLinear
 
     model, tok = tinyllm.load(teacher_dir)
     tinyllm.quantize(model, tinyllm.RTN(bits=3, group_size=32, sym=False))

@@ -5,7 +5,7 @@ import torch
 
 import tinyllm
 from tinyllm.checkpoint import round_floats
-from tinyllm.quant.qlinear import QuantLinear
+from tinyllm.kernels.qlinear import QuantLinear
 
 pytestmark = pytest.mark.slow
 

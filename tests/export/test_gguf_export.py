@@ -11,8 +11,8 @@ from tests.conftest import tiny_model
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.export import export
 from tinyllm.export.gguf_blocks import permute_rows
+from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.quant.api import quantize
-from tinyllm.quant.qlinear import QuantLinear
 from tinyllm.quant.rtn import RTN
 
 

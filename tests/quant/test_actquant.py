@@ -11,7 +11,7 @@ import tinyllm
 from tests.conftest import tiny_model
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.errors import ArchitectureError, ConfigError
-from tinyllm.quant.actquant import (
+from tinyllm.kernels.actquant import (
     ActivationQuant,
     ActStats,
     fp8_round,
@@ -21,12 +21,12 @@ from tinyllm.quant.actquant import (
     percentile_range,
     static_spec,
 )
+from tinyllm.kernels.qlinear import ActQuantLinear
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import fold_scale
 from tinyllm.quant.fp8 import FP8, fp8_quantize
 from tinyllm.quant.int8 import Int8Dynamic, Int8Static, int8_weight
 from tinyllm.quant.outliers import outlier_report
-from tinyllm.quant.qlinear import ActQuantLinear
 from tinyllm.quant.smoothquant import SmoothQuant, smooth_factor
 
 

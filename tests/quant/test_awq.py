@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_model
+from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ, _groups_for, fold_scale, search_clip, search_scale
 from tinyllm.quant.gptq import GPTQ
-from tinyllm.quant.qlinear import QuantLinear
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 

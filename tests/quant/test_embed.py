@@ -12,8 +12,8 @@ from tests.conftest import tiny_config
 from tests.test_cli import run
 from tinyllm.checkpoint import round_floats
 from tinyllm.errors import ConfigError
+from tinyllm.kernels.qlinear import QuantEmbedding, QuantLinear
 from tinyllm.quant.embed import Embeddings, embed_step, tied_head
-from tinyllm.quant.qlinear import QuantEmbedding, QuantLinear
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 

@@ -5,10 +5,10 @@ import torch
 
 from tests.conftest import tiny_model
 from tinyllm.core.calib import block_inputs, observe_pair
+from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ
 from tinyllm.quant.gptq import GPTQ, float_target, gptq_quantize
-from tinyllm.quant.qlinear import QuantLinear
 
 
 def _streams(seed: int = 0):

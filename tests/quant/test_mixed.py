@@ -14,6 +14,7 @@ from tinyllm.checkpoint import save_checkpoint
 from tinyllm.core.steps import Context
 from tinyllm.errors import ConfigError
 from tinyllm.eval.divergence import token_kl
+from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.models.anatomy import analyze
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ
@@ -27,7 +28,6 @@ from tinyllm.quant.mixed import (
     measure_sensitivity,
     storage_bits,
 )
-from tinyllm.quant.qlinear import QuantLinear
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 GRID = RTN(bits=4, group_size=32)

@@ -3,9 +3,9 @@ import itertools
 import pytest
 import torch
 
-from tinyllm.quant import primitives as P
+from tinyllm.kernels import primitives as P
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.quant.nf4 import NF4, nf4_codebook, nf4_quantize
-from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 
@@ -110,7 +110,7 @@ def test_nf4_double_quant_stores_8_bit_scales_and_round_trips():
 def test_weighted_clipping_search_minimises_the_weighted_error():
     """With column importances the search picks, per group, the candidate with the lowest
     importance-weighted squared error; unit importances give the plain squared-error search."""
-    from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
+    from tinyllm.kernels.primitives import fake_quant, group_qparams, grouped
 
     torch.manual_seed(0)
     w = torch.randn(16, 64) * torch.linspace(0.2, 3.0, 64)
@@ -136,7 +136,7 @@ def test_clipping_search_picks_the_best_candidate_of_the_grid(bits, group, sym, 
     """The in-place search returns, for every group, exactly the candidate of SHRINK_GRID (the
     first among equals) whose weighted |w - fake_quant(w)|^norm is smallest, as a plain
     out-of-place evaluation of every candidate finds it."""
-    from tinyllm.quant.primitives import SHRINK_GRID, _affine_params, fake_quant, grouped
+    from tinyllm.kernels.primitives import SHRINK_GRID, _affine_params, fake_quant, grouped
 
     torch.manual_seed(1)
     w = torch.randn(40, 128) * torch.linspace(0.1, 4.0, 128)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tinyllm.quant.qlinear import QuantLinear
+from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 
@@ -53,7 +53,7 @@ def test_single_token_decode_shape():
 @pytest.mark.parametrize(("group", "sym"), [(32, True), (64, False), (-1, False)])
 def test_int8_activation_kernel_is_close_to_the_exact_product(group, sym):
     """q4_gemv_i8 rounds activations to int8 per block of 32: about 0.5% relative error."""
-    from tinyllm.quant import native
+    from tinyllm.kernels import native
 
     k = native.q4_kernel()
     if k is None or not k.q4_i8_supported():
@@ -70,7 +70,7 @@ def test_int8_activation_kernel_is_close_to_the_exact_product(group, sym):
 
 
 def test_int8_activation_head_kernel_is_close_to_the_exact_product():
-    from tinyllm.quant import native
+    from tinyllm.kernels import native
 
     k = native.q4_kernel()
     if k is None or not k.q4_i8_supported():
@@ -93,11 +93,11 @@ def test_a_kernel_build_killed_midway_does_not_hang_later_builds(tmp_path):
     import sys
     import time
 
-    from tinyllm.quant.native import build_lock
+    from tinyllm.kernels.native import build_lock
 
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from tinyllm.quant.native import build_lock\n"
+         "from tinyllm.kernels.native import build_lock\n"
          f"with build_lock(Path({str(tmp_path)!r})):\n"
          f"    Path({str(tmp_path / 'lock')!r}).touch()\n"
          "    print('held', flush=True); time.sleep(60)"],

@@ -191,7 +191,7 @@ def test_quantized_and_head_pruned_models_run_and_match_generate(tokenizer) -> N
 
 def test_int8_activation_mode_runs_the_integer_kernel_and_mostly_agrees(tokenizer) -> None:
     import tinyllm
-    from tinyllm.quant import native
+    from tinyllm.kernels import native
 
     if native.q4_kernel() is None or not native.q4_kernel().q4_i8_supported():
         pytest.skip("needs tinyllm's native kernels with AVX512-VNNI")
@@ -235,7 +235,7 @@ def test_the_longest_request_the_pool_allows_still_runs(tokenizer) -> None:
 @pytest.mark.parametrize("method", ["int8-dynamic", "smoothquant"])
 def test_w8a8_models_run_in_the_engine_and_match_generate(method, tokenizer) -> None:
     import tinyllm
-    from tinyllm.quant.qlinear import ActQuantLinear
+    from tinyllm.kernels.qlinear import ActQuantLinear
 
     model = tiny_model("llama")
     calib = torch.randint(2, 300, (16, 64), generator=torch.Generator().manual_seed(0))

@@ -25,10 +25,10 @@ from torch import nn
 
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.export.gguf_blocks import carry, permute_rows, why_not_carried
+from tinyllm.kernels.qlinear import QuantEmbedding, QuantLinear
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze, is_norm
 from tinyllm.quant.embed import tied_head
-from tinyllm.quant.qlinear import QuantEmbedding, QuantLinear
-from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.util.fs import atomic_path
 from tinyllm.util.progress import track
 

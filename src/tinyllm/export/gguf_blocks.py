@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from tinyllm.quant.qweight import QuantizedWeight
+from tinyllm.kernels.qweight import QuantizedWeight
 
 BLOCK = 32
 # type -> (bits, needs a symmetric grid, has a min term m)

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tinyllm.errors import ConfigError
-from tinyllm.quant.qlinear import QuantLinear
-from tinyllm.quant.qweight import QuantizedWeight
+from tinyllm.kernels.qlinear import QuantLinear
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.util.fs import atomic_dir
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from tinyllm.errors import ArchitectureError, ConfigError
+from tinyllm.kernels.qlinear import ActQuantLinear, QuantLinear
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze
-from tinyllm.quant.qlinear import ActQuantLinear, QuantLinear
-from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.util.fs import atomic_dir
 
 log = logging.getLogger(__name__)

@@ -163,7 +163,7 @@ def embedding_bytes(model: nn.Module, bits: int | None) -> int:
 
 def weight_error(w: torch.Tensor, grid: Grid) -> float:
     """||W - RTN(W)||^2 on `grid`: the rounding rtn_quantize does, without packing the codes."""
-    from tinyllm.quant.primitives import fake_quant, group_qparams, grouped
+    from tinyllm.kernels.primitives import fake_quant, group_qparams, grouped
 
     scale, zero = group_qparams(w, grid.bits, grid.group_size, grid.sym)
     g = grouped(w.float(), grid.group_size)  # [rows, groups, gs]

@@ -12,6 +12,9 @@ from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks, observe_block
 from tinyllm.core.steps import Context, register
+from tinyllm.kernels.primitives import SUPPORTED_BITS, group_qparams, qmax
+from tinyllm.kernels.qlinear import replace_linear
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.prune.common import PruneStep, by_block, check_pattern_fits, prune_sites
 from tinyllm.prune.owl import block_sparsities
 from tinyllm.quant.gptq import (
@@ -20,9 +23,6 @@ from tinyllm.quant.gptq import (
     output_error,
     prepare_layer,
 )
-from tinyllm.quant.primitives import SUPPORTED_BITS, group_qparams, qmax
-from tinyllm.quant.qlinear import replace_linear
-from tinyllm.quant.qweight import QuantizedWeight
 
 
 class SparseGPT(PruneStep):

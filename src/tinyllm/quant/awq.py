@@ -32,6 +32,7 @@ from tinyllm.core.calib import (
     probe_input,
 )
 from tinyllm.core.steps import Context, Step, register
+from tinyllm.kernels.primitives import _affine_params, fake_quant, group_qparams, grouped
 from tinyllm.quant.common import (
     block_error_status,
     fake_quant_then_swap,
@@ -40,7 +41,6 @@ from tinyllm.quant.common import (
     sites_by_block,
 )
 from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_block, gptq_quantize
-from tinyllm.quant.primitives import _affine_params, fake_quant, group_qparams, grouped
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ from torch import nn
 
 from tinyllm.core.steps import Context, Step
 from tinyllm.errors import ArchitectureError, ConfigError
+from tinyllm.kernels.primitives import SUPPORTED_BITS, SUPPORTED_GROUPS
+from tinyllm.kernels.qlinear import replace_linear
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import LinearSite, analyze
-from tinyllm.quant.primitives import SUPPORTED_BITS, SUPPORTED_GROUPS
-from tinyllm.quant.qlinear import replace_linear
-from tinyllm.quant.qweight import QuantizedWeight
 
 log = logging.getLogger(__name__)
 Q = TypeVar("Q", bound="WeightQuant")

@@ -13,8 +13,8 @@ from torch import nn
 
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ConfigError
+from tinyllm.kernels.qlinear import QuantEmbedding, QuantLinear, replace_embedding, set_module
 from tinyllm.quant.common import WeightQuant
-from tinyllm.quant.qlinear import QuantEmbedding, QuantLinear, replace_embedding, set_module
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 

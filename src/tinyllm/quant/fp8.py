@@ -18,12 +18,12 @@ from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks
 from tinyllm.core.steps import Context, register
+from tinyllm.kernels.actquant import FP8_DTYPES, ActivationQuant, fp8_max
+from tinyllm.kernels.qlinear import replace_act_linear
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import LinearSite
-from tinyllm.quant.actquant import FP8_DTYPES, ActivationQuant, fp8_max
 from tinyllm.quant.common import relative_weight_error, target_linears
 from tinyllm.quant.int8 import StaticActivations, static_block_fn
-from tinyllm.quant.qlinear import replace_act_linear
-from tinyllm.quant.qweight import QuantizedWeight
 
 SIMULATED = (
     "FP8 simulated: inputs and weights rounded to FP8, matmul in float32 (no FP8 GEMM on CPU)"

@@ -23,6 +23,8 @@ from tinyllm.core.calib import (
 from tinyllm.core.kernels import calib_dtype, one_thread, onednn_available
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ConfigError
+from tinyllm.kernels.primitives import group_qparams, qmax
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.quant.common import (
     WeightQuant,
     block_error_status,
@@ -30,8 +32,6 @@ from tinyllm.quant.common import (
     layer_cfg,
     sites_by_block,
 )
-from tinyllm.quant.primitives import group_qparams, qmax
-from tinyllm.quant.qweight import QuantizedWeight
 
 log = logging.getLogger(__name__)
 

@@ -21,17 +21,17 @@ from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks, observe_block
 from tinyllm.core.steps import Context, Step, register
-from tinyllm.models.anatomy import LinearSite
-from tinyllm.quant.actquant import (
+from tinyllm.kernels.actquant import (
     ActivationQuant,
     ActStats,
     check_static_calibration,
     observe,
     stride_for,
 )
+from tinyllm.kernels.qlinear import replace_act_linear
+from tinyllm.kernels.qweight import QuantizedWeight
+from tinyllm.models.anatomy import LinearSite
 from tinyllm.quant.common import relative_weight_error, sites_by_block, target_linears
-from tinyllm.quant.qlinear import replace_act_linear
-from tinyllm.quant.qweight import QuantizedWeight
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 KEEP_TOKENS = 16384  # token subsample per layer input for percentile / MSE observers

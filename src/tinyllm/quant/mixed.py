@@ -36,11 +36,11 @@ from tinyllm.core.calib import block_inputs, run_block
 from tinyllm.core.kernels import OneDNNLinear, fast_linears, onednn_available
 from tinyllm.core.steps import Context, Step, apply_step, register
 from tinyllm.errors import ConfigError
+from tinyllm.kernels.primitives import SUPPORTED_BITS
 from tinyllm.models.anatomy import LinearSite, analyze
 from tinyllm.quant.awq import AWQ
 from tinyllm.quant.common import WeightQuant, check_divisible, target_linears
 from tinyllm.quant.gptq import GPTQ
-from tinyllm.quant.primitives import SUPPORTED_BITS
 from tinyllm.quant.rtn import RTN, rtn_quantize
 from tinyllm.util.progress import make_progress
 

@@ -14,9 +14,9 @@ from pydantic import field_validator
 from torch import nn
 
 from tinyllm.core.steps import Context, Step, register
+from tinyllm.kernels.primitives import grouped
+from tinyllm.kernels.qweight import QuantizedWeight, dequantize_scales, double_quantize_scales
 from tinyllm.quant.common import quantize_each
-from tinyllm.quant.primitives import grouped
-from tinyllm.quant.qweight import QuantizedWeight, dequantize_scales, double_quantize_scales
 
 NF4_OFFSET = 0.5 * (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16))  # outermost quantile probability
 

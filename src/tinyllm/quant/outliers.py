@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks
-from tinyllm.quant.actquant import INT8_MAX, ActStats
+from tinyllm.kernels.actquant import INT8_MAX, ActStats
 from tinyllm.quant.common import sites_by_block
 
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyllm.quant.primitives import grouped, qmax
-from tinyllm.quant.qlinear import QuantLinear
-from tinyllm.quant.qweight import QuantizedWeight, dequantize_scales, double_quantize_scales
+from tinyllm.kernels.primitives import grouped, qmax
+from tinyllm.kernels.qlinear import QuantLinear
+from tinyllm.kernels.qweight import QuantizedWeight, dequantize_scales, double_quantize_scales
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

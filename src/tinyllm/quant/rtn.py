@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from tinyllm.core.steps import Context, register
+from tinyllm.kernels.primitives import group_qparams, quantize_codes
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.quant.common import WeightQuant, layer_cfg, quantize_each_layer
-from tinyllm.quant.primitives import group_qparams, quantize_codes
-from tinyllm.quant.qweight import QuantizedWeight
 
 
 class RTN(WeightQuant):

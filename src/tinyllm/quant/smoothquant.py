@@ -23,7 +23,8 @@ from torch import nn
 from tinyllm.core.calib import calibrate_blocks
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ArchitectureError
-from tinyllm.quant.actquant import ActivationQuant, ActStats
+from tinyllm.kernels.actquant import ActivationQuant, ActStats
+from tinyllm.kernels.primitives import fake_quant, group_qparams
 from tinyllm.quant.awq import NORM_WEIGHT_OFFSET, checked_groups, fold_scale
 from tinyllm.quant.common import sites_by_block
 from tinyllm.quant.int8 import (
@@ -33,7 +34,6 @@ from tinyllm.quant.int8 import (
     record_outliers,
     static_specs,
 )
-from tinyllm.quant.primitives import fake_quant, group_qparams
 
 log = logging.getLogger(__name__)
 SEARCH_TOKENS = 1024  # calibration tokens behind each alpha's error estimate

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyllm.kernels import native
+from tinyllm.kernels.qlinear import NATIVE_MAX_ROWS
 from tinyllm.models.anatomy import analyze
-from tinyllm.quant import native
-from tinyllm.quant.qlinear import NATIVE_MAX_ROWS
 from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
 
 FAMILIES: dict[str, dict[str, str]] = {

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinyllm.quant.primitives import dequantize_codes, pack_bits, unpack_bits
+from tinyllm.kernels.primitives import dequantize_codes, pack_bits, unpack_bits
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`QuantLinear`: a linear layer whose weight stays packed in memory, with real kernels.
 
 - 4-bit affine, no permutation, output rows a multiple of 16: tinyllm's own C++ GEMV
-  (quant/native.py, csrc/q4gemv.cpp), built on first use; where it cannot be built, PyTorch's CPU
+  (kernels/native.py, csrc/q4gemv.cpp), built on first use; where it cannot be built, PyTorch's CPU
   int4 kernel (`_weight_int4pack_mm_for_cpu`) for groups of 32/64/128/256.
 - 8-bit symmetric per output channel: tinyllm's own C++ GEMV (q8, 16-row interleaved codes,
   5x faster than PyTorch's here), else PyTorch's `_weight_int8pack_mm`.
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinyllm.quant import native
-from tinyllm.quant.actquant import ActivationQuant
-from tinyllm.quant.qweight import QuantizedWeight
+from tinyllm.kernels import native
+from tinyllm.kernels.actquant import ActivationQuant
+from tinyllm.kernels.qweight import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128, 256)
 # PyTorch's packed CPU kernels are GEMV-oriented: at prefill sizes they were 30-50x slower than
@@ -157,7 +157,7 @@ class ActQuantLinear(nn.Module):
     INT8: the input is quantized per token (dynamic) or with calibrated static scales, and the
     product runs as an integer GEMM (`torch._int_mm`, int8 x int8 -> int32 on oneDNN/VNNI), with
     the rescale (and the zero-point correction, a constant per output row) applied after it. For a
-    per-channel static scale the record holds the codes of W diag(s) (see quant/actquant.py).
+    per-channel static scale the record holds the codes of W diag(s) (see kernels/actquant.py).
     FP8: simulated, as CPUs here have no FP8 GEMM: the input is rounded to the FP8 grid and
     multiplied by the dequantized FP8 weight in float32.
     """

@@ -1,0 +1,1 @@
+"""Packed weight layouts, the QuantizedWeight record, QuantLinear and the C++ kernels."""
