@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 import tinyllm
+from provenance import provenance
 from tinyllm.core.kernels import fast_linears
 
 OUT = Path(__file__).parent / "results" / "decode_smollm2.json"
@@ -78,6 +79,7 @@ def main() -> None:
         "repeats": args.repeats,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    result["provenance"] = provenance()
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import tinyllm
+from provenance import provenance
 from tinyllm.models.load import load
 
 OUT = Path(__file__).parent / "results" / "eval_smollm2.json"
@@ -61,6 +62,7 @@ def main() -> None:
         },
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    result["provenance"] = provenance()
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

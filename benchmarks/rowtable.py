@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from provenance import provenance
+
 
 def row_args(rows: list[str], ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     ap = ap or argparse.ArgumentParser()
@@ -31,7 +33,7 @@ def run_rows(
         if name in results and not args.force:
             continue
         print(f"== {name}", flush=True)
-        results[name] = run_row(name)
+        results[name] = {**run_row(name), "provenance": provenance()}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")  # atomic: a crash never leaves half a results file
         tmp.write_text(json.dumps(results, indent=2) + "\n")
