@@ -5,7 +5,10 @@ per vector lane group, so a decode step moves an eighth of the bytes of a float3
 build (about a minute, once per machine and source version; cached in $TINYLLM_KERNEL_DIR,
 default ~/.cache/tinyllm/kernels, shared by every TINYLLM_CACHE, in a directory named by the
 machine, the torch version and a digest of the sources) needs a C++
-compiler; without one, `q4_kernel()` returns None and QuantLinear keeps PyTorch's int4 kernel.
+compiler. The sources ship inside the package (tinyllm/kernels/csrc, package data of the wheel)
+and are read from wherever tinyllm is installed. Where they are missing, no compiler is found or
+the build fails, `q4_kernel()` returns None, logs one warning saying why, and the layouts fall
+back to PyTorch's kernels (kernels/layouts.py): same results, slower decode.
 
 Builds are serialized by an OS file lock (`flock`), which the kernel releases when its holder
 dies. torch's own build lock is a plain file that a process killed mid-build leaves behind, and
@@ -22,6 +25,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +34,36 @@ import torch
 
 log = logging.getLogger(__name__)
 LANES = 16
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("q4gemv.cpp", "runtime_ops.cpp")]
+CSRC = Path(str(resources.files("tinyllm.kernels") / "csrc"))
+SOURCES = [CSRC / name for name in ("q4gemv.cpp", "runtime_ops.cpp")]
+FALLBACK = "using PyTorch's kernels instead (same results, slower decode)"
+
+
+def unavailable_reason() -> str | None:
+    """Why the C++ kernels cannot be built here before trying, or None if they may be."""
+    missing = [str(s) for s in SOURCES if not s.is_file()]
+    if missing:
+        return (
+            f"C++ sources missing from the installed package ({', '.join(missing)}); "
+            "reinstall tinyllm from a wheel or checkout that includes tinyllm/kernels/csrc"
+        )
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler '{cxx}' on PATH (install g++ or set CXX)"
+    return None
 
 
 @functools.cache
 def q4_kernel() -> Any | None:
-    """The compiled extension, or None if it cannot be built here."""
+    """The compiled extension, or None (with one warning saying why) if it cannot be built."""
+    reason = unavailable_reason()
+    if reason is not None:
+        log.warning("tinyllm's C++ kernels are unavailable: %s; %s", reason, FALLBACK)
+        return None
+    return _build()
+
+
+def _build() -> Any | None:
     from torch.utils import cpp_extension
 
     build = _build_dir(_build_tag())
@@ -48,8 +77,8 @@ def q4_kernel() -> Any | None:
                 build_directory=str(build),
                 verbose=False,
             )
-    except Exception as exc:  # no compiler, no headers: fall back, once, loudly
-        log.warning("tinyllm 4-bit kernel could not be built (%s); using PyTorch's", exc)
+    except Exception as exc:  # no headers, a compiler error: fall back, once, loudly
+        log.warning("tinyllm's C++ kernels failed to build in %s (%s); %s", build, exc, FALLBACK)
         return None
 
 

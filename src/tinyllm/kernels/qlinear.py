@@ -1,16 +1,11 @@
 """`QuantLinear`: a linear layer whose weight stays packed in memory, with real kernels.
 
-- 4-bit affine, no permutation, output rows a multiple of 16: tinyllm's own C++ GEMV
-  (kernels/native.py, csrc/q4gemv.cpp), built on first use; where it cannot be built, PyTorch's CPU
-  int4 kernel (`_weight_int4pack_mm_for_cpu`) for groups of 32/64/128/256.
-- 8-bit symmetric per output channel: tinyllm's own C++ GEMV (q8, 16-row interleaved codes,
-  5x faster than PyTorch's here), else PyTorch's `_weight_int8pack_mm`.
-- Anything else (2/3/5 bits, codebooks, permutations): unpack and dequantize on each call.
-Inputs of more than `max_rows` rows (prefill, evaluation) unpack the weight for that call and use
-the float matmul: tinyllm's kernels convert each weight once per tile of 8 input rows, so they
-stay ahead of unpacking up to NATIVE_MAX_ROWS rows (a decode batch of the runtime); PyTorch's
-packed kernels only up to PACKED_KERNEL_MAX_ROWS. The QuantizedWeight record is kept as buffers
-too (checkpoints are written from it), so memory accounting sees both it and the kernel's copy.
+Each layer runs one packed layout (kernels/layouts.py): the first of `LAYOUTS` that supports its
+`QuantizedWeight` on its device (tinyllm's C++ GEMVs for 4-bit groupwise and 8-bit per-row
+records when they build, then PyTorch's packed CPU kernels, then dequantize-and-matmul).
+`ActQuantLinear` runs one of `ACT_LAYOUTS` (integer W8A8 GEMM, simulated FP8). The
+QuantizedWeight record is kept as buffers too (checkpoints are written from it), so memory
+accounting sees both it and the layout's copy.
 """
 
 from __future__ import annotations
@@ -18,31 +13,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinyllm.kernels import native
 from tinyllm.kernels.actquant import ActivationQuant
+from tinyllm.kernels.layouts import (
+    ActLayout,
+    Layout,
+    Packed,
+    choose_act_layout,
+    choose_layout,
+    layout_named,
+)
 from tinyllm.kernels.qweight import QuantizedWeight
 
-INT4_GROUPS = (32, 64, 128, 256)
-# PyTorch's packed CPU kernels are GEMV-oriented: at prefill sizes they were 30-50x slower than
-# an fp32 matmul on the unpacked weight here (benchmarks/bench_quant.py), so larger inputs unpack.
-PACKED_KERNEL_MAX_ROWS = 8
-NATIVE_MAX_ROWS = 64
 
-
-def choose_kernel(qw: QuantizedWeight) -> str:
-    plain = qw.codebook is None and qw.perm is None
-    q4_shape = qw.shape[0] % native.LANES == 0 and qw.effective_group % 2 == 0
-    if plain and qw.bits == 4 and q4_shape and native.q4_kernel() is not None:
-        return "q4"
-    int4_shape = qw.shape[1] % 64 == 0 and qw.shape[0] % 16 == 0
-    if plain and qw.bits == 4 and qw.group_size in INT4_GROUPS and int4_shape:
-        return "int4"
-    per_row_int8 = plain and qw.bits == 8 and qw.sym and qw.group_size == -1
-    if per_row_int8 and qw.shape[0] % native.LANES == 0 and native.q4_kernel() is not None:
-        return "q8"
-    if per_row_int8:
-        return "int8"
-    return "dequant"
+def _register(module: nn.Module, qw: QuantizedWeight, packed: Packed) -> tuple[str, ...]:
+    """Register the record's tensors and a layout's buffers (not persistent: checkpoints write
+    the record). -> the layout's buffer names"""
+    for name, t in qw.tensors("record").items():
+        module.register_buffer(name.replace(".", "_"), t, persistent=False)
+    for name, t in packed.items():
+        module.register_buffer(name, t, persistent=False)
+    return tuple(packed)
 
 
 class QuantLinear(nn.Module):
@@ -51,42 +41,20 @@ class QuantLinear(nn.Module):
     def __init__(
         self, qw: QuantizedWeight, bias: torch.Tensor | None = None, kernel: str | None = None
     ) -> None:
+        """`kernel` forces a layout by name ("q4", "int4", "q8", "int8", "dequant")."""
         super().__init__()
         self.out_features, self.in_features = qw.shape
         self.qweight = qw
-        self.kernel = kernel or choose_kernel(qw)
-        for name, t in qw.tensors("record").items():
-            self.register_buffer(name.replace(".", "_"), t, persistent=False)
+        self.layout: Layout = layout_named(kernel) if kernel else choose_layout(qw)
+        self.kernel = self.layout.name
+        self._packed_names = _register(self, qw, self.layout.pack(qw))
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
-        if self.kernel == "q4":
-            codes, scale, zero = native.repack_q4(qw.codes(), qw.scale, qw.zero)
-            self.register_buffer("w_q4", codes, persistent=False)
-            self.register_buffer("w_q4_scale", scale, persistent=False)
-            self.register_buffer("w_q4_zero", zero, persistent=False)
-        elif self.kernel == "int4":
-            self._prepare_int4(qw)
-        elif self.kernel == "q8":
-            codes = (qw.codes().to(torch.int16) - (1 << (qw.bits - 1))).to(torch.int8)
-            packed, scale = native.repack_q8(codes, qw.scale.float().reshape(-1))
-            self.register_buffer("w_q8", packed, persistent=False)
-            self.register_buffer("w_q8_scale", scale, persistent=False)
-        elif self.kernel == "int8":
-            codes = qw.codes().to(torch.int16) - (1 << (qw.bits - 1))
-            self.register_buffer("w_int8", codes.to(torch.int8), persistent=False)
-            self.register_buffer("w_scale", qw.scale.float().reshape(-1), persistent=False)
 
-    def _prepare_int4(self, qw: QuantizedWeight) -> None:
-        codes = qw.codes().to(torch.int32)  # [out, in]
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        scale = qw.scale.float()  # [out, groups]
-        # The kernel computes (q - 8) * s + z; ours is (q - zero) * s, so z = (8 - zero) * s.
-        zf = (8 - qw.zero.float()) * scale
-        self.register_buffer("w_int4", packed, persistent=False)
-        self.register_buffer(
-            "w_sz", torch.stack([scale.t(), zf.t()], -1).contiguous(), persistent=False
-        )
+    def packed(self) -> Packed:
+        """The layout's buffers as they are now (the runtime may swap them for views)."""
+        return {name: self._buffers[name] for name in self._packed_names}
 
     def logical_numel(self) -> int:
         return self.in_features * self.out_features
@@ -99,36 +67,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        native_kernel = self.kernel in ("q4", "q8")
-        max_rows = NATIVE_MAX_ROWS if native_kernel else PACKED_KERNEL_MAX_ROWS
-        if x2.shape[0] > max_rows and self.kernel == "q4":  # prefill: unpack in C++, float GEMM
-            w = native.q4_kernel().q4_dequant(
-                self.w_q4, self.w_q4_scale, self.w_q4_zero, self.qweight.effective_group
-            )
-            y = x2 @ w.to(x2.dtype).t()
-        elif x2.shape[0] > max_rows:  # prefill: unpack once, float matmul
-            y = x2 @ self.qweight.dequantize().to(x2.dtype).t()
-        elif self.kernel == "q4":
-            group = self.qweight.effective_group
-            y = (
-                native.q4_kernel()
-                .q4_gemv(x2.float(), self.w_q4, self.w_q4_scale, self.w_q4_zero, group)
-                .to(x2.dtype)
-            )
-        elif self.kernel == "q8":
-            y = native.q4_kernel().q8_gemv(x2.float(), self.w_q8, self.w_q8_scale).to(x2.dtype)
-        elif self.kernel == "int4":
-            dt = x2.dtype
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.float(), self.w_int4, self.qweight.group_size, self.w_sz
-            ).to(dt)
-        elif self.kernel == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.float(), self.w_int8, self.w_scale).to(
-                x2.dtype
-            )
-        else:
-            y = x2 @ self.qweight.dequantize().to(x2.dtype).t()
+        y = self.layout.forward(x.reshape(-1, shape[-1]), self.packed(), self.qweight)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -170,24 +109,12 @@ class ActQuantLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qw.shape
         self.qweight, self.act = qw, act
-        self.kernel = "int8_mm" if act.dtype == "int8" else "fp8_simulated"
-        for name, t in qw.tensors("record").items():
-            self.register_buffer(name.replace(".", "_"), t, persistent=False)
+        self.layout: ActLayout = choose_act_layout(qw, act)
+        self.kernel = self.layout.name
+        self._packed_names = _register(self, qw, self.layout.pack(qw, act))
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
-        if self.kernel == "int8_mm":
-            if not (qw.bits == 8 and qw.sym and qw.group_size == -1 and qw.codebook is None):
-                raise ValueError("int8 activations need a symmetric 8-bit per-row weight record")
-            codes = (qw.codes().to(torch.int16) - 128).to(torch.int8)  # [out, in]
-            self.register_buffer("w_i8", codes, persistent=False)
-            self.register_buffer("w_i8_scale", qw.scale.float().reshape(1, -1), persistent=False)
-            zero_term = None
-            if act.zero is not None:  # (x_q - z) W^T = x_q W^T - z W^T: a constant row
-                zero_term = (act.zero.to(torch.int32).expand(qw.shape[1]) @ codes.int().t())[None]
-            self.register_buffer("zero_term", zero_term, persistent=False)
-        else:
-            self.register_buffer("w_float", qw.dequantize(), persistent=False)
 
     def logical_numel(self) -> int:
         return self.in_features * self.out_features
@@ -205,14 +132,8 @@ class ActQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if self.kernel == "int8_mm":
-            q, sx = self.act.quantize_int8(x2)  # int8 [m, in], [m, 1] | [1]
-            acc = torch._int_mm(q, self.w_i8.t())  # int32 [m, out]
-            if self.zero_term is not None:
-                acc = acc - self.zero_term
-            y = acc.float() * (sx * self.w_i8_scale)
-        else:
-            y = self.act.fake(x2) @ self.w_float.t()
+        packed = {name: self._buffers[name] for name in self._packed_names}
+        y = self.layout.matmul(x2, packed, self.act)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
