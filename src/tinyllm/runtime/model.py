@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyllm.kernels import native
-from tinyllm.kernels.qlinear import NATIVE_MAX_ROWS
+from tinyllm.kernels.layouts import NATIVE_MAX_ROWS, Q4Native, Q8Native
 from tinyllm.models.anatomy import analyze
 from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
 
@@ -73,13 +73,12 @@ class Fused:
         self.group = _common_q4_group(mods)
         if self.group is None:
             return
-        k = native.q4_kernel()
-        self.i8 = int8_act and self.group % 32 == 0 and bool(k.q4_i8_supported())
+        self.i8 = int8_act and Q4Native.i8_supported(self.group)
         self.buffers = {}
         if len(mods) == 1:
-            self.buffers = {n: getattr(mods[0], n) for n in ("w_q4", "w_q4_scale", "w_q4_zero")}
+            self.buffers = dict(mods[0].packed())
             return
-        for name in ("w_q4", "w_q4_scale", "w_q4_zero"):
+        for name in Q4Native.BUFFERS:
             whole = torch.cat([getattr(m, name) for m in mods])  # [sum N / 16, ...]
             start = 0
             for m in mods:
@@ -91,15 +90,14 @@ class Fused:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:  # [T, in] -> [T, out_i] each
         if self.group is None or x.shape[0] > NATIVE_MAX_ROWS:
             return [m(x) for m in self.mods]
-        b = self.buffers
-        k = native.q4_kernel()
-        gemv = k.q4_gemv_i8 if self.i8 else k.q4_gemv
-        y = gemv(x, b["w_q4"], b["w_q4_scale"], b["w_q4_zero"], self.group)
+        y = Q4Native.gemv(x, self.buffers, self.group, i8=self.i8)
         return list(y.split(self.sizes, dim=-1)) if len(self.mods) > 1 else [y]
 
 
 def _common_q4_group(mods: list[nn.Module]) -> int | None:
-    if any(getattr(m, "kernel", None) != "q4" or m.bias is not None for m in mods):
+    if any(
+        not isinstance(getattr(m, "layout", None), Q4Native) or m.bias is not None for m in mods
+    ):
         return None
     groups = {m.qweight.effective_group for m in mods}
     ins = {m.in_features for m in mods}
@@ -225,10 +223,9 @@ class LlamaRuntime:
         self.head_i8 = (
             int8_act
             and self.fused_ops
-            and getattr(self.head, "kernel", None) == "q8"
+            and isinstance(getattr(self.head, "layout", None), Q8Native)
             and self.head.bias is None
-            and self.head.in_features % 32 == 0
-            and bool(native.q4_kernel().q4_i8_supported())
+            and Q8Native.i8_supported(self.head.in_features)
         )
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
 
@@ -303,7 +300,7 @@ class LlamaRuntime:
             x = x + ly.down(F.silu(gate) * up)[0]
         x = self._norm(x[batch.logit_rows].contiguous(), self.final_norm, ops)
         if self.head_i8 and x.shape[0] <= NATIVE_MAX_ROWS:
-            return ops.q8_gemv_i8(x, self.head.w_q8, self.head.w_q8_scale)
+            return Q8Native.gemv_i8(x, self.head.packed())
         return self.head(x).float()
 
     def _attention(
