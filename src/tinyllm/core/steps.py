@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -29,7 +30,12 @@ class Step(BaseModel):
     calibrated: ClassVar[bool] = False  # needs calibration windows
 
     def describe(self) -> dict[str, Any]:
-        return {"type": type(self).__name__.lower(), **self.model_dump()}
+        """The step as checkpoints and reports record it: its registry name and every field."""
+        from tinyllm.core.registry import BY_NAME, name_of
+
+        known = any(e.target.startswith(type(self).__module__ + ":") for e in BY_NAME.values())
+        name = name_of(self) if known else type(self).__name__.lower()
+        return {"type": name, **self.model_dump()}
 
 
 @dataclass
@@ -45,6 +51,21 @@ class Context:
     # Per-layer bit widths for weight quantizers (mixed precision), keyed by the full linear
     # name (LinearSite.name); layers not listed use the step's own `bits`.
     layer_bits: dict[str, int] = field(default_factory=dict)
+    train: TrainSetup | None = None  # what training steps (distill, movement, ...) need
+
+
+@dataclass
+class TrainSetup:
+    """What a training step uses: the teacher, the tokenizers, where the trainer keeps its state
+    (checkpoint/ to resume, logs, summary), and the model specs it records."""
+
+    teacher: nn.Module
+    teacher_tokenizer: Any
+    tokenizer: Any  # the student's
+    workdir: Path
+    resume: bool = False
+    overwrite: bool = False
+    specs: dict[str, str] = field(default_factory=dict)  # source, teacher
 
 
 Apply = Callable[[nn.Module, Step, Context], None]
@@ -84,6 +105,14 @@ def compress(model: nn.Module, steps: list[Step], ctx: Context | None = None) ->
     return model
 
 
+def fit_batch(calib: torch.Tensor | None, batch_size: int) -> int:
+    """The largest batch size up to `batch_size` that divides the number of windows."""
+    if calib is None:
+        return batch_size
+    n = calib.shape[0]
+    return max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+
+
 def run_step(
     model: nn.Module,
     cfg: Step,
@@ -94,10 +123,7 @@ def run_step(
     """Apply one step in place; returns its report (per-layer facts, seconds)."""
     import time
 
-    if calib is not None:
-        n = calib.shape[0]
-        batch_size = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
-    ctx = Context(calib=calib, batch_size=batch_size, calib_dtype=calib_dtype)
+    ctx = Context(calib=calib, batch_size=fit_batch(calib, batch_size), calib_dtype=calib_dtype)
     t0 = time.perf_counter()
     apply_step(model, cfg, ctx)
     ctx.report["seconds"] = time.perf_counter() - t0

@@ -589,10 +589,17 @@ def recovery(teacher_ppl: float, before_ppl: float, after_ppl: float) -> float:
     return 1 - gap_after / gap_before if gap_before else float("nan")
 
 
-def distill(run: Run, cfg: DistillConfig, resume: bool = False, save_meta: dict | None = None):
+def distill(
+    run: Run,
+    cfg: DistillConfig,
+    resume: bool = False,
+    save_meta: dict | None = None,
+    save: bool = True,
+) -> dict:
     """The whole run: baseline evaluation, training, packing, final evaluation, outputs.
 
-    `run.student` must come from `student.prepare_for_training`. -> summary dict
+    `run.student` must come from `student.prepare_for_training`. `save=False` leaves writing the
+    trained model to the caller (`core.compress`). -> summary dict
     """
     from tinyllm.checkpoint import round_floats, save_checkpoint
     from tinyllm.distill.student import finish_training
@@ -626,7 +633,8 @@ def distill(run: Run, cfg: DistillConfig, resume: bool = False, save_meta: dict 
         **(save_meta or {}),
         "distill": {k: summary[k] for k in ("before", "after", "recovery")},
     }
-    save_checkpoint(run.student, run.tokenizer, out / MODEL, meta, overwrite=True)
+    if save:
+        save_checkpoint(run.student, run.tokenizer, out / MODEL, meta, overwrite=True)
     write_json_atomic(summary_path, summary)
     return summary
 
@@ -634,6 +642,11 @@ def distill(run: Run, cfg: DistillConfig, resume: bool = False, save_meta: dict 
 def _is_training_output(out: Path) -> bool:
     """What a distill run writes: its training checkpoint, its model, or its summary."""
     return out.is_dir() and any((out / name).exists() for name in (CHECKPOINT, MODEL, SUMMARY))
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Check or clear a training output directory (rank 0 clears, every rank waits)."""
+    _prepare_output(Path(out), resume, overwrite, *world())
 
 
 def _prepare_output(out: Path, resume: bool, overwrite: bool, rank: int, size: int) -> None:
@@ -671,16 +684,13 @@ def make_run(
     """Load the teacher, build or load the student (then `prepare(student)`, e.g. a pruning
     round), cut the training windows. -> (run, meta)"""
     from tinyllm.checkpoint import prior_steps
-    from tinyllm.data.corpora import load_corpus
-    from tinyllm.data.windows import tokenize_corpus, train_windows, with_bos
-    from tinyllm.distill.student import check_pair, layer_dropped, prepare_for_training
-    from tinyllm.models.load import load
+    from tinyllm.core.load import load
+    from tinyllm.distill.student import check_pair, layer_dropped
 
     if student_spec is None and layers is None:
         raise ConfigError("give a student: --student MODEL, or --layers N for a layer-dropped copy")
-    rank, size = world()
     out = Path(out)
-    _prepare_output(out, resume, overwrite, rank, size)
+    _prepare_output(out, resume, overwrite, *world())
     teacher, tok = load(teacher_spec)
     if student_spec is not None:
         student, s_tok = load(student_spec)
@@ -689,23 +699,39 @@ def make_run(
             student = layer_dropped(student, layers)
     else:
         student = layer_dropped(teacher, layers)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     if prepare is not None:
         prepare(student)
-    _, masks = prepare_for_training(student, cfg.train)
-    text = load_corpus(cfg.corpus)
-    grid = with_bos(train_windows(tokenize_corpus(text, tok), cfg.seq_len, text.name), tok)
-    identity = {
-        "teacher": teacher_spec,
-        "student": student_spec or teacher_spec,
-        "layers": layers,
-        "global_batch": cfg.batch * cfg.grad_accum * size,
-    }
-    run = Run(teacher.eval(), student, tok, grid, out, identity, [masks] if len(masks) else [])
+    identity = {"teacher": teacher_spec, "student": student_spec or teacher_spec, "layers": layers}
+    run = build_run(teacher, tok, student, cfg, out, identity)
     meta = {
         "source": student_spec or teacher_spec,
         "teacher": teacher_spec,
         "steps": [*prior_steps(student_spec or ""), {"type": "distill", **cfg.model_dump()}],
     }
     return run, meta
+
+
+def build_run(
+    teacher: nn.Module,
+    tokenizer: object,
+    student: nn.Module,
+    cfg: DistillConfig,
+    out: Path,
+    identity: dict,
+) -> Run:
+    """A run of loaded models: the teacher frozen, the student made trainable (fake quant for
+    quantized layers, fixed masks for pruned ones), the training windows cut."""
+    from tinyllm.data.corpora import load_corpus
+    from tinyllm.data.windows import tokenize_corpus, train_windows, with_bos
+    from tinyllm.distill.student import prepare_for_training
+
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    _, masks = prepare_for_training(student, cfg.train)
+    text = load_corpus(cfg.corpus)
+    grid = with_bos(
+        train_windows(tokenize_corpus(text, tokenizer), cfg.seq_len, text.name), tokenizer
+    )
+    identity = {**identity, "global_batch": cfg.batch * cfg.grad_accum * world()[1]}
+    hooks = [masks] if len(masks) else []
+    return Run(teacher.eval(), student, tokenizer, grid, Path(out), identity, hooks)

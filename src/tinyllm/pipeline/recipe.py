@@ -25,7 +25,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tinyllm.distill.trainer import DistillConfig
+from tinyllm.core import registry
+from tinyllm.core.compress import Calibration
+from tinyllm.core.steps import Step
+from tinyllm.distill.steps import Distill, Recover  # noqa: F401  (stage configs, re-exported)
 from tinyllm.errors import ConfigError
 from tinyllm.util import safe_yaml
 
@@ -34,33 +37,8 @@ log = logging.getLogger(__name__)
 RECOMMENDED = "distill -> prune -> quantize"
 
 
-class Distill(DistillConfig):
-    """Distillation stage: train the current model (or a layer-dropped copy) against the original.
-
-    Inside a recipe the trainer's own evaluations are kept small (the runner scores every stage).
-    """
-
-    layers: int | None = Field(None, ge=1, description="keep this many evenly spaced blocks")
-    eval_every: int = Field(0, ge=0)
-    final_eval_windows: int = Field(2, ge=1)
-
-
-class Recover(Distill):
-    """Recovery training after pruning or quantization: KD + task loss on the current model."""
-
-    beta: float = Field(1.0, ge=0, le=100)
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Calibration(Section):
-    corpus: str = "enwiki"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=8)
-    seed: int = 0
-    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # calibration forwards
 
 
 class Evaluation(Section):
@@ -75,31 +53,25 @@ class Export(Section):
     strict: bool = False
 
 
-def stage_classes() -> dict[str, type[BaseModel]]:
-    """Stage type -> config class: every pruner, every quantizer, distill and recover."""
-    from tinyllm.prune.api import step_classes as prune_classes
-    from tinyllm.quant.api import step_classes as quant_classes
-
-    return {**prune_classes(), **quant_classes(), "distill": Distill, "recover": Recover}
+def stage_classes() -> dict[str, type[Step]]:
+    """Stage type -> config class: every step of the registry (core/registry.py)."""
+    return registry.step_classes()
 
 
-def kind_of(cfg: BaseModel) -> str:
+def kind_of(cfg: Step) -> str:
     """'prune', 'quantize' or 'train': what a stage does to the model."""
-    from tinyllm.prune.api import step_classes as prune_classes
-
-    if isinstance(cfg, Distill):
-        return "train"
-    return "prune" if type(cfg) in prune_classes().values() else "quantize"
+    return registry.kind_of(cfg)
 
 
-def stage_name(cfg: BaseModel) -> str:
-    return next(k for k, v in stage_classes().items() if v is type(cfg))
+def stage_name(cfg: Step) -> str:
+    """The stage type of a config: its registry name."""
+    return registry.name_of(cfg)
 
 
 @dataclass
 class Recipe:
     model: str
-    stages: list[BaseModel]
+    stages: list[Step]
     calibration: Calibration = field(default_factory=Calibration)
     evaluation: Evaluation = field(default_factory=Evaluation)
     exports: list[Export] = field(default_factory=list)
@@ -115,6 +87,14 @@ class Recipe:
             "stages": [{"type": stage_name(s), **s.model_dump()} for s in self.stages],
             "export": [e.model_dump() for e in self.exports],
         }
+
+    def outline(self) -> list[str]:
+        """The stages (with the fields the recipe set) and the exports, one line each."""
+        lines = [
+            f"{i}. {stage_name(s)} {s.model_dump(exclude_unset=True)}"
+            for i, s in enumerate(self.stages, 1)
+        ]
+        return lines + [f"export {e.format} {e.type or ''}".rstrip() for e in self.exports]
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------
@@ -334,7 +314,7 @@ def check_order(stages: list[BaseModel], where: Where | None = None) -> list[str
                 f"{at}: {name} after quantizing the embeddings: training keeps the embeddings "
                 "in float; make the embeddings stage the last one"
             )
-        if kind == "prune" and quantized:
+        if (kind == "prune" or getattr(type(cfg), "prunes", False)) and quantized:
             raise RecipeError(
                 f"{at}: {name} after quantization: pruners need float weights. Prune first, then "
                 f"quantize (recommended order: {RECOMMENDED})"

@@ -29,9 +29,8 @@ import yaml
 from pydantic import BaseModel
 from torch import nn
 
-from tinyllm.checkpoint import prior_steps
 from tinyllm.errors import TinyLLMError
-from tinyllm.pipeline.recipe import Distill, Recipe, RecipeError, kind_of, stage_name
+from tinyllm.pipeline.recipe import Recipe, RecipeError, kind_of, stage_name
 from tinyllm.pipeline.rundir import RECIPE, STATE, CorruptStateError, is_run_dir, locked, read_state
 from tinyllm.util.fs import atomic_dir, recover_dir, write_json_atomic, write_text_atomic
 
@@ -47,7 +46,7 @@ def stage_dir(out: Path, i: int, cfg: BaseModel) -> Path:
 def model_dir(out: Path, i: int, cfg: BaseModel) -> Path:
     """Where stage i's model checkpoint lives."""
     d = stage_dir(out, i, cfg)
-    return d / "model" if isinstance(cfg, Distill) else d
+    return d / "model" if kind_of(cfg) == "train" else d
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -62,6 +61,11 @@ def prepare_output(out: Path, recipe: Recipe, text: str, resume: bool, overwrite
     A new run's recipe.yaml and state.json are written into a hidden directory beside `out`, which
     then takes its place (`atomic_dir`): a run directory always holds both, and `--overwrite`
     deletes the old run only once the new one is in place."""
+    if resume and overwrite:
+        raise RecipeError(
+            "--resume continues the run in the output directory and --overwrite starts it over: "
+            "pass one of them"
+        )
     recover_dir(out.resolve())  # a replacement a crash interrupted: its old run is put back
     if resume:
         return _resumable(out, recipe)
@@ -127,10 +131,10 @@ def _versions() -> dict[str, str]:
 
     import transformers
 
-    import tinyllm
+    from tinyllm.util.version import __version__
 
     return {
-        "tinyllm": tinyllm.__version__,
+        "tinyllm": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -141,7 +145,7 @@ class Runner:
     """Runs one recipe into one output directory."""
 
     def __init__(self, recipe: Recipe, out: Path, state: dict, on_stage: Callable | None = None):
-        from tinyllm.models.load import load
+        from tinyllm.core.load import load
 
         self.recipe, self.out, self.state = recipe, Path(out), state
         self.on_stage = on_stage or (lambda record: None)
@@ -204,8 +208,8 @@ class Runner:
         return str(model_dir(self.out, i - 1, self.recipe.stages[i - 1]))
 
     def run_stage(self, i: int, cfg: BaseModel) -> dict:
+        from tinyllm.core.load import load
         from tinyllm.eval.memory import PeakRSS
-        from tinyllm.models.load import load
 
         name, kind = stage_name(cfg), kind_of(cfg)
         log.info("stage %d/%d: %s", i + 1, len(self.recipe.stages), name)
@@ -230,60 +234,40 @@ class Runner:
         }
 
     def compress(self, i: int, cfg: BaseModel) -> dict:
-        from tinyllm.checkpoint import round_floats, save_checkpoint
-        from tinyllm.models.load import load
-        from tinyllm.prune.api import prune
-        from tinyllm.prune.common import check_float_model
-        from tinyllm.quant.api import quantize
+        """Stage i through `core.compress`, as `tinyllm quantize` / `prune` run it."""
+        from tinyllm.core.compress import compress
 
-        model, tok = load(self.source(i))
-        kind = kind_of(cfg)
-        if kind == "prune":
-            check_float_model(model)
-        needs_calib = getattr(cfg, "calibrated", False) or getattr(cfg, "allocation", "") == "owl"
-        calib = self.calib() if needs_calib else None
-        run = prune if kind == "prune" else quantize
-        report = run(model, cfg, calib=calib, calib_dtype=self.recipe.calibration.dtype)
-        round_floats(model, torch.float16)
-        meta = {
-            "source": self.source(i),
-            "steps": [*prior_steps(self.source(i)), {"type": stage_name(cfg), **cfg.model_dump()}],
-            "seconds": report["seconds"],
-            "calibration": self.recipe.calibration.model_dump() if calib is not None else None,
-        }
-        details = {k: v for k, v in report.items() if k != "seconds"}
-        save_checkpoint(
-            model,
-            tok,
+        result = compress(
+            self.source(i),
+            [cfg],
+            self.recipe.calibration,
             stage_dir(self.out, i, cfg),
-            meta,
             overwrite=True,
-            extra_files={"stage_report.json": details},
         )
-        return details
+        return {k: v for k, v in result.report.items() if k != "seconds"}
 
-    def train(self, i: int, cfg: Distill) -> dict:
-        from tinyllm.distill.trainer import CHECKPOINT, DistillConfig, distill, make_run
+    def train(self, i: int, cfg: BaseModel) -> dict:
+        """A training stage: its trainer state in the stage directory, the model in model/;
+        a stage killed midway resumes from its checkpoint/."""
+        from tinyllm.core.compress import compress
+        from tinyllm.distill.trainer import CHECKPOINT
 
         d = stage_dir(self.out, i, cfg)
-        resume = (d / CHECKPOINT).is_dir()
-        settings = DistillConfig(**cfg.model_dump(exclude={"layers"}))
-        run, meta = make_run(
-            self.recipe.model,
+        result = compress(
             self.source(i),
-            cfg.layers,
-            settings,
-            d,
-            resume=resume,
-            overwrite=not resume,
+            [cfg],
+            self.recipe.calibration,
+            d / "model",
+            overwrite=True,
+            teacher=self.recipe.model,
+            train_dir=d,
+            resume=(d / CHECKPOINT).is_dir(),
         )
-        summary = distill(run, settings, resume=resume, save_meta=meta)
-        keep = ("train_seconds", "tokens_per_second", "recovery")
-        return {k: summary[k] for k in keep if k in summary}
+        return {k: v for k, v in result.report.items() if k != "seconds"}
 
     def run_exports(self) -> None:
+        from tinyllm.core.load import load
         from tinyllm.export import export
-        from tinyllm.models.load import load
         from tinyllm.util.fs import dir_size
 
         if len(self.state["exports"]) == len(self.recipe.exports):

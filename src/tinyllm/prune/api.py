@@ -7,21 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinyllm.core import registry
 from tinyllm.core.steps import Step, run_step
 
 
 def step_classes() -> dict[str, type[Step]]:
-    """Method name -> step config class (importing a method registers it)."""
-    from tinyllm.prune import magnitude, sparsegpt, structured, wanda
-
-    return {
-        "magnitude": magnitude.Magnitude,
-        "wanda": wanda.Wanda,
-        "sparsegpt": sparsegpt.SparseGPT,
-        "channels": structured.Channels,
-        "heads": structured.Heads,
-        "blocks": structured.Blocks,
-    }
+    """Method name -> step config class, from the step registry (importing registers them)."""
+    return registry.step_classes("prune")
 
 
 def prune(

@@ -1,5 +1,6 @@
-"""Movement pruning (Sanh et al. 2020) and iterative magnitude pruning, both driven by the
-distillation trainer (the dense model is its own teacher).
+"""Movement pruning (Sanh et al. 2020) and iterative magnitude pruning: training steps (`Movement`,
+`IMP`; stage types movement and imp) driven by the distillation trainer, the dense model as
+teacher.
 
 Movement: during fine-tuning each block-linear weight accumulates the score S -= W * dL/dW (weights
 moving towards zero score low, whatever their size). Every `every` steps each layer keeps its
@@ -14,11 +15,14 @@ with the masks fixed).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from typing import ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from tinyllm.core.steps import Context, register
+from tinyllm.distill.steps import TrainStep, finish, setup_of, start
 from tinyllm.models.anatomy import analyze
 from tinyllm.prune.common import layer_mask
 
@@ -100,32 +104,49 @@ def imp_schedule(target: float, rounds: int) -> list[float]:
     return [1 - (1 - target) ** ((r + 1) / rounds) for r in range(rounds)]
 
 
-def iterative_magnitude(
-    teacher_spec: str, cfg: object, out: Path, target: float, rounds: int, rewind: bool
-) -> dict:
-    """Rounds of magnitude pruning and distillation recovery from the dense teacher; round r
-    trains in out/round-r and the next round starts from its model. -> last round's summary"""
-    from tinyllm.distill.trainer import distill, make_run
-    from tinyllm.models.load import load
+class Movement(TrainStep):
+    """Movement pruning while fine-tuning against the dense teacher (block linears)."""
 
+    prunes: ClassVar[bool] = True  # needs float weights: a recipe runs it before quantizing
+
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights removed")
+    steps: int = Field(200, ge=1, le=10_000_000)
+    beta: float = Field(1.0, ge=0, le=100)
+    every: int = Field(10, ge=1, description="re-mask every this many steps")
+    start: float = Field(0.1, ge=0, lt=1, description="schedule start, fraction of steps")
+    end: float = Field(0.7, gt=0, le=1, description="target reached, fraction of steps")
+
+
+class IMP(TrainStep):
+    """Iterative magnitude pruning: rounds of magnitude pruning and recovery training."""
+
+    prunes: ClassVar[bool] = True
+
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights removed")
+    rounds: int = Field(3, ge=1, le=100)
+    rewind: bool = False  # reset survivors to the original weights before retraining
+    steps: int = Field(200, ge=1, le=10_000_000, description="training steps per round")
+    beta: float = Field(1.0, ge=0, le=100)
+
+
+@register(Movement)
+def apply_movement(model: nn.Module, cfg: Movement, ctx: Context) -> None:
+    run = start(model, cfg, ctx)
+    run.hooks.append(MovementPruner(model, cfg.sparsity, cfg.steps, cfg.every, cfg.start, cfg.end))
+    finish(run, cfg, ctx)
+
+
+@register(IMP)
+def apply_imp(model: nn.Module, cfg: IMP, ctx: Context) -> None:
+    """Round r prunes to s_r by magnitude (rewinding survivors with `rewind`) and trains in
+    workdir/round-r, which also keeps that round's model."""
+    setup = setup_of(ctx, cfg)
     original = None
-    if rewind:
-        dense, _ = load(teacher_spec)
-        original = {n: w.detach().clone() for n, w in block_weights(dense).items()}
-        del dense
-    student_spec: str | None = None
-    summary: dict = {}
-    for r, sparsity in enumerate(imp_schedule(target, rounds), start=1):
-        log.info("IMP round %d/%d: sparsity %.3f", r, rounds, sparsity)
-        run, meta = make_run(
-            teacher_spec,
-            student_spec or teacher_spec,
-            None,
-            cfg,
-            Path(out) / f"round-{r}",
-            overwrite=True,
-            prepare=lambda m, s=sparsity: magnitude_round(m, s, original),
-        )
-        summary = distill(run, cfg, save_meta=meta)
-        student_spec = str(Path(out) / f"round-{r}" / "model")
-    return summary
+    if cfg.rewind:  # the teacher is the dense model
+        original = {n: w.detach().clone() for n, w in block_weights(setup.teacher).items()}
+    for r, sparsity in enumerate(imp_schedule(cfg.sparsity, cfg.rounds), start=1):
+        log.info("IMP round %d/%d: sparsity %.3f", r, cfg.rounds, sparsity)
+        magnitude_round(model, sparsity, original)
+        run = start(model, cfg, ctx, setup.workdir / f"round-{r}")
+        meta = {"source": setup.specs["source"], "steps": [cfg.describe()], "round": r}
+        finish(run, cfg, ctx, save_meta=meta)

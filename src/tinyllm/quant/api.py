@@ -7,25 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinyllm.core import registry
 from tinyllm.core.steps import Step, run_step
 
 
 def step_classes() -> dict[str, type[Step]]:
-    """Method name -> step config class (importing a method registers it)."""
-    from tinyllm.quant import awq, embed, fp8, gptq, int8, mixed, nf4, rtn, smoothquant
-
-    return {
-        "rtn": rtn.RTN,
-        "gptq": gptq.GPTQ,
-        "awq": awq.AWQ,
-        "nf4": nf4.NF4,
-        "embeddings": embed.Embeddings,
-        "mixed": mixed.Mixed,
-        "int8-dynamic": int8.Int8Dynamic,
-        "int8-static": int8.Int8Static,
-        "smoothquant": smoothquant.SmoothQuant,
-        "fp8": fp8.FP8,
-    }
+    """Method name -> step config class, from the step registry (importing registers them)."""
+    return registry.step_classes("quantize")
 
 
 def quantize(

@@ -1,0 +1,222 @@
+"""`compress(source, steps, calibration, out)`: the one path from a model to a checkpoint.
+
+It loads the model, draws calibration windows when a step needs them, runs the steps in order,
+rounds the tensors left in float, and writes the checkpoint with its metadata (the source, every
+step including those a tinyllm source already went through, the calibration actually used,
+seconds). The CLI commands (quantize, prune, distill) and the recipe runner all call it, so the
+same settings give byte-identical checkpoints whichever way they are run.
+
+    result = compress("smollm2-135m", [Wanda(sparsity=0.5), GPTQ(bits=4)], Calibration(), "out")
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from tinyllm.core.registry import kind_of
+from tinyllm.core.steps import Context, Step, TrainSetup, apply_step, fit_batch
+from tinyllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = ("float16", "float32")
+# The report file of a checkpoint, by the kind of its last step.
+REPORT_FILES = {"quantize": "quant_report.json", "prune": "prune_report.json"}
+REPORT_FILES["train"] = "train_report.json"
+
+
+class Calibration(BaseModel):
+    """Where calibration windows come from and the precision of calibration forwards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: str = "enwiki"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # calibration forwards
+
+
+@dataclass
+class CompressResult:
+    """What `compress` made: the model (in memory), its report and the metadata it wrote."""
+
+    model: nn.Module
+    tokenizer: Any
+    report: dict[str, Any]
+    meta: dict[str, Any]
+    out: Path | None = None
+    steps: list[Step] = field(default_factory=list)
+
+
+def compress(
+    source: str | Path,
+    steps: Sequence[Step],
+    calibration: Calibration | None = None,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    float_dtype: str = "float16",
+    teacher: str | None = None,
+    train_dir: str | Path | None = None,
+    resume: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> CompressResult:
+    """Load `source`, run `steps` in order, round floats to `float_dtype`, save to `out`.
+
+    Training steps (distill, recover, movement, imp) learn from `teacher` (default: the source)
+    and keep their trainer state in `train_dir` (default: `<out>.train`), which `resume`
+    continues. `meta` adds fields to the checkpoint's tinyllm.json."""
+    from tinyllm.checkpoint import check_output_dir, round_floats
+    from tinyllm.core.load import load
+
+    steps, calibration = list(steps), calibration or Calibration()
+    _check(steps, float_dtype)
+    if out is not None:
+        check_output_dir(Path(out), overwrite or resume)  # fail before the slow part
+    model, tok = load(source)
+    ctx = _context(steps, tok, calibration)
+    if any(kind_of(cfg) == "train" for cfg in steps):
+        workdir = _train_dir(out, train_dir)
+        ctx.train = _train_setup(str(source), teacher, tok, workdir, resume, overwrite)
+    t0 = time.perf_counter()
+    report = run_steps(model, steps, ctx)
+    report["seconds"] = time.perf_counter() - t0
+    round_floats(model, getattr(torch, float_dtype))
+    info = _meta(source, steps, calibration, ctx, report, float_dtype)
+    info.update({"teacher": ctx.train.specs["teacher"]} if ctx.train is not None else {})
+    info.update(report.pop("checkpoint_meta", {}), **(meta or {}))
+    result = CompressResult(model, tok, report, info, None, steps)
+    if out is not None and _rank() == 0:
+        result.out = _save(model, tok, Path(out), info, report, steps, overwrite or resume)
+    return result
+
+
+def _check(steps: list[Step], float_dtype: str) -> None:
+    if not steps:
+        raise ConfigError("compress: give at least one step")
+    for cfg in steps:
+        kind_of(cfg)  # registered, or a ConfigError naming core/registry.py
+    if float_dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"float_dtype must be float16 or float32, got '{float_dtype}'")
+
+
+def _context(steps: list[Step], tok: Any, calibration: Calibration) -> Context:
+    """A context with calibration windows if a step needs them."""
+    ctx = Context(calib_dtype=calibration.dtype)
+    if any(cfg.calibrated for cfg in steps):
+        from tinyllm.data.calibration import calibration_windows
+
+        c = calibration
+        ctx.calib = calibration_windows(tok, c.corpus, c.samples, c.seq_len, c.seed)
+        ctx.batch_size = fit_batch(ctx.calib, ctx.batch_size)
+    return ctx
+
+
+def _train_setup(
+    source: str, teacher: str | None, tok: Any, workdir: Path, resume: bool, overwrite: bool
+) -> TrainSetup:
+    """The teacher (by default a fresh copy of the source) and where the trainer writes."""
+    from tinyllm.core.load import load
+
+    t_model, t_tok = load(teacher or source)
+    specs = {"source": source, "teacher": teacher or source}
+    return TrainSetup(t_model, t_tok, tok, workdir, resume, overwrite, specs)
+
+
+def _train_dir(out: str | Path | None, train_dir: str | Path | None) -> Path:
+    if train_dir is not None:
+        return Path(train_dir)
+    if out is None:
+        raise ConfigError("a training step needs train_dir (or out) for its trainer state")
+    return Path(str(out) + ".train")
+
+
+def run_steps(model: nn.Module, steps: list[Step], ctx: Context) -> dict[str, Any]:
+    """Apply each step in place with its own report; the reports merged (dicts joined)."""
+    report: dict[str, Any] = {}
+    for cfg in steps:
+        log.info("applying %s", cfg)
+        if kind_of(cfg) == "prune":
+            _check_float(model, cfg)
+        one = Context(**{**ctx.__dict__, "report": {}, "layer_bits": {}})
+        apply_step(model, cfg, one)
+        for key, value in one.report.items():
+            old = report.get(key)
+            report[key] = {**old, **value} if isinstance(old, dict) else value
+    return report
+
+
+def _check_float(model: nn.Module, cfg: Step) -> None:
+    """Pruners work on float weights: refuse a quantized model."""
+    if any(getattr(m, "qweight", None) is not None for m in model.modules()):
+        raise ConfigError(
+            f"{cfg.describe()['type']}: this model is already quantized: prune the float model "
+            "first, then quantize (distill -> prune -> quantize)"
+        )
+
+
+def _meta(
+    source: str | Path,
+    steps: list[Step],
+    calibration: Calibration,
+    ctx: Context,
+    report: dict,
+    float_dtype: str,
+) -> dict[str, Any]:
+    """The checkpoint metadata: source, every step, the calibration used, measurements."""
+    from tinyllm.checkpoint import prior_steps
+
+    used = None
+    if ctx.calib is not None:
+        used = {**calibration.model_dump(), "dtype": report.get("calib_dtype", calibration.dtype)}
+    return {
+        "float_dtype": float_dtype,
+        "peak_rss_bytes": _peak_rss(),
+        "source": str(source),
+        "steps": [*prior_steps(source), *(cfg.describe() for cfg in steps)],
+        "seconds": report["seconds"],
+        "calibration": used,
+    }
+
+
+def _save(
+    model: nn.Module,
+    tok: Any,
+    out: Path,
+    meta: dict,
+    report: dict,
+    steps: list[Step],
+    overwrite: bool,
+) -> Path:
+    from tinyllm.checkpoint import save_checkpoint
+
+    extra: dict[str, Any] = {}
+    if report.get("layer_errors"):
+        extra["layer_errors.json"] = report["layer_errors"]
+    rest = {k: v for k, v in report.items() if k != "layer_errors"}
+    extra[REPORT_FILES[kind_of(steps[-1])]] = rest
+    return save_checkpoint(model, tok, out, meta, overwrite=overwrite, extra_files=extra)
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 writes."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
