@@ -33,11 +33,12 @@ import torch
 
 import tinyllm
 from tinyllm.core.calib import _block_kwargs, _capture_kwargs, _first_inputs, run_block
+from tinyllm.core.hessian import HessianAccumulator
 from tinyllm.core.kernels import block_compute, calibration_precision
 from tinyllm.data.calibration import calibration_windows
 from tinyllm.models.anatomy import analyze
 from tinyllm.quant.common import sites_by_block
-from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_block, gptq_quantize_stack
+from tinyllm.quant.gptq import GPTQ, gptq_block, gptq_quantize_stack
 
 OUT = Path(__file__).parent / "results" / "gptq_floor.json"
 STACKS = {  # input -> the layers that read it (SmolLM2's names)

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from tinyllm.core.hessian import SYM_ROWS, HessianAccumulator, add_gram_upper, gram, prepare_layer
 from tinyllm.core.kernels import (
     OneDNNLinear,
     calibration_precision,
@@ -35,15 +36,7 @@ from tinyllm.kernels.primitives import (
     group_qparams,
     grouped,
 )
-from tinyllm.quant.gptq import (
-    GPTQ,
-    SYM_ROWS,
-    HessianAccumulator,
-    _gptq,
-    add_gram_upper,
-    gram,
-    prepare_layer,
-)
+from tinyllm.quant.gptq import GPTQ, _gptq
 
 
 def median_s(repeats: int, fn, *args) -> float:

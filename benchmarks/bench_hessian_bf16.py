@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 import tinyllm
+from tinyllm.core.hessian import HessianAccumulator, add_gram_upper_bf16, output_error
 from tinyllm.core.kernels import calibration_precision
 from tinyllm.data.calibration import calibration_windows
 from tinyllm.quant import gptq
-from tinyllm.quant.gptq import GPTQ, HessianAccumulator, add_gram_upper_bf16, output_error
+from tinyllm.quant.gptq import GPTQ
 
 OUT = Path(__file__).parent / "results" / "hessian_bf16.json"
 LAYERS = {"qkv": ("self_attn", "q_proj"), "o": ("self_attn", "o_proj")}

@@ -20,11 +20,12 @@ Distillation (docs/distillation.md)::
 """
 
 from tinyllm.checkpoint import save_checkpoint
+from tinyllm.core.load import load
 from tinyllm.data.calibration import calibration_windows
 from tinyllm.distill.trainer import DistillConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.eval.evaluate import EvalResult, evaluate
-from tinyllm.models.load import DEFAULT_MODEL, load
+from tinyllm.models.load import DEFAULT_MODEL
 from tinyllm.prune.api import prune
 from tinyllm.prune.magnitude import Magnitude
 from tinyllm.prune.sparsegpt import SparseGPT
@@ -41,8 +42,8 @@ from tinyllm.quant.rtn import RTN
 from tinyllm.quant.smoothquant import SmoothQuant
 from tinyllm.runtime.engine import Engine, EngineConfig
 from tinyllm.runtime.sampling import SamplingParams
+from tinyllm.util.version import __version__ as __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "AWQ",
     "DEFAULT_MODEL",

@@ -35,6 +35,16 @@ from tinyllm.kernels.qlinear import (
     replace_linear,
 )
 from tinyllm.kernels.qweight import QuantizedWeight
+from tinyllm.models.anatomy import analyze
+from tinyllm.models.load import check_safetensors_dir, load_config, load_tokenizer
+from tinyllm.models.sparsity import SPARSE_MIN
+from tinyllm.models.validate import (
+    check_shapes,
+    check_vocab,
+    expected_shapes,
+    meta_model,
+    read_config,
+)
 from tinyllm.util.fs import OUTPUT_MARKER, atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
@@ -228,9 +238,6 @@ def save_checkpoint(
 
 def _sparse_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
     """State-dict keys of float block linears with enough exact zeros to store sparsely."""
-    from tinyllm.models.anatomy import analyze
-    from tinyllm.prune.common import SPARSE_MIN
-
     out = {}
     for s in analyze(model).linears:
         if isinstance(s.module, nn.Linear):
@@ -277,16 +284,35 @@ def load_checkpoint(path: Path, verify: bool = True) -> tuple[nn.Module, Any]:
     and tinyllm.json imply are compared with the stored ones."""
     from transformers import AutoModelForCausalLM
 
-    from tinyllm.models.load import check_safetensors_dir, load_config, load_tokenizer
-    from tinyllm.models.validate import (
-        check_shapes,
-        check_vocab,
-        expected_shapes,
-        meta_model,
-        read_config,
-    )
-
     path = Path(path)
+    info, config, tokenizer = _checked_parts(path, verify)
+    tensors = load_file(str(path / WEIGHTS))
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False).float()
+    _swap_records(model, tensors, info["quantized"])
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in tensors.items()
+        if ".record." not in k
+        and not _is_act_tensor(k, info["quantized"])
+        and not k.endswith((".weight.mask", ".weight.values"))
+    }
+    state.update({k: _dense(tensors, k, shape) for k, shape in info.get("sparse", {}).items()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (info.get("tied_embeddings") and k == _head_key(model))]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path}: checkpoint does not match its config "
+            f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
+        )
+    if info.get("tied_embeddings"):
+        model.tie_weights()
+    model.name_or_path = str(path)
+    return model.eval(), tokenizer
+
+
+def _checked_parts(path: Path, verify: bool) -> tuple[dict, Any, Any]:
+    """tinyllm.json (validated), config and tokenizer of a checkpoint, after checking digests,
+    shapes and vocabulary against each other; no weight is allocated. -> (info, config, tok)"""
     meta = read_info(path)
     raw = read_config(path)
     shapes = check_safetensors_dir(path)
@@ -299,10 +325,13 @@ def load_checkpoint(path: Path, verify: bool = True) -> tuple[nn.Module, Any]:
     want, tied = expected_shapes(skeleton)
     check_shapes(path, raw, want, _stored_shapes(path, info, shapes), tied, strict_names=True)
     check_vocab(path, tokenizer, skeleton.get_input_embeddings().weight.shape[0])
-    tensors = load_file(str(path / WEIGHTS))
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False).float()
+    return info, config, tokenizer
+
+
+def _swap_records(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: dict) -> None:
+    """Replace every quantized layer named in tinyllm.json by its packed module."""
     records: dict[str, QuantizedWeight] = {}
-    for name, meta in info["quantized"].items():
+    for name, meta in quantized.items():
         if "tied_to" in meta:
             qw = records[meta["tied_to"]]
         else:
@@ -314,26 +343,6 @@ def load_checkpoint(path: Path, verify: bool = True) -> tuple[nn.Module, Any]:
             replace_act_linear(model, name, qw, act)
         else:
             replace_linear(model, name, qw)
-    sparse = info.get("sparse", {})
-    state = {
-        k: v.float() if v.is_floating_point() else v
-        for k, v in tensors.items()
-        if ".record." not in k
-        and not _is_act_tensor(k, info["quantized"])
-        and not k.endswith((".weight.mask", ".weight.values"))
-    }
-    state.update({k: _dense(tensors, k, shape) for k, shape in sparse.items()})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (info.get("tied_embeddings") and k == _head_key(model))]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path}: checkpoint does not match its config "
-            f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
-        )
-    if info.get("tied_embeddings"):
-        model.tie_weights()
-    model.name_or_path = str(path)
-    return model.eval(), tokenizer
 
 
 def verify_digests(path: Path, info: CheckpointInfo) -> None:

@@ -6,6 +6,13 @@ import torch
 
 from tests.conftest import tiny_model
 from tinyllm.core.calib import block_inputs
+from tinyllm.core.hessian import (
+    EXACT_ROWS,
+    HessianAccumulator,
+    add_gram_upper_bf16,
+    gram,
+    output_error,
+)
 from tinyllm.core.kernels import (
     block_compute,
     calib_dtype,
@@ -15,15 +22,7 @@ from tinyllm.core.kernels import (
 )
 from tinyllm.errors import ConfigError
 from tinyllm.quant.api import quantize
-from tinyllm.quant.gptq import (
-    EXACT_ROWS,
-    GPTQ,
-    HessianAccumulator,
-    add_gram_upper_bf16,
-    gptq_quantize,
-    gram,
-    output_error,
-)
+from tinyllm.quant.gptq import GPTQ, gptq_quantize
 
 
 def test_resolve():

@@ -66,7 +66,7 @@ def test_gptq_factorization_does_not_depend_on_the_thread_count() -> None:
     with other thread counts (8-20% of codes by the second block of SmolLM2)."""
     import torch
 
-    from tinyllm.quant.gptq import inverse_cholesky
+    from tinyllm.core.hessian import inverse_cholesky
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 1536, generator=g)

@@ -188,7 +188,7 @@ def test_corrupt_recorded_digest(ckpt: Path):
 
 
 def test_no_verify_default_for_the_cli(ckpt: Path, monkeypatch):
-    load_mod = importlib.import_module("tinyllm.models.load")
+    load_mod = importlib.import_module("tinyllm.core.load")
 
     _edit_json(ckpt / TINYLLM_CONFIG, digests={WEIGHTS: "0" * 64})
     monkeypatch.setattr(load_mod, "_verify_default", True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tinyllm.core.hessian import output_error
 from tinyllm.errors import ConfigError
 from tinyllm.prune.common import layer_mask, nm_mask, parse_pattern, row_mask
 from tinyllm.prune.magnitude import Magnitude
 from tinyllm.prune.owl import allocate, outlier_ratio, wanda_score
 from tinyllm.prune.sparsegpt import SparseGPT, sparsegpt_prune
 from tinyllm.prune.wanda import Wanda
-from tinyllm.quant.gptq import output_error
 
 
 def test_row_and_layer_masks_remove_the_lowest_scores() -> None:

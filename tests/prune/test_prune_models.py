@@ -10,8 +10,8 @@ from tests.conftest import tiny_model
 from tests.test_cli import assert_clean_error, run
 from tinyllm.checkpoint import load_checkpoint, save_checkpoint
 from tinyllm.errors import ConfigError
+from tinyllm.models.sparsity import sparsity_of
 from tinyllm.prune.api import prune
-from tinyllm.prune.common import sparsity_of
 from tinyllm.prune.magnitude import Magnitude
 from tinyllm.prune.sparsegpt import SparseGPT
 from tinyllm.prune.structured import Blocks, Channels, Heads

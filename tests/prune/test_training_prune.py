@@ -30,7 +30,7 @@ def test_imp_schedule_removes_the_same_fraction_each_round() -> None:
 def test_movement_reaches_its_sparsity_and_saves_a_sparse_model(teacher_dir, corpus, tmp_path):
     import tinyllm
     from tinyllm.distill import trainer as tr
-    from tinyllm.prune.common import sparsity_of
+    from tinyllm.models.sparsity import sparsity_of
     from tinyllm.prune.movement import MovementPruner
 
     cfg = tr.DistillConfig(

@@ -49,7 +49,7 @@ def test_quantized_embeddings_match_float_and_reload_exactly(family, tied, tmp_p
     assert isinstance(model.get_output_embeddings(), QuantLinear)
     assert tied_head(model) == tied and len(report["layer_errors"]) == (1 if tied else 2)
     assert model.get_output_embeddings().kernel in ("q8", "int8")  # 8 bits per row: int8 kernels
-    from tinyllm.eval.size import param_count
+    from tinyllm.models.size import param_count
 
     assert param_count(model) == param_count(_model(family, tied, vocab=len(tokenizer)))
     with torch.no_grad():

@@ -13,12 +13,13 @@ import tinyllm
 import tinyllm.core.calib as calib_mod
 from tests.conftest import tiny_model
 from tinyllm.checkpoint import save_checkpoint
+from tinyllm.core.hessian import output_error
 from tinyllm.errors import ConfigError
 from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.models.anatomy import analyze
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ
-from tinyllm.quant.gptq import GPTQ, gptq_quantize, output_error
+from tinyllm.quant.gptq import GPTQ, gptq_quantize
 from tinyllm.quant.int8 import Int8Static
 from tinyllm.quant.mixed import Mixed
 from tinyllm.quant.nf4 import NF4

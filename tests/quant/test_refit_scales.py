@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tinyllm.quant.gptq import GPTQ, _gptq, gptq_quantize, output_error, refit_scales
+from tinyllm.core.hessian import output_error
+from tinyllm.quant.gptq import GPTQ, _gptq, gptq_quantize, refit_scales
 
 
 def _problem(seed: int = 0, rows: int = 24, cols: int = 128):

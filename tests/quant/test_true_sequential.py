@@ -18,12 +18,13 @@ from tinyllm.core.calib import (
     replay_plans,
     staged_pass,
 )
+from tinyllm.core.hessian import HessianAccumulator
 from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.models.anatomy import analyze
 from tinyllm.quant import gptq as gptq_mod
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ
-from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_block
+from tinyllm.quant.gptq import GPTQ, gptq_block
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -28,6 +28,6 @@ def _global_options(
     ] = False,
 ) -> None:
     if no_verify:
-        from tinyllm.models.load import set_verify_default
+        from tinyllm.core.load import set_verify_default
 
         set_verify_default(False)

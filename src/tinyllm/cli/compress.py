@@ -217,8 +217,8 @@ def quantize(
     """
     import torch
 
-    import tinyllm
     from tinyllm.checkpoint import check_output_dir, round_floats, save_checkpoint
+    from tinyllm.core.load import load
     from tinyllm.data.calibration import calibration_windows
     from tinyllm.quant.api import quantize as run_quantize
     from tinyllm.quant.api import step_classes
@@ -282,7 +282,7 @@ def quantize(
             raise ConfigError(f"--embed-bits: {_first_error(exc)}") from exc
     _check_calib_dtype(calib_dtype)
     check_output_dir(output, overwrite)  # fail before the slow part
-    m, tok = tinyllm.load(model)
+    m, tok = load(model)
     calib = None
     if cfg.calibrated:
         calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
@@ -430,13 +430,14 @@ def prune(
         return
     import torch
 
-    import tinyllm
     from tinyllm.checkpoint import check_output_dir, round_floats, save_checkpoint
+    from tinyllm.core.load import load
     from tinyllm.data.calibration import calibration_windows
     from tinyllm.eval.memory import peak_rss_bytes
+    from tinyllm.models.sparsity import sparsity_of
     from tinyllm.prune.api import prune as run_prune
     from tinyllm.prune.api import step_classes
-    from tinyllm.prune.common import check_float_model, sparsity_of
+    from tinyllm.prune.common import check_float_model
 
     classes = step_classes()
     if method not in classes:
@@ -451,7 +452,7 @@ def prune(
     cfg = _make_step(classes[method], method, **options)
     _check_calib_dtype(calib_dtype)
     check_output_dir(output, overwrite)
-    m, tok = tinyllm.load(model)
+    m, tok = load(model)
     check_float_model(m)
     calib = None
     if cfg.calibrated or allocation == "owl":
@@ -476,7 +477,7 @@ def prune(
     }
     extra = {"prune_report.json": {k: v for k, v in report.items() if k != "seconds"}}
     save_checkpoint(m, tok, output, meta, overwrite=overwrite, extra_files=extra)
-    from tinyllm.eval.size import param_count
+    from tinyllm.models.size import param_count
 
     out.print(
         f"pruned with {method} in {report['seconds']:.1f} s: sparsity {meta['sparsity']:.1%} of "

@@ -80,14 +80,14 @@ def export(
 
       tinyllm export out/gptq-q4_0 --format onnx --type q4 -o smollm2-q4.onnx
     """
-    import tinyllm
+    from tinyllm.core.load import load
     from tinyllm.export import DEFAULT_TYPES, check_output
     from tinyllm.export import export as run_export
     from tinyllm.util.fs import dir_size
 
     check_output(output, format, overwrite)  # fail before loading
     type = type or DEFAULT_TYPES.get(format)
-    m, tok = tinyllm.load(model)
+    m, tok = load(model)
     report = run_export(
         m, tok, output, format, type, overwrite=overwrite, strict=strict, embed_type=embed_type
     )

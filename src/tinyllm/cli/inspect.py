@@ -26,8 +26,8 @@ def info(
     ] = None,
 ) -> None:
     """Architecture, parameter counts, shapes, dtype and size of a model."""
+    from tinyllm.core.load import load
     from tinyllm.models.info import model_info
-    from tinyllm.models.load import load
 
     m, _ = load(model)
     i = model_info(m)
@@ -81,13 +81,14 @@ def eval_(
     SEQ_LEN tokens are cut from its evaluation slice (its first 65,536 tokens); BOS is prepended
     only when the tokenizer adds one by default; every position after the first is scored.
     """
-    import tinyllm
+    from tinyllm.core.load import load
     from tinyllm.data.windows import check_seq_len
+    from tinyllm.eval.evaluate import evaluate
 
     check_seq_len(seq_len)  # fail before loading anything
-    m, tok = tinyllm.load(model)
-    ref = tinyllm.load(reference) if reference else None
-    result = tinyllm.evaluate(
+    m, tok = load(model)
+    ref = load(reference) if reference else None
+    result = evaluate(
         m,
         tok,
         corpus=corpus,
@@ -125,11 +126,11 @@ def outliers(
 
     Example: tinyllm outliers smollm2-135m --samples 16 --top 10
     """
-    import tinyllm
+    from tinyllm.core.load import load
     from tinyllm.data.calibration import calibration_windows
     from tinyllm.quant.outliers import outlier_report
 
-    m, tok = tinyllm.load(model)
+    m, tok = load(model)
     calib = calibration_windows(tok, calib_corpus, samples, seq_len, seed)
     report = outlier_report(m, calib)
     rows = sorted(report.items(), key=lambda kv: -kv[1]["ratio"])

@@ -24,7 +24,7 @@ from tinyllm.errors import ConfigError
 def _engine(
     model: str, kv_memory: float, kv_dtype: str = "float16", int8_act: bool = False, **sched: object
 ):
-    from tinyllm.models.load import load
+    from tinyllm.core.load import load
     from tinyllm.runtime.engine import Engine, EngineConfig
     from tinyllm.runtime.scheduler import SchedulerConfig
 

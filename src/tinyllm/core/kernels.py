@@ -105,7 +105,7 @@ def one_thread() -> Iterator[None]:
 # (fp32 accumulation; the residual stream, norms and attention stay fp32). A block's output then
 # differs from fp32 by about 1% of its update, an order of magnitude below 4-bit quantization
 # error. Hessians (GPTQ, SparseGPT) then come from bf16 products too, with the rows and columns
-# of the 32 largest input channels accumulated in fp32 (quant.gptq.HessianAccumulator).
+# of the 32 largest input channels accumulated in fp32 (core.hessian.HessianAccumulator).
 # float32 stays the default; on SmolLM2 GPTQ (4-bit g64, 3-bit g32), AWQ, SparseGPT and Wanda
 # showed no loss in bf16 beyond their run-to-run spread (BENCHMARKS.md, issue 3, session 19).
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from tinyllm.errors import ConfigError, TokenizerMismatchError
 from tinyllm.models.anatomy import find_blocks
+from tinyllm.models.sparsity import SPARSE_MIN
 from tinyllm.models.surgery import keep_blocks
-from tinyllm.prune.common import SPARSE_MIN
 from tinyllm.quant.qat import to_fake_quant, to_quant
 
 log = logging.getLogger(__name__)

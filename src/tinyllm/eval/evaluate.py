@@ -23,9 +23,9 @@ from tinyllm.errors import TokenizerMismatchError
 from tinyllm.eval.divergence import token_kl, top1_agree
 from tinyllm.eval.memory import peak_rss_bytes
 from tinyllm.eval.perplexity import perplexity, token_nll
-from tinyllm.eval.size import bits_per_weight, param_count, size_bytes
 from tinyllm.models.anatomy import analyze
-from tinyllm.prune.common import sparsity_of
+from tinyllm.models.size import bits_per_weight, param_count, size_bytes
+from tinyllm.models.sparsity import sparsity_of
 from tinyllm.util.fs import write_json_atomic
 from tinyllm.util.progress import make_progress
 

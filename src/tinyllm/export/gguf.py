@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from tinyllm.export.gguf_blocks import carry, permute_rows, why_not_carried
 from tinyllm.kernels.qlinear import QuantEmbedding, QuantLinear
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze, is_norm
+from tinyllm.models.families import FAMILIES, Family, supporting
 from tinyllm.quant.embed import tied_head
 from tinyllm.util.fs import atomic_path
 from tinyllm.util.progress import track
@@ -57,66 +57,6 @@ FILE_TYPES = {
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 CARRY_ORDER = (T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1)  # for a quantized embedding table
 
-LLAMA_BLOCK = {  # local module name inside a decoder block -> GGUF name inside blk.{bid}
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GEMMA3_BLOCK = {
-    **LLAMA_BLOCK,
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-}
-
-
-def _gemma3_limits(cfg: Any) -> list[str]:
-    """What llama.cpp's gemma3 graph fixes and a config could set otherwise."""
-    problems = []
-    head_dim = cfg.head_dim
-    if getattr(cfg, "query_pre_attn_scalar", head_dim) != head_dim:
-        problems.append(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} != head_dim {head_dim}")
-    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention", {})
-    if local.get("rope_theta", 10000.0) != 10000.0:
-        problems.append(f"sliding-layer rope theta {local['rope_theta']} != 10000")
-    pattern = [
-        "full_attention" if i % 6 == 5 else "sliding_attention" for i in range(len(cfg.layer_types))
-    ]
-    if list(cfg.layer_types) != pattern:
-        problems.append("layer types differ from llama.cpp's 5 sliding : 1 full pattern")
-    return problems
-
-
-@dataclass(frozen=True)
-class Family:
-    arch: str  # llama.cpp architecture name
-    block: dict[str, str]
-    permute_qk: bool = False  # llama.cpp's llama graph uses interleaved rotary pairs
-    norm_offset: float = 0.0  # added to every norm weight (Gemma stores 1 + w in GGUF)
-    extra: dict[str, str] = field(default_factory=dict)  # GGUF key suffix -> config attribute
-    limits: Callable[[Any], list[str]] | None = None  # config settings llama.cpp cannot follow
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", LLAMA_BLOCK, permute_qk=True),
-    "mistral": Family("llama", LLAMA_BLOCK, permute_qk=True),
-    "qwen2": Family("qwen2", LLAMA_BLOCK),
-    "gemma3_text": Family(
-        "gemma3",
-        GEMMA3_BLOCK,
-        norm_offset=1.0,
-        extra={"attention.sliding_window": "sliding_window"},
-        limits=_gemma3_limits,
-    ),
-}
 # Hugging Face pre-tokenizer settings -> llama.cpp pre-tokenizer name (the regex it applies)
 PRE_TOKENIZERS = {
     '{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}': (
@@ -125,30 +65,31 @@ PRE_TOKENIZERS = {
 }
 
 
-def family_of(model: nn.Module) -> Family:
+def gguf_family(model: nn.Module) -> Family:
+    """The model's family (models/families.py), refused if llama.cpp cannot run it."""
     model_type = model.config.model_type
-    if model_type not in FAMILIES:
+    fam = FAMILIES.get(model_type)
+    if fam is None or fam.gguf is None:
         raise ArchitectureError(
             f"GGUF export does not support model type '{model_type}'; supported: "
-            f"{', '.join(sorted(FAMILIES))}"
+            f"{', '.join(sorted(supporting('gguf')))}"
         )
-    fam = FAMILIES[model_type]
-    problems = fam.limits(model.config) if fam.limits else []
+    problems = fam.gguf.limits(model.config) if fam.gguf.limits else []
     if problems:
         raise ArchitectureError(
-            f"llama.cpp's {fam.arch} graph cannot run this {model_type} config: "
+            f"llama.cpp's {fam.gguf.arch} graph cannot run this {model_type} config: "
             + "; ".join(problems)
         )
     return fam
 
 
-def _rope_theta(cfg: Any) -> float:
+def _rope_theta(cfg: Any, fam: Family) -> float:
     theta = getattr(cfg, "rope_theta", None)
     params = getattr(cfg, "rope_parameters", None) or {}
     if theta is None and "full_attention" in params:  # per layer type (Gemma 3)
         params = params["full_attention"]
     kind = params.get("rope_type", "default")
-    if kind != "default" and cfg.model_type != "gemma3_text":
+    if fam.gguf.rope_types and kind not in fam.gguf.rope_types:
         raise ArchitectureError(f"rope scaling '{kind}' is not supported by the GGUF writer yet")
     return float(theta if theta is not None else params.get("rope_theta", 10000.0))
 
@@ -162,15 +103,15 @@ def _hparams(w: GGUFWriter, cfg: Any, fam: Family) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_rope_freq_base(_rope_theta(cfg, fam))
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    for key, attr in fam.extra.items():
+    for key, attr in fam.gguf.extra.items():
         value = getattr(cfg, attr, None)
         if value is not None:
-            w.add_uint32(f"{fam.arch}.{key}", int(value))
+            w.add_uint32(f"{fam.gguf.arch}.{key}", int(value))
 
 
 def _adds_bos(tok: Any) -> bool:
@@ -288,7 +229,7 @@ def collect_tensors(model: nn.Module, fam: Family) -> list[Tensor]:
         if gguf_name is None:
             continue
         perm = 0
-        if fam.permute_qk:
+        if fam.gguf.permute_qk:
             perm = heads.get(gguf_name.rsplit(".", 1)[-1], 0)
         if isinstance(mod, QuantLinear | QuantEmbedding):
             out.append(Tensor(f"{gguf_name}.weight", record=mod.qweight, permute_heads=perm))
@@ -311,8 +252,8 @@ def _block_name(mod_name: str, blocks_path: str, fam: Family) -> str | None:
     if not mod_name.startswith(prefix):
         return None
     bid, _, local = mod_name[len(prefix) :].partition(".")
-    name = fam.block.get(local)
-    return f"blk.{bid}.{name}" if name else None
+    name = fam.gguf_block_names().get(local)
+    return name.format(bid=bid) if name else None
 
 
 def _is_final_norm(mod_name: str, mod: nn.Module, blocks_path: str) -> bool:
@@ -391,7 +332,7 @@ def export_gguf(
         raise ConfigError(f"unknown GGUF type '{qtype}'; choose one of {', '.join(TYPES)}")
     if embed_type is not None and embed_type not in TYPES:
         raise ConfigError(f"unknown --embed-type '{embed_type}'; choose one of {', '.join(TYPES)}")
-    fam = family_of(model)
+    fam = gguf_family(model)
     main = TYPES[qtype]
     embed = TYPES[embed_type] if embed_type else (main if main in FLOAT_TYPES else T.Q8_0)
     tensors = collect_tensors(model, fam)
@@ -400,7 +341,7 @@ def export_gguf(
         embed = next((q for q in CARRY_ORDER if why_not_carried(record, q) is None), embed)
     report = ExportReport()
     with atomic_path(Path(path)) as tmp:
-        w = GGUFWriter(str(tmp), fam.arch)
+        w = GGUFWriter(str(tmp), fam.gguf.arch)
         w.add_name(name)
         w.add_file_type(int(FILE_TYPES[main]))
         w.add_quantization_version(2)

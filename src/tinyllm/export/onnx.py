@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,23 +37,12 @@ from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.kernels.qlinear import ActQuantLinear, QuantLinear
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze
+from tinyllm.models.families import FAMILIES, supporting
 from tinyllm.util.fs import atomic_dir
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("llama", "mistral", "qwen2")  # one RMSNorm + rotary + GQA + SwiGLU graph
 TYPES = {"fp32": None, "q4": 4, "q8": 8, "w8a8": "w8a8"}
-BLOCK = {  # role -> local module name inside a decoder block
-    "attn_norm": "input_layernorm",
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "mlp_norm": "post_attention_layernorm",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
 OPSET = 21
 MS_OPSET = 1
 
@@ -271,18 +261,19 @@ class Layer:
 
     g: Graph
     block: nn.Module
+    roles: Mapping[str, str]  # role -> local module name (models/families.py)
     prefix: str
     bits: int | None
     rep: ExportReport
     strict: bool
 
     def linear(self, x: str, role: str) -> str:
-        mod = self.block.get_submodule(BLOCK[role])
-        name = f"{self.prefix}.{BLOCK[role]}"
+        mod = self.block.get_submodule(self.roles[role])
+        name = f"{self.prefix}.{self.roles[role]}"
         return _linear(self.g, x, mod, name, self.bits, self.rep, self.strict)
 
     def norm(self, x: str, role: str, eps: float) -> str:
-        return _rms_norm(self.g, x, self.block.get_submodule(BLOCK[role]).weight, eps)
+        return _rms_norm(self.g, x, self.block.get_submodule(self.roles[role]).weight, eps)
 
 
 def _block(
@@ -312,9 +303,10 @@ def _block(
 
 def build_graph(model: nn.Module, bits: int | None, strict: bool) -> tuple[Any, ExportReport]:
     cfg = model.config
-    if cfg.model_type not in FAMILIES:
+    fam = FAMILIES.get(cfg.model_type)
+    if fam is None or not fam.onnx:  # one RMSNorm + rotary + GQA + SwiGLU graph
         raise ArchitectureError(
-            f"ONNX export supports {', '.join(FAMILIES)}, not '{cfg.model_type}'"
+            f"ONNX export supports {', '.join(sorted(supporting('onnx')))}, not '{cfg.model_type}'"
         )
     anatomy = analyze(model)
     nh, hidden = cfg.num_attention_heads, cfg.hidden_size
@@ -330,7 +322,7 @@ def build_graph(model: nn.Module, bits: int | None, strict: bool) -> tuple[Any, 
     dims = Dims(nh, kv, d, cfg.rms_norm_eps)
     presents_k, presents_v = [], []
     for i, block in enumerate(anatomy.blocks):
-        layer = Layer(g, block, f"{anatomy.blocks_path}.{i}", bits, rep, strict)
+        layer = Layer(g, block, fam.roles, f"{anatomy.blocks_path}.{i}", bits, rep, strict)
         x, k, v = _block(layer, x, i, dims, cos, sin, mask)
         presents_k.append(g.op("Unsqueeze", [k, g.ints(0)]))
         presents_v.append(g.op("Unsqueeze", [v, g.ints(0)]))

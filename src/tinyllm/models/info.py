@@ -7,8 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
-from tinyllm.eval.size import param_count, size_bytes
 from tinyllm.models.anatomy import analyze
+from tinyllm.models.size import param_count, size_bytes
 from tinyllm.util.fs import dir_size
 
 

@@ -36,13 +36,6 @@ DEFAULT_MODEL = "smollm2-135m"
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "tinyllm-source.json"  # written beside a converted checkpoint
 TINYLLM_CONFIG = "tinyllm.json"  # marks a tinyllm output directory
-_verify_default = True  # the CLI's --no-verify turns it off for the whole command
-
-
-def set_verify_default(verify: bool) -> None:
-    """Whether `load` checks checkpoint digests when its caller does not say (CLI --no-verify)."""
-    global _verify_default
-    _verify_default = verify
 
 
 @dataclass(frozen=True)
@@ -96,11 +89,10 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def load(spec: str | Path = DEFAULT_MODEL, verify: bool | None = None) -> tuple[nn.Module, object]:
-    """Load a model (fp32, eval mode) and its tokenizer from any spec `resolve` accepts.
-
-    `verify`: check a tinyllm checkpoint's weight files against the sha256 digests it recorded
-    (default: on, unless the CLI was given --no-verify)."""
+def load(spec: str | Path = DEFAULT_MODEL) -> tuple[nn.Module, object]:
+    """Load a model (fp32, eval mode) and its tokenizer from a registered name, a Hugging Face
+    directory or a GGUF file. A tinyllm checkpoint directory needs the packed layers of a layer
+    above this one: `tinyllm.load` (`tinyllm.core.load.load`) reads those."""
     r = resolve(spec)
     if r.kind == "registered":
         gguf = registry.gguf_path(registry.REGISTRY[r.name])
@@ -108,9 +100,9 @@ def load(spec: str | Path = DEFAULT_MODEL, verify: bool | None = None) -> tuple[
     elif r.kind == "gguf":
         directory = _converted_gguf(r.path, cache_name=f"{r.path.stem}-{file_fingerprint(r.path)}")
     elif r.kind == "tinyllm_dir":
-        from tinyllm.checkpoint import load_checkpoint  # a compressed checkpoint
-
-        return load_checkpoint(r.path, verify=_verify_default if verify is None else verify)
+        raise ModelLoadError(
+            f"{r.path} is a tinyllm checkpoint; load it with tinyllm.load (tinyllm.core.load.load)"
+        )
     else:
         directory = r.path
     return load_hf_dir(directory)

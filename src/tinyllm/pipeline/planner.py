@@ -180,7 +180,7 @@ def quantized_bytes(out_f: int, in_f: int, grid: Grid) -> int:
 def model_bytes(model: nn.Module, grid: Grid, embed_bits: int | None = None) -> int:
     """Checkpoint size with every block linear on `grid`, the embeddings (and head) in float16 or
     quantized to `embed_bits`, everything else in float16."""
-    from tinyllm.eval.size import param_count
+    from tinyllm.models.size import param_count
 
     linears = analyze(model).linears
     n_lin = sum(s.module.weight.numel() for s in linears)
@@ -326,7 +326,7 @@ def verify(
 ) -> dict[str, Any]:
     """Quantize for real with GPTQ and score with the evaluation harness."""
     from tinyllm.checkpoint import round_floats
-    from tinyllm.models.load import load
+    from tinyllm.core.load import load
     from tinyllm.quant.api import quantize
 
     model, _ = load(spec)
@@ -414,10 +414,10 @@ def make_plan(
     mixed: bool = True,
 ) -> Plan:
     """Measure sensitivities, predict every grid, verify the best few that fit. -> Plan"""
+    from tinyllm.core.load import load
     from tinyllm.data.calibration import calibration_windows
     from tinyllm.eval.evaluate import evaluate
-    from tinyllm.eval.size import param_count
-    from tinyllm.models.load import load
+    from tinyllm.models.size import param_count
     from tinyllm.pipeline.recipe import Calibration, Evaluation
 
     cal, ev = calibration or Calibration(), evaluation or Evaluation()

@@ -1,5 +1,5 @@
 """Shared pruning pieces: config fields, masks from scores (unstructured, per row, N:M), the
-layers to prune, refusal of quantized models, and the achieved sparsity.
+layers to prune and refusal of quantized models (the achieved sparsity: models.sparsity).
 
 Convention: a score is larger for weights worth keeping; a mask is True where a weight stays.
 """
@@ -18,10 +18,6 @@ from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.models.anatomy import LinearSite, analyze
 
 log = logging.getLogger(__name__)
-
-# A float linear with at least this fraction of exact zeros counts as pruned: checkpoints store
-# it sparse and the trainer keeps its mask.
-SPARSE_MIN = 0.05
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -64,6 +60,10 @@ class PruneStep(Step):
         if self.allocation == "owl" and self.pattern is not None:
             raise ValueError("allocation owl varies sparsity per block; an N:M pattern fixes it")
         return self
+
+    @property
+    def calibrated(self) -> bool:  # OWL measures activations; calibrated pruners say True
+        return self.allocation == "owl"
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -138,29 +138,6 @@ def mask_from_score(score: torch.Tensor, cfg: PruneStep, sparsity: float) -> tor
     """The mask a per-row scored pruner applies: N:M if a pattern is set, else per row."""
     nm = cfg.nm
     return nm_mask(score, *nm) if nm else row_mask(score, sparsity)
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor | None:
-    """The float weight a linear computes with (dequantized for packed layers); None where the
-    module holds no plain weight (e.g. compressed-tensors layers decompressed on the fly)."""
-    get = getattr(module, "dequantized_weight", None)
-    if get is not None:
-        return get()
-    w = getattr(module, "weight", None)
-    return w.detach() if isinstance(w, torch.Tensor) else None
-
-
-def sparsity_of(model: nn.Module) -> float:
-    """Fraction of exactly-zero weights over the linears of the decoder blocks (those whose weight
-    can be read)."""
-    zeros = total = 0
-    for s in analyze(model).linears:
-        w = linear_weight(s.module)
-        if w is None:
-            continue
-        zeros += int((w == 0).sum())
-        total += w.numel()
-    return zeros / total if total else 0.0
 
 
 def by_block(sites: list[LinearSite]) -> dict[int, list[LinearSite]]:

@@ -11,18 +11,13 @@ from pydantic import field_validator
 from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks, observe_block
+from tinyllm.core.hessian import HessianAccumulator, inverse_cholesky, output_error, prepare_layer
 from tinyllm.core.steps import Context, register
 from tinyllm.kernels.primitives import SUPPORTED_BITS, group_qparams, qmax
 from tinyllm.kernels.qlinear import replace_linear
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.prune.common import PruneStep, by_block, check_pattern_fits, prune_sites
 from tinyllm.prune.owl import block_sparsities
-from tinyllm.quant.gptq import (
-    HessianAccumulator,
-    inverse_cholesky,
-    output_error,
-    prepare_layer,
-)
 
 
 class SparseGPT(PruneStep):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
@@ -31,8 +32,10 @@ from tinyllm.core.calib import (
     observe_pair,
     probe_input,
 )
+from tinyllm.core.hessian import HessianAccumulator
 from tinyllm.core.steps import Context, Step, register
 from tinyllm.kernels.primitives import _affine_params, fake_quant, group_qparams, grouped
+from tinyllm.models.families import family_of
 from tinyllm.quant.common import (
     block_error_status,
     fake_quant_then_swap,
@@ -40,32 +43,11 @@ from tinyllm.quant.common import (
     relative_weight_error,
     sites_by_block,
 )
-from tinyllm.quant.gptq import GPTQ, HessianAccumulator, gptq_block, gptq_quantize
+from tinyllm.quant.gptq import GPTQ, gptq_block, gptq_quantize
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 log = logging.getLogger(__name__)
 
-# Which op feeds which linears, by local names inside a block. Data per family; entries whose
-# modules are missing are skipped. A norm entry is checked on the live graph before use (its
-# output must be the very tensor the linears receive); linear -> linear entries pass through
-# attention (v -> o) or an elementwise product (up -> down), which keep channels in place, and
-# are used only when the shapes line up (not v -> o under grouped-query attention).
-SCALING_GROUPS: dict[str, list[tuple[str, list[str]]]] = {
-    "llama": [
-        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-        ("self_attn.v_proj", ["self_attn.o_proj"]),
-        ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-        ("mlp.up_proj", ["mlp.down_proj"]),
-    ],
-    "gemma3_text": [
-        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-        ("self_attn.v_proj", ["self_attn.o_proj"]),
-        ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-        ("mlp.up_proj", ["mlp.down_proj"]),
-    ],
-}
-SCALING_GROUPS["mistral"] = SCALING_GROUPS["qwen2"] = SCALING_GROUPS["llama"]
-NORM_WEIGHT_OFFSET = {"gemma3_text": 1.0}  # Gemma norms scale by (offset + weight)
 LOSS_TOKENS = 8192  # tokens per input behind the searches' second moments (RTN base)
 CLIP_GRID = torch.linspace(1.0, 0.5, 20)  # candidate range shrinks for the clipping search
 
@@ -159,9 +141,8 @@ def _feeds(
 
 def _groups_for(model: nn.Module, block: nn.Module) -> list[tuple[str, list[str]]]:
     names = dict(block.named_modules())
-    table = SCALING_GROUPS.get(model.config.model_type, SCALING_GROUPS["llama"])
     groups = []
-    for prev, consumers in table:
+    for prev, consumers in family_of(model).scaling_groups():  # models/families.py
         if prev not in names or not all(c in names for c in consumers):
             continue
         if (
@@ -176,74 +157,34 @@ def _groups_for(model: nn.Module, block: nn.Module) -> list[tuple[str, list[str]
 @register(AWQ)
 def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
     by_block = sites_by_block(model, cfg.base.group_size)
-    offset = NORM_WEIGHT_OFFSET.get(model.config.model_type, 0.0)
+    offset = family_of(model).norm_offset
     errors = ctx.report.setdefault("layer_errors", {})
     alphas = ctx.report.setdefault("awq_alpha", {})
 
     def quantize_block(i: int, block: nn.Module, xs: list, kwargs: dict, ref=None):
         block_sites = {s.local: s for s in by_block.pop(i, [])}
         groups = checked_groups(model, block, xs[0], kwargs, i)
-        # One pass before any folding: folding keeps the float function, so every input's
-        # statistics can be read from the unscaled block and rescaled (x / s) afterwards.
-        # GPTQ needs full Hessians anyway; for RTN a subsample of tokens is enough.
-        total = sum(x.shape[0] * x.shape[1] for x in xs)
-        step = 1 if isinstance(cfg.base, GPTQ) else max(1, total // LOSS_TOKENS)
-        acc = HessianAccumulator()
-        absum: dict[str, torch.Tensor] = {}
-
-        def look(name: str, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
-            absum[name] = absum.get(name, 0) + x.float().abs().sum(dim=0)
-            acc.add(name, x[::step], None if x_ref is None else x_ref[::step])
-
         # GPTQ base in stages: its own passes take the Hessians after folding (and carry ref)
         # (true_sequential None, the default, leaves an AWQ base unstaged)
         staged = isinstance(cfg.base, GPTQ) and cfg.base.true_sequential is True
-        if ref is None or staged:
-            observe_block(block, xs, kwargs, list(block_sites), look)
-        else:  # GPTQ base with float targets: the float model's inputs ride along
-            observe_pair(block, xs, ref, kwargs, list(block_sites), look)
-        scales: dict[str, torch.Tensor] = {}
+        stats = _observe(block, xs, kwargs, list(block_sites), cfg, None if staged else ref)
         bases = {
             loc: clamped_base(layer_cfg(cfg.base, s.name, ctx.layer_bits), cfg)
             for loc, s in block_sites.items()
         }
+        scales = {}
         for prev, consumers in groups:
-            mods = [block.get_submodule(c) for c in consumers]
-            x_mag, H = absum[consumers[0]] / total, acc.hessian(consumers[0])
-            # mixed precision: search on the narrowest grid among the consumers
-            group_base = min((bases.get(c, cfg.base) for c in consumers), key=lambda b: b.bits)
-            s, alphas[f"{i}.{prev}"] = search_scale(
-                x_mag, H, [m.weight for m in mods], group_base, cfg.grid
+            group_bases = [bases.get(c, cfg.base) for c in consumers]
+            s, alphas[f"{i}.{prev}"] = _scale_group(block, prev, consumers, stats, group_bases, cfg)
+            fold_scale(
+                block.get_submodule(prev), [block.get_submodule(c) for c in consumers], s, offset
             )
-            fold_scale(block.get_submodule(prev), mods, s, offset)
             scales.update({c: s for c in consumers})
-        if staged:  # the folded block before clipping computes the float model's stream
-            float_block = copy.deepcopy(block) if ref is not None else None
-            for local, site in block_sites.items() if cfg.clip else ():
-                H = scaled_hessian(acc.hessian(local), scales.get(local))
-                site.module.weight.data = search_clip(H, site.module.weight.data, bases[local])
-            sites = list(block_sites.values())
-            base = clamped_base(cfg.base, cfg)
-            advance = ref is None  # one staged pass, which also computes the block's outputs
-            records = gptq_block(
-                block, sites, xs, kwargs, base, errors, ctx.layer_bits, ref, float_block, advance
+        if staged:
+            return _quantize_staged(
+                block, block_sites, xs, kwargs, cfg, ctx, stats, scales, bases, ref
             )
-            finish = fake_quant_then_swap(block, records)
-            return Advanced(finish) if advance else finish
-        records = {}
-        for local, site in block_sites.items():
-            H = scaled_hessian(acc.hessian(local), scales.get(local))
-            C = scaled_hessian(acc.cross(local), scales.get(local))
-            base = bases[local]
-            if cfg.clip:
-                site.module.weight.data = search_clip(H, site.module.weight.data, base)
-            w = site.module.weight.detach().float()
-            if isinstance(base, GPTQ):
-                records[local], errors[site.name] = gptq_quantize(w, H, base, site.name, C)
-            else:
-                records[local] = rtn_quantize(w, base)
-                errors[site.name] = relative_weight_error(w, records[local])
-        return fake_quant_then_swap(block, records)
+        return _quantize_layers(block, block_sites, cfg, stats, scales, bases, errors)
 
     calibrate_blocks(
         model,
@@ -254,6 +195,107 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
         block_error_status(by_block, errors),
         reference=isinstance(cfg.base, GPTQ) and cfg.base.float_targets > 0,
     )
+
+
+@dataclass
+class _Stats:
+    """One pass's statistics of a block's linear inputs: Hessians (subsampled tokens for an RTN
+    base) and per-channel absolute sums over `total` tokens."""
+
+    acc: HessianAccumulator
+    absum: dict[str, torch.Tensor]
+    total: int
+
+
+def _observe(
+    block: nn.Module, xs: list, kwargs: dict, names: list[str], cfg: AWQ, ref: list | None
+) -> _Stats:
+    """One pass before any folding: folding keeps the float function, so every input's
+    statistics can be read from the unscaled block and rescaled (x / s) afterwards. GPTQ needs
+    full Hessians anyway; for RTN a subsample of tokens is enough. With `ref` (GPTQ base with
+    float targets) the float model's inputs ride along."""
+    total = sum(x.shape[0] * x.shape[1] for x in xs)
+    step = 1 if isinstance(cfg.base, GPTQ) else max(1, total // LOSS_TOKENS)
+    stats = _Stats(HessianAccumulator(), {}, total)
+
+    def look(name: str, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
+        stats.absum[name] = stats.absum.get(name, 0) + x.float().abs().sum(dim=0)
+        stats.acc.add(name, x[::step], None if x_ref is None else x_ref[::step])
+
+    if ref is None:
+        observe_block(block, xs, kwargs, names, look)
+    else:
+        observe_pair(block, xs, ref, kwargs, names, look)
+    return stats
+
+
+def _scale_group(
+    block: nn.Module,
+    prev: str,
+    consumers: list[str],
+    stats: _Stats,
+    bases: list[RTN | GPTQ],
+    cfg: AWQ,
+) -> tuple[torch.Tensor, float]:
+    """The searched input scale of one group's consumers -> (s [in], alpha)."""
+    mods = [block.get_submodule(c) for c in consumers]
+    x_mag, H = stats.absum[consumers[0]] / stats.total, stats.acc.hessian(consumers[0])
+    group_base = min(bases, key=lambda b: b.bits)  # mixed precision: the narrowest grid
+    return search_scale(x_mag, H, [m.weight for m in mods], group_base, cfg.grid)
+
+
+def _quantize_staged(
+    block: nn.Module,
+    block_sites: dict,
+    xs: list,
+    kwargs: dict,
+    cfg: AWQ,
+    ctx: Context,
+    stats: _Stats,
+    scales: dict[str, torch.Tensor],
+    bases: dict,
+    ref: list | None,
+):
+    """Clip the folded block, then GPTQ it in stages (its own passes take the Hessians)."""
+    float_block = copy.deepcopy(block) if ref is not None else None  # computes the float stream
+    for local, site in block_sites.items() if cfg.clip else ():
+        H = scaled_hessian(stats.acc.hessian(local), scales.get(local))
+        site.module.weight.data = search_clip(H, site.module.weight.data, bases[local])
+    sites = list(block_sites.values())
+    base = clamped_base(cfg.base, cfg)
+    advance = ref is None  # one staged pass, which also computes the block's outputs
+    errors = ctx.report["layer_errors"]
+    records = gptq_block(
+        block, sites, xs, kwargs, base, errors, ctx.layer_bits, ref, float_block, advance
+    )
+    finish = fake_quant_then_swap(block, records)
+    return Advanced(finish) if advance else finish
+
+
+def _quantize_layers(
+    block: nn.Module,
+    block_sites: dict,
+    cfg: AWQ,
+    stats: _Stats,
+    scales: dict[str, torch.Tensor],
+    bases: dict,
+    errors: dict[str, float],
+):
+    """Clip and quantize each folded linear on its own, from the rescaled statistics."""
+    records = {}
+    for local, site in block_sites.items():
+        H = scaled_hessian(stats.acc.hessian(local), scales.get(local))
+        C = scaled_hessian(stats.acc.cross(local), scales.get(local))
+        base = bases[local]
+        if cfg.clip:
+            site.module.weight.data = search_clip(H, site.module.weight.data, base)
+        w = site.module.weight.detach().float()
+        if isinstance(base, GPTQ):
+            records[local], errors[site.name] = gptq_quantize(w, H, base, site.name, C)
+        else:
+            records[local] = rtn_quantize(w, base)
+            errors[site.name] = relative_weight_error(w, records[local])
+    return fake_quant_then_swap(block, records)
 
 
 def clamped_base(base: RTN | GPTQ, cfg: AWQ) -> RTN | GPTQ:

@@ -20,9 +20,14 @@ from tinyllm.core.calib import (
     probe_block,
     staged_pass,
 )
-from tinyllm.core.kernels import calib_dtype, one_thread, onednn_available
+from tinyllm.core.hessian import (
+    HessianAccumulator,
+    inverse_cholesky,
+    output_error,
+    prepare_layer,
+)
+from tinyllm.core.kernels import one_thread
 from tinyllm.core.steps import Context, register
-from tinyllm.errors import ConfigError
 from tinyllm.kernels.primitives import group_qparams, qmax
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.quant.common import (
@@ -76,28 +81,6 @@ def staged(cfg: GPTQ) -> bool:
     return cfg.float_targets == 0
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, retrying with more damping. On one
-    thread, so its bits do not depend on the thread count (core.kernels.one_thread)."""
-    with one_thread():
-        return _inverse_cholesky(H, damp, name)
-
-
-def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    mean_diag = H.diagonal().mean()
-    for _ in range(6):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0:
-                return U
-        log.warning("%s: Cholesky failed with damp %.3g, retrying with %.3g", name, damp, damp * 10)
-        damp *= 10
-    raise ConfigError(f"{name}: Hessian is not positive definite even with damp {damp:.3g}")
-
-
 def _grid_search(cfg: GPTQ, H: torch.Tensor, cols: slice = slice(None)) -> dict:
     """group_qparams' search options for these columns: weighted by diag H if asked."""
     if cfg.mse and cfg.weighted_grid:
@@ -114,19 +97,9 @@ def _group_grid(
     return s[:, 0].half().float(), z[:, 0]
 
 
-def prepare_layer(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float copies of a weight and its Hessian; inputs never seen in calibration (zero diagonal)
-    get a unit diagonal and zero weights, so the inverse exists."""
-    W, H = W.detach().float().clone(), H.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    return W, H
-
-
 def kept_positions(W: torch.Tensor) -> torch.Tensor | None:
     """[out, in] bool mask of the nonzero weights of a pruned layer (None for a dense one)."""
-    from tinyllm.prune.common import SPARSE_MIN
+    from tinyllm.models.sparsity import SPARSE_MIN
 
     zeros = W == 0
     return ~zeros if float(zeros.float().mean()) >= SPARSE_MIN else None
@@ -201,13 +174,7 @@ def _gptq(
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
     static = cfg.static_groups or cfg.group_size == -1
     search = grid is None and not static  # grids from the updated weights as groups are reached
-    if grid is not None:
-        scale, zero = grid[0].float(), grid[1].float()
-    elif static:  # grids from the original weights, in original column order
-        scale, zero = group_qparams(W, cfg.bits, cfg.group_size, cfg.sym, **_grid_search(cfg, H))
-    else:
-        scale, zero = torch.zeros(rows, cols // g), torch.zeros(rows, cols // g)
-    scale = scale.half().float()
+    scale, zero = _start_grid(W, H, cfg, grid, static)
     # per column, in processing order (dynamic groups are stored in processing order)
     group_of = perm // g if static else torch.arange(cols) // g
     # The loop works on transposed copies ([columns, rows]): each column is a contiguous row.
@@ -237,24 +204,50 @@ def _gptq(
             torch.sub(q, z, out=err).mul_(s).sub_(w).div_(-diag[col])
             W1[i + 1 :].addr_(U[col, col + 1 : i2], err, alpha=-1.0)
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
-    codes = codes.t().to(torch.uint8)  # [rows, cols], processing order
-    if static:  # groups follow original columns: store codes in original order
+    return _record(codes.t().to(torch.uint8), scale, zero, perm, cfg, static)
+
+
+def _start_grid(
+    W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, grid: tuple | None, static: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grids the column loop starts from, [rows, groups] each: given (refit rounds), from
+    the original weights (static groups) or zeros that the loop fills as it reaches each group."""
+    rows, cols = W.shape
+    g = cols if cfg.group_size == -1 else cfg.group_size
+    if grid is not None:
+        scale, zero = grid[0].float(), grid[1].float()
+    elif static:  # grids from the original weights, in original column order
+        scale, zero = group_qparams(W, cfg.bits, cfg.group_size, cfg.sym, **_grid_search(cfg, H))
+    else:
+        scale, zero = torch.zeros(rows, cols // g), torch.zeros(rows, cols // g)
+    return scale.half().float(), zero
+
+
+def _record(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    perm: torch.Tensor,
+    cfg: GPTQ,
+    static: bool,
+) -> QuantizedWeight:
+    """The record of codes [rows, cols] in processing order: static groups follow the original
+    columns, so their codes are stored in original order; dynamic ones keep the permutation."""
+    if static:
         out = torch.empty_like(codes)
         out[:, perm] = codes
-        qw = QuantizedWeight.from_codes(
+        return QuantizedWeight.from_codes(
             out, scale, zero, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym
         )
-    else:
-        qw = QuantizedWeight.from_codes(
-            codes,
-            scale,
-            zero,
-            bits=cfg.bits,
-            group_size=cfg.group_size,
-            sym=cfg.sym,
-            perm=perm if cfg.act_order else None,
-        )
-    return qw
+    return QuantizedWeight.from_codes(
+        codes,
+        scale,
+        zero,
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        sym=cfg.sym,
+        perm=perm if cfg.act_order else None,
+    )
 
 
 REFIT_CHUNK_FLOATS = 1 << 25  # bound on the einsum intermediate (128 MiB) of refit_scales
@@ -290,140 +283,6 @@ def refit_scales(
     return dataclasses.replace(qw, scale=s.contiguous())
 
 
-def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
-    """||X(W - Wq)^T||^2 / ||XW^T||^2 over the calibration inputs, from H = sum x x^T."""
-    D = W - Wq
-    return float(((D @ H) * D).sum() / ((W @ H) * W).sum().clamp_min(1e-12))
-
-
-def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """x^T y (y defaults to x) in fp32 for one batch [tokens, in], through oneDNN where available
-    (about twice MKL's speed on some AMD CPUs). Always fp32 (see EXACT_ROWS for bf16 Hessians)."""
-    xt = x.float().t().contiguous()
-    yt = xt if y is None else y.float().t().contiguous()
-    if onednn_available():
-        return torch.ops.mkldnn._linear_pointwise(xt, yt, None, "none", [], "")
-    return xt @ yt.t()
-
-
-SYM_ROWS = 256  # rows of x^T x per product in the symmetric accumulation
-
-
-def add_gram_upper(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
-    """H <- beta H + alpha x^T x on and above the diagonal only, for x [tokens, in]: x^T x is
-    symmetric, so its row blocks are multiplied from the diagonal rightwards (about 0.55-0.70x
-    the work of the full product for 576-1536 inputs; the lower triangle of H is left stale,
-    see `mirror_upper`). fp32 (autocast off), whatever the calibration passes run in."""
-    d = x.shape[1]
-    with torch.autocast("cpu", enabled=False):
-        x = x.float()
-        xt = x.t()
-        for i, rows in _row_blocks(0, d):
-            H[i : i + rows, i:].addmm_(xt[i : i + rows], x[:, i:], beta=beta, alpha=alpha)
-
-
-def _row_blocks(start: int, stop: int) -> list[tuple[int, int]]:
-    """(first row, rows) of equal row blocks of at most SYM_ROWS rows covering start..stop."""
-    pieces = -(-(stop - start) // SYM_ROWS)
-    rows = -(-(stop - start) // max(pieces, 1))
-    return [(i, min(rows, stop - i)) for i in range(start, stop, rows)]
-
-
-# bf16 Hessians (bf16 calibration passes only). oneDNN multiplies bf16 about 2.4x faster than
-# fp32 on CPUs with native bf16 dot products, but rounds each product's outputs to bf16: on
-# SmolLM2's outlier input channels (diagonal up to 370x the mean) the error of a plain bf16
-# Hessian reached up to 27% of the mean diagonal, beyond what GPTQ's 1% dampening absorbs (block
-# 0's o_proj needed 100x dampening, output error 4.5x). So the rows and columns of the
-# EXACT_ROWS largest channels (largest mean square in the layer's first batch) are accumulated
-# in fp32 beside the bf16 products and replace theirs: errors fall to 0.1-3% of the mean
-# diagonal and GPTQ's output errors stay within 0.2% of the exact Hessian's on every layer
-# measured (BENCHMARKS.md, session 19).
-EXACT_ROWS = 32
-
-
-def add_gram_upper_bf16(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
-    """add_gram_upper from bf16 products (fp32 accumulation inside each, bf16 outputs)."""
-    with torch.autocast("cpu", enabled=False):
-        xb = x.bfloat16()
-        xbt = xb.t()
-        for i, rows in _row_blocks(0, x.shape[1]):
-            H[i : i + rows, i:].mul_(beta).add_(xbt[i : i + rows] @ xb[:, i:], alpha=alpha)
-
-
-def mirror_upper(H: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is H's (in place)."""
-    upper = H.triu()
-    return H.copy_(upper + upper.triu(1).t())
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
-class HessianAccumulator:
-    """Running H = (2/n) sum x x^T per layer input. Layers fed the same tensor (q/k/v, gate/up)
-    share one accumulation. Only the upper triangle is accumulated; `hessian` mirrors it. In
-    bf16 calibration passes the products are bf16 (add_gram_upper_bf16) and the rows of the
-    largest channels are accumulated in fp32 too, replacing theirs in `hessian`."""
-
-    def __init__(self) -> None:
-        self.H: dict[str, torch.Tensor] = {}
-        self.C: dict[str, torch.Tensor] = {}  # X~^T X against a reference stream (add x_ref)
-        self.n: dict[str, int] = {}
-        self.alias: dict[str, str] = {}
-        self._last: tuple[torch.Tensor, str] | None = None  # (the last input, its owner)
-        self._mirrored: set[str] = set()
-        # bf16 passes: the largest input channels and their exact rows of H, [k] and [k, in]
-        self.exact: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def add(self, name: str, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
-        """Add a batch of inputs x [tokens, in]; with x_ref (the float model's inputs to the same
-        layer for the same tokens) also accumulate C = (2/n) sum x_ref x^T."""
-        if name in self.alias:
-            return
-        if self._last is not None and name not in self.H and _same_tensor(self._last[0], x):
-            self.alias[name] = self._last[1]
-            return
-        self._last = (x, name)  # held, so no later tensor can reuse its memory and look equal
-        if name not in self.H:
-            self.H[name] = torch.zeros(x.shape[1], x.shape[1])
-            self.n[name] = 0
-            if calib_dtype() == torch.bfloat16 and x.shape[1] > EXACT_ROWS:
-                top = torch.topk(x.detach().float().pow(2).sum(0), EXACT_ROWS).indices
-                self.exact[name] = (top, torch.zeros(EXACT_ROWS, x.shape[1]))
-            if x_ref is not None:
-                self.C[name] = torch.zeros(x.shape[1], x.shape[1])
-        n, k = self.n[name], x.shape[0]
-        if name in self.exact:
-            top, rows = self.exact[name]
-            add_gram_upper_bf16(self.H[name], x, n / (n + k), 2.0 / (n + k))
-            with torch.autocast("cpu", enabled=False):
-                xf = x.float()
-                rows.mul_(n / (n + k)).addmm_(xf.index_select(1, top).t(), xf, alpha=2.0 / (n + k))
-        else:
-            add_gram_upper(self.H[name], x, n / (n + k), 2.0 / (n + k))
-        self._mirrored.discard(name)
-        if x_ref is not None:
-            self.C[name].mul_(n / (n + k)).add_(gram(x_ref, x), alpha=2.0 / (n + k))
-        self.n[name] = n + k
-
-    def hessian(self, name: str) -> torch.Tensor:
-        owner = self.alias.get(name, name)
-        if owner not in self._mirrored:
-            mirror_upper(self.H[owner])
-            if owner in self.exact:  # the largest channels' exact rows and columns
-                top, rows = self.exact.pop(owner)
-                both = rows[:, top]
-                self.H[owner][top] = rows
-                self.H[owner][:, top] = rows.t()
-                self.H[owner][top[:, None], top] = (both + both.t()) / 2  # exactly symmetric
-            self._mirrored.add(owner)
-        return self.H[owner]
-
-    def cross(self, name: str) -> torch.Tensor | None:
-        return self.C.get(self.alias.get(name, name))
-
-
 def gptq_block(
     block: nn.Module,
     sites: list,
@@ -453,22 +312,8 @@ def gptq_block(
     records: dict[str, QuantizedWeight] = {}
 
     def quantize_stage(stage: list[str], acc: HessianAccumulator) -> None:
-        stacks: dict[tuple, list] = {}  # layers sharing an input and a width quantize together
-        for local in stage:
-            s = by_local[local]
-            c = layer_cfg(cfg, s.name, layer_bits or {})
-            stacks.setdefault((acc.alias.get(local, local), c.bits), []).append((s, c))
-        for (owner, _), members in stacks.items():
-            results = gptq_quantize_stack(
-                [s.module.weight for s, _ in members],
-                acc.hessian(owner),
-                members[0][1],
-                "+".join(s.name for s, _ in members),
-                acc.cross(owner),
-            )
-            for (s, _), (qw, err) in zip(members, results, strict=True):
-                records[s.local], errors[s.name] = qw, err
-                s.module.weight.data = qw.dequantize()
+        stage_sites = [by_local[local] for local in stage]
+        records.update(_quantize_stage(stage_sites, acc, cfg, layer_bits or {}, errors))
 
     if advance and staged(cfg) and ref is None:
         accs = [HessianAccumulator()]
@@ -488,6 +333,30 @@ def gptq_block(
             last = k == len(stages) - 1
             observe_pair(block, xs, ref, kwargs, stage, acc.add, float_block, advance=last)
         quantize_stage(stage, acc)
+    return records
+
+
+def _quantize_stage(
+    sites: list, acc: HessianAccumulator, cfg: GPTQ, layer_bits: Mapping[str, int], errors: dict
+) -> dict[str, QuantizedWeight]:
+    """GPTQ on one stage's layers from their Hessians; layers sharing an input and a width
+    quantize together. Each quantized weight is left in its float linear."""
+    records: dict[str, QuantizedWeight] = {}
+    stacks: dict[tuple, list] = {}
+    for s in sites:
+        c = layer_cfg(cfg, s.name, layer_bits)
+        stacks.setdefault((acc.alias.get(s.local, s.local), c.bits), []).append((s, c))
+    for (owner, _), members in stacks.items():
+        results = gptq_quantize_stack(
+            [s.module.weight for s, _ in members],
+            acc.hessian(owner),
+            members[0][1],
+            "+".join(s.name for s, _ in members),
+            acc.cross(owner),
+        )
+        for (s, _), (qw, err) in zip(members, results, strict=True):
+            records[s.local], errors[s.name] = qw, err
+            s.module.weight.data = qw.dequantize()
     return records
 
 

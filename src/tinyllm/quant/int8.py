@@ -19,14 +19,14 @@ import torch
 from pydantic import field_validator
 from torch import nn
 
-from tinyllm.core.calib import calibrate_blocks, observe_block
+from tinyllm.core.calib import calibrate_blocks
+from tinyllm.core.stats import collect_stats, record_outliers
 from tinyllm.core.steps import Context, Step, register
 from tinyllm.kernels.actquant import (
     ActivationQuant,
     ActStats,
     check_static_calibration,
     observe,
-    stride_for,
 )
 from tinyllm.kernels.qlinear import replace_act_linear
 from tinyllm.kernels.qweight import QuantizedWeight
@@ -34,7 +34,6 @@ from tinyllm.models.anatomy import LinearSite
 from tinyllm.quant.common import relative_weight_error, sites_by_block, target_linears
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
-KEEP_TOKENS = 16384  # token subsample per layer input for percentile / MSE observers
 W8 = RTN(bits=8, group_size=-1, sym=True)
 
 
@@ -85,33 +84,6 @@ def apply_dynamic(model: nn.Module, cfg: Int8Dynamic, ctx: Context) -> None:
     for site in target_linears(model):
         quantize_layer(model, site, ActivationQuant("int8", "token"), errors)
     ctx.report["activations"] = "int8 dynamic per-token"
-
-
-def collect_stats(
-    block: nn.Module,
-    xs: list[torch.Tensor],
-    kwargs: dict,
-    names: list[str],
-    keep: int = KEEP_TOKENS,
-) -> dict[str, ActStats]:
-    """Run the block over the calibration inputs and return each named linear's input stats
-    (about `keep` tokens subsampled for the observers that need values)."""
-    total = sum(x.shape[0] * x.shape[1] for x in xs)
-    step = stride_for(total, keep)
-    stats = {n: ActStats(step) for n in names}
-    observe_block(block, xs, kwargs, names, lambda n, x: stats[n].add(x))
-    return stats
-
-
-def record_outliers(
-    ctx: Context, sites: list[LinearSite], stats: dict[str, ActStats], key: str = "outliers"
-) -> None:
-    """Keep each layer's input outlier summary in the step's report."""
-    from tinyllm.quant.outliers import outlier_stats
-
-    report = ctx.report.setdefault(key, {})
-    for s in sites:
-        report[s.name] = outlier_stats(stats[s.local])
 
 
 def static_specs(

@@ -21,19 +21,15 @@ from pydantic import field_validator
 from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks
+from tinyllm.core.stats import collect_stats, record_outliers
 from tinyllm.core.steps import Context, register
 from tinyllm.errors import ArchitectureError
 from tinyllm.kernels.actquant import ActivationQuant, ActStats
 from tinyllm.kernels.primitives import fake_quant, group_qparams
-from tinyllm.quant.awq import NORM_WEIGHT_OFFSET, checked_groups, fold_scale
+from tinyllm.models.families import family_of
+from tinyllm.quant.awq import checked_groups, fold_scale
 from tinyllm.quant.common import sites_by_block
-from tinyllm.quant.int8 import (
-    StaticActivations,
-    collect_stats,
-    quantize_layer,
-    record_outliers,
-    static_specs,
-)
+from tinyllm.quant.int8 import StaticActivations, quantize_layer, static_specs
 
 log = logging.getLogger(__name__)
 SEARCH_TOKENS = 1024  # calibration tokens behind each alpha's error estimate
@@ -110,7 +106,7 @@ def _block_groups(
         raise ArchitectureError(
             f"SmoothQuant: the linears of block {i} ({names}) cannot host input scales: tinyllm "
             f"knows no norm or linear of model type {model.config.model_type!r} that feeds them "
-            "directly and could absorb 1/s (quant/awq.py SCALING_GROUPS); use int8-static or "
+            "directly and could absorb 1/s (models/families.py, scaling); use int8-static or "
             "int8-dynamic, which need no folding"
         )
     return groups
@@ -123,7 +119,7 @@ def apply(model: nn.Module, cfg: SmoothQuant, ctx: Context) -> None:
     alpha = cfg.alpha
     if alpha is None and cfg.search == "model":
         alpha = _model_alpha(model, ctx, cfg, by_block)
-    offset = NORM_WEIGHT_OFFSET.get(model.config.model_type, 0.0)
+    offset = family_of(model).norm_offset
     errors = ctx.report.setdefault("layer_errors", {})
     chosen = ctx.report.setdefault("smoothquant_alpha", {})
     unsmoothed = ctx.report.setdefault("unsmoothed", [])

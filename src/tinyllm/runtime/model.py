@@ -7,9 +7,10 @@ are concatenated (`[T, hidden]`), every linear runs once per step on all of them
 attention is per group: all decoding sequences together (one gather of their cached keys and a
 masked batched attention), each prefill chunk on its own (causal with an offset).
 
-Families are data: `FAMILIES` maps a `config.model_type` to the names of its norms, embedding and
-head. Llama, Qwen2 (q/k/v biases live in the linears), Mistral (optional sliding window) and
-TinyLlama (a Llama) share this code; other families use `HFFallback` in engine.py.
+Families are data: the family table (models/families.py, `runtime=True`) names each family's
+norms, embedding and head. Llama, Qwen2 (q/k/v biases live in the linears), Mistral (optional
+sliding window) and TinyLlama (a Llama) share this code; other families use `HFFallback` in
+engine.py.
 """
 
 from __future__ import annotations
@@ -24,18 +25,9 @@ from torch import nn
 from tinyllm.kernels import native
 from tinyllm.kernels.layouts import NATIVE_MAX_ROWS, Q4Native, Q8Native
 from tinyllm.models.anatomy import analyze
+from tinyllm.models.families import FAMILIES, Family, supporting
 from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
 
-FAMILIES: dict[str, dict[str, str]] = {
-    fam: {
-        "embed": "model.embed_tokens",
-        "final_norm": "model.norm",
-        "head": "lm_head",
-        "attn_norm": "input_layernorm",
-        "mlp_norm": "post_attention_layernorm",
-    }
-    for fam in ("llama", "qwen2", "mistral")
-}
 # RoPE variants whose frequencies do not depend on the sequence length (the module's inv_freq
 # already holds the scaled frequencies). "dynamic" and "longrope" change with length: fallback.
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
@@ -45,8 +37,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     """Why the lean forward cannot run this model, or None if it can."""
     cfg = model.config
     fam = getattr(cfg, "model_type", "?")
-    if fam not in FAMILIES:
-        return f"model family '{fam}' is not in the runtime's table ({', '.join(FAMILIES)})"
+    if fam not in FAMILIES or not FAMILIES[fam].runtime:
+        supported = ", ".join(supporting("runtime"))
+        return f"model family '{fam}' is not in the runtime's table ({supported})"
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope not in STATIC_ROPE:
         return f"RoPE type '{rope}' depends on sequence length"
@@ -202,11 +195,11 @@ class LlamaRuntime:
         if reason:
             raise ValueError(reason)
         cfg = model.config
-        names = FAMILIES[cfg.model_type]
+        fam = FAMILIES[cfg.model_type]
         self.model = model
-        self.embed = model.get_submodule(names["embed"])
-        self.final_norm = model.get_submodule(names["final_norm"]).weight
-        self.head = model.get_submodule(names["head"])
+        self.embed = model.get_submodule(fam.embed)
+        self.final_norm = model.get_submodule(fam.final_norm).weight
+        self.head = model.get_submodule(fam.head)
         self.eps = float(cfg.rms_norm_eps)
         self.head_dim = int(
             getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -215,7 +208,7 @@ class LlamaRuntime:
         rotary = model.get_submodule("model.rotary_emb")
         self.inv_freq = rotary.inv_freq.float()  # [head_dim / 2]
         self.rope_scale = float(rotary.attention_scaling)
-        self.layers = self._layers(model, names)
+        self.layers = self._layers(model, fam)
         self.vocab = int(cfg.vocab_size)
         # tinyllm's C++ ops for norm, RoPE and decode attention (fp32 only), when they build
         fp32 = all(t.dtype == torch.float32 for t in (self.final_norm, self.inv_freq))
@@ -229,7 +222,7 @@ class LlamaRuntime:
         )
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
 
-    def _layers(self, model: nn.Module, names: dict[str, str]) -> list[Layer]:
+    def _layers(self, model: nn.Module, fam: Family) -> list[Layer]:
         anat = analyze(model)
         out = []
         for i, block in enumerate(anat.blocks):
@@ -237,8 +230,8 @@ class LlamaRuntime:
             hd = self.head_dim
             out.append(
                 Layer(
-                    attn_norm=block.get_submodule(names["attn_norm"]).weight,
-                    mlp_norm=block.get_submodule(names["mlp_norm"]).weight,
+                    attn_norm=block.get_submodule(fam.local("attn_norm")).weight,
+                    mlp_norm=block.get_submodule(fam.local("mlp_norm")).weight,
                     qkv=Fused([lin["q"], lin["k"], lin["v"]], self.int8_act),
                     o=Fused([lin["o"]], self.int8_act),
                     gate_up=Fused([lin["gate"], lin["up"]], self.int8_act),
