@@ -11,23 +11,26 @@ Public API::
     engine = tinyllm.Engine(model, tokenizer)                               # docs/runtime.md
     seqs = engine.generate([tokenizer.encode("Hi")], tinyllm.SamplingParams(max_tokens=16))
 
-Distillation (docs/distillation.md)::
+One call from a model to a checkpoint, as `tinyllm quantize` and recipes do it (steps in order;
+training steps too: Distill, Recover, Movement, IMP)::
 
-    from tinyllm.distill.trainer import make_run, distill
-    cfg = tinyllm.DistillConfig(steps=160, beta=1.0)
-    run, meta = make_run("smollm2-135m", None, 15, cfg, "out/student15")
-    summary = distill(run, cfg, save_meta=meta)
+    result = tinyllm.compress("smollm2-135m", [tinyllm.Wanda(sparsity=0.3), tinyllm.GPTQ()],
+                              tinyllm.Calibration(samples=128), "out/w30-gptq4")
+    tinyllm.compress("smollm2-135m", [tinyllm.Distill(layers=15, steps=160)], out="out/s15")
 """
 
 from tinyllm.checkpoint import save_checkpoint
+from tinyllm.core.compress import Calibration, CompressResult, compress
 from tinyllm.core.load import load
 from tinyllm.data.calibration import calibration_windows
+from tinyllm.distill.steps import Distill, Recover
 from tinyllm.distill.trainer import DistillConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.eval.evaluate import EvalResult, evaluate
 from tinyllm.models.load import DEFAULT_MODEL
 from tinyllm.prune.api import prune
 from tinyllm.prune.magnitude import Magnitude
+from tinyllm.prune.movement import IMP, Movement
 from tinyllm.prune.sparsegpt import SparseGPT
 from tinyllm.prune.structured import Blocks, Channels, Heads
 from tinyllm.prune.wanda import Wanda
@@ -49,10 +52,14 @@ __all__ = [
     "DEFAULT_MODEL",
     "FP8",
     "GPTQ",
+    "IMP",
     "NF4",
     "RTN",
     "Blocks",
+    "Calibration",
     "Channels",
+    "CompressResult",
+    "Distill",
     "DistillConfig",
     "Engine",
     "EngineConfig",
@@ -62,12 +69,15 @@ __all__ = [
     "Int8Static",
     "Magnitude",
     "Mixed",
+    "Movement",
+    "Recover",
     "SamplingParams",
     "SmoothQuant",
     "SparseGPT",
     "TinyLLMError",
     "Wanda",
     "calibration_windows",
+    "compress",
     "evaluate",
     "load",
     "prune",

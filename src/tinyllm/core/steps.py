@@ -37,6 +37,22 @@ class Step(BaseModel):
         name = name_of(self) if known else type(self).__name__.lower()
         return {"type": name, **self.model_dump()}
 
+    @classmethod
+    def from_options(
+        cls, options: dict[str, Any], name: str, flag: Callable[[str], str] = str
+    ) -> Step:
+        """The step from flat options (a CLI's), keeping those it has fields for; a validation
+        error becomes one ConfigError line, its field written as `flag(field)`."""
+        from pydantic import ValidationError
+
+        try:
+            return cls(**{k: v for k, v in options.items() if k in cls.model_fields})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            msg = f"{flag(where)}: {first['msg']}" if where else first["msg"]
+            raise ConfigError(f"{name}: {msg}") from None
+
 
 @dataclass
 class Context:

@@ -18,7 +18,7 @@ from tinyllm.core.steps import Context, Step, TrainSetup, register
 from tinyllm.distill.trainer import DistillConfig, Run
 from tinyllm.errors import ConfigError
 
-REPORTED = ("train_seconds", "tokens_per_second", "recovery")
+REPORTED = ("train_seconds", "tokens_per_second", "recovery", "teacher_eval")
 
 
 class TrainStep(DistillConfig, Step):

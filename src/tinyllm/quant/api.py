@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from tinyllm.core import registry
 from tinyllm.core.steps import Step, run_step
+from tinyllm.errors import ConfigError
 
 
 def step_classes() -> dict[str, type[Step]]:
@@ -27,3 +29,40 @@ def quantize(
     `calib_dtype`: precision of the calibration passes (auto, float32, bfloat16)."""
     step_classes()  # registers the methods
     return run_step(model, cfg, calib, batch_size, calib_dtype)
+
+
+WRAPPERS = ("awq", "mixed")  # methods that quantize through a base method
+BASES = {"awq": ("rtn", "gptq"), "mixed": ("rtn", "gptq", "awq")}
+
+
+def step_fields(method: str, base: str = "rtn") -> set[str]:
+    """The options `quant_step(method, ..., base)` uses: the method's fields and its base's."""
+    classes = step_classes()
+    fields = set(classes[method].model_fields)
+    if method == "mixed":
+        fields = {"candidate_bits", "avg_bits", "size_mb", "base"}
+    if method in WRAPPERS:
+        fields |= step_fields(base) if base in classes else set()
+    return fields
+
+
+def quant_step(
+    method: str, options: dict[str, Any], base: str = "rtn", flag: Callable[[str], str] = str
+) -> Step:
+    """The step of `method` from flat options (`step_fields` tells which it uses): AWQ wraps
+    `base` (rtn | gptq), mixed wraps `base` (rtn | gptq | awq) and takes `candidate_bits`."""
+    classes = step_classes()
+    if method not in classes:
+        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(classes)}")
+    if method not in WRAPPERS:
+        return classes[method].from_options(options, method, flag)
+    if base not in BASES[method]:
+        raise ConfigError(
+            f"{flag('base')} must be {' or '.join(BASES[method])} for {method}, got '{base}'"
+        )
+    inner = quant_step(base, options, "rtn", flag)
+    if method == "awq":
+        return classes["awq"].from_options({**options, "base": inner}, "awq", flag)
+    mixed = {k: options[k] for k in ("avg_bits", "size_mb") if k in options}
+    mixed.update(base=inner, bits=options.get("candidate_bits", [3, 4, 8]))
+    return classes["mixed"].from_options(mixed, "mixed", flag)
