@@ -104,3 +104,10 @@ def test_compress_from_python_with_a_training_step(teacher_dir, corpus, tmp_path
     assert [s["type"] for s in meta["steps"]] == ["movement"]
     assert meta["distill"]["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert (tmp_path / "m.train" / "summary.json").is_file()  # the trainer's state beside it
+
+
+def test_the_recipe_docs_name_every_stage_type() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "recipes.md").read_text()
+    table = text[text.index("| type | kind |") :].split("\n\n")[0]  # the stage table
+    for name in registry.names():
+        assert name in table, f"docs/recipes.md stage table omits {name}"
