@@ -266,60 +266,101 @@ def probe_block(block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str
     only children whose output is a plain tensor, traced through every torch call, so a tensor
     the block's own code reads is never counted as fed)."""
     x = probe_input(x, kwargs)
-    stages: list[list[str]] = []
-    owners: dict[tuple, int] = {}
-    alive: list[torch.Tensor] = []  # inputs stay alive, so their storage is not reused
+    order = _StageOrder()
     outs: dict[str, Any] = {}
-    children = dict(block.named_children())
-    watched: dict[int, str] = {}
-    reads: dict[str, set] = {name: set() for name in children}
-    running: list[str] = []
-    mode = _Reads(watched, running, reads)
-
-    def see(name: str, t: torch.Tensor) -> None:
-        key = (t.data_ptr(), tuple(t.shape))
-        if key not in owners:
-            owners[key] = len(stages)
-            stages.append([])
-            alive.append(t)
-        if name not in stages[owners[key]]:
-            stages[owners[key]].append(name)
-
-    def grab(key: str):
-        def hook(_mod, _args, out):
-            outs[key] = out
-
-        return hook
-
-    def enter(child: str):
-        def hook(_mod, args, kw):
-            mode.note((args, kw), child)
-            running.append(child)
-
-        return hook
-
-    def leave(child: str):
-        def hook(_mod, _args, _kw, out):
-            running.pop()
-            if isinstance(out, torch.Tensor) and id(out) not in watched:
-                watched[id(out)] = child
-                alive.append(out)
-
-        return hook
-
+    tracer = _ChildReads(block)
     parents = {n.rsplit(".", 1)[0] for n in names if "." in n}
-    handles = [block.get_submodule(k).register_forward_hook(grab(k)) for k in [*parents, *names]]
-    for child, module in children.items():
-        handles.append(module.register_forward_pre_hook(enter(child), with_kwargs=True))
-        handles.append(module.register_forward_hook(leave(child), with_kwargs=True))
+    handles = [
+        block.get_submodule(k).register_forward_hook(_keep_output(outs, k))
+        for k in [*parents, *names]
+    ]
+    handles += tracer.register()
     try:
-        with input_hooks(block, names, see), mode:
+        with input_hooks(block, names, order.see), tracer.mode:
             out = run_block(block, x, kwargs)
-        mode.note(out, None)
+        tracer.mode.note(out, None)
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in names if not any(n in s for s in stages)]
+    missing = [n for n in names if not any(n in s for s in order.stages)]
+    return Probe(order.stages + [[n] for n in missing], _plans(names, outs), tracer.feeds())
+
+
+class _StageOrder:
+    """input_hooks callback: groups the names by the tensor they read (its storage and shape), in
+    the order the forward reaches them. The tensors are kept alive, so no storage is reused."""
+
+    def __init__(self) -> None:
+        self.stages: list[list[str]] = []
+        self.owners: dict[tuple, int] = {}
+        self.alive: list[torch.Tensor] = []
+
+    def see(self, name: str, t: torch.Tensor) -> None:
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in self.owners:
+            self.owners[key] = len(self.stages)
+            self.stages.append([])
+            self.alive.append(t)
+        if name not in self.stages[self.owners[key]]:
+            self.stages[self.owners[key]].append(name)
+
+
+def _keep_output(outs: dict[str, Any], key: str) -> Callable:
+    """Forward hook storing the module's output in outs[key]."""
+
+    def hook(_mod, _args, out):
+        outs[key] = out
+
+    return hook
+
+
+class _ChildReads:
+    """Hooks and a torch function mode that record, for each child of the block whose output is
+    a plain tensor, which children (None: the block's own code) read that output."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.children = dict(block.named_children())
+        self.watched: dict[int, str] = {}
+        self.reads: dict[str, set] = {name: set() for name in self.children}
+        self.running: list[str] = []
+        self.alive: list[torch.Tensor] = []  # watched outputs stay alive: their ids stay unique
+        self.mode = _Reads(self.watched, self.running, self.reads)
+
+    def register(self) -> list:
+        """Register the hooks on every child; -> their handles."""
+        handles = []
+        for child, module in self.children.items():
+            handles.append(module.register_forward_pre_hook(self._enter(child), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._leave(child), with_kwargs=True))
+        return handles
+
+    def _enter(self, child: str) -> Callable:
+        def hook(_mod, args, kw):
+            self.mode.note((args, kw), child)
+            self.running.append(child)
+
+        return hook
+
+    def _leave(self, child: str) -> Callable:
+        def hook(_mod, _args, _kw, out):
+            self.running.pop()
+            if isinstance(out, torch.Tensor) and id(out) not in self.watched:
+                self.watched[id(out)] = child
+                self.alive.append(out)
+
+        return hook
+
+    def feeds(self) -> dict[str, str]:
+        """child -> the one other child that alone reads its output."""
+        return {
+            child: next(iter(by))
+            for child, by in self.reads.items()
+            if len(by) == 1 and None not in by and child not in by
+        }
+
+
+def _plans(names: list[str], outs: dict[str, Any]) -> dict[str, tuple[str, int | None, int]]:
+    """The replay plans (see replay_plans) read off the recorded module outputs."""
     plans: dict[str, tuple[str, int | None, int]] = {}
     for name in names:
         parent = name.rsplit(".", 1)[0] if "." in name else None
@@ -332,12 +373,7 @@ def probe_block(block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str
             at = [i for i, o in enumerate(out) if o is mine]
             if len(at) == 1:
                 plans[name] = (parent, at[0], len(out))
-    feeds = {
-        child: next(iter(by))
-        for child, by in reads.items()
-        if len(by) == 1 and None not in by and child not in by
-    }
-    return Probe(stages + [[n] for n in missing], plans, feeds)
+    return plans
 
 
 def input_stages(
@@ -458,71 +494,114 @@ def staged_pass(
     batch gives the block's outputs. What is computed once is not computed again: a stage that
     completes a module whose output is its linear's output (o_proj -> attention, down_proj ->
     MLP) keeps its inputs, and later forwards replace that module by the compressed linear
-    applied to the kept input, so attention runs once, not in every later stage, and the final
-    forward does not recompute gate/up. Inputs no wider than the block's (o_proj's) are kept
-    as they are (one more copy of the calibration activations); wider ones (down_proj's, 2.7x
-    on SmolLM2) are kept in `wide` (float16: half the memory; each batch whose values float16
-    cannot hold stays in its own dtype), so the final forward sees them rounded to 11
-    significant bits, while the stage's own observation saw them exact. With 16-bit
-    calibration forwards they are kept as they are; wide=None does not keep them (the final
-    forward recomputes the MLP up to them, session 17's behaviour). With `skip`, a child of the
-    block whose output only a replayed module reads (Probe.feeds: the input norm once attention
-    is replayed, the MLP's norm in the final forward) is not run either. `probe`: the block's
-    probe_block on these names, if the caller has it (else taken here)."""
+    applied to the kept input: attention runs once, and the final forward does not recompute
+    gate/up (`wide`, the dtype the wider inputs are kept in: see _kept_stages). With `skip`, a
+    child whose output only a replayed module reads is not run either (_skipped_children).
+    `probe`: the block's probe_block on these names, if the caller has it (else taken here)."""
     names = [n for stage in stages for n in stage]
     if probe is None:
         probe = probe_block(block, xs[0], kwargs, names) if names else Probe([], {})
-    plans = probe.plans
-    children = [c for c, _ in block.named_children()]
-    with_linears = {c for c in children if any(n == c or n.startswith(c + ".") for n in names)}
-    stage_of = {n: k for k, stage in enumerate(stages) for n in stage}
-    keep: dict[int, tuple[str, str, int | None, int, bool]] = {}
-    for name, (parent, index, arity) in plans.items():
-        inside = [n for n in names if n.startswith(parent + ".")]
-        narrow = block.get_submodule(name).in_features <= xs[0].shape[-1]
-        if (narrow or wide is not None) and all(stage_of[n] <= stage_of[name] for n in inside):
-            keep.setdefault(stage_of[name], (name, parent, index, arity, not narrow))
+    keep = _kept_stages(block, names, stages, probe.plans, xs[0].shape[-1], wide)
     replays: dict[str, _Replayed] = {}
     tokens = xs[0].shape[0] * xs[0].shape[1]
     for k, stage in enumerate([*stages, None]):
         kept = _Kept(len(xs), wide if keep[k][4] else None) if k in keep else None
-        dead = {
-            child: _Skipped()
-            for child, reader in probe.feeds.items()
-            if skip and reader in replays and child not in replays and child not in with_linears
-        }
-
-        def seen(_mod, args, stage=stage, kept=kept):
-            flat = args[0].reshape(-1, args[0].shape[-1])
-            for n in stage:
-                observe(n, flat)
-            if kept is not None:
-                kept.add(args[0])
-            raise _Stop
-
+        dead = _skipped_children(block, names, probe.feeds, replays) if skip else {}
         with block_compute(block, tokens), _replacing(block, {**replays, **dead}):
-            handles = [block.get_submodule(n).register_forward_pre_hook(seen) for n in stage or []]
-            try:
-                for b, x in enumerate(xs):
-                    for replay in replays.values():
-                        replay.batch = b
-                    try:
-                        out = run_block(block, x, kwargs)
-                    except _Stop:
-                        continue
-                    if stage is not None:
-                        raise RuntimeError(f"the forward never reached {stage[0]}")
-                    xs[b] = out
-                    for replay in replays.values():  # the final forward was its last use
-                        replay.values[b] = None
-            finally:
-                for h in handles:
-                    h.remove()
+            _forward_batches(block, xs, kwargs, stage, replays, _stage_hook(stage, observe, kept))
         if stage is not None:
             compress(stage)
             if kept is not None:
                 name, parent, index, arity, _ = keep[k]
                 replays[parent] = _Replayed(name[len(parent) + 1 :], index, arity, kept.items)
+
+
+def _kept_stages(
+    block: nn.Module,
+    names: list[str],
+    stages: list[list[str]],
+    plans: dict[str, tuple[str, int | None, int]],
+    hidden: int,
+    wide: torch.dtype | None,
+) -> dict[int, tuple[str, str, int | None, int, bool]]:
+    """Stages whose inputs staged_pass keeps, to replay a module by its compressed linear:
+    {stage: (linear, parent, index, arity, wide)} for each plan (replay_plans) whose parent holds
+    no linear of a later stage. Inputs no wider than the block's `hidden` size (o_proj's) are
+    kept as they are (one more copy of the calibration activations); wider ones (down_proj's,
+    2.7x on SmolLM2) are kept in `wide` (float16: half the memory; each batch whose values
+    float16 cannot hold stays in its own dtype), so the final forward sees them rounded to 11
+    significant bits, while the stage's own observation saw them exact. With 16-bit calibration
+    forwards they are kept as they are; wide=None does not keep them (the final forward
+    recomputes the MLP up to them)."""
+    stage_of = {n: k for k, stage in enumerate(stages) for n in stage}
+    keep: dict[int, tuple[str, str, int | None, int, bool]] = {}
+    for name, (parent, index, arity) in plans.items():
+        inside = [n for n in names if n.startswith(parent + ".")]
+        narrow = block.get_submodule(name).in_features <= hidden
+        if (narrow or wide is not None) and all(stage_of[n] <= stage_of[name] for n in inside):
+            keep.setdefault(stage_of[name], (name, parent, index, arity, not narrow))
+    return keep
+
+
+def _skipped_children(
+    block: nn.Module, names: list[str], feeds: dict[str, str], replays: dict[str, _Replayed]
+) -> dict[str, nn.Module]:
+    """Stand-ins for the children of the block whose output only a replayed module reads
+    (Probe.feeds: the input norm once attention is replayed, the MLP's norm in the final
+    forward), unless they are replayed themselves or hold a named linear."""
+    children = [c for c, _ in block.named_children()]
+    with_linears = {c for c in children if any(n == c or n.startswith(c + ".") for n in names)}
+    return {
+        child: _Skipped()
+        for child, reader in feeds.items()
+        if reader in replays and child not in replays and child not in with_linears
+    }
+
+
+def _stage_hook(
+    stage: list[str] | None, observe: Callable[[str, torch.Tensor], None], kept: _Kept | None
+) -> Callable:
+    """Forward pre-hook on a stage's linears: observe the input for every member, keep it if
+    asked, and stop the forward."""
+
+    def seen(_mod, args):
+        flat = args[0].reshape(-1, args[0].shape[-1])
+        for n in stage:
+            observe(n, flat)
+        if kept is not None:
+            kept.add(args[0])
+        raise _Stop
+
+    return seen
+
+
+def _forward_batches(
+    block: nn.Module,
+    xs: list[torch.Tensor],
+    kwargs: dict,
+    stage: list[str] | None,
+    replays: dict[str, _Replayed],
+    hook: Callable,
+) -> None:
+    """Each batch's forward up to the stage's input (where `hook` stops it); for the final
+    forward (stage None) the whole block, whose output replaces the batch's input in xs."""
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook) for n in stage or []]
+    try:
+        for b, x in enumerate(xs):
+            for replay in replays.values():
+                replay.batch = b
+            try:
+                out = run_block(block, x, kwargs)
+            except _Stop:
+                continue
+            if stage is not None:
+                raise RuntimeError(f"the forward never reached {stage[0]}")
+            xs[b] = out
+            for replay in replays.values():  # the final forward was its last use
+                replay.values[b] = None
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()

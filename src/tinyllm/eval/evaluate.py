@@ -103,45 +103,76 @@ def evaluate(
     data, corpus_name = evaluation_windows(tokenizer, corpus, seq_len, windows)  # [W, L(+1)]
     batch_size = batch_size or max(1, TOKENS_PER_BATCH // data.shape[1])
     model.eval()
-    nll_sum, kl_sum, agree_sum, scored, model_seconds = 0.0, 0.0, 0, 0, 0.0
     t0 = time.perf_counter()
-    tokens_per_batch = batch_size * data.shape[1]
-    with contextlib.ExitStack() as stack:
-        if fast:
-            stack.enter_context(fast_linears(model, tokens_per_batch))
-            if reference is not None:
-                stack.enter_context(fast_linears(reference[0], tokens_per_batch))
-        bar = stack.enter_context(make_progress())
-        task = bar.add_task("evaluating", total=data.shape[0], info="")
-        for start in range(0, data.shape[0], batch_size):
-            batch = data[start : start + batch_size]
-            t1 = time.perf_counter()
-            logits = _logits(model, batch)[:, :-1]  # [B, L-1, V] predicts batch[:, 1:]
-            model_seconds += time.perf_counter() - t1
-            nll_sum += float(token_nll(logits, batch[:, 1:]).double().sum())
-            scored += batch[:, 1:].numel()
-            if reference is not None:
-                ref_logits = _logits(reference[0], batch)[:, :-1]
-                kl_sum += float(token_kl(ref_logits, logits).double().sum())
-                agree_sum += int(top1_agree(ref_logits, logits).sum())
-            ppl = perplexity(nll_sum, scored)
-            bar.update(task, advance=batch.shape[0], info=f"ppl {ppl:.3f}")
+    ref_model = reference[0] if reference is not None else None
+    sums = _score_windows(model, ref_model, data, batch_size, fast)
     seconds = time.perf_counter() - t0
-    anatomy = analyze(model)
     return EvalResult(
         model=name or str(getattr(model, "name_or_path", "") or type(model).__name__),
         corpus=corpus_name,
         seq_len=seq_len,
         windows=windows,
-        tokens=scored,
-        perplexity=perplexity(nll_sum, scored),
-        kld=kl_sum / scored if reference is not None else None,
-        top1_agreement=agree_sum / scored if reference is not None else None,
-        params=param_count(model),
-        size_bytes=size_bytes(model),
-        bits_per_weight=bits_per_weight(anatomy),
-        sparsity=sparsity_of(model),
+        tokens=sums.scored,
+        perplexity=perplexity(sums.nll, sums.scored),
+        kld=sums.kl / sums.scored if reference is not None else None,
+        top1_agreement=sums.agree / sums.scored if reference is not None else None,
+        **_model_stats(model),
         eval_seconds=seconds,
-        tokens_per_second=scored / model_seconds,
+        tokens_per_second=sums.scored / sums.model_seconds,
         peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+@dataclass
+class _Sums:
+    """Running totals over the scored positions."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    scored: int = 0
+    model_seconds: float = 0.0  # in the evaluated model's forwards
+
+    def add(self, model: nn.Module, ref: nn.Module | None, batch: torch.Tensor) -> None:
+        """Score one batch of windows [B, L]."""
+        t1 = time.perf_counter()
+        logits = _logits(model, batch)[:, :-1]  # [B, L-1, V] predicts batch[:, 1:]
+        self.model_seconds += time.perf_counter() - t1
+        self.nll += float(token_nll(logits, batch[:, 1:]).double().sum())
+        self.scored += batch[:, 1:].numel()
+        if ref is not None:
+            ref_logits = _logits(ref, batch)[:, :-1]
+            self.kl += float(token_kl(ref_logits, logits).double().sum())
+            self.agree += int(top1_agree(ref_logits, logits).sum())
+
+
+def _score_windows(
+    model: nn.Module, ref: nn.Module | None, data: torch.Tensor, batch_size: int, fast: bool
+) -> _Sums:
+    """Score every window of `data` [W, L] in batches, with a progress bar."""
+    sums = _Sums()
+    tokens_per_batch = batch_size * data.shape[1]
+    with contextlib.ExitStack() as stack:
+        if fast:
+            stack.enter_context(fast_linears(model, tokens_per_batch))
+            if ref is not None:
+                stack.enter_context(fast_linears(ref, tokens_per_batch))
+        bar = stack.enter_context(make_progress())
+        task = bar.add_task("evaluating", total=data.shape[0], info="")
+        for start in range(0, data.shape[0], batch_size):
+            batch = data[start : start + batch_size]
+            sums.add(model, ref, batch)
+            ppl = perplexity(sums.nll, sums.scored)
+            bar.update(task, advance=batch.shape[0], info=f"ppl {ppl:.3f}")
+    return sums
+
+
+def _model_stats(model: nn.Module) -> dict[str, int | float]:
+    """Size, bits per weight and sparsity of the (possibly compressed) model."""
+    anatomy = analyze(model)
+    return {
+        "params": param_count(model),
+        "size_bytes": size_bytes(model),
+        "bits_per_weight": bits_per_weight(anatomy),
+        "sparsity": sparsity_of(model),
+    }

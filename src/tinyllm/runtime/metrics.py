@@ -34,7 +34,7 @@ class Histogram:
         return percentile(list(self.recent), q)
 
     def render(self, name: str, help_: str) -> list[str]:
-        lines = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        lines = _header(name, help_, "histogram")
         total = 0
         for bound, c in zip((*self.buckets, float("inf")), self.counts, strict=True):
             total += c
@@ -98,80 +98,80 @@ class Metrics:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def render(self, running: int) -> str:
+        """Every metric in Prometheus' text exposition format."""
         lines: list[str] = []
         lines += self.ttft.render("tinyllm_time_to_first_token_seconds", "Time to first token.")
         lines += self.itl.render("tinyllm_inter_token_latency_seconds", "Time between tokens.")
         lines += self.step_time.render("tinyllm_step_seconds", "Duration of an engine step.")
-        scalars = [
-            ("generated_tokens_total", "counter", "Tokens generated.", self.tokens_generated),
-            (
-                "computed_tokens_total",
-                "counter",
-                "Tokens run through the model.",
-                self.tokens_computed,
-            ),
+        for kind, rows in (("counter", self._counters()), ("gauge", self._gauges(running))):
+            for short, help_, value in rows:
+                name = f"tinyllm_{short}"
+                lines += [*_header(name, help_, kind), f"{name} {value}"]
+        lines += _labelled(
+            "tinyllm_queue_depth", "Waiting requests per tenant.", "gauge", "tenant", self.queue
+        )
+        lines += _labelled(
+            "tinyllm_rejections_total",
+            "Requests turned away.",
+            "counter",
+            "reason",
+            self.rejections,
+        )
+        lines += _labelled(
+            "tinyllm_finished_total", "Finished sequences.", "counter", "reason", self.finishes
+        )
+        return "\n".join(lines) + "\n"
+
+    def _counters(self) -> list[tuple[str, str, float]]:
+        """(name after tinyllm_, help, value) of each single-valued counter."""
+        return [
+            ("generated_tokens_total", "Tokens generated.", self.tokens_generated),
+            ("computed_tokens_total", "Tokens run through the model.", self.tokens_computed),
             (
                 "prefix_cache_tokens_total",
-                "counter",
                 "Prompt tokens reused from shared KV blocks.",
                 self.prefix_tokens_reused,
             ),
-            ("preemptions_total", "counter", "Sequences preempted for KV space.", self.preemptions),
+            ("preemptions_total", "Sequences preempted for KV space.", self.preemptions),
             (
                 "sampling_fallbacks_total",
-                "counter",
                 "Draws replaced by the argmax because the probabilities were not finite.",
                 self.sampling_fallbacks,
             ),
             (
                 "nonfinite_logits_total",
-                "counter",
                 "Sequences ended because the model produced NaN or infinite logits.",
                 self.nonfinite_logits,
             ),
             (
                 "step_failures_total",
-                "counter",
                 "Engine steps that failed (their sequences ended with an error).",
                 self.step_failures,
             ),
+        ]
+
+    def _gauges(self, running: int) -> list[tuple[str, str, float]]:
+        """(name after tinyllm_, help, value) of each single-valued gauge."""
+        return [
             (
                 "tokens_per_second",
-                "gauge",
                 "Generated tokens per second, recent steps.",
                 round(self.tokens_per_second(), 3),
             ),
-            ("kv_blocks_used", "gauge", "KV cache blocks in use.", self.kv_blocks_used),
-            ("kv_blocks_total", "gauge", "KV cache blocks in the pool.", self.kv_blocks_total),
-            ("running_sequences", "gauge", "Sequences in the running batch.", running),
+            ("kv_blocks_used", "KV cache blocks in use.", self.kv_blocks_used),
+            ("kv_blocks_total", "KV cache blocks in the pool.", self.kv_blocks_total),
+            ("running_sequences", "Sequences in the running batch.", running),
         ]
-        for short, kind, help_, value in scalars:
-            name = f"tinyllm_{short}"
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        lines += [
-            "# HELP tinyllm_queue_depth Waiting requests per tenant.",
-            "# TYPE tinyllm_queue_depth gauge",
-        ]
-        lines += [
-            f'tinyllm_queue_depth{{tenant="{_esc(t)}"}} {n}' for t, n in sorted(self.queue.items())
-        ]
-        lines += [
-            "# HELP tinyllm_rejections_total Requests turned away.",
-            "# TYPE tinyllm_rejections_total counter",
-        ]
-        lines += [
-            f'tinyllm_rejections_total{{reason="{_esc(r)}"}} {n}'
-            for r, n in sorted(self.rejections.items())
-        ]
-        lines += [
-            "# HELP tinyllm_finished_total Finished sequences.",
-            "# TYPE tinyllm_finished_total counter",
-        ]
-        lines += [
-            f'tinyllm_finished_total{{reason="{_esc(r)}"}} {n}'
-            for r, n in sorted(self.finishes.items())
-        ]
-        return "\n".join(lines) + "\n"
+
+
+def _header(name: str, help_: str, kind: str) -> list[str]:
+    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+
+
+def _labelled(name: str, help_: str, kind: str, label: str, counts: dict[str, int]) -> list[str]:
+    """A metric with one sample per label value, in label order."""
+    samples = [f'{name}{{{label}="{_esc(k)}"}} {n}' for k, n in sorted(counts.items())]
+    return _header(name, help_, kind) + samples
 
 
 def _esc(label: str) -> str:
