@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -416,7 +417,6 @@ def make_plan(
     """Measure sensitivities, predict every grid, verify the best few that fit. -> Plan"""
     from tinyllm.core.load import load
     from tinyllm.data.calibration import calibration_windows
-    from tinyllm.eval.evaluate import evaluate
     from tinyllm.models.size import param_count
     from tinyllm.pipeline.recipe import Calibration, Evaluation
 
@@ -424,48 +424,69 @@ def make_plan(
     model, tok = load(spec)
     budget = Budget(parse_size(max_size, 2 * param_count(model)), max_ppl_ratio, max_latency_ms)
     check_budget(budget)
-    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    original = _measure_original(model, tok, ev)
+    probe = calibration_windows(tok, cal.corpus, probe_windows, probe_seq_len, cal.seed + 1)
+    t1 = time.perf_counter()
+    sens, embed_sens = _cached_sensitivity(cache, model, probe, embeddings, spec)
+    seconds = {"original_eval": t1 - t0, "sensitivity": time.perf_counter() - t1}
+    plan = Plan(spec, budget, original, sens, embedding_sensitivity=embed_sens)
+    plan.candidates, costs = predict(model, sens, grids or candidate_grids(), embed_sens)
+    if mixed:
+        plan.candidates += mixed_candidates(model, costs, budget, embed_sens)
+    best = _feasible(model, plan.candidates, budget)[:verify_top]
+    calib = calibration_windows(tok, cal.corpus, cal.samples, cal.seq_len, cal.seed)
+    t2 = time.perf_counter()
+    score = _scorer(model, tok, ev)
+    for c in track(best, "verifying"):
+        c.measured = verify(spec, c, calib, original, score, cal.dtype)
+    seconds["verify"] = time.perf_counter() - t2
+    ok = [c for c in best if fits(c, budget, measured=True)]
+    plan.recommended = min(ok, key=lambda c: c.measured["perplexity"]) if ok else None
+    plan.seconds = seconds
+    return plan
+
+
+def _measure_original(model: nn.Module, tok: Any, ev: Any) -> dict[str, float]:
+    """The float model's perplexity, float16 size and decode time: what candidates are held to."""
+    from tinyllm.eval.evaluate import evaluate
+    from tinyllm.models.size import param_count
+
+    orig = evaluate(model, tok, corpus=ev.corpus, seq_len=ev.seq_len, windows=ev.windows)
+    original = {"perplexity": orig.perplexity, "fp16_bytes": 2 * param_count(model)}
+    original["decode_ms"] = decode_ms(model)
+    return original
+
+
+def _scorer(model: nn.Module, tok: Any, ev: Any) -> Callable[[nn.Module], Any]:
+    """Evaluation of a candidate against the float `model` on the evaluation windows `ev`."""
+    from tinyllm.eval.evaluate import evaluate
 
     def score(m: nn.Module) -> Any:
         kw = dict(corpus=ev.corpus, seq_len=ev.seq_len, windows=ev.windows)
         return evaluate(m, tok, reference=(model, tok), **kw)
 
-    t0 = time.perf_counter()
-    orig = evaluate(model, tok, corpus=ev.corpus, seq_len=ev.seq_len, windows=ev.windows)
-    original = {"perplexity": orig.perplexity, "fp16_bytes": 2 * param_count(model)}
-    original["decode_ms"] = decode_ms(model)
-    probe = calibration_windows(tok, cal.corpus, probe_windows, probe_seq_len, cal.seed + 1)
-    t1 = time.perf_counter()
-    sens, embed_sens = _cached_sensitivity(cache, model, probe, embeddings, spec)
-    seconds.update(original_eval=t1 - t0, sensitivity=time.perf_counter() - t1)
-    plan = Plan(spec, budget, original, sens, embedding_sensitivity=embed_sens)
-    plan.candidates, costs = predict(model, sens, grids or candidate_grids(), embed_sens)
-    if mixed:
-        plan.candidates += mixed_candidates(model, costs, budget, embed_sens)
-    feasible = sorted(
-        (c for c in plan.candidates if fits(c, budget)), key=lambda c: c.predicted_kld
+    return score
+
+
+def _feasible(model: nn.Module, candidates: list[Candidate], budget: Budget) -> list[Candidate]:
+    """The candidates predicted to fit the budget, best predicted first. None is a ConfigError
+    that says how small the smallest candidate is and what of it stays in float."""
+    feasible = sorted((c for c in candidates if fits(c, budget)), key=lambda c: c.predicted_kld)
+    if feasible:
+        return feasible
+    smallest = min(candidates, key=lambda c: c.size_bytes)
+    floats = model_bytes(model, smallest.grid, smallest.embed_bits) - sum(
+        quantized_bytes(*s.module.weight.shape, smallest.grid) for s in analyze(model).linears
     )
-    if not feasible:
-        smallest = min(plan.candidates, key=lambda c: c.size_bytes)
-        floats = model_bytes(model, smallest.grid, smallest.embed_bits) - sum(
-            quantized_bytes(*s.module.weight.shape, smallest.grid) for s in analyze(model).linears
-        )
-        raise ConfigError(
-            f"no candidate fits {budget.max_size_bytes / 2**20:.1f} MiB"
-            + (f" at perplexity ratio {max_ppl_ratio}" if max_ppl_ratio else "")
-            + f": the smallest ({smallest.label}) is {smallest.size_bytes / 2**20:.1f} MiB, of"
-            f" which {floats / 2**20:.1f} MiB are embeddings, norms and head; raise "
-            "--max-size or --max-ppl-ratio"
-        )
-    calib = calibration_windows(tok, cal.corpus, cal.samples, cal.seq_len, cal.seed)
-    t2 = time.perf_counter()
-    for c in track(feasible[:verify_top], "verifying"):
-        c.measured = verify(spec, c, calib, original, score, cal.dtype)
-    seconds["verify"] = time.perf_counter() - t2
-    ok = [c for c in feasible[:verify_top] if fits(c, budget, measured=True)]
-    plan.recommended = min(ok, key=lambda c: c.measured["perplexity"]) if ok else None
-    plan.seconds = seconds
-    return plan
+    ratio = budget.max_ppl_ratio
+    raise ConfigError(
+        f"no candidate fits {budget.max_size_bytes / 2**20:.1f} MiB"
+        + (f" at perplexity ratio {ratio}" if ratio else "")
+        + f": the smallest ({smallest.label}) is {smallest.size_bytes / 2**20:.1f} MiB, of"
+        f" which {floats / 2**20:.1f} MiB are embeddings, norms and head; raise "
+        "--max-size or --max-ppl-ratio"
+    )
 
 
 def _cached_sensitivity(
