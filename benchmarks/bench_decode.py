@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 import tinyllm
-from provenance import provenance
+from provenance import write_result
 from tinyllm.core.kernels import fast_linears
 
 OUT = Path(__file__).parent / "results" / "decode_smollm2.json"
@@ -78,10 +77,7 @@ def main() -> None:
         ),
         "repeats": args.repeats,
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    result["provenance"] = provenance()
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(OUT, result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from rowtable import row_args, run_rows
+from rowtable import row_args, rows_present, run_rows
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "distill_smollm2.json"
@@ -157,10 +157,7 @@ def table(results: dict) -> str:
         "| train min | tok/s | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ROWS:
-        if name not in results:
-            continue
-        r = results[name]
+    for name, r in rows_present(results, ROWS):
         steps = r["command"].split("--steps ")[1].split()[0]
         b, a = r["before"], r["after"]
         lines.append(

@@ -8,7 +8,6 @@ compared with the plain PyTorch path in the same run (a ratio), since this machi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 import tinyllm
-from provenance import provenance
+from provenance import write_result
 from tinyllm.models.load import load
 
 OUT = Path(__file__).parent / "results" / "eval_smollm2.json"
@@ -61,10 +60,7 @@ def main() -> None:
             "perplexity": ref.perplexity,
         },
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    result["provenance"] = provenance()
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(OUT, result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from rowtable import row_args, run_rows
+from rowtable import row_args, rows_present, run_rows
 
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "gguf_smollm2.json"
@@ -185,10 +185,7 @@ def table(results: dict) -> str:
         "| decode tok/s (tg64) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ROWS:
-        if name not in results:
-            continue
-        r = results[name]
+    for name, r in rows_present(results, ROWS):
         tg = f"{r['tg64_tokens_per_s']:.1f}" if r.get("tg64_tokens_per_s") else "-"
         kld = f"{r['kld']:.4f} | {r['top1_agreement']:.4f}" if "kld" in r else "- | -"
         lines.append(

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import tinyllm
-from rowtable import row_args, run_rows
+from rowtable import row_args, rows_present, run_rows
 from tinyllm.checkpoint import round_floats
 from tinyllm.core.steps import Step
 from tinyllm.kernels.qlinear import QuantLinear
@@ -116,10 +116,8 @@ def table(results: dict) -> str:
         "| linears | weights on disk | quant s (sensitivity s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ROWS:
-        if name not in results:
-            continue
-        r, e = results[name], results[name]["eval"]
+    for name, r in rows_present(results, ROWS):
+        e = r["eval"]
         ratio = f"{e['perplexity'] / fp:.3f}" if fp else "-"
         kld = f"{e['kld']:.4f}" if e["kld"] is not None else "-"
         top1 = f"{e['top1_agreement']:.4f}" if e["top1_agreement"] is not None else "-"

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rowtable import row_args, run_rows
+from rowtable import row_args, rows_present, run_rows
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "prune_smollm2.json"
@@ -189,10 +189,8 @@ def table(results: dict) -> str:
         "| prefill x | prefill x (last logits) | decode x |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ROWS:
-        if name not in results:
-            continue
-        r, e = results[name], results[name]["eval"]
+    for name, r in rows_present(results, ROWS):
+        e = r["eval"]
         sp = r.get("speed", {})
         cells = [
             name,

@@ -30,18 +30,15 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench_gguf import run, tool
+from bench_gguf import CLI, MODEL, run, tool
 from rowtable import row_args, run_rows
 
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "runtime_smollm2.json"
 WORK = ROOT / "work" / "runtime"
-CLI = [sys.executable, "-m", "tinyllm.cli"]
-MODEL = "smollm2-135m"
 ROWS = ["decode", "streams", "kv", "load", "throttle"]
 THREADS = 2
 

@@ -5,6 +5,7 @@ each number (`benchmarks/make_page.py`)."""
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -42,3 +43,11 @@ def provenance() -> dict[str, str | bool]:
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_name(),
     }
+
+
+def write_result(out: Path, result: dict) -> None:
+    """Stamp `result` with its provenance, write it to `out` as JSON and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["provenance"] = provenance()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))

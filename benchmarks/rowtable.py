@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from provenance import provenance
@@ -39,6 +39,13 @@ def run_rows(
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(out)
     print(table(results))
+
+
+def rows_present(results: dict, rows: list[str]) -> Iterator[tuple[str, dict]]:
+    """(name, results) of each row in `rows` that has results, in the table's order."""
+    for name in rows:
+        if name in results:
+            yield name, results[name]
 
 
 def cli_eval(target: str, reference: str = "smollm2-135m") -> dict:

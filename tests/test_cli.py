@@ -40,22 +40,15 @@ def assert_clean_error(p: subprocess.CompletedProcess, pattern: str) -> None:
     assert pattern in p.stderr, p.stderr
 
 
+def eval_against(model: Path, reference: Path, corpus: Path, windows: int, *extra: str):
+    """`tinyllm eval MODEL --reference REFERENCE` on short windows of `corpus`."""
+    args = ["--corpus", str(corpus), "--seq-len", "16", "--windows", str(windows)]
+    return run("eval", str(model), *args, "--reference", str(reference), *extra)
+
+
 def test_eval_json(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
     out = tmp_path / "r.json"
-    p = run(
-        "eval",
-        str(tiny_dir),
-        "--corpus",
-        str(corpus_file),
-        "--seq-len",
-        "16",
-        "--windows",
-        "3",
-        "--reference",
-        str(tiny_dir),
-        "--json",
-        str(out),
-    )
+    p = eval_against(tiny_dir, tiny_dir, corpus_file, 3, "--json", str(out))
     assert p.returncode == 0, p.stderr
     data = json.loads(out.read_text())
     assert list(data) == EXPECTED_KEYS
@@ -98,19 +91,7 @@ def test_reference_with_other_tokenizer(tiny_dir: Path, tmp_path: Path, corpus_f
     other = tmp_path / "other"
     tiny_model(vocab=len(other_tok)).save_pretrained(other)
     other_tok.save_pretrained(other)
-    p = run(
-        "eval",
-        str(tiny_dir),
-        "--corpus",
-        str(corpus_file),
-        "--seq-len",
-        "16",
-        "--windows",
-        "2",
-        "--reference",
-        str(other),
-    )
-    assert_clean_error(p, "different tokenizer")
+    assert_clean_error(eval_against(tiny_dir, other, corpus_file, 2), "different tokenizer")
 
 
 def test_no_blocks_found(tmp_path: Path, tokenizer):

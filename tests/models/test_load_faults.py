@@ -92,9 +92,18 @@ def test_config_sizes_checked_against_the_tensors(
         tinyllm.load(directory)
 
 
-def test_size_must_be_an_integer(tiny_dir: Path):
-    _edit_json(tiny_dir / "config.json", hidden_size="64")
-    with pytest.raises(ModelLoadError, match="hidden_size must be an integer"):
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"hidden_size": "64"}, "hidden_size must be an integer"),
+        ({"model_type": "vit"}, "cannot build a 'vit' causal language model"),
+        ({"model_type": None}, "has no model_type"),
+    ],
+    ids=["size-not-an-integer", "architecture-without-a-causal-lm", "no-model-type"],
+)
+def test_config_fields_refused(tiny_dir: Path, edit: dict, message: str):
+    _edit_json(tiny_dir / "config.json", **edit)
+    with pytest.raises(ModelLoadError, match=message):
         tinyllm.load(tiny_dir)
 
 
@@ -271,15 +280,3 @@ def test_tokenizer_of_a_bigger_model(tmp_path: Path, tokenizer):
     tokenizer.save_pretrained(out)
     with pytest.raises(ModelLoadError, match=r"tokenizer has \d+ tokens but .* 64 rows"):
         tinyllm.load(out)
-
-
-def test_architecture_without_a_causal_lm(tiny_dir: Path):
-    _edit_json(tiny_dir / "config.json", model_type="vit")
-    with pytest.raises(ModelLoadError, match="cannot build a 'vit' causal language model"):
-        tinyllm.load(tiny_dir)
-
-
-def test_config_without_model_type(tiny_dir: Path):
-    _edit_json(tiny_dir / "config.json", model_type=None)
-    with pytest.raises(ModelLoadError, match="has no model_type"):
-        tinyllm.load(tiny_dir)

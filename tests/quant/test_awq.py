@@ -10,24 +10,25 @@ from tinyllm.quant.gptq import GPTQ
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
 
+def _assert_fold_keeps_function(producer: nn.Module, consumer: nn.Linear, x: torch.Tensor):
+    """Folding a random scale between producer and consumer leaves consumer(producer(x))."""
+    ref = consumer(producer(x))
+    fold_scale(producer, [consumer], torch.rand(consumer.in_features) + 0.5, offset=0.0)
+    torch.testing.assert_close(consumer(producer(x)), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_fold_keeps_the_float_function():
     torch.manual_seed(0)
     norm = nn.LayerNorm(16)
     norm.weight.data = torch.rand(16) + 0.5
     lin = nn.Linear(16, 8, bias=False)
-    x = torch.randn(5, 16)
-    ref = lin(norm(x))
-    fold_scale(norm, [lin], torch.rand(16) + 0.5, offset=0.0)
-    torch.testing.assert_close(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)
+    _assert_fold_keeps_function(norm, lin, torch.randn(5, 16))
 
 
 def test_fold_into_a_producing_linear():
     torch.manual_seed(0)
     up, down = nn.Linear(8, 12), nn.Linear(12, 8, bias=False)
-    x = torch.randn(3, 8)
-    ref = down(up(x))
-    fold_scale(up, [down], torch.rand(12) + 0.5, offset=0.0)
-    torch.testing.assert_close(down(up(x)), ref, rtol=1e-5, atol=1e-5)
+    _assert_fold_keeps_function(up, down, torch.randn(3, 8))
 
 
 def test_scale_search_protects_salient_channels():
