@@ -483,21 +483,13 @@ def _routes(app: FastAPI, ctx: _Ctx) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        deadline = time.monotonic() + ctx.limits.request_timeout
-        tenant = ctx.tenant(request)
-        body = _parse(await _json(request, ctx.limits.max_json_depth), CompletionRequest)
-        ctx.check_model(body.model)
-        ctx.check_ready()
+        deadline, tenant, body = await _admit(request, ctx, CompletionRequest)
         prompt = await ctx.offload(deadline, engine.tokenizer.encode, body.prompt)
         return await _serve(request, ctx, tenant, body, prompt, deadline, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        deadline = time.monotonic() + ctx.limits.request_timeout
-        tenant = ctx.tenant(request)
-        body = _parse(await _json(request, ctx.limits.max_json_depth), ChatRequest)
-        ctx.check_model(body.model)
-        ctx.check_ready()
+        deadline, tenant, body = await _admit(request, ctx, ChatRequest)
         messages = [m.as_dict() for m in body.messages]
         prompt = await ctx.offload(deadline, _chat_prompt, engine, messages)
         if body.max_completion_tokens is not None and body.max_tokens is None:
@@ -526,6 +518,17 @@ def _content_type_ok(value: str) -> bool:
     media = value.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and
                                             media.endswith("+json"))  # fmt: skip
+
+
+async def _admit(request: Request, ctx: _Ctx, kind: type[_Common]) -> tuple[float, str, Any]:
+    """A generation request let in: (its deadline, its tenant, its body parsed as `kind`), once
+    the key, the body, the model name and the engine's readiness were checked (in that order)."""
+    deadline = time.monotonic() + ctx.limits.request_timeout
+    tenant = ctx.tenant(request)
+    body = _parse(await _json(request, ctx.limits.max_json_depth), kind)
+    ctx.check_model(body.model)
+    ctx.check_ready()
+    return deadline, tenant, body
 
 
 async def _json(request: Request, max_depth: int) -> Any:
