@@ -14,7 +14,8 @@ from torch import nn
 from tinyllm.core.calib import calibrate_blocks, observe_block
 from tinyllm.core.steps import Context
 from tinyllm.errors import ConfigError
-from tinyllm.prune.common import PruneStep, by_block, prune_sites
+from tinyllm.models.anatomy import LinearSite
+from tinyllm.prune.common import PruneStep, by_block, check_pattern_fits, prune_sites
 
 
 class ColumnNorms:
@@ -78,3 +79,14 @@ def block_sparsities(model: nn.Module, cfg: PruneStep, ctx: Context, blocks: int
     out = allocate(ratios, cfg.target, cfg.owl_lambda)
     ctx.report["owl"] = {"outlier_ratio": ratios, "block_sparsity": out}
     return out
+
+
+def pruning_plan(
+    model: nn.Module, cfg: PruneStep, ctx: Context
+) -> tuple[dict[int, list[LinearSite]], list[float]]:
+    """The linears to prune by block (checked against cfg's N:M pattern), and each block's
+    sparsity (block_sparsities)."""
+    sites = prune_sites(model)
+    check_pattern_fits(sites, cfg)
+    groups = by_block(sites)
+    return groups, block_sparsities(model, cfg, ctx, len(groups))

@@ -16,8 +16,8 @@ from tinyllm.core.steps import Context, register
 from tinyllm.kernels.primitives import SUPPORTED_BITS, group_qparams, qmax
 from tinyllm.kernels.qlinear import replace_linear
 from tinyllm.kernels.qweight import QuantizedWeight
-from tinyllm.prune.common import PruneStep, by_block, check_pattern_fits, prune_sites
-from tinyllm.prune.owl import block_sparsities
+from tinyllm.prune.common import PruneStep
+from tinyllm.prune.owl import pruning_plan
 
 
 class SparseGPT(PruneStep):
@@ -112,10 +112,7 @@ def sparsegpt_prune(
 
 @register(SparseGPT)
 def apply(model: nn.Module, cfg: SparseGPT, ctx: Context) -> None:
-    sites = prune_sites(model)
-    check_pattern_fits(sites, cfg)
-    groups = by_block(sites)
-    per_block = block_sparsities(model, cfg, ctx, len(groups))
+    groups, per_block = pruning_plan(model, cfg, ctx)
     sparsity = ctx.report.setdefault("layer_sparsity", {})
     errors = ctx.report.setdefault("layer_errors", {})
 

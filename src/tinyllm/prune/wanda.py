@@ -8,14 +8,8 @@ from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks, observe_block
 from tinyllm.core.steps import Context, register
-from tinyllm.prune.common import (
-    PruneStep,
-    by_block,
-    check_pattern_fits,
-    mask_from_score,
-    prune_sites,
-)
-from tinyllm.prune.owl import ColumnNorms, block_sparsities, wanda_score
+from tinyllm.prune.common import PruneStep, mask_from_score
+from tinyllm.prune.owl import ColumnNorms, pruning_plan, wanda_score
 
 
 class Wanda(PruneStep):
@@ -24,10 +18,7 @@ class Wanda(PruneStep):
 
 @register(Wanda)
 def apply(model: nn.Module, cfg: Wanda, ctx: Context) -> None:
-    sites = prune_sites(model)
-    check_pattern_fits(sites, cfg)
-    groups = by_block(sites)
-    per_block = block_sparsities(model, cfg, ctx, len(groups))
+    groups, per_block = pruning_plan(model, cfg, ctx)
     report = ctx.report.setdefault("layer_sparsity", {})
 
     def prune_block(i: int, block: nn.Module, xs: list, kwargs: dict):
