@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from rowtable import row_args, rows_present, run_rows
+from rowtable import row_args, rows_present, run_rows, table_head
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "distill_smollm2.json"
@@ -152,11 +152,10 @@ def run_row(name: str, flags: list[str]) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [
-        "| row | steps | ppl before | ppl after | teacher | recovery | KLD before -> after "
-        "| train min | tok/s | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "row | steps | ppl before | ppl after | teacher | recovery | KLD before -> after "
+        "| train min | tok/s | peak RSS"
+    )
     for name, r in rows_present(results, ROWS):
         steps = r["command"].split("--steps ")[1].split()[0]
         b, a = r["before"], r["after"]

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from rowtable import row_args, rows_present, run_rows
+from rowtable import row_args, rows_present, run_rows, table_head
 
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "gguf_smollm2.json"
@@ -180,11 +180,10 @@ def score(path: Path) -> dict:
 
 def table(results: dict) -> str:
     base = results["f16"]
-    lines = [
-        "| row | perplexity (llama.cpp) | x F16 | KLD to FP32 | top-1 | file | x F16 size "
-        "| decode tok/s (tg64) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "row | perplexity (llama.cpp) | x F16 | KLD to FP32 | top-1 | file | x F16 size "
+        "| decode tok/s (tg64)"
+    )
     for name, r in rows_present(results, ROWS):
         tg = f"{r['tg64_tokens_per_s']:.1f}" if r.get("tg64_tokens_per_s") else "-"
         kld = f"{r['kld']:.4f} | {r['top1_agreement']:.4f}" if "kld" in r else "- | -"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import tinyllm
-from rowtable import row_args, rows_present, run_rows
+from rowtable import row_args, rows_present, run_rows, table_head
 from tinyllm.checkpoint import round_floats
 from tinyllm.core.steps import Step
 from tinyllm.kernels.qlinear import QuantLinear
@@ -111,11 +111,10 @@ def run_row(name: str, samples: int) -> dict:
 
 def table(results: dict) -> str:
     fp = results["fp32"]["eval"]["perplexity"] if "fp32" in results else None
-    lines = [
-        "| row | perplexity | x FP32 | KLD | top-1 | avg code bits | linear bits/w (with scales) "
-        "| linears | weights on disk | quant s (sensitivity s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "row | perplexity | x FP32 | KLD | top-1 | avg code bits "
+        "| linear bits/w (with scales) | linears | weights on disk | quant s (sensitivity s)"
+    )
     for name, r in rows_present(results, ROWS):
         e = r["eval"]
         ratio = f"{e['perplexity'] / fp:.3f}" if fp else "-"

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rowtable import row_args, rows_present, run_rows
+from rowtable import row_args, rows_present, run_rows, table_head
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "prune_smollm2.json"
@@ -184,11 +184,10 @@ def table(results: dict) -> str:
     if "fp32" not in results:
         return "(no fp32 row yet)"
     fp = results["fp32"]["eval"]["perplexity"]
-    lines = [
-        "| row | ppl | x FP32 | KLD | sparsity | params | weights on disk | prune s | peak RSS "
-        "| prefill x | prefill x (last logits) | decode x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "row | ppl | x FP32 | KLD | sparsity | params | weights on disk | prune s | peak RSS "
+        "| prefill x | prefill x (last logits) | decode x"
+    )
     for name, r in rows_present(results, ROWS):
         e = r["eval"]
         sp = r.get("speed", {})

@@ -48,6 +48,11 @@ def rows_present(results: dict, rows: list[str]) -> Iterator[tuple[str, dict]]:
             yield name, results[name]
 
 
+def table_head(columns: str) -> list[str]:
+    """The header and separator lines of a Markdown table; `columns` as "a | b | c"."""
+    return [f"| {columns} |", "|" + "---|" * (columns.count("|") + 1)]
+
+
 def cli_eval(target: str, reference: str = "smollm2-135m") -> dict:
     """`tinyllm eval TARGET --reference REFERENCE --json` in a fresh process; its result."""
     import subprocess
