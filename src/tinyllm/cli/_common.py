@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tinyllm.errors import ConfigError
+from tinyllm.util.units import human_bytes
 
 out = Console()
 err = Console(stderr=True)
@@ -19,14 +21,14 @@ ModelArg = Annotated[
 ]
 
 
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+def help_text(text: str) -> str:
+    """A command's --help text: each prose paragraph joined into one line (the terminal wraps
+    it), paragraphs with indented lines (examples, YAML) kept line for line."""
+    paragraphs = text.strip().split("\n\n")
+    return "\n\n".join(
+        p if any(line.startswith(" ") for line in p.splitlines()) else " ".join(p.split("\n"))
+        for p in paragraphs
+    )
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -50,6 +52,30 @@ CalibDtypeOpt = Annotated[
 ]
 
 
+# --- option groups shared by several commands: one definition each -------------------------
+# calibration windows (quantize, prune, outliers, plan)
+CalibCorpusOpt = Annotated[
+    str,
+    typer.Option(
+        "--calib-corpus",
+        help="Corpus of the calibration windows: 'enwiki', a .txt, a .jsonl or "
+        "a directory (its training part; never the evaluation slice).",
+    ),
+]
+SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the calibration sample.")]
+# outputs
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace an existing output (a directory only if tinyllm wrote it)."
+    ),
+]
+JsonOpt = Annotated[
+    Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
+]
+
 KvOpt = Annotated[
     float, typer.Option("--kv-memory", help="MiB preallocated for the paged KV cache.")
 ]
@@ -70,7 +96,8 @@ Int8ActOpt = Annotated[
     typer.Option(
         "--int8-act",
         help="Run 4-bit layers on integer kernels with activations rounded to int8 per block of "
-        "32 (AVX512-VNNI; like llama.cpp's Q4_0 x Q8_0): faster, no longer bit-exact.",
+        "32 (AVX512-VNNI; like llama.cpp's Q4_0 x Q8_0): faster, no longer bit-exact. Lean "
+        "forward only (Llama, Qwen2, Mistral): refused where a model falls back to transformers.",
     ),
 ]
 
@@ -95,9 +122,9 @@ def _make_step(cls: type, method: str, **options: object) -> object:
 
 def _first_error(exc: object) -> str:
     """'field: message' of a pydantic ValidationError's first error (no field: the message)."""
-    first = exc.errors()[0]
-    where = ".".join(str(x) for x in first["loc"])
-    return f"{where}: {first['msg']}" if where else first["msg"]
+    from tinyllm.util.validation import first_error
+
+    return first_error(exc)
 
 
 def _eval_rows(r: object) -> list[tuple[str, str]]:

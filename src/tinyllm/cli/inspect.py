@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from tinyllm.cli._common import (
+    CalibCorpusOpt,
+    JsonOpt,
     ModelArg,
+    SamplesOpt,
+    SeedOpt,
+    SeqLenOpt,
     _eval_rows,
     _table,
     human_bytes,
@@ -21,9 +25,7 @@ from tinyllm.cli.app import app
 @app.command()
 def info(
     model: ModelArg = "smollm2-135m",
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the facts to this JSON file.")
-    ] = None,
+    json_out: JsonOpt = None,
 ) -> None:
     """Architecture, parameter counts, shapes, dtype and size of a model."""
     from tinyllm.core.load import load
@@ -65,9 +67,7 @@ def eval_(
             help="Also report KL(reference || model) and top-1 agreement against this model."
         ),
     ] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write the results as JSON.")
-    ] = None,
+    json_out: JsonOpt = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Windows per forward (default: 2048 tokens).")
     ] = None,
@@ -108,14 +108,12 @@ def eval_(
 @app.command()
 def outliers(
     model: ModelArg,
-    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
-    calib_corpus: Annotated[str, typer.Option(help="Corpus for calibration windows.")] = "enwiki",
-    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    samples: SamplesOpt = 16,
+    seq_len: SeqLenOpt = 512,
+    calib_corpus: CalibCorpusOpt = "enwiki",
+    seed: SeedOpt = 0,
     top: Annotated[int, typer.Option(help="Rows to print, worst first (0: all).")] = 20,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the full report here.")
-    ] = None,
+    json_out: JsonOpt = None,
 ) -> None:
     """Show each linear layer's input outliers: why a model resists W8A8.
 

@@ -10,35 +10,53 @@ from rich.table import Table
 
 from tinyllm.cli._common import (
     Int8ActOpt,
+    JsonOpt,
     KvDtypeOpt,
     KvOpt,
     ModelArg,
     _make_step,
     err,
+    help_text,
     out,
 )
 from tinyllm.cli.app import app
-from tinyllm.errors import ConfigError
+
+GENERATE_HELP = """Generate text with the tinyllm runtime, streaming tokens as they come.
+
+Llama, Qwen2 and Mistral checkpoints (float, quantized with packed INT4/INT8 kernels, pruned) run on
+the lean forward; other families fall back to the transformers model (a warning says why).
+
+Example:
+
+  tinyllm generate runs/edge/final "The capital of France is" --max-tokens 20
+"""
+
+SERVE_HELP = """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE streaming),
+/v1/models, /health, /metrics (Prometheus).
+
+Example, then a client in Python:
+
+  tinyllm serve runs/edge/final --api-key sk-local --target-itl 80
+
+  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
+"""
 
 
-def _engine(
-    model: str, kv_memory: float, kv_dtype: str = "float16", int8_act: bool = False, **sched: object
-):
-    from tinyllm.core.load import load
-    from tinyllm.runtime.engine import Engine, EngineConfig
+def _engine(model: str, kv_memory: float, kv_dtype: str, int8_act: bool, scheduler=None):
+    """Load MODEL into an engine with the KV and kernel options (and a scheduler config)."""
+    from tinyllm.runtime.engine import EngineConfig, load_engine
     from tinyllm.runtime.scheduler import SchedulerConfig
 
-    m, tok = load(model)
     cfg = EngineConfig(
         kv_memory_mb=kv_memory,
         kv_dtype=kv_dtype,
         int8_activations=int8_act,
-        scheduler=SchedulerConfig(**sched),
+        scheduler=scheduler or SchedulerConfig(),
     )
-    return Engine(m, tok, cfg)
+    return load_engine(model, cfg)
 
 
-@app.command()
+@app.command(help=help_text(GENERATE_HELP))
 def generate(
     model: ModelArg,
     prompt: Annotated[str, typer.Argument(help="The prompt text.")],
@@ -56,14 +74,8 @@ def generate(
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
 ) -> None:
-    """Generate text with the tinyllm runtime, streaming tokens as they come.
-
-    Runs FP, quantized (packed INT4/INT8 kernels) and pruned Llama-family checkpoints directly.
-    Example: tinyllm generate runs/edge/final "The capital of France is" --max-tokens 20
-    """
     from tinyllm.runtime.sampling import SamplingParams
 
-    engine = _engine(model, kv_memory, kv_dtype, int8_act)
     params = _make_step(
         SamplingParams,
         "sampling",
@@ -75,18 +87,15 @@ def generate(
         seed=seed,
         stop=stop or [],
     )
+    engine = _engine(model, kv_memory, kv_dtype, int8_act)
     ids = engine.prompt_ids(prompt, chat=chat)
-    seq = engine.submit(ids, params, sink=lambda ev: out.print(ev.text, end="", highlight=False))
-    while seq.finish_reason is None:
-        engine.step()
-    out.print()
-    rate = (
-        (len(seq.token_times) - 1) / max(1e-9, seq.token_times[-1] - seq.token_times[0])
-        if len(seq.token_times) > 1
-        else float("nan")
+    [seq] = engine.generate(
+        [ids], params, sink=lambda ev: out.print(ev.text, end="", highlight=False)
     )
+    out.print()
     err.print(
-        f"[dim]{len(seq.output)} tokens, finish: {seq.finish_reason}, decode {rate:.1f} tokens/s[/]"
+        f"[dim]{len(seq.output)} tokens, finish: {seq.finish_reason}, "
+        f"decode {seq.decode_tokens_per_s:.1f} tokens/s[/]"
     )
 
 
@@ -100,50 +109,24 @@ def bench(
     kv_memory: KvOpt = 256.0,
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write rows here.")] = None,
+    json_out: JsonOpt = None,
 ) -> None:
     """Serve N concurrent streams and print TTFT, inter-token latency p50/p95/p99, tokens/s, KV.
 
     Example: tinyllm bench runs/edge/final --concurrency 1,4,16 --prompt-len 64 --gen-len 64
     """
+    from tinyllm.runtime.bench import COLUMNS, bench_scheduler, parse_levels
     from tinyllm.runtime.bench import bench as run_bench
 
-    try:
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"--concurrency takes numbers like 1,4,16 (got '{concurrency}')"
-        ) from None
-    if not levels or min(levels) < 1:
-        raise ConfigError(f"--concurrency takes positive numbers like 1,4,16 (got '{concurrency}')")
-    engine = _engine(
-        model, kv_memory, kv_dtype, int8_act, max_batch=max(levels), max_queue=max(levels) * 2
-    )
+    levels = parse_levels(concurrency)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, bench_scheduler(levels))
     rows = run_bench(engine, levels, prompt_len, gen_len, repeats)
-    t = Table(title=f"tinyllm bench {model} (prompt {prompt_len}, generate {gen_len})")
-    for col in (
-        "streams",
-        "tokens/s",
-        "decode tok/s",
-        "TTFT p50 ms",
-        "ITL p50 ms",
-        "ITL p95 ms",
-        "ITL p99 ms",
-        "KV peak MiB",
-    ):
-        t.add_column(col, justify="right")
+    table = Table(title=f"tinyllm bench {model} (prompt {prompt_len}, generate {gen_len})")
+    for col in COLUMNS:
+        table.add_column(col, justify="right")
     for r in rows:
-        t.add_row(
-            str(r.concurrency),
-            f"{r.tokens_per_s:.1f}",
-            f"{r.decode_tokens_per_s:.1f}",
-            f"{r.ttft_p50_ms:.0f}",
-            f"{r.itl_p50_ms:.1f}",
-            f"{r.itl_p95_ms:.1f}",
-            f"{r.itl_p99_ms:.1f}",
-            f"{r.kv_peak_mib:.1f}",
-        )
-    out.print(t)
+        table.add_row(*r.cells())
+    out.print(table)
     out.print(f"KV bytes per token: {rows[0].kv_bytes_per_token:,}")
     if json_out:
         from tinyllm.util.fs import write_json_atomic
@@ -151,102 +134,95 @@ def bench(
         write_json_atomic(json_out, [r.to_dict() for r in rows])
 
 
-@app.command()
+# `serve`'s options, one alias each (the signature stays readable)
+ApiKeyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Accept this key (repeatable; each key is its own tenant). Keys also come from "
+        "--api-key-file, --tenants and TINYLLM_API_KEYS (comma-separated); none: no auth, "
+        "allowed only on loopback unless --insecure."
+    ),
+]
+ApiKeyFileOpt = Annotated[
+    Path | None, typer.Option(help="File of API keys, one a line (# comments).")
+]
+TenantsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="YAML: tenants: [{name, key, weight > 0, priority, max_concurrency >= 1, "
+        "max_queue >= 1}]"
+    ),
+]
+InsecureOpt = Annotated[
+    bool, typer.Option(help="Allow binding beyond loopback with no API key (warns).")
+]
+AllowedHostOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Host header name to answer besides IP literals, localhost and --host "
+        "(repeatable; '*' for any). Others get 421 (DNS rebinding guard)."
+    ),
+]
+PublicMetricsOpt = Annotated[
+    bool, typer.Option(help="Serve /metrics without a key even when keys are set.")
+]
+RequestTimeoutOpt = Annotated[
+    float, typer.Option(min=1, help="Seconds a request may take in all; then 503 + Retry-After.")
+]
+MaxQueueWaitOpt = Annotated[
+    float,
+    typer.Option(min=0.1, help="Seconds a request may wait to start; then 429 + Retry-After."),
+]
+TargetItlOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Target p95 inter-token latency, ms: the batch shrinks above it and new work gets 429."
+    ),
+]
+
+
+@app.command(help=help_text(SERVE_HELP))
 def serve(
     model: ModelArg,
-    host: Annotated[
-        str, typer.Option(help="Interface to bind (0.0.0.0 exposes it).")
-    ] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 exposes it).")] = (
+        "127.0.0.1"
+    ),
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    api_key: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Accept this key (repeatable; each key is its own tenant). Keys also come from "
-            "--api-key-file, --tenants and TINYLLM_API_KEYS (comma-separated); none: no auth, "
-            "allowed only on loopback unless --insecure."
-        ),
-    ] = None,
-    api_key_file: Annotated[
-        Path | None, typer.Option(help="File of API keys, one a line (# comments).")
-    ] = None,
-    tenants: Annotated[
-        Path | None,
-        typer.Option(
-            help="YAML: tenants: [{name, key, weight > 0, priority, max_concurrency >= 1, "
-            "max_queue >= 1}]"
-        ),
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option(help="Allow binding beyond loopback with no API key (warns).")
-    ] = False,
-    allowed_host: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Host header name to answer besides IP literals, localhost and --host "
-            "(repeatable; '*' for any). Others get 421 (DNS rebinding guard)."
-        ),
-    ] = None,
-    public_metrics: Annotated[
-        bool, typer.Option(help="Serve /metrics without a key even when keys are set.")
-    ] = False,
-    request_timeout: Annotated[
-        float,
-        typer.Option(min=1, help="Seconds a request may take in all; then 503 + Retry-After."),
-    ] = 600.0,
-    max_queue_wait: Annotated[
-        float,
-        typer.Option(min=0.1, help="Seconds a request may wait to start; then 429 + Retry-After."),
-    ] = 120.0,
-    name: Annotated[
-        str | None, typer.Option(help="Model id the API shows (default: MODEL).")
-    ] = None,
+    api_key: ApiKeyOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
+    tenants: TenantsOpt = None,
+    insecure: InsecureOpt = False,
+    allowed_host: AllowedHostOpt = None,
+    public_metrics: PublicMetricsOpt = False,
+    request_timeout: RequestTimeoutOpt = 600.0,
+    max_queue_wait: MaxQueueWaitOpt = 120.0,
+    name: Annotated[str | None, typer.Option(help="Model id the API shows (default: MODEL).")] = (
+        None
+    ),
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoding at once.")] = 32,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before 429.")] = 256,
-    target_itl: Annotated[
-        float | None,
-        typer.Option(
-            help="Target p95 inter-token latency, ms: "
-            "the batch shrinks above it and new work gets 429."
-        ),
-    ] = None,
+    target_itl: TargetItlOpt = None,
     kv_memory: KvOpt = 256.0,
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
 ) -> None:
-    """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE streaming),
-    /v1/models, /health, /metrics (Prometheus).
-
-    Example: tinyllm serve runs/edge/final --api-key sk-local --target-itl 80
-    then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
-    """
-    from tinyllm.runtime.server import ServerLimits, check_exposure, load_tenants
+    from tinyllm.runtime.scheduler import SchedulerConfig
+    from tinyllm.runtime.server import ServerLimits, server_keys
     from tinyllm.runtime.server import serve as run_server
 
-    keys = load_tenants(
-        str(tenants) if tenants else None,
-        api_key or [],
-        str(api_key_file) if api_key_file else None,
-    )
-    check_exposure(host, keys, insecure)
+    files = [str(f) if f else None for f in (api_key_file, tenants)]
+    keys = server_keys(host, insecure, api_key or [], *files)  # refused before loading
+    hosts = tuple(allowed_host or ())
     limits = ServerLimits(
         request_timeout=request_timeout,
         max_queue_wait=max_queue_wait,
         bind_host=host,
-        allowed_hosts=tuple(allowed_host or ()),
+        allowed_hosts=hosts,
         public_metrics=public_metrics,
     )
     target = None if target_itl is None else target_itl / 1000
-    engine = _engine(
-        model,
-        kv_memory,
-        kv_dtype,
-        int8_act,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        target_itl_p95=target,
-    )
-    err.print(
-        f"serving {name or model} on http://{host}:{port}/v1 "
-        f"({'API keys required' if keys else 'no auth'}); Ctrl-C stops"
-    )
+    scheduler = SchedulerConfig(max_batch=max_batch, max_queue=max_queue, target_itl_p95=target)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, scheduler)
+    auth = "API keys required" if keys else "no auth"
+    err.print(f"serving {name or model} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops")
     run_server(engine, name or model, keys, host, port, limits)

@@ -8,6 +8,8 @@ from typing import Any
 from torch import nn
 
 from tinyllm.errors import ConfigError
+from tinyllm.util.fs import dir_size
+from tinyllm.util.units import human_bytes
 
 FORMATS = ("gguf", "onnx", "hf")  # gguf and onnx write a file, hf a directory
 DEFAULT_TYPES = {"gguf": "f16", "onnx": "fp32"}
@@ -32,6 +34,37 @@ def check_output(path: Path, fmt: str, overwrite: bool) -> None:
         raise ConfigError(f"{path} exists; pass --overwrite to replace it")
 
 
+def check_options(fmt: str, qtype: str | None, embed_type: str | None = None) -> None:
+    """Refuse an option the format does not read, rather than ignore it."""
+    if fmt == "hf" and qtype is not None:
+        raise ConfigError(
+            f"an hf export takes no type (got '{qtype}'): the directory keeps each layer as it is, "
+            "quantized layers packed and float layers float; drop the type"
+        )
+    if fmt != "gguf" and embed_type is not None:
+        raise ConfigError(f"the embedding type applies to GGUF exports only; drop it for {fmt}")
+
+
+def summary(path: Path, fmt: str, report: Any) -> str:
+    """One line on what an export wrote: its size, and how many layers kept their integers."""
+    path = Path(path)
+    if fmt == "hf":
+        return (
+            f"wrote {path} ({human_bytes(dir_size(path))}): {len(report['packed'])} layers "
+            f"packed, {len(report['dequantized'])} written as float"
+        )
+    if fmt == "onnx":
+        size = path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
+        return (
+            f"wrote {path} (+ .data, {human_bytes(size)}): {len(report.nbits)} layers as "
+            f"MatMulNBits, {len(report.float_layers)} quantized layers as float"
+        )
+    return (
+        f"wrote {path} ({human_bytes(path.stat().st_size)}): "
+        f"{len(report.carried)} layers carried, {len(report.requantized)} re-quantized"
+    )
+
+
 def export(
     model: nn.Module,
     tokenizer: Any,
@@ -42,8 +75,10 @@ def export(
     strict: bool = False,
     **options: Any,
 ) -> Any:
-    """Write `model` to `path` in `fmt`; the output appears only when complete."""
+    """Write `model` to `path` in `fmt`; the output appears only when complete. `options` go
+    to the GGUF writer (`embed_type`); `summary(path, fmt, report)` describes the result."""
     check_output(path, fmt, overwrite)
+    check_options(fmt, qtype, options.get("embed_type"))
     qtype = qtype or DEFAULT_TYPES.get(fmt)
     if fmt != "gguf" and any(getattr(m, "is_tinyllm_embedding", False) for m in model.modules()):
         raise ConfigError(

@@ -399,6 +399,25 @@ def recipe_yaml(plan: Plan, c: Candidate, calibration: dict) -> str:
     return head + yaml.safe_dump(data, sort_keys=False)
 
 
+def plan_settings(
+    calibration: dict[str, Any], evaluation: dict[str, Any], verify_top: int
+) -> tuple[Any, Any]:
+    """(Calibration, Evaluation) from plain settings, checked before anything loads: a bad value
+    is a ConfigError naming the field."""
+    from pydantic import ValidationError
+
+    from tinyllm.pipeline.recipe import Calibration, Evaluation
+    from tinyllm.util.validation import first_error
+
+    try:
+        cal, ev = Calibration(**calibration), Evaluation(**evaluation)
+    except ValidationError as exc:
+        raise ConfigError(f"plan: {first_error(exc)}") from exc
+    if verify_top < 1:
+        raise ConfigError("--verify-top must be at least 1")
+    return cal, ev
+
+
 def make_plan(
     spec: str,
     max_size: str,

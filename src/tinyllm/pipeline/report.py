@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyllm.util.fs import write_text_atomic
+from tinyllm.util.units import human_bytes
 
 MiB = 2**20
 
@@ -262,6 +263,15 @@ harness's in-memory bits per linear weight; time and peak RSS per stage.</p>
 <p>Software: {html.escape(versions)}.</p>
 </body></html>
 """
+
+
+def stage_line(r: dict[str, Any]) -> str:
+    """One finished stage of state.json as a line: its scores, size on disk and time."""
+    e = r["eval"]
+    return (
+        f"stage {r['index']} {r['type']}: perplexity {e['perplexity']:.3f}, KLD {e['kld']:.4f}, "
+        f"{human_bytes(r['weights_bytes'])} on disk, {r['seconds']:.0f} s"
+    )
 
 
 def write_report(out: Path, state: dict | None = None) -> tuple[Path, Path]:

@@ -13,9 +13,14 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+from tinyllm.errors import ConfigError
 from tinyllm.runtime.engine import Engine
 from tinyllm.runtime.sampling import SamplingParams
-from tinyllm.runtime.scheduler import percentile
+from tinyllm.runtime.scheduler import SchedulerConfig, percentile
+
+# the printed table: a header per column, and BenchRow.cells() in the same order
+COLUMNS = ("streams", "tokens/s", "decode tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p95 ms",
+           "ITL p99 ms", "KV peak MiB")  # fmt: skip
 
 
 @dataclass
@@ -35,6 +40,35 @@ class BenchRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def cells(self) -> tuple[str, ...]:
+        """The row as the table under COLUMNS shows it."""
+        return (
+            str(self.concurrency),
+            f"{self.tokens_per_s:.1f}",
+            f"{self.decode_tokens_per_s:.1f}",
+            f"{self.ttft_p50_ms:.0f}",
+            f"{self.itl_p50_ms:.1f}",
+            f"{self.itl_p95_ms:.1f}",
+            f"{self.itl_p99_ms:.1f}",
+            f"{self.kv_peak_mib:.1f}",
+        )
+
+
+def parse_levels(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; anything else (words, zero, nothing) is a ConfigError."""
+    try:
+        levels = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--concurrency takes numbers like 1,4,16 (got '{text}')") from None
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency takes positive numbers like 1,4,16 (got '{text}')")
+    return levels
+
+
+def bench_scheduler(levels: list[int]) -> SchedulerConfig:
+    """A scheduler that admits the largest level at once (and queues twice as many)."""
+    return SchedulerConfig(max_batch=max(levels), max_queue=max(levels) * 2)
 
 
 def bench_prompts(tokenizer: object, count: int, prompt_len: int) -> list[list[int]]:

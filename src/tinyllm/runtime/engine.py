@@ -99,6 +99,12 @@ class Sequence:
     def pending(self) -> int:
         return len(self.prompt) + len(self.output) - self.computed
 
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first per second between the first and the last (NaN below two)."""
+        t = self.token_times
+        return (len(t) - 1) / max(1e-9, t[-1] - t[0]) if len(t) > 1 else float("nan")
+
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: object, cfg: EngineConfig | None = None):
@@ -106,6 +112,11 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.fallback = unsupported_reason(model)
         if self.fallback:
+            if self.cfg.int8_activations:
+                raise ConfigError(
+                    f"int8 activations (--int8-act) need the lean runtime, and {self.fallback}: "
+                    "drop --int8-act (this model runs on the transformers fallback)"
+                )
             log.warning(
                 "the lean runtime does not run this model (%s): falling back to the transformers "
                 "model, one sequence at a time per step (slower; the paged cache only accounts)",
@@ -476,10 +487,14 @@ class Engine:
 
     # --- synchronous use --------------------------------------------------------------------
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | None = None,
+        sink: Callable[[Event], None] | None = None,
     ) -> list[Sequence]:
-        """Run the prompts to completion together (continuous batching) and return them."""
-        seqs = [self.submit(p, params) for p in prompts]
+        """Run the prompts to completion together (continuous batching) and return them; `sink`,
+        if given, receives every sequence's events as they come."""
+        seqs = [self.submit(p, params, sink) for p in prompts]
         while any(s.finish_reason is None for s in seqs):
             self.step()
         return seqs
@@ -584,3 +599,12 @@ class EngineLoop:
                 log.warning("engine healthy again")
             self._reported = reason
         return reason
+
+
+def load_engine(model: str, cfg: EngineConfig | None = None) -> Engine:
+    """An Engine over a model spec: a registered name, a Hugging Face directory, a .gguf file or
+    a tinyllm output directory (whatever `tinyllm.core.load.load` takes)."""
+    from tinyllm.core.load import load
+
+    m, tok = load(model)
+    return Engine(m, tok, cfg)

@@ -9,8 +9,9 @@ masked batched attention), each prefill chunk on its own (causal with an offset)
 
 Families are data: the family table (models/families.py, `runtime=True`) names each family's
 norms, embedding and head. Llama, Qwen2 (q/k/v biases live in the linears), Mistral (optional
-sliding window) and TinyLlama (a Llama) share this code; other families use `HFFallback` in
-engine.py.
+sliding window) and TinyLlama (a Llama) share this code; other families (and the RoPE variants
+and settings `unsupported_reason` names) are not refused: the engine runs them on `HFRuntime`,
+the transformers model itself, and logs a warning that says why.
 """
 
 from __future__ import annotations

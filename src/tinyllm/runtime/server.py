@@ -933,6 +933,20 @@ def load_tenants(
     return out or None
 
 
+def server_keys(
+    host: str,
+    insecure: bool,
+    keys: list[str],
+    key_file: str | None = None,
+    tenants: str | None = None,
+) -> dict[str, TenantSpec] | None:
+    """The tenants of every key source (`load_tenants`), refusing a keyless bind beyond loopback
+    unless `insecure` (`check_exposure`): what `tinyllm serve` checks before loading the model."""
+    found = load_tenants(tenants, keys, key_file)
+    check_exposure(host, found, insecure)
+    return found
+
+
 def serve(
     engine: Engine,
     model_name: str,
