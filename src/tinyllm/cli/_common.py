@@ -72,6 +72,7 @@ OverwriteOpt = Annotated[
         "--overwrite", help="Replace an existing output (a directory only if tinyllm wrote it)."
     ),
 ]
+OutputDirOpt = Annotated[Path, typer.Option("-o", "--output", help="Output directory.")]
 JsonOpt = Annotated[
     Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
 ]
@@ -147,3 +148,21 @@ def _eval_rows(r: object) -> list[tuple[str, str]]:
         ("peak RSS", human_bytes(r.peak_rss_bytes)),
     ]
     return rows
+
+
+def given_options(ctx: typer.Context) -> dict[str, object]:
+    """The options the user set on the command line (their defaults left out)."""
+    given = {}
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)  # click's or typer's own ParameterSource
+        if source is not None and source.name != "DEFAULT":
+            given[name] = value
+    return given
+
+
+def flag_of(ctx: typer.Context, name: str) -> str:
+    """How the user writes parameter `name`: '--group-size', '--sym/--asym'."""
+    for p in ctx.command.params:
+        if p.name == name:
+            return "/".join([*p.opts, *p.secondary_opts])
+    return "--" + name.replace("_", "-")
