@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_model
+from tests.quant.tiny import quantize_tiny_model
 from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ, _groups_for, fold_scale, search_clip, search_scale
@@ -71,18 +72,11 @@ def test_awq_groups_found_from_table_and_shapes(family, tokenizer):
 
 @pytest.mark.parametrize("base", [RTN(bits=4, group_size=32), GPTQ(bits=4, group_size=32)])
 def test_awq_on_a_tiny_model(base, tokenizer):
-    model = tiny_model(vocab=len(tokenizer))
-    x = torch.randint(0, len(tokenizer), (2, 24))
-    with torch.no_grad():
-        ref = model(x).logits
-    calib = torch.randint(0, len(tokenizer), (8, 32))
-    report = quantize(model, AWQ(base=base), calib=calib, batch_size=4)
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    run = quantize_tiny_model(AWQ(base=base), vocab=len(tokenizer))
+    assert run.quant_linears() == 14
     # per block: norm -> q/k/v, norm -> gate/up, up -> down; no v -> o under GQA
-    assert len(report["awq_alpha"]) == 2 * 3
-    with torch.no_grad():
-        got = model(x).logits
-    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
+    assert len(run.report["awq_alpha"]) == 2 * 3
+    assert run.cosine() > 0.9
 
 
 def test_quant_error_is_the_output_error():

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from tests.quant.tiny import quantize_tiny_model
 from tinyllm.core.calib import block_inputs, observe_pair
-from tinyllm.kernels.qlinear import QuantLinear
-from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ
 from tinyllm.quant.gptq import GPTQ, float_target, gptq_quantize
 
@@ -80,17 +79,9 @@ def test_observe_pair_advances_the_reference():
     ],
 )
 def test_float_targets_on_a_tiny_model(cfg):
-    model = tiny_model()
-    x = torch.randint(0, 320, (2, 24))
-    with torch.no_grad():
-        ref = model(x).logits
-    calib = torch.randint(0, 320, (8, 32))
-    report = quantize(model, cfg, calib=calib, batch_size=4)
-    assert len(report["layer_errors"]) == 14
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
-    with torch.no_grad():
-        got = model(x).logits
-    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
+    run = quantize_tiny_model(cfg)
+    assert len(run.report["layer_errors"]) == 14 and run.quant_linears() == 14
+    assert run.cosine() > 0.9
 
 
 def test_stacked_layers_match_separate_ones():

@@ -12,10 +12,10 @@ from torch import nn
 import tinyllm
 import tinyllm.core.calib as calib_mod
 from tests.conftest import tiny_model
+from tests.quant.tiny import quantize_tiny_model
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.core.hessian import output_error
 from tinyllm.errors import ConfigError
-from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.models.anatomy import analyze
 from tinyllm.quant.api import quantize
 from tinyllm.quant.awq import AWQ
@@ -98,22 +98,14 @@ def test_gptq_dead_inputs():
     ],
 )
 def test_methods_on_a_tiny_model(cfg, tmp_path: Path, tokenizer):
-    model = tiny_model(vocab=len(tokenizer))
-    x = torch.randint(0, len(tokenizer), (2, 24))
-    with torch.no_grad():
-        ref = model(x).logits
-    calib = torch.randint(0, len(tokenizer), (8, 32))
-    report = quantize(model, cfg, calib=calib if cfg.calibrated else None, batch_size=4)
-    assert len(report["layer_errors"]) == 14
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
-    with torch.no_grad():
-        got = model(x).logits
-    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
+    run = quantize_tiny_model(cfg, vocab=len(tokenizer))
+    assert len(run.report["layer_errors"]) == 14 and run.quant_linears() == 14
+    assert run.cosine() > 0.9
     # checkpoint round trip: identical logits
-    save_checkpoint(model, tokenizer, tmp_path / "q", {"steps": [cfg.describe()]})
+    save_checkpoint(run.model, tokenizer, tmp_path / "q", {"steps": [cfg.describe()]})
     back, _ = tinyllm.load(tmp_path / "q")
     with torch.no_grad():
-        assert torch.equal(back(x).logits, got)
+        assert torch.equal(back(run.x).logits, run.got)
 
 
 def test_checkpoint_size_reflects_bits(tmp_path: Path, tokenizer):

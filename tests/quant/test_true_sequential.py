@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from tests.quant.tiny import quantize_tiny_model
 from tinyllm.core.calib import (
     _Kept,
     block_inputs,
@@ -122,16 +123,9 @@ def test_observe_pair_without_advance_leaves_ref():
     ],
 )
 def test_true_sequential_on_a_tiny_model(cfg):
-    model = tiny_model()
-    x = torch.randint(0, 320, (2, 24))
-    with torch.no_grad():
-        ref = model(x).logits
-    report = quantize(model, cfg, calib=torch.randint(0, 320, (8, 32)), batch_size=4)
-    assert len(report["layer_errors"]) == 14
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
-    with torch.no_grad():
-        got = model(x).logits
-    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
+    run = quantize_tiny_model(cfg)
+    assert len(run.report["layer_errors"]) == 14 and run.quant_linears() == 14
+    assert run.cosine() > 0.9
 
 
 def test_shared_inputs_are_recognised_without_address_reuse():
