@@ -248,8 +248,8 @@ class Quant:
     ]
 
 
-# the pruners, then the training steps that prune (registered with kind train)
-PRUNE_METHODS = [*registry.names("prune"), "movement", "imp"]
+# the pruners, then the training steps that prune (movement, imp)
+PRUNE_METHODS = registry.methods("prune")
 
 
 class Prune:

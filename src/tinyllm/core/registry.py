@@ -31,6 +31,12 @@ class Entry:
     target: str  # "module:Class"
     kind: Kind
     summary: str
+    command: str = ""  # the CLI command that offers it, when not the kind's own
+
+    @property
+    def cli(self) -> str:
+        """`tinyllm prune`, `quantize` or `distill`: the command whose --method takes it."""
+        return self.command or {"prune": "prune", "quantize": "quantize"}.get(self.kind, "distill")
 
     def load(self) -> type[Step]:
         module, cls = self.target.split(":")
@@ -56,8 +62,8 @@ STEPS: tuple[Entry, ...] = (
     Entry("fp8", "tinyllm.quant.fp8:FP8", "quantize", "FP8 weights and activations"),
     Entry("distill", "tinyllm.distill.steps:Distill", "train", "knowledge distillation"),
     Entry("recover", "tinyllm.distill.steps:Recover", "train", "KD + task loss recovery"),
-    Entry("movement", "tinyllm.prune.movement:Movement", "train", "movement pruning"),
-    Entry("imp", "tinyllm.prune.movement:IMP", "train", "iterative magnitude pruning"),
+    Entry("movement", "tinyllm.prune.movement:Movement", "train", "movement pruning", "prune"),
+    Entry("imp", "tinyllm.prune.movement:IMP", "train", "iterative magnitude pruning", "prune"),
 )
 BY_NAME: dict[str, Entry] = {e.name: e for e in STEPS}
 
@@ -65,6 +71,11 @@ BY_NAME: dict[str, Entry] = {e.name: e for e in STEPS}
 def names(kind: Kind | None = None) -> list[str]:
     """Step names in table order, all or of one kind."""
     return [e.name for e in STEPS if kind is None or e.kind == kind]
+
+
+def methods(command: str) -> list[str]:
+    """The --method choices of `tinyllm prune` or `tinyllm quantize`, in table order."""
+    return [e.name for e in STEPS if e.cli == command]
 
 
 def step_class(name: str) -> type[Step]:

@@ -35,8 +35,7 @@ def prune(
 
 def training_pruners() -> dict[str, type[Step]]:
     """Training steps that prune (movement, imp): `tinyllm prune` offers them too."""
-    train = registry.step_classes("train")
-    return {n: c for n, c in train.items() if getattr(c, "prunes", False)}
+    return {n: registry.step_class(n) for n in registry.methods("prune") if n not in step_classes()}
 
 
 def step_fields(method: str) -> set[str]:
