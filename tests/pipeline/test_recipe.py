@@ -43,6 +43,7 @@ def test_a_recipe_becomes_the_api_step_configs() -> None:
 
 
 def _error(text: str) -> str:
+    """The RecipeError message parsing `text` (as r.yaml) raises (test_recipe_hostile too)."""
     with pytest.raises(RecipeError) as info:
         parse_recipe(text, "r.yaml")
     return str(info.value)

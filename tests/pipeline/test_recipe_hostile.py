@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.pipeline.test_recipe import _error
 from tinyllm.pipeline.recipe import RecipeError, load_recipe, parse_recipe
 from tinyllm.util import safe_yaml
-
-
-def _error(text: str) -> str:
-    with pytest.raises(RecipeError) as info:
-        parse_recipe(text, "r.yaml")
-    return str(info.value)
 
 
 def test_duplicate_keys_name_both_lines() -> None:
