@@ -142,3 +142,10 @@ def test_run_refuses_resume_with_overwrite(tmp_path: Path) -> None:
     rec = parse_recipe("model: m\nstages: [{type: rtn}]\n")
     with pytest.raises(RecipeError, match="pass one of them"):
         prepare_output(tmp_path / "run", rec, "", resume=True, overwrite=True)
+
+
+def test_run_check_refuses_options_it_would_ignore() -> None:
+    assert_clean_error(run("run", "edge", "--check", "--resume"), "--check only validates")
+    p = run("run", "edge", "--check")
+    assert p.returncode == 0, p.stderr
+    assert "valid; model" in p.stdout and "1. gptq" in p.stdout

@@ -18,6 +18,7 @@ from tinyllm.cli._common import (
 )
 from tinyllm.cli.app import app
 from tinyllm.core import registry
+from tinyllm.errors import ConfigError
 
 RUN_HELP = """Run a recipe: stages in order (distill -> prune -> quantize is the recommended order),
 each checkpointed and scored, then the exports and the report.
@@ -107,6 +108,8 @@ def run_(
     from tinyllm.pipeline.report import markdown_table, stage_line
     from tinyllm.pipeline.runner import run_recipe
 
+    if check and (output or resume or overwrite):
+        raise ConfigError("--check only validates the recipe: drop -o/--resume/--overwrite")
     path = resolve_recipe(recipe)
     rec = load_recipe(path)
     for w in rec.warnings:
