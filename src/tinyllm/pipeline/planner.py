@@ -448,22 +448,49 @@ def make_plan(
     probe = calibration_windows(tok, cal.corpus, probe_windows, probe_seq_len, cal.seed + 1)
     t1 = time.perf_counter()
     sens, embed_sens = _cached_sensitivity(cache, model, probe, embeddings, spec)
-    seconds = {"original_eval": t1 - t0, "sensitivity": time.perf_counter() - t1}
     plan = Plan(spec, budget, original, sens, embedding_sensitivity=embed_sens)
-    plan.candidates, costs = predict(model, sens, grids or candidate_grids(), embed_sens)
-    if mixed:
-        plan.candidates += mixed_candidates(model, costs, budget, embed_sens)
+    plan.seconds = {"original_eval": t1 - t0, "sensitivity": time.perf_counter() - t1}
+    plan.candidates = _candidates(model, sens, embed_sens, grids, mixed, budget)
     best = _feasible(model, plan.candidates, budget)[:verify_top]
     calib = calibration_windows(tok, cal.corpus, cal.samples, cal.seq_len, cal.seed)
     t2 = time.perf_counter()
     score = _scorer(model, tok, ev)
-    for c in track(best, "verifying"):
-        c.measured = verify(spec, c, calib, original, score, cal.dtype)
-    seconds["verify"] = time.perf_counter() - t2
-    ok = [c for c in best if fits(c, budget, measured=True)]
-    plan.recommended = min(ok, key=lambda c: c.measured["perplexity"]) if ok else None
-    plan.seconds = seconds
+    plan.recommended = _verify_best(spec, best, calib, original, score, cal.dtype, budget)
+    plan.seconds["verify"] = time.perf_counter() - t2
     return plan
+
+
+def _candidates(
+    model: nn.Module,
+    sens: dict[str, float],
+    embed_sens: dict[int, float],
+    grids: list[Grid] | None,
+    mixed: bool,
+    budget: Budget,
+) -> list[Candidate]:
+    """The prediction for every grid (candidate_grids unless given), then (with `mixed`) the
+    mixed-precision candidates."""
+    candidates, costs = predict(model, sens, grids or candidate_grids(), embed_sens)
+    if mixed:
+        candidates += mixed_candidates(model, costs, budget, embed_sens)
+    return candidates
+
+
+def _verify_best(
+    spec: str,
+    best: list[Candidate],
+    calib: torch.Tensor,
+    original: dict[str, float],
+    score: Callable[[nn.Module], Any],
+    calib_dtype: str,
+    budget: Budget,
+) -> Candidate | None:
+    """Quantize and measure each of `best` for real (verify); -> the lowest measured perplexity
+    among those that still fit the budget, or None."""
+    for c in track(best, "verifying"):
+        c.measured = verify(spec, c, calib, original, score, calib_dtype)
+    ok = [c for c in best if fits(c, budget, measured=True)]
+    return min(ok, key=lambda c: c.measured["perplexity"]) if ok else None
 
 
 def _measure_original(model: nn.Module, tok: Any, ev: Any) -> dict[str, float]:
@@ -554,21 +581,7 @@ def plan_markdown(plan: Plan) -> str:
     rows = pareto(plan.candidates) + [
         c for c in plan.candidates if c.measured and c not in pareto(plan.candidates)
     ]
-    for c in rows:
-        m = c.measured or {}
-        cells = [
-            c.label + (" **recommended**" if c is plan.recommended else ""),
-            f"{c.size_bytes / 2**20:.1f} MiB",
-            f"{c.size_bytes / o['fp16_bytes']:.3f}",
-            f"{c.predicted_kld:.4f}",
-            f"{c.predicted_ppl_ratio:.3f}",
-            f"{m['perplexity']:.3f}" if m else "-",
-            f"{m['ppl_ratio']:.3f}" if m else "-",
-            f"{m['kld']:.4f}" if m else "-",
-            f"{m['decode_ms']:.1f}" if m else "-",
-            "yes" if fits(c, b, measured=bool(m)) else "no",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += [_markdown_row(plan, c) for c in rows]
     worst = sorted(plan.sensitivity.items(), key=lambda kv: -kv[1])[:8]
     lines += ["", "Most sensitive layers (KL with only that layer at RTN 3-bit g128):", ""]
     lines += [f"- `{k}`: {v:.5f}" for k, v in worst]
@@ -579,9 +592,26 @@ def plan_markdown(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_front(plan: Plan) -> bytes:
-    import io
+def _markdown_row(plan: Plan, c: Candidate) -> str:
+    """Candidate c's row of the plan's table."""
+    m = c.measured or {}
+    cells = [
+        c.label + (" **recommended**" if c is plan.recommended else ""),
+        f"{c.size_bytes / 2**20:.1f} MiB",
+        f"{c.size_bytes / plan.original['fp16_bytes']:.3f}",
+        f"{c.predicted_kld:.4f}",
+        f"{c.predicted_ppl_ratio:.3f}",
+        f"{m['perplexity']:.3f}" if m else "-",
+        f"{m['ppl_ratio']:.3f}" if m else "-",
+        f"{m['kld']:.4f}" if m else "-",
+        f"{m['decode_ms']:.1f}" if m else "-",
+        "yes" if fits(c, plan.budget, measured=bool(m)) else "no",
+    ]
+    return "| " + " | ".join(cells) + " |"
 
+
+def plot_front(plan: Plan) -> bytes:
+    """The candidates' predicted and measured perplexity against size, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -614,13 +644,27 @@ def plot_front(plan: Plan) -> bytes:
         s=50,
         label="measured (GPTQ)",
     )
+    _budget_and_labels(ax, plan)
+    return _png(fig)
+
+
+def _budget_and_labels(ax: Any, plan: Plan) -> None:
+    """The size budget and the original perplexity as lines; axes, legend and grid."""
     ax.axvline(plan.budget.max_size_bytes / 2**20, color="C2", ls="--", label="size budget")
-    ax.axhline(o["perplexity"], color="k", lw=0.8, label="original")
+    ax.axhline(plan.original["perplexity"], color="k", lw=0.8, label="original")
     ax.set_yscale("log")
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel("perplexity")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+
+
+def _png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
