@@ -75,3 +75,17 @@ def test_models_load_refuses_a_checkpoint_and_names_tinyllm_load(tmp_path: Path)
     (tmp_path / TINYLLM_CONFIG).write_text("{}")
     with pytest.raises(ModelLoadError, match=r"tinyllm\.load \(tinyllm\.core\.load\.load\)"):
         load(tmp_path)
+
+
+def test_the_runtime_reads_the_sliding_window_rule_from_the_table():
+    """Mistral's window applies to every layer; Qwen2 with its window switched on falls back."""
+    from tinyllm.runtime.model import LlamaRuntime, unsupported_reason
+
+    mistral = tiny_model("mistral")
+    mistral.config.sliding_window = 7
+    assert unsupported_reason(mistral) is None
+    assert LlamaRuntime(mistral).window == 7
+    qwen = tiny_model("qwen2")
+    assert LlamaRuntime(qwen).window is None
+    qwen.config.use_sliding_window = True
+    assert "sliding window" in unsupported_reason(qwen)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -116,6 +116,10 @@ class Family:
     gguf: GGUFNames | None = None  # None: no GGUF export
     onnx: bool = False  # the ONNX graph (RMSNorm + rotary + GQA + SwiGLU) fits it
     runtime: bool = False  # the lean runtime's forward fits it (else the transformers fallback)
+    # How the lean runtime treats `config.sliding_window`: "none" (the family has none),
+    # "config" (every layer attends within it, Mistral), "refuse" (a window switched on by
+    # `use_sliding_window` is not supported: the transformers fallback runs it, Qwen2).
+    window: Literal["none", "config", "refuse"] = "none"
 
     def local(self, role: str) -> str:
         """The module name inside a block that plays `role`."""
@@ -140,9 +144,15 @@ FAMILIES: dict[str, Family] = {
     "llama": Family(
         "llama", gguf=GGUFNames("llama", LLAMA_GGUF, permute_qk=True), onnx=True, runtime=True
     ),
-    "qwen2": Family("qwen2", gguf=GGUFNames("qwen2", LLAMA_GGUF), onnx=True, runtime=True),
+    "qwen2": Family(
+        "qwen2", gguf=GGUFNames("qwen2", LLAMA_GGUF), onnx=True, runtime=True, window="refuse"
+    ),
     "mistral": Family(
-        "mistral", gguf=GGUFNames("llama", LLAMA_GGUF, permute_qk=True), onnx=True, runtime=True
+        "mistral",
+        gguf=GGUFNames("llama", LLAMA_GGUF, permute_qk=True),
+        onnx=True,
+        runtime=True,
+        window="config",
     ),
     "gemma3_text": Family(
         "gemma3_text",

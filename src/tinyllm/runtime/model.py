@@ -44,8 +44,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope not in STATIC_ROPE:
         return f"RoPE type '{rope}' depends on sequence length"
-    if getattr(cfg, "use_sliding_window", False) and fam == "qwen2":
-        return "Qwen2 with a sliding window"
+    if getattr(cfg, "use_sliding_window", False) and FAMILIES[fam].window == "refuse":
+        return f"{fam} with a sliding window"
     return None
 
 
@@ -205,7 +205,7 @@ class LlamaRuntime:
         self.head_dim = int(
             getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         )
-        self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        self.window = getattr(cfg, "sliding_window", None) if fam.window == "config" else None
         rotary = model.get_submodule("model.rotary_emb")
         self.inv_freq = rotary.inv_freq.float()  # [head_dim / 2]
         self.rope_scale = float(rotary.attention_scaling)
