@@ -15,7 +15,7 @@ using it (quant.awq.checked_groups).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
@@ -181,7 +181,7 @@ def derived_family(model: nn.Module) -> Family:
     present = {name for name, _ in blocks[0].named_modules()}
     roles = {r: local for r, local in LLAMA_ROLES.items() if local in present}
     model_type = getattr(model.config, "model_type", "?")
-    return replace(Family(model_type), roles=roles)
+    return Family(model_type, roles=roles)
 
 
 def family_of(model: nn.Module) -> Family:
