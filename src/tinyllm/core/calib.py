@@ -665,21 +665,41 @@ def calibrate_blocks(
         task = bar.add_task(description, total=len(blocks), info="")
         ref = [x.clone() for x in xs] if reference else None
         for i, block in enumerate(blocks):
-            if ref is None:
-                finish = fn(i, block, xs, kwargs[i])
-            else:
-                before = ref[0]
-                finish = fn(i, block, xs, kwargs[i], ref)
-                if ref[0] is before:
-                    raise RuntimeError(f"{description}: block {i} did not advance the reference")
-            if isinstance(finish, Advanced):
-                finish = finish.finish
-            else:
-                with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
-                    for b, x in enumerate(xs):  # in place: each input is freed as it is replaced
-                        xs[b] = run_block(block, x, kwargs[i])
+            finish = _call(fn, i, block, xs, kwargs[i], ref, description)
+            finish = _advance(block, xs, kwargs[i], finish)
             if finish is not None:
                 finish()
             info = status(i) if status else ""
             bar.update(task, advance=1, info=f"block {i + 1}/{len(blocks)} {info}")
     model.train(was_training)
+
+
+def _call(
+    fn: BlockFn,
+    i: int,
+    block: nn.Module,
+    xs: list[torch.Tensor],
+    kwargs: dict,
+    ref: list[torch.Tensor] | None,
+    description: str,
+) -> Any:
+    """fn on block i (with the reference stream, if any, which it must advance)."""
+    if ref is None:
+        return fn(i, block, xs, kwargs)
+    before = ref[0]
+    finish = fn(i, block, xs, kwargs, ref)
+    if ref[0] is before:
+        raise RuntimeError(f"{description}: block {i} did not advance the reference")
+    return finish
+
+
+def _advance(
+    block: nn.Module, xs: list[torch.Tensor], kwargs: dict, finish: Any
+) -> Callable[[], None] | None:
+    """Replace the block's inputs xs by its outputs, unless fn did (Advanced); -> what runs next."""
+    if isinstance(finish, Advanced):
+        return finish.finish
+    with block_compute(block, xs[0].shape[0] * xs[0].shape[1]):
+        for b, x in enumerate(xs):  # in place: each input is freed as it is replaced
+            xs[b] = run_block(block, x, kwargs)
+    return finish
