@@ -111,3 +111,20 @@ def test_the_recipe_docs_name_every_stage_type() -> None:
     table = text[text.index("| type | kind |") :].split("\n\n")[0]  # the stage table
     for name in registry.names():
         assert name in table, f"docs/recipes.md stage table omits {name}"
+
+
+def test_training_steps_are_recipe_stages() -> None:
+    from tinyllm.pipeline.recipe import RecipeError, parse_recipe
+    from tinyllm.prune.movement import IMP, Movement
+
+    text = "model: m\nstages:\n  - {type: movement, sparsity: 0.5, steps: 200}\n"
+    text += "  - {type: imp, sparsity: 0.4, rounds: 2, rewind: true}\n"
+    assert parse_recipe(text).stages == [
+        Movement(sparsity=0.5, steps=200),
+        IMP(sparsity=0.4, rounds=2, rewind=True),
+    ]
+    late = "model: m\nstages:\n  - {type: gptq}\n  - {type: movement, sparsity: 0.5}\n"
+    with pytest.raises(RecipeError, match="movement after quantization"):
+        parse_recipe(late)
+    with pytest.raises(RecipeError, match="unknown field 'ratio'"):
+        parse_recipe("model: m\nstages:\n  - {type: movement, ratio: 0.5}\n")
