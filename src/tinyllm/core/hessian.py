@@ -92,7 +92,7 @@ def _row_blocks(start: int, stop: int) -> list[tuple[int, int]]:
 # EXACT_ROWS largest channels (largest mean square in the layer's first batch) are accumulated
 # in fp32 beside the bf16 products and replace theirs: errors fall to 0.1-3% of the mean
 # diagonal and GPTQ's output errors stay within 0.2% of the exact Hessian's on every layer
-# measured (BENCHMARKS.md, session 19).
+# measured (benchmarks/bench_hessian_bf16.py; benchmarks/HISTORY.md).
 EXACT_ROWS = 32
 
 

@@ -107,7 +107,8 @@ def one_thread() -> Iterator[None]:
 # error. Hessians (GPTQ, SparseGPT) then come from bf16 products too, with the rows and columns
 # of the 32 largest input channels accumulated in fp32 (core.hessian.HessianAccumulator).
 # float32 stays the default; on SmolLM2 GPTQ (4-bit g64, 3-bit g32), AWQ, SparseGPT and Wanda
-# showed no loss in bf16 beyond their run-to-run spread (BENCHMARKS.md, issue 3, session 19).
+# showed no loss in bf16 beyond their run-to-run spread (benchmarks/bench_hessian_bf16.py;
+# benchmarks/HISTORY.md).
 
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
 _CALIB_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar(

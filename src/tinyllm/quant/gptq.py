@@ -45,7 +45,7 @@ class GPTQ(WeightQuant):
     calibrated = True
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     # columns per lazy batch update (the paper's 128 measures the same with the transposed loop;
-    # bench_gptq_parts.py, BENCHMARKS.md session 16)
+    # bench_gptq_parts.py; benchmarks/HISTORY.md)
     block_size: int = 32
     act_order: bool = True  # quantize columns by decreasing Hessian diagonal
     static_groups: bool = True  # group grids fixed from the original weights before any update

@@ -7,7 +7,7 @@ gradient to the weight unchanged inside the grid's range and the scales learn as
 al. 2020). The scales are trained as log-magnitudes (sign kept fixed): an Adam step then changes a
 scale by a bounded *relative* amount whatever its size. Trained directly, a scale of ~0.01 moves
 by lr per step like any weight, which at QAT learning rates is a 10-20% change in 60 steps and
-made the measured models worse than before training (BENCHMARKS.md, issue 5).
+made the measured models worse than before training (benchmarks/HISTORY.md, distillation and QAT).
 `to_record()` turns it back into a packed `QuantizedWeight` with the same layout, so a
 trained student is saved as a real quantized checkpoint.
 """
