@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "tinyllm"
 
@@ -328,7 +326,6 @@ def long_functions() -> list[str]:
     return found
 
 
-@pytest.mark.xfail(strict=False, reason="issue 32 in progress")
 def test_no_function_over_60_lines() -> None:
     """No function in src/tinyllm is longer than 60 lines (decorators excluded)."""
     found = long_functions()
