@@ -12,8 +12,6 @@ same settings give byte-identical checkpoints whichever way they are run.
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from torch import nn
 from tinyllm.core.registry import kind_of
 from tinyllm.core.steps import Context, Step, TrainSetup, apply_step, fit_batch
 from tinyllm.errors import ConfigError
+from tinyllm.util.memory import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ def _meta(
         used = {**calibration.model_dump(), "dtype": report.get("calib_dtype", calibration.dtype)}
     return {
         "float_dtype": float_dtype,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "source": str(source),
         "steps": [*prior_steps(source), *(cfg.describe() for cfg in steps)],
         "seconds": report["seconds"],
@@ -208,12 +207,6 @@ def _save(
     rest = {k: v for k, v in report.items() if k != "layer_errors"}
     extra[REPORT_FILES[kind_of(steps[-1])]] = rest
     return save_checkpoint(model, tok, out, meta, overwrite=overwrite, extra_files=extra)
-
-
-def _peak_rss() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _rank() -> int:

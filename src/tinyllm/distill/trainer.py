@@ -603,7 +603,7 @@ def distill(
     """
     from tinyllm.checkpoint import round_floats, save_checkpoint
     from tinyllm.distill.student import finish_training
-    from tinyllm.eval.memory import peak_rss_bytes
+    from tinyllm.util.memory import peak_rss_bytes
 
     out = run.out
     trainer = Trainer(run, cfg)

@@ -21,12 +21,12 @@ from tinyllm.data.corpora import DEFAULT_CORPUS, load_corpus
 from tinyllm.data.windows import eval_windows, tokenize_corpus, with_bos
 from tinyllm.errors import TokenizerMismatchError
 from tinyllm.eval.divergence import token_kl, top1_agree
-from tinyllm.eval.memory import peak_rss_bytes
 from tinyllm.eval.perplexity import perplexity, token_nll
 from tinyllm.models.anatomy import analyze
 from tinyllm.models.size import bits_per_weight, param_count, size_bytes
 from tinyllm.models.sparsity import sparsity_of
 from tinyllm.util.fs import write_json_atomic
+from tinyllm.util.memory import peak_rss_bytes
 from tinyllm.util.progress import make_progress
 
 log = logging.getLogger(__name__)

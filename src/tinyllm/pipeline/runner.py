@@ -209,7 +209,7 @@ class Runner:
 
     def run_stage(self, i: int, cfg: BaseModel) -> dict:
         from tinyllm.core.load import load
-        from tinyllm.eval.memory import PeakRSS
+        from tinyllm.util.memory import PeakRSS
 
         name, kind = stage_name(cfg), kind_of(cfg)
         log.info("stage %d/%d: %s", i + 1, len(self.recipe.stages), name)
