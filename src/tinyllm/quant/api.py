@@ -33,12 +33,14 @@ def quantize(
 
 WRAPPERS = ("awq", "mixed")  # methods that quantize through a base method
 BASES = {"awq": ("rtn", "gptq"), "mixed": ("rtn", "gptq", "awq")}
+# A flat option that a method's field takes under another name (NF4's blocks are its groups).
+RENAMED = {"nf4": {"group_size": "block_size"}}
 
 
 def step_fields(method: str, base: str = "rtn") -> set[str]:
     """The options `quant_step(method, ..., base)` uses: the method's fields and its base's."""
     classes = step_classes()
-    fields = set(classes[method].model_fields)
+    fields = set(classes[method].model_fields) | set(RENAMED.get(method, {}))
     if method == "mixed":
         fields = {"candidate_bits", "avg_bits", "size_mb", "base"}
     if method in WRAPPERS:
@@ -55,6 +57,8 @@ def quant_step(
     if method not in classes:
         raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(classes)}")
     if method not in WRAPPERS:
+        for old, new in RENAMED.get(method, {}).items():
+            options = {new: options[old], **options} if old in options else options
         return classes[method].from_options(options, method, flag)
     if base not in BASES[method]:
         raise ConfigError(
