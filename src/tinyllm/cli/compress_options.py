@@ -113,7 +113,8 @@ class Quant:
     GroupSize = Annotated[
         int,
         typer.Option(
-            help="Input columns sharing a scale: 32, 64, 128, or -1 for one per output channel."
+            help="Input columns sharing a scale: 32, 64, 128, or -1 for one per output channel "
+            "(nf4: its block size, 32, 64 or 128)."
         ),
     ]
     Sym = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point).")]
