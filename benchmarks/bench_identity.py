@@ -80,6 +80,8 @@ def run_row(name: str, trees: dict[str, Path], tmp: Path, calib: str) -> dict:
     record: dict = {"command": "tinyllm " + template.format(model=MODEL, out="DIR", calib=calib)}
     for side, src in trees.items():
         out = tmp / f"{name}-{side}"
+        if weights:  # an exported file: its directory must exist
+            out.mkdir(parents=True, exist_ok=True)
         args = template.format(model=MODEL, out=out, calib=calib).split()
         seconds, _ = run(src, args)
         file = out / (weights or "model.safetensors")
