@@ -25,6 +25,7 @@ from torch import nn
 from tinyllm.core.registry import kind_of
 from tinyllm.core.steps import Context, Step, TrainSetup, apply_step, fit_batch
 from tinyllm.errors import ConfigError
+from tinyllm.util.device import resolve_device
 from tinyllm.util.memory import peak_rss_bytes
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,14 @@ def compress(
     train_dir: str | Path | None = None,
     resume: bool = False,
     meta: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> CompressResult:
     """Load `source`, run `steps` in order, round floats to `float_dtype`, save to `out`.
 
     Training steps (distill, recover, movement, imp) learn from `teacher` (default: the source)
     and keep their trainer state in `train_dir` (default: `<out>.train`), which `resume`
-    continues. `meta` adds fields to the checkpoint's tinyllm.json."""
+    continues. `meta` adds fields to the checkpoint's tinyllm.json. `device` (auto, cpu,
+    cuda[:N]) is where blocks are computed; the model itself stays in CPU memory."""
     from tinyllm.checkpoint import check_output_dir, round_floats
     from tinyllm.core.load import load
 
@@ -86,6 +89,7 @@ def compress(
         check_output_dir(Path(out), overwrite or resume)  # fail before the slow part
     model, tok = load(source)
     ctx = _context(steps, tok, calibration)
+    ctx.device = resolve_device(device)
     if any(kind_of(cfg) == "train" for cfg in steps):
         workdir = _train_dir(out, train_dir)
         ctx.train = _train_setup(str(source), teacher, tok, workdir, resume, overwrite)

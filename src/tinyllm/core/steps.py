@@ -63,6 +63,7 @@ class Context:
     # Precision of calibration forwards: float32, bfloat16 or auto (bfloat16 where the CPU
     # computes it natively); see tinyllm.core.kernels.
     calib_dtype: str = "float32"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # compute device
     report: dict[str, Any] = field(default_factory=dict)  # e.g. per-layer errors
     # Per-layer bit widths for weight quantizers (mixed precision), keyed by the full linear
     # name (LinearSite.name); layers not listed use the step's own `bits`.
