@@ -6,6 +6,7 @@ into a `torch.device` and refuses what cannot work (a GPU asked for on a machine
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
@@ -37,3 +38,10 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         if device.index is not None and device.index >= count:
             raise ConfigError(f"device '{spec}' asked for, but only {count} GPU(s) are present")
     return device
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are: its first parameter's or buffer's device (CPU if none)."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")
