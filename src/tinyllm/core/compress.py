@@ -120,9 +120,11 @@ def _context(steps: list[Step], tok: Any, calibration: Calibration) -> Context:
     ctx = Context(calib_dtype=calibration.dtype)
     if any(cfg.calibrated for cfg in steps):
         from tinyllm.data.calibration import calibration_windows
+        from tinyllm.util.dist import shard
 
         c = calibration
-        ctx.calib = calibration_windows(tok, c.corpus, c.samples, c.seq_len, c.seed)
+        # under torchrun each process calibrates on its share (util.dist: statistics reduced)
+        ctx.calib = shard(calibration_windows(tok, c.corpus, c.samples, c.seq_len, c.seed))
         ctx.batch_size = fit_batch(ctx.calib, ctx.batch_size)
     return ctx
 

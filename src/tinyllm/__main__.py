@@ -1,0 +1,5 @@
+"""`python -m tinyllm` (and `torchrun ... -m tinyllm`): the `tinyllm` command."""
+
+from tinyllm.cli import main
+
+main()
