@@ -52,6 +52,7 @@ def _swappable(module: nn.Module) -> bool:
         type(module) is nn.Linear
         and isinstance(weight, torch.Tensor)
         and weight.dtype == torch.float32
+        and weight.device.type == "cpu"  # oneDNN's packed weights are CPU tensors
         and not module._forward_pre_hooks
     )
 

@@ -62,6 +62,11 @@ class ActivationQuant:
     def dynamic(self) -> bool:
         return self.granularity == "token"
 
+    def to_(self, device: torch.device) -> None:
+        """Move the static scale and zero point to `device`, in place."""
+        self.scale = None if self.scale is None else self.scale.to(device)
+        self.zero = None if self.zero is None else self.zero.to(device)
+
     def quantize_int8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [m, in] float -> (codes int8 [m, in], scale to multiply the GEMM by: [m, 1] or [1]).
         For channel granularity the scale lives in the weight, so the returned one is 1."""
@@ -72,7 +77,7 @@ class ActivationQuant:
         if self.zero is not None:
             q = q.add_(self.zero)
         q = q.clamp_(INT8_MIN, INT8_MAX).to(torch.int8)
-        one = torch.ones(1)
+        one = torch.ones(1, device=x.device)
         return q, one if self.granularity == "channel" else self.scale
 
     def fake(self, x: torch.Tensor) -> torch.Tensor:

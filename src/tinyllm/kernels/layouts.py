@@ -274,7 +274,9 @@ class W8A8Int(ActLayout):
         codes = (qw.codes().to(torch.int16) - 128).to(torch.int8)  # [out, in]
         zero_term = None
         if act.zero is not None:  # (x_q - z) W^T = x_q W^T - z W^T: a constant row
-            zero_term = (act.zero.to(torch.int32).expand(qw.shape[1]) @ codes.int().t())[None]
+            # sum_i z_i W[o, i] in exact int32, on any device (CUDA has no int32 matmul)
+            zero = act.zero.to(torch.int32).expand(qw.shape[1])  # [in]
+            zero_term = (codes.int() * zero).sum(dim=1, dtype=torch.int32)[None]  # [1, out]
         return {
             "w_i8": codes,
             "w_i8_scale": qw.scale.float().reshape(1, -1),
@@ -283,10 +285,24 @@ class W8A8Int(ActLayout):
 
     def matmul(self, x: torch.Tensor, packed: Packed, act: ActivationQuant) -> torch.Tensor:
         q, sx = act.quantize_int8(x)  # int8 [m, in], [m, 1] | [1]
-        acc = torch._int_mm(q, packed["w_i8"].t())  # int32 [m, out]
+        acc = int_mm(q, packed["w_i8"].t())  # int32 [m, out]
         if packed["zero_term"] is not None:
             acc = acc - packed["zero_term"]
         return acc.float() * (sx * packed["w_i8_scale"])
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 a [m, k] @ int8 b [k, n] -> int32 [m, n], exact on any device. CUDA's kernel
+    (`torch._int_mm`) takes only m > 16 and k, n multiples of 8: small inputs are padded with
+    zero rows, other shapes multiply in float64 (exact: every sum is far below 2^53)."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b)
+    (m, k), n = a.shape, b.shape[1]
+    if k % 8 or n % 8:
+        return (a.double() @ b.double()).to(torch.int32)
+    if m <= 16:
+        return torch._int_mm(torch.cat([a, a.new_zeros(17 - m, k)]), b)[:m]
+    return torch._int_mm(a, b)
 
 
 class FP8Simulated(ActLayout):

@@ -111,11 +111,11 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
         pairs = q.reshape(-1, 2).to(torch.uint8)
         return pairs[:, 0] | (pairs[:, 1] << 4)
     flat = q.reshape(-1).to(torch.int32)
-    shifts = torch.arange(bits, dtype=torch.int32)
+    shifts = torch.arange(bits, dtype=torch.int32, device=q.device)
     stream = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)  # [n * bits]
     pad = (-stream.numel()) % 8
     stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=q.device)).to(torch.uint8)
     return (stream * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
@@ -125,7 +125,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return packed[:numel].clone()
     if bits == 4 and numel % 2 == 0:
         return torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:numel]
-    stream = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1
+    dev = packed.device
+    stream = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32, device=dev)) & 1
     stream = stream.reshape(-1)[: numel * bits].reshape(numel, bits)
-    weights = 1 << torch.arange(bits, dtype=torch.int32)
+    weights = 1 << torch.arange(bits, dtype=torch.int32, device=dev)
     return (stream * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)

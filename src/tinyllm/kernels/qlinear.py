@@ -10,6 +10,8 @@ accounting sees both it and the layout's copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -18,11 +20,14 @@ from tinyllm.kernels.layouts import (
     ActLayout,
     Layout,
     Packed,
+    Target,
     choose_act_layout,
     choose_layout,
     layout_named,
 )
 from tinyllm.kernels.qweight import QuantizedWeight
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]  # what nn.Module._apply maps over tensors
 
 
 def _register(module: nn.Module, qw: QuantizedWeight, packed: Packed) -> tuple[str, ...]:
@@ -35,6 +40,26 @@ def _register(module: nn.Module, qw: QuantizedWeight, packed: Packed) -> tuple[s
     return tuple(packed)
 
 
+def _record_device(module: nn.Module) -> torch.device:
+    """Where `module.to(...)` has just put the record's buffers."""
+    return module._buffers["record_packed"].device
+
+
+def _point_record(module: nn.Module, qw: QuantizedWeight) -> None:
+    """The record buffers are the record's own tensors again (no second copy on a device)."""
+    for name, t in qw.tensors("record").items():
+        module._buffers[name.replace(".", "_")] = t
+
+
+def _repack(module: nn.Module, packed: Packed) -> None:
+    """Replace the layout buffers of `module` with `packed`."""
+    for name in module._packed_names:
+        del module._buffers[name]
+    for name, t in packed.items():
+        module.register_buffer(name, t, persistent=False)
+    module._packed_names = tuple(packed)
+
+
 class QuantLinear(nn.Module):
     is_tinyllm_linear = True
 
@@ -45,12 +70,38 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qw.shape
         self.qweight = qw
+        self.forced = kernel
         self.layout: Layout = layout_named(kernel) if kernel else choose_layout(qw)
         self.kernel = self.layout.name
         self._packed_names = _register(self, qw, self.layout.pack(qw))
+        self._device = qw.packed.device  # where the layout's buffers were packed for
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
+
+    def _apply(self, fn: TensorFn, recurse: bool = True) -> QuantLinear:
+        """`.to(device)`, `.cuda()`, `.cpu()`: the record follows its buffers, and a layout that
+        does not run on the new device (tinyllm's C++ and PyTorch's packed CPU kernels) gives
+        way to the first that does there (dequantize-and-matmul off the CPU)."""
+        super()._apply(fn, recurse)
+        device = _record_device(self)
+        if device != self._device:
+            self._follow(device)
+        return self
+
+    def _follow(self, device: torch.device) -> None:
+        qw = self.qweight
+        if qw.packed.device != device:
+            qw.to_(device)  # in place: a tied embedding holding the same record sees it moved
+        _point_record(self, qw)
+        target = Target(device)
+        layout = layout_named(self.forced) if self.forced else None
+        if layout is None or not layout.supports(qw, target):
+            layout = choose_layout(qw, target)
+        if layout is not self.layout:
+            self.layout, self.kernel = layout, layout.name
+            _repack(self, layout.pack(qw))
+        self._device = device
 
     def packed(self) -> Packed:
         """The layout's buffers as they are now (the runtime may swap them for views)."""
@@ -112,9 +163,22 @@ class ActQuantLinear(nn.Module):
         self.layout: ActLayout = choose_act_layout(qw, act)
         self.kernel = self.layout.name
         self._packed_names = _register(self, qw, self.layout.pack(qw, act))
+        self._device = qw.packed.device
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
+
+    def _apply(self, fn: TensorFn, recurse: bool = True) -> ActQuantLinear:
+        """`.to(device)`: the record and the activation spec follow the buffers."""
+        super()._apply(fn, recurse)
+        device = _record_device(self)
+        if device != self._device:
+            self.qweight.to_(device)
+            self.act.to_(device)
+            _point_record(self, self.qweight)
+            _repack(self, self.layout.pack(self.qweight, self.act))
+            self._device = device
+        return self
 
     def logical_numel(self) -> int:
         return self.in_features * self.out_features
@@ -175,6 +239,18 @@ class QuantEmbedding(nn.Module):
         self.qweight = qw
         for name, t in qw.tensors("record").items():
             self.register_buffer(name.replace(".", "_"), t, persistent=False)
+
+        self._device = qw.packed.device
+
+    def _apply(self, fn: TensorFn, recurse: bool = True) -> QuantEmbedding:
+        """`.to(device)`: the record follows its buffers (rows are dequantized where it is)."""
+        super()._apply(fn, recurse)
+        device = _record_device(self)
+        if device != self._device:
+            self.qweight.to_(device)  # a no-op when a tied head moved it first
+            _point_record(self, self.qweight)
+            self._device = device
+        return self
 
     def logical_numel(self) -> int:
         return self.num_embeddings * self.embedding_dim

@@ -119,6 +119,16 @@ class QuantizedWeight:
             return (g * scale.float()[..., None]).reshape(q.shape)
         return dequantize_codes(q, scale, self.zero[idx], self.effective_group)
 
+    def to_(self, device: torch.device) -> None:
+        """Move every tensor of the record to `device`, in place (modules sharing the record,
+        a tied embedding and head, keep sharing it)."""
+        for name in ("packed", "scale", "zero", "perm", "codebook"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        if self.scale_dq is not None:
+            self.scale_dq = {k: v.to(device) for k, v in self.scale_dq.items()}
+
     def storage_bits(self) -> int:
         """Bits stored for this weight: codes, scales, zero points (asymmetric), codebook."""
         bits = self.shape[0] * self.shape[1] * self.bits
