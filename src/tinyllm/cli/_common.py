@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tinyllm.errors import ConfigError
+from tinyllm.util.device import DEVICE_HELP
 from tinyllm.util.units import human_bytes
 
 out = Console()
@@ -101,6 +102,27 @@ Int8ActOpt = Annotated[
         "forward only (Llama, Qwen2, Mistral): refused where a model falls back to transformers.",
     ),
 ]
+
+
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help=f"Where the model computes: {DEVICE_HELP}. On a GPU, results match the CPU's to "
+        "float rounding, not bit for bit; without a GPU, auto is cpu.",
+    ),
+]
+
+
+def device_of(spec: str) -> str:
+    """--device checked before anything loads: its torch name ('cpu', 'cuda', 'cuda:1'), or a
+    ConfigError saying what this machine has."""
+    from tinyllm.util.device import resolve_device
+
+    try:
+        return str(resolve_device(spec))
+    except ConfigError as exc:
+        raise ConfigError(f"--device: {exc}") from None
 
 
 def _check_calib_dtype(name: str) -> None:

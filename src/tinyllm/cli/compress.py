@@ -17,6 +17,7 @@ from tinyllm.cli import compress_options as opts_
 from tinyllm.cli._common import (
     CalibCorpusOpt,
     CalibDtypeOpt,
+    DeviceOpt,
     ModelArg,
     OutputDirOpt,
     OverwriteOpt,
@@ -24,6 +25,7 @@ from tinyllm.cli._common import (
     SeedOpt,
     SeqLenOpt,
     _check_calib_dtype,
+    device_of,
     flag_of,
     given_options,
     help_text,
@@ -35,10 +37,10 @@ from tinyllm.errors import ConfigError
 Q, P, D = opts_.Quant, opts_.Prune, opts_.Distill
 
 CALIB = ("calib_corpus", "samples", "seq_len", "seed", "calib_dtype")
-QUANT_GENERAL = {"model", "output", "method", "overwrite", "float_dtype", *CALIB}
+QUANT_GENERAL = {"model", "output", "method", "overwrite", "float_dtype", "device", *CALIB}
 QUANT_GENERAL |= {"gguf_compatible", "embed_bits"}
 QUANT_FIELD = {"alpha_search": "search", "fp8_format": "format"}  # option -> step field
-PRUNE_GENERAL = {"model", "output", "method", "overwrite", *CALIB}
+PRUNE_GENERAL = {"model", "output", "method", "overwrite", "device", *CALIB}
 
 
 @app.command(help=help_text(opts_.QUANTIZE_HELP))
@@ -81,6 +83,7 @@ def quantize(
     calib_dtype: CalibDtypeOpt = "float32",
     overwrite: OverwriteOpt = False,
     float_dtype: Q.FloatDtype = "float16",
+    device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress
 
@@ -89,7 +92,7 @@ def quantize(
     meta = {"gguf_compatible": gguf_compatible} if gguf_compatible else None
     result = compress(
         model, steps, calibration(opts), output,
-        overwrite=overwrite, float_dtype=float_dtype, meta=meta,
+        overwrite=overwrite, float_dtype=float_dtype, meta=meta, device=device_of(device),
     )  # fmt: skip
     print_quant_report(result.report, method, output)
 
@@ -230,6 +233,7 @@ def prune(
     rounds: P.Rounds = 3,
     rewind: P.Rewind = False,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress
     from tinyllm.prune.api import prune_step, step_classes, step_fields, training_pruners
@@ -243,7 +247,7 @@ def prune(
     where = output / "model" if trains else output
     result = compress(
         model, [cfg], calibration(opts), where, overwrite=overwrite,
-        train_dir=output if trains else None,
+        train_dir=output if trains else None, device=device_of(device),
     )  # fmt: skip
     print_prune_report(result, method, where)
 
@@ -301,16 +305,18 @@ def distill(
     resume: D.Resume = False,
     overwrite: D.Overwrite = False,
     train: D.Train = "all",
+    device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress
     from tinyllm.distill.steps import Distill
 
     if student is None and layers is None:
         raise ConfigError("give a student: --student MODEL, or --layers N for a layer-dropped copy")
+    where = device_of(device)
     cfg = Distill.from_options(locals(), "distill", lambda f: f"--{f.replace('_', '-')}")
     result = compress(
         student or teacher, [cfg], None, output / "model",
-        overwrite=overwrite, teacher=teacher, train_dir=output, resume=resume,
+        overwrite=overwrite, teacher=teacher, train_dir=output, resume=resume, device=where,
     )  # fmt: skip
     if "distill" not in result.meta:  # not rank 0
         return

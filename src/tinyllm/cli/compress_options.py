@@ -25,6 +25,9 @@ layer_errors.json; `tinyllm eval DIR` and `tinyllm.load(DIR)` read it back. An o
 another method (`--method rtn --damp 0.1`) is an error that lists the method's options.
 `tinyllm.compress(model, steps, calibration, out)` does the same from Python.
 
+Blocks compute on --device (auto, the default: a GPU when one is present, else the CPU; cpu;
+cuda or cuda:N); codes from a GPU match the CPU's up to float rounding, not bit for bit.
+
 Examples:
 
   tinyllm quantize smollm2-135m --method gptq --bits 4 --group-size 64 -o out/gptq-4b
@@ -59,6 +62,9 @@ training directory (the pruned model in OUTPUT/model): movement (scores -W*grad 
 while fine-tuning, sparsity raised on a cubic schedule), imp (ROUNDS rounds of magnitude
 pruning and retraining in OUTPUT/round-R, --rewind for lottery-ticket rewinding).
 
+Blocks (and the trainer of movement and imp) compute on --device (auto, the default: a GPU
+when one is present, else the CPU; cpu; cuda or cuda:N).
+
 Examples:
 
   tinyllm prune smollm2-135m --method wanda --sparsity 0.5 -o out/wanda50
@@ -81,7 +87,8 @@ Trains on the corpus outside its evaluation slice; evaluates perplexity and KL t
 before, every EVAL_EVERY steps and after. OUTPUT gets model/ (the student: `tinyllm eval
 OUTPUT/model`), checkpoint/ (for --resume; Ctrl-C saves one), log.csv, log.json, loss.png and
 summary.json (perplexities, recovery, tokens/s, peak RSS). Runs under
-`torchrun --nproc_per_node=N` with DistributedDataParallel (batch is per process).
+`torchrun --nproc_per_node=N` with DistributedDataParallel (batch is per process). The
+trainer runs on --device (auto, the default: a GPU when one is present, else the CPU).
 
 Examples:
 

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from tinyllm.cli._common import (
     CalibCorpusOpt,
+    DeviceOpt,
     JsonOpt,
     ModelArg,
     SamplesOpt,
@@ -16,6 +17,7 @@ from tinyllm.cli._common import (
     SeqLenOpt,
     _eval_rows,
     _table,
+    device_of,
     human_bytes,
     out,
 )
@@ -72,8 +74,9 @@ def eval_(
         int | None, typer.Option(help="Windows per forward (default: 2048 tokens).")
     ] = None,
     fast: Annotated[
-        bool, typer.Option(help="Run fp32 linears through oneDNN while scoring.")
+        bool, typer.Option(help="Run fp32 linears through oneDNN while scoring (CPU only).")
     ] = True,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Perplexity (and KLD/agreement with --reference), size, bits per weight, speed, memory.
 
@@ -86,6 +89,7 @@ def eval_(
     from tinyllm.eval.evaluate import evaluate
 
     check_seq_len(seq_len)  # fail before loading anything
+    where = device_of(device)
     m, tok = load(model)
     ref = load(reference) if reference else None
     result = evaluate(
@@ -98,6 +102,7 @@ def eval_(
         batch_size=batch_size,
         name=model,
         fast=fast,
+        device=where,
     )
     out.print(_table(f"tinyllm eval {model}", _eval_rows(result)))
     if json_out:

@@ -33,6 +33,7 @@ them). A run locks OUTPUT (.OUTPUT.lock beside it): a second run into it fails a
 A recipe is YAML, never code:
 
   model: smollm2-135m
+  device: auto        # cpu, cuda, cuda:N; auto: a GPU when present
   calibration: {corpus: enwiki, samples: 128, seq_len: 512, seed: 0}
   evaluation: {corpus: enwiki, windows: 40, seq_len: 512}
   stages:
@@ -115,7 +116,7 @@ def run_(
     for w in rec.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if check:
-        out.print(f"{path}: valid; model {rec.model}")
+        out.print(f"{path}: valid; model {rec.model}, device {rec.device}")
         for line in rec.outline():
             out.print(f"  {line}", highlight=False, soft_wrap=True)
         return

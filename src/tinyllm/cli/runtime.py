@@ -9,12 +9,14 @@ import typer
 from rich.table import Table
 
 from tinyllm.cli._common import (
+    DeviceOpt,
     Int8ActOpt,
     JsonOpt,
     KvDtypeOpt,
     KvOpt,
     ModelArg,
     _make_step,
+    device_of,
     err,
     help_text,
     out,
@@ -42,8 +44,10 @@ Example, then a client in Python:
 """
 
 
-def _engine(model: str, kv_memory: float, kv_dtype: str, int8_act: bool, scheduler=None):
-    """Load MODEL into an engine with the KV and kernel options (and a scheduler config)."""
+def _engine(
+    model: str, kv_memory: float, kv_dtype: str, int8_act: bool, device: str, scheduler=None
+):
+    """Load MODEL into an engine on DEVICE with the KV and kernel options (and a scheduler)."""
     from tinyllm.runtime.engine import EngineConfig, load_engine
     from tinyllm.runtime.scheduler import SchedulerConfig
 
@@ -52,6 +56,8 @@ def _engine(model: str, kv_memory: float, kv_dtype: str, int8_act: bool, schedul
         kv_dtype=kv_dtype,
         int8_activations=int8_act,
         scheduler=scheduler or SchedulerConfig(),
+        # checked before the model loads; --int8-act's kernels are CPU ones, so auto means cpu
+        device=device_of("cpu" if int8_act and device == "auto" else device),
     )
     return load_engine(model, cfg)
 
@@ -73,6 +79,7 @@ def generate(
     kv_memory: KvOpt = 64.0,
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.runtime.sampling import SamplingParams
 
@@ -87,7 +94,7 @@ def generate(
         seed=seed,
         stop=stop or [],
     )
-    engine = _engine(model, kv_memory, kv_dtype, int8_act)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, device)
     ids = engine.prompt_ids(prompt, chat=chat)
     [seq] = engine.generate(
         [ids], params, sink=lambda ev: out.print(ev.text, end="", highlight=False)
@@ -110,6 +117,7 @@ def bench(
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
     json_out: JsonOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Serve N concurrent streams and print TTFT, inter-token latency p50/p95/p99, tokens/s, KV.
 
@@ -119,7 +127,7 @@ def bench(
     from tinyllm.runtime.bench import bench as run_bench
 
     levels = parse_levels(concurrency)
-    engine = _engine(model, kv_memory, kv_dtype, int8_act, bench_scheduler(levels))
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, bench_scheduler(levels))
     rows = run_bench(engine, levels, prompt_len, gen_len, repeats)
     table = Table(title=f"tinyllm bench {model} (prompt {prompt_len}, generate {gen_len})")
     for col in COLUMNS:
@@ -205,6 +213,7 @@ def serve(
     kv_memory: KvOpt = 256.0,
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.runtime.scheduler import SchedulerConfig
     from tinyllm.runtime.server import ServerLimits, server_keys
@@ -222,7 +231,7 @@ def serve(
     )
     target = None if target_itl is None else target_itl / 1000
     scheduler = SchedulerConfig(max_batch=max_batch, max_queue=max_queue, target_itl_p95=target)
-    engine = _engine(model, kv_memory, kv_dtype, int8_act, scheduler)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, scheduler)
     auth = "API keys required" if keys else "no auth"
     err.print(f"serving {name or model} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops")
     run_server(engine, name or model, keys, host, port, limits)

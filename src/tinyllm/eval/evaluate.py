@@ -25,6 +25,7 @@ from tinyllm.eval.perplexity import perplexity, token_nll
 from tinyllm.models.anatomy import analyze
 from tinyllm.models.size import bits_per_weight, param_count, size_bytes
 from tinyllm.models.sparsity import sparsity_of
+from tinyllm.util.device import module_device, resolve_device
 from tinyllm.util.fs import write_json_atomic
 from tinyllm.util.memory import peak_rss_bytes
 from tinyllm.util.progress import make_progress
@@ -69,7 +70,22 @@ def check_same_tokenizer(tokenizer: object, ref_tokenizer: object) -> None:
 
 @torch.inference_mode()
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, use_cache=False).logits
+    """Logits [B, L, V] on the model's device (the batch is moved there first)."""
+    batch = batch.to(module_device(model))
+    logits = model(input_ids=batch, use_cache=False).logits
+    if logits.device.type == "cuda":
+        torch.cuda.synchronize(logits.device)  # the forward's time, not its launch
+    return logits
+
+
+def place(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Move `model` to `device` in place (None: leave it where it is); -> where it computes."""
+    if device is None:
+        return module_device(model)
+    target = resolve_device(device)
+    if module_device(model) != target:
+        model.to(target)
+    return target
 
 
 def evaluation_windows(
@@ -92,20 +108,26 @@ def evaluate(
     batch_size: int | None = None,
     name: str | None = None,
     fast: bool = True,
+    device: str | torch.device | None = None,
 ) -> EvalResult:
     """Score `model` on the evaluation windows of `corpus` (and against `reference` if given).
 
-    `fast` runs fp32 linears through oneDNN (core.kernels) for the duration; results match the
-    plain path to fp32 rounding.
+    `fast` runs fp32 linears through oneDNN (core.kernels) for the duration, on CPU only;
+    results match the plain path to fp32 rounding. `device` (auto, cpu, cuda[:N]; None: where
+    the model is) moves the model and the reference there in place; each batch of windows
+    follows them and the scores come back as Python numbers.
     """
     if reference is not None:
         check_same_tokenizer(tokenizer, reference[1])
     data, corpus_name = evaluation_windows(tokenizer, corpus, seq_len, windows)  # [W, L(+1)]
     batch_size = batch_size or max(1, TOKENS_PER_BATCH // data.shape[1])
     model.eval()
-    t0 = time.perf_counter()
     ref_model = reference[0] if reference is not None else None
-    sums = _score_windows(model, ref_model, data, batch_size, fast)
+    on = place(model, device)
+    if ref_model is not None:
+        place(ref_model, on)
+    t0 = time.perf_counter()
+    sums = _score_windows(model, ref_model, data, batch_size, fast and on.type == "cpu")
     seconds = time.perf_counter() - t0
     return EvalResult(
         model=name or str(getattr(model, "name_or_path", "") or type(model).__name__),
@@ -138,6 +160,7 @@ class _Sums:
         t1 = time.perf_counter()
         logits = _logits(model, batch)[:, :-1]  # [B, L-1, V] predicts batch[:, 1:]
         self.model_seconds += time.perf_counter() - t1
+        batch = batch.to(logits.device)
         self.nll += float(token_nll(logits, batch[:, 1:]).double().sum())
         self.scored += batch[:, 1:].numel()
         if ref is not None:

@@ -6,6 +6,7 @@ mode into the same step config the Python API takes: unknown fields are errors, 
 value of the wrong type (`bits: "4"`, `bits: 4.5`); an int where a float is expected is fine.
 
     model: smollm2-135m
+    device: auto            # or cpu, cuda, cuda:N (auto: a GPU when present)
     calibration: {corpus: enwiki, samples: 128, seq_len: 512}
     stages:
       - {type: wanda, sparsity: 0.3}
@@ -77,6 +78,9 @@ class Recipe:
     exports: list[Export] = field(default_factory=list)
     source: str = "<recipe>"
     warnings: list[str] = field(default_factory=list)
+    # Where every stage and score computes (auto, cpu, cuda, cuda:N). Not part of `normalized`:
+    # a run may resume on another machine.
+    device: str = "auto"
 
     def normalized(self) -> dict[str, Any]:
         """Every setting, defaults filled in: what a resumed run must match."""
@@ -177,7 +181,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     data, where = _yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with model:, stages: and export:")
-    allowed = {"model", "calibration", "evaluation", "stages", "export"}
+    allowed = {"model", "device", "calibration", "evaluation", "stages", "export"}
     for key in data:
         if key not in allowed:
             raise RecipeError(
@@ -200,9 +204,22 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             for i, e in enumerate(_list(data, "export", where))
         ],
         source=source,
+        device=_device(data, where),
     )
     recipe.warnings = check_order(recipe.stages, where)
     return recipe
+
+
+def _device(data: dict, where: Where) -> str:
+    """The `device:` key, checked for spelling here (for a GPU present: when the run starts)."""
+    from tinyllm.util.device import DEVICE_HELP, is_device_spec
+
+    value = data.get("device", "auto")
+    if not is_device_spec(value):
+        raise RecipeError(
+            f"{where.at(('device',))}, field device: unknown device {value!r}; use {DEVICE_HELP}"
+        )
+    return value.strip().lower()
 
 
 def _list(data: dict, key: str, where: Where) -> list:

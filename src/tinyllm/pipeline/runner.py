@@ -151,6 +151,7 @@ class Runner:
         self.on_stage = on_stage or (lambda record: None)
         self.original, self.tokenizer = load(recipe.model)
         self._calib: torch.Tensor | None = None
+        self.device = run_device(recipe)  # every stage and every score computes there
 
     def save_state(self) -> None:
         write_json_atomic(self.out / STATE, self.state)
@@ -178,6 +179,7 @@ class Runner:
             windows=e.windows,
             reference=ref,
             name=name,
+            device=self.device,
         )
         return result.to_dict()
 
@@ -243,6 +245,7 @@ class Runner:
             self.recipe.calibration,
             stage_dir(self.out, i, cfg),
             overwrite=True,
+            device=self.device,
         )
         return {k: v for k, v in result.report.items() if k != "seconds"}
 
@@ -262,6 +265,7 @@ class Runner:
             teacher=self.recipe.model,
             train_dir=d,
             resume=(d / CHECKPOINT).is_dir(),
+            device=self.device,
         )
         return {k: v for k, v in result.report.items() if k != "seconds"}
 
@@ -306,6 +310,17 @@ def _export_name(e: Any) -> str:
     ]
 
 
+def run_device(recipe: Recipe) -> str:
+    """The recipe's `device:` on this machine ('cpu', 'cuda', 'cuda:1'); a GPU asked for where
+    there is none is a RecipeError."""
+    from tinyllm.util.device import resolve_device
+
+    try:
+        return str(resolve_device(recipe.device))
+    except TinyLLMError as exc:
+        raise RecipeError(f"{recipe.source}, field device: {exc}") from exc
+
+
 def run_recipe(
     recipe: Recipe,
     text: str,
@@ -324,6 +339,7 @@ def run_recipe(
         resolve(recipe.model)  # a missing model fails before anything is written
     except TinyLLMError as exc:
         raise RecipeError(f"{recipe.source}: model: {exc}") from exc
+    run_device(recipe)  # and so does a GPU this machine does not have
     with locked(out):
         state = prepare_output(out, recipe, text, resume, overwrite)
         return Runner(recipe, out, state, on_stage).run()

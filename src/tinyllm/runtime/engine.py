@@ -44,6 +44,7 @@ from tinyllm.runtime.sampling import (
     sample_token,
 )
 from tinyllm.runtime.scheduler import Scheduler, SchedulerConfig
+from tinyllm.util.device import module_device, resolve_device
 
 log = logging.getLogger(__name__)
 INTERNAL_ERROR = "internal error while generating (details are in the server log)"
@@ -58,6 +59,7 @@ class EngineConfig:
     block_size: int = 16
     token_budget: int = 512  # tokens per step over all sequences (decode + prefill chunks)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"  # auto, cpu, cuda[:N]: the model and the KV pool move there
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: object, cfg: EngineConfig | None = None):
         self.cfg = cfg or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
+        self.device = _place(model, self.cfg)
         self.fallback = unsupported_reason(model)
         if self.fallback:
             if self.cfg.int8_activations:
@@ -131,7 +134,7 @@ class Engine:
                 f"KV cache dtype '{self.cfg.kv_dtype}' is not one of {', '.join(KV_DTYPES)}"
             )
         shape = self.runtime.cache_shape(KV_DTYPES[self.cfg.kv_dtype])
-        self.cache = PagedKVCache.for_budget(shape, budget, self.cfg.block_size)
+        self.cache = PagedKVCache.for_budget(shape, budget, self.cfg.block_size, self.device)
         self.scheduler = Scheduler(self.cfg.scheduler)
         self.metrics = Metrics()
         self.metrics.kv_blocks_total = self.cache.num_blocks
@@ -246,6 +249,7 @@ class Engine:
                 for seq in list(self.running):
                     self._finish_safely(seq, "error", INTERNAL_ERROR)
             return 0
+        logits = logits.cpu()  # sampling and detokenizing run on the CPU (no copy there)
         dt = time.perf_counter() - t0
         tokens = sum(w[1] for w in work)
         with self._lock:
@@ -498,6 +502,19 @@ class Engine:
         while any(s.finish_reason is None for s in seqs):
             self.step()
         return seqs
+
+
+def _place(model: nn.Module, cfg: EngineConfig) -> torch.device:
+    """Move the model to the configured device (in place); -> that device."""
+    device = resolve_device(cfg.device)
+    if device.type != "cpu" and cfg.int8_activations:
+        raise ConfigError(
+            f"int8 activations (--int8-act) run on tinyllm's CPU kernels, not on {device}: drop "
+            "--int8-act, or use --device cpu"
+        )
+    if module_device(model) != device:
+        model.to(device)
+    return device
 
 
 def _emit(seq: Sequence, event: Event) -> None:

@@ -46,7 +46,14 @@ class SeqBlocks:
 
 
 class PagedKVCache:
-    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int = 16) -> None:
+    def __init__(
+        self,
+        shape: CacheShape,
+        num_blocks: int,
+        block_size: int = 16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """The pool lives on `device` (the model's); the block tables are Python lists."""
         if num_blocks < 1 or block_size < 1:
             raise ConfigError(
                 f"KV cache needs at least one block of at least one token "
@@ -54,7 +61,10 @@ class PagedKVCache:
             )
         self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
         slots = num_blocks * block_size
-        self.k = [torch.zeros(slots, h, shape.head_dim, dtype=shape.dtype) for h in shape.kv_heads]
+        self.k = [
+            torch.zeros(slots, h, shape.head_dim, dtype=shape.dtype, device=device)
+            for h in shape.kv_heads
+        ]
         self.v = [torch.zeros_like(t) for t in self.k]
         self.refs = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives block 0 first
@@ -63,8 +73,14 @@ class PagedKVCache:
         self.seqs: dict[int, SeqBlocks] = {}
 
     @classmethod
-    def for_budget(cls, shape: CacheShape, budget_bytes: int, block_size: int = 16):
-        """As many blocks as fit in `budget_bytes`."""
+    def for_budget(
+        cls,
+        shape: CacheShape,
+        budget_bytes: int,
+        block_size: int = 16,
+        device: torch.device | str = "cpu",
+    ) -> PagedKVCache:
+        """As many blocks as fit in `budget_bytes` (on `device`)."""
         per_block = shape.bytes_per_token() * block_size
         num = budget_bytes // per_block
         if num < 1:
@@ -72,7 +88,7 @@ class PagedKVCache:
                 f"a KV budget of {budget_bytes / 2**20:.2f} MiB holds no block of {block_size} "
                 f"tokens ({per_block / 2**20:.3f} MiB each for this model); raise --kv-memory"
             )
-        return cls(shape, int(num), block_size)
+        return cls(shape, int(num), block_size, device)
 
     # --- accounting -------------------------------------------------------------------------
     @property

@@ -28,6 +28,7 @@ from tinyllm.kernels.layouts import NATIVE_MAX_ROWS, Q4Native, Q8Native
 from tinyllm.models.anatomy import analyze
 from tinyllm.models.families import FAMILIES, Family, supporting
 from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
+from tinyllm.util.device import module_device
 
 # RoPE variants whose frequencies do not depend on the sequence length (the module's inv_freq
 # already holds the scaled frequencies). "dynamic" and "longrope" change with length: fallback.
@@ -121,6 +122,10 @@ class DecodeGroup:
     starts: torch.Tensor  # [B] first visible key (sliding window), else 0
     all_rows: bool  # the decode group is the whole flat batch, in order
 
+    def to(self, device: torch.device) -> DecodeGroup:
+        t = (x.to(device) for x in (self.rows, self.ctx, self.mask, self.lengths, self.starts))
+        return DecodeGroup(*t, self.all_rows)
+
 
 @dataclass
 class PrefillChunk:
@@ -129,6 +134,9 @@ class PrefillChunk:
     rows: slice
     ctx: torch.Tensor  # [L] slots of the sequence's keys, this chunk's included
     mask: torch.Tensor  # [n, L] bool
+
+    def to(self, device: torch.device) -> PrefillChunk:
+        return PrefillChunk(self.rows, self.ctx.to(device), self.mask.to(device))
 
 
 @dataclass
@@ -141,6 +149,14 @@ class FlatBatch:
     prefills: list[PrefillChunk]
     spans: list[tuple[int, slice]]  # (sequence id, its rows), in row order
 
+    def to(self, device: torch.device) -> FlatBatch:
+        """The batch with its tensors on `device` (the engine builds it on the CPU)."""
+        if device.type == "cpu":
+            return self
+        t = (x.to(device) for x in (self.tokens, self.positions, self.slots, self.logit_rows))
+        decode = None if self.decode is None else self.decode.to(device)
+        return FlatBatch(*t, decode, [p.to(device) for p in self.prefills], self.spans)
+
 
 class HFRuntime:
     """The fallback for families the lean forward does not know: the transformers model itself,
@@ -150,6 +166,7 @@ class HFRuntime:
     def __init__(self, model: nn.Module) -> None:
         cfg = model.config
         self.model = model
+        self.device = module_device(model)
         self.caches: dict[int, object] = {}
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
         heads = cfg.num_attention_heads
@@ -171,6 +188,7 @@ class HFRuntime:
         from transformers import DynamicCache
 
         wanted = set(batch.logit_rows.tolist())
+        batch = batch.to(self.device)
         out = []
         for seq_id, rows in batch.spans:
             if int(batch.positions[rows.start]) == 0:  # new, or recomputing after preemption
@@ -198,6 +216,7 @@ class LlamaRuntime:
         cfg = model.config
         fam = FAMILIES[cfg.model_type]
         self.model = model
+        self.device = module_device(model)
         self.embed = model.get_submodule(fam.embed)
         self.final_norm = model.get_submodule(fam.final_norm).weight
         self.head = model.get_submodule(fam.head)
@@ -211,9 +230,11 @@ class LlamaRuntime:
         self.rope_scale = float(rotary.attention_scaling)
         self.layers = self._layers(model, fam)
         self.vocab = int(cfg.vocab_size)
-        # tinyllm's C++ ops for norm, RoPE and decode attention (fp32 only), when they build
+        # tinyllm's C++ ops for norm, RoPE and decode attention (fp32 CPU tensors only), when
+        # they build; elsewhere the same steps run as PyTorch ops
         fp32 = all(t.dtype == torch.float32 for t in (self.final_norm, self.inv_freq))
-        self.fused_ops = fp32 and native.q4_kernel() is not None
+        cpu = self.device.type == "cpu"
+        self.fused_ops = cpu and fp32 and native.q4_kernel() is not None
         self.head_i8 = (
             int8_act
             and self.fused_ops
@@ -269,6 +290,7 @@ class LlamaRuntime:
     def forward(self, batch: FlatBatch, cache: PagedKVCache) -> torch.Tensor:
         """Logits [S, vocab] for `batch.logit_rows`; writes every new token's K/V to the cache."""
         ops = native.q4_kernel() if self.fused_ops else None
+        batch = batch.to(self.device)
         x = self.embed(batch.tokens).float().contiguous()  # [T, hidden]
         cos, sin = self._rope(batch.positions)  # [T, hd]
         t, hd = x.shape[0], self.head_dim

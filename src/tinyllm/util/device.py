@@ -17,6 +17,11 @@ DEVICE_HELP = "auto (a GPU when present, else cpu), cpu, cuda or cuda:N"
 _PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+def is_device_spec(spec: object) -> bool:
+    """Whether `spec` is spelled as a device (auto, cpu, cuda, cuda:N), present or not."""
+    return isinstance(spec, str) and bool(_PATTERN.match(spec.strip().lower()))
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cuda[:N]' checked against the GPUs present."""
     if isinstance(spec, torch.device):
