@@ -36,6 +36,7 @@ from tinyllm.kernels.qlinear import (
 )
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze
+from tinyllm.models.lazy import skeleton
 from tinyllm.models.load import check_safetensors_dir, load_config, load_tokenizer
 from tinyllm.models.sparsity import SPARSE_MIN
 from tinyllm.models.validate import (
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 TINYLLM_CONFIG = "tinyllm.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -180,21 +182,18 @@ def _tied(model: nn.Module) -> bool:
     return a is not None and a is b
 
 
-def save_checkpoint(
-    model: nn.Module,
-    tokenizer: Any,
-    path: Path,
-    meta: dict[str, Any],
-    overwrite: bool = False,
-    extra_files: dict[str, Any] | None = None,
-) -> Path:
-    """Write model, tokenizer and `meta` (steps, source) atomically to `path`."""
-    path = Path(path)
-    check_output_dir(path, overwrite)
+def checkpoint_tensors(
+    model: nn.Module, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, tuple[int, int]]]:
+    """What a checkpoint stores for the modules under `prefix` (the whole model: ""): tensors
+    by key (QuantizedWeight records, sparse linears as bitmask + values, the rest compacted),
+    tinyllm.json's quantized entries and the sparse layers. -> (tensors, quantized, sparse)"""
+    root = model.get_submodule(prefix) if prefix else model
+    dot = f"{prefix}." if prefix else ""
     tensors: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict] = {}
     written: dict[int, str] = {}  # a record shared by a tied head is stored once
-    for name, mod in model.named_modules():
+    for name, mod in root.named_modules(prefix=prefix):
         if not isinstance(mod, QuantLinear | QuantEmbedding | ActQuantLinear):
             continue
         if id(mod.qweight) in written:
@@ -208,16 +207,23 @@ def save_checkpoint(
         if isinstance(mod, ActQuantLinear):  # the input's quantization (W8A8, FP8)
             quantized[name]["act"] = mod.act.meta()
             tensors.update(mod.act.tensors(f"{name}.act"))
-    tied = _tied(model)
-    sparse = _sparse_linears(model)
-    for key, value in model.state_dict().items():
-        if tied and key == _head_key(model):
+    skip = _head_key(model) if not prefix and _tied(model) else None
+    sparse = _sparse_linears(model, prefix)
+    for key, value in root.state_dict(prefix=dot).items():
+        if key == skip:
             continue
         if key in sparse:
             tensors.update(_sparse_tensors(key, value))
             continue
         tensors[key] = _compact(value.detach().contiguous().clone())
-    info = {
+    return tensors, quantized, sparse
+
+
+def checkpoint_info(
+    quantized: dict[str, dict], sparse: dict[str, tuple[int, int]], tied: bool, meta: dict
+) -> dict[str, Any]:
+    """tinyllm.json's content before the weight digests are added."""
+    return {
         "format": FORMAT_VERSION,
         "quantized": quantized,
         "sparse": {k: list(v) for k, v in sparse.items()},
@@ -225,21 +231,58 @@ def save_checkpoint(
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         **meta,
     }
+
+
+def finish_checkpoint(
+    tmp: Path, model: nn.Module, tokenizer: Any, info: dict, extra_files: dict | None
+) -> None:
+    """Config, tokenizer, report files and, last (it marks the directory complete), tinyllm.json
+    with the sha256 of every weight file, into `tmp`, whose weight files are written."""
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for fname, data in (extra_files or {}).items():
+        (tmp / fname).write_text(json.dumps(data, indent=2) + "\n")
+    info["digests"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+    (tmp / TINYLLM_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    path: Path,
+    meta: dict[str, Any],
+    overwrite: bool = False,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """Write model, tokenizer and `meta` (steps, source) atomically to `path`."""
+    path = Path(path)
+    check_output_dir(path, overwrite)
+    tensors, quantized, sparse = checkpoint_tensors(model)
+    info = checkpoint_info(quantized, sparse, _tied(model), meta)
     with atomic_dir(path) as tmp:
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        for fname, data in (extra_files or {}).items():
-            (tmp / fname).write_text(json.dumps(data, indent=2) + "\n")
-        info["digests"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
-        (tmp / TINYLLM_CONFIG).write_text(json.dumps(info, indent=2) + "\n")  # last: marks complete
+        finish_checkpoint(tmp, model, tokenizer, info, extra_files)
     return path
 
 
-def _sparse_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """State-dict keys of float block linears with enough exact zeros to store sparsely."""
+def shard_name(k: int, n: int) -> str:
+    """Hugging Face's name of shard k (1-based) of n."""
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(tmp: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor (Hugging Face's format)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _sparse_linears(model: nn.Module, prefix: str = "") -> dict[str, tuple[int, int]]:
+    """State-dict keys of float block linears (under `prefix`) with enough exact zeros to store
+    sparsely."""
     out = {}
     for s in analyze(model).linears:
+        if prefix and not s.name.startswith(prefix + "."):
+            continue
         if isinstance(s.module, nn.Linear):
             w = s.module.weight.detach()
             if float((w == 0).float().mean()) >= SPARSE_MIN:
@@ -276,38 +319,62 @@ def _head_key(model: nn.Module) -> str:
     return ""
 
 
-def load_checkpoint(path: Path, verify: bool = True) -> tuple[nn.Module, Any]:
-    """Rebuild the model from config, swap in QuantLinear records, load the float tensors.
+def load_checkpoint(
+    path: Path, verify: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """Rebuild the model from config, swap in QuantLinear records, load the float tensors in
+    `dtype` (default float32), one weight file at a time: the model is built without weights
+    (models.lazy.skeleton), so memory holds the result and one shard, never a float32 copy of
+    the whole model.
 
     Before anything is allocated: tinyllm.json is validated, the weight files are checked
     against their recorded sha256 digests (unless `verify` is False), and the shapes config.json
     and tinyllm.json imply are compared with the stored ones."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     info, config, tokenizer = _checked_parts(path, verify)
-    tensors = load_file(str(path / WEIGHTS))
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False).float()
-    _swap_records(model, tensors, info["quantized"])
-    state = {
-        k: v.float() if v.is_floating_point() else v
-        for k, v in tensors.items()
-        if ".record." not in k
-        and not _is_act_tensor(k, info["quantized"])
-        and not k.endswith((".weight.mask", ".weight.values"))
-    }
-    state.update({k: _dense(tensors, k, shape) for k, shape in info.get("sparse", {}).items()})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (info.get("tied_embeddings") and k == _head_key(model))]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path}: checkpoint does not match its config "
-            f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
-        )
-    if info.get("tied_embeddings"):
+    model = skeleton(config)
+    records: dict[str, QuantizedWeight] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        fill_from_tensors(model, load_file(str(file)), info, records, dtype)
+    _swap_records(model, {}, info["quantized"], records)  # heads sharing a later file's record
+    tied = bool(info.get("tied_embeddings"))
+    if tied:
         model.tie_weights()
+    missing = [k for k, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: checkpoint does not match its config (missing {missing[:2]})"
+        )
     model.name_or_path = str(path)
     return model.eval(), tokenizer
+
+
+def fill_from_tensors(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    info: dict,
+    records: dict[str, QuantizedWeight],
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Put the checkpoint tensors of one weight file (or one block) into the model: packed
+    modules for the quantized layers whose records it holds, dense weights for its sparse
+    layers, the float tensors in `dtype`. `records` collects the records swapped in so far
+    (a tied head names one stored in another file)."""
+    quantized = info["quantized"]
+    _swap_records(model, tensors, quantized, records)
+    state = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in tensors.items()
+        if ".record." not in k
+        and not _is_act_tensor(k, quantized)
+        and not k.endswith((".weight.mask", ".weight.values"))
+    }
+    for key, shape in info.get("sparse", {}).items():
+        if f"{key}.mask" in tensors:
+            state[key] = _dense(tensors, key, shape).to(dtype)
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ModelLoadError(f"checkpoint tensors the model does not have: {unexpected[:2]}")
 
 
 def _checked_parts(path: Path, verify: bool) -> tuple[dict, Any, Any]:
@@ -328,14 +395,24 @@ def _checked_parts(path: Path, verify: bool) -> tuple[dict, Any, Any]:
     return info, config, tokenizer
 
 
-def _swap_records(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: dict) -> None:
-    """Replace every quantized layer named in tinyllm.json by its packed module."""
-    records: dict[str, QuantizedWeight] = {}
-    for name, meta in quantized.items():
-        if "tied_to" in meta:
-            qw = records[meta["tied_to"]]
-        else:
+def _swap_records(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    quantized: dict,
+    records: dict[str, QuantizedWeight],
+) -> None:
+    """Replace each quantized layer named in `quantized` whose record `tensors` holds (or that
+    shares one already in `records`) by its packed module."""
+    for name, meta in sorted(quantized.items(), key=lambda kv: "tied_to" in kv[1]):
+        owner = meta.get("tied_to")
+        if name in records or (owner is not None and owner not in records):
+            continue  # swapped in already, or shares a record not read yet
+        if owner is not None:
+            qw = records[name] = records[owner]
+        elif f"{name}.record.packed" in tensors:
             qw = records[name] = QuantizedWeight.from_tensors(tensors, f"{name}.record", meta)
+        else:
+            continue  # its record is in another file
         if meta.get("kind") == "embedding":
             replace_embedding(model, name, qw)
         elif "act" in meta:
@@ -350,8 +427,9 @@ def verify_digests(path: Path, info: CheckpointInfo) -> None:
     if info.digests is None:
         log.debug("%s records no weight digests (written before they were added)", path)
         return
-    if WEIGHTS not in info.digests:
-        raise ModelLoadError(f"{path / TINYLLM_CONFIG}: digests has no entry for {WEIGHTS}")
+    for file in sorted(Path(path).glob("*.safetensors")):
+        if file.name not in info.digests:
+            raise ModelLoadError(f"{path / TINYLLM_CONFIG}: digests has no entry for {file.name}")
     for name, expected in info.digests.items():
         file = path / name
         if not file.is_file():
