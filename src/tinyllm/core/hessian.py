@@ -9,6 +9,7 @@ import torch
 
 from tinyllm.core.kernels import calib_dtype, one_thread, onednn_available
 from tinyllm.errors import ConfigError
+from tinyllm.util import dist
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,10 @@ class HessianAccumulator:
     """Running H = (2/n) sum x x^T per layer input. Layers fed the same tensor (q/k/v, gate/up)
     share one accumulation. Only the upper triangle is accumulated; `hessian` mirrors it. In
     bf16 calibration passes the products are bf16 (add_gram_upper_bf16) and the rows of the
-    largest channels are accumulated in fp32 too, replacing theirs in `hessian`."""
+    largest channels are accumulated in fp32 too, replacing theirs in `hessian`. Under several
+    processes (torchrun) each rank adds its own calibration tokens; the first `hessian` or
+    `cross` after adds sums every rank's statistics (`reduce`), so all ranks read the Hessian of
+    all the tokens."""
 
     def __init__(self) -> None:
         self.H: dict[str, torch.Tensor] = {}
@@ -128,6 +132,7 @@ class HessianAccumulator:
         self.alias: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None  # (the last input, its owner)
         self._mirrored: set[str] = set()
+        self._pending: set[str] = set()  # owners with tokens added since the last reduce
         # bf16 passes: the largest input channels and their exact rows of H, [k] and [k, in]
         self.exact: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -144,6 +149,11 @@ class HessianAccumulator:
             self.H[name] = torch.zeros(x.shape[1], x.shape[1])
             self.n[name] = 0
             if calib_dtype() == torch.bfloat16 and x.shape[1] > EXACT_ROWS:
+                dist.refuse(
+                    "a bf16 calibration Hessian",
+                    "its exactly accumulated channels are picked from each process's first batch",
+                    "use --calib-dtype float32",
+                )
                 top = torch.topk(x.detach().float().pow(2).sum(0), EXACT_ROWS).indices
                 self.exact[name] = (top, torch.zeros(EXACT_ROWS, x.shape[1]))
             if x_ref is not None:
@@ -158,11 +168,29 @@ class HessianAccumulator:
         else:
             add_gram_upper(self.H[name], x, n / (n + k), 2.0 / (n + k))
         self._mirrored.discard(name)
+        self._pending.add(name)
         if x_ref is not None:
             self.C[name].mul_(n / (n + k)).add_(gram(x_ref, x), alpha=2.0 / (n + k))
         self.n[name] = n + k
 
+    def reduce(self) -> None:
+        """Sum every rank's statistics of the layers added to since the last reduce (all ranks
+        call it at the same point: the names are the same on every rank); a no-op in a single
+        process. Each running mean H = (2/n) sum x x^T is weighted by its n, summed, divided by
+        the total: the mean over every rank's tokens, up to float summation order."""
+        names, self._pending = sorted(self._pending), set()
+        if dist.world() == 1 or not names:
+            return
+        local = torch.tensor([float(self.n[k]) for k in names], dtype=torch.float64)
+        total = dist.all_reduce_sum(local.clone())
+        for k, n, t in zip(names, local.tolist(), total.tolist(), strict=True):
+            for mats in (self.H, self.C):
+                if k in mats:
+                    dist.all_reduce_sum(mats[k].mul_(n / t))
+            self.n[k] = int(t)
+
     def hessian(self, name: str) -> torch.Tensor:
+        self.reduce()
         owner = self.alias.get(name, name)
         if owner not in self._mirrored:
             mirror_upper(self.H[owner])
@@ -176,4 +204,5 @@ class HessianAccumulator:
         return self.H[owner]
 
     def cross(self, name: str) -> torch.Tensor | None:
+        self.reduce()
         return self.C.get(self.alias.get(name, name))

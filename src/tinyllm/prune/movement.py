@@ -80,13 +80,18 @@ class MovementPruner:
             self.masks[name] = layer_mask(self.scores[name], sparsity)
             w.mul_(self.masks[name])
 
+    def to(self, device: torch.device) -> None:
+        """Keep scores and masks where the weights train (the trainer moves them)."""
+        self.scores = {n: t.to(device) for n, t in self.scores.items()}
+        self.masks = {n: t.to(device) for n, t in self.masks.items()}
+
     def state_dict(self) -> dict:
         return {"scores": self.scores, "masks": self.masks}
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.weights:
             self.scores[name].copy_(state["scores"][name])
-            self.masks[name] = state["masks"][name]
+            self.masks[name] = state["masks"][name].to(self.scores[name].device)
 
 
 @torch.no_grad()

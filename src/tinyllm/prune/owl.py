@@ -16,19 +16,27 @@ from tinyllm.core.steps import Context
 from tinyllm.errors import ConfigError
 from tinyllm.models.anatomy import LinearSite
 from tinyllm.prune.common import PruneStep, by_block, check_pattern_fits, prune_sites
+from tinyllm.util import dist
 
 
 class ColumnNorms:
-    """Running sum of squares of each input feature per layer: ||X_j||^2."""
+    """Running sum of squares of each input feature per layer: ||X_j||^2. Under several
+    processes the first `norm` sums every rank's sums (all ranks observe the same layers)."""
 
     def __init__(self) -> None:
         self.sq: dict[str, torch.Tensor] = {}
+        self._reduced = False
 
     def add(self, name: str, x: torch.Tensor) -> None:  # x: [tokens, in]
         sq = x.float().pow(2).sum(0)
         self.sq[name] = self.sq[name] + sq if name in self.sq else sq
+        self._reduced = False
 
     def norm(self, name: str) -> torch.Tensor:
+        if not self._reduced:
+            for key in sorted(self.sq):
+                dist.all_reduce_sum(self.sq[key])
+            self._reduced = True
         return self.sq[name].sqrt()
 
 

@@ -33,6 +33,7 @@ from tinyllm.models.anatomy import LinearSite, find_blocks
 from tinyllm.models.surgery import keep_blocks, slice_linear
 from tinyllm.prune.common import by_block, prune_sites
 from tinyllm.prune.owl import ColumnNorms
+from tinyllm.util import dist
 from tinyllm.util.progress import make_progress
 
 FFN_IN, FFN_OUT = {"gate", "up", "fc1", "mlp_in"}, {"down", "fc2", "mlp_out"}
@@ -114,10 +115,21 @@ def taylor_importance(model: nn.Module, windows: torch.Tensor, batch_size: int) 
                 loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
                 (loss / windows.numel()).backward()
                 bar.update(task, advance=1, info=f"loss {loss.item() / ids[:, 1:].numel():.3f}")
+        _reduce_grads(sites, windows.numel())
     finally:
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
+
+
+def _reduce_grads(sites: list[LinearSite], tokens: int) -> None:
+    """Under several processes, each rank's gradients are of its own loss over its `tokens`:
+    -> the gradients of the loss over every rank's tokens (a no-op in a single process)."""
+    if dist.world() == 1:
+        return
+    share = tokens / dist.sum_over_ranks(float(tokens))
+    for s in sites:
+        dist.all_reduce_sum(s.module.weight.grad.mul_(share))
 
 
 def taylor(linear: nn.Linear) -> torch.Tensor:
@@ -254,7 +266,10 @@ def block_influence(model: nn.Module, ctx: Context) -> list[float]:
         from tinyllm.core.calib import run_block
 
         sims = [F.cosine_similarity(x, run_block(block, x, kwargs), dim=-1).mean() for x in xs]
-        influence[i] = float(1 - torch.stack(sims).mean())
+        mean = torch.stack(sims).mean()
+        if dist.world() > 1:  # every rank's batches are of one size: weigh each rank's mean
+            mean = mean.new_tensor(dist.mean_over_ranks(float(mean), sum(len(x) for x in xs)))
+        influence[i] = float(1 - mean)
 
     calibrate_blocks(model, ctx.calib, ctx.batch_size, measure, "block influence")
     return influence

@@ -45,6 +45,7 @@ from tinyllm.quant.common import (
 )
 from tinyllm.quant.gptq import GPTQ, gptq_block, gptq_quantize
 from tinyllm.quant.rtn import RTN, rtn_quantize
+from tinyllm.util import dist
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def _groups_for(model: nn.Module, block: nn.Module) -> list[tuple[str, list[str]
 
 @register(AWQ)
 def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
+    _check_data_parallel(cfg, ctx)
     by_block = sites_by_block(model, cfg.base.group_size)
     offset = family_of(model).norm_offset
     errors = ctx.report.setdefault("layer_errors", {})
@@ -226,7 +228,26 @@ def _observe(
         observe_block(block, xs, kwargs, names, look)
     else:
         observe_pair(block, xs, ref, kwargs, names, look)
+    if dist.world() > 1:  # every rank's tokens (the Hessians reduce on first read)
+        for name in sorted(stats.absum):
+            dist.all_reduce_sum(stats.absum[name])
+        stats.total = int(dist.sum_over_ranks(float(total)))
     return stats
+
+
+def _check_data_parallel(cfg: AWQ, ctx: Context) -> None:
+    """Under several processes an RTN base's token subsample (every step-th token of each
+    batch) would differ from the single-process one: refused unless there is no subsample."""
+    if dist.world() == 1 or isinstance(cfg.base, GPTQ):
+        return
+    tokens = int(dist.sum_over_ranks(float(ctx.calib.numel())))
+    if tokens // LOSS_TOKENS > 1:
+        dist.refuse(
+            "AWQ with an RTN base",
+            f"its searches subsample the {tokens} calibration tokens per batch",
+            f"give it a GPTQ base (full Hessians) or fewer than {2 * LOSS_TOKENS} calibration "
+            "tokens",
+        )
 
 
 def _scale_group(

@@ -33,6 +33,7 @@ from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import LinearSite
 from tinyllm.quant.common import relative_weight_error, sites_by_block, target_linears
 from tinyllm.quant.rtn import RTN, rtn_quantize
+from tinyllm.util import dist
 
 W8 = RTN(bits=8, group_size=-1, sym=True)
 
@@ -98,6 +99,17 @@ def static_specs(
     return out
 
 
+def check_data_parallel(cfg: StaticActivations) -> None:
+    """Under several processes only the minmax observer is exact (extremes reduce by min/max
+    over the ranks; the percentile and MSE observers read a per-process token subsample)."""
+    if cfg.observer != "minmax":
+        dist.refuse(
+            f"the {cfg.observer} activation observer",
+            "it reads a token subsample that each process draws from its own batches",
+            "use --observer minmax",
+        )
+
+
 def static_block_fn(
     model: nn.Module,
     ctx: Context,
@@ -106,6 +118,7 @@ def static_block_fn(
     dtype: str = "int8",
 ):
     """calibrate_blocks callback: observe a block's inputs, then swap in the quantized layers."""
+    check_data_parallel(cfg)
     by_block = sites_by_block(model, -1)
     errors = ctx.report.setdefault("layer_errors", {})
 

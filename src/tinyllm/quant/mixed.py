@@ -42,6 +42,7 @@ from tinyllm.quant.awq import AWQ
 from tinyllm.quant.common import WeightQuant, check_divisible, target_linears
 from tinyllm.quant.gptq import GPTQ
 from tinyllm.quant.rtn import RTN, rtn_quantize
+from tinyllm.util import dist
 from tinyllm.util.progress import make_progress
 
 log = logging.getLogger(__name__)
@@ -350,10 +351,13 @@ def _loss_table(sens: dict[str, dict[int, float]], sites: list[LinearSite], bits
 
 
 def _windows(ctx: Context, cfg: Mixed) -> torch.Tensor:
-    n = min(cfg.sensitivity_samples, ctx.calib.shape[0])
+    """The first calibration windows, cut. Under several processes ctx.calib is this rank's
+    share: the windows are gathered back, and every rank measures the same sensitivities."""
+    calib = dist.unshard(ctx.calib)
+    n = min(cfg.sensitivity_samples, calib.shape[0])
     if n < cfg.sensitivity_samples:
         log.warning("mixed: only %d calibration windows for the sensitivities", n)
-    return ctx.calib[:n, : cfg.sensitivity_seq_len]
+    return calib[:n, : cfg.sensitivity_seq_len]
 
 
 @register(Mixed)

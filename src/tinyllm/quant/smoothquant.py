@@ -29,7 +29,13 @@ from tinyllm.kernels.primitives import fake_quant, group_qparams
 from tinyllm.models.families import family_of
 from tinyllm.quant.awq import checked_groups, fold_scale
 from tinyllm.quant.common import sites_by_block
-from tinyllm.quant.int8 import StaticActivations, quantize_layer, static_specs
+from tinyllm.quant.int8 import (
+    StaticActivations,
+    check_data_parallel,
+    quantize_layer,
+    static_specs,
+)
+from tinyllm.util import dist
 
 log = logging.getLogger(__name__)
 SEARCH_TOKENS = 1024  # calibration tokens behind each alpha's error estimate
@@ -116,6 +122,14 @@ def _block_groups(
 def apply(model: nn.Module, cfg: SmoothQuant, ctx: Context) -> None:
     by_block = sites_by_block(model, -1)
     dynamic = cfg.activations == "dynamic"
+    if not dynamic:
+        check_data_parallel(cfg)
+    if cfg.alpha is None:
+        dist.refuse(
+            "SmoothQuant's alpha search",
+            "it measures errors on a token subsample that each process draws from its own batches",
+            "give --alpha",
+        )
     alpha = cfg.alpha
     if alpha is None and cfg.search == "model":
         alpha = _model_alpha(model, ctx, cfg, by_block)
