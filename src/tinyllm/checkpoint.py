@@ -164,7 +164,7 @@ def round_floats(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype).float()
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
+def compact(t: torch.Tensor) -> torch.Tensor:
     """Store float32 tensors as float16 or bfloat16 when that is lossless."""
     if t.dtype != torch.float32:
         return t
@@ -215,7 +215,7 @@ def checkpoint_tensors(
         if key in sparse:
             tensors.update(_sparse_tensors(key, value))
             continue
-        tensors[key] = _compact(value.detach().contiguous().clone())
+        tensors[key] = compact(value.detach().contiguous().clone())
     return tensors, quantized, sparse
 
 
@@ -294,7 +294,7 @@ def _sparse_tensors(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """A bitmask of the nonzero positions (1 bit per weight) plus the kept values."""
     keep = (w != 0).reshape(-1)
     bits = torch.from_numpy(np.packbits(keep.numpy()))
-    return {f"{key}.mask": bits, f"{key}.values": _compact(w.detach().reshape(-1)[keep].clone())}
+    return {f"{key}.mask": bits, f"{key}.values": compact(w.detach().reshape(-1)[keep].clone())}
 
 
 def _dense(tensors: dict[str, torch.Tensor], key: str, shape: list[int]) -> torch.Tensor:

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from tinyllm.core.kernels import block_compute
+from tinyllm.core.placement import placement
 from tinyllm.models.anatomy import analyze
 from tinyllm.util.progress import make_progress
 
@@ -26,26 +27,54 @@ class _Stop(Exception):
 
 
 def _capture_kwargs(model: nn.Module, blocks: list[nn.Module], batch: torch.Tensor) -> list[dict]:
-    """Keyword arguments each block receives for this batch (the model runs up to the last)."""
+    """Keyword arguments each block receives for this batch. The model runs with every block
+    stood in for by a pass-through that records its arguments (no block computes, so a model
+    whose blocks are not in memory, see core/placement.py, works too); it stops at the last."""
     captured: list[dict] = [{} for _ in blocks]
-
-    def hook(i: int):
-        def fn(_mod, args, kwargs):
-            captured[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if i == len(blocks) - 1:
-                raise _Stop
-
-        return fn
-
-    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    container = _container(model, blocks)
+    stand_ins = [_PassThrough(b, captured, i, i == len(blocks) - 1) for i, b in enumerate(blocks)]
     try:
+        for i, stand_in in enumerate(stand_ins):
+            container[i] = stand_in
         model(input_ids=batch, use_cache=False)
     except _Stop:
         pass
     finally:
-        for h in handles:
-            h.remove()
+        for i, block in enumerate(blocks):
+            container[i] = block
     return captured
+
+
+def _container(model: nn.Module, blocks: list[nn.Module]) -> nn.ModuleList:
+    """The ModuleList holding the blocks."""
+    from tinyllm.models.anatomy import find_blocks
+
+    _, container = find_blocks(model)
+    if list(container)[: len(blocks)] != blocks:
+        raise RuntimeError("the blocks are not the model's block list")
+    return container
+
+
+class _PassThrough(nn.Module):
+    """Stands in for block i while its keyword arguments are recorded: returns its input
+    unchanged (raises _Stop when it is the last); other attributes are the block's (the model's
+    forward may read one, such as Gemma's attention_type)."""
+
+    def __init__(self, block: nn.Module, sink: list[dict], i: int, last: bool) -> None:
+        super().__init__()
+        self.__dict__.update(_block=block, _sink=sink, _i=i, _last=last)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._sink[self._i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if self._last:
+            raise _Stop
+        return hidden_states
 
 
 def _broadcasts_to(one: Any, full: Any) -> bool:
@@ -69,12 +98,10 @@ def _broadcasts_to(one: Any, full: Any) -> bool:
 
 def _block_kwargs(model: nn.Module, blocks: list[nn.Module], batch: torch.Tensor) -> list[dict]:
     """Keyword arguments each block receives (masks and rotary tables differ per layer type).
-    Reaching the last block runs all the others, so they are captured on the batch's first
-    sequence (on SmolLM2, 0.86 s against 6.8 s for a batch of 8, in any calibration precision: the
-    capture runs in fp32; benchmarks/bench_gptq_floor.py) and used
-    for whole batches by broadcasting. That holds when they do not depend on the sequence (full
-    windows: no padding masks); block 0's, captured for the whole batch as well (only the
-    embeddings run), must agree, else every block's is captured on the whole batch."""
+    They are captured on the batch's first sequence and used for whole batches by broadcasting
+    (one-sequence masks and tables, as calibration always used). That holds when they do not
+    depend on the sequence (full windows: no padding masks); block 0's, captured for the whole
+    batch as well, must agree, else every block's is captured on the whole batch."""
     if len(batch) == 1:
         return _capture_kwargs(model, blocks, batch)
     whole_first = _capture_kwargs(model, blocks[:1], batch)[0]
@@ -659,19 +686,33 @@ def calibrate_blocks(
     batches = list(windows.split(batch_size))
     was_training = model.training
     model.eval()
+    where = placement()
     kwargs = _block_kwargs(model, blocks, batches[0])
-    xs = _first_inputs(model, blocks, batches)
+    xs = [x.to(where.device) for x in _first_inputs(model, blocks, batches)]
     with make_progress() as bar:
         task = bar.add_task(description, total=len(blocks), info="")
         ref = [x.clone() for x in xs] if reference else None
         for i, block in enumerate(blocks):
-            finish = _call(fn, i, block, xs, kwargs[i], ref, description)
-            finish = _advance(block, xs, kwargs[i], finish)
+            where.enter(i, block)
+            kw = tree_map(lambda v: v.to(where.device) if torch.is_tensor(v) else v, kwargs[i])
+            finish = _call(fn, i, block, xs, kw, ref, description)
+            finish = _advance(block, xs, kw, finish)
             if finish is not None:
                 finish()
+            where.leave(i, block)
             info = status(i) if status else ""
             bar.update(task, advance=1, info=f"block {i + 1}/{len(blocks)} {info}")
     model.train(was_training)
+
+
+def for_each_block(model: nn.Module, fn: Callable[[int, nn.Module], None]) -> None:
+    """fn(index, block) on every block where it lives (core/placement.py: streamed blocks are
+    read before and written after), for methods that need no calibration data."""
+    where = placement()
+    for i, block in enumerate(analyze(model).blocks):
+        where.enter(i, block)
+        fn(i, block)
+        where.leave(i, block)
 
 
 def _call(

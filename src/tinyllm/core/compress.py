@@ -22,7 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from tinyllm.core.registry import kind_of
+from tinyllm.core.placement import Placement, Streaming, placed
+from tinyllm.core.registry import STREAMS, kind_of, name_of
 from tinyllm.core.steps import Context, Step, TrainSetup, apply_step, fit_batch
 from tinyllm.errors import ConfigError
 from tinyllm.util.device import resolve_device
@@ -73,13 +74,16 @@ def compress(
     resume: bool = False,
     meta: dict[str, Any] | None = None,
     device: str = "cpu",
+    stream: str = "auto",
 ) -> CompressResult:
     """Load `source`, run `steps` in order, round floats to `float_dtype`, save to `out`.
 
     Training steps (distill, recover, movement, imp) learn from `teacher` (default: the source)
     and keep their trainer state in `train_dir` (default: `<out>.train`), which `resume`
     continues. `meta` adds fields to the checkpoint's tinyllm.json. `device` (auto, cpu,
-    cuda[:N]) is where blocks are computed; the model itself stays in CPU memory."""
+    cuda[:N]) is where blocks are computed; the model itself stays in CPU memory. `stream`
+    ("auto", "on", "off"): read, compress and write one block at a time (core/stream.py); auto
+    streams a model whose float32 weights would not fit comfortably in memory."""
     from tinyllm.checkpoint import check_output_dir, round_floats
     from tinyllm.core.load import load
 
@@ -87,6 +91,10 @@ def compress(
     _check(steps, float_dtype)
     if out is not None:
         check_output_dir(Path(out), overwrite or resume)  # fail before the slow part
+    directory = _stream_source(source, steps, stream)
+    if directory is not None:
+        settings = {"float_dtype": float_dtype, "overwrite": overwrite, "meta": meta}
+        return _compress_streamed(directory, source, steps, calibration, out, device, settings)
     model, tok = load(source)
     ctx = _context(steps, tok, calibration)
     ctx.device = resolve_device(device)
@@ -94,7 +102,8 @@ def compress(
         workdir = _train_dir(out, train_dir)
         ctx.train = _train_setup(str(source), teacher, tok, workdir, resume, overwrite)
     t0 = time.perf_counter()
-    report = run_steps(model, steps, ctx)
+    with placed(Placement(ctx.device)):
+        report = run_steps(model, steps, ctx)
     report["seconds"] = time.perf_counter() - t0
     round_floats(model, getattr(torch, float_dtype))
     info = _meta(source, steps, calibration, ctx, report, float_dtype)
@@ -103,6 +112,68 @@ def compress(
     result = CompressResult(model, tok, report, info, None, steps)
     if out is not None and _rank() == 0:
         result.out = _save(model, tok, Path(out), info, report, steps, overwrite or resume)
+    return result
+
+
+STREAM_MODES = ("auto", "on", "off")
+
+
+def _stream_source(source: str | Path, steps: list[Step], mode: str) -> Path | None:
+    """The Hugging Face directory to stream from, or None to load the model whole."""
+    from tinyllm.core.stream import should_stream
+    from tinyllm.models.load import hf_directory, resolve
+
+    if mode not in STREAM_MODES:
+        raise ConfigError(f"stream must be one of {', '.join(STREAM_MODES)}, got '{mode}'")
+    if mode == "off":
+        return None
+    names = [name_of(cfg) for cfg in steps]
+    refused = [n for n in names if n not in STREAMS]
+    if resolve(source).kind == "tinyllm_dir" or refused:
+        if mode == "on":
+            why = f"{', '.join(refused)} need(s) the whole model" if refused else ""
+            why = why or f"{source} is a tinyllm checkpoint (streaming reads safetensors models)"
+            raise ConfigError(
+                f"cannot stream: {why}; streaming runs {', '.join(sorted(STREAMS))} on a "
+                "Hugging Face model or a registered name (use --stream off)"
+            )
+        return None
+    directory = hf_directory(source)
+    return directory if should_stream(directory, mode) else None
+
+
+def _compress_streamed(
+    directory: Path,
+    source: str | Path,
+    steps: list[Step],
+    calibration: Calibration,
+    out: str | Path | None,
+    device: str,
+    settings: dict[str, Any],
+) -> CompressResult:
+    """compress() for a model read, compressed and written one block at a time."""
+    import shutil
+
+    from tinyllm.core.stream import open_streamed, save_streamed
+
+    model, tok, weights, tied = open_streamed(directory)
+    ctx = _context(steps, tok, calibration)
+    ctx.device = resolve_device(device)
+    work = Path(f"{out or directory / 'tinyllm'}.stream{_rank()}")
+    try:
+        with placed(Streaming(model, weights, work, ctx.device)) as where:
+            t0 = time.perf_counter()
+            report = run_steps(model, steps, ctx)
+            report["seconds"] = time.perf_counter() - t0
+            info = _meta(source, steps, calibration, ctx, report, settings["float_dtype"])
+            info.update(report.pop("checkpoint_meta", {}), **(settings["meta"] or {}), stream=True)
+            result = CompressResult(model, tok, report, info, None, steps)
+            if out is not None and _rank() == 0:
+                files = _report_files(report, steps)
+                dtype = getattr(torch, settings["float_dtype"])
+                result.out = save_streamed(model, tok, where, Path(out), info, files, dtype, tied)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -196,6 +267,16 @@ def _meta(
     }
 
 
+def _report_files(report: dict, steps: list[Step]) -> dict[str, Any]:
+    """The report files beside the weights: per-layer errors, the last step's report."""
+    extra: dict[str, Any] = {}
+    if report.get("layer_errors"):
+        extra["layer_errors.json"] = report["layer_errors"]
+    rest = {k: v for k, v in report.items() if k != "layer_errors"}
+    extra[REPORT_FILES[kind_of(steps[-1])]] = rest
+    return extra
+
+
 def _save(
     model: nn.Module,
     tok: Any,
@@ -207,11 +288,7 @@ def _save(
 ) -> Path:
     from tinyllm.checkpoint import save_checkpoint
 
-    extra: dict[str, Any] = {}
-    if report.get("layer_errors"):
-        extra["layer_errors.json"] = report["layer_errors"]
-    rest = {k: v for k, v in report.items() if k != "layer_errors"}
-    extra[REPORT_FILES[kind_of(steps[-1])]] = rest
+    extra = _report_files(report, steps)
     return save_checkpoint(model, tok, out, meta, overwrite=overwrite, extra_files=extra)
 
 

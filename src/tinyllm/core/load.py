@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from tinyllm.checkpoint import load_checkpoint
@@ -24,13 +25,17 @@ def set_verify_default(verify: bool) -> None:
     _verify_default = verify
 
 
-def load(spec: str | Path = DEFAULT_MODEL, verify: bool | None = None) -> tuple[nn.Module, object]:
-    """Load a model (fp32, eval mode) and its tokenizer from any spec `models.load.resolve`
+def load(
+    spec: str | Path = DEFAULT_MODEL, verify: bool | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """Load a model (eval mode; its float tensors in `dtype`, default fp32: bfloat16 halves the
+    memory of a model too large for it) and its tokenizer from any spec `models.load.resolve`
     accepts, tinyllm checkpoint directories included.
 
     `verify`: check a tinyllm checkpoint's weight files against the sha256 digests it recorded
     (default: on, unless the CLI was given --no-verify)."""
     r = resolve(spec)
     if r.kind == "tinyllm_dir":
-        return load_checkpoint(r.path, verify=_verify_default if verify is None else verify)
-    return load_model(spec)
+        check = _verify_default if verify is None else verify
+        return load_checkpoint(r.path, verify=check, dtype=dtype)
+    return load_model(spec, dtype)

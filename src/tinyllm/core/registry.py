@@ -68,6 +68,14 @@ STEPS: tuple[Entry, ...] = (
 BY_NAME: dict[str, Entry] = {e.name: e for e in STEPS}
 
 
+# Steps that work block by block through core.calib (calibrate_blocks, for_each_block) and need
+# no other part of the model: they run on a streamed model (core/stream.py), one block in memory.
+# tests/core/test_stream.py proves each gives the in-memory result.
+STREAMS = frozenset(
+    {"gptq", "awq", "rtn", "nf4", "wanda", "sparsegpt", "smoothquant", "int8-static"}
+)
+
+
 def names(kind: Kind | None = None) -> list[str]:
     """Step names in table order, all or of one kind."""
     return [e.name for e in STEPS if kind is None or e.kind == kind]

@@ -57,6 +57,12 @@ class LazyWeights:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.entries[name][1]["shape"]:
+            n *= int(d)
+        return n
+
     def dtype(self, name: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.entries[name][1]["dtype"]]
 

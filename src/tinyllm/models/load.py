@@ -89,23 +89,29 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def load(spec: str | Path = DEFAULT_MODEL) -> tuple[nn.Module, object]:
-    """Load a model (fp32, eval mode) and its tokenizer from a registered name, a Hugging Face
-    directory or a GGUF file. A tinyllm checkpoint directory needs the packed layers of a layer
-    above this one: `tinyllm.load` (`tinyllm.core.load.load`) reads those."""
+def load(
+    spec: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """Load a model (`dtype`, default fp32; eval mode) and its tokenizer from a registered name,
+    a Hugging Face directory or a GGUF file. A tinyllm checkpoint directory needs the packed
+    layers of a layer above this one: `tinyllm.load` (`tinyllm.core.load.load`) reads those."""
+    return load_hf_dir(hf_directory(spec), dtype)
+
+
+def hf_directory(spec: str | Path) -> Path:
+    """The Hugging Face directory a spec stands for (a registered name or a GGUF file is
+    converted once into the cache); a tinyllm checkpoint is refused."""
     r = resolve(spec)
     if r.kind == "registered":
         gguf = registry.gguf_path(registry.REGISTRY[r.name])
-        directory = _converted_gguf(gguf, cache_name=r.name)
-    elif r.kind == "gguf":
-        directory = _converted_gguf(r.path, cache_name=f"{r.path.stem}-{file_fingerprint(r.path)}")
-    elif r.kind == "tinyllm_dir":
+        return _converted_gguf(gguf, cache_name=r.name)
+    if r.kind == "gguf":
+        return _converted_gguf(r.path, cache_name=f"{r.path.stem}-{file_fingerprint(r.path)}")
+    if r.kind == "tinyllm_dir":
         raise ModelLoadError(
             f"{r.path} is a tinyllm checkpoint; load it with tinyllm.load (tinyllm.core.load.load)"
         )
-    else:
-        directory = r.path
-    return load_hf_dir(directory)
+    return r.path
 
 
 def _quiet_transformers() -> None:
@@ -115,14 +121,10 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_hf_dir(directory: Path) -> tuple[nn.Module, object]:
-    """Load a Hugging Face checkpoint directory (safetensors weights only).
-
-    Everything is checked before any weight is allocated: config.json (sizes, no custom code),
-    the safetensors headers, the shapes the config implies against the stored ones, and the
-    tokenizer."""
-    from transformers import AutoModelForCausalLM
-
+def checked_hf_dir(directory: Path) -> tuple[object, object]:
+    """config.json (sizes, no custom code), the safetensors headers, the shapes the config
+    implies against the stored ones, and the tokenizer, all checked before any weight is
+    read. -> (config, tokenizer)"""
     _quiet_transformers()
     raw = read_config(directory)
     shapes = check_safetensors_dir(directory)
@@ -132,11 +134,23 @@ def load_hf_dir(directory: Path) -> tuple[nn.Module, object]:
     want, tied = expected_shapes(skeleton)
     check_shapes(directory, raw, want, shapes, tied, skeleton.base_model_prefix)
     check_vocab(directory, tokenizer, skeleton.get_input_embeddings().weight.shape[0])
+    return config, tokenizer
+
+
+def load_hf_dir(directory: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Load a Hugging Face checkpoint directory (safetensors weights only).
+
+    Everything is checked before any weight is allocated: config.json (sizes, no custom code),
+    the safetensors headers, the shapes the config implies against the stored ones, and the
+    tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    config, tokenizer = checked_hf_dir(directory)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             directory,
             config=config,
-            dtype=torch.float32,
+            dtype=dtype,
             use_safetensors=True,
             output_loading_info=True,
             trust_remote_code=False,

@@ -10,6 +10,7 @@ import torch
 from pydantic import field_validator
 from torch import nn
 
+from tinyllm.core.calib import for_each_block
 from tinyllm.core.steps import Context, Step
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.kernels.primitives import SUPPORTED_BITS, SUPPORTED_GROUPS
@@ -102,11 +103,18 @@ def quantize_each_layer(
     sites = target_linears(model)
     check_divisible(sites, group_size)
     errors = ctx.report.setdefault("layer_errors", {})
+    by_block: dict[int, list[LinearSite]] = {}
     for s in sites:
-        w = s.module.weight.detach().float()
-        qw = fn(w, s.name)
-        errors[s.name] = relative_weight_error(w, qw)
-        replace_linear(model, s.name, qw)
+        by_block.setdefault(s.block, []).append(s)
+
+    def quantize_block(i: int, _block: nn.Module) -> None:
+        for s in by_block.pop(i, []):
+            w = s.module.weight.detach().float()
+            qw = fn(w, s.name)
+            errors[s.name] = relative_weight_error(w, qw)
+            replace_linear(model, s.name, qw)
+
+    for_each_block(model, quantize_block)  # block by block: streamed models work too
 
 
 def block_error_status(by_block: dict[int, list[LinearSite]], errors: dict[str, float]):

@@ -47,3 +47,8 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+def available_bytes() -> int:
+    """Memory available to new allocations now (what the OS reports as available)."""
+    return int(psutil.virtual_memory().available)

@@ -1,0 +1,120 @@
+"""Where decoder blocks live while a method calibrates them: in memory, or streamed from disk.
+
+`calibrate_blocks` (and `for_each_block`) call `enter(i, block)` before a method looks at block
+i and `leave(i, block)` after its outputs were computed. The default `Placement` holds the whole
+model in CPU memory and computes on `device` (a block is moved there and back). `Streaming`
+holds none of the blocks: `enter` reads block i from the source checkpoint (or from where an
+earlier pass left it) in the compute dtype onto the device, `leave` writes it, as checkpoint
+tensors (packed records, sparse masks), to a work directory and gives its memory back. Peak
+memory is one block, the embeddings and the calibration activations.
+
+    with placed(Streaming(model, LazyWeights(src), workdir)):
+        run_steps(model, steps, ctx)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tinyllm.checkpoint import checkpoint_tensors, fill_from_tensors
+from tinyllm.kernels.qlinear import ActQuantLinear, QuantLinear, set_module
+from tinyllm.models.anatomy import find_blocks
+from tinyllm.models.lazy import LazyWeights, materialize, release
+
+
+class Placement:
+    """The whole model in CPU memory; blocks computed on `device` (moved there and back)."""
+
+    streaming = False
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def enter(self, i: int, block: nn.Module) -> None:
+        if self.device.type != "cpu":
+            block.to(self.device)
+
+    def leave(self, i: int, block: nn.Module) -> None:
+        if self.device.type != "cpu":
+            block.to("cpu")
+
+
+class Streaming(Placement):
+    """Blocks read from `weights` when first entered, written to `workdir` when left, and read
+    back from there when entered again (a second pass, a second step)."""
+
+    streaming = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weights: LazyWeights,
+        workdir: Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(device)
+        self.model, self.weights, self.dtype = model, weights, dtype
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prefix, _ = find_blocks(model)
+        self.stored: dict[int, tuple[Path, dict, dict]] = {}  # block -> file, quantized, sparse
+
+    def enter(self, i: int, block: nn.Module) -> None:
+        prefix = f"{self.prefix}.{i}"
+        if i not in self.stored:
+            materialize(block, prefix, self.weights, self.dtype, self.device)
+            return
+        file, quantized, sparse = self.stored[i]
+        info = {"quantized": quantized, "sparse": sparse}
+        tensors = {k: v.to(self.device) for k, v in load_file(str(file)).items()}
+        fill_from_tensors(self.model, tensors, info, {}, self.dtype)
+
+    def leave(self, i: int, block: nn.Module) -> None:
+        prefix = f"{self.prefix}.{i}"
+        tensors, quantized, sparse = checkpoint_tensors(self.model, prefix)
+        file = self.workdir / f"block{i:05d}.safetensors"
+        partial = file.with_suffix(".partial")
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(partial))
+        partial.replace(file)
+        self.stored[i] = (file, quantized, sparse)
+        unpack_block(block)
+        release(block)
+
+
+def unpack_block(block: nn.Module) -> None:
+    """Put plain linears (meta) where packed ones are, so the released block has the float
+    structure `enter` expects (a stored block's records are swapped in again when it is read)."""
+    for name, mod in list(block.named_modules()):
+        if isinstance(mod, QuantLinear | ActQuantLinear):
+            bias = getattr(mod, "bias", None) is not None
+            with torch.device("meta"):
+                plain = nn.Linear(mod.in_features, mod.out_features, bias=bias)
+            set_module(block, name, plain)
+
+
+_PLACEMENT: contextvars.ContextVar[Placement | None] = contextvars.ContextVar(
+    "placement", default=None
+)
+_IN_MEMORY = Placement()
+
+
+def placement() -> Placement:
+    """Where blocks live right now (the whole model in CPU memory unless `placed` says else)."""
+    return _PLACEMENT.get() or _IN_MEMORY
+
+
+@contextlib.contextmanager
+def placed(where: Placement) -> Iterator[Placement]:
+    token = _PLACEMENT.set(where)
+    try:
+        yield where
+    finally:
+        _PLACEMENT.reset(token)

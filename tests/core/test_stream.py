@@ -1,0 +1,140 @@
+"""Streaming compression (one block in memory) gives the checkpoint the in-memory path gives:
+the same tensors, key by key, for every step registry.STREAMS names; the sharded checkpoint
+loads back; bad requests are refused clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_config
+from tinyllm.core.compress import Calibration, compress
+from tinyllm.core.registry import STREAMS, step_class
+from tinyllm.errors import ConfigError
+
+# Small settings per step: group sizes the 64/128-wide tiny model divides.
+SETTINGS = {
+    "gptq": {"bits": 4, "group_size": 32},
+    "awq": {},
+    "rtn": {"bits": 4, "group_size": 32},
+    "nf4": {"block_size": 32},
+    "wanda": {"sparsity": 0.5},
+    "sparsegpt": {"sparsity": 0.5},
+    "smoothquant": {},
+    "int8-static": {},
+}
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _step(name: str):
+    return step_class(name)(**SETTINGS[name])
+
+
+@pytest.fixture
+def four_block_dir(tmp_path: Path, tokenizer) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama", vocab=len(tokenizer))
+    cfg.num_hidden_layers = 3
+    torch.manual_seed(1)
+    out = tmp_path / "src"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def calib(corpus: Path) -> Calibration:
+    return Calibration(corpus=str(corpus), samples=8, seq_len=64)
+
+
+def test_registry_names_in_streams_are_steps() -> None:
+    assert set(SETTINGS) == set(STREAMS)
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_streamed_checkpoint_equals_in_memory(
+    name: str, four_block_dir: Path, tmp_path: Path, calib: Calibration
+):
+    whole = compress(four_block_dir, [_step(name)], calib, tmp_path / "whole", stream="off")
+    streamed = compress(four_block_dir, [_step(name)], calib, tmp_path / "streamed", stream="on")
+    a, b = _tensors(whole.out), _tensors(streamed.out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+    info_a = json.loads((whole.out / "tinyllm.json").read_text())
+    info_b = json.loads((streamed.out / "tinyllm.json").read_text())
+    assert info_a["quantized"] == info_b["quantized"]
+    assert info_a["sparse"] == info_b["sparse"]
+    assert len(list(streamed.out.glob("model-*-of-*.safetensors"))) == 4  # 3 blocks + the rest
+    index = json.loads((streamed.out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(b)
+
+
+def test_two_streamed_steps_equal_in_memory(
+    four_block_dir: Path, tmp_path: Path, calib: Calibration
+) -> None:
+    steps = [_step("wanda"), _step("gptq")]
+    whole = compress(four_block_dir, steps, calib, tmp_path / "whole", stream="off")
+    streamed = compress(four_block_dir, steps, calib, tmp_path / "streamed", stream="on")
+    a, b = _tensors(whole.out), _tensors(streamed.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_checkpoint_loads_back_and_predicts_like_the_whole(
+    four_block_dir: Path, tmp_path: Path, calib: Calibration
+) -> None:
+    from tinyllm.core.load import load
+
+    whole = compress(four_block_dir, [_step("gptq")], calib, tmp_path / "w", stream="off")
+    streamed = compress(four_block_dir, [_step("gptq")], calib, tmp_path / "s", stream="on")
+    ids = torch.arange(20).reshape(1, 20)
+    m1, _ = load(whole.out)
+    m2, _ = load(streamed.out)
+    with torch.no_grad():
+        assert torch.equal(m1(ids).logits, m2(ids).logits)
+    assert not list(tmp_path.glob("*.stream*"))  # the work directory is gone
+
+
+def test_stream_on_refuses_steps_that_need_the_whole_model(
+    four_block_dir: Path, tmp_path, calib: Calibration
+):
+    from tinyllm.prune.magnitude import Magnitude
+
+    with pytest.raises(ConfigError, match="cannot stream: magnitude"):
+        compress(four_block_dir, [Magnitude(sparsity=0.5)], calib, tmp_path / "o", stream="on")
+    with pytest.raises(ConfigError, match="stream must be one of"):
+        compress(four_block_dir, [_step("rtn")], calib, tmp_path / "o", stream="sometimes")
+
+
+def test_bfloat16_source_streams_with_float32_compute(
+    four_block_dir: Path, tmp_path: Path, calib: Calibration
+):
+    """A bf16 checkpoint (how large models ship): embeddings stay bf16 in memory and on disk,
+    blocks are computed in float32, and the result loads and runs."""
+    from transformers import AutoModelForCausalLM
+
+    from tinyllm.core.load import load
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(four_block_dir).to(torch.bfloat16).save_pretrained(src)
+    for f in four_block_dir.glob("tok*"):
+        (src / f.name).write_bytes(f.read_bytes())
+    res = compress(src, [_step("gptq")], calib, tmp_path / "q", stream="on")
+    stored = _tensors(res.out)
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    model, _ = load(res.out)
+    with torch.no_grad():
+        logits = model(torch.arange(10).reshape(1, 10)).logits
+    assert torch.isfinite(logits).all()
