@@ -24,6 +24,7 @@ from tinyllm.cli._common import (
     SamplesOpt,
     SeedOpt,
     SeqLenOpt,
+    StreamOpt,
     _check_calib_dtype,
     device_of,
     flag_of,
@@ -37,10 +38,11 @@ from tinyllm.errors import ConfigError
 Q, P, D = opts_.Quant, opts_.Prune, opts_.Distill
 
 CALIB = ("calib_corpus", "samples", "seq_len", "seed", "calib_dtype")
-QUANT_GENERAL = {"model", "output", "method", "overwrite", "float_dtype", "device", *CALIB}
+QUANT_GENERAL = {"model", "output", "method", "overwrite", "float_dtype", "device", "stream"}
+QUANT_GENERAL |= set(CALIB)
 QUANT_GENERAL |= {"gguf_compatible", "embed_bits"}
 QUANT_FIELD = {"alpha_search": "search", "fp8_format": "format"}  # option -> step field
-PRUNE_GENERAL = {"model", "output", "method", "overwrite", "device", *CALIB}
+PRUNE_GENERAL = {"model", "output", "method", "overwrite", "device", "stream", *CALIB}
 
 
 @app.command(help=help_text(opts_.QUANTIZE_HELP))
@@ -84,6 +86,7 @@ def quantize(
     overwrite: OverwriteOpt = False,
     float_dtype: Q.FloatDtype = "float16",
     device: DeviceOpt = "auto",
+    stream: StreamOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress
 
@@ -93,6 +96,7 @@ def quantize(
     result = compress(
         model, steps, calibration(opts), output,
         overwrite=overwrite, float_dtype=float_dtype, meta=meta, device=device_of(device),
+        stream=stream,
     )  # fmt: skip
     print_quant_report(result.report, method, output)
 
@@ -234,6 +238,7 @@ def prune(
     rewind: P.Rewind = False,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
+    stream: StreamOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress
     from tinyllm.prune.api import prune_step, step_classes, step_fields, training_pruners
@@ -247,7 +252,7 @@ def prune(
     where = output / "model" if trains else output
     result = compress(
         model, [cfg], calibration(opts), where, overwrite=overwrite,
-        train_dir=output if trains else None, device=device_of(device),
+        train_dir=output if trains else None, device=device_of(device), stream=stream,
     )  # fmt: skip
     print_prune_report(result, method, where)
 
@@ -262,6 +267,14 @@ def print_prune_report(result: Any, method: str, where: Path) -> None:
             f"{method}: perplexity {d['before']['perplexity']:.3f} -> "
             f"{d['after']['perplexity']:.3f} (dense {t.get('perplexity', float('nan')):.3f});"
             f" wrote {where}"
+        )
+        return
+    if result.meta.get("stream"):  # the model was never whole in memory: its layer report
+        layers = result.report.get("layer_sparsity", {}) or {"": float("nan")}
+        mean = sum(layers.values()) / len(layers)
+        out.print(
+            f"pruned with {method} in {result.report['seconds']:.1f} s (streamed): mean layer "
+            f"sparsity {mean:.1%}; wrote {where}"
         )
         return
     out.print(
@@ -305,6 +318,14 @@ def distill(
     resume: D.Resume = False,
     overwrite: D.Overwrite = False,
     train: D.Train = "all",
+    gradient_checkpointing: bool = typer.Option(
+        False, help="Recompute block activations in the backward pass: less memory, more time."
+    ),
+    parallel: str = typer.Option(
+        "auto",
+        help="Under torchrun: ddp (a whole student per process), fsdp (sharded over the "
+        "processes), auto (fsdp where the student's training state does not fit a GPU).",
+    ),
     device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress

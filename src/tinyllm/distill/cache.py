@@ -78,12 +78,13 @@ class TeacherCache:
         ids = window_ids.tolist()
         missing = [w for w in ids if not self.filled[w]]
         if missing:
-            logits = compute(torch.tensor(missing)).float()  # [M, T, V]
+            logits = compute(torch.tensor(missing)).float()  # [M, T, V], on the teacher's device
             top = logits.topk(self.k, dim=-1)
-            rest = log_rest(logits, top.indices)
+            rest = log_rest(logits, top.indices).cpu()
+            top_values, top_indices = top.values.cpu(), top.indices.cpu()
             for row, w in enumerate(missing):
-                self.values[w] = top.values[row].numpy().astype(np.float16)
-                self.indices[w] = top.indices[row].numpy().astype(np.int32)
+                self.values[w] = top_values[row].numpy().astype(np.float16)
+                self.indices[w] = top_indices[row].numpy().astype(np.int32)
                 self.rest[w] = rest[row].numpy()
             for arr in (self.values, self.indices, self.rest):
                 arr.flush()

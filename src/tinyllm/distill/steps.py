@@ -65,7 +65,8 @@ def start(model: nn.Module, cfg: TrainStep, ctx: Context, out: Path | None = Non
     check_pair(setup.teacher, setup.teacher_tokenizer, model, setup.tokenizer)
     identity = {**setup.specs, "layers": getattr(cfg, "layers", None)}
     identity["student"] = identity.pop("source", None)
-    return build_run(setup.teacher, setup.tokenizer, model, cfg.trainer_config(), out, identity)
+    trainer_cfg = cfg.trainer_config()
+    return build_run(setup.teacher, setup.tokenizer, model, trainer_cfg, out, identity, ctx.device)
 
 
 def finish(run: Run, cfg: TrainStep, ctx: Context, save_meta: dict | None = None) -> dict:

@@ -72,8 +72,9 @@ class Masks:
                     continue
                 mask = mod.weight.detach() != 0
                 if 1 - mask.float().mean() >= SPARSE_MIN:
-                    self.masks[f"{bi}.{name}"] = (mod.weight, mask)
-                    mod.weight.register_hook(lambda g, m=mask: g * m)
+                    key = f"{bi}.{name}"
+                    self.masks[key] = (mod.weight, mask)
+                    mod.weight.register_hook(lambda g, k=key: g * self.masks[k][1])
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -85,6 +86,10 @@ class Masks:
 
     def after_step(self, _trainer: object) -> None:
         self.apply()
+
+    def to(self, device: torch.device) -> None:
+        """Keep the masks where their weights train."""
+        self.masks = {k: (w, m.to(device)) for k, (w, m) in self.masks.items()}
 
 
 def scale_like(name: str, p: nn.Parameter) -> bool:

@@ -14,10 +14,10 @@ optimizer, scheduler and RNG state, written atomically every `save_every` steps)
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -37,6 +37,7 @@ from tinyllm.distill.cache import TeacherCache
 from tinyllm.distill.logs import TrainLog
 from tinyllm.errors import ConfigError, TinyLLMError
 from tinyllm.models.anatomy import find_blocks
+from tinyllm.util import dist as udist
 from tinyllm.util.fs import atomic_dir, write_json_atomic
 from tinyllm.util.progress import make_progress
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT, MODEL, SUMMARY = "checkpoint", "model", "summary.json"
 # Settings that change what is logged, not what is trained: free to differ on --resume.
 LOG_ONLY = {"eval_every", "eval_windows", "eval_seq_len", "save_every", "final_eval_windows"}
+# Settings that change how a run executes (memory, sharding), not its trajectory beyond float
+# rounding: free to differ on --resume too.
+HOW_ONLY = {"gradient_checkpointing", "parallel"}
 
 
 class TrainingError(TinyLLMError):
@@ -105,6 +109,17 @@ class DistillConfig(BaseModel):
         description="parameters that train: all, or (QAT) only the quantization scales, norms "
         "and biases, the latent weights and embeddings frozen (EfficientQAT's end-to-end stage)",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in the backward pass instead of keeping "
+        "them: less memory, about a third more time",
+    )
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="under torchrun: ddp keeps a whole student on every process, fsdp shards its "
+        "parameters, gradients and optimizer state over the processes; auto: fsdp on GPUs the "
+        "student's training state does not fit, else ddp",
+    )
 
     @model_validator(mode="after")
     def _weights(self) -> DistillConfig:
@@ -114,7 +129,7 @@ class DistillConfig(BaseModel):
 
     def trajectory(self) -> dict:
         """The settings that decide the training trajectory."""
-        return {k: v for k, v in self.model_dump().items() if k not in LOG_ONLY}
+        return {k: v for k, v in self.model_dump().items() if k not in LOG_ONLY | HOW_ONLY}
 
 
 @dataclass
@@ -131,17 +146,16 @@ class Run:
     # --resume, state_dict() / load_state_dict(d): fixed masks of a pruned student, movement
     # pruning's scores.
     hooks: list = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where it trains
 
 
 # ---------------------------------------------------------------- distributed helpers
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size); starts the process group under torchrun."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), size) if size > 1 else (0, 1)
+    """(rank, world size); starts the process group under torchrun (util.dist)."""
+    size = udist.init_from_env()
+    return udist.rank(), size
 
 
 def _mean_across(values: torch.Tensor, size: int) -> torch.Tensor:
@@ -259,10 +273,16 @@ class Trainer:
                 )
             for m in (run.student, run.teacher):
                 m.set_attn_implementation("eager")  # attention maps need the eager kernel
+        self.device = udist.rank_device(run.device)
+        self.mode = self._mode()
+        # FSDP trains a sharded copy; taken before the Pair's hooks are on the student
+        sharded = copy.deepcopy(run.student) if self.mode == "fsdp" else None
         self.pair = Pair(run.student, run.teacher.config.hidden_size, len(self.tmap))
-        self.model: nn.Module = self.pair
-        if self.size > 1:
-            self.model = nn.parallel.DistributedDataParallel(self.pair)
+        self.trained = self._place(sharded)  # the Pair whose parameters the optimizer moves
+        self.model: nn.Module = self.trained
+        if self.mode == "ddp":
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.trained, device_ids=ids)
         self.opt = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.order = Order(run.grid.shape[0], cfg.seed)
@@ -271,12 +291,47 @@ class Trainer:
         self.step = self._last_saved = 0
         self._stop = False
 
+    def _mode(self) -> str:
+        """single (one process), ddp or fsdp: `parallel`, with auto resolved by device memory."""
+        if self.size == 1:
+            return "single"
+        if self.cfg.parallel != "auto":
+            return self.cfg.parallel
+        if self.device.type != "cuda":
+            return "ddp"
+        need = training_bytes(self.run.student, self.run.teacher)
+        have = torch.cuda.get_device_properties(self.device).total_memory
+        log.info("training state %.1f GiB, device %.1f GiB", need / 2**30, have / 2**30)
+        return "fsdp" if need > 0.8 * have else "ddp"
+
+    def _place(self, sharded: nn.Module | None) -> Pair:
+        """Models and hooks onto this rank's device; under FSDP the sharded training Pair, built
+        on the copy `sharded` of the student with the same projector weights."""
+        run = self.run
+        if self.cfg.gradient_checkpointing:
+            checkpointing(sharded if sharded is not None else run.student, True)
+        run.teacher.to(self.device)
+        for hook in run.hooks:
+            if hasattr(hook, "to"):
+                hook.to(self.device)
+        if sharded is None:
+            return self.pair.to(self.device)
+        if run.hooks:
+            raise ConfigError(
+                "parallel: fsdp cannot keep a pruned student's masks or movement scores (they "
+                "address whole weights); use parallel: ddp"
+            )
+        with torch.random.fork_rng(devices=[]):
+            pair = Pair(sharded, run.teacher.config.hidden_size, len(self.tmap))
+        pair.projectors.load_state_dict(self.pair.projectors.state_dict())
+        return shard_pair(pair, self.device, self.size)
+
     def _param_groups(self) -> list[dict]:
         """Trainable parameters; with scale_lr, the quantization scales and 1-D parameters (norms,
         biases) form a second group at that learning rate."""
         from tinyllm.distill.student import scale_like
 
-        named = [(n, p) for n, p in self.pair.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.trained.named_parameters() if p.requires_grad]
         if self.cfg.scale_lr is None:  # one group, in module order (as checkpoints store it)
             return [{"params": [p for _, p in named]}]
         rest = [p for n, p in named if not scale_like(n, p)]
@@ -311,8 +366,13 @@ class Trainer:
     # -- one step
 
     def _terms(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch (bf16 autocast on CUDA)."""
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self._terms_of(rows)
+
+    def _terms_of(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        ids = self.run.grid[rows]  # [B, T]
+        ids = self.run.grid[rows].to(self.device)  # [B, T]
         want_attn = cfg.delta > 0
         logits, hidden, attn = self.model(ids, want_attn)
         logits = logits[:, :-1]  # predicts ids[:, 1:]
@@ -320,7 +380,9 @@ class Trainer:
         if cfg.beta > 0:
             terms["task"] = losses.task_loss(logits, ids[:, 1:])
         if self.cache is not None:
-            values, idx, rest = self.cache.get(rows, self._teacher_logits)
+            values, idx, rest = (
+                t.to(self.device) for t in self.cache.get(rows, self._teacher_logits)
+            )
             terms["kd"] = losses.kd_loss_topk(
                 logits, values[:, :-1], idx[:, :-1], cfg.temperature, rest[:, :-1]
             )
@@ -348,7 +410,8 @@ class Trainer:
 
     @torch.no_grad()
     def _teacher_logits(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.run.teacher(input_ids=self.run.grid[rows], use_cache=False).logits
+        ids = self.run.grid[rows].to(self.device)
+        return self.run.teacher(input_ids=ids, use_cache=False).logits
 
     def _train_step(self) -> dict:
         cfg = self.cfg
@@ -356,8 +419,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             rows = self.order.rows(self.step, micro, self.rank, cfg, self.size)
             sync = micro == cfg.grad_accum - 1 or self.size == 1
-            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
-            with ctx:
+            with self._sync(sync):
                 terms = self._terms(rows)
                 loss = losses.combine(terms, cfg.alpha, cfg.beta, cfg.gamma, cfg.delta)
                 (loss / cfg.grad_accum).backward()
@@ -374,14 +436,26 @@ class Trainer:
                 f"{self.run.out / CHECKPOINT}. Lower --lr or --temperature and --resume."
             )
         self._call("after_backward")
-        params = [p for p in self.pair.parameters() if p.requires_grad]
-        row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+        params = [p for p in self.trained.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        row["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         row["lr"] = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self._call("after_step")
         return row
+
+    def _sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Gradient synchronisation on (the last micro-batch) or off (accumulating)."""
+        if sync or self.mode == "single":
+            if self.mode == "fsdp":
+                self.trained.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.mode == "fsdp":
+            self.trained.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def _call(self, event: str) -> None:
         for hook in self.run.hooks:
@@ -393,11 +467,13 @@ class Trainer:
 
     def save(self) -> None:
         """Everything a resumed run needs, atomically, by rank 0."""
+        self.sync_back()
+        optimizer = self._optimizer_state()
         if self.rank == 0:
             with atomic_dir(self.run.out / CHECKPOINT) as tmp:
                 save_model(self.pair, str(tmp / "trainable.safetensors"))
                 state = {
-                    "optimizer": self.opt.state_dict(),
+                    "optimizer": optimizer,
                     "scheduler": self.sched.state_dict(),
                     "rng": torch.get_rng_state(),
                     "hooks": [h.state_dict() for h in self.run.hooks if hasattr(h, "state_dict")],
@@ -423,7 +499,7 @@ class Trainer:
         try:
             load_model(self.pair, str(ckpt / "trainable.safetensors"))  # strict: all keys
             state = torch.load(ckpt / "trainer.pt", weights_only=True)
-            self.opt.load_state_dict(state["optimizer"])
+            self._load_optimizer(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             stateful = [h for h in self.run.hooks if hasattr(h, "load_state_dict")]
@@ -436,6 +512,52 @@ class Trainer:
             ) from exc
         self.step = self._last_saved = int(info["step"])
         self.log = TrainLog.read(self.run.out, self.step)
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state (under FSDP gathered whole, on rank 0; all ranks call this)."""
+        if self.mode != "fsdp":
+            return self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict as get
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get(self.trained, self.opt, options=options)
+
+    def _load_optimizer(self, state: dict) -> None:
+        """Resume the optimizer; under FSDP first the sharded weights from the whole Pair."""
+        if self.mode != "fsdp":
+            self.opt.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint import state_dict as sd
+
+        options = sd.StateDictOptions(full_state_dict=True)
+        sd.set_model_state_dict(self.trained, self.pair.state_dict(), options=options)
+        sd.set_optimizer_state_dict(self.trained, self.opt, state, options=options)
+
+    def sync_back(self) -> None:
+        """Under FSDP, gather the trained shards into the whole Pair on rank 0 (all ranks call
+        this); elsewhere the Pair is what trains, and nothing is to do."""
+        if self.mode != "fsdp":
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        whole = get_model_state_dict(self.trained, options=options)
+        if self.rank == 0:
+            self.pair.load_state_dict(whole)
+
+    def finish(self) -> None:
+        """After training: the trained weights in the student, everything back in CPU memory
+        (where compress packs and saves), gradient checkpointing off."""
+        self.sync_back()
+        if self.cfg.gradient_checkpointing:
+            checkpointing(self.run.student, False)
+        cpu = torch.device("cpu")
+        self.pair.to(cpu)
+        self.run.teacher.to(cpu)
+        for hook in self.run.hooks:
+            if hasattr(hook, "to"):
+                hook.to(cpu)
 
     # -- evaluation
 
@@ -451,6 +573,7 @@ class Trainer:
             reference=(self.run.teacher, self.run.tokenizer),
         )
         self.run.student.train()
+        self.run.teacher.to(self.device)  # evaluate moved it to the student (FSDP: the CPU)
         return {"perplexity": r.perplexity, "kld": r.kld, "top1_agreement": r.top1_agreement}
 
     # -- the loop
@@ -460,7 +583,8 @@ class Trainer:
         cfg = self.cfg
         if resume:
             self.load()
-        self.run.student.train()
+        self.run.teacher.to(self.device)  # an evaluation before may have moved it
+        self.trained.train()  # the student (under FSDP its sharded copy) and the projectors
         tokens_per_step = cfg.batch * cfg.grad_accum * self.size * self.run.grid.shape[1]
         train_seconds, done = 0.0, 0
         previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -494,6 +618,7 @@ class Trainer:
     def _periodic(self) -> None:
         cfg = self.cfg
         if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            self.sync_back()
             if self.rank == 0:
                 self.log.evals.append({"step": self.step, **self.evaluate(cfg.eval_windows)})
             _barrier(self.size)
@@ -509,6 +634,47 @@ class Trainer:
     def _stopping(self) -> bool:
         flag = torch.tensor([1.0 if self._stop else 0.0])
         return bool(_mean_across(flag, self.size) > 0)
+
+
+def checkpointing(model: nn.Module, on: bool) -> None:
+    """Gradient checkpointing of a Hugging Face model's blocks on or off (non-reentrant, which
+    DDP and FSDP support)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        enable, disable = (
+            model.activation_checkpointing_enable,
+            model.activation_checkpointing_disable,
+        )
+        args = {"activation_checkpointing_kwargs": kwargs}
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+        args = {"gradient_checkpointing_kwargs": kwargs}
+    else:
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
+    if on:
+        enable(**args)
+    else:
+        disable()
+
+
+def training_bytes(student: nn.Module, teacher: nn.Module) -> int:
+    """Device memory of a training step's states, activations aside: the student's fp32
+    weights, gradients and two AdamW moments (16 bytes a parameter) plus the teacher's weights."""
+    s = sum(p.numel() for p in student.parameters())
+    return 16 * s + sum(p.numel() * p.element_size() for p in teacher.parameters())
+
+
+def shard_pair(pair: Pair, device: torch.device, size: int) -> Pair:
+    """FSDP (fully_shard) over `size` processes: each decoder block of the student its own unit,
+    the rest (embeddings, head, norms, projectors) the root's; the shards on `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (size,))
+    for block in find_blocks(pair.student)[1]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(pair, mesh=mesh)
+    return pair
 
 
 def _rate(tokens_per_step: int, steps: int, seconds: float) -> float | None:
@@ -618,6 +784,7 @@ def distill(
             write_json_atomic(summary_path, summary)
         _barrier(trainer.size)
     speed = trainer.fit(resume)
+    trainer.finish()
     if trainer.rank != 0:
         return summary
     finish_training(run.student)
@@ -718,9 +885,11 @@ def build_run(
     cfg: DistillConfig,
     out: Path,
     identity: dict,
+    device: torch.device | None = None,
 ) -> Run:
     """A run of loaded models: the teacher frozen, the student made trainable (fake quant for
-    quantized layers, fixed masks for pruned ones), the training windows cut."""
+    quantized layers, fixed masks for pruned ones), the training windows cut. It trains on
+    `device` (default cpu; under torchrun a plain cuda is each process's own GPU)."""
     from tinyllm.data.corpora import load_corpus
     from tinyllm.data.windows import tokenize_corpus, train_windows, with_bos
     from tinyllm.distill.student import prepare_for_training
@@ -734,4 +903,6 @@ def build_run(
     )
     identity = {**identity, "global_batch": cfg.batch * cfg.grad_accum * world()[1]}
     hooks = [masks] if len(masks) else []
-    return Run(teacher.eval(), student, tokenizer, grid, Path(out), identity, hooks)
+    run = Run(teacher.eval(), student, tokenizer, grid, Path(out), identity, hooks)
+    run.device = device or torch.device("cpu")
+    return run
