@@ -1,0 +1,641 @@
+"""Predict the peak memory and run time of a job from a model's config.json alone.
+
+No weight is read: the shapes come from the model built on the meta device (one decoder block,
+multiplied by the number of blocks), the stored dtype from the config. Memory is a sum of named
+parts; time is FLOPs over the host's measured float32 matmul rate (a short micro-benchmark, cached
+in `$TINYLLM_CACHE/host/profile.json`) plus bytes over its memory bandwidth. Every constant is
+data (COSTS, METHODS) and every estimate lists what it assumed.
+
+Jobs:
+- compress: the streaming path (one decoder block at a time on the compute device):
+  baseline + input embeddings in their stored dtype + one block in float32 (twice while its
+  forward runs: oneDNN keeps a packed copy) + the method's workspace (GPTQ/SparseGPT: ~3
+  float32 in x in matrices of the widest linear, plus its weight) + calibration activations
+  (hidden states in float32, two streams, three with float targets; down_proj inputs in float16
+  where a method keeps them) + one batch's transients.
+- eval: weights at their stored (or packed) size + one batch's activations and logits.
+- generate: weights + the KV cache; per-token time is the weight bytes over memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinyllm.core import registry
+from tinyllm.errors import ConfigError, ModelLoadError
+from tinyllm.util.units import human_bytes
+
+log = logging.getLogger(__name__)
+
+JOBS = ("compress", "eval", "generate")
+MiB = 2**20
+GiB = 2**30
+
+# Constants of the model, measured on this project's hosts (docs/sizing.md says how).
+COSTS: dict[str, float] = {
+    "baseline_bytes": 560 * MiB,  # python + torch + transformers + tinyllm + tokenizer, idle
+    "forward_pack_factor": 2.0,  # block weights alive during its forward (float32 + oneDNN copy)
+    "hessian_copies": 3.0,  # float32 in x in matrices alive while GPTQ/SparseGPT solve
+    "transient_ffn_copies": 3.0,  # float32 batch x seq x ffn tensors alive inside the MLP
+    "attention_scores": 1.0,  # float32 batch x heads x seq x seq attention scores
+    "calib_batch": 8,  # calibration windows per forward (core.steps.Context.batch_size)
+    "eval_batch_tokens": 2048,  # tokens per evaluation forward
+    "eval_windows": 40,  # `tinyllm eval` default windows x 512 tokens
+    "eval_seq_len": 512,
+    "kv_cache_bytes": 64 * MiB,  # `tinyllm generate --kv-memory` default
+    "serve_float_bytes": 4,  # unquantized weights as eval/generate hold them (float32 today)
+    "matmul_efficiency": 0.55,  # calibration forwards run at this fraction of the matmul rate
+    "solve_efficiency": 0.35,  # GPTQ/SparseGPT solves (blocked, column by column)
+    "io_gbs": 1.0,  # reading stored weights and writing the packed checkpoint, GB/s
+    "fixed_seconds": 12.0,  # start-up, tokenizing the calibration windows, writing metadata
+    "default_gflops": 30.0,  # used when the micro-benchmark cannot run
+    "default_bandwidth_gbs": 5.0,
+    "cuda_gflops": 40_000.0,  # assumed for a GPU that is not present here (H100, tf32 off)
+    "cuda_bandwidth_gbs": 2000.0,
+    "cuda_context_bytes": 600 * MiB,  # host memory the CUDA runtime takes once initialized
+    "generate_tokens": 64,  # `tinyllm generate --max-tokens` default
+    "quantize_flops_per_weight": 40.0,  # RTN/NF4-like rounding of one weight
+}
+
+
+@dataclass(frozen=True)
+class MethodCost:
+    """How a method uses a block: forwards per block, workspace, what it keeps."""
+
+    calibrated: bool  # needs calibration windows
+    passes: float  # block forwards per block during calibration
+    hessian: bool  # accumulates X^T X per linear input and solves (GPTQ, SparseGPT)
+    keeps_down_inputs: bool = False  # keeps down_proj's inputs (float16) across a pass
+    float_targets: bool = False  # runs a float reference stream beside the compressed one
+    stats_bytes_per_channel: int = 0  # per-input-channel statistics (Wanda, AWQ, SmoothQuant)
+    packed: bool = True  # the result is packed integer codes (else float, e.g. pruning)
+
+
+SHARED_INPUT = {"q": "attention input", "k": "attention input", "v": "attention input"}
+SHARED_INPUT |= {"gate": "mlp input", "up": "mlp input"}
+
+METHODS: dict[str, MethodCost] = {
+    "rtn": MethodCost(False, 0.0, False),
+    "nf4": MethodCost(False, 0.0, False),
+    "embeddings": MethodCost(False, 0.0, False),
+    "int8-dynamic": MethodCost(False, 0.0, False),
+    "fp8": MethodCost(False, 0.0, False),
+    "magnitude": MethodCost(False, 0.0, False, packed=False),
+    "gptq": MethodCost(True, 2.0, True, keeps_down_inputs=True),
+    "mixed": MethodCost(True, 2.0, True, keeps_down_inputs=True),
+    "sparsegpt": MethodCost(True, 2.0, True, keeps_down_inputs=True, packed=False),
+    "awq": MethodCost(True, 3.0, False, stats_bytes_per_channel=8),
+    "wanda": MethodCost(True, 1.0, False, stats_bytes_per_channel=8, packed=False),
+    "smoothquant": MethodCost(True, 2.0, False, stats_bytes_per_channel=8),
+    "int8-static": MethodCost(True, 1.0, False, stats_bytes_per_channel=8),
+    "channels": MethodCost(True, 1.0, False, stats_bytes_per_channel=8, packed=False),
+    "heads": MethodCost(True, 1.0, False, stats_bytes_per_channel=8, packed=False),
+    "blocks": MethodCost(True, 1.0, False, stats_bytes_per_channel=8, packed=False),
+}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str  # inside its block: mlp.down_proj
+    in_features: int
+    out_features: int
+    role: str = ""  # models.anatomy's: q, k, v, o, gate, up, down, ...
+
+    @property
+    def input_group(self) -> str:
+        """Linears reading the same input share a Hessian (q/k/v; gate/up)."""
+        return SHARED_INPUT.get(self.role, self.name)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimator knows about a model: sizes from config.json, one block's linears."""
+
+    name: str
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    vocab: int
+    tied: bool
+    stored_bytes: int  # bytes per stored float value (bf16: 2)
+    block_params: int  # every parameter of one decoder block
+    linears: tuple[Linear, ...]  # one block's
+    other_params: int  # norms outside the blocks
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        head = 0 if self.tied else self.embed_params
+        return self.layers * self.block_params + self.embed_params + head + self.other_params
+
+    @property
+    def linear_params(self) -> int:
+        return sum(x.in_features * x.out_features for x in self.linears)
+
+
+@dataclass(frozen=True)
+class Host:
+    """The compute device's measured (or assumed) speed."""
+
+    device: str
+    gflops: float  # float32 matmul
+    bandwidth_gbs: float  # memory read
+    measured: bool
+    source: str
+
+
+@dataclass
+class Estimate:
+    """A job's predicted peak memory and run time, with its parts and assumptions."""
+
+    model: str
+    job: str
+    method: str | None
+    device: str
+    peak_bytes: int
+    seconds: float
+    memory: dict[str, int] = field(default_factory=dict)
+    time: dict[str, float] = field(default_factory=dict)
+    assumptions: list[str] = field(default_factory=list)
+    device_bytes: int | None = None  # GPU memory, where the job computes on a GPU
+    params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        where = f" (GPU {human_bytes(self.device_bytes)})" if self.device_bytes else ""
+        what = f"{self.job} {self.method}" if self.method else self.job
+        return (
+            f"{self.model} {what}: peak RSS ~{human_bytes(self.peak_bytes)}{where}, "
+            f"~{self.seconds:.0f} s"
+        )
+
+
+# --- reading a model's shape from its config -------------------------------------------------
+def read_config_of(spec: str | Path) -> tuple[str, dict[str, Any], Path | None]:
+    """(name, config.json as a dict, the directory holding weights or None) of a registered
+    name, a Hugging Face or tinyllm directory, or a path to a config.json file."""
+    from tinyllm.models.load import resolve
+    from tinyllm.models.validate import check_architecture, check_sizes, read_config
+
+    path = Path(str(spec)).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{path} is unreadable: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+        check_architecture(raw, path)
+        check_sizes(raw, path)
+        return path.parent.name or path.stem, raw, None
+    r = resolve(spec)
+    if r.kind == "registered":
+        return r.name, _registered_config(r.name), None
+    if r.kind == "gguf":
+        raise ModelLoadError(
+            f"{r.path}: estimate reads config.json; give the Hugging Face directory or the "
+            "config.json of the model instead of a .gguf file"
+        )
+    if not (r.path / "config.json").is_file():
+        raise ModelLoadError(f"{r.path} has no config.json to estimate from")
+    return r.name, read_config(r.path), r.path
+
+
+def _registered_config(name: str) -> dict[str, Any]:
+    """A registered model's config: from its converted checkpoint when present, else from the
+    GGUF file's metadata (slower: transformers parses the header and the tokenizer)."""
+    from tinyllm.models import registry as models
+    from tinyllm.models.load import SOURCE_FILE
+    from tinyllm.models.validate import read_config
+    from tinyllm.util.fs import cache_dir
+
+    converted = cache_dir("models") / name
+    if (converted / SOURCE_FILE).is_file() and (converted / "config.json").is_file():
+        return read_config(converted)
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    log.info("reading %s's config from its GGUF header (once converted, this is instant)", name)
+    gguf = models.gguf_path(models.REGISTRY[name])
+    config = dict(load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
+    config.setdefault("dtype", "float32")  # tinyllm converts GGUF weights to float32
+    return config
+
+
+def _stored_bytes(raw: dict[str, Any]) -> int:
+    """Bytes per float value as stored: the config's dtype (bf16 when it names none)."""
+    name = str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    return {"float32": 4, "float64": 8}.get(name, 2)
+
+
+def _one_block_config(raw: dict[str, Any]) -> Any:
+    """transformers' config object for `raw` with one decoder block (per-layer lists cut)."""
+    from transformers import AutoConfig
+
+    one = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map")}
+    layers = int(one.get("num_hidden_layers") or 1)
+    for key, value in raw.items():
+        if isinstance(value, list) and len(value) == layers and layers > 1:
+            one[key] = value[:1]  # layer_types and friends
+    one["num_hidden_layers"] = 1
+    model_type = one.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **one)
+    except Exception as exc:  # transformers raises many types for a bad config
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(
+            f"config.json of a '{model_type}' model is not valid: {first}"
+        ) from exc
+
+
+def shape_of(spec: str | Path) -> Shape:
+    """The Shape of a model spec, read from its config (no weights)."""
+    from tinyllm.models.anatomy import analyze
+    from tinyllm.models.validate import meta_model
+
+    name, raw, _ = read_config_of(spec)
+    cfg = _one_block_config(raw)
+    model = meta_model(cfg)
+    anatomy = analyze(model)
+    block = anatomy.blocks[0]
+    embed = anatomy.embedding.weight.shape if anatomy.embedding is not None else (0, 0)
+    linears = tuple(
+        Linear(s.local, s.module.in_features, s.module.out_features, s.role)
+        for s in anatomy.block_linears(0)
+    )
+    tied = anatomy.head is None or anatomy.head.weight is anatomy.embedding.weight
+    total = sum(p.numel() for p in model.parameters())  # tied counted once
+    head = 0 if tied else embed[0] * embed[1]
+    block_params = sum(p.numel() for p in block.parameters())
+    return Shape(
+        name=name,
+        model_type=raw["model_type"],
+        hidden=int(embed[1]),
+        layers=int(raw.get("num_hidden_layers") or len(anatomy.blocks)),
+        heads=int(getattr(cfg, "num_attention_heads", 1) or 1),
+        ffn=max((x.in_features for x in linears), default=0),
+        vocab=int(embed[0]),
+        tied=tied,
+        stored_bytes=_stored_bytes(raw),
+        block_params=block_params,
+        linears=linears,
+        other_params=total - block_params - embed[0] * embed[1] - head,
+    )
+
+
+# --- the host: measured float32 matmul rate and memory bandwidth ------------------------------
+def host_profile(device: str = "cpu", refresh: bool = False) -> Host:
+    """The device's float32 matmul GFLOPS and read bandwidth, measured once (about a second) and
+    cached per device, torch version and thread count; a GPU that is not present is assumed."""
+    import torch
+
+    from tinyllm.util.fs import cache_dir, write_json_atomic
+
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return Host(device, COSTS["cuda_gflops"], COSTS["cuda_bandwidth_gbs"], False, "assumed")
+    key = f"{kind}-torch{torch.__version__}-threads{torch.get_num_threads()}"
+    path = cache_dir("host") / "profile.json"
+    cached = _read_json(path)
+    if key in cached and not refresh:
+        c = cached[key]
+        return Host(device, c["gflops"], c["bandwidth_gbs"], True, f"cached in {path}")
+    try:
+        gflops, gbs = _measure(torch.device(device if kind == "cuda" else "cpu"))
+    except RuntimeError as exc:  # an odd backend: fall back on the table
+        log.warning("host micro-benchmark failed (%s); using the default rates", exc)
+        return Host(
+            device, COSTS["default_gflops"], COSTS["default_bandwidth_gbs"], False, "default"
+        )
+    cached[key] = {"gflops": gflops, "bandwidth_gbs": gbs, "when": time.time()}
+    write_json_atomic(path, cached)
+    return Host(device, gflops, gbs, True, "measured now")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _measure(device: Any, seconds: float = 0.4) -> tuple[float, float]:
+    """(float32 matmul GFLOPS on 2048-square matrices, GB/s of a float32 sum over 256 MB)."""
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    rate = _timed(lambda: a @ b, seconds, device) * 2 * n**3 / 1e9
+    x = torch.ones(1 << 26, device=device)  # 256 MB of float32
+    gbs = _timed(lambda: x.sum(), seconds, device) * x.numel() * 4 / 1e9
+    return rate, gbs
+
+
+def _timed(fn: Any, seconds: float, device: Any) -> float:
+    """Calls of fn per second (after one warm-up), over about `seconds`."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or calls < 2:
+        fn()
+        calls += 1
+    sync()
+    return calls / (time.perf_counter() - t0)
+
+
+# --- the estimates -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """What is estimated: the job and its settings (the CLI's defaults)."""
+
+    job: str = "compress"
+    method: str | None = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    samples: int = 128
+    seq_len: int = 512
+    device: str = "cpu"
+
+
+def method_cost(method: str) -> MethodCost:
+    """The cost model of a registered method; unknown names are a ConfigError."""
+    if method not in registry.BY_NAME:
+        known = ", ".join(METHODS)
+        raise ConfigError(f"unknown method '{method}'; estimate knows: {known}")
+    if method not in METHODS:
+        raise ConfigError(
+            f"estimate has no cost model for '{method}' (a {registry.BY_NAME[method].kind} "
+            f"step); it models: {', '.join(METHODS)}"
+        )
+    return METHODS[method]
+
+
+def check_job(job: Job) -> None:
+    """Refuse settings no run could have, naming the setting."""
+    if job.job not in JOBS:
+        raise ConfigError(f"unknown job '{job.job}'; choose one of {', '.join(JOBS)}")
+    if job.samples < 1 or job.seq_len < 2:
+        raise ConfigError(
+            f"--samples must be >= 1 and --seq-len >= 2, got {job.samples}, {job.seq_len}"
+        )
+    if not 1 <= job.bits <= 16:
+        raise ConfigError(f"--bits must be between 1 and 16, got {job.bits}")
+    if not (job.device in ("cpu", "auto") or job.device.startswith("cuda")):
+        raise ConfigError(f"unknown device '{job.device}'; use cpu, cuda or cuda:N")
+    if job.method is not None:
+        method_cost(job.method)
+    elif job.job == "compress":
+        raise ConfigError("a compress estimate needs --method (gptq, awq, rtn, wanda, ...)")
+
+
+def packed_linear_bytes(shape: Shape, job: Job) -> int:
+    """One block's linears after the method: packed codes and float16 scales plus uint8 zero
+    points per group, or float values where the method does not pack."""
+    if job.method is None or not METHODS[job.method].packed or job.method == "embeddings":
+        return shape.linear_params * int(COSTS["serve_float_bytes"])
+    total = 0
+    for x in shape.linears:
+        group = x.in_features if job.group_size in (-1, 0) else job.group_size
+        groups = x.out_features * math.ceil(x.in_features / group)
+        total += math.ceil(x.in_features * x.out_features * job.bits / 8) + 3 * groups
+    return total
+
+
+def _widest(shape: Shape) -> Linear:
+    return max(shape.linears, key=lambda x: (x.in_features, x.out_features))
+
+
+def compress_memory(shape: Shape, job: Job) -> dict[str, int]:
+    """The parts of a streaming compression's peak memory, in bytes."""
+    m, wide = METHODS[job.method], _widest(shape)
+    weight = 4 * wide.in_features * wide.out_features
+    parts = {
+        "process baseline": int(COSTS["baseline_bytes"]),
+        "input embeddings (stored dtype)": shape.embed_params * shape.stored_bytes,
+        "one block in float32 (x2 in forward)": int(
+            4 * shape.block_params * COSTS["forward_pack_factor"]
+        ),
+    }
+    if m.hessian:
+        parts["method workspace (Hessians)"] = int(
+            COSTS["hessian_copies"] * 4 * wide.in_features**2 + weight
+        )
+    else:
+        stats = m.stats_bytes_per_channel * sum(x.in_features for x in shape.linears)
+        parts["method workspace"] = weight + stats
+    if m.calibrated:
+        parts |= calibration_memory(shape, job, m)
+    return parts
+
+
+def calibration_memory(shape: Shape, job: Job, m: MethodCost) -> dict[str, int]:
+    """Calibration activations and one batch's transients, in bytes."""
+    tokens = job.samples * job.seq_len
+    batch = min(int(COSTS["calib_batch"]), job.samples)
+    streams = 2 + (1 if m.float_targets else 0)
+    parts = {
+        f"calibration hidden states (x{streams}, float32)": tokens * shape.hidden * 4 * streams
+    }
+    if m.keeps_down_inputs:
+        parts["down_proj inputs (float16)"] = tokens * shape.ffn * 2
+    transient = batch * job.seq_len * shape.ffn * 4 * COSTS["transient_ffn_copies"]
+    scores = batch * shape.heads * job.seq_len**2 * 4 * COSTS["attention_scores"]
+    parts["one batch's transients"] = int(transient + scores)
+    return parts
+
+
+def block_forward_flops(shape: Shape, tokens: int, seq_len: int) -> float:
+    """FLOPs of one block's forward over `tokens` tokens in windows of `seq_len` (causal)."""
+    return 2.0 * shape.linear_params * tokens + 2.0 * tokens * seq_len * shape.hidden
+
+
+def compress_time(shape: Shape, job: Job, host: Host) -> dict[str, float]:
+    """The parts of a compression's run time, in seconds."""
+    m = METHODS[job.method]
+    tokens = job.samples * job.seq_len
+    rate = host.gflops * 1e9
+    parts: dict[str, float] = {"start-up, calibration data, metadata": COSTS["fixed_seconds"]}
+    if m.calibrated:
+        fwd = m.passes * block_forward_flops(shape, tokens, job.seq_len)
+        parts["block forwards"] = shape.layers * fwd / (rate * COSTS["matmul_efficiency"])
+    if m.hessian:
+        groups = {x.input_group: x.in_features for x in shape.linears}
+        hess = sum(2.0 * tokens * n**2 for n in groups.values())
+        solve = sum(
+            x.in_features**3 / 3 + 2.0 * x.out_features * x.in_features**2 for x in shape.linears
+        )
+        parts["Hessians"] = shape.layers * hess / (rate * COSTS["matmul_efficiency"])
+        parts["solves"] = shape.layers * solve / (rate * COSTS["solve_efficiency"])
+    else:
+        flops = COSTS["quantize_flops_per_weight"] * shape.linear_params
+        parts["rounding"] = shape.layers * flops / (rate * COSTS["matmul_efficiency"])
+    moved = shape.params * shape.stored_bytes + shape.layers * packed_linear_bytes(shape, job)
+    parts["reading and writing weights"] = moved / (COSTS["io_gbs"] * 1e9)
+    return parts
+
+
+def serve_weight_bytes(shape: Shape, job: Job, stored: int | None) -> int:
+    """Bytes of the weights an eval or generate job holds: a tinyllm checkpoint's files as they
+    are (`stored`), else the blocks' linears as the method leaves them and the rest in float."""
+    if stored is not None and job.method is None:
+        return stored
+    other = shape.params - shape.layers * shape.linear_params
+    return shape.layers * packed_linear_bytes(shape, job) + other * int(COSTS["serve_float_bytes"])
+
+
+def serve_memory(shape: Shape, job: Job, weights: int) -> dict[str, int]:
+    """The parts of an eval or generate job's peak memory, in bytes."""
+    parts = {"process baseline": int(COSTS["baseline_bytes"]), "weights": weights}
+    if job.job == "generate":
+        parts["KV cache (--kv-memory)"] = int(COSTS["kv_cache_bytes"])
+        return parts
+    tokens = int(COSTS["eval_batch_tokens"])
+    parts["activations of one forward"] = tokens * (4 * shape.hidden * 4 + 3 * shape.ffn * 4)
+    parts["logits and log-probabilities"] = 2 * tokens * shape.vocab * 4
+    return parts
+
+
+def serve_time(shape: Shape, job: Job, weights: int, host: Host) -> dict[str, float]:
+    """The parts of an eval or generate job's run time, in seconds."""
+    parts = {"start-up and loading": COSTS["fixed_seconds"] + weights / (COSTS["io_gbs"] * 1e9)}
+    if job.job == "generate":
+        per_token = weights / (host.bandwidth_gbs * 1e9)
+        parts[f"{int(COSTS['generate_tokens'])} tokens at {per_token * 1e3:.0f} ms"] = (
+            per_token * COSTS["generate_tokens"]
+        )
+        return parts
+    seq = int(COSTS["eval_seq_len"])
+    tokens = int(COSTS["eval_windows"]) * seq
+    head = 2.0 * shape.vocab * shape.hidden * tokens
+    flops = shape.layers * block_forward_flops(shape, tokens, seq) + head
+    parts["forwards"] = flops / (host.gflops * 1e9 * COSTS["matmul_efficiency"])
+    return parts
+
+
+def stored_weight_bytes(directory: Path | None) -> int | None:
+    """Total size of a directory's safetensors files (stat only), or None."""
+    if directory is None:
+        return None
+    files = list(directory.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def estimate(
+    spec: str | Path | Shape, job: Job | None = None, host: Host | None = None
+) -> Estimate:
+    """Predict `job` on the model `spec` names (or a Shape): peak memory, seconds, their parts
+    and what was assumed."""
+    job = job or Job()
+    check_job(job)
+    directory = None
+    if isinstance(spec, Shape):
+        shape = spec
+    else:
+        shape = shape_of(spec)
+        directory = read_config_of(spec)[2]
+    host = host or host_profile("cpu" if job.device == "auto" else job.device)
+    if job.job == "compress":
+        memory, seconds = compress_memory(shape, job), compress_time(shape, job, host)
+    else:
+        weights = serve_weight_bytes(shape, job, stored_weight_bytes(directory))
+        memory, seconds = serve_memory(shape, job, weights), serve_time(shape, job, weights, host)
+    est = Estimate(
+        shape.name,
+        job.job,
+        job.method,
+        host.device,
+        sum(memory.values()),
+        sum(seconds.values()),
+        memory,
+        seconds,
+        assumptions(shape, job, host),
+        params=shape.params,
+    )
+    if host.device.startswith("cuda"):
+        _split_device(est)
+    return est
+
+
+def _split_device(est: Estimate) -> None:
+    """On a GPU: the block, workspace, activations and weights live in device memory; the host
+    keeps the baseline, the embeddings and the CUDA runtime."""
+    host_parts = ("process baseline", "input embeddings (stored dtype)")
+    on_host = sum(v for k, v in est.memory.items() if k in host_parts)
+    est.device_bytes = est.peak_bytes - on_host
+    est.memory["CUDA runtime (host)"] = int(COSTS["cuda_context_bytes"])
+    est.peak_bytes = on_host + int(COSTS["cuda_context_bytes"])
+
+
+def assumptions(shape: Shape, job: Job, host: Host) -> list[str]:
+    """What the estimate took for granted, in words."""
+    dtype = {2: "16-bit", 4: "float32", 8: "float64"}[shape.stored_bytes]
+    said = [
+        f"{shape.name}: {shape.params / 1e9:.3f} B parameters, {shape.layers} blocks, "
+        f"hidden {shape.hidden}, widest linear input {shape.ffn}, vocabulary {shape.vocab}, "
+        f"stored {dtype}{', tied head' if shape.tied else ''}",
+        f"{host.device}: {host.gflops:.0f} GFLOPS float32 matmul, {host.bandwidth_gbs:.1f} GB/s "
+        f"({host.source})",
+    ]
+    if job.job == "compress":
+        m = METHODS[job.method]
+        said.append(
+            f"streaming compression, one block at a time; {job.method}: "
+            f"{m.passes:g} block forwards per block" + (", Hessians" if m.hessian else "")
+        )
+        if m.calibrated:
+            batch = min(int(COSTS["calib_batch"]), job.samples)
+            said.append(f"calibration {job.samples} x {job.seq_len} tokens, batches of {batch}")
+    if job.job != "compress" or METHODS[job.method].packed:
+        bits = f"{job.bits}-bit, groups of {job.group_size}" if job.method else "as stored"
+        said.append(f"block linears {bits}; other weights float32 in eval/generate")
+    return said
+
+
+def check_fits(
+    estimates: list[Estimate], host_budget: int, device_budget: int | None = None
+) -> None:
+    """Refuse (ConfigError, with the numbers) jobs whose predicted peak exceeds a budget."""
+    for e in estimates:
+        if e.peak_bytes > host_budget:
+            raise ConfigError(_too_big(e, e.peak_bytes, host_budget, "host memory"))
+        if e.device_bytes and device_budget is not None and e.device_bytes > device_budget:
+            raise ConfigError(_too_big(e, e.device_bytes, device_budget, "GPU memory"))
+
+
+def _too_big(e: Estimate, need: int, budget: int, what: str) -> str:
+    top = sorted(e.memory.items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in top)
+    return (
+        f"{e.model}: the {e.job} job ({e.method or 'as stored'}) needs about {human_bytes(need)} "
+        f"of {what} but {human_bytes(budget)} is available (largest parts: {parts}); use fewer "
+        "or shorter calibration windows, a smaller model, or a machine with more memory "
+        f"(`tinyllm estimate {e.model} --job {e.job}` shows every part)"
+    )
+
+
+def memory_budget(device: str = "cpu") -> tuple[int, int | None]:
+    """(host memory, GPU memory or None) this machine offers: physical totals."""
+    import psutil
+    import torch
+
+    gpu = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        gpu = int(torch.cuda.get_device_properties(index).total_memory)
+    return int(psutil.virtual_memory().total), gpu

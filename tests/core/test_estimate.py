@@ -1,0 +1,157 @@
+"""core/estimate.py and `tinyllm estimate`: predictions from config.json alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinyllm.core.estimate import (
+    COSTS,
+    Host,
+    Job,
+    check_fits,
+    compress_memory,
+    estimate,
+    host_profile,
+    shape_of,
+)
+from tinyllm.errors import ConfigError, ModelLoadError, ModelNotFoundError, TinyLLMError
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import synthetic  # noqa: E402
+
+HOST = Host("cpu", 100.0, 10.0, False, "test")
+SIZES = ["smollm2-360m", "llama-3.2-1b", "qwen2.5-1.5b", "llama-3.1-8b"]  # growing
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> dict[str, Path]:
+    """config.json files of the real shapes (no weights)."""
+    root = tmp_path_factory.mktemp("configs")
+    paths = {}
+    for name in SIZES:
+        (root / name).mkdir()
+        paths[name] = root / name / "config.json"
+        paths[name].write_text(json.dumps(synthetic.model_config(name)))
+    return paths
+
+
+def test_shapes_match_the_published_parameter_counts(configs):
+    counts = {name: shape_of(path).params for name, path in configs.items()}
+    assert counts["smollm2-360m"] == 361_821_120
+    assert counts["llama-3.1-8b"] == 8_030_261_248
+    one = shape_of(configs["llama-3.2-1b"])
+    assert (one.layers, one.hidden, one.ffn, one.vocab, one.tied) == (16, 2048, 8192, 128256, True)
+    assert one.stored_bytes == 2  # bf16
+
+
+def test_estimates_grow_with_model_size(configs):
+    """Along 360M -> 1B -> 8B everything grows; Qwen2.5-1.5B serves heavier than Llama-3.2-1B
+    but calibrates lighter (hidden 1536 against 2048: smaller activations)."""
+    chain = ["smollm2-360m", "llama-3.2-1b", "llama-3.1-8b"]
+    for job in (Job(), Job("eval"), Job("generate", None), Job("compress", "rtn")):
+        ests = [estimate(configs[n], job, HOST) for n in chain]
+        peaks = [e.peak_bytes for e in ests]
+        times = [e.seconds for e in ests]
+        assert peaks[0] < peaks[1] < peaks[2], (job, peaks)
+        assert times[0] < times[1] < times[2], (job, times)
+    one, qwen = (estimate(configs[n], Job("eval"), HOST) for n in SIZES[1:3])
+    assert one.peak_bytes < qwen.peak_bytes
+    one, qwen = (estimate(configs[n], Job(), HOST) for n in SIZES[1:3])
+    key = "calibration hidden states (x2, float32)"
+    assert qwen.memory[key] == one.memory[key] * 1536 // 2048
+
+
+def test_streaming_compression_needs_far_less_than_the_float32_model(configs):
+    big = estimate(configs["llama-3.1-8b"], Job(samples=16, seq_len=512), HOST)
+    assert big.peak_bytes < 4 * big.params / 3  # a third of the float32 weights (32 GB)
+    assert big.memory["input embeddings (stored dtype)"] == 128256 * 4096 * 2
+
+
+def test_memory_parts_follow_the_settings(configs):
+    shape = shape_of(configs["llama-3.2-1b"])
+    a = compress_memory(shape, Job(samples=32, seq_len=256))
+    b = compress_memory(shape, Job(samples=64, seq_len=256))
+    key = "calibration hidden states (x2, float32)"
+    assert a[key] == 32 * 256 * 2048 * 4 * 2 and b[key] == 2 * a[key]
+    assert b["down_proj inputs (float16)"] == 64 * 256 * 8192 * 2
+    assert a["method workspace (Hessians)"] > 3 * 4 * 8192**2  # three ffn^2 float32 matrices
+    rtn = compress_memory(shape, Job(method="rtn"))
+    assert not any("calibration" in k for k in rtn) and sum(rtn.values()) < sum(a.values())
+
+
+def test_packed_checkpoint_serves_smaller_than_float(configs):
+    path = configs["llama-3.1-8b"]
+    packed = estimate(path, Job("generate", "gptq", bits=4), HOST)
+    plain = estimate(path, Job("generate", None), HOST)
+    assert packed.peak_bytes < plain.peak_bytes / 3
+    assert packed.seconds < plain.seconds  # fewer bytes per token over the same bandwidth
+
+
+def test_a_too_small_budget_is_refused_with_the_numbers(configs):
+    est = estimate(configs["llama-3.2-1b"], Job(), HOST)
+    check_fits([est], est.peak_bytes)  # exactly enough: accepted
+    with pytest.raises(ConfigError, match=r"needs about .* GiB of host memory but 1\.0 GiB"):
+        check_fits([est], 2**30)
+
+
+def test_bad_input_is_a_clear_error(tmp_path, configs):
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        estimate(tmp_path / "nothing", Job(), HOST)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no model in it"):
+        estimate(tmp_path / "empty", Job(), HOST)
+    with pytest.raises(ConfigError, match="unknown method 'gptqq'"):
+        estimate(configs["smollm2-360m"], Job(method="gptqq"), HOST)
+    with pytest.raises(ConfigError, match="no cost model for 'distill'"):
+        estimate(configs["smollm2-360m"], Job(method="distill"), HOST)
+    with pytest.raises(ConfigError, match="unknown job"):
+        estimate(configs["smollm2-360m"], Job("serve"), HOST)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 10**9}))
+    with pytest.raises(ModelLoadError, match="hidden_size"):
+        estimate(bad, Job(), HOST)
+
+
+def test_a_gpu_job_splits_host_and_device_memory(configs):
+    gpu = Host("cuda", 40_000.0, 2000.0, False, "assumed")
+    est = estimate(configs["llama-3.2-1b"], Job(device="cuda"), gpu)
+    assert est.device_bytes and est.device_bytes > est.memory["one block in float32 (x2 in forward)"]
+    assert est.peak_bytes < COSTS["baseline_bytes"] + 2**30 + COSTS["cuda_context_bytes"]
+
+
+def test_host_profile_is_measured_once_then_cached():
+    first = host_profile("cpu")
+    assert first.measured and first.gflops > 0 and first.bandwidth_gbs > 0
+    again = host_profile("cpu")
+    assert again.source.startswith("cached") and again.gflops == first.gflops
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "tinyllm.cli", "estimate", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+
+
+def test_cli_help_table_json_and_errors(configs):
+    p = _cli("--help")
+    assert p.returncode == 0 and "config.json" in p.stdout and "--samples" in p.stdout
+    p = _cli(str(configs["smollm2-360m"]), "--samples", "16", "--json", "-")
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    assert data["job"] == "compress" and data["method"] == "gptq"
+    assert data["peak_bytes"] == sum(data["memory"].values())
+    p = _cli(str(configs["smollm2-360m"]), "--method", "nope")
+    assert p.returncode == 1 and "unknown method 'nope'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_errors_are_tinyllm_errors():
+    assert issubclass(ConfigError, TinyLLMError) and issubclass(ModelLoadError, TinyLLMError)
