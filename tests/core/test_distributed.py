@@ -13,7 +13,9 @@ import torch.multiprocessing as mp
 
 from tinyllm.core.compress import Calibration, compress
 from tinyllm.errors import ConfigError
+from tinyllm.prune.sparsegpt import SparseGPT
 from tinyllm.prune.wanda import Wanda
+from tinyllm.quant.awq import AWQ
 from tinyllm.quant.gptq import GPTQ
 from tinyllm.quant.int8 import Int8Static
 from tinyllm.quant.smoothquant import SmoothQuant
@@ -26,6 +28,10 @@ CALIB = dict(samples=16, seq_len=32)
 def _steps() -> dict[str, list]:
     return {
         "gptq": [GPTQ(bits=4, group_size=32)],
+        "gptq-float-targets": [GPTQ(bits=4, group_size=32, float_targets=0.25)],
+        "awq-gptq": [AWQ(base=GPTQ(bits=4, group_size=32))],
+        "awq-rtn": [AWQ()],  # 512 tokens: no subsample, so exact
+        "sparsegpt": [SparseGPT(sparsity=0.5)],
         "wanda": [Wanda(sparsity=0.5)],
         "wanda-owl": [Wanda(sparsity=0.5, allocation="owl")],
         "smoothquant": [SmoothQuant(alpha=0.5)],
@@ -125,30 +131,39 @@ def test_every_rank_ends_with_identical_weights(runs) -> None:
             assert torch.equal(a[key], b[key]), f"{method}: {key} differs between ranks"
 
 
-def test_gptq_codes_match_one_process(runs) -> None:
-    """GPTQ from Hessians summed over two processes: at least 99.9% of the codes equal to one
-    process's (the Hessians differ in float summation order only; a code can flip where a
-    weight sits on a rounding boundary), dequantized weights within 1e-2 of each other. On
-    this CPU all 73728 codes were identical and the weights bit-equal."""
+@pytest.mark.parametrize("method", ["gptq", "gptq-float-targets", "awq-gptq", "awq-rtn"])
+def test_codes_match_one_process(runs, method: str) -> None:
+    """Hessians (and GPTQ's cross terms, AWQ's magnitudes) summed over two processes: at least
+    99.9% of the codes equal to one process's (the statistics differ in float summation order
+    only; a code can flip where a weight sits on a rounding boundary): dequantized weights
+    within one grid step (1.5e-2 on these weights of magnitude below 0.09), 1e-5 on average.
+    On this CPU every code was identical for GPTQ, AWQ+GPTQ and AWQ+RTN; with float targets
+    14 of 73728 differed (the cross term is summed in another order), by one step each."""
     one, ranks = runs
-    a, b = one["gptq"], ranks[0]["gptq"]
+    a, b = one[method], ranks[0][method]
     codes = [k for k in a if k.endswith(".codes")]
     assert len(codes) == 14  # 7 linears in each of 2 blocks
     same = sum(int((a[k] == b[k]).sum()) for k in codes)
     total = sum(a[k].numel() for k in codes)
     assert same / total >= 0.999, f"{total - same} of {total} codes differ"
-    for k in a:
-        assert (a[k].float() - b[k].float()).abs().max() <= 1e-2, k
+    weights = [k for k in a if k.endswith(".weight")]
+    diffs = [(a[k] - b[k]).abs() for k in weights]
+    assert max(float(d.max()) for d in diffs) <= 1.5e-2
+    assert sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs) <= 1e-5
 
 
-def test_wanda_masks_match_one_process(runs) -> None:
+@pytest.mark.parametrize(("method", "atol"), [("wanda", 0), ("wanda-owl", 0), ("sparsegpt", 1e-4)])
+def test_masks_match_one_process(runs, method: str, atol: float) -> None:
+    """Pruning masks from column norms (Wanda, OWL's ratios) or Hessians (SparseGPT) reduced
+    over two processes equal one process's; so do the weights (SparseGPT's updated survivors
+    to float rounding: 3e-5 at most on this CPU)."""
     one, ranks = runs
-    a, b = one["wanda"], ranks[0]["wanda"]
+    a, b = one[method], ranks[0][method]
     pruned = [k for k in a if "layers" in k]
-    assert pruned and all(float((a[k] == 0).float().mean()) >= 0.45 for k in pruned)
+    assert pruned and all(float((a[k] == 0).float().mean()) >= 0.4 for k in pruned)
     for k in pruned:
         assert torch.equal(a[k] == 0, b[k] == 0), f"{k}: masks differ"
-        assert torch.allclose(a[k], b[k], rtol=0, atol=0), k
+        assert torch.allclose(a[k], b[k], rtol=0, atol=atol), k
 
 
 def test_smoothquant_matches_one_process(runs) -> None:
