@@ -40,8 +40,16 @@ def _register(module: nn.Module, qw: QuantizedWeight, packed: Packed) -> tuple[s
     return tuple(packed)
 
 
-def _record_device(module: nn.Module) -> torch.device:
-    """Where `module.to(...)` has just put the record's buffers."""
+def _apply_keeping_dtypes(module: nn.Module, fn: TensorFn, recurse: bool) -> torch.device:
+    """nn.Module._apply for a packed layer: its buffers (codes, scales in the formats the record
+    and the layout define) move but keep their dtypes, so `.float()` or `.half()` on a model
+    leaves the packed layers working. -> the device the record's buffers are on now."""
+    dtypes = {name: b.dtype for name, b in module._buffers.items() if b is not None}
+    nn.Module._apply(module, fn, recurse)
+    for name, dtype in dtypes.items():
+        b = module._buffers.get(name)
+        if b is not None and b.dtype != dtype:
+            module._buffers[name] = b.to(dtype)
     return module._buffers["record_packed"].device
 
 
@@ -83,8 +91,7 @@ class QuantLinear(nn.Module):
         """`.to(device)`, `.cuda()`, `.cpu()`: the record follows its buffers, and a layout that
         does not run on the new device (tinyllm's C++ and PyTorch's packed CPU kernels) gives
         way to the first that does there (dequantize-and-matmul off the CPU)."""
-        super()._apply(fn, recurse)
-        device = _record_device(self)
+        device = _apply_keeping_dtypes(self, fn, recurse)
         if device != self._device:
             self._follow(device)
         return self
@@ -170,8 +177,7 @@ class ActQuantLinear(nn.Module):
 
     def _apply(self, fn: TensorFn, recurse: bool = True) -> ActQuantLinear:
         """`.to(device)`: the record and the activation spec follow the buffers."""
-        super()._apply(fn, recurse)
-        device = _record_device(self)
+        device = _apply_keeping_dtypes(self, fn, recurse)
         if device != self._device:
             self.qweight.to_(device)
             self.act.to_(device)
@@ -244,8 +250,7 @@ class QuantEmbedding(nn.Module):
 
     def _apply(self, fn: TensorFn, recurse: bool = True) -> QuantEmbedding:
         """`.to(device)`: the record follows its buffers (rows are dequantized where it is)."""
-        super()._apply(fn, recurse)
-        device = _record_device(self)
+        device = _apply_keeping_dtypes(self, fn, recurse)
         if device != self._device:
             self.qweight.to_(device)  # a no-op when a tied head moved it first
             _point_record(self, self.qweight)
