@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "runtime": 5,
     "pipeline": 6,
     "cli": 7,
+    "__main__": 7,  # `python -m tinyllm` (and torchrun ... -m tinyllm): the CLI's entry
 }
 TOP = "tinyllm"  # tinyllm/__init__.py: the public API, above every layer
 MAX_FUNCTION_LINES = 60

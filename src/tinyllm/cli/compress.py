@@ -318,14 +318,8 @@ def distill(
     resume: D.Resume = False,
     overwrite: D.Overwrite = False,
     train: D.Train = "all",
-    gradient_checkpointing: bool = typer.Option(
-        False, help="Recompute block activations in the backward pass: less memory, more time."
-    ),
-    parallel: str = typer.Option(
-        "auto",
-        help="Under torchrun: ddp (a whole student per process), fsdp (sharded over the "
-        "processes), auto (fsdp where the student's training state does not fit a GPU).",
-    ),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
+    parallel: str = typer.Option("auto", help="Under torchrun: ddp, fsdp (sharded) or auto."),
     device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress
