@@ -186,6 +186,14 @@ def plan(
     eval_windows: Annotated[int, typer.Option(help="Evaluation windows.")] = 40,
     eval_seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 512,
     mixed: MixedOpt = True,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget (16GB, or 0.5x of this host's); default: the host's memory. A "
+            "plan whose GPTQ compression or 4-bit serving `tinyllm estimate` predicts above it "
+            "is refused before anything loads."
+        ),
+    ] = None,
 ) -> None:
     from tinyllm.pipeline.planner import make_plan, plan_markdown, plan_settings, write_plan
 
@@ -206,6 +214,7 @@ def plan(
         verify_top=verify_top,
         cache=output / "sensitivity.json",
         mixed=mixed,
+        max_memory=max_memory,
     )
     files = write_plan(p, output, cal.model_dump())
     out.print(plan_markdown(p), highlight=False, soft_wrap=True)

@@ -372,6 +372,34 @@ def parse_size(text: str, fp16_bytes: int) -> int:
         ) from exc
 
 
+def check_memory(
+    spec: str, samples: int, seq_len: int, max_memory: str | None = None, device: str = "cpu"
+) -> list[Any]:
+    """Refuse (ConfigError, with the numbers) a plan whose compression (streaming GPTQ on its
+    calibration windows) or serving (generating from the 4-bit result) would not fit the memory
+    budget: `max_memory` ('16GB', '0.5x' of this host's memory) or the host's physical memory.
+    -> the two core.estimate Estimates (none where the spec has no config.json, e.g. a .gguf)."""
+    from tinyllm.core.estimate import Job, check_fits, estimate, memory_budget
+    from tinyllm.errors import ModelLoadError
+
+    host, gpu = memory_budget(device)
+    budget = host
+    if max_memory is not None:
+        try:
+            budget = parse_size(max_memory, host)
+        except ConfigError as exc:
+            raise ConfigError(f"--max-memory '{max_memory}' is not a size (e.g. 16GB)") from exc
+    jobs = [Job("compress", "gptq", 4, 128, samples, seq_len, device)]
+    jobs.append(Job("generate", "gptq", 4, 128, device=device))
+    try:
+        estimates = [estimate(spec, job) for job in jobs]
+    except ModelLoadError as exc:  # no config.json to read: loading will say what is wrong
+        log.info("no memory estimate for %s: %s", spec, exc)
+        return []
+    check_fits(estimates, budget, gpu)
+    return estimates
+
+
 def recipe_yaml(plan: Plan, c: Candidate, calibration: dict) -> str:
     """A recipe `tinyllm run` accepts for candidate `c`."""
     import yaml
@@ -432,6 +460,7 @@ def make_plan(
     embeddings: bool = True,
     cache: Any = None,
     mixed: bool = True,
+    max_memory: str | None = None,
 ) -> Plan:
     """Measure sensitivities, predict every grid, verify the best few that fit. -> Plan"""
     from tinyllm.core.load import load
@@ -440,6 +469,7 @@ def make_plan(
     from tinyllm.pipeline.recipe import Calibration, Evaluation
 
     cal, ev = calibration or Calibration(), evaluation or Evaluation()
+    check_memory(spec, cal.samples, cal.seq_len, max_memory)
     model, tok = load(spec)
     budget = Budget(parse_size(max_size, 2 * param_count(model)), max_ppl_ratio, max_latency_ms)
     check_budget(budget)
