@@ -114,6 +114,19 @@ DeviceOpt = Annotated[
 ]
 
 
+StreamOpt = Annotated[
+    str,
+    typer.Option(
+        "--stream",
+        help="auto, on or off. On: read, compress and write one decoder block at a time (peak "
+        "memory about one block, the embeddings and the calibration activations; the output is "
+        "sharded). Auto streams a Hugging Face model whose float32 weights exceed half of the "
+        "memory available. Streams gptq, awq, rtn, nf4, wanda, sparsegpt, smoothquant and "
+        "int8-static; other methods and tinyllm checkpoints load the model whole.",
+    ),
+]
+
+
 def device_of(spec: str) -> str:
     """--device checked before anything loads: its torch name ('cpu', 'cuda', 'cuda:1'), or a
     ConfigError saying what this machine has."""
