@@ -87,10 +87,10 @@ def run_row(name: str) -> dict:
     from tinyllm.core.estimate import Job, estimate, host_profile
 
     model, settings, extra = ROWS[name]
-    est = estimate(model, Job(**settings))
+    host = host_profile("cpu", refresh=True)  # at the load the job is about to meet
+    est = estimate(model, Job(**settings), host)
     WORK.mkdir(parents=True, exist_ok=True)
     measured = timed(quantize_args(model, settings, WORK / name, extra), WORK / f"{name}.log")
-    host = host_profile("cpu")
     return {
         "model": model,
         "job": {"job": "compress", **settings, "extra": extra},

@@ -56,7 +56,8 @@ def test_estimates_grow_with_model_size(configs):
     """Along 360M -> 1B -> 8B everything grows; Qwen2.5-1.5B serves heavier than Llama-3.2-1B
     but calibrates lighter (hidden 1536 against 2048: smaller activations)."""
     chain = ["smollm2-360m", "llama-3.2-1b", "llama-3.1-8b"]
-    for job in (Job(), Job("eval"), Job("generate", None), Job("compress", "rtn")):
+    on = Job(stream="on")
+    for job in (on, Job("eval"), Job("generate", None), Job("compress", "rtn", stream="on")):
         ests = [estimate(configs[n], job, HOST) for n in chain]
         peaks = [e.peak_bytes for e in ests]
         times = [e.seconds for e in ests]
@@ -64,27 +65,41 @@ def test_estimates_grow_with_model_size(configs):
         assert times[0] < times[1] < times[2], (job, times)
     one, qwen = (estimate(configs[n], Job("eval"), HOST) for n in SIZES[1:3])
     assert one.peak_bytes < qwen.peak_bytes
-    one, qwen = (estimate(configs[n], Job(), HOST) for n in SIZES[1:3])
+    one, qwen = (estimate(configs[n], on, HOST) for n in SIZES[1:3])
     key = "calibration hidden states (x2, float32)"
     assert qwen.memory[key] == one.memory[key] * 1536 // 2048
 
 
 def test_streaming_compression_needs_far_less_than_the_float32_model(configs):
-    big = estimate(configs["llama-3.1-8b"], Job(samples=16, seq_len=512), HOST)
+    big = estimate(configs["llama-3.1-8b"], Job(samples=16, seq_len=512, stream="on"), HOST)
     assert big.peak_bytes < 4 * big.params / 3  # a third of the float32 weights (32 GB)
     assert big.memory["input embeddings (stored dtype)"] == 128256 * 4096 * 2
 
 
 def test_memory_parts_follow_the_settings(configs):
     shape = shape_of(configs["llama-3.2-1b"])
-    a = compress_memory(shape, Job(samples=32, seq_len=256))
-    b = compress_memory(shape, Job(samples=64, seq_len=256))
+    a = compress_memory(shape, Job(samples=32, seq_len=256, stream="on"))
+    b = compress_memory(shape, Job(samples=64, seq_len=256, stream="on"))
     key = "calibration hidden states (x2, float32)"
     assert a[key] == 32 * 256 * 2048 * 4 * 2 and b[key] == 2 * a[key]
     assert b["down_proj inputs (float16)"] == 64 * 256 * 8192 * 2
     assert a["method workspace (Hessians)"] > 3 * 4 * 8192**2  # three ffn^2 float32 matrices
-    rtn = compress_memory(shape, Job(method="rtn"))
+    rtn = compress_memory(shape, Job(method="rtn", stream="on"))
     assert not any("calibration" in k for k in rtn) and sum(rtn.values()) < sum(a.values())
+
+
+def test_stream_auto_decides_as_quantize_does(configs, monkeypatch):
+    import tinyllm.util.memory
+
+    path = configs["llama-3.2-1b"]  # 4.9 GB of float32 weights
+    whole = estimate(path, Job(stream="off"), HOST)
+    streamed = estimate(path, Job(stream="on"), HOST)
+    assert whole.memory["the whole model in float32 (not streamed)"] == 4 * whole.params
+    assert streamed.peak_bytes < whole.peak_bytes
+    monkeypatch.setattr(tinyllm.util.memory, "available_bytes", lambda: 64 * 2**30)
+    assert estimate(path, Job(), HOST).peak_bytes == whole.peak_bytes
+    monkeypatch.setattr(tinyllm.util.memory, "available_bytes", lambda: 8 * 2**30)
+    assert estimate(path, Job(), HOST).peak_bytes == streamed.peak_bytes
 
 
 def test_packed_checkpoint_serves_smaller_than_float(configs):
@@ -112,6 +127,8 @@ def test_bad_input_is_a_clear_error(tmp_path, configs):
         estimate(configs["smollm2-360m"], Job(method="gptqq"), HOST)
     with pytest.raises(ConfigError, match="no cost model for 'distill'"):
         estimate(configs["smollm2-360m"], Job(method="distill"), HOST)
+    with pytest.raises(ConfigError, match="stream must be one of"):
+        estimate(configs["smollm2-360m"], Job(stream="maybe"), HOST)
     with pytest.raises(ConfigError, match="unknown job"):
         estimate(configs["smollm2-360m"], Job("serve"), HOST)
     bad = tmp_path / "bad.json"
@@ -122,8 +139,10 @@ def test_bad_input_is_a_clear_error(tmp_path, configs):
 
 def test_a_gpu_job_splits_host_and_device_memory(configs):
     gpu = Host("cuda", 40_000.0, 2000.0, False, "assumed")
-    est = estimate(configs["llama-3.2-1b"], Job(device="cuda"), gpu)
-    assert est.device_bytes and est.device_bytes > est.memory["one block in float32 (x2 in forward)"]
+    est = estimate(configs["llama-3.2-1b"], Job(device="cuda", stream="on"), gpu)
+    assert (
+        est.device_bytes and est.device_bytes > est.memory["one block in float32 (x2 in forward)"]
+    )
     assert est.peak_bytes < COSTS["baseline_bytes"] + 2**30 + COSTS["cuda_context_bytes"]
 
 

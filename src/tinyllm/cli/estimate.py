@@ -64,15 +64,27 @@ def estimate(
     samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (auto: cpu here).")] = "cpu",
+    stream: Annotated[
+        str,
+        typer.Option(
+            help="compress: on (one block at a time), off (the model whole in float32) or auto "
+            "(as quantize decides: streamed when the float32 weights exceed half the memory "
+            "available now)."
+        ),
+    ] = "auto",
     json_out: JsonOpt = None,
+    remeasure: Annotated[
+        bool, typer.Option(help="Measure the host's speed again instead of the cached rates.")
+    ] = False,
 ) -> None:
-    from tinyllm.core.estimate import Job
+    from tinyllm.core.estimate import Job, host_profile
     from tinyllm.core.estimate import estimate as run_estimate
 
     if method is None and job == "compress":
         method = "gptq"
-    spec = Job(job, method, bits, group_size, samples, seq_len, device)
-    est = run_estimate(model, spec)
+    spec = Job(job, method, bits, group_size, samples, seq_len, device, stream)
+    host = host_profile("cpu" if device == "auto" else device, refresh=remeasure)
+    est = run_estimate(model, spec, host)
     if json_out is not None and str(json_out) == "-":
         out.print_json(json.dumps(est.to_dict()))
         return

@@ -371,6 +371,18 @@ class Job:
     samples: int = 128
     seq_len: int = 512
     device: str = "cpu"
+    stream: str = "auto"  # compress: on (block by block), off (the model whole), auto
+
+
+def streams(shape: Shape, job: Job) -> bool:
+    """Whether compress streams: as core.stream.should_stream decides for `auto` (the float32
+    weights above a share of the memory available now)."""
+    if job.stream != "auto":
+        return job.stream == "on"
+    from tinyllm.core.stream import AUTO_SHARE
+    from tinyllm.util.memory import available_bytes
+
+    return 4 * shape.params > AUTO_SHARE * available_bytes()
 
 
 def method_cost(method: str) -> MethodCost:
@@ -396,6 +408,8 @@ def check_job(job: Job) -> None:
         )
     if not 1 <= job.bits <= 16:
         raise ConfigError(f"--bits must be between 1 and 16, got {job.bits}")
+    if job.stream not in ("auto", "on", "off"):
+        raise ConfigError(f"stream must be one of auto, on, off, got '{job.stream}'")
     if not (job.device in ("cpu", "auto") or job.device.startswith("cuda")):
         raise ConfigError(f"unknown device '{job.device}'; use cpu, cuda or cuda:N")
     if job.method is not None:
@@ -425,13 +439,14 @@ def compress_memory(shape: Shape, job: Job) -> dict[str, int]:
     """The parts of a streaming compression's peak memory, in bytes."""
     m, wide = METHODS[job.method], _widest(shape)
     weight = 4 * wide.in_features * wide.out_features
-    parts = {
-        "process baseline": int(COSTS["baseline_bytes"]),
-        "input embeddings (stored dtype)": shape.embed_params * shape.stored_bytes,
-        "one block in float32 (x2 in forward)": int(
-            4 * shape.block_params * COSTS["forward_pack_factor"]
-        ),
-    }
+    parts = {"process baseline": int(COSTS["baseline_bytes"])}
+    block = int(4 * shape.block_params * COSTS["forward_pack_factor"])
+    if streams(shape, job):
+        parts["input embeddings (stored dtype)"] = shape.embed_params * shape.stored_bytes
+        parts["one block in float32 (x2 in forward)"] = block
+    else:
+        parts["the whole model in float32 (not streamed)"] = 4 * shape.params
+        parts["one block's oneDNN copy"] = int(4 * shape.block_params)
     if m.hessian:
         parts["method workspace (Hessians)"] = int(
             COSTS["hessian_copies"] * 4 * wide.in_features**2 + weight
@@ -594,8 +609,9 @@ def assumptions(shape: Shape, job: Job, host: Host) -> list[str]:
     ]
     if job.job == "compress":
         m = METHODS[job.method]
+        how = "streaming, one block at a time" if streams(shape, job) else "the model whole"
         said.append(
-            f"streaming compression, one block at a time; {job.method}: "
+            f"compression {how} (--stream {job.stream}); {job.method}: "
             f"{m.passes:g} block forwards per block" + (", Hessians" if m.hessian else "")
         )
         if m.calibrated:
