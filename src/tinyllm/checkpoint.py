@@ -30,13 +30,14 @@ from tinyllm.kernels.qlinear import (
     ActQuantLinear,
     QuantEmbedding,
     QuantLinear,
+    drop_records,
     replace_act_linear,
     replace_embedding,
     replace_linear,
 )
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze
-from tinyllm.models.lazy import skeleton
+from tinyllm.models.lazy import compute_in_float32, skeleton
 from tinyllm.models.load import check_safetensors_dir, load_config, load_tokenizer
 from tinyllm.models.sparsity import SPARSE_MIN
 from tinyllm.models.validate import (
@@ -199,6 +200,11 @@ def checkpoint_tensors(
         if id(mod.qweight) in written:
             quantized[name] = {**mod.qweight.meta(), "tied_to": written[id(mod.qweight)]}
             continue
+        if mod.qweight.packed.is_meta:
+            raise ConfigError(
+                f"{name}: this model was loaded for inference only (its packed codes live in "
+                "the kernel's layout); load it again with tinyllm.load to save or export it"
+            )
         written[id(mod.qweight)] = name
         tensors.update(mod.qweight.tensors(f"{name}.record"))
         quantized[name] = mod.qweight.meta()
@@ -320,12 +326,18 @@ def _head_key(model: nn.Module) -> str:
 
 
 def load_checkpoint(
-    path: Path, verify: bool = True, dtype: torch.dtype = torch.float32
+    path: Path,
+    verify: bool = True,
+    dtype: torch.dtype | None = torch.float32,
+    inference: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Rebuild the model from config, swap in QuantLinear records, load the float tensors in
     `dtype` (default float32), one weight file at a time: the model is built without weights
     (models.lazy.skeleton), so memory holds the result and one shard, never a float32 copy of
-    the whole model.
+    the whole model. dtype None keeps large float tensors (embeddings, head) as stored, taking
+    and giving float32 (models.lazy.compute_in_float32). `inference` frees each 4-bit layer's
+    record once its kernel layout has the codes (kernels.qlinear.drop_records): such a model
+    runs but cannot be saved.
 
     Before anything is allocated: tinyllm.json is validated, the weight files are checked
     against their recorded sha256 digests (unless `verify` is False), and the shapes config.json
@@ -336,7 +348,11 @@ def load_checkpoint(
     records: dict[str, QuantizedWeight] = {}
     for file in sorted(path.glob("*.safetensors")):
         fill_from_tensors(model, load_file(str(file)), info, records, dtype)
+        if inference:
+            drop_records(model)  # shard by shard: the codes are never held twice
     _swap_records(model, {}, info["quantized"], records)  # heads sharing a later file's record
+    if dtype is None:
+        compute_in_float32(model)
     tied = bool(info.get("tied_embeddings"))
     if tied:
         model.tie_weights()
@@ -349,12 +365,23 @@ def load_checkpoint(
     return model.eval(), tokenizer
 
 
+# With dtype None, float tensors of at least this many elements keep their stored dtype.
+LARGE_FLOAT = 1 << 22
+
+
+def _float(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """t in `dtype`; with None, large tensors as stored and the rest in float32."""
+    if dtype is None:
+        return t if t.numel() >= LARGE_FLOAT else t.float()
+    return t.to(dtype)
+
+
 def fill_from_tensors(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
     info: dict,
     records: dict[str, QuantizedWeight],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
 ) -> None:
     """Put the checkpoint tensors of one weight file (or one block) into the model: packed
     modules for the quantized layers whose records it holds, dense weights for its sparse
@@ -363,7 +390,7 @@ def fill_from_tensors(
     quantized = info["quantized"]
     _swap_records(model, tensors, quantized, records)
     state = {
-        k: v.to(dtype) if v.is_floating_point() else v
+        k: _float(v, dtype) if v.is_floating_point() else v
         for k, v in tensors.items()
         if ".record." not in k
         and not _is_act_tensor(k, quantized)
@@ -371,7 +398,7 @@ def fill_from_tensors(
     }
     for key, shape in info.get("sparse", {}).items():
         if f"{key}.mask" in tensors:
-            state[key] = _dense(tensors, key, shape).to(dtype)
+            state[key] = _float(_dense(tensors, key, shape), dtype)
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise ModelLoadError(f"checkpoint tensors the model does not have: {unexpected[:2]}")

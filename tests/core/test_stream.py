@@ -138,3 +138,45 @@ def test_bfloat16_source_streams_with_float32_compute(
     with torch.no_grad():
         logits = model(torch.arange(10).reshape(1, 10)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_inference_load_holds_codes_once_and_predicts_the_same(
+    four_block_dir: Path, tmp_path: Path, calib: Calibration
+) -> None:
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.core.load import load
+    from tinyllm.kernels.qlinear import QuantLinear
+
+    res = compress(four_block_dir, [_step("gptq")], calib, tmp_path / "q", stream="on")
+    full, tok = load(res.out)
+    lean, _ = load(res.out, inference=True)
+    q4 = [m for m in lean.modules() if isinstance(m, QuantLinear) and m.kernel == "q4"]
+    if not q4:
+        pytest.skip("tinyllm's C++ 4-bit kernel is not built here")
+    assert all(m.qweight.packed.is_meta for m in q4)
+    ids = torch.arange(30).reshape(1, 30)
+    with torch.no_grad():
+        assert torch.equal(full(ids).logits, lean(ids).logits)
+        assert torch.equal(full(ids[:, :3]).logits, lean(ids[:, :3]).logits)
+    with pytest.raises(ConfigError, match="loaded for inference only"):
+        save_checkpoint(lean, tok, tmp_path / "again", {})
+
+
+def test_narrow_tables_compute_in_float32(
+    four_block_dir: Path, tmp_path: Path, calib: Calibration, monkeypatch
+) -> None:
+    """dtype None keeps the large tables as stored (fp16 here) and the model still computes in
+    float32 around them."""
+    from tinyllm import checkpoint
+    from tinyllm.checkpoint import load_checkpoint
+
+    res = compress(four_block_dir, [_step("rtn")], calib, tmp_path / "q", stream="off")
+    monkeypatch.setattr(checkpoint, "LARGE_FLOAT", 4096)  # the tiny 320 x 64 tables count
+    wide, _ = load_checkpoint(res.out)
+    narrow, _ = load_checkpoint(res.out, dtype=None)
+    assert narrow.get_input_embeddings().weight.dtype == torch.float16
+    ids = torch.arange(30).reshape(1, 30)
+    with torch.no_grad():
+        a, b = wide(ids).logits, narrow(ids).logits
+    assert b.dtype == torch.float32
+    assert torch.allclose(a, b, rtol=0, atol=2e-3 * a.abs().max())

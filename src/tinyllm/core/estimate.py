@@ -50,8 +50,12 @@ COSTS: dict[str, float] = {
     "eval_seq_len": 512,
     "kv_cache_bytes": 64 * MiB,  # `tinyllm generate --kv-memory` default
     "serve_float_bytes": 4,  # unquantized weights as eval/generate hold them (float32 today)
-    "matmul_efficiency": 0.55,  # calibration forwards run at this fraction of the matmul rate
-    "solve_efficiency": 0.35,  # GPTQ/SparseGPT solves (blocked, column by column)
+    # Rates as fractions of the micro-benchmark's (a 4096 x 576 -> 1536 float32 linear), from
+    # benchmarks/results/gptq_floor.json (smollm2-135m block 0, 128 x 512 tokens: forward 3.2 s,
+    # Hessians 1.5-1.8 s, GPTQ 0.36-0.43 s) against that linear's ~206 GFLOPS on the idle host
+    "matmul_efficiency": 0.75,  # block forwards (linears, attention, norms, hooks)
+    "hessian_efficiency": 0.65,  # X^T X, upper triangle only: tokens x in^2 FLOPs per input
+    "solve_efficiency": 0.09,  # GPTQ/SparseGPT solves (Cholesky, column-by-column updates)
     "io_gbs": 1.0,  # reading stored weights and writing the packed checkpoint, GB/s
     "fixed_seconds": 12.0,  # start-up, tokenizing the calibration windows, writing metadata
     "default_gflops": 30.0,  # used when the micro-benchmark cannot run
@@ -87,7 +91,8 @@ METHODS: dict[str, MethodCost] = {
     "int8-dynamic": MethodCost(False, 0.0, False),
     "fp8": MethodCost(False, 0.0, False),
     "magnitude": MethodCost(False, 0.0, False, packed=False),
-    "gptq": MethodCost(True, 2.0, True, keeps_down_inputs=True),
+    # staged GPTQ: one pass observes each stage and computes the block's quantized outputs
+    "gptq": MethodCost(True, 1.0, True, keeps_down_inputs=True),
     "mixed": MethodCost(True, 2.0, True, keeps_down_inputs=True),
     "sparsegpt": MethodCost(True, 2.0, True, keeps_down_inputs=True, packed=False),
     "awq": MethodCost(True, 3.0, False, stats_bytes_per_channel=8),
@@ -306,7 +311,7 @@ def host_profile(device: str = "cpu", refresh: bool = False) -> Host:
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         return Host(device, COSTS["cuda_gflops"], COSTS["cuda_bandwidth_gbs"], False, "assumed")
-    key = f"{kind}-torch{torch.__version__}-threads{torch.get_num_threads()}"
+    key = f"{kind}-linear-torch{torch.__version__}-threads{torch.get_num_threads()}"
     path = cache_dir("host") / "profile.json"
     cached = _read_json(path)
     if key in cached and not refresh:
@@ -333,14 +338,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _measure(device: Any, seconds: float = 0.4) -> tuple[float, float]:
-    """(float32 matmul GFLOPS on 2048-square matrices, GB/s of a float32 sum over 256 MB)."""
+    """(GFLOPS of a float32 linear of calibration's shape, 4096 tokens x 576 -> 1536 (the
+    product benchmarks/HISTORY.md times at ~206 GFLOPS on an idle 2-core host), GB/s of a
+    float32 sum over 256 MB)."""
     import torch
+    import torch.nn.functional as F
 
-    n = 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    rate = _timed(lambda: a @ b, seconds, device) * 2 * n**3 / 1e9
-    x = torch.ones(1 << 26, device=device)  # 256 MB of float32
-    gbs = _timed(lambda: x.sum(), seconds, device) * x.numel() * 4 / 1e9
+    x = torch.randn(4096, 576, device=device)
+    w = torch.randn(1536, 576, device=device)
+    rate = _timed(lambda: F.linear(x, w), seconds, device) * 2 * x.numel() * w.shape[0] / 1e9
+    big = torch.ones(1 << 26, device=device)  # 256 MB of float32
+    gbs = _timed(lambda: big.sum(), seconds, device) * big.numel() * 4 / 1e9
     return rate, gbs
 
 
@@ -491,11 +499,11 @@ def compress_time(shape: Shape, job: Job, host: Host) -> dict[str, float]:
         parts["block forwards"] = shape.layers * fwd / (rate * COSTS["matmul_efficiency"])
     if m.hessian:
         groups = {x.input_group: x.in_features for x in shape.linears}
-        hess = sum(2.0 * tokens * n**2 for n in groups.values())
+        hess = sum(1.0 * tokens * n**2 for n in groups.values())
         solve = sum(
             x.in_features**3 / 3 + 2.0 * x.out_features * x.in_features**2 for x in shape.linears
         )
-        parts["Hessians"] = shape.layers * hess / (rate * COSTS["matmul_efficiency"])
+        parts["Hessians"] = shape.layers * hess / (rate * COSTS["hessian_efficiency"])
         parts["solves"] = shape.layers * solve / (rate * COSTS["solve_efficiency"])
     else:
         flops = COSTS["quantize_flops_per_weight"] * shape.linear_params

@@ -26,16 +26,39 @@ def set_verify_default(verify: bool) -> None:
 
 
 def load(
-    spec: str | Path = DEFAULT_MODEL, verify: bool | None = None, dtype: torch.dtype = torch.float32
+    spec: str | Path = DEFAULT_MODEL,
+    verify: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    inference: bool = False,
 ) -> tuple[nn.Module, object]:
-    """Load a model (eval mode; its float tensors in `dtype`, default fp32: bfloat16 halves the
-    memory of a model too large for it) and its tokenizer from any spec `models.load.resolve`
-    accepts, tinyllm checkpoint directories included.
+    """Load a model (eval mode; its float tensors in `dtype`, default fp32) and its tokenizer
+    from any spec `models.load.resolve` accepts, tinyllm checkpoint directories included.
+
+    `inference` (generate, serve: the model is never saved): a 4-bit checkpoint holds its codes
+    once (in the kernel's layout), and a model whose float32 tensors would take more than
+    NARROW_SHARE of the memory available keeps them narrow: a tinyllm checkpoint its large
+    tables (embeddings, head) as stored, computing in float32 around them; a Hugging Face model
+    everything in bfloat16.
 
     `verify`: check a tinyllm checkpoint's weight files against the sha256 digests it recorded
     (default: on, unless the CLI was given --no-verify)."""
     r = resolve(spec)
+    narrow = inference and _too_big(spec, r.kind)
     if r.kind == "tinyllm_dir":
         check = _verify_default if verify is None else verify
-        return load_checkpoint(r.path, verify=check, dtype=dtype)
-    return load_model(spec, dtype)
+        chosen = None if narrow else dtype
+        return load_checkpoint(r.path, verify=check, dtype=chosen, inference=inference)
+    return load_model(spec, torch.bfloat16 if narrow else dtype)
+
+
+# inference loads narrow a model whose float32 tensors exceed this share of available memory
+NARROW_SHARE = 0.5
+
+
+def _too_big(spec: str | Path, kind: str) -> bool:
+    from tinyllm.models.lazy import float32_bytes
+    from tinyllm.models.load import hf_directory
+    from tinyllm.util.memory import available_bytes
+
+    directory = resolve(spec).path if kind == "tinyllm_dir" else hf_directory(spec)
+    return float32_bytes(directory) > NARROW_SHARE * available_bytes()

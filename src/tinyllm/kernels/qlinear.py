@@ -289,3 +289,22 @@ def replace_embedding(model: nn.Module, name: str, qw: QuantizedWeight) -> Quant
     new = QuantEmbedding(qw, getattr(old, "padding_idx", None), scale)
     set_module(model, name, new)
     return new
+
+
+def drop_records(model: nn.Module) -> int:
+    """For inference only: free the packed codes of each layer whose layout keeps its own copy
+    and never reads the record's (tinyllm's 4-bit C++ layout: its GEMV and its unpack for long
+    prompts read only its buffers). A 4-bit model then holds its codes once instead of twice.
+    The record's scales and metadata stay; the model can no longer be saved, exported or moved
+    to another device (checkpoint writing refuses it). -> bytes freed"""
+    freed = 0
+    for mod in model.modules():
+        if not isinstance(mod, QuantLinear) or mod.layout.name != "q4":
+            continue
+        qw = mod.qweight
+        if qw.packed.is_meta:
+            continue
+        freed += qw.packed.numel() * qw.packed.element_size()
+        qw.packed = torch.empty(qw.packed.shape, dtype=qw.packed.dtype, device="meta")
+        mod._buffers["record_packed"] = qw.packed
+    return freed

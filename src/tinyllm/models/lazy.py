@@ -132,3 +132,40 @@ def materialize(
 def release(module: nn.Module) -> None:
     """Give back the memory of the module's tensors: they become meta tensors of the same shapes."""
     module.to("meta")
+
+
+def compute_in_float32(model: nn.Module) -> int:
+    """Embeddings and linears kept in a narrower float dtype (bf16/fp16, to halve the memory of
+    a large vocabulary's tables) take and give float32, so the rest of the model computes as it
+    would with float32 weights. -> the number of modules adapted"""
+    n = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dtype == torch.float32:
+            continue
+        if isinstance(mod, nn.Linear):
+            mod.register_forward_pre_hook(_input_to_weight_dtype)
+        elif not isinstance(mod, nn.Embedding):
+            continue
+        mod.register_forward_hook(_output_to_float32)
+        n += 1
+    return n
+
+
+def _input_to_weight_dtype(mod: nn.Module, args: tuple) -> tuple:
+    return (args[0].to(mod.weight.dtype), *args[1:])
+
+
+def _output_to_float32(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out.float()
+
+
+def float32_bytes(directory: Path) -> int:
+    """What the float tensors of a directory's safetensors files (packed records excluded) would
+    take in float32, from the headers alone."""
+    weights = LazyWeights(directory)
+    return sum(
+        4 * weights.numel(k)
+        for k in weights.entries
+        if weights.dtype(k).is_floating_point and ".record." not in k
+    )

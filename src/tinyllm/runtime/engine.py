@@ -623,5 +623,6 @@ def load_engine(model: str, cfg: EngineConfig | None = None) -> Engine:
     a tinyllm output directory (whatever `tinyllm.core.load.load` takes)."""
     from tinyllm.core.load import load
 
-    m, tok = load(model)
+    on_cpu = resolve_device((cfg or EngineConfig()).device).type == "cpu"
+    m, tok = load(model, inference=on_cpu)  # codes held once; a large model's tables narrow
     return Engine(m, tok, cfg)
