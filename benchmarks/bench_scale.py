@@ -1,0 +1,111 @@
+"""Scale: streaming GPTQ on synthetic models of real shapes, and generation from the result.
+
+Run: .venv/bin/python benchmarks/bench_scale.py [--rows NAME,...] [--force] [--table]
+
+Each compression row runs `tinyllm quantize MODEL --method gptq --bits 4 --group-size 128
+--stream on` in its own process under `/usr/bin/time -v` (peak RSS = Maximum resident set size;
+outputs in benchmarks/work/scale/, git-ignored) and reads the run's own report (seconds, blocks,
+calibration tokens) from the checkpoint. Each generate row runs `tinyllm generate` on a
+compressed row's output. The models come from benchmarks/synthetic.py (seeded random bf16
+weights in the exact configs; quality means nothing, time and memory are real) under
+/work/synth/NAME:
+
+    .venv/bin/python benchmarks/synthetic.py llama-3.1-8b
+    .venv/bin/python benchmarks/synthetic.py llama-3.2-1b --layers 2 --out /work/synth/llama-3.2-1b-2l
+
+Peak memory of streaming is reached within one block (every block has the same shapes), so the
+two-block Llama-3.2-1B model shows the full model's peak for 128 x 512 calibration at an eighth
+of the time; its seconds per block are the full model's seconds per block.
+The CPU is shared on this host: the load average before and after each run is recorded; wall
+times under load are longer than on an idle machine, peak RSS is not affected.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bench_estimate import timed
+from rowtable import row_args, rows_present, run_rows, table_head
+
+HERE = Path(__file__).parent
+OUT = HERE / "results" / "scale.json"
+WORK = HERE / "work" / "scale"
+SYNTH = Path("/work/synth")
+CLI = [sys.executable, "-m", "tinyllm.cli"]
+GB = 1e9
+
+# row -> (model, samples, seq_len, stream)
+QUANT = {
+    "smollm2-135m-gptq-128x512": ("smollm2-135m", 128, 512, "on"),
+    "llama-3.2-1b(2 blocks)-gptq-128x512": (str(SYNTH / "llama-3.2-1b-2l"), 128, 512, "on"),
+    "llama-3.1-8b-gptq-8x256": (str(SYNTH / "llama-3.1-8b"), 8, 256, "on"),
+}
+# row -> the compression row whose output it generates from
+GENERATE = {"llama-3.1-8b-generate": "llama-3.1-8b-gptq-8x256"}
+ROWS = [*QUANT, *GENERATE]
+PROMPT = "The history of the city begins"
+
+
+def _out(row: str) -> Path:
+    return WORK / row.replace("(", "-").replace(")", "").replace(" ", "")
+
+
+def run_quant(name: str) -> dict:
+    model, samples, seq_len, stream = QUANT[name]
+    out = _out(name)
+    args = [*CLI, "quantize", model, "--method", "gptq", "--bits", "4", "--group-size", "128"]
+    args += ["--samples", str(samples), "--seq-len", str(seq_len), "--stream", stream]
+    args += ["-o", str(out), "--overwrite"]
+    WORK.mkdir(parents=True, exist_ok=True)
+    measured = timed(args, out.with_suffix(".log"))
+    if measured["returncode"] != 0:
+        raise SystemExit(f"{name} failed: see {out.with_suffix('.log')}")
+    info = json.loads((out / "tinyllm.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    blocks = int(config["num_hidden_layers"])
+    tokens = samples * seq_len
+    return {
+        "command": " ".join(["tinyllm", *args[3:]]),
+        "model": model,
+        "blocks": blocks,
+        "calibration_tokens": tokens,
+        "measured": measured,
+        "report_seconds": round(info["seconds"], 1),
+        "seconds_per_block": round(info["seconds"] / blocks, 2),
+        "us_per_block_token": round(1e6 * info["seconds"] / blocks / tokens, 2),
+        "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+    }
+
+
+def run_generate(name: str) -> dict:
+    src = _out(GENERATE[name])
+    args = [*CLI, "generate", str(src), PROMPT, "--max-tokens", "16"]
+    measured = timed(args, WORK / f"{name}.log")
+    text = (WORK / f"{name}.log").read_text(errors="replace")
+    if measured["returncode"] != 0:
+        raise SystemExit(f"{name} failed: see {WORK / f'{name}.log'}")
+    return {"command": " ".join(["tinyllm", *args[3:]]), "measured": measured, "log_tail": text[-600:]}
+
+
+def run_row(name: str) -> dict:
+    return run_quant(name) if name in QUANT else run_generate(name)
+
+
+def table(results: dict) -> str:
+    lines = table_head("row | peak RSS | wall s | s / block | us / block / token | load")
+    for name, r in rows_present(results, ROWS):
+        m = r["measured"]
+        per_block = r.get("seconds_per_block", "")
+        per_token = r.get("us_per_block_token", "")
+        load = f"{m['load_before']} -> {m['load_after']}"
+        lines.append(
+            f"| {name} | {m['peak_rss_bytes'] / GB:.2f} GB | {m['seconds']} | {per_block} | "
+            f"{per_token} | {load} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_rows(OUT, row_args(ROWS), run_row, table)
