@@ -11,7 +11,8 @@ weights in the exact configs; quality means nothing, time and memory are real) u
 /work/synth/NAME:
 
     .venv/bin/python benchmarks/synthetic.py llama-3.1-8b
-    .venv/bin/python benchmarks/synthetic.py llama-3.2-1b --layers 2 --out /work/synth/llama-3.2-1b-2l
+    .venv/bin/python benchmarks/synthetic.py llama-3.2-1b --layers 2 \
+        --out /work/synth/llama-3.2-1b-2l
 
 Peak memory of streaming is reached within one block (every block has the same shapes), so the
 two-block Llama-3.2-1B model shows the full model's peak for 128 x 512 calibration at an eighth
@@ -59,9 +60,10 @@ def run_quant(name: str) -> dict:
     args += ["--samples", str(samples), "--seq-len", str(seq_len), "--stream", stream]
     args += ["-o", str(out), "--overwrite"]
     WORK.mkdir(parents=True, exist_ok=True)
-    measured = timed(args, out.with_suffix(".log"))
+    log = WORK / f"{out.name}.log"
+    measured = timed(args, log)
     if measured["returncode"] != 0:
-        raise SystemExit(f"{name} failed: see {out.with_suffix('.log')}")
+        raise SystemExit(f"{name} failed: see {log}")
     info = json.loads((out / "tinyllm.json").read_text())
     config = json.loads((out / "config.json").read_text())
     blocks = int(config["num_hidden_layers"])
@@ -86,7 +88,8 @@ def run_generate(name: str) -> dict:
     text = (WORK / f"{name}.log").read_text(errors="replace")
     if measured["returncode"] != 0:
         raise SystemExit(f"{name} failed: see {WORK / f'{name}.log'}")
-    return {"command": " ".join(["tinyllm", *args[3:]]), "measured": measured, "log_tail": text[-600:]}
+    command = " ".join(["tinyllm", *args[3:]])
+    return {"command": command, "measured": measured, "log_tail": text[-600:]}
 
 
 def run_row(name: str) -> dict:
