@@ -174,3 +174,15 @@ def test_cli_help_table_json_and_errors(configs):
 
 def test_errors_are_tinyllm_errors():
     assert issubclass(ConfigError, TinyLLMError) and issubclass(ModelLoadError, TinyLLMError)
+
+
+def test_a_tinyllm_checkpoint_serves_at_its_files_size(configs, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(configs["smollm2-360m"].read_text())
+    (ckpt / "tinyllm.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 123_456)
+    est = estimate(ckpt, Job("generate", None), HOST)
+    assert est.memory["weights (the checkpoint's files)"] == 123_456
+    hf = estimate(configs["smollm2-360m"], Job("generate", None), HOST)
+    assert hf.memory["weights in float32 (as loaded)"] == 4 * hf.params

@@ -49,7 +49,9 @@ COSTS: dict[str, float] = {
     "eval_windows": 40,  # `tinyllm eval` default windows x 512 tokens
     "eval_seq_len": 512,
     "kv_cache_bytes": 64 * MiB,  # `tinyllm generate --kv-memory` default
-    "serve_float_bytes": 4,  # unquantized weights as eval/generate hold them (float32 today)
+    "loaded_float_bytes": 4,  # a Hugging Face model as tinyllm.load holds it (float32)
+    "load_transient_share": 0.6,  # of the stored bytes: file pages resident while loading
+    "checkpoint_float_bytes": 2,  # unquantized tensors of a tinyllm checkpoint (float16)
     # Rates as fractions of the micro-benchmark's (a 4096 x 576 -> 1536 float32 linear), from
     # benchmarks/results/gptq_floor.json (smollm2-135m block 0, 128 x 512 tokens: forward 3.2 s,
     # Hessians 1.5-1.8 s, GPTQ 0.36-0.43 s) against that linear's ~206 GFLOPS on the idle host
@@ -430,7 +432,7 @@ def packed_linear_bytes(shape: Shape, job: Job) -> int:
     """One block's linears after the method: packed codes and float16 scales plus uint8 zero
     points per group, or float values where the method does not pack."""
     if job.method is None or not METHODS[job.method].packed or job.method == "embeddings":
-        return shape.linear_params * int(COSTS["serve_float_bytes"])
+        return shape.linear_params * int(COSTS["checkpoint_float_bytes"])
     total = 0
     for x in shape.linears:
         group = x.in_features if job.group_size in (-1, 0) else job.group_size
@@ -513,18 +515,29 @@ def compress_time(shape: Shape, job: Job, host: Host) -> dict[str, float]:
     return parts
 
 
-def serve_weight_bytes(shape: Shape, job: Job, stored: int | None) -> int:
-    """Bytes of the weights an eval or generate job holds: a tinyllm checkpoint's files as they
-    are (`stored`), else the blocks' linears as the method leaves them and the rest in float."""
-    if stored is not None and job.method is None:
-        return stored
+def serve_weights(shape: Shape, job: Job, checkpoint_bytes: int | None) -> dict[str, int]:
+    """Memory of the weights an eval or generate job holds: a tinyllm checkpoint's files as
+    they are (`checkpoint_bytes`); a Hugging Face model in float32 as tinyllm.load makes it (plus
+    the stored file pages resident while it loads); with `job.method`, the checkpoint that
+    method would write (the blocks' linears packed, the rest in float16)."""
+    if job.method is None and checkpoint_bytes is not None:
+        return {"weights (the checkpoint's files)": checkpoint_bytes}
+    if job.method is None:
+        stored = shape.params * shape.stored_bytes * COSTS["load_transient_share"]
+        return {
+            "weights in float32 (as loaded)": shape.params * int(COSTS["loaded_float_bytes"]),
+            "stored file pages while loading": int(stored),
+        }
     other = shape.params - shape.layers * shape.linear_params
-    return shape.layers * packed_linear_bytes(shape, job) + other * int(COSTS["serve_float_bytes"])
+    packed = shape.layers * packed_linear_bytes(shape, job)
+    return {
+        "weights (the compressed checkpoint)": packed + other * int(COSTS["checkpoint_float_bytes"])
+    }
 
 
-def serve_memory(shape: Shape, job: Job, weights: int) -> dict[str, int]:
+def serve_memory(shape: Shape, job: Job, weights: dict[str, int]) -> dict[str, int]:
     """The parts of an eval or generate job's peak memory, in bytes."""
-    parts = {"process baseline": int(COSTS["baseline_bytes"]), "weights": weights}
+    parts = {"process baseline": int(COSTS["baseline_bytes"]), **weights}
     if job.job == "generate":
         parts["KV cache (--kv-memory)"] = int(COSTS["kv_cache_bytes"])
         return parts
@@ -551,12 +564,14 @@ def serve_time(shape: Shape, job: Job, weights: int, host: Host) -> dict[str, fl
     return parts
 
 
-def stored_weight_bytes(directory: Path | None) -> int | None:
-    """Total size of a directory's safetensors files (stat only), or None."""
-    if directory is None:
+def checkpoint_bytes(directory: Path | None) -> int | None:
+    """Total size of a tinyllm checkpoint's safetensors files (stat only); None for anything
+    else."""
+    from tinyllm.models.load import TINYLLM_CONFIG
+
+    if directory is None or not (directory / TINYLLM_CONFIG).is_file():
         return None
-    files = list(directory.glob("*.safetensors"))
-    return sum(f.stat().st_size for f in files) if files else None
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
 def estimate(
@@ -576,8 +591,10 @@ def estimate(
     if job.job == "compress":
         memory, seconds = compress_memory(shape, job), compress_time(shape, job, host)
     else:
-        weights = serve_weight_bytes(shape, job, stored_weight_bytes(directory))
-        memory, seconds = serve_memory(shape, job, weights), serve_time(shape, job, weights, host)
+        weights = serve_weights(shape, job, checkpoint_bytes(directory))
+        resident = sum(v for k, v in weights.items() if "while loading" not in k)
+        memory = serve_memory(shape, job, weights)
+        seconds = serve_time(shape, job, resident, host)
     est = Estimate(
         shape.name,
         job.job,
@@ -626,8 +643,16 @@ def assumptions(shape: Shape, job: Job, host: Host) -> list[str]:
             batch = min(int(COSTS["calib_batch"]), job.samples)
             said.append(f"calibration {job.samples} x {job.seq_len} tokens, batches of {batch}")
     if job.job != "compress" or METHODS[job.method].packed:
-        bits = f"{job.bits}-bit, groups of {job.group_size}" if job.method else "as stored"
-        said.append(f"block linears {bits}; other weights float32 in eval/generate")
+        if job.method:
+            said.append(
+                f"block linears {job.bits}-bit, groups of {job.group_size}; the rest "
+                "float16 (as the checkpoint stores it)"
+            )
+        else:
+            said.append(
+                "weights as tinyllm.load holds them: a Hugging Face model in float32, "
+                "a tinyllm checkpoint as its files"
+            )
     return said
 
 
