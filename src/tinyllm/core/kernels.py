@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinyllm.util.device import module_device
+
 log = logging.getLogger(__name__)
 
 
@@ -155,7 +157,7 @@ def calibration_precision(dtype: torch.dtype) -> Iterator[None]:
 def block_compute(block: nn.Module, batch_tokens: int | None = None) -> Iterator[nn.Module]:
     """How a calibration pass runs a block: fp32 oneDNN linears, or bf16 autocast."""
     if calib_dtype() == torch.bfloat16:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(module_device(block).type, dtype=torch.bfloat16):  # cpu or cuda
             yield block
     else:
         with fast_linears(block, batch_tokens):
