@@ -185,4 +185,4 @@ def test_a_tinyllm_checkpoint_serves_at_its_files_size(configs, tmp_path):
     est = estimate(ckpt, Job("generate", None), HOST)
     assert est.memory["weights (the checkpoint's files)"] == 123_456
     hf = estimate(configs["smollm2-360m"], Job("generate", None), HOST)
-    assert hf.memory["weights in float32 (as loaded)"] == 4 * hf.params
+    assert hf.memory["weights in 32-bit floats (as loaded)"] == 4 * hf.params

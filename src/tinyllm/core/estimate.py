@@ -39,7 +39,9 @@ GiB = 2**30
 
 # Constants of the model, measured on this project's hosts (docs/sizing.md says how).
 COSTS: dict[str, float] = {
-    "baseline_bytes": 560 * MiB,  # python + torch + transformers + tinyllm + tokenizer, idle
+    # python, torch, transformers, tinyllm, the tokenizer and the calibration corpus: the peak
+    # RSS of `quantize --stream on` and of `generate` on a one-block 64-wide model
+    "baseline_bytes": 430 * MiB,
     "forward_pack_factor": 2.0,  # block weights alive during its forward (float32 + oneDNN copy)
     "hessian_copies": 3.0,  # float32 in x in matrices alive while GPTQ/SparseGPT solve
     "transient_ffn_copies": 3.0,  # float32 batch x seq x ffn tensors alive inside the MLP
@@ -52,14 +54,19 @@ COSTS: dict[str, float] = {
     "loaded_float_bytes": 4,  # a Hugging Face model as tinyllm.load holds it (float32)
     "load_transient_share": 0.6,  # of the stored bytes: file pages resident while loading
     "checkpoint_float_bytes": 2,  # unquantized tensors of a tinyllm checkpoint (float16)
+    "lean_share": 0.5,  # lean loading keeps tables narrow above this share of available memory
     # Rates as fractions of the micro-benchmark's (a 4096 x 576 -> 1536 float32 linear), from
     # benchmarks/results/gptq_floor.json (smollm2-135m block 0, 128 x 512 tokens: forward 3.2 s,
     # Hessians 1.5-1.8 s, GPTQ 0.36-0.43 s) against that linear's ~206 GFLOPS on the idle host
     "matmul_efficiency": 0.75,  # block forwards (linears, attention, norms, hooks)
     "hessian_efficiency": 0.65,  # X^T X, upper triangle only: tokens x in^2 FLOPs per input
-    "solve_efficiency": 0.09,  # GPTQ/SparseGPT solves (Cholesky, column-by-column updates)
+    # GPTQ/SparseGPT solves: Cholesky and blocked updates at this fraction of the rate, plus a
+    # per-column cost (quantizing one column, its error and updates: Python-bound for narrow
+    # layers) in FLOP-equivalents; 135M's block 0 (3,840 columns in 5 stacks) took 0.36-0.43 s
+    "solve_efficiency": 0.5,
+    "solve_column_flops": 1.6e7,
     "io_gbs": 1.0,  # reading stored weights and writing the packed checkpoint, GB/s
-    "fixed_seconds": 12.0,  # start-up, tokenizing the calibration windows, writing metadata
+    "fixed_seconds": 25.0,  # start-up, loading, calibration windows, kwargs capture, writing
     "default_gflops": 30.0,  # used when the micro-benchmark cannot run
     "default_bandwidth_gbs": 5.0,
     "cuda_gflops": 40_000.0,  # assumed for a GPU that is not present here (H100, tf32 off)
@@ -505,8 +512,10 @@ def compress_time(shape: Shape, job: Job, host: Host) -> dict[str, float]:
         solve = sum(
             x.in_features**3 / 3 + 2.0 * x.out_features * x.in_features**2 for x in shape.linears
         )
+        stacks = {(x.input_group, x.out_features): x.in_features for x in shape.linears}
+        columns = COSTS["solve_column_flops"] * sum(stacks.values())
         parts["Hessians"] = shape.layers * hess / (rate * COSTS["hessian_efficiency"])
-        parts["solves"] = shape.layers * solve / (rate * COSTS["solve_efficiency"])
+        parts["solves"] = shape.layers * (solve / COSTS["solve_efficiency"] + columns) / rate
     else:
         flops = COSTS["quantize_flops_per_weight"] * shape.linear_params
         parts["rounding"] = shape.layers * flops / (rate * COSTS["matmul_efficiency"])
@@ -515,24 +524,36 @@ def compress_time(shape: Shape, job: Job, host: Host) -> dict[str, float]:
     return parts
 
 
+def lean(float_params: int) -> bool:
+    """Whether tinyllm.load(inference=True) keeps float tables narrow: their float32 size above
+    half the memory available now (docs/streaming.md, lean loading)."""
+    from tinyllm.util.memory import available_bytes
+
+    return 4 * float_params > COSTS["lean_share"] * available_bytes()
+
+
 def serve_weights(shape: Shape, job: Job, checkpoint_bytes: int | None) -> dict[str, int]:
-    """Memory of the weights an eval or generate job holds: a tinyllm checkpoint's files as
-    they are (`checkpoint_bytes`); a Hugging Face model in float32 as tinyllm.load makes it (plus
-    the stored file pages resident while it loads); with `job.method`, the checkpoint that
-    method would write (the blocks' linears packed, the rest in float16)."""
-    if job.method is None and checkpoint_bytes is not None:
-        return {"weights (the checkpoint's files)": checkpoint_bytes}
-    if job.method is None:
+    """Memory of the weights an eval or generate job holds. A Hugging Face model: float32 (bf16
+    when lean) plus the stored file pages resident while it loads. A tinyllm checkpoint (its
+    files, `checkpoint_bytes`) or, with `job.method`, the checkpoint that method would write
+    (the blocks' linears packed, the rest float16): float tables widened to float32 unless
+    lean."""
+    other = shape.params - shape.layers * shape.linear_params
+    if job.method is None and checkpoint_bytes is None:
+        width = 2 if lean(shape.params) else int(COSTS["loaded_float_bytes"])
         stored = shape.params * shape.stored_bytes * COSTS["load_transient_share"]
         return {
-            "weights in float32 (as loaded)": shape.params * int(COSTS["loaded_float_bytes"]),
+            f"weights in {8 * width}-bit floats (as loaded)": shape.params * width,
             "stored file pages while loading": int(stored),
         }
-    other = shape.params - shape.layers * shape.linear_params
-    packed = shape.layers * packed_linear_bytes(shape, job)
-    return {
-        "weights (the compressed checkpoint)": packed + other * int(COSTS["checkpoint_float_bytes"])
-    }
+    if checkpoint_bytes is not None and job.method is None:
+        parts = {"weights (the checkpoint's files)": checkpoint_bytes}
+    else:
+        packed = shape.layers * packed_linear_bytes(shape, job)
+        parts = {"weights (the compressed checkpoint)": packed + other * 2}
+    if not lean(other):
+        parts["float tables widened to float32"] = 2 * other
+    return parts
 
 
 def serve_memory(shape: Shape, job: Job, weights: dict[str, int]) -> dict[str, int]:
