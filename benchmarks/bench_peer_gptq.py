@@ -190,13 +190,18 @@ def run_peer(args: argparse.Namespace, windows: Path) -> dict:
 
 
 def ratio(results: dict) -> dict | None:
-    """tinyllm / llm-compressor peak RSS, wall and CPU seconds (both rows must have succeeded)."""
-    ours, theirs = results.get("tinyllm"), results.get("llmcompressor")
-    if not ours or not theirs or "error" in ours or "error" in theirs:
+    """tinyllm / llm-compressor peak RSS, wall and CPU seconds, from the streaming row (or, where
+    it failed, the in-memory one) and the peer's; None unless both succeeded on one calibration."""
+    theirs = results.get("llmcompressor")
+    ok = [n for n in ("tinyllm", "tinyllm-stream-off") if "error" not in results.get(n, {"error"})]
+    if not ok or not theirs or "error" in theirs:
+        return None
+    ours = results[ok[0]]
+    if (ours["samples"], ours["seq_len"]) != (theirs["samples"], theirs["seq_len"]):
         return None
     a, b = ours["measured"], theirs["measured"]
     keys = ("peak_rss_bytes", "seconds", "cpu_seconds")
-    return {k: round(a[k] / b[k], 3) for k in keys}
+    return {"ours": ok[0], **{k: round(a[k] / b[k], 3) for k in keys}}
 
 
 def table(results: dict) -> str:
