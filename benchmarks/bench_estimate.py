@@ -83,37 +83,73 @@ def timed(args: list[str], log: Path) -> dict:
     }
 
 
+def estimate_row(name: str, host: object) -> dict:
+    """The estimator's side of a row, at the host rates `host`."""
+    from tinyllm.core.estimate import Job, estimate
+
+    model, settings, _ = ROWS[name]
+    est = estimate(model, Job(**settings), host)
+    return {
+        "estimate": {"peak_rss_bytes": est.peak_bytes, "seconds": round(est.seconds, 1)},
+        "memory_parts": est.memory,
+        "time_parts": {k: round(v, 1) for k, v in est.time.items()},
+    }
+
+
+def with_ratios(row: dict) -> dict:
+    est, got = row["estimate"], row["measured"]
+    row["ratio"] = {
+        "peak_rss": round(est["peak_rss_bytes"] / got["peak_rss_bytes"], 3),
+        "seconds": round(est["seconds"] / got["seconds"], 3),
+    }
+    return row
+
+
+def reestimate(results: dict) -> None:
+    """Recompute every row's estimate with today's constants, at the host rates measured just
+    before that row ran (no job is run again)."""
+    from tinyllm.core.estimate import Host
+
+    for name, row in results.items():
+        h = row["host"]
+        host = Host("cpu", h["gflops"], h["bandwidth_gbs"], True, "measured before the run")
+        row.update(estimate_row(name, host))
+        with_ratios(row)
+
+
 def run_row(name: str) -> dict:
-    from tinyllm.core.estimate import Job, estimate, host_profile
+    from tinyllm.core.estimate import host_profile
 
     model, settings, extra = ROWS[name]
     host = host_profile("cpu", refresh=True)  # at the load the job is about to meet
-    est = estimate(model, Job(**settings), host)
+    row = estimate_row(name, host)
     WORK.mkdir(parents=True, exist_ok=True)
     measured = timed(quantize_args(model, settings, WORK / name, extra), WORK / f"{name}.log")
-    return {
+    row = {
         "model": model,
         "job": {"job": "compress", **settings, "extra": extra},
-        "estimate": {"peak_rss_bytes": est.peak_bytes, "seconds": round(est.seconds, 1)},
+        **row,
         "measured": measured,
-        "ratio": {
-            "peak_rss": round(est.peak_bytes / measured["peak_rss_bytes"], 3),
-            "seconds": round(est.seconds / measured["seconds"], 3),
-        },
         "host": {"gflops": round(host.gflops, 1), "bandwidth_gbs": round(host.bandwidth_gbs, 2)},
-        "memory_parts": est.memory,
-        "time_parts": {k: round(v, 1) for k, v in est.time.items()},
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+    return with_ratios(row)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", help="comma-separated rows (default: all)")
     p.add_argument("--force", action="store_true", help="rerun rows already in the results")
+    p.add_argument(
+        "--reestimate", action="store_true", help="only recompute the estimates of stored rows"
+    )
     args = p.parse_args()
     rows = args.rows.split(",") if args.rows else list(ROWS)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if args.reestimate:
+        reestimate(results)
+        OUT.write_text(json.dumps(results, indent=2) + "\n")
+        return
     for name in rows:
         if name in results and not args.force:
             continue
