@@ -687,8 +687,10 @@ def calibrate_blocks(
     was_training = model.training
     model.eval()
     where = placement()
+    where.embeddings_needed(model)
     kwargs = _block_kwargs(model, blocks, batches[0])
     xs = [x.to(where.device) for x in _first_inputs(model, blocks, batches)]
+    where.embeddings_done(model)
     with make_progress() as bar:
         task = bar.add_task(description, total=len(blocks), info="")
         ref = [x.clone() for x in xs] if reference else None

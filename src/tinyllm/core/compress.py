@@ -91,6 +91,7 @@ def compress(
     _check(steps, float_dtype)
     if out is not None:
         check_output_dir(Path(out), overwrite or resume)  # fail before the slow part
+    resolve_device(device)  # a GPU this machine lacks fails before the slow part
     directory = _stream_source(source, steps, stream)
     if directory is not None:
         settings = {"float_dtype": float_dtype, "overwrite": overwrite, "meta": meta}
@@ -161,7 +162,7 @@ def _compress_streamed(
     ctx.device = resolve_device(device)
     work = Path(f"{out or directory / 'tinyllm'}.stream{_rank()}")
     try:
-        with placed(Streaming(model, weights, work, ctx.device)) as where:
+        with placed(Streaming(model, weights, work, ctx.device, tied=tied)) as where:
             t0 = time.perf_counter()
             report = run_steps(model, steps, ctx)
             report["seconds"] = time.perf_counter() - t0

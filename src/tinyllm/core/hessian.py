@@ -24,11 +24,15 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
 def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     mean_diag = H.diagonal().mean()
     for _ in range(6):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # one [in, in] matrix besides H at a time (each intermediate is freed as the next one
+        # exists): on a 14336-wide down_proj, 0.8 GB each
+        L = H.clone()
+        L.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(L)
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            L = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(L, upper=True)
+            del L
             if info == 0:
                 return U
         log.warning("%s: Cholesky failed with damp %.3g, retrying with %.3g", name, damp, damp * 10)
@@ -39,9 +43,11 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
 def prepare_layer(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float copies of a weight and its Hessian; inputs never seen in calibration (zero diagonal)
     get a unit diagonal and zero weights, so the inverse exists."""
-    W, H = W.detach().float().clone(), H.float().clone()
+    W = W.detach().float().clone()
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    if bool(dead.any()) or H.dtype != torch.float32:  # else H itself: it is only read
+        H = H.float().clone()
+        H[dead, dead] = 1.0
     W[:, dead] = 0.0
     return W, H
 

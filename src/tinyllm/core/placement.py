@@ -45,6 +45,12 @@ class Placement:
         if self.device.type != "cpu":
             block.to("cpu")
 
+    def embeddings_needed(self, model: nn.Module) -> None:
+        """Before a pass computes the blocks' first inputs (held in memory: nothing to do)."""
+
+    def embeddings_done(self, model: nn.Module) -> None:
+        """After the first inputs of a pass are computed."""
+
 
 class Streaming(Placement):
     """Blocks read from `weights` when first entered, written to `workdir` when left, and read
@@ -59,9 +65,10 @@ class Streaming(Placement):
         workdir: Path,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        tied: bool = False,
     ) -> None:
         super().__init__(device)
-        self.model, self.weights, self.dtype = model, weights, dtype
+        self.model, self.weights, self.dtype, self.tied = model, weights, dtype, tied
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prefix, _ = find_blocks(model)
@@ -76,6 +83,24 @@ class Streaming(Placement):
         info = {"quantized": quantized, "sparse": sparse}
         tensors = {k: v.to(self.device) for k, v in load_file(str(file)).items()}
         fill_from_tensors(self.model, tensors, info, {}, self.dtype)
+
+    def embeddings_needed(self, model: nn.Module) -> None:
+        emb = model.get_input_embeddings()
+        if emb.weight.device.type == "meta":
+            name = next(n for n, m in model.named_modules() if m is emb)
+            materialize(emb, name, self.weights, None)
+            self._retie(model)
+
+    def embeddings_done(self, model: nn.Module) -> None:
+        """The embedding table is not needed until the next pass: give its memory back (1 GB
+        on a 128k-vocabulary 4096-wide model), read it again when a pass needs it."""
+        release(model.get_input_embeddings())
+        self._retie(model)
+
+    def _retie(self, model: nn.Module) -> None:
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if self.tied and head is not None:
+            head.weight = emb.weight
 
     def leave(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.prefix}.{i}"

@@ -179,7 +179,8 @@ def _gptq(
     group_of = perm // g if static else torch.arange(cols) // g
     # The loop works on transposed copies ([columns, rows]): each column is a contiguous row.
     col_scale, col_zero = scale.t()[group_of].contiguous(), zero.t()[group_of].contiguous()
-    H = H[perm][:, perm]
+    if cfg.act_order:  # (the identity order needs no permuted copy of an [in, in] matrix)
+        H = H[perm][:, perm]
     Wt = W.t()[perm].contiguous()
     keep = kept_positions(Wt)  # a pruned model stays pruned: zeros are quantized to exact zeros
     U = inverse_cholesky(H, cfg.damp, name)
