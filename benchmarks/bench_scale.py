@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/bench_scale.py [--rows NAME,...] [--force] [--table]
 
-Each compression row runs `tinyllm quantize MODEL --method gptq --bits 4 --group-size 128
+Each compression row runs `tinyllm quantize MODEL --method gptq|rtn --bits 4 --group-size 128
 --stream on` in its own process under `/usr/bin/time -v` (peak RSS = Maximum resident set size;
 outputs in benchmarks/work/scale/, git-ignored) and reads the run's own report (seconds, blocks,
 calibration tokens) from the checkpoint. Each generate row runs `tinyllm generate` on a
@@ -11,12 +11,18 @@ weights in the exact configs; quality means nothing, time and memory are real) u
 /work/synth/NAME:
 
     .venv/bin/python benchmarks/synthetic.py llama-3.1-8b
+    .venv/bin/python benchmarks/synthetic.py llama-3.1-8b --layers 4 \
+        --out /work/synth/llama-3.1-8b-4l
     .venv/bin/python benchmarks/synthetic.py llama-3.2-1b --layers 2 \
         --out /work/synth/llama-3.2-1b-2l
 
-Peak memory of streaming is reached within one block (every block has the same shapes), so the
-two-block Llama-3.2-1B model shows the full model's peak for 128 x 512 calibration at an eighth
-of the time; its seconds per block are the full model's seconds per block.
+Peak memory of streaming is reached within one block (every block has the same shapes; the
+embedding table and the head are full size), so a model with the first blocks of a real
+config shows the full model's peak at a fraction of the time, and its seconds per block are
+the full model's: the two-block Llama-3.2-1B model for 128 x 512 calibration, the four-block
+Llama-3.1-8B model for GPTQ (a full 32-block GPTQ of the 8B shape takes hours on 2 cores).
+The full 32-block Llama-3.1-8B model is streamed with RTN (every block read, quantized,
+written: the same packed size as GPTQ's), and generation runs on that checkpoint.
 The CPU is shared on this host: the load average before and after each run is recorded; wall
 times under load are longer than on an idle machine, peak RSS is not affected.
 """
@@ -37,15 +43,18 @@ SYNTH = Path("/work/synth")
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 GB = 1e9
 
-# row -> (model, samples, seq_len, stream)
+# row -> (model, method, samples, seq_len)
 QUANT = {
-    "smollm2-135m-gptq-128x512": ("smollm2-135m", 128, 512, "on"),
-    "llama-3.2-1b(2 blocks)-gptq-128x512": (str(SYNTH / "llama-3.2-1b-2l"), 128, 512, "on"),
-    "llama-3.1-8b-gptq-8x256": (str(SYNTH / "llama-3.1-8b"), 8, 256, "on"),
+    "smollm2-135m-gptq-128x512": ("smollm2-135m", "gptq", 128, 512),
+    "llama-3.2-1b(2 blocks)-gptq-128x512": (str(SYNTH / "llama-3.2-1b-2l"), "gptq", 128, 512),
+    "llama-3.1-8b(4 blocks)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-4l"), "gptq", 8, 256),
+    "llama-3.1-8b-rtn": (str(SYNTH / "llama-3.1-8b"), "rtn", 0, 0),
 }
 # row -> the compression row whose output it generates from
-GENERATE = {"llama-3.1-8b-generate": "llama-3.1-8b-gptq-8x256"}
-ROWS = [*QUANT, *GENERATE]
+GENERATE = {"llama-3.1-8b-rtn-generate": "llama-3.1-8b-rtn"}
+# streamed against in-memory on the real model: the same command with --stream on and off
+IDENTITY = {"smollm2-135m-stream-identity": ("smollm2-135m", 32, 256)}
+ROWS = [*QUANT, *GENERATE, *IDENTITY]
 PROMPT = "The history of the city begins"
 
 
@@ -54,11 +63,12 @@ def _out(row: str) -> Path:
 
 
 def run_quant(name: str) -> dict:
-    model, samples, seq_len, stream = QUANT[name]
+    model, method, samples, seq_len = QUANT[name]
     out = _out(name)
-    args = [*CLI, "quantize", model, "--method", "gptq", "--bits", "4", "--group-size", "128"]
-    args += ["--samples", str(samples), "--seq-len", str(seq_len), "--stream", stream]
-    args += ["-o", str(out), "--overwrite"]
+    args = [*CLI, "quantize", model, "--method", method, "--bits", "4", "--group-size", "128"]
+    if samples:
+        args += ["--samples", str(samples), "--seq-len", str(seq_len)]
+    args += ["--stream", "on", "-o", str(out), "--overwrite"]
     WORK.mkdir(parents=True, exist_ok=True)
     log = WORK / f"{out.name}.log"
     measured = timed(args, log)
@@ -67,7 +77,7 @@ def run_quant(name: str) -> dict:
     info = json.loads((out / "tinyllm.json").read_text())
     config = json.loads((out / "config.json").read_text())
     blocks = int(config["num_hidden_layers"])
-    tokens = samples * seq_len
+    tokens = max(samples * seq_len, 1)
     return {
         "command": " ".join(["tinyllm", *args[3:]]),
         "model": model,
@@ -78,7 +88,14 @@ def run_quant(name: str) -> dict:
         "seconds_per_block": round(info["seconds"] / blocks, 2),
         "us_per_block_token": round(1e6 * info["seconds"] / blocks / tokens, 2),
         "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        "source_bytes": _source_bytes(model),
     }
+
+
+def _source_bytes(model: str) -> int | None:
+    """The bytes of the source model's safetensors files (None for a registered name)."""
+    files = list(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
+    return sum(f.stat().st_size for f in files) or None
 
 
 def run_generate(name: str) -> dict:
@@ -92,7 +109,36 @@ def run_generate(name: str) -> dict:
     return {"command": command, "measured": measured, "log_tail": text[-600:]}
 
 
+def run_identity(name: str) -> dict:
+    """GPTQ with --stream on and off: are the stored tensors the same, byte for byte?"""
+    import torch
+    from safetensors.torch import load_file
+
+    model, samples, seq_len = IDENTITY[name]
+    tensors, measured = {}, {}
+    for stream in ("off", "on"):
+        out = WORK / f"{name}-{stream}"
+        args = [*CLI, "quantize", model, "--method", "gptq", "--bits", "4", "--group-size", "64"]
+        args += ["--samples", str(samples), "--seq-len", str(seq_len), "--stream", stream]
+        measured[stream] = timed([*args, "-o", str(out), "--overwrite"], WORK / f"{out.name}.log")
+        tensors[stream] = {}
+        for f in sorted(out.glob("*.safetensors")):
+            tensors[stream].update(load_file(str(f)))
+    a, b = tensors["off"], tensors["on"]
+    same = [k for k in a if k in b and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])]
+    return {
+        "command": " ".join(["tinyllm", *args[3:], "-o OUT"]) + " (--stream off, then on)",
+        "tensors": len(a),
+        "identical_tensors": len(same),
+        "identical": len(same) == len(a) == len(b),
+        "measured": measured["on"],
+        "measured_in_memory": measured["off"],
+    }
+
+
 def run_row(name: str) -> dict:
+    if name in IDENTITY:
+        return run_identity(name)
     return run_quant(name) if name in QUANT else run_generate(name)
 
 
