@@ -1,7 +1,7 @@
 """Peers: tinyllm's streaming GPTQ beside llm-compressor's GPTQ, same model, same calibration.
 
 Run: .venv/bin/python benchmarks/bench_peer_gptq.py [--samples 32] [--seq-len 512]
-         [--rows tinyllm,llmcompressor] [--force] [--table] [--wait-for PATTERN --until HH:MM]
+         [--rows tinyllm,llmcompressor] [--force] [--table] [--wait-for-model NAME --until HH:MM]
 
 Reproduce from scratch:
 
@@ -37,8 +37,9 @@ longer than on an idle machine, peak RSS is not affected):
 Both times include loading the model and writing the compressed checkpoint. Outputs go to
 benchmarks/work/peer/ (git-ignored); results to benchmarks/results/peer_gptq.json, one entry per
 row with its provenance, plus `ours_over_theirs` (tinyllm / llm-compressor peak RSS and seconds).
-`--wait-for PATTERN` holds each row until `pgrep -f PATTERN` finds nothing (polled every 60 s) or
-the UTC time `--until` has passed; what was still running then is recorded with the row.
+`--wait-for-model NAME` holds each row until `pgrep -f "quantize /work/synth/NAME"` finds nothing
+(polled every 60 s) or the UTC time `--until` has passed; what was still running then is recorded
+with the row.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -58,6 +60,7 @@ from rowtable import rows_present, run_rows, table_head
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "peer_gptq.json"
 WORK = HERE / "work" / "peer"
+SYNTH = Path("/work/synth")
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 RUNNER = HERE / "peer_llmcompressor_gptq.py"
 # tinyllm-stream-off (the whole model loaded, in float32) is not run unless named in --rows
@@ -73,7 +76,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python")
-    ap.add_argument("--wait-for", help="hold each row while `pgrep -f` finds this")
+    ap.add_argument(
+        "--wait-for-model",
+        help="hold each row while `pgrep -f 'quantize /work/synth/NAME'` finds a process",
+    )
     ap.add_argument("--until", default="19:00", help="UTC HH:MM after which rows run anyway")
     ap.add_argument("--results", type=Path, default=OUT, help="the JSON file rows merge into")
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows to run")
@@ -100,18 +106,21 @@ def windows_file(args: argparse.Namespace) -> Path:
 
 
 def running(pattern: str) -> list[str]:
-    """Command lines of the processes `pgrep -f pattern` finds."""
+    """Command lines of the processes `pgrep -f pattern` finds, this one left out."""
     done = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
-    return [line[:200] for line in done.stdout.splitlines()]
+    lines = [ln for ln in done.stdout.splitlines() if ln.split(" ", 1)[0] != str(os.getpid())]
+    return [ln[:200] for ln in lines]
 
 
 def wait_for_quiet(args: argparse.Namespace) -> dict:
-    """Hold until nothing matches --wait-for or --until has passed. -> what was seen."""
-    if not args.wait_for:
+    """Hold while --wait-for-model's quantize runs, until --until. -> what was seen."""
+    if not args.wait_for_model:
         return {}
+    # built here, not given on the command line, so that this process never matches it
+    pattern = f"quantize {SYNTH}/{args.wait_for_model}"
     t0 = time.time()
-    while (busy := running(args.wait_for)) and time.strftime("%H:%M", time.gmtime()) < args.until:
-        print(f"waiting: {len(busy)} process(es) match {args.wait_for!r}", flush=True)
+    while (busy := running(pattern)) and time.strftime("%H:%M", time.gmtime()) < args.until:
+        print(f"waiting: {len(busy)} process(es) match {pattern!r}", flush=True)
         time.sleep(60)
     return {"waited_seconds": round(time.time() - t0), "still_running_at_start": busy}
 
