@@ -90,8 +90,9 @@ def eval_(
 
     check_seq_len(seq_len)  # fail before loading anything
     where = device_of(device)
-    m, tok = load(model)
-    ref = load(reference) if reference else None
+    lean = where == "cpu"  # codes held once, a large model's tables narrow (tinyllm.load)
+    m, tok = load(model, inference=lean)
+    ref = load(reference, inference=lean) if reference else None
     result = evaluate(
         m,
         tok,
