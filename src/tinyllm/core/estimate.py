@@ -8,11 +8,12 @@ data (COSTS, METHODS) and every estimate lists what it assumed.
 
 Jobs:
 - compress: the streaming path (one decoder block at a time on the compute device):
-  baseline + input embeddings in their stored dtype + one block in float32 (twice while its
-  forward runs: oneDNN keeps a packed copy) + the method's workspace (GPTQ/SparseGPT: ~3
-  float32 in x in matrices of the widest linear, plus its weight) + calibration activations
-  (hidden states in float32, two streams, three with float targets; down_proj inputs in float16
-  where a method keeps them) + one batch's transients.
+  baseline + the larger of (input embeddings in their stored dtype, while a pass computes the
+  first inputs) and (one block in float32, twice while its forward runs: oneDNN keeps a packed
+  copy; the method's workspace, GPTQ/SparseGPT: 2 float32 in x in matrices of the widest
+  linear plus its weight; one batch's transients; the freed small buffers the C allocator
+  keeps) + calibration activations (hidden states in float32, two streams, three with float
+  targets; down_proj inputs in float16 where a method keeps them).
 - eval: weights at their stored (or packed) size + one batch's activations and logits.
 - generate: weights + the KV cache; per-token time is the weight bytes over memory bandwidth.
 """
@@ -43,7 +44,7 @@ COSTS: dict[str, float] = {
     # RSS of `quantize --stream on` and of `generate` on a one-block 64-wide model
     "baseline_bytes": 430 * MiB,
     "forward_pack_factor": 2.0,  # block weights alive during its forward (float32 + oneDNN copy)
-    "hessian_copies": 3.0,  # float32 in x in matrices alive while GPTQ/SparseGPT solve
+    "hessian_copies": 2.0,  # float32 in x in matrices while GPTQ/SparseGPT solve: H + one
     "transient_ffn_copies": 3.0,  # float32 batch x seq x ffn tensors alive inside the MLP
     "attention_scores": 1.0,  # float32 batch x heads x seq x seq attention scores
     "mmap_threshold_bytes": 32 * MiB,  # glibc: bigger buffers are mapped and returned on free
@@ -455,26 +456,45 @@ def _widest(shape: Shape) -> Linear:
 
 
 def compress_memory(shape: Shape, job: Job) -> dict[str, int]:
-    """The parts of a streaming compression's peak memory, in bytes."""
-    m, wide = METHODS[job.method], _widest(shape)
-    weight = 4 * wide.in_features * wide.out_features
+    """The parts of a compression's peak memory, in bytes. Streaming holds the embedding table
+    only while a pass computes the blocks' first inputs (core/placement.py gives it back before
+    the blocks run), so its peak is the larger of that phase and one block's."""
+    m = METHODS[job.method]
     parts = {"process baseline": int(COSTS["baseline_bytes"])}
-    block = int(4 * shape.block_params * COSTS["forward_pack_factor"])
-    if streams(shape, job):
-        parts["input embeddings (stored dtype)"] = shape.embed_params * shape.stored_bytes
-        parts["one block in float32 (x2 in forward)"] = block
-    else:
+    if m.calibrated:
+        parts |= calibration_memory(shape, job, m)
+    block = block_memory(shape, job, m)
+    if not streams(shape, job):
         parts["the whole model in float32 (not streamed)"] = 4 * shape.params
-        parts["one block's oneDNN copy"] = int(4 * shape.block_params)
-    if m.hessian:
-        parts["method workspace (Hessians)"] = int(
-            COSTS["hessian_copies"] * 4 * wide.in_features**2 + weight
+        block["one block in float32 (x2 in forward)"] = int(4 * shape.block_params)
+        return parts | block
+    embeddings = shape.embed_params * shape.stored_bytes
+    if embeddings > sum(block.values()):
+        return parts | {"input embeddings (stored dtype; while a pass starts)": embeddings}
+    return parts | block
+
+
+def block_memory(shape: Shape, job: Job, m: MethodCost) -> dict[str, int]:
+    """What one block's work holds: its float32 weights (twice during its forward), the
+    method's workspace, one batch's transients and the freed small buffers kept."""
+    wide = _widest(shape)
+    weight = 4 * wide.in_features * wide.out_features
+    parts = {
+        "one block in float32 (x2 in forward)": int(
+            4 * shape.block_params * COSTS["forward_pack_factor"]
         )
+    }
+    if m.hessian:
+        hessians = COSTS["hessian_copies"] * 4 * wide.in_features**2
+        parts["method workspace (Hessians)"] = int(hessians + weight)
     else:
         stats = m.stats_bytes_per_channel * sum(x.in_features for x in shape.linears)
         parts["method workspace"] = weight + stats
     if m.calibrated:
-        parts |= calibration_memory(shape, job, m)
+        batch = min(int(COSTS["calib_batch"]), job.samples)
+        transient = batch * job.seq_len * shape.ffn * 4 * COSTS["transient_ffn_copies"]
+        scores = batch * shape.heads * job.seq_len**2 * 4 * COSTS["attention_scores"]
+        parts["one batch's transients"] = int(transient + scores)
     if not job.device.startswith("cuda"):
         retained = COSTS["retained_share"] * sum(small_buffers(shape, job, m))
         parts["freed small buffers the allocator keeps"] = int(retained)
@@ -500,18 +520,14 @@ def small_buffers(shape: Shape, job: Job, m: MethodCost) -> list[int]:
 
 
 def calibration_memory(shape: Shape, job: Job, m: MethodCost) -> dict[str, int]:
-    """Calibration activations and one batch's transients, in bytes."""
+    """Calibration activations held across blocks, in bytes."""
     tokens = job.samples * job.seq_len
-    batch = min(int(COSTS["calib_batch"]), job.samples)
     streams = 2 + (1 if m.float_targets else 0)
     parts = {
         f"calibration hidden states (x{streams}, float32)": tokens * shape.hidden * 4 * streams
     }
     if m.keeps_down_inputs:
         parts["down_proj inputs (float16)"] = tokens * shape.ffn * 2
-    transient = batch * job.seq_len * shape.ffn * 4 * COSTS["transient_ffn_copies"]
-    scores = batch * shape.heads * job.seq_len**2 * 4 * COSTS["attention_scores"]
-    parts["one batch's transients"] = int(transient + scores)
     return parts
 
 
@@ -659,8 +675,8 @@ def estimate(
 def _split_device(est: Estimate) -> None:
     """On a GPU: the block, workspace, activations and weights live in device memory; the host
     keeps the baseline, the embeddings and the CUDA runtime."""
-    host_parts = ("process baseline", "input embeddings (stored dtype)")
-    on_host = sum(v for k, v in est.memory.items() if k in host_parts)
+    host_parts = ("process baseline", "input embeddings")
+    on_host = sum(v for k, v in est.memory.items() if k.startswith(host_parts))
     est.device_bytes = est.peak_bytes - on_host
     est.memory["CUDA runtime (host)"] = int(COSTS["cuda_context_bytes"])
     est.peak_bytes = on_host + int(COSTS["cuda_context_bytes"])
