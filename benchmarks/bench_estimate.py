@@ -32,32 +32,45 @@ CLI = [sys.executable, "-m", "tinyllm.cli"]
 ROWS: dict[str, tuple[str, dict, list[str]]] = {
     "smollm2-135m-gptq-16x256": (
         "smollm2-135m",
-        {"method": "gptq", "samples": 16, "seq_len": 256},
-        ["--stream", "on"],
+        {"method": "gptq", "samples": 16, "seq_len": 256, "stream": "on"},
+        [],
     ),
     "smollm2-360m-gptq-16x256": (
         str(SYNTH / "smollm2-360m"),
-        {"method": "gptq", "samples": 16, "seq_len": 256},
-        ["--stream", "on"],
+        {"method": "gptq", "samples": 16, "seq_len": 256, "stream": "on"},
+        [],
     ),
     "smollm2-360m-rtn": (
         str(SYNTH / "smollm2-360m"),
-        {"method": "rtn", "samples": 16, "seq_len": 256},
-        ["--stream", "on"],
+        {"method": "rtn", "samples": 16, "seq_len": 256, "stream": "on"},
+        [],
     ),
-    "llama-3.2-1b-gptq-16x256": (
-        str(SYNTH / "llama-3.2-1b"),
-        {"method": "gptq", "samples": 16, "seq_len": 256},
-        ["--stream", "on"],
+    # Llama-3.2-1B's shapes with 2 blocks (benchmarks/synthetic.py --layers 2): the full
+    # model's peak (every block is alike) in an eighth of the time
+    "llama-3.2-1b-2l-gptq-16x256": (
+        str(SYNTH / "llama-3.2-1b-2l"),
+        {"method": "gptq", "samples": 16, "seq_len": 256, "stream": "on"},
+        [],
     ),
+    # generate: `tinyllm generate MODEL Hello --max-tokens 8` (memory; the time is mostly
+    # loading under a shared CPU)
+    "smollm2-135m-generate": ("smollm2-135m", {"job": "generate", "method": None}, []),
+    "smollm2-360m-generate": (str(SYNTH / "smollm2-360m"), {"job": "generate", "method": None}, []),
 }
+
+
+def job_args(model: str, job: dict, out: Path, extra: list[str]) -> list[str]:
+    """The command a row runs."""
+    if job.get("job") == "generate":
+        return [*CLI, "generate", model, "Hello", "--max-tokens", "8", *extra]
+    return quantize_args(model, job, out, extra)
 
 
 def quantize_args(model: str, job: dict, out: Path, extra: list[str]) -> list[str]:
     args = [*CLI, "quantize", model, "--method", job["method"], "--bits", "4"]
     if job["method"] in ("gptq", "awq"):
         args += ["--samples", str(job["samples"]), "--seq-len", str(job["seq_len"])]
-    return [*args, "-o", str(out), "--overwrite", *extra]
+    return [*args, "--stream", job["stream"], "-o", str(out), "--overwrite", *extra]
 
 
 def timed(args: list[str], log: Path) -> dict:
@@ -124,10 +137,10 @@ def run_row(name: str) -> dict:
     host = host_profile("cpu", refresh=True)  # at the load the job is about to meet
     row = estimate_row(name, host)
     WORK.mkdir(parents=True, exist_ok=True)
-    measured = timed(quantize_args(model, settings, WORK / name, extra), WORK / f"{name}.log")
+    measured = timed(job_args(model, settings, WORK / name, extra), WORK / f"{name}.log")
     row = {
         "model": model,
-        "job": {"job": "compress", **settings, "extra": extra},
+        "job": {"job": "compress", **settings, "extra": extra},  # settings may name another job
         **row,
         "measured": measured,
         "host": {"gflops": round(host.gflops, 1), "bandwidth_gbs": round(host.bandwidth_gbs, 2)},
