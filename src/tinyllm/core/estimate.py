@@ -10,7 +10,7 @@ Jobs:
 - compress: the streaming path (one decoder block at a time on the compute device):
   baseline + input embeddings in their stored dtype (held through a pass) + one block's work
   (the block in float32, twice while its forward runs: oneDNN keeps a packed copy; the
-  method's workspace, GPTQ/SparseGPT: 2 float32 in x in matrices of the widest linear plus its
+  method's workspace, GPTQ/SparseGPT: 3 float32 in x in matrices of the widest linear plus its
   weight; one batch's transients; the freed small buffers the C allocator keeps) +
   calibration activations (hidden states in float32, two streams, three with float
   targets; down_proj inputs in float16 where a method keeps them).
@@ -44,7 +44,7 @@ COSTS: dict[str, float] = {
     # RSS of `quantize --stream on` and of `generate` on a one-block 64-wide model
     "baseline_bytes": 430 * MiB,
     "forward_pack_factor": 2.0,  # block weights alive during its forward (float32 + oneDNN copy)
-    "hessian_copies": 2.0,  # float32 in x in matrices while GPTQ/SparseGPT solve: H + one
+    "hessian_copies": 3.0,  # float32 in x in matrices during the solve (8B down_proj: H + two)
     "transient_ffn_copies": 3.0,  # float32 batch x seq x ffn tensors alive inside the MLP
     "attention_scores": 1.0,  # float32 batch x heads x seq x seq attention scores
     "mmap_threshold_bytes": 32 * MiB,  # glibc: bigger buffers are mapped and returned on free
