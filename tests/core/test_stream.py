@@ -180,3 +180,24 @@ def test_narrow_tables_compute_in_float32(
         a, b = wide(ids).logits, narrow(ids).logits
     assert b.dtype == torch.float32
     assert torch.allclose(a, b, rtol=0, atol=2e-3 * a.abs().max())
+
+
+def test_tied_embeddings_stream_like_in_memory(tmp_path: Path, tokenizer, calib: Calibration):
+    """A model whose head is its embedding table (SmolLM2, Llama-3.2-1B): the checkpoint stores
+    no head, the streamed one neither, and both hold the same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama", vocab=len(tokenizer))
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(2)
+    src = tmp_path / "tied"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    for name in ("gptq", "rtn"):
+        whole = compress(src, [_step(name)], calib, tmp_path / f"w-{name}", stream="off")
+        streamed = compress(src, [_step(name)], calib, tmp_path / f"s-{name}", stream="on")
+        a, b = _tensors(whole.out), _tensors(streamed.out)
+        assert "lm_head.weight" not in b and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        info = json.loads((streamed.out / "tinyllm.json").read_text())
+        assert info["tied_embeddings"] is True

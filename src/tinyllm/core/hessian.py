@@ -26,15 +26,16 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     for _ in range(6):
         # one [in, in] matrix besides H at a time (each intermediate is freed as the next one
         # exists): on a 14336-wide down_proj, 0.8 GB each
+        # (in place: the same LAPACK calls, the same bits as out-of-place)
         L = H.clone()
         L.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(L)
+        info = torch.empty((), dtype=torch.int32)
+        torch.linalg.cholesky_ex(L, out=(L, info))
         if info == 0:
-            L = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(L, upper=True)
-            del L
+            torch.cholesky_inverse(L, out=L)
+            torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
             if info == 0:
-                return U
+                return L
         log.warning("%s: Cholesky failed with damp %.3g, retrying with %.3g", name, damp, damp * 10)
         damp *= 10
     raise ConfigError(f"{name}: Hessian is not positive definite even with damp {damp:.3g}")

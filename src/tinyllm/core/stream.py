@@ -49,12 +49,14 @@ def open_streamed(directory: Path) -> tuple[nn.Module, Any, LazyWeights, bool]:
     weights = LazyWeights(directory)
     model = skeleton(config)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head is not None and head.weight is emb.weight
+    head_key = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+    # tied: one tensor (as built), or a checkpoint that stores no head (it reuses the table)
+    tied = head is not None and (head.weight is emb.weight or head_key not in weights)
     prefix, _ = find_blocks(model)
     for name, module in model.named_children():
         _materialize_rest(module, name, prefix, weights, head)
     if tied:
-        model.tie_weights()
+        head.weight = emb.weight
     if emb.weight.dtype != torch.float32:  # hidden states, masks, rotary tables in float32
         emb.register_forward_hook(lambda _m, _a, out: out.float())
     return model, tokenizer, weights, tied

@@ -100,12 +100,10 @@ def quantize_each_layer(
     fn: Callable[[torch.Tensor, str], QuantizedWeight],
 ) -> None:
     """quantize_each, with fn(weight, full layer name) for methods that vary per layer."""
-    sites = target_linears(model)
-    check_divisible(sites, group_size)
+    # by block, popped as each block is done: a site holds its linear, and a linear swapped out
+    # for a packed one must be freed then (a streamed model would otherwise keep every block)
+    by_block = sites_by_block(model, group_size)
     errors = ctx.report.setdefault("layer_errors", {})
-    by_block: dict[int, list[LinearSite]] = {}
-    for s in sites:
-        by_block.setdefault(s.block, []).append(s)
 
     def quantize_block(i: int, _block: nn.Module) -> None:
         for s in by_block.pop(i, []):
