@@ -11,6 +11,8 @@ weights in the exact configs; quality means nothing, time and memory are real) u
 /work/synth/NAME:
 
     .venv/bin/python benchmarks/synthetic.py llama-3.1-8b
+    .venv/bin/python benchmarks/synthetic.py llama-3.1-8b --layers 1 \
+        --out /work/synth/llama-3.1-8b-1l
     .venv/bin/python benchmarks/synthetic.py llama-3.1-8b --layers 4 \
         --out /work/synth/llama-3.1-8b-4l
     .venv/bin/python benchmarks/synthetic.py llama-3.2-1b --layers 2 \
@@ -48,6 +50,7 @@ QUANT = {
     "smollm2-135m-gptq-128x512": ("smollm2-135m", "gptq", 128, 512),
     "llama-3.2-1b(2 blocks)-gptq-128x512": (str(SYNTH / "llama-3.2-1b-2l"), "gptq", 128, 512),
     "llama-3.1-8b(4 blocks)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-4l"), "gptq", 8, 256),
+    "llama-3.1-8b(1 block)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-1l"), "gptq", 8, 256),
     "llama-3.1-8b-rtn": (str(SYNTH / "llama-3.1-8b"), "rtn", 0, 0),
 }
 # row -> the compression row whose output it generates from
