@@ -15,14 +15,15 @@ weights in the exact configs; quality means nothing, time and memory are real) u
         --out /work/synth/llama-3.1-8b-1l
     .venv/bin/python benchmarks/synthetic.py llama-3.1-8b --layers 4 \
         --out /work/synth/llama-3.1-8b-4l
-    .venv/bin/python benchmarks/synthetic.py llama-3.2-1b --layers 2 \
-        --out /work/synth/llama-3.2-1b-2l
+    .venv/bin/python benchmarks/synthetic.py llama-3.2-1b --layers 1 \
+        --out /work/synth/llama-3.2-1b-1l
 
 Peak memory of streaming is reached within one block (every block has the same shapes; the
 embedding table and the head are full size), so a model with the first blocks of a real
 config shows the full model's peak at a fraction of the time, and its seconds per block are
-the full model's: the two-block Llama-3.2-1B model for 128 x 512 calibration, the four-block
-Llama-3.1-8B model for GPTQ (a full 32-block GPTQ of the 8B shape takes hours on 2 cores).
+the full model's: the one-block Llama-3.2-1B model for 128 x 512 calibration, the one- and
+four-block Llama-3.1-8B models for GPTQ (a full 32-block GPTQ of the 8B shape takes hours
+on 2 cores).
 The full 32-block Llama-3.1-8B model is streamed with RTN (every block read, quantized,
 written: the same packed size as GPTQ's), and generation runs on that checkpoint.
 The CPU is shared on this host: the load average before and after each run is recorded; wall
@@ -48,7 +49,7 @@ GB = 1e9
 # row -> (model, method, samples, seq_len)
 QUANT = {
     "smollm2-135m-gptq-128x512": ("smollm2-135m", "gptq", 128, 512),
-    "llama-3.2-1b(2 blocks)-gptq-128x512": (str(SYNTH / "llama-3.2-1b-2l"), "gptq", 128, 512),
+    "llama-3.2-1b(1 block)-gptq-128x512": (str(SYNTH / "llama-3.2-1b-1l"), "gptq", 128, 512),
     "llama-3.1-8b(4 blocks)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-4l"), "gptq", 8, 256),
     "llama-3.1-8b(1 block)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-1l"), "gptq", 8, 256),
     "llama-3.1-8b-rtn": (str(SYNTH / "llama-3.1-8b"), "rtn", 0, 0),
