@@ -161,6 +161,16 @@ MixedOpt = Annotated[
 ]
 
 
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory budget (16GB, or 0.5x of this host's); default: the host's memory. A "
+        "plan whose GPTQ compression or 4-bit serving `tinyllm estimate` predicts above it "
+        "is refused before anything loads."
+    ),
+]
+
+
 @app.command(help=help_text(PLAN_HELP))
 def plan(
     model: ModelArg,
@@ -186,14 +196,7 @@ def plan(
     eval_windows: Annotated[int, typer.Option(help="Evaluation windows.")] = 40,
     eval_seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 512,
     mixed: MixedOpt = True,
-    max_memory: Annotated[
-        str | None,
-        typer.Option(
-            help="Memory budget (16GB, or 0.5x of this host's); default: the host's memory. A "
-            "plan whose GPTQ compression or 4-bit serving `tinyllm estimate` predicts above it "
-            "is refused before anything loads."
-        ),
-    ] = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     from tinyllm.pipeline.planner import make_plan, plan_markdown, plan_settings, write_plan
 
