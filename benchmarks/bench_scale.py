@@ -72,6 +72,8 @@ def run_quant(name: str) -> dict:
     args = [*CLI, "quantize", model, "--method", method, "--bits", "4", "--group-size", "128"]
     if samples:
         args += ["--samples", str(samples), "--seq-len", str(seq_len)]
+    else:  # data-free RTN: plain rounding (the clipping search costs minutes per 8B block)
+        args += ["--no-mse"]
     args += ["--stream", "on", "-o", str(out), "--overwrite"]
     WORK.mkdir(parents=True, exist_ok=True)
     log = WORK / f"{out.name}.log"
