@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from tinyllm.errors import ConfigError, ModelLoadError
@@ -37,7 +37,7 @@ from tinyllm.kernels.qlinear import (
 )
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze
-from tinyllm.models.lazy import compute_in_float32, skeleton
+from tinyllm.models.lazy import compute_in_float32, read_file, skeleton
 from tinyllm.models.load import check_safetensors_dir, load_config, load_tokenizer
 from tinyllm.models.sparsity import SPARSE_MIN
 from tinyllm.models.validate import (
@@ -48,6 +48,7 @@ from tinyllm.models.validate import (
     read_config,
 )
 from tinyllm.util.fs import OUTPUT_MARKER, atomic_dir, sha256_file
+from tinyllm.util.memory import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -347,9 +348,10 @@ def load_checkpoint(
     model = skeleton(config)
     records: dict[str, QuantizedWeight] = {}
     for file in sorted(path.glob("*.safetensors")):
-        fill_from_tensors(model, load_file(str(file)), info, records, dtype)
+        fill_from_tensors(model, read_file(file), info, records, dtype)
         if inference:
             drop_records(model)  # shard by shard: the codes are never held twice
+        trim_heap()
     _swap_records(model, {}, info["quantized"], records)  # heads sharing a later file's record
     if dtype is None:
         compute_in_float32(model)

@@ -36,9 +36,9 @@ def load(
 
     `inference` (generate, serve: the model is never saved): a 4-bit checkpoint holds its codes
     once (in the kernel's layout), and a model whose float32 tensors would take more than
-    NARROW_SHARE of the memory available keeps them narrow: a tinyllm checkpoint its large
-    tables (embeddings, head) as stored, computing in float32 around them; a Hugging Face model
-    everything in bfloat16.
+    NARROW_SHARE of the memory available or NARROW_BYTES keeps them narrow: a tinyllm
+    checkpoint its large tables (embeddings, head) as stored, computing in float32 around
+    them; a Hugging Face model everything in bfloat16.
 
     `verify`: check a tinyllm checkpoint's weight files against the sha256 digests it recorded
     (default: on, unless the CLI was given --no-verify)."""
@@ -51,8 +51,10 @@ def load(
     return load_model(spec, torch.bfloat16 if narrow else dtype)
 
 
-# inference loads narrow a model whose float32 tensors exceed this share of available memory
+# inference loads narrow a model whose float32 tensors exceed this share of available memory,
+# or NARROW_BYTES (the tables of an 8B model: 4.2 GB in float32, 2.1 as stored)
 NARROW_SHARE = 0.5
+NARROW_BYTES = 2 << 30
 
 
 def _too_big(spec: str | Path, kind: str) -> bool:
@@ -61,4 +63,4 @@ def _too_big(spec: str | Path, kind: str) -> bool:
     from tinyllm.util.memory import available_bytes
 
     directory = resolve(spec).path if kind == "tinyllm_dir" else hf_directory(spec)
-    return float32_bytes(directory) > NARROW_SHARE * available_bytes()
+    return float32_bytes(directory) > min(NARROW_SHARE * available_bytes(), NARROW_BYTES)

@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from tinyllm.checkpoint import checkpoint_tensors, fill_from_tensors
 from tinyllm.kernels.qlinear import ActQuantLinear, QuantLinear, set_module
 from tinyllm.models.anatomy import find_blocks
-from tinyllm.models.lazy import LazyWeights, materialize, release
+from tinyllm.models.lazy import LazyWeights, materialize, read_file, release
+from tinyllm.util.memory import trim_heap
 
 
 class Placement:
@@ -81,7 +82,7 @@ class Streaming(Placement):
             return
         file, quantized, sparse = self.stored[i]
         info = {"quantized": quantized, "sparse": sparse}
-        tensors = {k: v.to(self.device) for k, v in load_file(str(file)).items()}
+        tensors = {k: v.to(self.device) for k, v in read_file(file).items()}
         fill_from_tensors(self.model, tensors, info, {}, self.dtype)
 
     def embeddings_needed(self, model: nn.Module) -> None:
@@ -112,6 +113,7 @@ class Streaming(Placement):
         self.stored[i] = (file, quantized, sparse)
         unpack_block(block)
         release(block)
+        trim_heap()
 
 
 def unpack_block(block: nn.Module) -> None:

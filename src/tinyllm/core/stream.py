@@ -34,7 +34,7 @@ from tinyllm.models.anatomy import find_blocks
 from tinyllm.models.lazy import LazyWeights, materialize, release, skeleton
 from tinyllm.models.load import checked_hf_dir
 from tinyllm.util.fs import atomic_dir
-from tinyllm.util.memory import available_bytes
+from tinyllm.util.memory import available_bytes, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def save_streamed(
             total += _write_shard(tmp, i + 1, n, tensors, weight_map)
             unpack_block(block)
             release(block)
+            trim_heap()
         rest = _rest_tensors(model, where.weights, prefix, float_dtype, tied)
         total += _write_shard(tmp, n, n, rest, weight_map)
         write_index(tmp, weight_map, total)

@@ -38,10 +38,10 @@ class LazyWeights:
     """The tensors of a directory's *.safetensors files (one file or Hugging Face shards), read
     on demand. -> get(name) reads one tensor."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, files: list[Path] | None = None) -> None:
         self.directory = Path(directory)
         self.entries: dict[str, tuple[Path, dict[str, Any], int]] = {}
-        files = sorted(self.directory.glob("*.safetensors"))
+        files = sorted(self.directory.glob("*.safetensors")) if files is None else files
         if not files:
             raise ModelLoadError(f"{directory} has no *.safetensors weights to stream from")
         for f in files:
@@ -86,6 +86,13 @@ class LazyWeights:
         t = torch.frombuffer(buf, dtype=stored) if buf else torch.empty(0, dtype=stored)
         t = t.reshape(entry["shape"])
         return t if dtype is None or dtype == stored else t.to(dtype)
+
+
+def read_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, each in its own fresh memory (no file mapping stays
+    behind: a tensor kept from a mapped file would keep the whole file resident)."""
+    weights = LazyWeights(Path(path).parent, [Path(path)])
+    return {k: weights.get(k) for k in weights.entries}
 
 
 def skeleton(config: Any) -> nn.Module:
