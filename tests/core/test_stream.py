@@ -158,6 +158,9 @@ def test_inference_load_holds_codes_once_and_predicts_the_same(
     with torch.no_grad():
         assert torch.equal(full(ids).logits, lean(ids).logits)
         assert torch.equal(full(ids[:, :3]).logits, lean(ids[:, :3]).logits)
+    for a, b in zip(full.modules(), lean.modules(), strict=True):
+        if isinstance(a, QuantLinear):
+            assert torch.equal(a.dequantized_weight(), b.dequantized_weight())
     with pytest.raises(ConfigError, match="loaded for inference only"):
         save_checkpoint(lean, tok, tmp_path / "again", {})
 

@@ -121,6 +121,8 @@ class QuantLinear(nn.Module):
         return self.qweight.storage_bits()
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.qweight.packed.is_meta:  # loaded for inference: the layout holds the codes
+            return self.layout.unpack(self.packed(), self.qweight)
         return self.qweight.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
