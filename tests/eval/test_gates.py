@@ -113,12 +113,15 @@ def test_relative_gate_without_baseline_is_an_error() -> None:
 
 
 def test_missing_metrics_fail_and_say_how_to_get_them() -> None:
-    plain = {k: v for k, v in RESULT.items() if k not in ("kld", "tasks")} | {"kld": None}
+    plain = {k: v for k, v in RESULT.items() if k != "tasks"} | {
+        "kld": None,
+        "top1_agreement": None,
+    }
     res = check_gates(plain, ["kld<=1", "task:analogy>=0", "energy<=100J", "top1>=0"])
     assert not any(r.passed for r in res) and all(r.value is None for r in res)
     assert "--reference" in res[0].message
     assert "--tasks analogy" in res[1].message
-    assert "hardware counters" in res[2].message
+    assert "hardware counters" in res[2].message and "--reference" in res[3].message
     rel = check_gates(RESULT, ["kld<=2x"], BASELINE)[0]  # the baseline has no KLD
     assert not rel.passed and "baseline lacks kld" in rel.message
     nan = check_gates(RESULT | {"perplexity": float("nan")}, ["ppl<1e9"])[0]
