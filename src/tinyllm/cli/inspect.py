@@ -21,6 +21,7 @@ from tinyllm.cli._common import (
     human_bytes,
     out,
 )
+from tinyllm.cli._gates import BaselineOpt, GateOpt, JunitOpt, enforce_gates, prepare_gates
 from tinyllm.cli.app import app
 
 
@@ -77,18 +78,26 @@ def eval_(
         bool, typer.Option(help="Run fp32 linears through oneDNN while scoring (CPU only).")
     ] = True,
     device: DeviceOpt = "auto",
+    gate: GateOpt = None,
+    baseline: BaselineOpt = None,
+    junit: JunitOpt = None,
 ) -> None:
     """Perplexity (and KLD/agreement with --reference), size, bits per weight, speed, memory.
 
     Protocol: the corpus is tokenized without special tokens; WINDOWS back-to-back windows of
     SEQ_LEN tokens are cut from its evaluation slice (its first 65,536 tokens); BOS is prepended
     only when the tokenizer adds one by default; every position after the first is scored.
+
+    Gates (for CI): --gate 'kld<=0.1' --gate 'task:analogy>=0.97x' --baseline base.json
+    --junit gates.xml checks the result, prints a table of the gates, writes the JUnit file and
+    exits 1 when any gate fails or its metric is missing (docs/gates.md).
     """
     from tinyllm.core.load import load
     from tinyllm.data.windows import check_seq_len
     from tinyllm.eval.evaluate import evaluate
 
     check_seq_len(seq_len)  # fail before loading anything
+    gates, base = prepare_gates(gate, baseline, junit)  # so do bad gates and baselines
     where = device_of(device)
     lean = where == "cpu"  # codes held once, a large model's tables narrow (tinyllm.load)
     m, tok = load(model, inference=lean)
@@ -109,6 +118,7 @@ def eval_(
     if json_out:
         result.save_json(json_out)
         out.print(f"wrote {json_out}")
+    enforce_gates(result.to_dict(), gates, base, junit, f"tinyllm eval {model}")
 
 
 @app.command()

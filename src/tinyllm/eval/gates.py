@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tinyllm.errors import ConfigError
+from tinyllm.errors import ConfigError, TinyLLMError
 from tinyllm.util.fs import write_text_atomic
 from tinyllm.util.units import human_bytes
 
@@ -107,6 +107,10 @@ _GATE = re.compile(
 
 class GateError(ConfigError):
     """A gate that cannot be read, or that cannot be checked as asked."""
+
+
+class GatesFailedError(TinyLLMError):
+    """A result missed at least one gate: the message lists each failed gate and why."""
 
 
 @dataclass(frozen=True)
