@@ -24,6 +24,9 @@ EXPECTED_KEYS = [
     "eval_seconds",
     "tokens_per_second",
     "peak_rss_bytes",
+    "energy_joules",
+    "joules_per_token",
+    "energy_source",
 ]
 
 

@@ -27,7 +27,9 @@ def test_bench_levels_and_table_cells() -> None:
     row = BenchRow(4, 64, 32, 123.456, 150.04, 12.6, 20.0, 3.25, 5.5, 7.75, 1.5, 23040)
     cells = row.cells()
     assert len(cells) == len(COLUMNS)
-    assert cells == ("4", "123.5", "150.0", "13", "3.2", "5.5", "7.8", "1.5")
+    assert cells == ("4", "123.5", "150.0", "13", "3.2", "5.5", "7.8", "1.5", "n/a")
+    row.joules_per_token = 0.01234567  # measured: J per generated token, 4 significant digits
+    assert row.cells()[-1] == "0.01235"
 
 
 def test_engine_generate_streams_to_a_sink_and_reports_its_rate(tokenizer) -> None:

@@ -181,8 +181,16 @@ def _eval_rows(r: object) -> list[tuple[str, str]]:
         ("eval seconds", f"{r.eval_seconds:.1f}"),
         ("tokens per second", f"{r.tokens_per_second:.0f}"),
         ("peak RSS", human_bytes(r.peak_rss_bytes)),
+        ("energy", energy_cell(r.joules_per_token, r.energy_source)),
     ]
     return rows
+
+
+def energy_cell(joules_per_token: float | None, source: str) -> str:
+    """'0.0123 J/token (rapl (package-0))', or the source's own 'unavailable on this host: ...'."""
+    if joules_per_token is None:
+        return source
+    return f"{joules_per_token:.4g} J/token ({source})"
 
 
 def given_options(ctx: typer.Context) -> dict[str, object]:

@@ -119,7 +119,8 @@ def bench(
     json_out: JsonOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Serve N concurrent streams and print TTFT, inter-token latency p50/p95/p99, tokens/s, KV.
+    """Serve N concurrent streams and print TTFT, inter-token latency p50/p95/p99, tokens/s, KV
+    and energy per generated token (J/token, from RAPL/NVML counters where the host has them).
 
     Example: tinyllm bench runs/edge/final --concurrency 1,4,16 --prompt-len 64 --gen-len 64
     """
@@ -136,6 +137,7 @@ def bench(
         table.add_row(*r.cells())
     out.print(table)
     out.print(f"KV bytes per token: {rows[0].kv_bytes_per_token:,}")
+    out.print(f"energy: {rows[0].energy_source}")
     if json_out:
         from tinyllm.util.fs import write_json_atomic
 

@@ -26,6 +26,7 @@ from tinyllm.models.anatomy import analyze
 from tinyllm.models.size import bits_per_weight, param_count, size_bytes
 from tinyllm.models.sparsity import sparsity_of
 from tinyllm.util.device import module_device, resolve_device
+from tinyllm.util.energy import UNAVAILABLE, EnergyMeter
 from tinyllm.util.fs import write_json_atomic
 from tinyllm.util.memory import peak_rss_bytes
 from tinyllm.util.progress import make_progress
@@ -52,6 +53,9 @@ class EvalResult:
     eval_seconds: float
     tokens_per_second: float
     peak_rss_bytes: int
+    energy_joules: float | None = None  # in the model's forwards (docs/energy.md); None: no counter
+    joules_per_token: float | None = None  # energy_joules / tokens
+    energy_source: str = UNAVAILABLE  # the counters read, or why there are none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,8 +131,10 @@ def evaluate(
     if ref_model is not None:
         place(ref_model, on)
     t0 = time.perf_counter()
-    sums = _score_windows(model, ref_model, data, batch_size, fast and on.type == "cpu")
+    meter = EnergyMeter([on])
+    sums = _score_windows(model, ref_model, data, batch_size, fast and on.type == "cpu", meter)
     seconds = time.perf_counter() - t0
+    energy = meter.reading()
     return EvalResult(
         model=name or str(getattr(model, "name_or_path", "") or type(model).__name__),
         corpus=corpus_name,
@@ -142,6 +148,9 @@ def evaluate(
         eval_seconds=seconds,
         tokens_per_second=sums.scored / sums.model_seconds,
         peak_rss_bytes=peak_rss_bytes(),
+        energy_joules=energy.joules,
+        joules_per_token=energy.per(sums.scored),
+        energy_source=energy.source,
     )
 
 
@@ -154,12 +163,14 @@ class _Sums:
     agree: int = 0
     scored: int = 0
     model_seconds: float = 0.0  # in the evaluated model's forwards
+    energy: EnergyMeter | None = None  # counts the evaluated model's forwards only
 
     def add(self, model: nn.Module, ref: nn.Module | None, batch: torch.Tensor) -> None:
         """Score one batch of windows [B, L]."""
-        t1 = time.perf_counter()
-        logits = _logits(model, batch)[:, :-1]  # [B, L-1, V] predicts batch[:, 1:]
-        self.model_seconds += time.perf_counter() - t1
+        with self.energy or contextlib.nullcontext():
+            t1 = time.perf_counter()
+            logits = _logits(model, batch)[:, :-1]  # [B, L-1, V] predicts batch[:, 1:]
+            self.model_seconds += time.perf_counter() - t1
         batch = batch.to(logits.device)
         self.nll += float(token_nll(logits, batch[:, 1:]).double().sum())
         self.scored += batch[:, 1:].numel()
@@ -170,10 +181,15 @@ class _Sums:
 
 
 def _score_windows(
-    model: nn.Module, ref: nn.Module | None, data: torch.Tensor, batch_size: int, fast: bool
+    model: nn.Module,
+    ref: nn.Module | None,
+    data: torch.Tensor,
+    batch_size: int,
+    fast: bool,
+    energy: EnergyMeter | None = None,
 ) -> _Sums:
     """Score every window of `data` [W, L] in batches, with a progress bar."""
-    sums = _Sums()
+    sums = _Sums(energy=energy)
     tokens_per_batch = batch_size * data.shape[1]
     with contextlib.ExitStack() as stack:
         if fast:

@@ -3,7 +3,8 @@
 For each concurrency c, c requests of `prompt_len` tokens (slices of the evaluation text, each
 different so no prefix is shared) generating exactly `gen_len` tokens start together; the run
 reports time to first token, inter-token latency percentiles, aggregate generated tokens per
-second and the KV memory the batch held at its peak. Each level runs `repeats` times after one
+second, the KV memory the batch held at its peak and the energy per generated token where the
+host has energy counters (util.energy; docs/energy.md). Each level runs `repeats` times after one
 warm-up; the median repeat (by tokens/s) is reported.
 """
 
@@ -17,10 +18,11 @@ from tinyllm.errors import ConfigError
 from tinyllm.runtime.engine import Engine
 from tinyllm.runtime.sampling import SamplingParams
 from tinyllm.runtime.scheduler import SchedulerConfig, percentile
+from tinyllm.util.energy import UNAVAILABLE, EnergyMeter, EnergyReading
 
 # the printed table: a header per column, and BenchRow.cells() in the same order
 COLUMNS = ("streams", "tokens/s", "decode tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p95 ms",
-           "ITL p99 ms", "KV peak MiB")  # fmt: skip
+           "ITL p99 ms", "KV peak MiB", "J/token")  # fmt: skip
 
 
 @dataclass
@@ -37,6 +39,8 @@ class BenchRow:
     itl_p99_ms: float
     kv_peak_mib: float  # blocks held at the peak x block bytes
     kv_bytes_per_token: int  # 2 x layers x kv_heads x head_dim x bytes
+    joules_per_token: float | None = None  # the run's energy / generated tokens; None: no counter
+    energy_source: str = UNAVAILABLE  # the counters read, or why there are none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +56,7 @@ class BenchRow:
             f"{self.itl_p95_ms:.1f}",
             f"{self.itl_p99_ms:.1f}",
             f"{self.kv_peak_mib:.1f}",
+            "n/a" if self.joules_per_token is None else f"{self.joules_per_token:.4g}",
         )
 
 
@@ -82,16 +87,25 @@ def bench_prompts(tokenizer: object, count: int, prompt_len: int) -> list[list[i
     return [ids[i * prompt_len : (i + 1) * prompt_len] for i in range(count)]
 
 
-def run_level(engine: Engine, prompts: list[list[int]], gen_len: int) -> tuple[float, list, int]:
-    """Run the prompts together to exactly gen_len tokens each: (wall s, sequences, peak blocks)."""
+def run_level(
+    engine: Engine, prompts: list[list[int]], gen_len: int, meter: EnergyMeter | None = None
+) -> tuple[float, list, int]:
+    """Run the prompts together to exactly gen_len tokens each: (wall s, sequences, peak blocks).
+
+    `meter`, if given, counts the run (it is started here and stopped when the run ends)."""
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
+    if meter is not None:
+        meter.start()
     t0 = time.perf_counter()
     seqs = [engine.submit(p, params) for p in prompts]
     peak = 0
     while any(s.finish_reason is None for s in seqs):
         engine.step()
         peak = max(peak, engine.cache.used_blocks)
-    return time.perf_counter() - t0, seqs, peak
+    wall = time.perf_counter() - t0
+    if meter is not None:
+        meter.stop()
+    return wall, seqs, peak
 
 
 def decode_rate(times: list[list[float]]) -> float:
@@ -109,32 +123,46 @@ def bench(
     engine: Engine, concurrency: list[int], prompt_len: int, gen_len: int, repeats: int = 3
 ) -> list[BenchRow]:
     rows = []
-    block_bytes = engine.cache.shape.bytes_per_token() * engine.cache.block_size
     for c in concurrency:
         prompts = bench_prompts(engine.tokenizer, c, prompt_len)
         run_level(engine, prompts, min(gen_len, 8))  # warm-up
         runs = []
         for _ in range(repeats):
-            wall, seqs, peak = run_level(engine, prompts, gen_len)
-            runs.append((sum(len(s.output) for s in seqs) / wall, seqs, peak))
-        tps, seqs, peak = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-        ttft = [s.token_times[0] - s.arrival for s in seqs]
-        decode = decode_rate([s.token_times for s in seqs])
-        itl = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:], strict=False)]
-        rows.append(
-            BenchRow(
-                c,
-                prompt_len,
-                gen_len,
-                tps,
-                decode,
-                1000 * statistics.median(ttft),
-                1000 * percentile(ttft, 0.95),
-                1000 * percentile(itl, 0.5),
-                1000 * percentile(itl, 0.95),
-                1000 * percentile(itl, 0.99),
-                peak * block_bytes / 2**20,
-                engine.cache.shape.bytes_per_token(),
-            )
-        )
+            meter = EnergyMeter([engine.device])
+            wall, seqs, peak = run_level(engine, prompts, gen_len, meter)
+            runs.append((sum(len(s.output) for s in seqs) / wall, seqs, peak, meter.reading()))
+        tps, seqs, peak, energy = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+        rows.append(_row(engine, c, prompt_len, gen_len, tps, seqs, peak, energy))
     return rows
+
+
+def _row(
+    engine: Engine,
+    c: int,
+    prompt_len: int,
+    gen_len: int,
+    tps: float,
+    seqs: list,
+    peak: int,
+    energy: EnergyReading,
+) -> BenchRow:
+    """One level's row from its median run: latencies, rates, KV peak and energy per token."""
+    block_bytes = engine.cache.shape.bytes_per_token() * engine.cache.block_size
+    ttft = [s.token_times[0] - s.arrival for s in seqs]
+    itl = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:], strict=False)]
+    return BenchRow(
+        c,
+        prompt_len,
+        gen_len,
+        tps,
+        decode_rate([s.token_times for s in seqs]),
+        1000 * statistics.median(ttft),
+        1000 * percentile(ttft, 0.95),
+        1000 * percentile(itl, 0.5),
+        1000 * percentile(itl, 0.95),
+        1000 * percentile(itl, 0.99),
+        peak * block_bytes / 2**20,
+        engine.cache.shape.bytes_per_token(),
+        energy.per(sum(len(s.output) for s in seqs)),
+        energy.source,
+    )

@@ -1,7 +1,8 @@
 """Engine and server metrics, rendered in Prometheus' text exposition format (version 0.0.4).
 
 Histograms keep cumulative bucket counts, a sum and a count, as Prometheus expects; they also
-keep the last few thousand raw values so `tinyllm bench` can print exact percentiles.
+keep the last few thousand raw values so `tinyllm bench` can print exact percentiles. Energy
+(`tinyllm_energy_joules_total`) is read from the host's counters at scrape time (util.energy).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import time
 
 from tinyllm.runtime.scheduler import percentile
+from tinyllm.util.energy import EnergyMeter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -64,6 +66,11 @@ class Metrics:
         self.kv_blocks_total = 0
         self.started = time.time()
         self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        self.energy: EnergyMeter | None = None  # set by start_energy (the server, at start)
+
+    def start_energy(self, meter: EnergyMeter) -> None:
+        """Count energy from now on with `meter` (started here); /metrics reads it at scrape."""
+        self.energy = meter.start()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -120,7 +127,26 @@ class Metrics:
         lines += _labelled(
             "tinyllm_finished_total", "Finished sequences.", "counter", "reason", self.finishes
         )
+        lines += self._energy_lines()
         return "\n".join(lines) + "\n"
+
+    def _energy_lines(self) -> list[str]:
+        """Joules since the meter started (only when a counter exists) and where they come from."""
+        if self.energy is None:
+            return []
+        reading = self.energy.reading()
+        lines = _labelled(
+            "tinyllm_energy_info",
+            "Source of the energy figures (1: counters read; 0: unavailable, the label says why).",
+            "gauge",
+            "source",
+            {reading.source: int(reading.available)},
+        )
+        if reading.joules is not None:
+            name = "tinyllm_energy_joules_total"
+            help_ = "Energy the host's counters measured since the server started (joules)."
+            lines += [*_header(name, help_, "counter"), f"{name} {reading.joules:.6f}"]
+        return lines
 
     def _counters(self) -> list[tuple[str, str, float]]:
         """(name after tinyllm_, help, value) of each single-valued counter."""

@@ -54,6 +54,7 @@ from tinyllm.runtime.sampling import (
     SamplingParams,
 )
 from tinyllm.runtime.scheduler import QueueFull
+from tinyllm.util.energy import EnergyMeter
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
@@ -306,6 +307,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         own = engine_loop is None
+        engine.metrics.start_energy(EnergyMeter([engine.device]))  # /metrics: joules since now
         if own:
             loop_holder["loop"] = EngineLoop(engine, limits.stall_seconds).start()
         yield
