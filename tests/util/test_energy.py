@@ -158,28 +158,47 @@ def test_gpu_without_pynvml_keeps_rapl_and_says_what_is_missing(tree: Path, monk
     )
 
 
-def test_nvml_counter_in_millijoules(tmp_path: Path, monkeypatch) -> None:
-    """A stand-in pynvml: the arithmetic NVML's mJ counter goes through (no GPU on this host)."""
-    total = {"mj": 1_000}
+def fake_pynvml(monkeypatch, total: dict[str, int], supported: bool = True) -> list[bytes]:
+    """A stand-in pynvml module (no GPU here): one GPU whose counter is total["mj"]."""
+    looked_up: list[bytes] = []
 
     class NVMLError(Exception):
         pass
 
+    def energy_of(handle: str) -> int:
+        if not supported:
+            raise NVMLError("Not Supported")
+        return total["mj"]
+
     fake = types.SimpleNamespace(
         NVMLError=NVMLError,
         nvmlInit=lambda: None,
-        nvmlDeviceGetHandleByIndex=lambda i: f"h{i}",
-        nvmlDeviceGetTotalEnergyConsumption=lambda h: total["mj"],
+        nvmlDeviceGetHandleByUUID=lambda u: looked_up.append(u) or "handle",
+        nvmlDeviceGetTotalEnergyConsumption=energy_of,
     )
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(
-        energy, "_nvml_handle", lambda pynvml, i: pynvml.nvmlDeviceGetHandleByIndex(i)
-    )
+    props = types.SimpleNamespace(uuid="5ae1-77")  # torch's cuda:0 after CUDA_VISIBLE_DEVICES
+    monkeypatch.setattr(energy.torch.cuda, "get_device_properties", lambda i: props)
+    return looked_up
+
+
+def test_nvml_counter_in_millijoules(tmp_path: Path, monkeypatch) -> None:
+    total = {"mj": 1_000}
+    looked_up = fake_pynvml(monkeypatch, total)
     meter = EnergyMeter(["cuda:0"], root=tmp_path / "none")
+    assert looked_up == [b"GPU-5ae1-77"]  # matched by UUID, not by index
     assert meter.source == f"nvml (GPU 0) (not counted: rapl: no {tmp_path / 'none'})"
     with meter:
         total["mj"] += 4_500
     assert meter.reading() == EnergyReading(4.5, meter.source, meter.reading().seconds)
+
+
+def test_gpu_without_an_energy_counter(tree: Path, monkeypatch) -> None:
+    fake_pynvml(monkeypatch, {"mj": 0}, supported=False)  # before Volta
+    counters, source = discover(["cuda:0"], root=tree)
+    assert len(counters) == 2 and "nvml: NVML cannot read" in source and "Not Supported" in source
+    counters, source = discover(["cuda:0"], root=tree / "none")
+    assert not counters and source.startswith(f"{UNAVAILABLE}: rapl: no ")
 
 
 # ---- carried by `tinyllm eval`, `tinyllm bench` and /metrics ---------------------------------

@@ -145,18 +145,21 @@ def nvml_counters(indices: Sequence[int]) -> tuple[list[Counter], str | None]:
         for index in indices:
             handle = _nvml_handle(pynvml, index)
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # NotSupported before Volta
-            read = (lambda h: lambda: int(pynvml.nvmlDeviceGetTotalEnergyConsumption(h)))(handle)
-            counters.append(Counter(f"GPU {index}", read, 1e-3))
-    except pynvml.NVMLError as e:
-        return [], f"NVML has no energy counter for the GPU ({e})"
+            counters.append(Counter(f"GPU {index}", _nvml_reader(pynvml, handle), 1e-3))
+    except (pynvml.NVMLError, RuntimeError) as e:  # RuntimeError: torch's device properties
+        return [], f"NVML cannot read the GPU's energy counter ({e})"
     return counters, None
+
+
+def _nvml_reader(pynvml: object, handle: object) -> Callable[[], int]:
+    return lambda: int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
 
 
 def _nvml_handle(pynvml: object, index: int) -> object:
     """The NVML handle of torch's cuda:index, matched by UUID (CUDA_VISIBLE_DEVICES renumbers)."""
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     if uuid is not None:
-        return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}".encode())
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
