@@ -70,10 +70,10 @@ def test_resume_skips_finished_stages_and_refuses_a_changed_recipe(tiny_dir, cor
     assert again["stages"] == first["stages"]  # nothing recomputed
     with pytest.raises(RecipeError, match="--resume to continue"):
         run_recipe(parse_recipe(text), text, out)
-    changed = text.replace("sparsity: 0.5", "sparsity: 0.4")
-    with pytest.raises(RecipeError, match="recipe changed") as info:
+    changed = text.replace("samples: 4", "samples: 5")  # every stage depends on calibration
+    with pytest.raises(RecipeError, match="calibration or evaluation changed") as info:
         run_recipe(parse_recipe(changed), changed, out, resume=True)
-    assert "-  sparsity: 0.5" in str(info.value) and "+  sparsity: 0.4" in str(info.value)
+    assert "-  samples: 4" in str(info.value) and "+  samples: 5" in str(info.value)
     with pytest.raises(RecipeError, match="no run to continue"):
         run_recipe(parse_recipe(text), text, tmp_path / "empty", resume=True)
 

@@ -30,7 +30,7 @@ GateOpt = Annotated[
         help="A limit the result must meet, repeatable: METRIC OP VALUE, e.g. 'kld<=0.1', "
         "'size<=90MB', 'latency<=20ms', 'task:analogy>=0.97x' (x: relative to --baseline). "
         "Metrics: ppl, ppl_ratio, kld, top1, size, bpw, tokens_per_second, latency, memory, "
-        "energy, task:NAME. A failed gate (or one whose metric is missing) exits 1.",
+        "energy, task:NAME. A failed gate, or a missing metric, exits 1 (docs/gates.md).",
     ),
 ]
 BaselineOpt = Annotated[

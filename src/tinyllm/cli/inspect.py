@@ -87,10 +87,6 @@ def eval_(
     Protocol: the corpus is tokenized without special tokens; WINDOWS back-to-back windows of
     SEQ_LEN tokens are cut from its evaluation slice (its first 65,536 tokens); BOS is prepended
     only when the tokenizer adds one by default; every position after the first is scored.
-
-    Gates (for CI): --gate 'kld<=0.1' --gate 'task:analogy>=0.97x' --baseline base.json
-    --junit gates.xml checks the result, prints a table of the gates, writes the JUnit file and
-    exits 1 when any gate fails or its metric is missing (docs/gates.md).
     """
     from tinyllm.core.load import load
     from tinyllm.data.windows import check_seq_len

@@ -26,9 +26,19 @@ each checkpointed and scored, then the exports and the report.
 After every stage the model is saved atomically to OUTPUT/stages/NN-TYPE and scored against
 the original (perplexity, KLD, top-1 agreement, size on disk, bits per weight, time, peak
 RSS). A run killed at any point continues with --resume after its last finished stage (a
-training stage continues from its own last checkpoint); --resume refuses a recipe that changed
-and shows the difference. OUTPUT gets report.md and report.html (`tinyllm report` rebuilds
-them). A run locks OUTPUT (.OUTPUT.lock beside it): a second run into it fails at once.
+training stage continues from its own last checkpoint). OUTPUT gets report.md and report.html
+(`tinyllm report` rebuilds them). A run locks OUTPUT (.OUTPUT.lock beside it): a second run into
+it fails at once.
+
+Gates: `gates: [kld<=0.1, ppl_ratio<=1.2]` inside a stage is checked right after that stage is
+scored; a top-level `gates:` on the last stage, before the exports. A failed gate (or a metric
+the run did not measure) stops the run with exit code 1; the stage is marked in the table,
+report.md/html and OUTPUT/gates.xml (JUnit). Relative gates (VALUEx, ppl_ratio) compare with the
+original model (docs/gates.md).
+
+--resume after changing the recipe: changed gates are checked again on the stored scores and
+the run continues; a changed stage is run again from there (the stages before it are kept); a
+changed model, calibration or evaluation is refused, showing the difference.
 
 A recipe is YAML, never code:
 
@@ -39,8 +49,9 @@ A recipe is YAML, never code:
   stages:
     - {type: wanda, sparsity: 0.3}
     - {type: recover, steps: 60}
-    - {type: gptq, bits: 4, group_size: 32, sym: true}
+    - {type: gptq, bits: 4, group_size: 32, sym: true, gates: [kld<=0.15]}
   export: [{format: gguf, type: q4_0}]
+  gates: [ppl_ratio<=1.3, top1>=0.8]
 
 STAGES_HELP
 
@@ -107,7 +118,7 @@ def run_(
 ) -> None:
     from tinyllm.pipeline.recipe import load_recipe, resolve_recipe
     from tinyllm.pipeline.report import markdown_table, stage_line
-    from tinyllm.pipeline.runner import run_recipe
+    from tinyllm.pipeline.runner import StageGateError, run_recipe
 
     if check and (output or resume or overwrite):
         raise ConfigError("--check only validates the recipe: drop -o/--resume/--overwrite")
@@ -122,7 +133,11 @@ def run_(
         return
     output = output or Path("runs") / path.stem
     text = path.read_text(encoding="utf-8")
-    state = run_recipe(rec, text, output, resume, overwrite, lambda r: out.print(stage_line(r)))
+    try:
+        state = run_recipe(rec, text, output, resume, overwrite, lambda r: out.print(stage_line(r)))
+    except StageGateError as exc:  # the table with the failed stage, then the one-line error
+        out.print(markdown_table(exc.state), highlight=False, soft_wrap=True)
+        raise
     out.print(markdown_table(state), highlight=False, soft_wrap=True)
     out.print(f"report: {output / 'report.md'} and {output / 'report.html'}")
 

@@ -12,6 +12,7 @@ value of the wrong type (`bits: "4"`, `bits: 4.5`); an int where a float is expe
       - {type: wanda, sparsity: 0.3}
       - {type: gptq, bits: 4, group_size: 128}
     export: [{format: gguf, type: q4_0}]
+    gates: [ppl_ratio<=1.3]   # checked on the last stage (a stage may carry its own gates:)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tinyllm.core.compress import Calibration
 from tinyllm.core.steps import Step
 from tinyllm.distill.steps import Distill, Recover  # noqa: F401  (stage configs, re-exported)
 from tinyllm.errors import ConfigError
+from tinyllm.eval.gates import Gate, GateError, parse_gate
 from tinyllm.util import safe_yaml
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class Evaluation(Section):
     corpus: str = "enwiki"
     windows: int = Field(40, ge=1)
     seq_len: int = Field(512, ge=8)
+    tasks: list[str] = Field(default_factory=list)  # built-in task names scored after each stage
+    task_limit: int | None = Field(None, ge=1)  # at most this many documents per task
 
 
 class Export(Section):
@@ -81,24 +85,42 @@ class Recipe:
     # Where every stage and score computes (auto, cpu, cuda, cuda:N). Not part of `normalized`:
     # a run may resume on another machine.
     device: str = "auto"
+    gates: list[Gate] = field(default_factory=list)  # final: on the last stage's result
+    stage_gates: list[list[Gate]] = field(default_factory=list)  # per stage (may be shorter)
+
+    def gates_of(self, i: int) -> list[Gate]:
+        """Stage i's gates (0-based)."""
+        return self.stage_gates[i] if i < len(self.stage_gates) else []
 
     def normalized(self) -> dict[str, Any]:
-        """Every setting, defaults filled in: what a resumed run must match."""
+        """Every setting, defaults filled in: what a resumed run must match (its `gates` may
+        change: a resumed run checks the new ones)."""
         return {
             "model": self.model,
             "calibration": self.calibration.model_dump(),
             "evaluation": self.evaluation.model_dump(),
             "stages": [{"type": stage_name(s), **s.model_dump()} for s in self.stages],
             "export": [e.model_dump() for e in self.exports],
+            "gates": {
+                "stages": [[g.text for g in self.gates_of(i)] for i in range(len(self.stages))],
+                "final": [g.text for g in self.gates],
+            },
         }
 
     def outline(self) -> list[str]:
-        """The stages (with the fields the recipe set) and the exports, one line each."""
+        """The stages (with the fields the recipe set and their gates) and the exports, one line
+        each."""
         lines = [
             f"{i}. {stage_name(s)} {s.model_dump(exclude_unset=True)}"
+            + _gates_note(self.gates_of(i - 1))
             for i, s in enumerate(self.stages, 1)
         ]
-        return lines + [f"export {e.format} {e.type or ''}".rstrip() for e in self.exports]
+        lines += [f"export {e.format} {e.type or ''}".rstrip() for e in self.exports]
+        return lines + ([f"final{_gates_note(self.gates)}"] if self.gates else [])
+
+
+def _gates_note(gates: list[Gate]) -> str:
+    return f" gates: {', '.join(g.text for g in gates)}" if gates else ""
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------
@@ -181,7 +203,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     data, where = _yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with model:, stages: and export:")
-    allowed = {"model", "device", "calibration", "evaluation", "stages", "export"}
+    allowed = {"model", "device", "calibration", "evaluation", "stages", "export", "gates"}
     for key in data:
         if key not in allowed:
             raise RecipeError(
@@ -194,20 +216,63 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             "a .gguf file) before any stage or export can run"
         )
     stages = [_stage(s, i, where) for i, s in enumerate(_list(data, "stages", where))]
+    evaluation = _section(Evaluation, data, "evaluation", where)
     recipe = Recipe(
         model=data["model"],
         stages=stages,
         calibration=_section(Calibration, data, "calibration", where),
-        evaluation=_section(Evaluation, data, "evaluation", where),
+        evaluation=evaluation,
         exports=[
             _validate(Export, e, ("export", i), where)
             for i, e in enumerate(_list(data, "export", where))
         ],
         source=source,
         device=_device(data, where),
+        gates=_gates(data.get("gates"), ("gates",), where, evaluation),
+        stage_gates=[
+            _gates(s.get("gates"), ("stages", i, "gates"), where, evaluation)
+            for i, s in enumerate(data.get("stages") or [])
+        ],
     )
     recipe.warnings = check_order(recipe.stages, where)
     return recipe
+
+
+def _gates(value: Any, path: tuple, where: Where, evaluation: Evaluation) -> list[Gate]:
+    """A `gates:` list (docs/gates.md), each gate checked against what the run measures."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise RecipeError(
+            f"{where.at(path)}: `gates:` is a list of gates such as [kld<=0.1, ppl_ratio<=1.1]"
+        )
+    gates = []
+    for j, text in enumerate(value):
+        try:
+            gate = parse_gate(text)
+        except GateError as exc:
+            raise RecipeError(f"{where.at((*path, j))}: {exc}") from exc
+        problem = _gate_problem(gate, evaluation)
+        if problem:
+            raise RecipeError(f"{where.at((*path, j))}: gate {gate.text!r}: {problem}")
+        gates.append(gate)
+    return gates
+
+
+def _gate_problem(gate: Gate, evaluation: Evaluation) -> str | None:
+    """Why a gate cannot work in a recipe, whose baseline is the original model."""
+    base, _, task = gate.metric.partition(":")
+    if gate.relative and base in ("kld", "top1"):
+        return (
+            f"relative gates compare with the original model, whose {base} against itself is "
+            f"{0 if base == 'kld' else 1} by definition; write an absolute limit "
+            f"({'kld<=0.05' if base == 'kld' else 'top1>=0.9'})"
+        )
+    if task and task not in evaluation.tasks:
+        return f"the run does not score task {task!r}; add it: `evaluation: {{tasks: [{task}]}}`"
+    return None
 
 
 def _device(data: dict, where: Where) -> str:
@@ -282,6 +347,7 @@ def _stage(value: Any, i: int, where: Where) -> BaseModel:
             f"{where.at(path)}: a stage is a mapping with a `type:` ({', '.join(classes)})"
         )
     value = dict(value)
+    value.pop("gates", None)  # read by _gates
     kind = value.pop("type")
     if not isinstance(kind, str):
         raise RecipeError(f"{where.at((*path, 'type'))}: `type:` is a name ({', '.join(classes)})")

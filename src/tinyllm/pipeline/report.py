@@ -29,6 +29,7 @@ def stage_rows(state: dict) -> list[dict[str, Any]]:
             "bytes": 2 * orig["params"],  # the float16 checkpoint: the size reference
             "seconds": None,
             "peak": None,
+            "gates": None,
         }
     ]
     for s in state["stages"]:
@@ -41,9 +42,35 @@ def stage_rows(state: dict) -> list[dict[str, Any]]:
                 "bytes": s["weights_bytes"],
                 "seconds": s["seconds"],
                 "peak": s["peak_rss_bytes"],
+                "gates": s.get("gates"),
             }
         )
     return rows
+
+
+def gates_cell(gates: list[dict] | None) -> str:
+    """'-' (no gates), 'pass (3)' or 'FAIL 1/3: kld<=0.1'."""
+    if not gates:
+        return "-"
+    bad = [g["gate"] for g in gates if not g["passed"]]
+    if not bad:
+        return f"pass ({len(gates)})"
+    return f"FAIL {len(bad)}/{len(gates)}: {', '.join(bad)}"
+
+
+def task_names(state: dict) -> list[str]:
+    """The tasks any row was scored on, in order of first appearance."""
+    names: dict[str, None] = {}
+    for r in stage_rows(state):
+        names.update(dict.fromkeys(r["eval"].get("tasks") or {}))
+    return list(names)
+
+
+def _task_cell(e: dict, name: str) -> str:
+    t = (e.get("tasks") or {}).get(name)
+    if not t or t.get("accuracy") is None:
+        return "-"
+    return f"{t['accuracy']:.1%} ± {t.get('stderr') or 0:.1%}"
 
 
 def _settings(stage: dict) -> str:
@@ -63,11 +90,10 @@ def _settings(stage: dict) -> str:
 def markdown_table(state: dict) -> str:
     ppl0 = state["original"]["eval"]["perplexity"]
     size0 = 2 * state["original"]["eval"]["params"]
-    lines = [
-        "| stage | type | settings | ppl | x orig | KLD | top-1 | sparsity | params | size | "
-        "x fp16 | bits/w | time s | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    tasks = task_names(state)
+    head = "| stage | type | settings | ppl | x orig | KLD | top-1 | sparsity | params | size | "
+    head += "x fp16 | bits/w | time s | peak RSS |" + "".join(f" {t} |" for t in tasks)
+    lines = [head + " gates |", "|---" * (15 + len(tasks)) + "|"]
     for r in stage_rows(state):
         e = r["eval"]
         cells = [
@@ -85,9 +111,25 @@ def markdown_table(state: dict) -> str:
             f"{e['bits_per_weight']:.2f}",
             "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
             "-" if r["peak"] is None else f"{r['peak'] / 2**30:.2f} GiB",
+            *(_task_cell(e, t) for t in tasks),
+            gates_cell(r["gates"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def gates_md(state: dict) -> str:
+    """The gates section: every gate of every stage and the final ones, and why a run stopped."""
+    groups = [(f"stage {s['index']} ({s['type']})", s.get("gates")) for s in state["stages"]]
+    groups.append(("final (last stage, before export)", state.get("final_gates")))
+    lines = [
+        f"- {where}: {'pass' if g['passed'] else '**FAIL**'} `{g['gate']}`: {g['message']}"
+        for where, gates in groups
+        for g in gates or []
+    ]
+    if state.get("stopped"):
+        lines = [f"**The run stopped:** {state['stopped']}", "", *lines]
+    return "\n".join(lines) or "No gates."
 
 
 def _exports_md(state: dict) -> str:
@@ -126,6 +168,10 @@ def markdown(state: dict) -> str:
         "in-memory bits per linear weight; time and peak RSS are per stage.",
         "",
         markdown_table(state),
+        "",
+        "## Gates",
+        "",
+        gates_md(state),
         "",
         "## Exports",
         "",
@@ -226,13 +272,14 @@ def _md_table_html(md: str) -> str:
     for r in body:
         out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>")
     out.append("</table>")
-    return "\n".join(out)
+    return "\n".join(out).replace("<td>FAIL", '<td class="fail">FAIL')
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;
 text-align:right}th{background:#f0f0f0}td:nth-child(2),td:nth-child(3){text-align:left}
-pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}"""
+pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}
+.fail{color:#a00;font-weight:bold;background:#fdd}.pass{color:#070}"""
 
 
 def html_report(state: dict) -> str:
@@ -258,11 +305,28 @@ original; size is the weights file on disk (the original: its float16 size); bit
 harness's in-memory bits per linear weight; time and peak RSS per stage.</p>
 {_md_table_html(markdown_table(state))}
 {figures}
+<h2>Gates</h2>{_gates_html(state)}
 <h2>Exports</h2><ul>{exports or "<li>none</li>"}</ul>
 <h2>Recipe (every setting)</h2><pre>{html.escape(yaml_dump(state["recipe"]))}</pre>
 <p>Software: {html.escape(versions)}.</p>
 </body></html>
 """
+
+
+def _gates_html(state: dict) -> str:
+    """The gates section as HTML: a failed gate in red, the reason a run stopped above."""
+    groups = [(f"stage {s['index']} ({s['type']})", s.get("gates")) for s in state["stages"]]
+    groups.append(("final", state.get("final_gates")))
+    items = "".join(
+        f'<li><span class="{"pass" if g["passed"] else "fail"}">'
+        f"{'pass' if g['passed'] else 'FAIL'}</span> {html.escape(where)}: "
+        f"<code>{html.escape(g['gate'])}</code>: {html.escape(g['message'])}</li>"
+        for where, gates in groups
+        for g in gates or []
+    )
+    stopped = state.get("stopped")
+    head = f'<p class="fail">The run stopped: {html.escape(stopped)}</p>' if stopped else ""
+    return head + (f"<ul>{items}</ul>" if items else "<p>No gates.</p>")
 
 
 def stage_line(r: dict[str, Any]) -> str:
@@ -271,6 +335,7 @@ def stage_line(r: dict[str, Any]) -> str:
     return (
         f"stage {r['index']} {r['type']}: perplexity {e['perplexity']:.3f}, KLD {e['kld']:.4f}, "
         f"{human_bytes(r['weights_bytes'])} on disk, {r['seconds']:.0f} s"
+        + ("" if not r.get("gates") else f", gates {gates_cell(r['gates'])}")
     )
 
 

@@ -2,23 +2,33 @@
 
 Output directory:
 
-    recipe.yaml          the recipe as given
+    recipe.yaml          the recipe as given (a resumed run: as last given)
     state.json           the normalized recipe, the original's and every finished stage's numbers
     stages/01-wanda/     one tinyllm checkpoint per stage (training stages: a trainer directory
                          whose model/ is the checkpoint, checkpoint/ lets a killed stage resume)
     export/              the exported files
+    gates.xml            the gate results as JUnit XML (when the recipe has gates)
     report.md, report.html
 
 Every stage starts from the previous stage's checkpoint on disk, so a run resumed after a crash
-computes exactly what an uninterrupted run computes. A run holds the directory's lock
-(`rundir.locked`) from start to end; `--overwrite` replaces only a run directory, and only once the
-new run's first files are in place (`util.fs.atomic_dir`).
+computes exactly what an uninterrupted run computes.
+
+Gates (docs/gates.md): a stage's `gates:` are checked right after it is scored, the recipe's final
+`gates:` on the last stage before anything is exported, relative ones against the original's
+scores. A failed gate stops the run (`StageGateError`) with the stage marked in state.json, the
+report and OUTPUT/gates.xml (JUnit). `--resume` accepts a changed recipe: changed gates are checked
+again on the stored scores; a changed stage is run again with every stage after it, the stages
+before it are kept; a changed model, calibration or evaluation is refused.
+
+A run holds the directory's lock (`rundir.locked`) from start to end; `--overwrite` replaces only
+a run directory, and only once the new run's first files are in place (`util.fs.atomic_dir`).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +40,30 @@ from pydantic import BaseModel
 from torch import nn
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.pipeline.recipe import Recipe, RecipeError, kind_of, stage_name
+from tinyllm.eval.gates import GatesFailedError, check_gates, summary, write_junit_suites
+from tinyllm.pipeline.recipe import (
+    Calibration,
+    Evaluation,
+    Recipe,
+    RecipeError,
+    kind_of,
+    stage_name,
+)
 from tinyllm.pipeline.rundir import RECIPE, STATE, CorruptStateError, is_run_dir, locked, read_state
 from tinyllm.util.fs import atomic_dir, recover_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
+JUNIT = "gates.xml"
+
+
+class StageGateError(GatesFailedError):
+    """A stage (or the finished model) missed a gate of the recipe; the run stopped there."""
+
+    def __init__(self, message: str, state: dict) -> None:
+        super().__init__(message)
+        self.state = state
 
 
 def stage_dir(out: Path, i: int, cfg: BaseModel) -> Path:
@@ -68,7 +95,7 @@ def prepare_output(out: Path, recipe: Recipe, text: str, resume: bool, overwrite
         )
     recover_dir(out.resolve())  # a replacement a crash interrupted: its old run is put back
     if resume:
-        return _resumable(out, recipe)
+        return _resumable(out, recipe, text)
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     if not fresh and not overwrite:
         raise RecipeError(
@@ -100,30 +127,84 @@ def _start(out: Path, recipe: Recipe, text: str) -> dict:
     return state
 
 
-def _resumable(out: Path, recipe: Recipe) -> dict:
-    """The state of the run in `out`, checked against `recipe` and the stage checkpoints."""
+def _resumable(out: Path, recipe: Recipe, text: str) -> dict:
+    """The state of the run in `out`, checked against `recipe` and the stage checkpoints; a
+    changed recipe is adopted from its first changed stage on (`_adopt`)."""
     if not (out / STATE).is_file():
         raise RecipeError(f"--resume: {out} holds no run to continue (no {STATE})")
     state = read_state(out)
-    if state["recipe"] != recipe.normalized():
+    old, new = state["recipe"], recipe.normalized()
+    if _inputs(old) != _inputs(new):
         raise RecipeError(
-            f"--resume: the recipe changed since {out} was checkpointed; run it into a new "
-            f"directory, or undo the change:\n{_diff(state['recipe'], recipe.normalized())}"
+            f"--resume: the recipe's model, calibration or evaluation changed since {out} was "
+            "checkpointed, and every stage depends on them; run it into a new directory, or "
+            f"undo the change:\n{_diff(_inputs(old), _inputs(new))}"
         )
     done = len(state["stages"])
-    if done > len(recipe.stages):
+    if done > len(old.get("stages", [])):
         raise CorruptStateError(
-            f"{out / STATE} lists more finished stages than the recipe has; start the run over "
+            f"{out / STATE} lists more finished stages than its recipe has; start the run over "
             "with --overwrite"
         )
-    if done:
-        last = model_dir(out, done - 1, recipe.stages[done - 1])
+    same = _same_prefix(old.get("stages", []), new["stages"])
+    keep = min(done, same)
+    if keep:
+        last = model_dir(out, keep - 1, recipe.stages[keep - 1])
         if not (last / WEIGHTS).is_file():
             raise RecipeError(
-                f"--resume: {STATE} says stage {done} finished, but its checkpoint {last} is "
+                f"--resume: {STATE} says stage {keep} finished, but its checkpoint {last} is "
                 "missing; start the run over with --overwrite"
             )
+    if old != new:
+        _adopt(out, state, recipe, text, same)
     return state
+
+
+def _inputs(normalized: dict) -> dict:
+    """What every stage depends on: the model, calibration and evaluation (defaults filled in, so
+    a setting added to tinyllm since the run started does not count as a change)."""
+    return {
+        "model": normalized.get("model"),
+        "calibration": {**Calibration().model_dump(), **normalized.get("calibration", {})},
+        "evaluation": {**Evaluation().model_dump(), **normalized.get("evaluation", {})},
+    }
+
+
+def _same_prefix(old: list, new: list) -> int:
+    """How many leading stages the two recipes share."""
+    n = 0
+    while n < min(len(old), len(new)) and old[n] == new[n]:
+        n += 1
+    return n
+
+
+def _adopt(out: Path, state: dict, recipe: Recipe, text: str, same: int) -> None:
+    """Continue the run in `out` with the changed `recipe`, whose first `same` stages are those
+    of the run: their records and directories stay, later ones go (they are run again), and so do
+    the exports when a stage or the export list changed. Gates are checked again by the run."""
+    old = state["recipe"]
+    dropped = state["stages"][same:]
+    state["stages"] = state["stages"][:same]
+    for d in sorted((out / "stages").glob("[0-9][0-9]-*")):
+        if int(d.name[:2]) > same:  # a changed stage: a training stage must not resume
+            shutil.rmtree(d)
+    if (
+        dropped
+        or len(recipe.stages) != len(old.get("stages", []))
+        or (old.get("export") != [e.model_dump() for e in recipe.exports])
+    ):
+        state["exports"] = []
+        shutil.rmtree(out / "export", ignore_errors=True)
+    if dropped:
+        log.warning(
+            "recipe changed at stage %d: %d stage(s) kept, the rest run again", same + 1, same
+        )
+    else:
+        log.warning("recipe changed after the finished stages: checking the gates again")
+    state.update(recipe=recipe.normalized(), source=recipe.source, finished=False)
+    state["final_gates"] = None
+    write_text_atomic(out / RECIPE, text)
+    write_json_atomic(out / STATE, state)
 
 
 def _versions() -> dict[str, str]:
@@ -171,7 +252,7 @@ class Runner:
 
         e = self.recipe.evaluation
         ref = (self.original, self.tokenizer) if reference else None
-        result = evaluate(
+        result: dict = evaluate(
             model,
             self.tokenizer,
             corpus=e.corpus,
@@ -180,21 +261,36 @@ class Runner:
             reference=ref,
             name=name,
             device=self.device,
-        )
-        return result.to_dict()
+        ).to_dict()
+        if e.tasks:
+            result["tasks"] = self.tasks(model, name)
+        return result
+
+    def tasks(self, model: nn.Module, name: str) -> dict[str, dict]:
+        """The evaluation's tasks on `model` (accuracy and standard error per task)."""
+        from tinyllm.eval.lm import ModuleLM
+        from tinyllm.eval.tasks import run_tasks
+
+        e = self.recipe.evaluation
+        return run_tasks(ModuleLM(model, self.tokenizer, name=name), e.tasks, e.task_limit)
 
     def run(self) -> dict:
         if self.state["original"] is None:
             log.info("scoring the original model %s", self.recipe.model)
             self.state["original"] = {"eval": self.score(self.original, self.recipe.model, False)}
             self.save_state()
+        self.state["stopped"] = None
         for i, cfg in enumerate(self.recipe.stages):
-            if i < len(self.state["stages"]):
-                continue  # finished before a resume
+            if i < len(self.state["stages"]):  # finished before a resume: its gates again
+                self.check_stage(i, self.state["stages"][i])
+                continue
             record = self.run_stage(i, cfg)
+            record["gates"] = self.gate_results(self.recipe.gates_of(i), record["eval"])
             self.state["stages"].append(record)
             self.save_state()
             self.on_stage(record)
+            self.check_stage(i, record)
+        self.check_final()
         self.run_exports()
         self.state["finished"] = True
         self.save_state()
@@ -202,6 +298,48 @@ class Runner:
 
         write_report(self.out, self.state)
         return self.state
+
+    def gate_results(self, gates: list, result: dict) -> list[dict]:
+        """`gates` checked on `result`, relative ones against the original's scores."""
+        return [r.to_dict() for r in check_gates(result, gates, self.state["original"]["eval"])]
+
+    def check_stage(self, i: int, record: dict) -> None:
+        """Stage i's gates (checked again: the recipe may have changed them); a failed one stops
+        the run."""
+        record["gates"] = self.gate_results(self.recipe.gates_of(i), record["eval"])
+        self.save_state()
+        if any(not g["passed"] for g in record["gates"]):
+            where = self.out / record["dir"]
+            self.stop(f"stage {i + 1} ({record['type']}) failed its gates", record["gates"], where)
+
+    def check_final(self) -> None:
+        """The recipe's final gates on the last stage (the original when there is none), before
+        anything is exported."""
+        last = self.state["stages"][-1] if self.state["stages"] else self.state["original"]
+        self.state["final_gates"] = self.gate_results(self.recipe.gates, last["eval"])
+        self.save_state()
+        write_gates_junit(self.out, self.state)
+        if any(not g["passed"] for g in self.state["final_gates"]):
+            where = self.out / last["dir"] if "dir" in last else self.recipe.model
+            self.stop("the finished model failed the final gates", self.state["final_gates"], where)
+
+    def stop(self, what: str, gates: list[dict], model: Path | str) -> None:
+        """Record why the run stops, write the report and gates.xml; raise StageGateError."""
+        from tinyllm.eval.gates import GateResult
+        from tinyllm.pipeline.report import write_report
+
+        results = [GateResult(**g) for g in gates]
+        message = (
+            f"{what}: {summary(results)}. The run stopped before anything after it ran; the "
+            f"model is {model}, {self.out / 'report.md'} marks the gate. Change the stage or "
+            f"its gates in the recipe, then continue with `tinyllm run RECIPE -o {self.out} "
+            "--resume`"
+        )
+        self.state["stopped"] = message
+        self.save_state()
+        write_gates_junit(self.out, self.state)
+        write_report(self.out, self.state)
+        raise StageGateError(message, self.state)
 
     def source(self, i: int) -> str:
         """The model stage i starts from."""
@@ -294,6 +432,21 @@ class Runner:
                 }
             )
             self.save_state()
+
+
+def write_gates_junit(out: Path, state: dict) -> None:
+    """OUTPUT/gates.xml: one JUnit suite per stage with gates, and one for the final gates."""
+    from tinyllm.eval.gates import GateResult
+
+    suites = {
+        f"stage {s['index']}: {s['type']}": [GateResult(**g) for g in s.get("gates") or []]
+        for s in state["stages"]
+        if s.get("gates")
+    }
+    if state.get("final_gates"):
+        suites["final"] = [GateResult(**g) for g in state["final_gates"]]
+    if suites:
+        write_junit_suites(out / JUNIT, suites)
 
 
 def _file_size(path: Path) -> int:
