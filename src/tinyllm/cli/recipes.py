@@ -85,11 +85,18 @@ allocates per-layer widths (2, 3, 4, 5, 8 bits) that minimise the predicted KL a
 size budget, for each group size and symmetry; those candidates are verified as GPTQ with
 their widths and written as a `mixed` stage that replays the allocation.
 
+The recommendation is the best verified candidate by --objective: kld (default, the measured
+KL divergence to the original), ppl (measured perplexity) or task:NAME (accuracy on a built-in
+task such as analogy, scored on the original and on every verified candidate; --task-limit
+caps its documents; ties go to the lower KLD). The search itself ranks by predicted KLD.
+
 Examples:
 
   tinyllm plan smollm2-135m --max-size 0.35x
 
   tinyllm plan smollm2-135m --max-size 110MiB --max-ppl-ratio 1.2 -o plans/110
+
+  tinyllm plan smollm2-135m --max-size 0.35x --objective task:analogy --verify-top 5
 """
 
 
@@ -186,6 +193,19 @@ MaxMemoryOpt = Annotated[
 ]
 
 
+ObjectiveOpt = Annotated[
+    str,
+    typer.Option(
+        help="What picks the recommendation among the verified candidates: kld, ppl or "
+        "task:NAME (a built-in task's accuracy, e.g. task:analogy)."
+    ),
+]
+TaskLimitOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="At most this many documents of the objective's task."),
+]
+
+
 @app.command(help=help_text(PLAN_HELP))
 def plan(
     model: ModelArg,
@@ -212,6 +232,8 @@ def plan(
     eval_seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 512,
     mixed: MixedOpt = True,
     max_memory: MaxMemoryOpt = None,
+    objective: ObjectiveOpt = "kld",
+    task_limit: TaskLimitOpt = None,
 ) -> None:
     from tinyllm.pipeline.planner import make_plan, plan_markdown, plan_settings, write_plan
 
@@ -233,6 +255,8 @@ def plan(
         cache=output / "sensitivity.json",
         mixed=mixed,
         max_memory=max_memory,
+        objective=objective,
+        task_limit=task_limit,
     )
     files = write_plan(p, output, cal.model_dump())
     out.print(plan_markdown(p), highlight=False, soft_wrap=True)

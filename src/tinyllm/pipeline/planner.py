@@ -8,7 +8,9 @@
    contribution grows with its squared weight error). Its size on disk is computed exactly from the
    shapes (packed codes, float16 scales, uint8 zero points, float16 for everything else).
 3. Verification: the best few candidates that fit the budget are quantized for real (GPTQ) and
-   scored by the evaluation harness; the recommendation is the best verified one.
+   scored by the evaluation harness; the recommendation is the best verified one by the
+   objective: measured KLD (default), perplexity, or a task's accuracy (`task:NAME`, scored by
+   `eval.tasks` on each verified candidate and the original; ties go to the lower KLD).
 
 Candidates are uniform grids for the block linears, each with the embedding table (and head) in
 float16 or quantized to 8 or 4 bits (measured directly: two extra forwards), plus mixed-precision
@@ -97,6 +99,7 @@ class Plan:
     recommended: Candidate | None = None
     embedding_sensitivity: dict[int, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    objective: str = "kld"  # what picks the recommendation among the verified candidates
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -317,6 +320,40 @@ def candidate_step(c: Candidate) -> Any:
     return Mixed(base=grid_step(c.grid), bits=widths, allocation=c.layer_bits)
 
 
+OBJECTIVES = ("kld", "ppl", "task:NAME")
+
+
+def parse_objective(text: str) -> str:
+    """'kld', 'ppl' or 'task:NAME' (checked; a task's name is checked when it first runs)."""
+    t = text.strip()
+    if t in ("kld", "ppl") or (t.startswith("task:") and len(t) > 5):
+        return t
+    raise ConfigError(
+        f"--objective {text!r}: use kld (the default: KL divergence to the original), ppl "
+        "(perplexity) or task:NAME (a task's accuracy, e.g. task:analogy)"
+    )
+
+
+def objective_key(objective: str) -> Callable[[Candidate], tuple]:
+    """Sort key of verified candidates by the objective, best first."""
+    if objective == "ppl":
+        return lambda c: (c.measured["perplexity"],)
+    if objective == "kld":
+        return lambda c: (c.measured["kld"], c.measured["perplexity"])
+    return lambda c: (-c.measured["task"]["accuracy"], c.measured["kld"])
+
+
+def task_scorer(tok: Any, objective: str, limit: int | None) -> Callable[[nn.Module], dict] | None:
+    """For objective task:NAME, model -> the task's result (accuracy, stderr, n); else None."""
+    if not objective.startswith("task:"):
+        return None
+    from tinyllm.eval.lm import ModuleLM
+    from tinyllm.eval.tasks import run_tasks
+
+    name = objective.partition(":")[2]
+    return lambda m: run_tasks(ModuleLM(m, tok), [name], limit)[name]
+
+
 def verify(
     spec: str,
     c: Candidate,
@@ -324,8 +361,9 @@ def verify(
     original: dict,
     score: Any,
     calib_dtype: str = "float32",
+    task: Callable[[nn.Module], dict] | None = None,
 ) -> dict[str, Any]:
-    """Quantize for real with GPTQ and score with the evaluation harness."""
+    """Quantize for real with GPTQ and score with the evaluation harness (and `task`)."""
     from tinyllm.checkpoint import round_floats
     from tinyllm.core.load import load
     from tinyllm.quant.api import quantize
@@ -338,13 +376,16 @@ def verify(
     round_floats(model, torch.float16)
     seconds = time.perf_counter() - t0
     res = score(model)
-    return {
+    measured = {
         "perplexity": res.perplexity,
         "ppl_ratio": res.perplexity / original["perplexity"],
         "kld": res.kld,
         "decode_ms": decode_ms(model),
         "quantize_seconds": seconds,
     }
+    if task is not None:
+        measured["task"] = task(model)
+    return measured
 
 
 def check_budget(budget: Budget) -> None:
@@ -461,31 +502,38 @@ def make_plan(
     cache: Any = None,
     mixed: bool = True,
     max_memory: str | None = None,
+    objective: str = "kld",
+    task_limit: int | None = None,
 ) -> Plan:
-    """Measure sensitivities, predict every grid, verify the best few that fit. -> Plan"""
+    """Measure sensitivities, predict every grid, verify the best few that fit and recommend the
+    best verified one by `objective` (kld, ppl or task:NAME). -> Plan"""
     from tinyllm.core.load import load
     from tinyllm.data.calibration import calibration_windows
     from tinyllm.models.size import param_count
     from tinyllm.pipeline.recipe import Calibration, Evaluation
 
     cal, ev = calibration or Calibration(), evaluation or Evaluation()
+    objective = parse_objective(objective)
     check_memory(spec, cal.samples, cal.seq_len, max_memory)
     model, tok = load(spec)
     budget = Budget(parse_size(max_size, 2 * param_count(model)), max_ppl_ratio, max_latency_ms)
     check_budget(budget)
     t0 = time.perf_counter()
-    original = _measure_original(model, tok, ev)
+    task = task_scorer(tok, objective, task_limit)
+    original = _measure_original(model, tok, ev, task)  # an unknown task fails here, early
     probe = calibration_windows(tok, cal.corpus, probe_windows, probe_seq_len, cal.seed + 1)
     t1 = time.perf_counter()
     sens, embed_sens = _cached_sensitivity(cache, model, probe, embeddings, spec)
     plan = Plan(spec, budget, original, sens, embedding_sensitivity=embed_sens)
+    plan.objective = objective
     plan.seconds = {"original_eval": t1 - t0, "sensitivity": time.perf_counter() - t1}
     plan.candidates = _candidates(model, sens, embed_sens, grids, mixed, budget)
     best = _feasible(model, plan.candidates, budget)[:verify_top]
     calib = calibration_windows(tok, cal.corpus, cal.samples, cal.seq_len, cal.seed)
     t2 = time.perf_counter()
     score = _scorer(model, tok, ev)
-    plan.recommended = _verify_best(spec, best, calib, original, score, cal.dtype, budget)
+    pick = (score, task, objective_key(objective))
+    plan.recommended = _verify_best(spec, best, calib, original, pick, cal.dtype, budget)
     plan.seconds["verify"] = time.perf_counter() - t2
     return plan
 
@@ -510,27 +558,34 @@ def _verify_best(
     spec: str,
     best: list[Candidate],
     calib: torch.Tensor,
-    original: dict[str, float],
-    score: Callable[[nn.Module], Any],
+    original: dict[str, Any],
+    pick: tuple[Callable[[nn.Module], Any], Callable | None, Callable[[Candidate], tuple]],
     calib_dtype: str,
     budget: Budget,
 ) -> Candidate | None:
-    """Quantize and measure each of `best` for real (verify); -> the lowest measured perplexity
-    among those that still fit the budget, or None."""
+    """Quantize and measure each of `best` for real (verify); `pick` is (scorer, task scorer or
+    None, objective sort key). -> the best by the objective among those that still fit the
+    budget, or None."""
+    score, task, key = pick
     for c in track(best, "verifying"):
-        c.measured = verify(spec, c, calib, original, score, calib_dtype)
+        c.measured = verify(spec, c, calib, original, score, calib_dtype, task)
     ok = [c for c in best if fits(c, budget, measured=True)]
-    return min(ok, key=lambda c: c.measured["perplexity"]) if ok else None
+    return min(ok, key=key) if ok else None
 
 
-def _measure_original(model: nn.Module, tok: Any, ev: Any) -> dict[str, float]:
-    """The float model's perplexity, float16 size and decode time: what candidates are held to."""
+def _measure_original(
+    model: nn.Module, tok: Any, ev: Any, task: Callable[[nn.Module], dict] | None = None
+) -> dict[str, Any]:
+    """The float model's perplexity, float16 size, decode time (and the objective's task): what
+    candidates are held to."""
     from tinyllm.eval.evaluate import evaluate
     from tinyllm.models.size import param_count
 
     orig = evaluate(model, tok, corpus=ev.corpus, seq_len=ev.seq_len, windows=ev.windows)
     original = {"perplexity": orig.perplexity, "fp16_bytes": 2 * param_count(model)}
     original["decode_ms"] = decode_ms(model)
+    if task is not None:
+        original["task"] = task(model)
     return original
 
 
@@ -600,13 +655,20 @@ def plan_markdown(plan: Plan) -> str:
         + (f", perplexity ratio <= {b.max_ppl_ratio}" if b.max_ppl_ratio else "")
         + (f", decode <= {b.max_latency_ms} ms/token" if b.max_latency_ms else "")
         + f". Original: perplexity {o['perplexity']:.3f}, {o['fp16_bytes'] / 2**20:.1f} MiB in "
-        f"float16, {o['decode_ms']:.1f} ms/token.",
+        f"float16, {o['decode_ms']:.1f} ms/token"
+        + (f", {plan.objective} {_accuracy(o['task'])}" if o.get("task") else "")
+        + ".",
+        "",
+        f"Objective: {_OBJECTIVE_TEXT.get(plan.objective, f'highest {plan.objective} accuracy')} "
+        "among the verified candidates that fit.",
         "",
         "Pareto front of the predictions (size vs predicted KL); measured = GPTQ run for real:",
         "",
         "| grid | size | x fp16 | predicted KLD | predicted ppl x | measured ppl | measured x "
-        "| measured KLD | decode ms | fits |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| measured KLD | decode ms |"
+        + (f" {plan.objective} |" if o.get("task") else "")
+        + " fits |",
+        "|---" * (11 if o.get("task") else 10) + "|",
     ]
     rows = pareto(plan.candidates) + [
         c for c in plan.candidates if c.measured and c not in pareto(plan.candidates)
@@ -637,7 +699,17 @@ def _markdown_row(plan: Plan, c: Candidate) -> str:
         f"{m['decode_ms']:.1f}" if m else "-",
         "yes" if fits(c, plan.budget, measured=bool(m)) else "no",
     ]
+    if plan.original.get("task"):
+        cells.insert(-1, _accuracy(m["task"]) if m.get("task") else "-")
     return "| " + " | ".join(cells) + " |"
+
+
+_OBJECTIVE_TEXT = {"kld": "lowest measured KLD", "ppl": "lowest measured perplexity"}
+
+
+def _accuracy(task: dict) -> str:
+    """'41.2% ± 3.0%': a task's accuracy and standard error."""
+    return f"{task['accuracy']:.1%} ± {task.get('stderr') or 0:.1%}"
 
 
 def plot_front(plan: Plan) -> bytes:
