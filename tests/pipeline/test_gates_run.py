@@ -119,3 +119,22 @@ def test_final_gates_block_the_exports_and_the_cli_exits_1(tiny_dir, corpus_file
     p = run("run", str(recipe), "-o", str(out), "--resume")
     assert p.returncode == 0, p.stderr
     assert json.loads((out / "state.json").read_text())["exports"]
+
+
+def test_task_gates_read_the_tasks_the_run_scores(tiny_dir, corpus_file, tmp_path):
+    stages = "  - {type: rtn, bits: 4, group_size: 32, gates: ['task:analogy>=0.5x']}\n"
+    text = recipe_text(tiny_dir, corpus_file, stages).replace(
+        "seq_len: 16}\nstages", "seq_len: 16, tasks: [analogy], task_limit: 6}\nstages"
+    )
+    text += "gates: ['task:analogy>=1.01']\n"  # an accuracy above 1 cannot pass
+    with pytest.raises(StageGateError, match="final gates"):
+        run_recipe(parse_recipe(text), text, tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["original"]["eval"]["tasks"]["analogy"]["n"] == 6
+    (stage,) = state["stages"]
+    gate = stage["gates"][0]
+    assert gate["passed"] and gate["value"] == stage["eval"]["tasks"]["analogy"]["accuracy"]
+    assert gate["limit"] == pytest.approx(
+        0.5 * state["original"]["eval"]["tasks"]["analogy"]["accuracy"]
+    )
+    assert "| analogy |" in (tmp_path / "run" / "report.md").read_text()
