@@ -1,12 +1,14 @@
 """Run an exported GGUF file in llama.cpp itself (through llama-cpp-python) to check it.
 
-Optional: `pip install llama-cpp-python`. Used by the export tests and benchmarks to score the
-file the way llama.cpp computes it: its own logits, our evaluation windows and NLL formula.
+Optional: `pip install llama-cpp-python`. Used by the export tests, the benchmarks and the recipe
+runner to score the file the way llama.cpp computes it: its own logits, our evaluation windows and
+NLL formula (`score`), and the evaluation's tasks through `LlamaCppLM`, a `LanguageModel`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from tinyllm.errors import ConfigError
+from tinyllm.eval.lm import LOGITS_BYTES, LogitsLM, eot_id
 
 
 def open_gguf(path: Path, n_ctx: int = 512, threads: int | None = None) -> Any:
@@ -34,11 +37,12 @@ def open_gguf(path: Path, n_ctx: int = 512, threads: int | None = None) -> Any:
     )
 
 
-def logits(llm: Any, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits for every position of one sequence. -> float32 [len(ids), vocab]"""
+def logits(llm: Any, ids: list[int], start: int = 0) -> np.ndarray:
+    """llama.cpp's logits for positions start.. of one sequence (the context is reset first).
+    -> float32 [len(ids) - start, vocab]"""
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    return np.array(llm.scores[start : len(ids)], dtype=np.float32)
 
 
 def _row_nll(z: torch.Tensor, row: list[int]) -> float:
@@ -94,3 +98,54 @@ def greedy(llm: Any, ids: list[int], n: int) -> list[int]:
         if len(out) == n:
             break
     return out
+
+
+class LlamaCppLM(LogitsLM):
+    """A GGUF file as a `LanguageModel`: llama.cpp's own logits, one sequence at a time (the
+    context is reset between sequences); greedy generation by llama.cpp's greedy sampler.
+
+    The context grows (the file is opened again, in powers of two) when a sequence is longer
+    than it, up to the length the model was trained for; longer is a ConfigError."""
+
+    def __init__(
+        self, path: Path, tokenizer: Any, name: str | None = None, threads: int | None = None
+    ) -> None:
+        super().__init__(name or f"{Path(path).name} (llama.cpp)", tokenizer)
+        self.path, self.threads = Path(path), threads
+        self.llm = open_gguf(self.path, 256, threads)  # grows as sequences need
+        self.tokens_per_batch = max(64, min(2048, LOGITS_BYTES // (4 * self.llm.n_vocab())))
+
+    def _fit(self, n: int) -> None:
+        """A context of at least n tokens."""
+        if n <= self.llm.n_ctx():
+            return
+        limit = self.llm.n_ctx_train()
+        if n > limit:
+            raise ConfigError(
+                f"a sequence of {n} tokens is longer than {self.path.name} was trained for "
+                f"({limit}); lower the evaluation's seq_len or the task's few-shot examples"
+            )
+        self.llm.close()
+        self.llm = open_gguf(self.path, min(limit, 1 << (n - 1).bit_length()), self.threads)
+
+    def tail_logits(self, seqs: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+        out = []
+        for seq, start in zip(seqs, starts, strict=True):
+            self._fit(len(seq))
+            out.append(torch.from_numpy(logits(self.llm, seq, start)))
+        return out
+
+    def generate(self, requests: Sequence[tuple[list[int], int]]) -> list[list[int]]:
+        """Greedy by llama.cpp's sampler (temperature 0: the argmax of its logits), up to n new
+        ids, ending at the end-of-text id."""
+        eot = eot_id(self.tokenizer)
+        out: list[list[int]] = []
+        for ctx, n in requests:
+            self._fit(len(ctx) + n)
+            new: list[int] = []
+            for token in self.llm.generate(ctx, top_k=1, temp=0.0, reset=True) if n else ():
+                new.append(int(token))
+                if len(new) == n or new[-1] == eot:
+                    break
+            out.append(new)
+        return out

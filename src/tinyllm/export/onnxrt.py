@@ -1,14 +1,19 @@
 """Run an exported ONNX decoder in onnxruntime: logits, perplexity, greedy generation with the
-KV cache the graph returns. Used by the export tests and benchmarks."""
+KV cache the graph returns, and `OnnxLM`, the file as a `LanguageModel`. Used by the export
+tests, the benchmarks and the recipe runner (which scores its exported files)."""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from tinyllm.eval.lm import LOGITS_BYTES, LogitsLM, eot_id
 
 
 def open_onnx(path: Path, threads: int | None = None) -> Any:
@@ -57,3 +62,44 @@ def greedy(sess: Any, ids: list[int], n: int) -> list[int]:
         out.append(token)
         z, keys, values = run(sess, np.array([[token]]), keys, values)
     return out
+
+
+class OnnxLM(LogitsLM):
+    """An exported ONNX decoder as a `LanguageModel`. The graph takes no attention mask, so the
+    sequences of a batch are run in groups of equal length; generation is greedy through the KV
+    cache the graph returns, one sequence at a time."""
+
+    def __init__(
+        self, path: Path, tokenizer: Any, name: str | None = None, threads: int | None = None
+    ) -> None:
+        super().__init__(name or f"{Path(path).name} (onnxruntime)", tokenizer)
+        self.sess = open_onnx(Path(path), threads)
+        vocab = self.sess.get_outputs()[0].shape[-1]
+        vocab = vocab if isinstance(vocab, int) else len(tokenizer)
+        self.tokens_per_batch = max(64, min(2048, LOGITS_BYTES // (4 * vocab)))
+
+    def tail_logits(self, seqs: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, seq in enumerate(seqs):
+            by_length[len(seq)].append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        for group in by_length.values():
+            z = run(self.sess, np.array([seqs[i] for i in group]))[0]  # [B, L, V]
+            for r, i in enumerate(group):
+                out[i] = torch.from_numpy(np.ascontiguousarray(z[r, starts[i] :]))
+        return out
+
+    def generate(self, requests: Sequence[tuple[list[int], int]]) -> list[list[int]]:
+        """Greedy, cached, up to n new ids each, ending at the end-of-text id."""
+        eot = eot_id(self.tokenizer)
+        out: list[list[int]] = []
+        for ctx, n in requests:
+            new: list[int] = []
+            z, keys, values = run(self.sess, np.array([ctx]))
+            while len(new) < n:
+                new.append(int(z[0, -1].argmax()))
+                if new[-1] == eot or len(new) == n:
+                    break
+                z, keys, values = run(self.sess, np.array([[new[-1]]]), keys, values)
+            out.append(new)
+        return out
