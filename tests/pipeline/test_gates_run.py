@@ -48,7 +48,7 @@ def test_gates_are_read_and_checked_when_the_recipe_loads() -> None:
     msg = _error("model: m\nstages:\n  - {type: rtn}\ngates: [kld<=1.1x]\n")
     assert "field gates.0" in msg and "absolute limit" in msg
     msg = _error("model: m\nstages:\n  - {type: rtn}\ngates: ['task:analogy>=0.9x']\n")
-    assert "evaluation: {tasks: [analogy]}" in msg
+    assert "evaluation: {tasks: ['analogy']}" in msg
     parse_recipe("model: m\nevaluation: {tasks: [analogy]}\ngates: ['task:analogy>=0.9x']\n")
     assert "a list of gates" in _error("model: m\nstages:\n  - {type: rtn, gates: {a: 1}}\n")
 

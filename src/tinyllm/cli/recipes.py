@@ -25,13 +25,17 @@ each checkpointed and scored, then the exports and the report.
 
 After every stage the model is saved atomically to OUTPUT/stages/NN-TYPE and scored against
 the original (perplexity, KLD, top-1 agreement, size on disk, bits per weight, time, peak
-RSS). A run killed at any point continues with --resume after its last finished stage (a
-training stage continues from its own last checkpoint). OUTPUT gets report.md and report.html
+RSS). Each exported file is scored the same way through the runtime that reads it (GGUF:
+llama.cpp, ONNX: onnxruntime, hf: transformers), a row of its own in the table; a runtime that
+is missing is recorded as "not scored: WHY". A run killed at any point continues with
+--resume after its last finished stage (a training stage continues from its own last
+checkpoint). OUTPUT gets report.md and report.html
 (`tinyllm report` rebuilds them). A run locks OUTPUT (.OUTPUT.lock beside it): a second run into
 it fails at once.
 
-Gates: `gates: [kld<=0.1, ppl_ratio<=1.2]` inside a stage is checked right after that stage is
-scored; a top-level `gates:` on the last stage, before the exports. A failed gate (or a metric
+Gates: `gates: ['kld<=0.1', 'ppl_ratio<=1.2']` inside a stage is checked right after that stage is
+scored; a top-level `gates:` on the last stage, before the exports, then on each exported
+file's scores (its ppl, KLD, top-1, size and tasks). A failed gate (or a metric
 the run did not measure) stops the run with exit code 1; the stage is marked in the table,
 report.md/html and OUTPUT/gates.xml (JUnit). Relative gates (VALUEx, ppl_ratio) compare with the
 original model (docs/gates.md).
@@ -49,9 +53,9 @@ A recipe is YAML, never code:
   stages:
     - {type: wanda, sparsity: 0.3}
     - {type: recover, steps: 60}
-    - {type: gptq, bits: 4, group_size: 32, sym: true, gates: [kld<=0.15]}
+    - {type: gptq, bits: 4, group_size: 32, sym: true, gates: ['kld<=0.15']}
   export: [{format: gguf, type: q4_0}]
-  gates: [ppl_ratio<=1.3, top1>=0.8]
+  gates: ['ppl_ratio<=1.3', 'top1>=0.8']
 
 STAGES_HELP
 

@@ -87,7 +87,7 @@ METRICS: dict[str, Metric] = {
         "tasks",
         "fraction",
         "run the task with `tinyllm eval MODEL --tasks NAME` (in a recipe: "
-        "`evaluation: {tasks: [NAME]}`)",
+        "`evaluation: {tasks: ['NAME']}`)",
     ),
 }
 ALIASES = {

@@ -246,7 +246,7 @@ def _gates(value: Any, path: tuple, where: Where, evaluation: Evaluation) -> lis
         value = [value]
     if not isinstance(value, list):
         raise RecipeError(
-            f"{where.at(path)}: `gates:` is a list of gates such as [kld<=0.1, ppl_ratio<=1.1]"
+            f"{where.at(path)}: `gates:` is a list of gates such as ['kld<=0.1', 'ppl_ratio<=1.1']"
         )
     gates = []
     for j, text in enumerate(value):
@@ -271,7 +271,7 @@ def _gate_problem(gate: Gate, evaluation: Evaluation) -> str | None:
             f"({'kld<=0.05' if base == 'kld' else 'top1>=0.9'})"
         )
     if task and task not in evaluation.tasks:
-        return f"the run does not score task {task!r}; add it: `evaluation: {{tasks: [{task}]}}`"
+        return f"the run does not score task {task!r}; add it: `evaluation: {{tasks: ['{task}']}}`"
     return None
 
 
