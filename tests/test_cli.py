@@ -27,6 +27,7 @@ EXPECTED_KEYS = [
     "energy_joules",
     "joules_per_token",
     "energy_source",
+    "tasks",
 ]
 
 
@@ -256,3 +257,18 @@ def test_bench_prints_latency_table(tiny_dir: Path, tmp_path: Path):
     assert [r["concurrency"] for r in rows] == [1, 3]
     assert all(r["tokens_per_s"] > 0 and r["itl_p95_ms"] >= r["itl_p50_ms"] for r in rows)
     assert "KV bytes per token" in p.stdout
+
+
+def test_eval_tasks_report_accuracy_with_its_error(tiny_dir: Path, corpus_file: Path, tmp_path):
+    out = tmp_path / "r.json"
+    extra = ("--tasks", "polarity,analogy", "--task-limit", "4", "--json", str(out))
+    p = eval_against(tiny_dir, tiny_dir, corpus_file, 2, *extra)
+    assert p.returncode == 0, p.stderr
+    tasks = json.loads(out.read_text())["tasks"]
+    assert set(tasks) == {"polarity", "analogy"} and tasks["polarity"]["n"] == 4
+    assert "task polarity" in p.stdout and "+-" in p.stdout
+
+
+def test_eval_unknown_task_is_a_clear_error(tiny_dir: Path):
+    p = run("eval", str(tiny_dir), "--tasks", "polarity,nope")
+    assert_clean_error(p, "unknown task 'nope'")

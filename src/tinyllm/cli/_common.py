@@ -173,6 +173,7 @@ def _eval_rows(r: object) -> list[tuple[str, str]]:
             ("KL(reference || model)", f"{r.kld:.6f}"),
             ("top-1 agreement", f"{r.top1_agreement:.4f}"),
         ]
+    rows += [(f"task {name}", task_cell(t)) for name, t in (r.tasks or {}).items()]
     rows += [
         ("parameters", f"{r.params:,}"),
         ("size in memory", human_bytes(r.size_bytes)),
@@ -184,6 +185,13 @@ def _eval_rows(r: object) -> list[tuple[str, str]]:
         ("energy", energy_cell(r.joules_per_token, r.energy_source)),
     ]
     return rows
+
+
+def task_cell(t: dict) -> str:
+    """'0.4821 +- 0.0299 acc (n=280, 41 s)': a task's accuracy with its standard error."""
+    return (
+        f"{t['accuracy']:.4f} +- {t['stderr']:.4f} {t['metric']} (n={t['n']}, {t['seconds']:.0f} s)"
+    )
 
 
 def energy_cell(joules_per_token: float | None, source: str) -> str:

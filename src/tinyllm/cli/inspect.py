@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -23,6 +23,9 @@ from tinyllm.cli._common import (
 )
 from tinyllm.cli._gates import BaselineOpt, GateOpt, JunitOpt, enforce_gates, prepare_gates
 from tinyllm.cli.app import app
+
+if TYPE_CHECKING:
+    from tinyllm.eval.evaluate import EvalResult
 
 
 @app.command()
@@ -78,43 +81,54 @@ def eval_(
         bool, typer.Option(help="Run fp32 linears through oneDNN while scoring (CPU only).")
     ] = True,
     device: DeviceOpt = "auto",
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Also score these tasks, comma-separated (built-in: analogy, analogy-gen, "
+            "polarity, wiki-next; `tinyllm tasks list`). Accuracy +- standard error each."
+        ),
+    ] = None,
+    task_limit: Annotated[
+        int | None, typer.Option(min=1, help="Score only each task's first N questions.")
+    ] = None,
     gate: GateOpt = None,
     baseline: BaselineOpt = None,
     junit: JunitOpt = None,
 ) -> None:
-    """Perplexity (and KLD/agreement with --reference), size, bits per weight, speed, memory.
+    """Perplexity (and KLD/agreement with --reference), task accuracy (--tasks), size, bits per
+    weight, speed, memory, energy; regression gates (--gate) for CI.
 
     Protocol: the corpus is tokenized without special tokens; WINDOWS back-to-back windows of
     SEQ_LEN tokens are cut from its evaluation slice (its first 65,536 tokens); BOS is prepended
     only when the tokenizer adds one by default; every position after the first is scored.
+    Tasks are scored as docs/tasks.md describes, the way lm-evaluation-harness scores them.
     """
-    from tinyllm.core.load import load
     from tinyllm.data.windows import check_seq_len
-    from tinyllm.eval.evaluate import evaluate
+    from tinyllm.eval.tasks import check_task_names
 
     check_seq_len(seq_len)  # fail before loading anything
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    check_task_names(names)
     gates, base = prepare_gates(gate, baseline, junit)  # so do bad gates and baselines
-    where = device_of(device)
-    lean = where == "cpu"  # codes held once, a large model's tables narrow (tinyllm.load)
-    m, tok = load(model, inference=lean)
-    ref = load(reference, inference=lean) if reference else None
-    result = evaluate(
-        m,
-        tok,
-        corpus=corpus,
-        seq_len=seq_len,
-        windows=windows,
-        reference=ref,
-        batch_size=batch_size,
-        name=model,
-        fast=fast,
-        device=where,
-    )
+    options = dict(corpus=corpus, seq_len=seq_len, windows=windows, batch_size=batch_size)
+    options.update(fast=fast, tasks=names, task_limit=task_limit)
+    result = _evaluate(model, reference, device_of(device), options)
     out.print(_table(f"tinyllm eval {model}", _eval_rows(result)))
     if json_out:
         result.save_json(json_out)
         out.print(f"wrote {json_out}")
     enforce_gates(result.to_dict(), gates, base, junit, f"tinyllm eval {model}")
+
+
+def _evaluate(model: str, reference: str | None, where: str, options: dict) -> EvalResult:
+    """Load `model` (and `reference`) lean for inference and score them (eval.evaluate)."""
+    from tinyllm.core.load import load
+    from tinyllm.eval.evaluate import evaluate
+
+    lean = where == "cpu"  # codes held once, a large model's tables narrow (tinyllm.load)
+    m, tok = load(model, inference=lean)
+    ref = load(reference, inference=lean) if reference else None
+    return evaluate(m, tok, reference=ref, name=model, device=where, **options)
 
 
 @app.command()

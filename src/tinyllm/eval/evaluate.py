@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tinyllm.data.windows import eval_windows, tokenize_corpus, with_bos
 from tinyllm.errors import TokenizerMismatchError
 from tinyllm.eval.divergence import token_kl, top1_agree
 from tinyllm.eval.perplexity import perplexity, token_nll
+from tinyllm.eval.tasks import check_task_names
 from tinyllm.models.anatomy import analyze
 from tinyllm.models.size import bits_per_weight, param_count, size_bytes
 from tinyllm.models.sparsity import sparsity_of
@@ -56,6 +58,7 @@ class EvalResult:
     energy_joules: float | None = None  # in the model's forwards (docs/energy.md); None: no counter
     joules_per_token: float | None = None  # energy_joules / tokens
     energy_source: str = UNAVAILABLE  # the counters read, or why there are none
+    tasks: dict[str, dict] | None = None  # {task: {accuracy, stderr, n, metric, seconds}}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,8 +116,11 @@ def evaluate(
     name: str | None = None,
     fast: bool = True,
     device: str | torch.device | None = None,
+    tasks: Sequence[str] = (),
+    task_limit: int | None = None,
 ) -> EvalResult:
-    """Score `model` on the evaluation windows of `corpus` (and against `reference` if given).
+    """Score `model` on the evaluation windows of `corpus` (and against `reference` if given),
+    then on `tasks` (their first `task_limit` questions; eval.tasks).
 
     `fast` runs fp32 linears through oneDNN (core.kernels) for the duration, on CPU only;
     results match the plain path to fp32 rounding. `device` (auto, cpu, cuda[:N]; None: where
@@ -123,6 +129,7 @@ def evaluate(
     """
     if reference is not None:
         check_same_tokenizer(tokenizer, reference[1])
+    check_task_names(tasks)  # before any scoring
     data, corpus_name = evaluation_windows(tokenizer, corpus, seq_len, windows)  # [W, L(+1)]
     batch_size = batch_size or max(1, TOKENS_PER_BATCH // data.shape[1])
     model.eval()
@@ -151,7 +158,22 @@ def evaluate(
         energy_joules=energy.joules,
         joules_per_token=energy.per(sums.scored),
         energy_source=energy.source,
+        tasks=_tasks(model, tokenizer, name, tasks, task_limit, fast) if tasks else None,
     )
+
+
+def _tasks(
+    model: nn.Module,
+    tokenizer: object,
+    name: str | None,
+    tasks: Sequence[str],
+    limit: int | None,
+    fast: bool,
+) -> dict[str, dict]:
+    from tinyllm.eval.lm import ModuleLM
+    from tinyllm.eval.tasks import run_tasks
+
+    return run_tasks(ModuleLM(model, tokenizer, name or "model", fast), tasks, limit)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Sequence
 
-from tinyllm.data.tasks import Doc, Task, builtin_task
+from tinyllm.data.tasks import BUILTIN, Doc, Task, builtin_task
 from tinyllm.eval.lm import LanguageModel, encode, encode_pair, prefix_ids
 from tinyllm.util.progress import make_progress
 
@@ -43,7 +43,7 @@ def _choice_scores(lm: LanguageModel, docs: Sequence[Doc]) -> tuple[list[float],
     for d in docs:
         mine = lls[k : k + len(d.choices)]
         k += len(d.choices)
-        per_char = [ll / len(DELIMITER + c) for ll, c in zip(mine, d.choices, strict=True)]
+        per_char = [ll / len(c) for ll, c in zip(mine, d.choices, strict=True)]  # as lm-eval
         acc.append(float(max(range(len(mine)), key=mine.__getitem__) == d.gold))
         norm.append(float(max(range(len(mine)), key=per_char.__getitem__) == d.gold))
     return acc, norm
@@ -99,7 +99,28 @@ def run_task(lm: LanguageModel, task: Task, limit: int | None = None) -> dict:
     return result
 
 
+def check_task_names(names: Sequence[str]) -> None:
+    """Fail early (ConfigError naming the choices) on a name that is not a task: a name that is
+    not built-in needs lm-eval installed, and a task file or directory must exist."""
+    for name in names:
+        if name in BUILTIN:
+            continue
+        from tinyllm.eval.lmeval import check_spec
+
+        check_spec(name)
+
+
 def run_tasks(lm: LanguageModel, names: Sequence[str], limit: int | None = None) -> dict[str, dict]:
-    """Score each named task -> {name: result} (built-in task names; see data.tasks)."""
-    tasks = [builtin_task(n) for n in names]  # unknown names fail before any scoring
-    return {t.name: run_task(lm, t, limit) for t in tasks}
+    """Score each named task -> {name: result}: built-in tasks (data.tasks) here, any other name
+    (an lm-eval task or group, a task YAML file or directory) through lm-eval (eval.lmeval)."""
+    tasks = [builtin_task(n) for n in names if n in BUILTIN]
+    others = [n for n in names if n not in BUILTIN]
+    prepared = None
+    if others:  # unknown names and unreachable datasets fail before any scoring
+        from tinyllm.eval.lmeval import lmeval_tasks, run_lmeval
+
+        prepared = lmeval_tasks(others)
+    results = {t.name: run_task(lm, t, limit) for t in tasks}
+    if prepared is not None:
+        results |= run_lmeval(lm, prepared, limit)
+    return results
