@@ -10,7 +10,7 @@ import sys
 
 from rich.logging import RichHandler
 
-from tinyllm.cli import compress, estimate, export, inspect, recipes, runtime  # noqa: F401  (registers)
+from tinyllm.cli import compress, estimate, export, inspect, recipes, runtime, tasks  # noqa: F401  (registers)
 from tinyllm.cli._common import err
 from tinyllm.cli.app import app
 from tinyllm.errors import TinyLLMError
