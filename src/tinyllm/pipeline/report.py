@@ -61,9 +61,51 @@ def gates_cell(gates: list[dict] | None) -> str:
 def task_names(state: dict) -> list[str]:
     """The tasks any row was scored on, in order of first appearance."""
     names: dict[str, None] = {}
-    for r in stage_rows(state):
-        names.update(dict.fromkeys(r["eval"].get("tasks") or {}))
+    for e in [r["eval"] for r in stage_rows(state)] + [x.get("eval") or {} for x in exports(state)]:
+        names.update(dict.fromkeys(e.get("tasks") or {}))
     return list(names)
+
+
+def exports(state: dict) -> list[dict]:
+    return state.get("exports") or []
+
+
+def export_label(record: dict) -> str:
+    """'gguf q4_0 (llama.cpp)': an export's format and type, and the runtime that scored it."""
+    from tinyllm.export import DEFAULT_TYPES
+
+    qtype = record["type"] or DEFAULT_TYPES.get(record["format"])  # hf takes none
+    runtime = (record.get("eval") or {}).get("runtime")
+    label = " ".join(x for x in (record["format"], qtype) if x)
+    return label + (f" ({runtime})" if runtime else "")
+
+
+def export_cells(record: dict, ppl0: float, size0: float, tasks: list[str]) -> list[str]:
+    """An exported file's row of the stage table: its own scores through its runtime, or
+    'not scored' (the reason in the settings column)."""
+    e = record.get("eval") or {"not_scored": "the run stopped before it was scored"}
+    if "not_scored" in e:
+        dashes = ["-"] * (9 + len(tasks))
+        return ["export", export_label(record), f"not scored: {e['not_scored']}", *dashes, "-"]
+    size = record["bytes"]
+    return [
+        "export",
+        export_label(record),
+        record["path"],
+        f"{e['perplexity']:.3f}",
+        f"{e['perplexity'] / ppl0:.3f}",
+        f"{e['kld']:.4f}",
+        f"{e['top1_agreement']:.1%}",
+        "-",
+        "-",
+        f"{size / MiB:.1f} MiB",
+        f"{size / size0:.3f}",
+        "-",
+        f"{record['seconds'] + e.get('eval_seconds', 0):.1f}",
+        "-",
+        *(_task_cell(e, t) for t in tasks),
+        gates_cell(record.get("gates")),
+    ]
 
 
 def _task_cell(e: dict, name: str) -> str:
@@ -115,6 +157,8 @@ def markdown_table(state: dict) -> str:
             gates_cell(r["gates"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    for x in exports(state):
+        lines.append("| " + " | ".join(export_cells(x, ppl0, size0, tasks)) + " |")
     return "\n".join(lines)
 
 
@@ -122,6 +166,7 @@ def gates_md(state: dict) -> str:
     """The gates section: every gate of every stage and the final ones, and why a run stopped."""
     groups = [(f"stage {s['index']} ({s['type']})", s.get("gates")) for s in state["stages"]]
     groups.append(("final (last stage, before export)", state.get("final_gates")))
+    groups += [(f"final on export {export_label(x)}", x.get("gates")) for x in exports(state)]
     lines = [
         f"- {where}: {'pass' if g['passed'] else '**FAIL**'} `{g['gate']}`: {g['message']}"
         for where, gates in groups
@@ -136,9 +181,20 @@ def _exports_md(state: dict) -> str:
     if not state["exports"]:
         return "No exports."
     return "\n".join(
-        f"- `{e['path']}` ({e['format']} {e['type'] or 'default'}): {e['bytes'] / MiB:.1f} MiB"
+        f"- `{e['path']}` ({e['format']} {e['type'] or 'default'}): {e['bytes'] / MiB:.1f} MiB; "
+        + _export_scored(e)
         for e in state["exports"]
     )
+
+
+def _export_scored(record: dict) -> str:
+    """How an exported file was scored: 'scored through llama.cpp' or 'not scored: why'."""
+    e = record.get("eval")
+    if e is None:
+        return "not scored yet"
+    if "not_scored" in e:
+        return f"not scored: {e['not_scored']}"
+    return f"scored through {e['runtime']} (its row in the table above)"
 
 
 def layer_errors(state: dict) -> tuple[str, dict[str, float]] | None:
@@ -292,7 +348,8 @@ def html_report(state: dict) -> str:
         imgs.append(plot_layers(*layers))
     figures = "\n".join(f'<p><img alt="plot" src="data:image/png;base64,{b}"></p>' for b in imgs)
     exports = "".join(
-        f"<li><code>{html.escape(e['path'])}</code>: {e['bytes'] / MiB:.1f} MiB</li>"
+        f"<li><code>{html.escape(e['path'])}</code>: {e['bytes'] / MiB:.1f} MiB; "
+        f"{html.escape(_export_scored(e))}</li>"
         for e in state["exports"]
     )
     versions = ", ".join(f"{k} {v}" for k, v in state["versions"].items())
@@ -317,6 +374,7 @@ def _gates_html(state: dict) -> str:
     """The gates section as HTML: a failed gate in red, the reason a run stopped above."""
     groups = [(f"stage {s['index']} ({s['type']})", s.get("gates")) for s in state["stages"]]
     groups.append(("final", state.get("final_gates")))
+    groups += [(f"final on export {export_label(x)}", x.get("gates")) for x in exports(state)]
     items = "".join(
         f'<li><span class="{"pass" if g["passed"] else "fail"}">'
         f"{'pass' if g['passed'] else 'FAIL'}</span> {html.escape(where)}: "

@@ -6,7 +6,9 @@ Output directory:
     state.json           the normalized recipe, the original's and every finished stage's numbers
     stages/01-wanda/     one tinyllm checkpoint per stage (training stages: a trainer directory
                          whose model/ is the checkpoint, checkpoint/ lets a killed stage resume)
-    export/              the exported files
+    export/              the exported files, each scored through the runtime that reads it
+                         (GGUF: llama.cpp, ONNX: onnxruntime, hf: transformers) on the same
+                         windows and tasks as the stages: state.json "exports"[i]["eval"]
     gates.xml            the gate results as JUnit XML (when the recipe has gates)
     report.md, report.html
 
@@ -15,10 +17,12 @@ computes exactly what an uninterrupted run computes.
 
 Gates (docs/gates.md): a stage's `gates:` are checked right after it is scored, the recipe's final
 `gates:` on the last stage before anything is exported, relative ones against the original's
-scores. A failed gate stops the run (`StageGateError`) with the stage marked in state.json, the
-report and OUTPUT/gates.xml (JUnit). `--resume` accepts a changed recipe: changed gates are checked
-again on the stored scores; a changed stage is run again with every stage after it, the stages
-before it are kept; a changed model, calibration or evaluation is refused.
+scores, and then on each exported file's own scores (the gates on what a file holds: ppl,
+ppl_ratio, kld, top1, size, task:NAME). A failed gate stops the run (`StageGateError`) with the
+stage or export marked in state.json, the report and OUTPUT/gates.xml (JUnit). `--resume`
+accepts a changed recipe: changed gates are checked again on the stored scores; a changed stage
+is run again with every stage after it, the stages before it are kept; a changed model,
+calibration or evaluation is refused.
 
 A run holds the directory's lock (`rundir.locked`) from start to end; `--overwrite` replaces only
 a run directory, and only once the new run's first files are in place (`util.fs.atomic_dir`).
@@ -56,6 +60,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 JUNIT = "gates.xml"
+# final gates also checked on each exported file's scores (the others measure tinyllm's harness)
+EXPORT_METRICS = ("ppl", "ppl_ratio", "kld", "top1", "size", "task")
 
 
 class StageGateError(GatesFailedError):
@@ -408,12 +414,60 @@ class Runner:
         return {k: v for k, v in result.report.items() if k != "seconds"}
 
     def run_exports(self) -> None:
+        """Write the exports, score each file through its own runtime (once: a resumed run keeps
+        the scores), then check the final gates on those scores."""
+        if len(self.state["exports"]) != len(self.recipe.exports):
+            self.write_exports()
+        for record in self.state["exports"]:
+            if "eval" not in record:
+                record["eval"] = self.score_export(record)
+                self.save_state()
+        for i, record in enumerate(self.state["exports"]):
+            self.check_export(i, record)
+
+    def score_export(self, record: dict) -> dict:
+        """An exported file scored as the stages are, through the runtime that reads it: the
+        evaluation windows against the original, and the evaluation's tasks. A runtime that is
+        not installed or cannot read the file gives {"not_scored": why}, not an error."""
+        from tinyllm.eval.evaluate import evaluation_windows
+        from tinyllm.eval.tasks import run_tasks
+        from tinyllm.export.scoring import RUNTIMES, open_backend, score_windows
+
+        e, runtime = self.recipe.evaluation, RUNTIMES.get(record["format"], record["format"])
+        log.info("scoring export %s through %s", record["path"], runtime)
+        try:
+            lm = open_backend(record["format"], self.out / record["path"], self.tokenizer)
+            windows, _ = evaluation_windows(self.tokenizer, e.corpus, e.seq_len, e.windows)
+            result = {"runtime": runtime, "size_bytes": record["bytes"]}
+            result.update(score_windows(lm, windows, self.original))
+            if e.tasks:
+                result["tasks"] = run_tasks(lm, e.tasks, e.task_limit)
+        except TinyLLMError as exc:
+            log.warning("export %s not scored: %s", record["path"], exc)
+            return {"runtime": runtime, "not_scored": str(exc)}
+        return result
+
+    def check_export(self, i: int, record: dict) -> None:
+        """The final gates on an exported file's own scores (the gates on what a file holds:
+        quality, size and tasks); a failed one stops the run. A file not scored is not gated."""
+        gates = [g for g in self.recipe.gates if g.metric.partition(":")[0] in EXPORT_METRICS]
+        if "not_scored" in record["eval"] or not gates:
+            record["gates"] = None
+            return
+        record["gates"] = self.gate_results(gates, record["eval"])
+        self.save_state()
+        write_gates_junit(self.out, self.state)
+        if any(not g["passed"] for g in record["gates"]):
+            from tinyllm.pipeline.report import export_label
+
+            what = f"export {i + 1} ({export_label(record)}) failed the final gates"
+            self.stop(what, record["gates"], self.out / record["path"])
+
+    def write_exports(self) -> None:
         from tinyllm.core.load import load
         from tinyllm.export import export
         from tinyllm.util.fs import dir_size
 
-        if len(self.state["exports"]) == len(self.recipe.exports):
-            return
         last = self.source(len(self.recipe.stages))
         model, tok = load(last)
         self.state["exports"] = []
@@ -445,6 +499,9 @@ def write_gates_junit(out: Path, state: dict) -> None:
     }
     if state.get("final_gates"):
         suites["final"] = [GateResult(**g) for g in state["final_gates"]]
+    for x in state.get("exports") or []:
+        if x.get("gates"):
+            suites[f"export {x['path']}"] = [GateResult(**g) for g in x["gates"]]
     if suites:
         write_junit_suites(out / JUNIT, suites)
 
