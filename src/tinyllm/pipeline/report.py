@@ -83,7 +83,7 @@ def export_label(record: dict) -> str:
 def export_cells(record: dict, ppl0: float, size0: float, tasks: list[str]) -> list[str]:
     """An exported file's row of the stage table: its own scores through its runtime, or
     'not scored' (the reason in the settings column)."""
-    e = record.get("eval") or {"not_scored": "the run stopped before it was scored"}
+    e = record.get("eval") or {"not_scored": "state.json holds no scores for it"}
     if "not_scored" in e:
         dashes = ["-"] * (9 + len(tasks))
         return ["export", export_label(record), f"not scored: {e['not_scored']}", *dashes, "-"]
