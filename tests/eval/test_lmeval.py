@@ -250,6 +250,21 @@ def test_unknown_tasks_and_missing_files_fail_before_scoring(lm, lm_eval, tmp_pa
         run_tasks(lm, [str(tmp_path)])
 
 
+def test_task_names_are_checked_against_lm_evals_index_before_scoring(lm_eval, monkeypatch):
+    monkeypatch.setattr(lmeval, "lm_eval_task_names", lambda: {"hellaswag", "mmlu"})
+    check_task_names(["polarity", "hellaswag", "mmlu"])
+    with pytest.raises(ConfigError, match=r"unknown task 'hellaswa'.*polarity"):
+        check_task_names(["hellaswa"])
+
+
+def test_lm_eval_task_names_are_indexed_once(lm_eval, monkeypatch, tmp_path):
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path))
+    cached = tmp_path / "lm-eval" / f"tasks-{lmeval.lm_eval_version()}.json"
+    cached.parent.mkdir()
+    cached.write_text(json.dumps(["only_this_task"]))
+    assert lmeval.lm_eval_task_names() == {"only_this_task"}  # no 15 s index
+
+
 def test_an_unreachable_dataset_says_how_to_work_offline(monkeypatch):
     class OfflineManager:
         def load(self, names):
@@ -266,7 +281,10 @@ def test_the_model_is_registered_for_lm_eval(lm_eval):
 
 
 def test_pretrained_loads_any_model_spec(lm_eval, tiny_dir):
-    model = lmeval.adapter_class()(pretrained=str(tiny_dir), batch_size=8)
+    device = "cpu" if torch.cuda.is_available() else "cuda:0"  # lm_eval's default: no GPU, cpu
+    model = lmeval.adapter_class()(pretrained=str(tiny_dir), batch_size=8, device=device)
     assert isinstance(model.lm, ModuleLM) and model.max_length == 256
     (ll,) = model.loglikelihood([type("R", (), {"args": ("The quick", " brown")})()])
     assert ll[0] < 0
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        lmeval.adapter_class()(pretrained=str(tiny_dir), dtype="float7")

@@ -35,7 +35,7 @@ import yaml
 from tinyllm.data.tasks import Task
 from tinyllm.errors import ConfigError, CorpusError
 from tinyllm.eval.lm import LanguageModel, Request, encode, encode_pair, eot_id, prefix_ids
-from tinyllm.util.fs import write_text_atomic
+from tinyllm.util.fs import cache_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,17 @@ def load_language_model(
 
     from tinyllm.core.load import load
     from tinyllm.eval.lm import ModuleLM
+    from tinyllm.util.device import resolve_device
 
-    model, tokenizer = load(str(pretrained), dtype=getattr(torch, str(dtype)))
-    if device:
-        model.to(device)
-    return ModuleLM(model, tokenizer, name=str(pretrained))
+    spec = str(device or "auto")
+    if spec.startswith("cuda") and not torch.cuda.is_available():  # lm_eval's default: cuda:0
+        log.warning("no GPU here: %s runs on the CPU", pretrained)
+        spec = "cpu"
+    where = resolve_device(spec)
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ConfigError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16")
+    model, tokenizer = load(str(pretrained), dtype=getattr(torch, str(dtype)), inference=True)
+    return ModuleLM(model.to(where), tokenizer, name=str(pretrained))
 
 
 @cache
@@ -273,11 +279,36 @@ def _is_path(spec: str) -> bool:
 
 
 def check_spec(spec: str) -> None:
-    """A cheap early check of a task that is not built-in: lm-eval is installed, and a task file
-    or directory exists (names are checked when the tasks are built, `lmeval_tasks`)."""
+    """An early check of a task that is not built-in: lm-eval is installed, a task file or
+    directory exists, a name is one of lm-eval's (datasets are fetched later, `lmeval_tasks`)."""
     require_lm_eval(f"the task '{spec}' (not built-in)")
-    if _is_path(spec) and not Path(spec).exists():
-        raise ConfigError(f"task file or directory {spec} does not exist")
+    if _is_path(spec):
+        if not Path(spec).exists():
+            raise ConfigError(f"task file or directory {spec} does not exist")
+    elif spec not in lm_eval_task_names():
+        raise _unknown(spec)
+
+
+def lm_eval_task_names() -> set[str]:
+    """lm-eval's task, group and tag names, indexed once per lm-eval version (~15 s) and cached
+    under $TINYLLM_CACHE/lm-eval."""
+    path = cache_dir("lm-eval") / f"tasks-{lm_eval_version()}.json"
+    if path.exists():
+        return set(json.loads(path.read_text()))
+    from lm_eval.tasks import TaskManager
+
+    names = TaskManager().all_tasks
+    write_text_atomic(path, json.dumps(names))
+    return set(names)
+
+
+def _unknown(spec: str) -> ConfigError:
+    from tinyllm.data.tasks import BUILTIN
+
+    return ConfigError(
+        f"unknown task '{spec}': not a built-in task ({', '.join(BUILTIN)}), an lm-eval task "
+        "(list them: tinyllm tasks lm-eval ls tasks) or a task YAML file or directory"
+    )
 
 
 def _task_manager(specs: Sequence[str]) -> Any:
@@ -313,12 +344,7 @@ def _resolve(tm: Any, spec: str) -> list[str]:
             raise ConfigError(f"task file {spec} does not exist")
         return [spec]
     if spec not in tm.task_index:
-        from tinyllm.data.tasks import BUILTIN
-
-        raise ConfigError(
-            f"unknown task '{spec}': not a built-in task ({', '.join(BUILTIN)}), an lm-eval "
-            "task (list them: tinyllm tasks lm-eval ls tasks) or a task YAML file/directory"
-        )
+        raise _unknown(spec)
     return [spec]
 
 
