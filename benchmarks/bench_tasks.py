@@ -1,0 +1,107 @@
+"""Issue 34 table: task accuracy of compressed models, each row through the CLI in its own process.
+
+Run: .venv/bin/python benchmarks/bench_tasks.py [--rows MODEL/ROW,...] [--limit N] [--table]
+Rows are MODEL/VARIANT for MODEL in smollm2-135m, gemma3-270m. Each row compresses with the CLI
+(`tinyllm quantize|prune|run edge`, checkpoint kept in benchmarks/work/tasks/MODEL/VARIANT), then
+runs `tinyllm eval DIR --reference MODEL --windows 16 --tasks <all built-in> --json`. Results are
+merged into benchmarks/results/tasks.json row by row (an interrupted run resumes; --force reruns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rowtable import row_args, rows_present, run_rows, table_head
+
+OUT = Path(__file__).parent / "results" / "tasks.json"
+KEEP = Path(__file__).parent / "work" / "tasks"
+CLI = [sys.executable, "-m", "tinyllm.cli"]
+TASKS = ["analogy", "analogy-gen", "polarity", "wiki-next"]
+WINDOWS = "16"
+SAMPLES = ["--samples", "64"]
+VARIANTS: dict[str, list[str]] = {
+    "fp32": [],
+    "gptq-4b-g64": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "64", *SAMPLES],
+    "awq-gptq-4b-g32": [
+        *["quantize", "--method", "awq", "--base", "gptq", "--bits", "4", "--group-size", "32"],
+        *SAMPLES,
+    ],
+    "gptq-3b-g32": ["quantize", "--method", "gptq", "--bits", "3", "--group-size", "32", *SAMPLES],
+    "rtn-3b-g32": ["quantize", "--method", "rtn", "--bits", "3", "--group-size", "32"],
+    "sparsegpt-50": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", *SAMPLES],
+    "sparsegpt-2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", *SAMPLES],
+    "edge": ["run"],
+}
+MODELS = ["smollm2-135m", "gemma3-270m"]
+ROWS = [f"{m}/{v}" for m in MODELS for v in VARIANTS]
+
+
+def compress(model: str, variant: str) -> tuple[str, float]:
+    """The row's model (a checkpoint directory, or the original's name) and compress seconds."""
+    if variant == "fp32":
+        return model, 0.0
+    out = KEEP / model / variant.replace(":", "-")
+    t0 = time.perf_counter()
+    if variant == "edge":
+        recipe = out.parent / "edge.yaml"
+        edge = Path(__file__).parents[1] / "src" / "tinyllm" / "recipes" / "edge.yaml"
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(edge.read_text().replace("model: smollm2-135m", f"model: {model}"))
+        subprocess.run([*CLI, "run", str(recipe), "-o", str(out), "--overwrite"], check=True)
+        stages = sorted(p for p in (out / "stages").iterdir() if (p / "model").is_dir())
+        return str(stages[-1] / "model"), time.perf_counter() - t0
+    cmd = [*CLI, VARIANTS[variant][0], model, *VARIANTS[variant][1:], "-o", str(out)]
+    subprocess.run([*cmd, "--overwrite"], check=True)
+    return str(out), time.perf_counter() - t0
+
+
+def run_row(name: str, limit: int | None) -> dict:
+    model, variant = name.split("/")
+    target, seconds = compress(model, variant)
+    extra = ["--task-limit", str(limit)] if limit else []
+    with tempfile.TemporaryDirectory() as tmp:
+        res = Path(tmp) / "r.json"
+        cmd = [*CLI, "eval", target, "--reference", model, "--windows", WINDOWS]
+        cmd += ["--tasks", ",".join(TASKS), *extra, "--json", str(res)]
+        subprocess.run(cmd, check=True)
+        result = json.loads(res.read_text())
+    return {**result, "compress_seconds": seconds, "task_limit": limit}
+
+
+def _cell(t: dict | None) -> str:
+    return "-" if t is None else f"{100 * t['accuracy']:.1f} ± {100 * t['stderr']:.1f}"
+
+
+def table(results: dict) -> str:
+    lines = table_head(
+        "model | row | " + " | ".join(TASKS) + " | mean task acc | ppl | KLD | top-1 | bits/w"
+    )
+    for name, r in rows_present(results, ROWS):
+        tasks = r.get("tasks") or {}
+        mean = sum(t["accuracy"] for t in tasks.values()) / max(1, len(tasks))
+        kld = "-" if r["kld"] is None else f"{r['kld']:.4f}"
+        top1 = "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}"
+        cells = " | ".join(_cell(tasks.get(t)) for t in TASKS)
+        model, variant = name.split("/")
+        lines.append(
+            f"| {model} | {variant} | {cells} | {100 * mean:.1f} | {r['perplexity']:.2f} | {kld} "
+            f"| {top1} | {r['bits_per_weight']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
+    args = row_args(ROWS, ap)
+    run_rows(OUT, args, lambda name: run_row(name, args.limit), table)
+
+
+if __name__ == "__main__":
+    main()
