@@ -55,9 +55,14 @@ def test_wiki_next_true_continuation_follows_its_context_in_an_article():
     assert max(Counter(d.gold for d in task.docs).values()) < 0.4 * T.WIKI_DOCS  # no position bias
 
 
-def test_tasks_are_deterministic():
+def test_tasks_are_deterministic_and_any_prefix_is_a_fair_sample():
     for name, build in T.BUILTIN.items():
-        assert build().docs == T.builtin_task(name).docs, name
+        docs = T.builtin_task(name).docs
+        assert sorted(build().docs, key=repr) == sorted(docs, key=repr), name
+    first = T.builtin_task("polarity").docs[:40]
+    assert 12 <= sum(d.gold for d in first) <= 28  # both labels, not one block of the file
+    shots = {d.context.split("\n")[-1].split()[0] for d in T.builtin_task("analogy").docs[:40]}
+    assert len(shots) >= 20  # many categories' questions, not the first category's
 
 
 def test_unknown_task_names_the_choices():

@@ -195,10 +195,13 @@ BUILTIN: dict[str, Callable[[], Task]] = {
 
 @cache
 def builtin_task(name: str) -> Task:
-    """A built-in task by name (built once per process)."""
+    """A built-in task by name (built once per process). Its questions come in a seeded random
+    order, so the first N (--task-limit) are a fair sample of every category and label."""
     if name not in BUILTIN:
         raise ConfigError(
             f"unknown task '{name}': the built-in tasks are {', '.join(BUILTIN)}; "
             "lm-evaluation-harness tasks and task YAML files need `pip install tinyllm[tasks]`"
         )
-    return BUILTIN[name]()
+    task = BUILTIN[name]()
+    random.Random(f"{SEED}-order-{name}").shuffle(task.docs)
+    return task
