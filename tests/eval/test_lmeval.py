@@ -160,7 +160,7 @@ def lm_eval():
 def test_rolling_loglikelihood_is_the_sum_over_disjoint_windows(lm, lm_eval):
     text = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen jugs."
     tokens = encode(lm.tokenizer, text)
-    prefix = lm.tokenizer.eos_token_id  # the tiny tokenizer adds no BOS: end-of-text leads
+    prefix = lm.tokenizer.bos_token_id  # BOS leads (as in lm-eval), though the tokenizer adds none
     seq = [prefix, *tokens]
     assert len(tokens) > 30
     # one window: the whole text after the prefix, from one forward
@@ -288,3 +288,20 @@ def test_pretrained_loads_any_model_spec(lm_eval, tiny_dir):
     assert ll[0] < 0
     with pytest.raises(ConfigError, match="unknown dtype"):
         lmeval.adapter_class()(pretrained=str(tiny_dir), dtype="float7")
+
+
+def test_a_group_reports_its_aggregate(lm, lm_eval, tmp_path):
+    lmeval.export_task(builtin_task("polarity"), tmp_path)
+    lmeval.export_task(builtin_task("analogy"), tmp_path)
+    group = {
+        "group": "mine",
+        "task": ["polarity", "analogy"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+    }
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(group))
+    got = run_tasks(lm, [str(tmp_path)], limit=3)
+    assert list(got) == ["mine"]  # its tasks are not reported twice
+    parts = run_tasks(lm, ["polarity", "analogy"], limit=3)
+    mean = (parts["polarity"]["acc"] + parts["analogy"]["acc"]) / 2
+    assert (got["mine"]["n"], got["mine"]["metric"]) == (6, "acc")
+    assert got["mine"]["accuracy"] == pytest.approx(mean)

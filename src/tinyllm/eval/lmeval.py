@@ -113,8 +113,10 @@ def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[Req
 
 
 def rolling_loglikelihoods(lm: LanguageModel, texts: Sequence[str], max_length: int) -> list[float]:
-    """Log-likelihood of each whole text after the BOS (or end-of-text) token, windowed."""
-    prefix = (prefix_ids(lm.tokenizer) or [eot_id(lm.tokenizer)])[0]
+    """Log-likelihood of each whole text after the tokenizer's BOS token (end-of-text when it
+    has none, as lm-eval's `hf` model), in windows of at most `max_length` tokens."""
+    bos = getattr(lm.tokenizer, "bos_token_id", None)
+    prefix = int(bos) if bos is not None else eot_id(lm.tokenizer)
     per_text = [rolling_windows(encode(lm.tokenizer, t), prefix, max_length) for t in texts]
     flat = [w for windows in per_text for w in windows]
     scores = [ll for ll, _ in lm.loglikelihood(flat)] if flat else []
