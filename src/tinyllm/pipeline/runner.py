@@ -140,6 +140,8 @@ def _resumable(out: Path, recipe: Recipe, text: str) -> dict:
         raise RecipeError(f"--resume: {out} holds no run to continue (no {STATE})")
     state = read_state(out)
     old, new = state["recipe"], recipe.normalized()
+    no_gates = {"stages": [[] for _ in old.get("stages", [])], "final": []}
+    old.setdefault("gates", no_gates)  # a run started before recipes had gates
     if _inputs(old) != _inputs(new):
         raise RecipeError(
             f"--resume: the recipe's model, calibration or evaluation changed since {out} was "
@@ -336,10 +338,9 @@ class Runner:
 
         results = [GateResult(**g) for g in gates]
         message = (
-            f"{what}: {summary(results)}. The run stopped before anything after it ran; the "
-            f"model is {model}, {self.out / 'report.md'} marks the gate. Change the stage or "
-            f"its gates in the recipe, then continue with `tinyllm run RECIPE -o {self.out} "
-            "--resume`"
+            f"{what}: {summary(results)}. The run stopped there (the model: {model}; "
+            f"{self.out / 'report.md'} marks the gate). Change the stage or its gates in the "
+            f"recipe, then continue with `tinyllm run RECIPE -o {self.out} --resume`"
         )
         self.state["stopped"] = message
         self.save_state()
