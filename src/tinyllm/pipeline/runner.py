@@ -260,7 +260,7 @@ class Runner:
 
         e = self.recipe.evaluation
         ref = (self.original, self.tokenizer) if reference else None
-        result: dict = evaluate(
+        result = evaluate(
             model,
             self.tokenizer,
             corpus=e.corpus,
@@ -269,18 +269,10 @@ class Runner:
             reference=ref,
             name=name,
             device=self.device,
-        ).to_dict()
-        if e.tasks:
-            result["tasks"] = self.tasks(model, name)
-        return result
-
-    def tasks(self, model: nn.Module, name: str) -> dict[str, dict]:
-        """The evaluation's tasks on `model` (accuracy and standard error per task)."""
-        from tinyllm.eval.lm import ModuleLM
-        from tinyllm.eval.tasks import run_tasks
-
-        e = self.recipe.evaluation
-        return run_tasks(ModuleLM(model, self.tokenizer, name=name), e.tasks, e.task_limit)
+            tasks=e.tasks,
+            task_limit=e.task_limit,
+        )
+        return result.to_dict()
 
     def run(self) -> dict:
         if self.state["original"] is None:
@@ -521,6 +513,16 @@ def _export_name(e: Any) -> str:
     ]
 
 
+def _check_tasks(recipe: Recipe) -> None:
+    """The evaluation's task names exist (a RecipeError naming the choices otherwise)."""
+    from tinyllm.eval.tasks import check_task_names
+
+    try:
+        check_task_names(recipe.evaluation.tasks)
+    except TinyLLMError as exc:
+        raise RecipeError(f"{recipe.source}, field evaluation.tasks: {exc}") from exc
+
+
 def run_device(recipe: Recipe) -> str:
     """The recipe's `device:` on this machine ('cpu', 'cuda', 'cuda:1'); a GPU asked for where
     there is none is a RecipeError."""
@@ -551,6 +553,7 @@ def run_recipe(
     except TinyLLMError as exc:
         raise RecipeError(f"{recipe.source}: model: {exc}") from exc
     run_device(recipe)  # and so does a GPU this machine does not have
+    _check_tasks(recipe)  # and a task that does not exist
     with locked(out):
         state = prepare_output(out, recipe, text, resume, overwrite)
         return Runner(recipe, out, state, on_stage).run()
