@@ -115,3 +115,20 @@ def test_unavailable_runtime_or_unreadable_file_is_not_scored(tokenizer, tmp_pat
     (tmp_path / "bad.onnx").write_bytes(b"not a graph")
     with pytest.raises(NotScoredError, match=r"onnxruntime cannot read bad\.onnx"):
         open_backend("onnx", tmp_path / "bad.onnx", tokenizer)
+
+
+def test_llamacpp_context_grows_to_the_trained_length(tokenizer, tmp_path: Path):
+    from tinyllm.errors import ConfigError
+    from tinyllm.export.llamacpp import LlamaCppLM, trained_context
+
+    model = tiny_model(vocab=len(tokenizer))  # trained context: 256 positions
+    lm = LlamaCppLM(_exported("gguf", model, tokenizer, tmp_path), tokenizer, n_ctx=64)
+    assert trained_context(lm.llm) == 256
+    seq = (tokenizer(" ".join(p for pair in PAIRS for p in pair) * 4)["input_ids"] * 2)[:100]
+    (got,) = lm.tail_logits([seq], [90])
+    assert len(lm.llm.input_ids) == 128 and got.shape == (10, len(tokenizer))
+    with torch.no_grad():
+        want = model(torch.tensor([seq])).logits[0, 90:]
+    assert torch.allclose(got, want, atol=2e-3)
+    with pytest.raises(ConfigError, match=r"longer than m\.gguf was trained for"):
+        lm.tail_logits([seq * 3], [0])

@@ -37,6 +37,13 @@ def open_gguf(path: Path, n_ctx: int = 512, threads: int | None = None) -> Any:
     )
 
 
+def trained_context(llm: Any) -> int:
+    """The context length the model was trained for (the GGUF's ARCH.context_length)."""
+    meta = llm.metadata
+    key = f"{meta.get('general.architecture', 'llama')}.context_length"
+    return int(meta[key]) if key in meta else int(llm._model.n_ctx_train())
+
+
 def logits(llm: Any, ids: list[int], start: int = 0) -> np.ndarray:
     """llama.cpp's logits for positions start.. of one sequence (the context is reset first).
     -> float32 [len(ids) - start, vocab]"""
@@ -108,18 +115,24 @@ class LlamaCppLM(LogitsLM):
     than it, up to the length the model was trained for; longer is a ConfigError."""
 
     def __init__(
-        self, path: Path, tokenizer: Any, name: str | None = None, threads: int | None = None
+        self,
+        path: Path,
+        tokenizer: Any,
+        name: str | None = None,
+        threads: int | None = None,
+        n_ctx: int = 256,
     ) -> None:
         super().__init__(name or f"{Path(path).name} (llama.cpp)", tokenizer)
         self.path, self.threads = Path(path), threads
-        self.llm = open_gguf(self.path, 256, threads)  # grows as sequences need
+        self.llm = open_gguf(self.path, n_ctx, threads)  # grows as sequences need
         self.tokens_per_batch = max(64, min(2048, LOGITS_BYTES // (4 * self.llm.n_vocab())))
 
     def _fit(self, n: int) -> None:
-        """A context of at least n tokens."""
-        if n <= self.llm.n_ctx():
+        """A context of at least n tokens (llama-cpp-python's own arrays hold the n_ctx asked
+        for; llama.cpp may round its context up)."""
+        if n <= len(self.llm.input_ids):
             return
-        limit = self.llm.n_ctx_train()
+        limit = trained_context(self.llm)
         if n > limit:
             raise ConfigError(
                 f"a sequence of {n} tokens is longer than {self.path.name} was trained for "
