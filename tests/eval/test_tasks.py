@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from tests.conftest import FAMILIES, tiny_model
 from tinyllm.data.tasks import Doc, Task
 from tinyllm.eval.lm import LogitsLM, ModuleLM, encode, encode_pair
 from tinyllm.eval.tasks import cut_at_stop, mean_stderr, run_task
@@ -50,7 +50,9 @@ def test_loglikelihood_is_the_sum_of_next_token_log_probabilities(lm):
     assert got == pytest.approx(want, abs=1e-4) and is_greedy == greedy
 
 
-def test_batched_shared_and_plain_paths_agree(lm):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_shared_and_plain_paths_agree(family, tokenizer):
+    lm = ModuleLM(tiny_model(family, vocab=len(tokenizer)), tokenizer, family, fast=False)
     torch.manual_seed(1)
     reqs = [
         ([0, *torch.randint(2, 300, (n,)).tolist()], torch.randint(2, 300, (k,)).tolist())

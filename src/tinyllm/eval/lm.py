@@ -18,6 +18,7 @@ task gives the same numbers through our harness and through lm-eval's runner.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -72,6 +73,14 @@ def eot_id(tokenizer: Any) -> int:
     return int(eos if eos is not None else 0)
 
 
+def _score(z: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+    """(sum of log p(cont), all greedy) from the logits rows [len(cont), V] predicting `cont`."""
+    target = torch.tensor(cont, dtype=torch.long)
+    logp = torch.log_softmax(z.float(), dim=-1)
+    picked = logp.gather(1, target[:, None]).squeeze(1)
+    return float(picked.double().sum()), bool((logp.argmax(-1) == target).all())
+
+
 def _batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
     """Indices grouped longest first into batches of at most `budget` padded tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -101,28 +110,22 @@ class LogitsLM:
 
     def loglikelihood(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
         """Each sequence context + continuation[:-1] is run once, however many requests share
-        it (the choices of a question that are one token long all read the context's last row)."""
-        starts: dict[tuple[int, ...], int] = {}
-        for ctx, cont in requests:
-            key = tuple(ctx + cont[:-1])  # the last token is only a target
-            starts[key] = min(starts.get(key, len(key)), len(ctx) - 1)
-        keys = list(starts)
-        rows: dict[tuple[int, ...], torch.Tensor] = {}
+        it (the choices of a question that are one token long all read the context's last row);
+        each batch's logits are scored and dropped before the next batch runs."""
+        users: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            users.setdefault(tuple(ctx + cont[:-1]), []).append(i)  # the last token: a target
+        keys = list(users)
+        starts = [min(len(requests[i][0]) - 1 for i in users[k]) for k in keys]
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for batch in _batches([len(k) for k in keys], self.tokens_per_batch):
-            seqs = [list(keys[i]) for i in batch]
-            logits = self.tail_logits(seqs, [starts[keys[i]] for i in batch])
-            rows.update({keys[i]: z for i, z in zip(batch, logits, strict=True)})
-        return [self._score(rows, starts, ctx, cont) for ctx, cont in requests]
-
-    @staticmethod
-    def _score(rows: dict, starts: dict, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-        key = tuple(ctx + cont[:-1])
-        first = len(ctx) - 1 - starts[key]
-        z = rows[key][first : first + len(cont)]  # [len(cont), V]
-        target = torch.tensor(cont, dtype=torch.long)
-        logp = torch.log_softmax(z.float(), dim=-1)
-        picked = logp.gather(1, target[:, None]).squeeze(1)
-        return float(picked.double().sum()), bool((logp.argmax(-1) == target).all())
+            logits = self.tail_logits([list(keys[b]) for b in batch], [starts[b] for b in batch])
+            for b, z in zip(batch, logits, strict=True):
+                for i in users[keys[b]]:
+                    ctx, cont = requests[i]
+                    first = len(ctx) - 1 - starts[b]
+                    results[i] = _score(z[first : first + len(cont)], cont)
+        return results
 
     def generate(self, requests: Sequence[tuple[list[int], int]]) -> list[list[int]]:
         """Greedy, one token per step over the whole sequence (backends may do better)."""
@@ -152,29 +155,50 @@ class ModuleLM(LogitsLM):
         self.tokens_per_batch = max(64, min(2048, LOGITS_BYTES // (4 * vocab)))
         self.fast = fast and module_device(model).type == "cpu"
         self.pad = eot_id(tokenizer)
+        self._keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._depth = 0
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            if self.fast:
-                stack.enter_context(fast_linears(self.model, self.tokens_per_batch))
-            stack.enter_context(torch.inference_mode())
+        """oneDNN linears (packed once per call of the outermost method) and inference mode."""
+        if self._depth:
             yield
+            return
+        self._depth += 1
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.fast:
+                    stack.enter_context(fast_linears(self.model, self.tokens_per_batch))
+                stack.enter_context(torch.inference_mode())
+                yield
+        finally:
+            self._depth -= 1
+
+    def loglikelihood(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
+        with self._running():
+            return super().loglikelihood(requests)
 
     def tail_logits(self, seqs: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+        """Left-padded batch (so every tail ends at the last column); the head runs only on the
+        tail columns when the model takes `logits_to_keep`."""
         width = max(len(s) for s in seqs)
+        tails = [len(s) - st for s, st in zip(seqs, starts, strict=True)]
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):  # right padding: real positions see only real positions
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s) :] = torch.tensor(s)
+            mask[r, width - len(s) :] = 1
         device = module_device(self.model)
+        inputs = dict(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(0)
+        )
+        extra = {"logits_to_keep": max(tails)} if self._keeps else {}
         with self._running():
             logits = self.model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-            ).logits  # [B, width, V]
-        pairs = enumerate(zip(seqs, starts, strict=True))
-        return [logits[r, st : len(s)].float().cpu() for r, (s, st) in pairs]
+                **{k: v.to(device) for k, v in inputs.items()}, use_cache=False, **extra
+            ).logits  # [B, max(tails) or width, V]
+        cols = logits.shape[1]
+        return [logits[r, cols - t :].float().cpu() for r, t in enumerate(tails)]
 
     def generate(self, requests: Sequence[tuple[list[int], int]]) -> list[list[int]]:
         """Greedy, cached, in left-padded batches of equal new-token budgets."""
