@@ -277,7 +277,9 @@ def test_an_unreachable_dataset_says_how_to_work_offline(monkeypatch):
 def test_the_model_is_registered_for_lm_eval(lm_eval):
     from lm_eval.api.registry import get_model
 
-    assert get_model("tinyllm") is lmeval.adapter_class()
+    cls = lmeval.adapter_class()
+    assert get_model("tinyllm") is cls
+    assert get_model("hf").__name__ == "HFLM"  # lm-eval's own models are still there
 
 
 def test_pretrained_loads_any_model_spec(lm_eval, tiny_dir):

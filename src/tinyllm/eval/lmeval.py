@@ -195,6 +195,7 @@ def load_language_model(
 def adapter_class() -> type:
     """The lm-eval model class wrapping a `LanguageModel`, registered as "tinyllm"."""
     require_lm_eval()
+    import lm_eval.models  # noqa: F401  (lm-eval's own models: an empty registry loads them lazily)
     from lm_eval.api.model import LM
     from lm_eval.api.registry import model_registry, register_model
 
