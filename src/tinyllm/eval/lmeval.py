@@ -47,6 +47,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default
 BOOTSTRAP_ITERS = 1000  # lm-eval's bootstrap for metrics without a closed-form stderr
 PRIMARY = ("acc", "acc_norm", "exact_match")  # `accuracy` is the first of these a task reports
 GREEDY_OK = {"until", "max_gen_toks", "do_sample", "temperature"}
+WHITESPACE = ["^\\s+", "\\s+$"]  # exact_match ignores leading and trailing whitespace
 
 
 def require_lm_eval(what: str = "lm-evaluation-harness tasks") -> ModuleType:
@@ -191,6 +192,53 @@ def load_language_model(
     return ModuleLM(model.to(where), tokenizer, name=str(pretrained))
 
 
+class _TinyLLMModel:
+    """lm-eval model over a tinyllm `LanguageModel` (`lm=`) or a model spec (`pretrained=`);
+    batch_size and the like are accepted and ignored: the backend batches by token budget.
+    `adapter_class()` mixes it with lm-eval's `LM` base."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        lm: LanguageModel | None = None,
+        max_length: int | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        **ignored: Any,
+    ) -> None:
+        super().__init__()  # lm-eval's LM: rank, world size, cache hook
+        if lm is None and not pretrained:
+            raise ConfigError("the tinyllm lm-eval model needs pretrained=MODEL_SPEC")
+        self.lm = lm or load_language_model(str(pretrained), dtype, device)
+        self.max_length = int(max_length or max_length_of(self.lm))
+        log.debug("tinyllm lm-eval model ignores %s", sorted(ignored))
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.lm.tokenizer, "name_or_path", self.lm.name))
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"model_name": self.lm.name, "max_length": self.max_length}
+
+    def _cached(self, kind: str, args: list[tuple], out: list) -> list:
+        for a, res in zip(args, out, strict=True):
+            self.cache_hook.add_partial(kind, a, res)  # lm-eval's --use_cache
+        return out
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+        pairs = [tuple(r.args) for r in requests]
+        return self._cached("loglikelihood", pairs, loglikelihoods(self.lm, pairs, self.max_length))
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+        texts = [r.args[0] for r in requests]
+        out = rolling_loglikelihoods(self.lm, texts, self.max_length)
+        return self._cached("loglikelihood_rolling", [(t,) for t in texts], out)
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
+        args = [tuple(r.args) for r in requests]
+        return self._cached("generate_until", args, generate_until(self.lm, args, self.max_length))
+
+
 @cache
 def adapter_class() -> type:
     """The lm-eval model class wrapping a `LanguageModel`, registered as "tinyllm"."""
@@ -199,57 +247,10 @@ def adapter_class() -> type:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import model_registry, register_model
 
-    class TinyLLM(LM):
-        """lm-eval model over a tinyllm `LanguageModel` (`lm=`) or a model spec (`pretrained=`);
-        batch_size and the like are accepted and ignored: the backend batches by token budget."""
-
-        def __init__(
-            self,
-            pretrained: str | None = None,
-            lm: LanguageModel | None = None,
-            max_length: int | None = None,
-            dtype: str = "float32",
-            device: str | None = None,
-            **ignored: Any,
-        ) -> None:
-            super().__init__()
-            if lm is None and not pretrained:
-                raise ConfigError("the tinyllm lm-eval model needs pretrained=MODEL_SPEC")
-            self.lm = lm or load_language_model(str(pretrained), dtype, device)
-            self.max_length = int(max_length or max_length_of(self.lm))
-            log.debug("tinyllm lm-eval model ignores %s", sorted(ignored))
-
-        @property
-        def tokenizer_name(self) -> str:
-            return str(getattr(self.lm.tokenizer, "name_or_path", self.lm.name))
-
-        def get_model_info(self) -> dict[str, Any]:
-            return {"model_name": self.lm.name, "max_length": self.max_length}
-
-        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
-            pairs = [tuple(r.args) for r in requests]
-            out = loglikelihoods(self.lm, pairs, self.max_length)
-            for args, res in zip(pairs, out, strict=True):
-                self.cache_hook.add_partial("loglikelihood", args, res)
-            return out
-
-        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
-            texts = [r.args[0] for r in requests]
-            out = rolling_loglikelihoods(self.lm, texts, self.max_length)
-            for text, res in zip(texts, out, strict=True):
-                self.cache_hook.add_partial("loglikelihood_rolling", (text,), res)
-            return out
-
-        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
-            args = [tuple(r.args) for r in requests]
-            out = generate_until(self.lm, args, self.max_length)
-            for a, res in zip(args, out, strict=True):
-                self.cache_hook.add_partial("generate_until", a, res)
-            return out
-
+    cls = type("TinyLLM", (_TinyLLMModel, LM), {"__doc__": _TinyLLMModel.__doc__})
     if MODEL_NAME not in model_registry:
-        register_model(MODEL_NAME)(TinyLLM)
-    return TinyLLM
+        register_model(MODEL_NAME)(cls)
+    return cls
 
 
 def lm_eval_cli(argv: Sequence[str]) -> None:
@@ -451,46 +452,53 @@ def _doc_row(task: Task, doc: Any) -> dict[str, Any]:
     return {"context": doc.context, "choices": list(doc.choices), "gold": doc.gold}
 
 
-def task_yaml(task: Task, data_file: Path) -> dict[str, Any]:
-    """An lm-eval task config over `data_file` (JSONL) that scores exactly as `run_task` does."""
-    config: dict[str, Any] = {
-        "task": task.name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
-        "doc_to_text": "context",
-        "num_fewshot": 0,  # the shots are part of each context
-        "metadata": {"version": 1.0, "source": "tinyllm tasks export"},
-    }
+def _scoring(task: Task) -> dict[str, Any]:
+    """The output type, target and metrics that score as `eval.tasks.run_task` does."""
+    mean = {"aggregation": "mean", "higher_is_better": True}
     if task.kind == "generate":
-        config |= {
+        return {
             "output_type": "generate_until",
             "doc_to_target": "answer",
             "generation_kwargs": {
                 "until": list(task.stop),
                 "max_gen_toks": task.max_new_tokens,
                 "do_sample": False,
-            },
-            "metric_list": [
-                {  # run_task strips the cut text before comparing
-                    "metric": "exact_match",
-                    "aggregation": "mean",
-                    "higher_is_better": True,
-                    "regexes_to_ignore": ["^\\s+", "\\s+$"],
-                }
-            ],
+            },  # run_task strips the cut text before comparing:
+            "metric_list": [{"metric": "exact_match", **mean, "regexes_to_ignore": WHITESPACE}],
         }
-        return config
-    metrics = [
-        {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
-    ]
-    return config | {
+    return {
         "output_type": "multiple_choice",
         "doc_to_choice": "choices",
         "doc_to_target": "gold",
         "target_delimiter": " ",
-        "metric_list": metrics,
+        "metric_list": [{"metric": m, **mean} for m in ("acc", "acc_norm")],
     }
+
+
+def task_yaml(task: Task, data_file: Path) -> dict[str, Any]:
+    """An lm-eval task config over `data_file` (JSONL) that scores exactly as `run_task` does."""
+    return {
+        "task": task.name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "doc_to_text": "context",
+        "num_fewshot": 0,  # the shots are part of each context
+        **_scoring(task),
+        "metadata": {"version": 1.0, "source": "tinyllm tasks export"},
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Strings with control characters (the stop string "\\n") double-quoted, on one line."""
+
+
+_Dumper.add_representer(
+    str,
+    lambda d, v: d.represent_scalar(
+        "tag:yaml.org,2002:str", v, style='"' if any(c < " " for c in v) else None
+    ),
+)
 
 
 def export_task(task: Task, directory: str | Path) -> tuple[Path, Path]:
@@ -499,7 +507,7 @@ def export_task(task: Task, directory: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     data, config = out / f"{task.name}.jsonl", out / f"{task.name}.yaml"
     rows = "".join(json.dumps(_doc_row(task, d), ensure_ascii=False) + "\n" for d in task.docs)
-    text = yaml.safe_dump(task_yaml(task, data), sort_keys=False, allow_unicode=True, width=1000)
+    text = yaml.dump(task_yaml(task, data), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
     write_text_atomic(data, rows)
     write_text_atomic(config, text)
     return data, config
