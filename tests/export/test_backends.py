@@ -132,3 +132,19 @@ def test_llamacpp_context_grows_to_the_trained_length(tokenizer, tmp_path: Path)
     assert torch.allclose(got, want, atol=2e-3)
     with pytest.raises(ConfigError, match=r"longer than m\.gguf was trained for"):
         lm.tail_logits([seq * 3], [0])
+
+
+def test_llamacpp_reuses_a_shared_context_exactly(tokenizer, tmp_path: Path):
+    """Sequences sharing a context reuse llama.cpp's cache for it: the same logits as a fresh
+    evaluation of each, in any request order."""
+    from tinyllm.export.llamacpp import logits
+
+    model = tiny_model(vocab=len(tokenizer))
+    lm = open_backend("gguf", _exported("gguf", model, tokenizer, tmp_path), tokenizer)
+    ctx = tokenizer("A wizard's job is to vex chumps quickly in fog.")["input_ids"]
+    seqs = [[*ctx, 40, 41, 42], ctx[:5], [*ctx, 40, 50], [*ctx, 60], [*ctx, 40, 41, 42]]
+    starts = [3, 0, len(ctx) - 1, len(ctx), 1]
+    got = lm.tail_logits(seqs, starts)
+    for seq, start, z in zip(seqs, starts, got, strict=True):
+        fresh = torch.from_numpy(logits(lm.llm, seq, start))
+        assert z.shape == fresh.shape and torch.allclose(z, fresh, atol=1e-5)

@@ -44,12 +44,28 @@ def trained_context(llm: Any) -> int:
     return int(meta[key]) if key in meta else int(llm._model.n_ctx_train())
 
 
-def logits(llm: Any, ids: list[int], start: int = 0) -> np.ndarray:
-    """llama.cpp's logits for positions start.. of one sequence (the context is reset first).
-    -> float32 [len(ids) - start, vocab]"""
-    llm.reset()
-    llm.eval(ids)
+def logits(llm: Any, ids: list[int], start: int = 0, reuse: bool = False) -> np.ndarray:
+    """llama.cpp's logits for positions start.. of one sequence. The context is reset first, or
+    with `reuse` rewound to the prefix `ids` shares with the sequence evaluated last (its KV cache
+    and logits rows are those of the same tokens at the same positions), as llama.cpp's own
+    generate does. -> float32 [len(ids) - start, vocab]"""
+    keep = _shared_prefix(llm, ids) if reuse else 0
+    if keep:
+        llm.n_tokens = keep  # eval() drops the KV cache from here on
+    else:
+        llm.reset()
+    llm.eval(ids[keep:])
     return np.array(llm.scores[start : len(ids)], dtype=np.float32)
+
+
+def _shared_prefix(llm: Any, ids: list[int]) -> int:
+    """How many leading ids are cached already (at most all but the last, which is evaluated
+    again; none for recurrent models, whose state cannot be rewound)."""
+    if getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
+        return 0
+    n = min(llm.n_tokens, len(ids) - 1)
+    same = llm.input_ids[:n] == np.asarray(ids[:n])
+    return n if same.all() else int(same.argmin())
 
 
 def _row_nll(z: torch.Tensor, row: list[int]) -> float:
@@ -108,8 +124,9 @@ def greedy(llm: Any, ids: list[int], n: int) -> list[int]:
 
 
 class LlamaCppLM(LogitsLM):
-    """A GGUF file as a `LanguageModel`: llama.cpp's own logits, one sequence at a time (the
-    context is reset between sequences); greedy generation by llama.cpp's greedy sampler.
+    """A GGUF file as a `LanguageModel`: llama.cpp's own logits, one sequence at a time (each
+    rewound to the prefix it shares with the one before, else reset: the choices of a question
+    evaluate their context once); greedy generation by llama.cpp's greedy sampler.
 
     The context grows (the file is opened again, in powers of two) when a sequence is longer
     than it, up to the length the model was trained for; longer is a ConfigError."""
@@ -142,10 +159,12 @@ class LlamaCppLM(LogitsLM):
         self.llm = open_gguf(self.path, min(limit, 1 << (n - 1).bit_length()), self.threads)
 
     def tail_logits(self, seqs: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
-        out = []
-        for seq, start in zip(seqs, starts, strict=True):
-            self._fit(len(seq))
-            out.append(torch.from_numpy(logits(self.llm, seq, start)))
+        """In sorted order, so the choices of a question follow each other and each reuses the
+        context its predecessor left in llama.cpp's cache."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        for i in sorted(range(len(seqs)), key=seqs.__getitem__):
+            self._fit(len(seqs[i]))  # a file opened again starts empty
+            out[i] = torch.from_numpy(logits(self.llm, seqs[i], starts[i], reuse=True))
         return out
 
     def generate(self, requests: Sequence[tuple[list[int], int]]) -> list[list[int]]:
