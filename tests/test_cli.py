@@ -272,3 +272,9 @@ def test_eval_tasks_report_accuracy_with_its_error(tiny_dir: Path, corpus_file: 
 def test_eval_unknown_task_is_a_clear_error(tiny_dir: Path):
     p = run("eval", str(tiny_dir), "--tasks", "polarity,nope")
     assert_clean_error(p, "unknown task 'nope'")
+
+
+def test_error_text_in_brackets_is_printed_not_taken_as_markup(tiny_dir: Path):
+    p = run("eval", str(tiny_dir), "--gate", "task:[x]>=0.5")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "[x]" in p.stderr, p.stderr

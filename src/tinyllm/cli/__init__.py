@@ -9,6 +9,7 @@ import logging
 import sys
 
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from tinyllm.cli import compress, estimate, export, inspect, recipes, runtime, tasks  # noqa: F401  (registers)
 from tinyllm.cli._common import err
@@ -35,7 +36,7 @@ def main() -> None:
     try:
         app(args=argv, standalone_mode=True)
     except TinyLLMError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -84,8 +84,9 @@ def eval_(
     tasks: Annotated[
         str | None,
         typer.Option(
-            help="Also score these tasks, comma-separated (built-in: analogy, analogy-gen, "
-            "polarity, wiki-next; `tinyllm tasks list`). Accuracy +- standard error each."
+            help="Also score these tasks, comma-separated: built-in (analogy, analogy-gen, "
+            "polarity, wiki-next; `tinyllm tasks list`), lm-eval task names and task YAML "
+            "paths (pip install 'tinyllm[tasks]'). Accuracy +- standard error each."
         ),
     ] = None,
     task_limit: Annotated[
