@@ -169,3 +169,20 @@ def test_the_commands_run_on_the_gpu(tiny_dir: Path, corpus_file: Path, tmp_path
     assert scores[1] == pytest.approx(scores[0], rel=1e-4)
     p = run("generate", str(out), "The quick", "--max-tokens", "5", "--device", "cuda")
     assert p.returncode == 0 and "tokens, finish:" in p.stderr, p.stderr
+
+
+def test_task_scoring_on_the_gpu_matches_the_cpu(tokenizer) -> None:
+    from tinyllm.eval.lm import ModuleLM
+    from tinyllm.eval.tasks import run_tasks
+
+    model = tiny_model("llama", vocab=len(tokenizer))
+    reqs = [([0, 5, 9, 12], [40, 41]), ([0, 7], [3]), ([0, 7], [4])]
+    cpu = ModuleLM(model, tokenizer, "cpu")
+    want, want_gen = cpu.loglikelihood(reqs), cpu.generate([([0, 5, 9], 4)])
+    want_tasks = run_tasks(cpu, ["polarity", "analogy-gen"], limit=4)
+    gpu = ModuleLM(model.to("cuda"), tokenizer, "gpu")
+    for (a, ga), (b, gb) in zip(gpu.loglikelihood(reqs), want, strict=True):
+        assert a == pytest.approx(b, abs=1e-3) and ga == gb
+    assert gpu.generate([([0, 5, 9], 4)]) == want_gen
+    got_tasks = run_tasks(gpu, ["polarity", "analogy-gen"], limit=4)
+    assert {k: v["n"] for k, v in got_tasks.items()} == {k: v["n"] for k, v in want_tasks.items()}
