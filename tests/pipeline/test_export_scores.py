@@ -97,3 +97,19 @@ def test_the_final_gates_hold_the_exported_file(tiny_dir, corpus_file, tmp_path)
     looser = _text(tiny_dir, corpus_file, "[{format: gguf, type: q4_0}]", "'kld<=100'")
     done = run_recipe(parse_recipe(looser), looser, out, resume=True)
     assert done["finished"] and done["exports"][0]["eval"] == saved["exports"][0]["eval"]
+
+
+def test_a_runtime_that_breaks_mid_scoring_is_isolated(
+    tiny_dir, corpus_file, tmp_path, monkeypatch
+):
+    pytest.importorskip("llama_cpp")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("llama_decode returned -1")
+
+    monkeypatch.setattr(scoring, "score_windows", broken)
+    text = _text(tiny_dir, corpus_file, "[{format: gguf, type: q8_0}]")
+    state = run_recipe(parse_recipe(text), text, tmp_path / "run")
+    assert state["finished"] and state["stages"][-1]["eval"]["perplexity"] > 0
+    why = state["exports"][0]["eval"]["not_scored"]
+    assert why == "llama.cpp failed while scoring: RuntimeError: llama_decode returned -1"

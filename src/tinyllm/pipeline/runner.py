@@ -438,6 +438,10 @@ class Runner:
         except TinyLLMError as exc:
             log.warning("export %s not scored: %s", record["path"], exc)
             return {"runtime": runtime, "not_scored": str(exc)}
+        except Exception as exc:  # the runtime broke on this file: the run and its stages stand
+            log.exception("export %s: %s failed while scoring it", record["path"], runtime)
+            why = f"{runtime} failed while scoring: {type(exc).__name__}: {exc}"
+            return {"runtime": runtime, "not_scored": why}
         return result
 
     def check_export(self, i: int, record: dict) -> None:
