@@ -87,6 +87,8 @@ def table(results: dict) -> str:
         "model | row | " + " | ".join(TASKS) + " | mean task acc | ppl | KLD | top-1 | bits/w"
     )
     for name, r in rows_present(results, ROWS):
+        if name.endswith("-full"):
+            continue  # every question: a different sample from the other rows
         tasks = r.get("tasks") or {}
         mean = sum(t["accuracy"] for t in tasks.values()) / max(1, len(tasks))
         kld = "-" if r["kld"] is None else f"{r['kld']:.4f}"
@@ -100,11 +102,46 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean(r: dict) -> tuple[float, float]:
+    """Mean accuracy over the row's tasks and its standard error (tasks independent)."""
+    ts = list(r["tasks"].values())
+    return (
+        sum(t["accuracy"] for t in ts) / len(ts),
+        sum(t["stderr"] ** 2 for t in ts) ** 0.5 / len(ts),
+    )
+
+
+def disagreements(results: dict) -> str:
+    """Pairs of compressed rows of one model that KLD and mean task accuracy order differently,
+    with the accuracy difference in standard errors (|diff| / se of the difference)."""
+    lines = []
+    for model in MODELS:
+        rows = [
+            (v, r)
+            for v in VARIANTS
+            if not v.startswith("fp32") and (r := results.get(f"{model}/{v}")) is not None
+        ]
+        for i, (a, ra) in enumerate(rows):
+            for b, rb in rows[i + 1 :]:
+                (ma, sa), (mb, sb) = _mean(ra), _mean(rb)
+                if (ra["kld"] - rb["kld"]) * (ma - mb) > 0:  # lower KLD but lower accuracy
+                    z = abs(ma - mb) / (sa**2 + sb**2) ** 0.5
+                    lines.append(
+                        f"- {model}: {a} (KLD {ra['kld']:.3f}, {100 * ma:.1f}%) vs {b} "
+                        f"(KLD {rb['kld']:.3f}, {100 * mb:.1f}%): {z:.1f} standard errors"
+                    )
+    return "\n".join(lines) or "- none"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
     args = row_args(ROWS, ap)
     run_rows(OUT, args, lambda name: run_row(name, args.limit), table)
+    if args.table:
+        print(
+            "\nKLD and mean task accuracy disagree:\n" + disagreements(json.loads(OUT.read_text()))
+        )
 
 
 if __name__ == "__main__":
