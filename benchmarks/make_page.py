@@ -90,6 +90,26 @@ def gguf_kld(name: str) -> Getter:
     return lambda d: d[name]["kld"]
 
 
+def task_mean(row: str) -> Getter:
+    """Mean accuracy (%) over the row's tasks (benchmarks/bench_tasks.py)."""
+    return lambda d: (
+        100 * sum(t["accuracy"] for t in d[row]["tasks"].values()) / len(d[row]["tasks"])
+    )
+
+
+def task_row(model: str, variant: str, label: str) -> Row:
+    return Row(
+        f"{model} {label}: mean accuracy over the 4 built-in tasks (100 questions each)",
+        "tasks.json",
+        f"{model}/{variant}",
+        task_mean(f"{model}/{variant}"),
+        "**{:.1f}%**",
+        "FP32",
+        task_mean(f"{model}/fp32"),
+        f"benchmarks/bench_tasks.py --limit 100 --rows {model}/{variant}",
+    )
+
+
 AREAS: dict[str, list[Row]] = {
     "Evaluation (smollm2-135m, 40 x 512 enwiki tokens)": [
         Row(
@@ -394,6 +414,24 @@ AREAS: dict[str, list[Row]] = {
             lambda v, b: v == 0,
             "{}",
         ),
+    ],
+    "Task accuracy (built-in offline tasks; every row: the Task accuracy section)": [
+        Row(
+            "smollm2-135m FP32, the whole built-in suite (778 questions): task minutes",
+            "tasks.json",
+            "smollm2-135m/fp32-full",
+            lambda d: sum(t["seconds"] for t in d["smollm2-135m/fp32-full"]["tasks"].values()) / 60,
+            "**{:.1f} min**",
+            "its 8 perplexity windows, same process",
+            lambda d: d["smollm2-135m/fp32-full"]["eval_seconds"],
+            "benchmarks/bench_tasks.py --rows smollm2-135m/fp32-full",
+            "under 10 minutes",
+            lambda v, b: v < 10,
+            "{:.0f} s",
+        ),
+        task_row("smollm2-135m", "gptq-4b-g64", "GPTQ 4-bit g64"),
+        task_row("smollm2-135m", "gptq-3b-g32", "GPTQ 3-bit g32"),
+        task_row("smollm2-135m", "rtn-3b-g32", "RTN 3-bit g32"),
     ],
 }
 
