@@ -130,3 +130,21 @@ def test_real_tasks_run_on_a_tiny_model(lm):
     assert set(scores) == {"analogy", "polarity", "analogy-gen"}
     for s in scores.values():
         assert s["n"] == 6 and 0.0 <= s["accuracy"] <= 1.0
+
+
+def test_a_packed_head_without_a_weight_is_scored(tokenizer):
+    from torch import nn
+
+    class Packed(nn.Module):  # like QuantLinear after `embeddings --bits 8`: no .weight
+        def __init__(self, linear: nn.Linear) -> None:
+            super().__init__()
+            self.inner, self.out_features = linear, linear.out_features
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = tiny_model("llama", vocab=len(tokenizer))
+    plain = ModuleLM(model, tokenizer, fast=False).loglikelihood([([0, 5, 9], [7, 8])])
+    model.lm_head = Packed(model.lm_head)
+    model.config.tie_word_embeddings = False
+    assert ModuleLM(model, tokenizer, fast=False).loglikelihood([([0, 5, 9], [7, 8])]) == plain

@@ -151,8 +151,9 @@ class ModuleLM(LogitsLM):
     ) -> None:
         super().__init__(name, tokenizer)
         self.model = model.eval()
-        vocab = model.get_output_embeddings().weight.shape[0]
-        self.tokens_per_batch = max(64, min(2048, LOGITS_BYTES // (4 * vocab)))
+        head = model.get_output_embeddings()  # a packed head (QuantLinear) has no .weight
+        vocab = getattr(head, "out_features", None) or getattr(model.config, "vocab_size", 0)
+        self.tokens_per_batch = max(64, min(2048, LOGITS_BYTES // (4 * max(1, vocab))))
         self.fast = fast and module_device(model).type == "cpu"
         self.pad = eot_id(tokenizer)
         self._keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
