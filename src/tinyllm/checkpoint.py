@@ -26,6 +26,7 @@ from torch import nn
 
 from tinyllm.errors import ConfigError, ModelLoadError
 from tinyllm.kernels.actquant import ActivationQuant
+from tinyllm.kernels.kgrid import SUPER, kspec
 from tinyllm.kernels.qlinear import (
     ActQuantLinear,
     QuantEmbedding,
@@ -79,6 +80,7 @@ class QuantMeta(_Entry):
     tied_to: str | None = None
     kind: Literal["embedding"] | None = None
     act: ActMeta | None = None
+    kquant: Literal["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] | None = None
 
 
 class CheckpointInfo(_Entry):
@@ -510,3 +512,23 @@ def _check_record(path: Path, name: str, q: dict, shapes: dict[str, tuple]) -> N
             f"packed bytes, the file holds {list(packed) if packed else 'none'}; "
             f"{TINYLLM_CONFIG} and the weights do not match"
         )
+    if q.get("kquant") is not None:
+        _check_kquant(path, name, q, shapes)
+
+
+def _check_kquant(path: Path, name: str, q: dict, shapes: dict[str, tuple]) -> None:
+    """A K-quant record's super-block tensors must match its type and shape."""
+    spec = kspec(q["kquant"])
+    rows, cols = q["shape"]
+    need = {"d": (rows, cols // SUPER), "sc": (rows, cols // spec.sub)}
+    if not spec.signed:
+        need |= {"dmin": need["d"], "mn": need["sc"]}
+    fits = (q["bits"], q["group_size"]) == (spec.bits, spec.sub) and cols % SUPER == 0
+    for key, shape in need.items():
+        found = shapes.get(f"{name}.record.kq.{key}")
+        if not fits or found != shape:
+            raise ModelLoadError(
+                f"{path}: {q['kquant']} layer {name} ({rows}x{cols}, {q['bits']} bits, group "
+                f"{q['group_size']}) needs super-block tensor {key} of shape {list(shape)}, the "
+                f"file holds {list(found) if found else 'none'}; the checkpoint is corrupted"
+            )

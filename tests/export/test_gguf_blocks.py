@@ -4,7 +4,16 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from tinyllm.export.gguf_blocks import carry, compatible_grid, permute_rows, why_not_carried
+from tinyllm.export.gguf_blocks import (
+    K_TYPES,
+    carry,
+    carry_k,
+    compatible_grid,
+    permute_rows,
+    why_not_carried,
+)
+from tinyllm.kernels.kgrid import KSPECS, derive, fit_kgrid, quantize_on
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.quant.nf4 import NF4, nf4_quantize
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
@@ -57,3 +66,34 @@ def test_compatible_grid():
     assert compatible_grid("q5_1") == (5, 32, False)
     with pytest.raises(ValueError, match="q8_0"):
         compatible_grid("q4_k")
+
+
+@pytest.mark.parametrize("qtype", list(K_TYPES))
+def test_k_quant_blocks_dequantize_as_gguf_does(qtype) -> None:
+    """Every code, scale and min carried bit for bit: gguf-py's dequantization of our blocks
+    equals our record's, exactly."""
+    torch.manual_seed(1)
+    w = torch.randn(4, 512) * 0.03
+    w[0, :48] = 0
+    w[1] = w[1].abs()
+    spec = KSPECS[K_TYPES[qtype]]
+    sb = fit_kgrid(w, spec)
+    scale, offset = derive(sb, spec)
+    qw = QuantizedWeight.from_kquant(quantize_on(w, scale, offset, spec), spec.name, sb)
+    data = carry_k(qw, qtype)
+    block, size = gq.GGML_QUANT_SIZES[qtype]
+    assert data.shape == (4, 512 // block * size)
+    assert np.array_equal(gq.dequantize(data, qtype), qw.dequantize().numpy())
+
+
+def test_k_quant_refuses_other_records() -> None:
+    qw = QuantizedWeight.from_codes(
+        torch.zeros(2, 256, dtype=torch.uint8),
+        torch.ones(2, 8),
+        torch.zeros(2, 8),
+        bits=4,
+        group_size=32,
+        sym=False,
+    )
+    with pytest.raises(ValueError, match="--gguf-compatible"):
+        carry_k(qw, T.Q4_K)

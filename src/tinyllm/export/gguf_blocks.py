@@ -117,3 +117,109 @@ def compatible_grid(name: str) -> tuple[int, int, bool]:
         raise ValueError(f"choose one of {', '.join(by_name)}")
     bits, sym, _ = CARRIABLE[by_name[name]]
     return bits, BLOCK, sym
+
+
+# ---- K-quants: super-blocks of 256 (ggml-common.h block_q2_K .. block_q6_K) ----------------
+K_TYPES: dict[T, str] = {
+    T.Q2_K: "q2_k",
+    T.Q3_K: "q3_k",
+    T.Q4_K: "q4_k",
+    T.Q5_K: "q5_k",
+    T.Q6_K: "q6_k",
+}
+# llama.cpp's type for a tensor whose rows are not whole super-blocks (llama-quantize's rule)
+K_FALLBACK: dict[T, T] = {
+    T.Q2_K: T.IQ4_NL,
+    T.Q3_K: T.IQ4_NL,
+    T.Q4_K: T.Q5_0,
+    T.Q5_K: T.Q5_1,
+    T.Q6_K: T.Q8_0,
+}
+
+
+def why_not_k(qw: QuantizedWeight, qtype: T) -> str | None:
+    """None when qw is a K-quant record of exactly qtype, else the reason."""
+    if qw.kquant is None:
+        return f"the grid is not a {qtype.name} super-block grid (quantize with --gguf-compatible)"
+    if qw.kquant != K_TYPES[qtype]:
+        return f"{qw.kquant.upper()} codes do not fit {qtype.name}"
+    return None
+
+
+def _crumbs(q: np.ndarray, nbits: int, per_byte: int) -> np.ndarray:
+    """[..., per_byte, L] small integers -> [..., L] bytes, element k at bits k*nbits."""
+    out = np.zeros(q.shape[:-2] + q.shape[-1:], dtype=np.uint8)
+    for k in range(per_byte):
+        out |= (q[..., k, :].astype(np.uint8) & ((1 << nbits) - 1)) << (k * nbits)
+    return out
+
+
+def _scale_min_k4(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins [..., 8] -> ggml's 12 packed bytes (get_scale_min_k4)."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    out = np.zeros((*sc.shape[:-1], 12), dtype=np.uint8)
+    out[..., 0:4] = sc[..., 0:4] | ((sc[..., 4:8] >> 4) << 6)
+    out[..., 4:8] = mn[..., 0:4] | ((mn[..., 4:8] >> 4) << 6)
+    out[..., 8:12] = (sc[..., 4:8] & 0x0F) | ((mn[..., 4:8] & 0x0F) << 4)
+    return out
+
+
+def _scales_q3k(sc: np.ndarray) -> np.ndarray:
+    """Sixteen signed 6-bit scales [..., 16] -> Q3_K's 12 bytes (stored as sc + 32)."""
+    u = (sc.astype(np.int16) + 32).astype(np.uint8)
+    out = np.zeros((*sc.shape[:-1], 12), dtype=np.uint8)
+    out[..., 0:8] = (u[..., 0:8] & 0x0F) | ((u[..., 8:16] & 0x0F) << 4)
+    high = (u >> 4).reshape((*u.shape[:-1], 4, 4))  # [..., j // 4, j % 4]
+    out[..., 8:12] = _crumbs(high, 2, 4)
+    return out
+
+
+def _k_parts(qw: QuantizedWeight) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Codes [blocks, 256] and super-block parameters per block, row-major over the weight."""
+    rows, cols = qw.shape
+    n = rows * cols // 256
+    q = qw.codes().numpy().reshape(n, 256)
+    sb = {k: v.numpy().reshape(n, -1) for k, v in qw.superblock.items()}
+    return q, sb, rows
+
+
+def _low_crumbs(q: np.ndarray) -> np.ndarray:
+    """2-bit planes of Q2_K/Q3_K: weight n*128 + j*32 + l at bits 2j of byte n*32 + l."""
+    return _crumbs((q & 3).reshape(-1, 2, 4, 32), 2, 4).reshape(-1, 64)
+
+
+def _nibble_pairs(q: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K low nibbles: chunk c of 64, byte c*32 + l = weight c*64 + l | c*64 + 32 + l."""
+    c = (q & 0x0F).astype(np.uint8).reshape(-1, 4, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _k_blocks(qw: QuantizedWeight, qtype: T) -> list[np.ndarray]:
+    """The byte fields of every super-block of qw, in ggml's struct order."""
+    q, sb, _ = _k_parts(qw)
+    d = _f16_bytes(sb["d"][:, 0])
+    if qtype == T.Q2_K:
+        scales = (sb["sc"].astype(np.uint8) & 0x0F) | (sb["mn"].astype(np.uint8) << 4)
+        return [scales, _low_crumbs(q), d, _f16_bytes(sb["dmin"][:, 0])]
+    if qtype == T.Q3_K:
+        hmask = _crumbs((q >> 2).reshape(-1, 8, 32), 1, 8)
+        return [hmask, _low_crumbs(q), _scales_q3k(sb["sc"]), d]
+    if qtype == T.Q6_K:
+        c = q.reshape(-1, 2, 4, 32)  # [block, half, quarter, l]
+        ql = (c[:, :, 0:2] & 0x0F) | ((c[:, :, 2:4] & 0x0F) << 4)  # [block, half, 2, 32]
+        qh = _crumbs((c >> 4).astype(np.uint8), 2, 4)  # [block, half, 32]
+        scales = sb["sc"].astype(np.int8).view(np.uint8)
+        return [ql.reshape(-1, 128), qh.reshape(-1, 64), scales, d]
+    head = [d, _f16_bytes(sb["dmin"][:, 0]), _scale_min_k4(sb["sc"], sb["mn"])]
+    if qtype == T.Q5_K:
+        qh = _crumbs((q >> 4).astype(np.uint8).reshape(-1, 8, 32), 1, 8)
+        return [*head, qh, _nibble_pairs(q)]
+    return [*head, _nibble_pairs(q)]
+
+
+def carry_k(qw: QuantizedWeight, qtype: T) -> np.ndarray:
+    """The GGUF super-blocks holding a K-quant record. -> uint8 [rows, bytes per row]"""
+    reason = why_not_k(qw, qtype)
+    if reason is not None:
+        raise ValueError(reason)
+    return np.concatenate(_k_blocks(qw, qtype), axis=-1).reshape(qw.shape[0], -1)

@@ -67,8 +67,9 @@ class Target:
 
 
 def _plain(qw: QuantizedWeight) -> bool:
-    """An affine grid in stored column order (no codebook, no permutation)."""
-    return qw.codebook is None and qw.perm is None
+    """An affine grid in stored column order (no codebook, no permutation, no K-quant mins or
+    float32 scales)."""
+    return qw.codebook is None and qw.perm is None and qw.kquant is None
 
 
 def _per_row_int8(qw: QuantizedWeight) -> bool:

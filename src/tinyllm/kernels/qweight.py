@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyllm.kernels.kgrid import derive, kspec
 from tinyllm.kernels.primitives import dequantize_codes, pack_bits, unpack_bits
 
 
@@ -16,6 +17,10 @@ class QuantizedWeight:
     w[r, c] = scale[r, c // g] * (code[r, c] - zero[r, c // g]) for affine grids, or
     w[r, c] = scale[r, c // g] * codebook[code[r, c]] when a codebook is given (NF4).
     `perm`, if set, is the column order the codes are stored in (act-order without static groups).
+    A K-quant record (`kquant` names the type, kernels/kgrid.py) keeps its groups' scales and
+    mins as llama.cpp does, quantized per super-block of 256 (`superblock`: d, sc, and dmin,
+    mn for types with mins); in memory `scale` (float32) and `offset` hold their exact values
+    and w[r, c] = scale * (code - zero) - offset, ggml's dequantization bit for bit.
     """
 
     packed: torch.Tensor  # uint8 bit stream of the codes, row-major over [out, in]
@@ -31,6 +36,9 @@ class QuantizedWeight:
     # their float32 mean. When set, this is what is stored; `scale` holds its exact dequantized
     # value in memory.
     scale_dq: dict[str, torch.Tensor] | None = None
+    kquant: str | None = None  # K-quant type ("q4_k", ...) whose super-blocks hold the grid
+    superblock: dict[str, torch.Tensor] | None = None  # its d, sc (dmin, mn) as stored
+    offset: torch.Tensor | None = None  # float32 [out, groups], subtracted (K-quant mins)
 
     @classmethod
     def from_codes(
@@ -57,6 +65,26 @@ class QuantizedWeight:
             codebook=codebook,
         )
 
+    @classmethod
+    def from_kquant(
+        cls, codes: torch.Tensor, kquant: str, superblock: dict[str, torch.Tensor]
+    ) -> QuantizedWeight:
+        """A K-quant record: codes [out, in] and the type's super-block parameters."""
+        spec = kspec(kquant)
+        scale, offset = derive(superblock, spec)
+        return cls(
+            packed=pack_bits(codes, spec.bits),
+            shape=(int(codes.shape[0]), int(codes.shape[1])),
+            bits=spec.bits,
+            group_size=spec.sub,
+            sym=spec.signed,
+            scale=scale.contiguous(),
+            zero=torch.full(scale.shape, spec.zero, dtype=torch.uint8),
+            kquant=kquant,
+            superblock={k: v.contiguous() for k, v in superblock.items()},
+            offset=None if spec.signed else offset.contiguous(),
+        )
+
     @property
     def groups(self) -> int:
         return 1 if self.group_size == -1 else self.shape[1] // self.group_size
@@ -79,6 +107,10 @@ class QuantizedWeight:
             w = (g * self.scale.float()[..., None]).reshape(self.shape)
         else:
             w = dequantize_codes(q, self.scale, self.zero, self.effective_group)
+            if self.offset is not None:
+                w = (w.reshape(self.shape[0], self.groups, -1) - self.offset[..., None]).reshape(
+                    self.shape
+                )
         if self.perm is not None:
             w = w[:, torch.argsort(self.perm)]
         return w
@@ -89,6 +121,11 @@ class QuantizedWeight:
         out, start = [], 0
         for n in sizes:
             rows = slice(start, start + n)
+            if self.kquant is not None:
+                part = {k: v[rows] for k, v in self.superblock.items()}
+                out.append(QuantizedWeight.from_kquant(codes[rows], self.kquant, part))
+                start += n
+                continue
             out.append(
                 QuantizedWeight.from_codes(
                     codes[rows],
@@ -109,7 +146,7 @@ class QuantizedWeight:
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantize only the rows `idx` (an embedding lookup). -> float32 [len(idx), in]"""
         out, inp = self.shape
-        if self.perm is not None or (inp * self.bits) % 8:
+        if self.perm is not None or (inp * self.bits) % 8 or self.offset is not None:
             return self.dequantize()[idx]
         packed = self.packed.view(out, inp * self.bits // 8)[idx].reshape(-1)
         q = unpack_bits(packed, self.bits, idx.numel() * inp).reshape(-1, inp)
@@ -122,16 +159,20 @@ class QuantizedWeight:
     def to_(self, device: torch.device) -> None:
         """Move every tensor of the record to `device`, in place (modules sharing the record,
         a tied embedding and head, keep sharing it)."""
-        for name in ("packed", "scale", "zero", "perm", "codebook"):
+        for name in ("packed", "scale", "zero", "perm", "codebook", "offset"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
         if self.scale_dq is not None:
             self.scale_dq = {k: v.to(device) for k, v in self.scale_dq.items()}
+        if self.superblock is not None:
+            self.superblock = {k: v.to(device) for k, v in self.superblock.items()}
 
     def storage_bits(self) -> int:
         """Bits stored for this weight: codes, scales, zero points (asymmetric), codebook."""
         bits = self.shape[0] * self.shape[1] * self.bits
+        if self.kquant is not None:  # as ggml stores it
+            return round(self.shape[0] * self.shape[1] * kspec(self.kquant).bpw)
         if self.scale_dq is not None:
             bits += sum(t.numel() * t.element_size() * 8 for t in self.scale_dq.values())
         else:
@@ -145,6 +186,9 @@ class QuantizedWeight:
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat tensors for a safetensors file."""
         out = {f"{prefix}.packed": self.packed, f"{prefix}.zero": self.zero}
+        if self.superblock is not None:  # scale and offset are derived from these
+            out.update({f"{prefix}.kq.{k}": v for k, v in self.superblock.items()})
+            return out
         if self.scale_dq is not None:
             out.update({f"{prefix}.scale_dq.{k}": v for k, v in self.scale_dq.items()})
         else:
@@ -156,17 +200,27 @@ class QuantizedWeight:
         return out
 
     def meta(self) -> dict:
-        return {
+        out = {
             "shape": list(self.shape),
             "bits": self.bits,
             "group_size": self.group_size,
             "sym": self.sym,
         }
+        if self.kquant is not None:
+            out["kquant"] = self.kquant
+        return out
 
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], prefix: str, meta: dict
     ) -> QuantizedWeight:
+        if meta.get("kquant") is not None:
+            keys = [k for k in ("d", "sc", "dmin", "mn") if f"{prefix}.kq.{k}" in tensors]
+            sb = {k: tensors[f"{prefix}.kq.{k}"] for k in keys}
+            codes = unpack_bits(
+                tensors[f"{prefix}.packed"], meta["bits"], meta["shape"][0] * meta["shape"][1]
+            )
+            return cls.from_kquant(codes.reshape(meta["shape"]), meta["kquant"], sb)
         dq = None
         if f"{prefix}.scale_dq.codes" in tensors:
             dq = {k: tensors[f"{prefix}.scale_dq.{k}"] for k in ("codes", "absmax", "mean")}
