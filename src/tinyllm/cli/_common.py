@@ -59,8 +59,9 @@ CalibCorpusOpt = Annotated[
     str,
     typer.Option(
         "--calib-corpus",
-        help="Corpus of the calibration windows: 'enwiki', a .txt, a .jsonl or "
-        "a directory (its training part; never the evaluation slice).",
+        help="Corpus of the calibration windows: a named one (enwiki, bgwiki, "
+        "crime-and-punishment, lee-news), a .txt, a .jsonl or a directory (its training part; "
+        "never the evaluation slice).",
     ),
 ]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.")]

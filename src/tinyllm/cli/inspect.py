@@ -59,12 +59,16 @@ def info(
         write_json_atomic(json_out, i.to_dict())
 
 
+CORPUS_HELP = (
+    "A named corpus (enwiki, bgwiki, crime-and-punishment, lee-news), a UTF-8 .txt, a .jsonl or "
+    "a directory."
+)
+
+
 @app.command("eval")
 def eval_(
     model: ModelArg = "smollm2-135m",
-    corpus: Annotated[
-        str, typer.Option(help="'enwiki', a UTF-8 .txt, a .jsonl or a directory.")
-    ] = "enwiki",
+    corpus: Annotated[str, typer.Option(help=CORPUS_HELP)] = "enwiki",
     seq_len: Annotated[int, typer.Option(help="Tokens per window (at least 2).")] = 512,
     windows: Annotated[int, typer.Option(help="Windows from the corpus's evaluation slice.")] = 40,
     reference: Annotated[

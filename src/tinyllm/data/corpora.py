@@ -1,9 +1,16 @@
 """Named corpora and user files, read as a list of documents.
 
-`enwiki`: the English Wikipedia excerpt shipped in the gensim wheel (read as a data file; gensim is
-never imported). Pages in the article namespace that are not redirects become one document each:
-the title, a blank line, and the body with wiki markup stripped by mwparserfromhell. The extracted
-text is cached under `$TINYLLM_CACHE/corpora/`.
+Named corpora are data files of the gensim wheel's test data (read as files; gensim is never
+imported), extracted once and cached under `$TINYLLM_CACHE/corpora/NAME-VERSION.txt`:
+- `enwiki` (the default): English Wikipedia. Pages in the article namespace that are not
+  redirects become one document each: the title, a blank line, and the body with wiki markup
+  stripped by mwparserfromhell.
+- `bgwiki`: Bulgarian Wikipedia, extracted the same way from its article and project namespaces
+  (the excerpt holds one article, an editing guide and a 2005 discussion archive).
+- `crime-and-punishment`: the Russian opening of Dostoevsky's novel (its paragraphs in Cyrillic;
+  the file's English translation of them is left out), one document. Short: about 1,300 tokens.
+- `lee-news`: the Lee background corpus, 300 English news stories of the Australian Broadcasting
+  Corporation, one document each.
 
 User files must be UTF-8 text: an empty file, a binary one (a NUL byte) or invalid UTF-8 is an
 error naming the file (and the byte offset and line), unless `errors="replace"` (or the environment
@@ -20,8 +27,9 @@ import logging
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tinyllm.errors import CorpusError
@@ -31,8 +39,8 @@ from tinyllm.util.fs import cache_dir, write_text_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = "enwiki"
-ENWIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-ENWIKI_VERSION = "v2"  # bump when the extraction changes, so caches are rebuilt
+GENSIM_DATA = "test/test_data"  # the folder of the named corpora's files in the gensim wheel
+GENSIM_INSTALL = "pip install --no-deps gensim==4.4.0"
 DOC_SEPARATOR = "\n\n\n"  # between documents in the cached text
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 ERRORS = ("strict", "replace")
@@ -53,7 +61,8 @@ class Corpus:
 
 
 def load_corpus(spec: str | Path = DEFAULT_CORPUS, errors: str | None = None) -> Corpus:
-    """A named corpus (`enwiki`), a UTF-8 text file, a `.jsonl` file or a directory of texts.
+    """A named corpus (a key of `NAMED`: enwiki, bgwiki, crime-and-punishment, lee-news), a
+    UTF-8 text file, a `.jsonl` file or a directory of texts.
 
     `errors`: "strict" (invalid UTF-8 is an error) or "replace" (invalid bytes read as U+FFFD,
     with a warning); default `$TINYLLM_CORPUS_ERRORS`, else strict."""
@@ -61,12 +70,14 @@ def load_corpus(spec: str | Path = DEFAULT_CORPUS, errors: str | None = None) ->
     errors = errors or os.environ.get(ERRORS_ENV) or "strict"
     if errors not in ERRORS:
         raise CorpusError(f"unknown corpus errors mode '{errors}'; choose {' or '.join(ERRORS)}")
-    if text == "enwiki":
-        docs = enwiki_documents()
+    if text in NAMED:
+        docs = named_documents(text)
     else:
         path = Path(text).expanduser()
         if not path.exists():
-            raise CorpusError(f"corpus '{text}' is neither a named corpus (enwiki) nor a path")
+            raise CorpusError(
+                f"corpus '{text}' is neither a named corpus ({', '.join(NAMED)}) nor a path"
+            )
         docs = _path_documents(path, errors)
     docs = [d for d in docs if d.strip()]
     if not docs:
@@ -135,22 +146,28 @@ def _jsonl_documents(path: Path, errors: str = "strict") -> Iterator[str]:
         yield record["text"]
 
 
-def enwiki_documents() -> list[str]:
-    """The Wikipedia excerpt as plain-text documents, extracted once and cached."""
-    cached = cache_dir("corpora") / f"enwiki-{ENWIKI_VERSION}.txt"
+def named_documents(name: str) -> list[str]:
+    """The documents of a named corpus, extracted from its gensim data file once and cached."""
+    named = NAMED[name]
+    cached = cache_dir("corpora") / f"{name}-{named.version}.txt"
     if cached.is_file():
         return cached.read_text(encoding="utf-8").split(DOC_SEPARATOR)
-    source = package_dir("gensim", "pip install --no-deps gensim==4.4.0") / ENWIKI_FILE
+    source = package_dir("gensim", GENSIM_INSTALL) / GENSIM_DATA / named.file
     if not source.is_file():
-        raise CorpusError(f"{source} is missing; reinstall with: pip install --no-deps gensim")
-    log.warning("extracting the enwiki corpus from %s (once; cached in %s)", source, cached)
-    docs = [doc for title, wikitext in _wiki_pages(source) if (doc := _clean(title, wikitext))]
+        raise CorpusError(f"{source} is missing; reinstall with: {GENSIM_INSTALL}")
+    log.warning("extracting the %s corpus from %s (once; cached in %s)", name, source, cached)
+    docs = [doc for doc in named.extract(source) if doc.strip()]
     write_text_atomic(cached, DOC_SEPARATOR.join(docs))
     return docs
 
 
-def _wiki_pages(path: Path) -> Iterator[tuple[str, str]]:
-    """(title, wikitext) of article-namespace pages that are not redirects."""
+def _wiki_documents(path: Path, namespaces: Collection[str] = ("0",)) -> list[str]:
+    """Plain-text pages of a MediaWiki dump (bz2 XML, any encoding its declaration names)."""
+    return [doc for title, text in _wiki_pages(path, namespaces) if (doc := _clean(title, text))]
+
+
+def _wiki_pages(path: Path, namespaces: Collection[str] = ("0",)) -> Iterator[tuple[str, str]]:
+    """(title, wikitext) of the pages in `namespaces` that are not redirects."""
     with bz2.open(path) as f:
         for _, elem in ET.iterparse(f):
             if not elem.tag.endswith("}page"):
@@ -159,13 +176,55 @@ def _wiki_pages(path: Path) -> Iterator[tuple[str, str]]:
             redirect = elem.find("{*}redirect") is not None
             title = elem.findtext("{*}title") or ""
             text = elem.findtext("{*}revision/{*}text") or ""
-            if ns == "0" and not redirect and text:
+            if ns in namespaces and not redirect and text:
                 yield title, text
             elem.clear()
 
 
+_CYRILLIC = re.compile(r"[\u0400-\u04ff]")
+
+
+def _cyrillic_paragraphs(path: Path) -> list[str]:
+    """One document: the lines of a UTF-8 file that hold Cyrillic letters, stripped."""
+    lines = [ln.strip() for ln in _read_utf8(path).splitlines()]
+    return ["\n".join(ln for ln in lines if _CYRILLIC.search(ln))]
+
+
+def _lines(path: Path) -> list[str]:
+    """One document per non-empty line of a UTF-8 file."""
+    return [ln.strip() for ln in _read_utf8(path).splitlines() if ln.strip()]
+
+
+@dataclass(frozen=True)
+class NamedCorpus:
+    """A corpus shipped as a file of the gensim wheel's test data."""
+
+    file: str  # under GENSIM_DATA
+    version: str  # bump when the extraction changes, so caches are rebuilt
+    extract: Callable[[Path], list[str]]
+
+
+NAMED: dict[str, NamedCorpus] = {
+    "enwiki": NamedCorpus(
+        "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        "v2",
+        _wiki_documents,
+    ),
+    "bgwiki": NamedCorpus(
+        "bgwiki-latest-pages-articles-shortened.xml.bz2",
+        "v1",
+        partial(_wiki_documents, namespaces=("0", "4")),  # articles and the Wikipedia: pages
+    ),
+    "crime-and-punishment": NamedCorpus("crime-and-punishment.txt", "v1", _cyrillic_paragraphs),
+    "lee-news": NamedCorpus("lee_background.cor", "v1", _lines),
+}
+
+
 _DROP_TAGS = {"ref", "references", "table", "gallery", "math", "timeline", "imagemap"}
-_DROP_LINK_PREFIXES = {"file", "image", "category", "media"}
+_DROP_LINK_PREFIXES = {  # namespaces of files and categories, in English and Bulgarian
+    *("file", "image", "category", "media"),
+    *("файл", "картинка", "изображение", "категория", "медия"),
+}
 _DROP_LINE = re.compile(r"^\s*(Category|File|Image|thumb)\b", re.IGNORECASE)
 
 
