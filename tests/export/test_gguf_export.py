@@ -88,7 +88,7 @@ def test_bad_outputs_and_architectures(tokenizer, tmp_path: Path):
     with pytest.raises(ConfigError, match="--overwrite"):
         export(model, tokenizer, tmp_path / "m.gguf")
     with pytest.raises(ConfigError, match="q4_0"):
-        export(model, tokenizer, tmp_path / "n.gguf", "gguf", "q4_k")
+        export(model, tokenizer, tmp_path / "n.gguf", "gguf", "q4_x")
     with pytest.raises(ArchitectureError, match="supported: gemma3_text, llama"):
         export(tiny_model("opt", vocab=len(tokenizer)), tokenizer, tmp_path / "o.gguf")
 

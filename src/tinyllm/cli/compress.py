@@ -180,9 +180,14 @@ def _widths(text: str) -> list[int]:
 def _gguf_grid(method: str, name: str) -> dict[str, Any]:
     """--gguf-compatible: the grid (and GPTQ static groups) of a GGUF block type."""
     from tinyllm.export.gguf_blocks import compatible_grid
+    from tinyllm.kernels.kgrid import KSPECS
 
     if method == "nf4":
         raise ConfigError("--gguf-compatible: NF4 codebooks have no GGUF block type")
+    if name in KSPECS:
+        spec = KSPECS[name]
+        grid = {"bits": spec.bits, "group_size": spec.sub, "sym": spec.signed}
+        return {**grid, "kquant": name, "static_groups": True}
     try:
         bits, group_size, sym = compatible_grid(name)
     except ValueError as exc:

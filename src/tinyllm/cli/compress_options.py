@@ -189,7 +189,11 @@ class Quant:
         typer.Option(
             help="q4_0 | q4_1 | q5_0 | q5_1 | q8_0: set --bits, --group-size 32 and --sym/--asym "
             "to that GGUF block grid (and GPTQ static groups), so `tinyllm export --type` "
-            "carries the integers exactly."
+            "carries the integers exactly. q2_k | q3_k | q4_k | q5_k | q6_k: llama.cpp's "
+            "K-quant super-block grids (scales and mins quantized per 256 weights, chosen by a "
+            "search weighted by the inputs' mean square); layers whose inputs are not a "
+            "multiple of 256 get the grid llama.cpp falls back to (q5_0, q5_1, q8_0; q4_0 for "
+            "q2_k/q3_k)."
         ),
     ]
     EmbedBits = Annotated[

@@ -20,7 +20,8 @@ GGUF files load in llama.cpp (llama-cli, llama-server, llama-cpp-python). A tiny
 quantized on a grid a GGUF block type holds (4-bit symmetric, groups of 32 or a multiple ->
 q4_0; 4-bit -> q4_1; 5-bit -> q5_0/q5_1; 8-bit symmetric -> q8_0) keeps its exact integers
 and scales; other layers are re-quantized with a warning (or refused with --strict).
-`tinyllm quantize ... --gguf-compatible q4_0` makes GPTQ/AWQ produce such a grid.
+`tinyllm quantize ... --gguf-compatible q4_0` makes GPTQ/AWQ produce such a grid;
+`--gguf-compatible q4_k` (q2_k..q6_k) a K-quant super-block grid that --type q4_k carries.
 
 --format onnx writes a decoder graph with KV-cache inputs and outputs (Llama, Mistral, Qwen2)
 for onnxruntime, weights in FILE.data beside it; --type q4/q8 carries 4/8-bit layers as
@@ -32,6 +33,8 @@ Examples:
 
   tinyllm quantize smollm2-135m --method gptq --gguf-compatible q4_0 -o out/gptq-q4_0
   tinyllm export out/gptq-q4_0 --type q4_0 --strict -o smollm2-gptq-q4_0.gguf
+  tinyllm quantize smollm2-135m --method gptq --gguf-compatible q4_k -o out/gptq-q4_k
+  tinyllm export out/gptq-q4_k --type q4_k --strict -o smollm2-gptq-q4_k.gguf
 
   tinyllm export out/gptq-q4_0 --format hf -o out/gptq-q4_0-hf
 
@@ -52,7 +55,9 @@ TypeOpt = Annotated[
     typer.Option(
         "--type",
         help="GGUF: type of the block linears, f32, f16 (default), bf16, q8_0, q4_0, q4_1, "
-        "q5_0, q5_1. ONNX: fp32 (default), q4 or q8 (quantized layers as MatMulNBits), "
+        "q5_0, q5_1, or a K-quant q2_k, q3_k, q4_k, q5_k, q6_k (tensors whose rows are not a "
+        "multiple of 256 take llama.cpp's fallback: q5_0, q5_1, q8_0, and q4_0 for q2_k/q3_k). "
+        "ONNX: fp32 (default), q4 or q8 (quantized layers as MatMulNBits), "
         "w8a8 (int8-static/-dynamic and smoothquant layers as QuantizeLinear + "
         "MatMulInteger). hf: none (layers are written as they are). "
         "Quantized layers on a matching grid are carried bit for bit.",

@@ -23,7 +23,16 @@ from gguf import quants as gq
 from torch import nn
 
 from tinyllm.errors import ArchitectureError, ConfigError
-from tinyllm.export.gguf_blocks import carry, permute_rows, why_not_carried
+from tinyllm.export.gguf_blocks import (
+    K_FALLBACK,
+    K_TYPES,
+    carry,
+    carry_k,
+    permute_rows,
+    quantize_k,
+    why_not_carried,
+    why_not_k,
+)
 from tinyllm.kernels.qlinear import QuantEmbedding, QuantLinear
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze, is_norm
@@ -43,6 +52,11 @@ TYPES: dict[str, T] = {
     "q4_1": T.Q4_1,
     "q5_0": T.Q5_0,
     "q5_1": T.Q5_1,
+    "q2_k": T.Q2_K,
+    "q3_k": T.Q3_K,
+    "q4_k": T.Q4_K,
+    "q5_k": T.Q5_K,
+    "q6_k": T.Q6_K,
 }
 FILE_TYPES = {
     T.F32: LlamaFileType.ALL_F32,
@@ -53,6 +67,11 @@ FILE_TYPES = {
     T.Q4_1: LlamaFileType.MOSTLY_Q4_1,
     T.Q5_0: LlamaFileType.MOSTLY_Q5_0,
     T.Q5_1: LlamaFileType.MOSTLY_Q5_1,
+    T.Q2_K: LlamaFileType.MOSTLY_Q2_K,
+    T.Q3_K: LlamaFileType.MOSTLY_Q3_K_S,
+    T.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
+    T.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
+    T.Q6_K: LlamaFileType.MOSTLY_Q6_K,
 }
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 CARRY_ORDER = (T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1)  # for a quantized embedding table
@@ -289,19 +308,39 @@ def _float_data(value: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
         return arr.astype(np.float16), T.F16
     if arr.shape[-1] % gq.GGML_QUANT_SIZES[qtype][0]:
         return arr.astype(np.float16), T.F16  # rows not a whole number of blocks
+    if qtype in K_TYPES:
+        return quantize_k(value, qtype), qtype
     return gq.quantize(arr, qtype), qtype
+
+
+def _why_not(record: QuantizedWeight, qtype: T) -> str | None:
+    return why_not_k(record, qtype) if qtype in K_TYPES else why_not_carried(record, qtype)
+
+
+def _carry(record: QuantizedWeight, qtype: T) -> np.ndarray:
+    return carry_k(record, qtype) if qtype in K_TYPES else carry(record, qtype)
+
+
+def tensor_type(t: Tensor, qtype: T) -> T:
+    """qtype, or for a K type the type llama.cpp falls back to when rows are not whole
+    super-blocks (K_FALLBACK)."""
+    cols = t.record.shape[1] if t.record is not None else t.value.shape[-1]
+    if qtype in K_TYPES and cols % gq.GGML_QUANT_SIZES[qtype][0]:
+        return K_FALLBACK[qtype]
+    return qtype
 
 
 def tensor_data(t: Tensor, qtype: T, report: ExportReport, strict: bool) -> tuple[np.ndarray, T]:
     """What to store for one tensor under the requested type."""
+    qtype = tensor_type(t, qtype)
     if t.record is None:
         data, kind = _float_data(t.value, qtype)
     elif qtype in FLOAT_TYPES:
         data, kind = _float_data(t.record.dequantize(), qtype)
     else:
-        reason = why_not_carried(t.record, qtype)
+        reason = _why_not(t.record, qtype)
         if reason is None:
-            data, kind = carry(t.record, qtype), qtype
+            data, kind = _carry(t.record, qtype), qtype
             report.carried.append(t.name)
         else:
             if strict:

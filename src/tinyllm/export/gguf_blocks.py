@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+from tinyllm.kernels.kgrid import derive, fit_kgrid, kspec, quantize_on
 from tinyllm.kernels.qweight import QuantizedWeight
 
 BLOCK = 32
@@ -38,6 +39,10 @@ def why_not_carried(qw: QuantizedWeight, qtype: T) -> str | None:
     bits, needs_sym, _ = CARRIABLE[qtype]
     if qw.codebook is not None:
         return "codebook (NF4) values are not on an integer grid"
+    if qw.kquant is not None:
+        return (
+            f"{qw.kquant} grids have float mins and super-block scales (export as GGUF {qw.kquant})"
+        )
     if qw.bits != bits:
         return f"{qw.bits}-bit codes do not fit {qtype.name}'s {bits} bits"
     if needs_sym and not qw.sym:
@@ -114,7 +119,8 @@ def compatible_grid(name: str) -> tuple[int, int, bool]:
     """(bits, group size, symmetric) that makes a quantizer's output carriable into `name`."""
     by_name = {t.name.lower(): t for t in CARRIABLE}
     if name not in by_name:
-        raise ValueError(f"choose one of {', '.join(by_name)}")
+        known = [*by_name, "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+        raise ValueError(f"choose one of {', '.join(known)}")
     bits, sym, _ = CARRIABLE[by_name[name]]
     return bits, BLOCK, sym
 
@@ -127,10 +133,12 @@ K_TYPES: dict[T, str] = {
     T.Q5_K: "q5_k",
     T.Q6_K: "q6_k",
 }
-# llama.cpp's type for a tensor whose rows are not whole super-blocks (llama-quantize's rule)
+# The type of a tensor whose rows are not whole super-blocks: llama-quantize's rule, except
+# Q4_0 where llama.cpp writes IQ4_NL (same 4.5 bits per weight; tinyllm does not write IQ4_NL
+# yet). quant/common.py K_FALLBACK_GRID quantizes such layers on these grids.
 K_FALLBACK: dict[T, T] = {
-    T.Q2_K: T.IQ4_NL,
-    T.Q3_K: T.IQ4_NL,
+    T.Q2_K: T.Q4_0,
+    T.Q3_K: T.Q4_0,
     T.Q4_K: T.Q5_0,
     T.Q5_K: T.Q5_1,
     T.Q6_K: T.Q8_0,
@@ -215,6 +223,14 @@ def _k_blocks(qw: QuantizedWeight, qtype: T) -> list[np.ndarray]:
         qh = _crumbs((q >> 4).astype(np.uint8).reshape(-1, 8, 32), 1, 8)
         return [*head, qh, _nibble_pairs(q)]
     return [*head, _nibble_pairs(q)]
+
+
+def quantize_k(w: torch.Tensor, qtype: T) -> np.ndarray:
+    """Float weights [rows, cols] in a K type, on tinyllm's searched grid (no calibration)."""
+    spec = kspec(K_TYPES[qtype])
+    superblock = fit_kgrid(w.float(), spec)
+    codes = quantize_on(w.float(), *derive(superblock, spec), spec)
+    return carry_k(QuantizedWeight.from_kquant(codes, spec.name, superblock), qtype)
 
 
 def carry_k(qw: QuantizedWeight, qtype: T) -> np.ndarray:

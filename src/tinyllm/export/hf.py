@@ -32,6 +32,10 @@ def why_not_packable(qw: QuantizedWeight) -> str | None:
     """None when compressed-tensors' integer formats hold qw exactly, else the reason."""
     if qw.codebook is not None:
         return "codebook (NF4) values are not on an integer grid"
+    if qw.kquant is not None:
+        return (
+            f"{qw.kquant} grids have float mins and super-block scales (export as GGUF {qw.kquant})"
+        )
     if qw.perm is not None:
         return "columns are permuted (act-order without static groups)"
     return None

@@ -51,6 +51,10 @@ def why_not_nbits(qw: QuantizedWeight, bits: int) -> str | None:
     """None when MatMulNBits holds qw exactly at `bits`, else the reason."""
     if qw.codebook is not None:
         return "codebook (NF4) values are not on an integer grid"
+    if qw.kquant is not None:
+        return (
+            f"{qw.kquant} grids have float mins and super-block scales (export as GGUF {qw.kquant})"
+        )
     if qw.bits != bits:
         return f"{qw.bits}-bit codes, not {bits}-bit"
     if qw.perm is not None:

@@ -127,21 +127,67 @@ def _search_signed(w: torch.Tensor, a: torch.Tensor, spec: KSpec) -> torch.Tenso
     return best_s
 
 
-def _super_factor(values: torch.Tensor, spec: KSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize sub-block values [rows, supers, subs] onto one float16 factor per super-block
-    times sc_bits integers (llama.cpp's construction: the largest maps to the end of the
-    integer range). -> (factor float16 [rows, supers], integers int16 [rows, supers, subs])"""
+D_FACTORS = (1.0, 0.96, 1.04, 0.92, 1.08)  # candidate super-block factors around the maximum's
+
+
+def _factor(values: torch.Tensor, spec: KSpec, f: float) -> torch.Tensor:
+    """The float16 factor of sub-block values [..., subs] with its extreme value mapped to the
+    end of the integer range (llama.cpp's), times f. -> float32 [...] (float16 values)"""
     lo, hi = spec.sc_range
     if spec.signed:  # the value of largest magnitude maps to the negative end
         idx = values.abs().argmax(-1, keepdim=True)
-        factor = values.gather(-1, idx)[..., 0] / lo
-    else:
-        factor = values.amax(-1) / hi
-    factor = factor.half()
-    f = factor.float()[..., None]
-    safe = torch.where(f == 0, torch.ones_like(f), f)
-    ints = torch.where(f == 0, torch.zeros_like(values), (values / safe).round()).clamp(lo, hi)
-    return factor, ints.to(torch.int16)
+        return (values.gather(-1, idx)[..., 0] * f / lo).half().float()
+    return (values.amax(-1) * f / hi).half().float()
+
+
+def _choices(values: torch.Tensor, factor: torch.Tensor, spec: KSpec) -> list[torch.Tensor]:
+    """Floor and ceiling of values / factor in the integer range. [..., subs] each"""
+    lo, hi = spec.sc_range
+    f = factor[..., None]
+    ratio = torch.where(f == 0, torch.zeros_like(values), values / torch.where(f == 0, 1, f))
+    return [ratio.floor().clamp(lo, hi), ratio.ceil().clamp(lo, hi)]
+
+
+def _sub_error(g, a, scale, offset, spec: KSpec) -> torch.Tensor:
+    """Weighted squared error of rounding g [..., subs, sub] onto sub-block grids [..., subs]."""
+    s = torch.where(scale == 0, torch.full_like(scale, 1e-30), scale)[..., None]
+    q = ((g + offset[..., None]) / s + spec.zero).round().clamp(0, (1 << spec.bits) - 1)
+    return (a * ((q - spec.zero) * scale[..., None] - offset[..., None] - g) ** 2).sum(-1)
+
+
+def _fit_super(g, a, s, m, spec: KSpec) -> dict[str, torch.Tensor]:
+    """Quantize the searched sub-block scales s (and mins m) [rows, supers, subs] onto one
+    float16 factor per super-block times integers: a few factors around llama.cpp's are tried,
+    and each sub-block takes the floor or ceiling integer (scale and min) whose rounding of
+    its weights g [rows, supers, subs, sub] has the least error weighted by a."""
+    best_err = torch.full(s.shape[:-1], float("inf"))
+    out: dict[str, torch.Tensor] = {}
+    dmin = None if spec.signed else _factor(m, spec, 1.0)
+    mns = [torch.zeros_like(s)] if spec.signed else _choices(m, dmin, spec)
+    for f in D_FACTORS:
+        d = _factor(s, spec, f)
+        err, sc, mn = None, None, None
+        for sc_c in _choices(s, d, spec):
+            for mn_c in mns:
+                off = mn_c * (0 if dmin is None else dmin[..., None])
+                e = _sub_error(g, a, d[..., None] * sc_c, off, spec)
+                if err is None:
+                    err, sc, mn = e, sc_c, mn_c
+                else:
+                    better = e < err
+                    err = torch.where(better, e, err)
+                    sc, mn = torch.where(better, sc_c, sc), torch.where(better, mn_c, mn)
+        total = err.sum(-1)
+        take = total < best_err
+        best_err = torch.where(take, total, best_err)
+        for key, value in (("d", d), ("sc", sc), ("mn", mn)):
+            ref = out.get(key, value)
+            mask = take if value.dim() == take.dim() else take[..., None]
+            out[key] = torch.where(mask, value, ref)
+    params = {"d": out["d"].half(), "sc": out["sc"].to(torch.int16)}
+    if not spec.signed:
+        params |= {"dmin": dmin.half(), "mn": out["mn"].to(torch.int16)}
+    return params
 
 
 def fit_kgrid(
@@ -150,21 +196,25 @@ def fit_kgrid(
     """The K-quant super-block parameters for weight w [rows, cols] (cols a multiple of 256):
     {"d": float16 [rows, cols/256], "sc": int16 [rows, cols/sub]} plus "dmin" and "mn" for the
     unsigned types. Sub-block grids are searched against the squared error weighted by
-    `importance` [cols] (the inputs' mean square, diag H: the output error's diagonal part)."""
+    `importance` [cols] (the inputs' mean square, diag H: the output error's diagonal part),
+    then quantized onto the super-block structure against the same error."""
     rows, cols = w.shape
     if why_not_fits(cols):
         raise ValueError(why_not_fits(cols))
     g = w.float().reshape(rows, cols // spec.sub, spec.sub)
     a = torch.ones(cols) if importance is None else importance.float().clamp_min(0) + 1e-12
     a = a.reshape(1, cols // spec.sub, spec.sub).expand_as(g)
-    shape = (rows, cols // SUPER, SUPER // spec.sub)
     if spec.signed:
-        d, sc = _super_factor(_search_signed(g, a, spec).reshape(shape), spec)
-        return {"d": d, "sc": sc.reshape(rows, -1)}
-    s, m = _search_unsigned(g, a, spec)
-    d, sc = _super_factor(s.reshape(shape), spec)
-    dmin, mn = _super_factor(m.reshape(shape), spec)
-    return {"d": d, "sc": sc.reshape(rows, -1), "dmin": dmin, "mn": mn.reshape(rows, -1)}
+        s, m = _search_signed(g, a, spec), None
+    else:
+        s, m = _search_unsigned(g, a, spec)
+    shape = (rows, cols // SUPER, SUPER // spec.sub)
+    m = torch.zeros(shape) if m is None else m.reshape(shape)
+    params = _fit_super(g.reshape(*shape, -1), a.reshape(*shape, -1), s.reshape(shape), m, spec)
+    params["sc"] = params["sc"].reshape(rows, -1)
+    if "mn" in params:
+        params["mn"] = params["mn"].reshape(rows, -1)
+    return params
 
 
 def derive(params: dict[str, torch.Tensor], spec: KSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -171,7 +171,9 @@ def apply(model: nn.Module, cfg: AWQ, ctx: Context) -> None:
         staged = isinstance(cfg.base, GPTQ) and cfg.base.true_sequential is True
         stats = _observe(block, xs, kwargs, list(block_sites), cfg, None if staged else ref)
         bases = {
-            loc: clamped_base(layer_cfg(cfg.base, s.name, ctx.layer_bits), cfg)
+            loc: clamped_base(
+                layer_cfg(cfg.base, s.name, ctx.layer_bits, s.module.in_features), cfg
+            )
             for loc, s in block_sites.items()
         }
         scales = {}

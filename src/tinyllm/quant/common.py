@@ -7,12 +7,13 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from torch import nn
 
 from tinyllm.core.calib import for_each_block
 from tinyllm.core.steps import Context, Step
 from tinyllm.errors import ArchitectureError, ConfigError
+from tinyllm.kernels.kgrid import KSPECS, SUPER
 from tinyllm.kernels.primitives import SUPPORTED_BITS, SUPPORTED_GROUPS
 from tinyllm.kernels.qlinear import replace_linear
 from tinyllm.kernels.qweight import QuantizedWeight
@@ -22,34 +23,78 @@ log = logging.getLogger(__name__)
 Q = TypeVar("Q", bound="WeightQuant")
 
 
+# The grid a layer gets under `kquant` when its input features are not whole K super-blocks:
+# (bits, group size, symmetric) of the GGUF type it is exported as (export/gguf_blocks.py
+# K_FALLBACK: llama-quantize's rule, except Q4_0 where llama.cpp writes IQ4_NL, same size).
+K_FALLBACK_GRID: dict[str, tuple[int, int, bool]] = {
+    "q2_k": (4, 32, True),  # Q4_0
+    "q3_k": (4, 32, True),  # Q4_0
+    "q4_k": (5, 32, True),  # Q5_0
+    "q5_k": (5, 32, False),  # Q5_1
+    "q6_k": (8, 32, True),  # Q8_0
+}
+
+
 class WeightQuant(Step):
-    """Fields every integer weight quantizer shares."""
+    """Fields every integer weight quantizer shares. `kquant` (a llama.cpp K-quant type) puts
+    each layer on that type's super-block grid (kernels/kgrid.py) and sets bits, group size
+    and symmetry to the type's; layers whose inputs are not whole super-blocks of 256 get the
+    grid of the type llama.cpp falls back to (K_FALLBACK_GRID)."""
 
     bits: int = 4
     group_size: int = 64
     sym: bool = False
+    kquant: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kquant_grid(cls, data: dict) -> dict:
+        if not isinstance(data, dict) or data.get("kquant") is None:
+            return data
+        name = data["kquant"]
+        if name not in KSPECS:
+            raise ValueError(f"kquant must be one of {', '.join(KSPECS)}, got {name!r}")
+        spec = KSPECS[name]
+        grid = {"bits": spec.bits, "group_size": spec.sub, "sym": spec.signed}
+        for key, value in grid.items():
+            if data.get(key) is not None and data[key] != value:
+                raise ValueError(f"{name} fixes {key} at {value}, got {data[key]}")
+        return {**data, **grid}
 
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
+        if v not in (*SUPPORTED_BITS, 6):
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {v}")
         return v
 
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
-        if v not in SUPPORTED_GROUPS:
+        if v not in (*SUPPORTED_GROUPS, 16):
             raise ValueError(f"group_size must be one of {SUPPORTED_GROUPS}, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _plain_grid(self) -> WeightQuant:
+        if self.kquant is None and (self.bits == 6 or self.group_size == 16):
+            raise ValueError("6 bits and groups of 16 exist only as K-quant grids (kquant: q6_k)")
+        return self
 
-def layer_cfg(cfg: Q, name: str, layer_bits: Mapping[str, int]) -> Q:
+
+def layer_cfg(cfg: Q, name: str, layer_bits: Mapping[str, int], in_features: int = 0) -> Q:
     """The config one layer is quantized with: `cfg`, with its bit width overridden when
-    `layer_bits` (Context.layer_bits, mixed precision) names the layer."""
+    `layer_bits` (Context.layer_bits, mixed precision) names the layer, and under `kquant` the
+    fallback grid when its `in_features` are not whole K super-blocks."""
+    if cfg.kquant is not None and in_features % SUPER:
+        bits, group, sym = K_FALLBACK_GRID[cfg.kquant]
+        update = {"kquant": None, "bits": bits, "group_size": group, "sym": sym}
+        return type(cfg).model_validate({**cfg.model_dump(), **update})
     bits = layer_bits.get(name)
     if bits is None or bits == cfg.bits:
         return cfg
+    if cfg.kquant is not None:
+        raise ConfigError(f"{name}: mixed bit widths cannot change a {cfg.kquant} grid")
     return cfg.model_copy(update={"bits": bits})
 
 

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Mapping
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from tinyllm.core.calib import (
@@ -28,6 +28,7 @@ from tinyllm.core.hessian import (
 )
 from tinyllm.core.kernels import one_thread
 from tinyllm.core.steps import Context, register
+from tinyllm.kernels.kgrid import derive, fit_kgrid, kspec, working_grid
 from tinyllm.kernels.primitives import group_qparams, qmax
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.quant.common import (
@@ -72,6 +73,14 @@ class GPTQ(WeightQuant):
     # fixes a group's scale before its columns are reached and never revisits it); a further
     # round reruns the column loop on the refitted grids, then refits again. 0 = off.
     refit_scales: int = Field(0, ge=0, le=8)
+
+    @model_validator(mode="after")
+    def _kquant_fits(self) -> GPTQ:
+        if self.kquant is not None and not self.static_groups:
+            raise ValueError(f"{self.kquant} grids are fixed before the column loop: static_groups")
+        if self.kquant is not None and self.refit_scales:
+            raise ValueError(f"refit_scales would leave the {self.kquant} super-block grid")
+        return self
 
 
 def staged(cfg: GPTQ) -> bool:
@@ -174,7 +183,11 @@ def _gptq(
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
     static = cfg.static_groups or cfg.group_size == -1
     search = grid is None and not static  # grids from the updated weights as groups are reached
-    scale, zero = _start_grid(W, H, cfg, grid, static)
+    if cfg.kquant is not None:
+        superblock = fit_kgrid(W, kspec(cfg.kquant), _grid_search(cfg, H).get("importance"))
+        scale, zero = working_grid(*derive(superblock, kspec(cfg.kquant)), kspec(cfg.kquant))
+    else:
+        scale, zero = _start_grid(W, H, cfg, grid, static)
     # per column, in processing order (dynamic groups are stored in processing order)
     group_of = perm // g if static else torch.arange(cols) // g
     # The loop works on transposed copies ([columns, rows]): each column is a contiguous row.
@@ -199,12 +212,16 @@ def _gptq(
                 col_zero[col : col + g] = zero[:, col // g]
             w, s, z, q, err = W1[i], col_scale[col], col_zero[col], codes[col], Err1[i]
             torch.div(w, s, out=q).add_(z).round_().clamp_(0, top)
-            if keep is not None:  # z is an integer code: it dequantizes to 0
-                torch.where(keep[col], q, z, out=q)
+            if keep is not None:  # z: the code of 0 (a K grid's float zero: the nearest code)
+                torch.where(keep[col], q, z.round().clamp(0, top), out=q)
             # err = (w - (q - z) s) / d, in place: one pass per op, no temporaries
             torch.sub(q, z, out=err).mul_(s).sub_(w).div_(-diag[col])
             W1[i + 1 :].addr_(U[col, col + 1 : i2], err, alpha=-1.0)
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
+    if cfg.kquant is not None:
+        stored = torch.empty(rows, cols, dtype=torch.uint8)
+        stored[:, perm] = codes.t().to(torch.uint8)
+        return QuantizedWeight.from_kquant(stored, cfg.kquant, superblock)
     return _record(codes.t().to(torch.uint8), scale, zero, perm, cfg, static)
 
 
@@ -345,9 +362,10 @@ def _quantize_stage(
     records: dict[str, QuantizedWeight] = {}
     stacks: dict[tuple, list] = {}
     for s in sites:
-        c = layer_cfg(cfg, s.name, layer_bits)
-        stacks.setdefault((acc.alias.get(s.local, s.local), c.bits), []).append((s, c))
-    for (owner, _), members in stacks.items():
+        c = layer_cfg(cfg, s.name, layer_bits, s.module.in_features)
+        key = (acc.alias.get(s.local, s.local), c.bits, c.kquant)
+        stacks.setdefault(key, []).append((s, c))
+    for (owner, *_), members in stacks.items():
         results = gptq_quantize_stack(
             [s.module.weight for s, _ in members],
             acc.hessian(owner),

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tinyllm.core.steps import Context, register
+from tinyllm.kernels.kgrid import derive, fit_kgrid, kspec, quantize_on
 from tinyllm.kernels.primitives import group_qparams, quantize_codes
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.quant.common import WeightQuant, layer_cfg, quantize_each_layer
@@ -16,7 +17,13 @@ class RTN(WeightQuant):
 
 
 def rtn_quantize(w: torch.Tensor, cfg: RTN) -> QuantizedWeight:
-    """[out, in] float -> QuantizedWeight on a min/max (or MSE-clipped) grid."""
+    """[out, in] float -> QuantizedWeight on a min/max (or MSE-clipped) grid; under `kquant` on
+    that K type's searched super-block grid."""
+    if cfg.kquant is not None:
+        spec = kspec(cfg.kquant)
+        superblock = fit_kgrid(w, spec)
+        codes = quantize_on(w, *derive(superblock, spec), spec)
+        return QuantizedWeight.from_kquant(codes, cfg.kquant, superblock)
     scale, zero = group_qparams(w, cfg.bits, cfg.group_size, cfg.sym, mse=cfg.mse)
     scale = scale.half().float()  # quantize against the scale that is stored
     codes = quantize_codes(w, scale, zero, cfg.bits, cfg.group_size)
@@ -31,5 +38,5 @@ def apply(model: nn.Module, cfg: RTN, ctx: Context) -> None:
         model,
         ctx,
         cfg.group_size,
-        lambda w, name: rtn_quantize(w, layer_cfg(cfg, name, ctx.layer_bits)),
+        lambda w, name: rtn_quantize(w, layer_cfg(cfg, name, ctx.layer_bits, w.shape[1])),
     )

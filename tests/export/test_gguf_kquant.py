@@ -1,0 +1,140 @@
+"""K-quant grids end to end: quantize on them, checkpoint, export to GGUF, run in llama.cpp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf import quants as gq
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tinyllm
+from tinyllm.checkpoint import save_checkpoint
+from tinyllm.errors import ConfigError
+from tinyllm.export import export
+from tinyllm.kernels.qlinear import QuantLinear
+from tinyllm.quant.api import quantize
+from tinyllm.quant.gptq import GPTQ
+from tinyllm.quant.rtn import RTN
+
+FALLBACK = {"q2_k": T.Q4_0, "q3_k": T.Q4_0, "q4_k": T.Q5_0, "q5_k": T.Q5_1, "q6_k": T.Q8_0}
+
+
+def _model(vocab: int) -> LlamaForCausalLM:
+    """Hidden 64 (rows of 64: fallback types), FFN 256 (ffn_down rows are one super-block)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _tensors(path: Path) -> dict:
+    return {t.name: t for t in GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("kind", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+def test_k_grids_export_bit_for_bit(kind: str, tokenizer, tmp_path: Path) -> None:
+    model = _model(len(tokenizer))
+    quantize(model, RTN(kquant=kind))
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down, QuantLinear) and down.qweight.kquant == kind
+    assert model.model.layers[1].self_attn.q_proj.qweight.kquant is None  # 64 inputs: fallback
+    report = export(model, tokenizer, tmp_path / "k.gguf", "gguf", kind, strict=True)
+    assert len(report.carried) == 14 and not report.requantized
+    tensors = _tensors(tmp_path / "k.gguf")
+    t = tensors["blk.1.ffn_down.weight"]
+    assert t.tensor_type == getattr(T, kind.upper())
+    assert tensors["blk.1.attn_v.weight"].tensor_type == FALLBACK[kind]
+    decoded = gq.dequantize(np.array(t.data), t.tensor_type).reshape(64, 256)
+    np.testing.assert_array_equal(decoded, down.qweight.dequantize().numpy())
+
+
+def test_gptq_on_k_grid_checkpoint_round_trip(tokenizer, tmp_path: Path) -> None:
+    model = _model(len(tokenizer))
+    x = torch.randint(0, len(tokenizer), (2, 24))
+    with torch.no_grad():
+        ref = model(x).logits
+    calib = torch.randint(0, len(tokenizer), (8, 32))
+    quantize(model, GPTQ(kquant="q3_k"), calib=calib, batch_size=4)
+    assert model.model.layers[0].mlp.down_proj.qweight.kquant == "q3_k"
+    with torch.no_grad():
+        got = model(x).logits
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    assert float(cos) > 0.9
+    save_checkpoint(model, tokenizer, tmp_path / "q", {})
+    back, _ = tinyllm.load(tmp_path / "q")
+    assert back.model.layers[0].mlp.down_proj.qweight.kquant == "q3_k"
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, got)
+
+
+def test_k_export_of_float_and_other_grids(tokenizer, tmp_path: Path, caplog) -> None:
+    """Float tensors are quantized to the K type by tinyllm's own search; a grid that is not
+    the K type's is refused under --strict and re-quantized (with a warning) otherwise."""
+    model = _model(len(tokenizer))
+    report = export(model, tokenizer, tmp_path / "f.gguf", "gguf", "q4_k")
+    t = _tensors(tmp_path / "f.gguf")["blk.0.ffn_down.weight"]
+    assert t.tensor_type == T.Q4_K
+    decoded = gq.dequantize(np.array(t.data), T.Q4_K).reshape(64, 256)
+    w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    assert np.linalg.norm(decoded - w) < 0.1 * np.linalg.norm(w)
+    assert report.types["blk.0.attn_q.weight"] == "Q5_0"
+    quantize(model, RTN(bits=4, group_size=32))
+    with pytest.raises(ConfigError, match="gguf-compatible"):
+        export(model, tokenizer, tmp_path / "s.gguf", "gguf", "q4_k", strict=True)
+    report = export(model, tokenizer, tmp_path / "r.gguf", "gguf", "q4_k")
+    assert "blk.0.ffn_down.weight" in report.requantized
+
+
+def test_k_records_are_not_carried_as_legacy_or_other_formats(tokenizer) -> None:
+    """A Q4_1 block, MatMulNBits or compressed-tensors have no super-block scales and mins."""
+    from tinyllm.export.gguf_blocks import why_not_carried
+    from tinyllm.export.hf import why_not_packable
+    from tinyllm.export.onnx import why_not_nbits
+
+    model = _model(len(tokenizer))
+    quantize(model, RTN(kquant="q4_k"))
+    qw = model.model.layers[0].mlp.down_proj.qweight
+    assert "q4_k" in why_not_carried(qw, T.Q4_1)
+    assert "q4_k" in why_not_nbits(qw, 4)
+    assert "q4_k" in why_not_packable(qw)
+
+
+def test_kquant_config_errors() -> None:
+    with pytest.raises(ValueError, match="kquant must be one of"):
+        RTN(kquant="q7_k")
+    with pytest.raises(ValueError, match="fixes bits at 4"):
+        RTN(kquant="q4_k", bits=3)
+    with pytest.raises(ValueError, match="static_groups"):
+        GPTQ(kquant="q4_k", static_groups=False)
+    with pytest.raises(ValueError, match="K-quant grids"):
+        RTN(bits=6, group_size=32)
+
+
+def test_llamacpp_runs_k_quant_file(tokenizer, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from tinyllm.export import llamacpp
+
+    model = _model(len(tokenizer))
+    quantize(model, RTN(kquant="q6_k"))
+    path = tmp_path / "k.gguf"
+    export(model, tokenizer, path, "gguf", "q6_k", embed_type="f32", strict=True)
+    ids = tokenizer("Pack my box with five dozen liquor jugs.")["input_ids"][:24]
+    theirs = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64), ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    # llama.cpp rounds activations to 8 bits for its K-quant dot products
+    assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()
