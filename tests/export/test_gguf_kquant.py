@@ -138,3 +138,28 @@ def test_llamacpp_runs_k_quant_file(tokenizer, tmp_path: Path) -> None:
         ours = model(torch.tensor([ids])).logits[0].numpy()
     # llama.cpp rounds activations to 8 bits for its K-quant dot products
     assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"kquant": "q9_k"}, "kquant"),  # not a K type: the schema refuses it
+        ({"kquant": "q6_k"}, "needs super-block tensor d"),  # q6_k: other bits, group, tensors
+        ({"kquant": "q5_k", "bits": 5}, "needs"),  # codes and super-blocks disagree
+    ],
+)
+def test_corrupted_k_checkpoint_is_refused(edit: dict, message: str, tokenizer, tmp_path) -> None:
+    """A tinyllm.json whose K-quant entry does not match its tensors is a clear load error."""
+    import json
+
+    from tinyllm.checkpoint import TINYLLM_CONFIG
+    from tinyllm.errors import ModelLoadError
+
+    model = _model(len(tokenizer))
+    quantize(model, RTN(kquant="q4_k"))
+    save_checkpoint(model, tokenizer, tmp_path / "q", {})
+    info = json.loads((tmp_path / "q" / TINYLLM_CONFIG).read_text())
+    info["quantized"]["model.layers.0.mlp.down_proj"].update(edit)
+    (tmp_path / "q" / TINYLLM_CONFIG).write_text(json.dumps(info))
+    with pytest.raises(ModelLoadError, match=message):
+        tinyllm.load(tmp_path / "q")
