@@ -95,15 +95,15 @@ def run(cmd: list[str]) -> str:
     return done.stdout + done.stderr
 
 
-def texts() -> tuple[Path, Path]:
+def texts(model: str = MODEL, work: Path = WORK) -> tuple[Path, Path]:
     """The evaluation and calibration windows decoded to text files (imatrix input)."""
     import tinyllm
     from tinyllm.data.calibration import calibration_windows
     from tinyllm.eval.evaluate import evaluation_windows
 
-    ev, cal = WORK / "eval.txt", WORK / "calib.txt"
+    ev, cal = work / "eval.txt", work / "calib.txt"
     if not ev.exists() or not cal.exists():
-        _, tok = tinyllm.load(MODEL)
+        _, tok = tinyllm.load(model)
         windows, _ = evaluation_windows(tok)
         ev.write_text("".join(tok.decode(w) for w in windows.tolist()))
         calib = calibration_windows(tok, "enwiki", 128, 512, 0)
@@ -156,12 +156,12 @@ def build(name: str) -> tuple[Path, dict]:
     return path, {"command": command, "quant_seconds": meta.get("seconds")}
 
 
-def score(path: Path) -> dict:
+def score(path: Path, name: str = MODEL) -> dict:
     import tinyllm
     from tinyllm.eval.evaluate import evaluation_windows
     from tinyllm.export import llamacpp
 
-    model, tok = tinyllm.load(MODEL)  # the FP32 original: the KLD reference
+    model, tok = tinyllm.load(name)  # the FP32 original: the KLD reference
     windows, _ = evaluation_windows(tok)
     t0 = time.perf_counter()
     scores = llamacpp.score(llamacpp.open_gguf(path, threads=2), windows, model)

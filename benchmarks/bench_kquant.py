@@ -2,7 +2,8 @@
 llama.cpp itself (bench_gguf.py's protocol: llama.cpp's logits on the 40 x 512 evaluation
 windows, KL divergence and top-1 agreement against the FP32 model at the same positions).
 
-Run: .venv/bin/python benchmarks/bench_kquant.py [--rows NAME,...] [--force] [--table]
+Run: .venv/bin/python benchmarks/bench_kquant.py [--model gemma3-270m] [--rows NAME,...] [--force]
+     [--table]
 Rows:
   f16                      `tinyllm export smollm2-135m --type f16` (llama rows start from it)
   llama-TYPE-imatrix       llama-quantize --imatrix (128 x 512 calibration windows) f16.gguf TYPE
@@ -12,11 +13,13 @@ Rows:
 SmolLM2-135M's rows are 576 wide, not a multiple of the 256-weight K super-block: only ffn_down
 (1536 inputs) can be a K type; llama-quantize and tinyllm both give the other tensors the
 fallback type (Q5_0 for Q4_K, ...), so file sizes sit above the K type's nominal bits.
-Results merge into benchmarks/results/kquant_smollm2.json row by row (resumable).
+Gemma-3-270M (width 640) likewise: only ffn_down (2048 inputs) holds K blocks.
+Results merge into benchmarks/results/kquant_<model>.json row by row (resumable).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,8 +28,7 @@ from bench_gguf import CLI, MODEL, WORK, run, score, texts, tool
 from rowtable import row_args, rows_present, run_rows, table_head
 
 ROOT = Path(__file__).parent
-OUT = ROOT / "results" / "kquant_smollm2.json"
-KWORK = ROOT / "work" / "kquant"
+MODELS = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}
 LLAMA = {  # row -> llama-quantize type
     "llama-q2_k-imatrix": "Q2_K",
     "llama-q3_k_m-imatrix": "Q3_K_M",
@@ -38,19 +40,34 @@ OURS = {f"gptq-{k}": (["--method", "gptq"], k) for k in ("q2_k", "q3_k", "q4_k",
 ROWS = ["f16", *LLAMA, *OURS]
 
 
+class Setup:
+    """The model the rows are for and where its files go (smollm2-135m shares bench_gguf.py's
+    F16 file, imatrix and calibration text)."""
+
+    model = MODEL
+    work = WORK
+    kwork = ROOT / "work" / "kquant"
+
+    @classmethod
+    def choose(cls, model: str) -> None:
+        cls.model = model
+        if model != MODEL:
+            cls.work = cls.kwork = ROOT / "work" / "kquant" / MODELS[model]
+
+
 def _f16() -> Path:
-    f16 = WORK / "f16.gguf"  # shared with bench_gguf.py
+    f16 = Setup.work / "f16.gguf"
     if not f16.exists():
-        WORK.mkdir(parents=True, exist_ok=True)
-        run([*CLI, "export", MODEL, "--type", "f16", "-o", str(f16)])
+        Setup.work.mkdir(parents=True, exist_ok=True)
+        run([*CLI, "export", Setup.model, "--type", "f16", "-o", str(f16)])
     return f16
 
 
 def _llama(name: str, path: Path) -> dict:
     f16, qtype = _f16(), LLAMA[name]
-    mat = WORK / "imatrix.gguf"  # shared with bench_gguf.py: the same calibration text
+    mat = Setup.work / "imatrix.gguf"  # the same calibration text as ours
     if not mat.exists():
-        _, cal = texts()
+        _, cal = texts(Setup.model, Setup.work)
         cmd = [tool("llama-imatrix"), "-m", str(f16), "-f", str(cal), "-o", str(mat)]
         run([*cmd, "-c", "512", "--chunks", "128", "-t", "2"])
     if not path.exists():
@@ -61,47 +78,68 @@ def _llama(name: str, path: Path) -> dict:
 def _ours(name: str, path: Path) -> dict:
     flags, kind = OURS[name]
     flags = [*flags, "--gguf-compatible", kind]
-    ckpt = KWORK / f"{name}.ckpt"
+    ckpt = Setup.kwork / f"{name}.ckpt"
     if not (ckpt / "tinyllm.json").exists():
-        run([*CLI, "quantize", MODEL, *flags, "-o", str(ckpt), "--overwrite"])
+        run([*CLI, "quantize", Setup.model, *flags, "-o", str(ckpt), "--overwrite"])
     if not path.exists():
         run([*CLI, "export", str(ckpt), "--type", kind, "--strict", "-o", str(path)])
     meta = json.loads((ckpt / "tinyllm.json").read_text())
-    command = f"tinyllm quantize {MODEL} {' '.join(flags)} && tinyllm export --type {kind} --strict"
+    command = (
+        f"tinyllm quantize {Setup.model} {' '.join(flags)} && tinyllm export --type {kind} --strict"
+    )
     return {"command": command, "quant_seconds": meta.get("seconds")}
 
 
 def build(name: str) -> tuple[Path, dict]:
     if name == "f16":
-        return _f16(), {"command": f"tinyllm export {MODEL} --type f16"}
-    KWORK.mkdir(parents=True, exist_ok=True)
-    path = KWORK / f"{name}.gguf"
+        return _f16(), {"command": f"tinyllm export {Setup.model} --type f16"}
+    Setup.kwork.mkdir(parents=True, exist_ok=True)
+    path = Setup.kwork / f"{name}.gguf"
     info = _llama(name, path) if name in LLAMA else _ours(name, path)
     return path, info
 
 
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many of the file's 2-D tensors hold each GGUF type (ours and llama-quantize's files
+    are compared type by type: same layout, same decode kernels)."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    kinds = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) > 1)
+    return dict(sorted(kinds.items()))
+
+
 def table(results: dict) -> str:
     base = results.get("f16")
-    head = "row | perplexity (llama.cpp) | x F16 | KLD to FP32 | top-1 | file | x F16 size"
+    head = (
+        "row | perplexity (llama.cpp) | x F16 | KLD to FP32 | top-1 | file | x F16 size "
+        "| decode tok/s (tg64) | 2-D tensor types"
+    )
     lines = table_head(head)
     for name, r in rows_present(results, ROWS):
         ratio = f"{r['perplexity'] / base['perplexity']:.3f}" if base else "-"
         size = f"{r['bytes'] / base['bytes']:.3f}" if base else "-"
+        tg = f"{r['tg64_tokens_per_s']:.1f}" if r.get("tg64_tokens_per_s") else "-"
+        kinds = ", ".join(f"{k} {n}" for k, n in r.get("tensor_types", {}).items())
         lines.append(
             f"| {name} | {r['perplexity']:.3f} | {ratio} | {r['kld']:.4f} | "
-            f"{r['top1_agreement']:.4f} | {r['bytes'] / 2**20:.1f} MiB | {size} |"
+            f"{r['top1_agreement']:.4f} | {r['bytes'] / 2**20:.1f} MiB | {size} | {tg} | {kinds} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
-    args = row_args(ROWS)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=MODEL, choices=list(MODELS))
+    args = row_args(ROWS, ap)
+    Setup.choose(args.model)
 
     def run_row(name: str) -> dict:
         path, info = build(name)
-        return {**info, **score(path)}
+        return {**info, **score(path, args.model), "tensor_types": tensor_types(path)}
 
-    run_rows(OUT, args, run_row, table)
+    run_rows(ROOT / "results" / f"kquant_{MODELS[args.model]}.json", args, run_row, table)
 
 
 if __name__ == "__main__":

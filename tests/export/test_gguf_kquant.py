@@ -163,3 +163,26 @@ def test_corrupted_k_checkpoint_is_refused(edit: dict, message: str, tokenizer, 
     (tmp_path / "q" / TINYLLM_CONFIG).write_text(json.dumps(info))
     with pytest.raises(ModelLoadError, match=message):
         tinyllm.load(tmp_path / "q")
+
+
+def test_auto_type_keeps_each_layers_own_grid(tokenizer, tmp_path: Path) -> None:
+    """--type auto: a checkpoint mixing K, Q4_0 and Q8_0 grids is written layer by layer in the
+    type each one's grid carries into, every code carried."""
+    from tinyllm.quant.mixed import Mixed
+
+    model = _model(len(tokenizer))
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:-1]
+    wide = {n: 8 if "layers.0." in n and "down" not in n else 4 for n in layers}
+    mixed = Mixed(base=RTN(bits=4, group_size=32, sym=True), bits=[4, 8], allocation=wide)
+    quantize(model, mixed, calib=torch.randint(0, len(tokenizer), (2, 16)))
+    report = export(model, tokenizer, tmp_path / "a.gguf", "gguf", "auto", strict=True)
+    assert len(report.carried) == 14 and not report.requantized
+    tensors = _tensors(tmp_path / "a.gguf")
+    assert tensors["blk.0.attn_q.weight"].tensor_type == T.Q8_0
+    assert tensors["blk.1.attn_q.weight"].tensor_type == T.Q4_0
+    model = _model(len(tokenizer))
+    quantize(model, RTN(kquant="q5_k"))
+    export(model, tokenizer, tmp_path / "k.gguf", "gguf", "auto", strict=True)
+    tensors = _tensors(tmp_path / "k.gguf")
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == T.Q5_K
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == T.Q5_1  # its fallback grid

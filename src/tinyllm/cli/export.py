@@ -56,7 +56,9 @@ TypeOpt = Annotated[
         "--type",
         help="GGUF: type of the block linears, f32, f16 (default), bf16, q8_0, q4_0, q4_1, "
         "q5_0, q5_1, or a K-quant q2_k, q3_k, q4_k, q5_k, q6_k (tensors whose rows are not a "
-        "multiple of 256 take llama.cpp's fallback: q5_0, q5_1, q8_0, and q4_0 for q2_k/q3_k). "
+        "multiple of 256 take llama.cpp's fallback: q5_0, q5_1, q8_0, and q4_0 for q2_k/q3_k), "
+        "or auto: each quantized layer in the type its own grid carries into (a mixed-precision "
+        "checkpoint keeps every layer's width). "
         "ONNX: fp32 (default), q4 or q8 (quantized layers as MatMulNBits), "
         "w8a8 (int8-static/-dynamic and smoothquant layers as QuantizeLinear + "
         "MatMulInteger). hf: none (layers are written as they are). "

@@ -321,6 +321,18 @@ def _carry(record: QuantizedWeight, qtype: T) -> np.ndarray:
     return carry_k(record, qtype) if qtype in K_TYPES else carry(record, qtype)
 
 
+def own_type(t: Tensor) -> T:
+    """`--type auto`: the GGUF type a layer's own grid carries into (its K type, else the first
+    of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 that holds it exactly); F16 for float layers, Q8_0 for a
+    grid no type holds (re-quantized, or refused under --strict)."""
+    if t.record is None:
+        return T.F16
+    if t.record.kquant is not None:
+        return next(q for q, name in K_TYPES.items() if name == t.record.kquant)
+    order = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+    return next((q for q in order if why_not_carried(t.record, q) is None), T.Q8_0)
+
+
 def tensor_type(t: Tensor, qtype: T) -> T:
     """qtype, or for a K type the type llama.cpp falls back to when rows are not whole
     super-blocks (K_FALLBACK)."""
@@ -367,12 +379,12 @@ def export_gguf(
     name: str = "tinyllm export",
 ) -> ExportReport:
     """Write `model` as a GGUF file llama.cpp loads; returns what was carried or re-quantized."""
-    if qtype not in TYPES:
-        raise ConfigError(f"unknown GGUF type '{qtype}'; choose one of {', '.join(TYPES)}")
+    if qtype not in TYPES and qtype != "auto":
+        raise ConfigError(f"unknown GGUF type '{qtype}'; choose one of {', '.join(TYPES)}, auto")
     if embed_type is not None and embed_type not in TYPES:
         raise ConfigError(f"unknown --embed-type '{embed_type}'; choose one of {', '.join(TYPES)}")
     fam = gguf_family(model)
-    main = TYPES[qtype]
+    main = TYPES.get(qtype, T.Q8_0)  # auto: each layer in its record's type (own_type)
     embed = TYPES[embed_type] if embed_type else (main if main in FLOAT_TYPES else T.Q8_0)
     tensors = collect_tensors(model, fam)
     record = next((t.record for t in tensors if t.name == "token_embd.weight"), None)
@@ -382,12 +394,14 @@ def export_gguf(
     with atomic_path(Path(path)) as tmp:
         w = GGUFWriter(str(tmp), fam.gguf.arch)
         w.add_name(name)
-        w.add_file_type(int(FILE_TYPES[main]))
+        w.add_file_type(int(LlamaFileType.GUESSED if qtype == "auto" else FILE_TYPES[main]))
         w.add_quantization_version(2)
         _hparams(w, model.config, fam)
         _tokenizer(w, tokenizer, model.config)
         for t in track(tensors, description=f"GGUF {qtype}"):
             kind = embed if t.name.startswith(("token_embd.", "output.")) else main
+            if qtype == "auto" and kind is main:
+                kind = own_type(t)
             data, stored = tensor_data(t, kind, report, strict)
             w.add_tensor(t.name, data, raw_dtype=stored)
         w.write_header_to_file()
