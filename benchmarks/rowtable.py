@@ -33,7 +33,10 @@ def run_rows(
         if name in results and not args.force:
             continue
         print(f"== {name}", flush=True)
-        results[name] = {**run_row(name), "provenance": provenance()}
+        row = {**run_row(name), "provenance": provenance()}
+        if out.exists():  # rows another run of the same benchmark wrote meanwhile are kept
+            results = json.loads(out.read_text())
+        results[name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")  # atomic: a crash never leaves half a results file
         tmp.write_text(json.dumps(results, indent=2) + "\n")
