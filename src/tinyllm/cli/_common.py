@@ -61,7 +61,8 @@ CalibCorpusOpt = Annotated[
         "--calib-corpus",
         help="Corpus of the calibration windows: a named one (enwiki, bgwiki, "
         "crime-and-punishment, lee-news), a .txt, a .jsonl or a directory (its training part; "
-        "never the evaluation slice).",
+        "never the evaluation slice), or a mix joined by '+' (enwiki+bgwiki+lee-news: an equal "
+        "share of the windows from each).",
     ),
 ]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
