@@ -32,6 +32,7 @@ EDGE_RUNS = [ROOT.parent / "runs" / "edge", ROOT / "work" / "ood" / "edge"]  # m
 EDGE_FILE = "export/model-q4_0.gguf"
 CORPORA = ["enwiki", "bgwiki", "lee-news", "crime-and-punishment"]
 WINDOWS, SEQ_LEN = 16, 512
+THREADS = 2  # llama.cpp's
 ROWS = ["f16", "llama-q4_0-imatrix", "llama-q4_k_m-imatrix", "awq-gptq-rf2-ft-q4_0", "edge-q4_0"]
 ALL_ROWS = [*dict.fromkeys([*ROWS, *LLAMA, *OURS, *QAT])]
 
@@ -76,7 +77,7 @@ def score_corpora(path: Path) -> dict:
     from tinyllm.export import llamacpp
 
     model, _ = reference()
-    llm = llamacpp.open_gguf(path, n_ctx=SEQ_LEN, threads=2)
+    llm = llamacpp.open_gguf(path, n_ctx=SEQ_LEN, threads=THREADS)
     out: dict = {}
     for corpus in CORPORA:
         windows = corpus_windows(corpus)
