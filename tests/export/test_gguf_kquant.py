@@ -122,6 +122,10 @@ def test_kquant_config_errors() -> None:
         GPTQ(kquant="q4_k", static_groups=False)
     with pytest.raises(ValueError, match="K-quant grids"):
         RTN(bits=6, group_size=32)
+    from tinyllm.quant.mixed import Mixed
+
+    with pytest.raises(ValueError, match="not supported yet"):
+        Mixed(base=GPTQ(kquant="q4_k"), avg_bits=4)
 
 
 @pytest.mark.parametrize("kind", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])

@@ -84,6 +84,11 @@ class Mixed(Step):
 
     @model_validator(mode="after")
     def _budget(self) -> Mixed:
+        if grid_of(self.base).kquant is not None:
+            raise ValueError(
+                "mixed precision over K-quant grids is not supported yet: give the base a plain "
+                "grid (no kquant / --gguf-compatible q*_k)"
+            )
         if self.allocation is not None:
             bad = sorted({b for b in self.allocation.values() if b not in self.bits})
             if bad:
