@@ -128,6 +128,15 @@ def test_kquant_config_errors() -> None:
         Mixed(base=GPTQ(kquant="q4_k"), avg_bits=4)
 
 
+def test_qat_refuses_k_records(tokenizer) -> None:
+    from tinyllm.quant.qat import FakeQuantLinear
+
+    model = _model(len(tokenizer))
+    quantize(model, RTN(kquant="q4_k"))
+    with pytest.raises(ConfigError, match="QAT of q4_k"):
+        FakeQuantLinear(model.model.layers[0].mlp.down_proj.qweight)
+
+
 @pytest.mark.parametrize("kind", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 def test_llamacpp_runs_k_quant_file(kind: str, tokenizer, tmp_path: Path) -> None:
     """llama.cpp's own K-quant kernels on our blocks give our quantized model's logits."""

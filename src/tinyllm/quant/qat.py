@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyllm.errors import ConfigError
 from tinyllm.kernels.primitives import grouped, qmax
 from tinyllm.kernels.qlinear import QuantLinear
 from tinyllm.kernels.qweight import QuantizedWeight, dequantize_scales, double_quantize_scales
@@ -33,6 +34,11 @@ class FakeQuantLinear(nn.Module):
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
+        if qw.kquant is not None:
+            raise ConfigError(
+                f"QAT of {qw.kquant} super-block grids is not supported yet: train a checkpoint "
+                "on a plain grid (e.g. --gguf-compatible q4_0), or distill before quantizing"
+            )
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         self.double_quant = qw.scale_dq is not None
