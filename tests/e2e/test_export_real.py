@@ -39,6 +39,21 @@ def test_carried_q4_0_scores_like_our_quantized_model(tmp_path):
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
 
 
+def test_carried_q3_k_scores_like_our_quantized_model(tmp_path):
+    """K-quant blocks (ffn_down: 1536 inputs) and their Q4_0 fallback (576-wide rows), every
+    code carried, run by llama.cpp's own kernels: the same perplexity as in memory."""
+    model, tok = tinyllm.load("smollm2-135m")
+    tinyllm.quantize(model, tinyllm.RTN(kquant="q3_k"))
+    path = tmp_path / "q3_k.gguf"
+    report = export(model, tok, path, "gguf", "q3_k", strict=True)
+    assert len(report.carried) == 210
+    assert sum(kind == "Q3_K" for kind in report.types.values()) == 30  # one ffn_down per block
+    windows, _ = evaluation_windows(tok, windows=10)
+    ours = tinyllm.evaluate(model, tok, windows=10).perplexity
+    theirs = llamacpp.perplexity(llamacpp.open_gguf(path), windows)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+
+
 def test_gemma3_f16_export_tokenizes_and_generates_like_ours(tmp_path):
     """The SentencePiece-style vocabulary (scores from merge ranks) and Gemma's graph limits."""
     model, tok = tinyllm.load("gemma3-270m")
