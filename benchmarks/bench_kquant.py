@@ -14,7 +14,9 @@ SmolLM2-135M's rows are 576 wide, not a multiple of the 256-weight K super-block
 (1536 inputs) can be a K type; llama-quantize and tinyllm both give the other tensors the
 fallback type (Q5_0 for Q4_K, ...), so file sizes sit above the K type's nominal bits.
 Gemma-3-270M (width 640) likewise: only ffn_down (2048 inputs) holds K blocks.
-Results merge into benchmarks/results/kquant_<model>.json row by row (resumable).
+Results merge into benchmarks/results/kquant_<model>.json row by row (resumable); the JSON
+also keeps llama-bench's tg64 decode speed of each file (not in the table: on a shared host it
+is noise, compare files with a paired farm-bench run instead).
 """
 
 from __future__ import annotations
@@ -114,17 +116,16 @@ def table(results: dict) -> str:
     base = results.get("f16")
     head = (
         "row | perplexity (llama.cpp) | x F16 | KLD to FP32 | top-1 | file | x F16 size "
-        "| decode tok/s (tg64) | 2-D tensor types"
+        "| 2-D tensor types"
     )
     lines = table_head(head)
     for name, r in rows_present(results, ROWS):
         ratio = f"{r['perplexity'] / base['perplexity']:.3f}" if base else "-"
         size = f"{r['bytes'] / base['bytes']:.3f}" if base else "-"
-        tg = f"{r['tg64_tokens_per_s']:.1f}" if r.get("tg64_tokens_per_s") else "-"
         kinds = ", ".join(f"{k} {n}" for k, n in r.get("tensor_types", {}).items())
         lines.append(
             f"| {name} | {r['perplexity']:.3f} | {ratio} | {r['kld']:.4f} | "
-            f"{r['top1_agreement']:.4f} | {r['bytes'] / 2**20:.1f} MiB | {size} | {tg} | {kinds} |"
+            f"{r['top1_agreement']:.4f} | {r['bytes'] / 2**20:.1f} MiB | {size} | {kinds} |"
         )
     return "\n".join(lines)
 
