@@ -204,7 +204,7 @@ def test_gguf_compatible_quantize_then_strict_export(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--type", "q4_k"], "unknown GGUF type"),
+        (["--type", "q4_x"], "unknown GGUF type"),
         (["--format", "tflite"], "unknown export format"),
     ],
 )
@@ -215,7 +215,7 @@ def test_export_bad_settings(tiny_dir: Path, tmp_path: Path, args, message):
 def test_export_errors(tiny_dir: Path, tmp_path: Path):
     assert_clean_error(run("export", str(tiny_dir), "-o", str(tmp_path / "no" / "m.gguf")),
                        "does not exist")  # fmt: skip
-    p = run("quantize", str(tiny_dir), "--method", "gptq", "--gguf-compatible", "q4_k",
+    p = run("quantize", str(tiny_dir), "--method", "gptq", "--gguf-compatible", "q7_k",
             "-o", str(tmp_path / "q"))  # fmt: skip
     assert_clean_error(p, "--gguf-compatible: choose one of q4_0")
     p = run("quantize", str(tiny_dir), "--method", "rtn", "--bits", "3", "-o", str(tmp_path / "r"))

@@ -120,8 +120,10 @@ def test_kquant_config_errors() -> None:
         RTN(kquant="q4_k", bits=3)
     with pytest.raises(ValueError, match="static_groups"):
         GPTQ(kquant="q4_k", static_groups=False)
-    with pytest.raises(ValueError, match="K-quant grids"):
+    with pytest.raises(ValueError, match=r"bits must be one of .* q6_k"):
         RTN(bits=6, group_size=32)
+    with pytest.raises(ValueError, match=r"group_size must be one of .* K-quant"):
+        RTN(bits=4, group_size=16)
     from tinyllm.quant.mixed import Mixed
 
     with pytest.raises(ValueError, match="not supported yet"):

@@ -77,8 +77,16 @@ class WeightQuant(Step):
 
     @model_validator(mode="after")
     def _plain_grid(self) -> WeightQuant:
-        if self.kquant is None and (self.bits == 6 or self.group_size == 16):
-            raise ValueError("6 bits and groups of 16 exist only as K-quant grids (kquant: q6_k)")
+        if self.kquant is None and self.bits == 6:
+            raise ValueError(
+                f"bits must be one of {SUPPORTED_BITS}, got 6 (6-bit codes exist only as the "
+                "q6_k K-quant grid: --gguf-compatible q6_k)"
+            )
+        if self.kquant is None and self.group_size == 16:
+            raise ValueError(
+                f"group_size must be one of {SUPPORTED_GROUPS}, got 16 (groups of 16 exist only "
+                "in K-quant grids: --gguf-compatible q2_k, q3_k or q6_k)"
+            )
         return self
 
 
