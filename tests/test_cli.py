@@ -224,6 +224,34 @@ def test_export_errors(tiny_dir: Path, tmp_path: Path):
     assert_clean_error(p, "cannot store as Q4_0 without re-quantizing (3-bit codes")
 
 
+def test_export_type_mix(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
+    """--type mix: a GGUF type per block linear by measured KL under --target-bpw, every code
+    carried; clear errors for a missing budget, a quantized model and another format."""
+    from gguf import GGUFReader
+
+    calib = ["--calib-corpus", str(corpus_file), "--samples", "4", "--seq-len", "32"]
+    gguf = tmp_path / "mix.gguf"
+    p = run("export", str(tiny_dir), "--type", "mix", "--target-bpw", "6", *calib, "-o", str(gguf))
+    assert p.returncode == 0, p.stderr
+    assert "chose" in p.stdout and "14 layers carried, 0 re-quantized" in p.stdout
+    blocks = [t for t in GGUFReader(str(gguf)).tensors if t.name.startswith("blk.")]
+    kinds = {t.tensor_type.name for t in blocks if len(t.shape) > 1}
+    assert kinds <= {"Q4_0", "Q5_0", "Q8_0"} and len(kinds) >= 2  # 64-wide rows: no K type
+    bits = sum(int(t.n_bytes) * 8 for t in blocks if len(t.shape) > 1)
+    assert bits <= 6 * sum(int(t.n_elements) for t in blocks if len(t.shape) > 1)
+    out = tmp_path / "m2.gguf"
+    assert_clean_error(run("export", str(tiny_dir), "--type", "mix", "-o", str(out)),
+                       "--type mix needs --target-bpw")  # fmt: skip
+    p = run("export", str(tiny_dir), "--format", "onnx", "--type", "mix", "--target-bpw", "5",
+            "-o", str(tmp_path / "m.onnx"))  # fmt: skip
+    assert_clean_error(p, "drop it for --format onnx")
+    p = run("quantize", str(tiny_dir), "--method", "rtn", "-o", str(tmp_path / "r"))
+    assert p.returncode == 0, p.stderr
+    p = run("export", str(tmp_path / "r"), "--type", "mix", "--target-bpw", "5", *calib,
+            "-o", str(out))  # fmt: skip
+    assert_clean_error(p, "quantized")
+
+
 def test_generate_streams_and_reports(tiny_dir: Path):
     p = run("generate", str(tiny_dir), "The quick", "--max-tokens", "5", "--temperature", "0.8",
             "--seed", "3")  # fmt: skip

@@ -210,3 +210,62 @@ def test_auto_type_keeps_each_layers_own_grid(tokenizer, tmp_path: Path) -> None
     tensors = _tensors(tmp_path / "k.gguf")
     assert tensors["blk.0.ffn_down.weight"].tensor_type == T.Q5_K
     assert tensors["blk.0.ffn_up.weight"].tensor_type == T.Q5_1  # its fallback grid
+
+
+def test_mixed_over_gguf_types_meets_budget_and_exports_each_choice(tokenizer, tmp_path) -> None:
+    """Mixed over GGUF types: every layer gets a type that tiles it, the budget in GGUF bits
+    per weight holds, GPTQ quantizes each layer on its type's grid, the checkpoint reloads with
+    the same grids, and `--type auto` writes each layer as its chosen type, every code carried."""
+    from tinyllm.quant.common import gguf_bpw
+    from tinyllm.quant.mixed import Mixed
+
+    model = _model(len(tokenizer))
+    calib = torch.randint(0, len(tokenizer), (4, 32))
+    types = ["q3_k", "q4_k", "q6_k", "q4_0", "q8_0"]
+    mixed = Mixed(base=GPTQ(bits=4, group_size=32), types=types, target_bpw=5.0)
+    report = quantize(model, mixed, calib=calib)
+    alloc = report["bit_allocation"]
+    sizes = {n: m.in_features * m.out_features for n, m in model.named_modules() if n in alloc}
+    assert len(alloc) == 14 and set(alloc.values()) <= set(types)
+    for name, t in alloc.items():  # K types only where rows are whole super-blocks
+        assert ("down_proj" in name) or t in ("q4_0", "q8_0")
+    bpw = sum(sizes[n] * gguf_bpw(t) for n, t in alloc.items()) / sum(sizes.values())
+    assert bpw <= 5.0 and report["bpw"] == pytest.approx(bpw)
+    assert len(set(alloc.values())) >= 2  # 5.0 lies between the types: the budget is spent
+    for name, t in alloc.items():
+        qw = model.get_submodule(name).qweight
+        assert qw.kquant == (t if t.endswith("_k") else None)
+    save_checkpoint(model, tokenizer, tmp_path / "q", {})
+    loaded, _ = tinyllm.load(tmp_path / "q")
+    ids = torch.randint(0, len(tokenizer), (1, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    out = export(loaded, tokenizer, tmp_path / "m.gguf", "gguf", "auto", strict=True)
+    assert len(out.carried) == 14 and not out.requantized
+    tensors = _tensors(tmp_path / "m.gguf")
+    for name, t in alloc.items():
+        block, local = name.split(".")[2], name.split(".")[-1]
+        gg = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+        gg |= {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+        assert tensors[f"blk.{block}.{gg[local]}.weight"].tensor_type == getattr(T, t.upper())
+
+
+def test_mixed_over_gguf_types_config_errors(tokenizer) -> None:
+    from pydantic import ValidationError
+
+    from tinyllm.quant.mixed import Mixed
+
+    with pytest.raises(ValidationError, match="types must be among"):
+        Mixed(base=GPTQ(), types=["q4_x"], target_bpw=4.5)
+    with pytest.raises(ValidationError, match=r"target_bpw .* or size_mb, not avg_bits"):
+        Mixed(base=GPTQ(), types=["q4_0"], avg_bits=4.5)
+    with pytest.raises(ValidationError, match="give types too"):
+        Mixed(base=GPTQ(), target_bpw=4.5)
+    with pytest.raises(ValidationError, match=r"cannot quantize onto q4_k: .*static_groups"):
+        Mixed(base=GPTQ(static_groups=False), types=["q4_k", "q5_0"], target_bpw=4.5)
+    model = _model(len(tokenizer))
+    calib = torch.randint(0, len(tokenizer), (2, 16))
+    with pytest.raises(ConfigError, match=r"none of the types .* tiles the 64 input features"):
+        quantize(model, Mixed(base=GPTQ(), types=["q4_k"], target_bpw=4.5), calib=calib)
+    with pytest.raises(ConfigError, match=r"target_bpw 3\.0 is below the smallest reachable"):
+        quantize(model, Mixed(base=GPTQ(), types=["q4_k", "q4_0"], target_bpw=3.0), calib=calib)

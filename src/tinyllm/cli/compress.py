@@ -78,6 +78,8 @@ def quantize(
     avg_bits: Q.AvgBits = None,
     size_mb: Q.SizeMb = None,
     candidate_bits: Q.CandidateBits = "3,4,8",
+    candidate_types: Q.CandidateTypes = "",
+    target_bpw: Q.TargetBpw = None,
     calib_corpus: CalibCorpusOpt = "enwiki",
     samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
@@ -113,6 +115,8 @@ def quant_steps(ctx: typer.Context, opts: dict[str, Any]) -> list:
     if not opts["activations"]:
         del options["activations"]
     options["candidate_bits"] = _widths(opts["candidate_bits"])
+    options["candidate_types"] = [t.strip() for t in opts["candidate_types"].split(",")]
+    options["candidate_types"] = [t for t in options["candidate_types"] if t]
     if opts["gguf_compatible"] is not None:
         options.update(_gguf_grid(method, opts["gguf_compatible"]))
     steps = [quant_step(method, options, base, field_flag(ctx, QUANT_FIELD))]
@@ -206,7 +210,7 @@ def print_quant_report(report: dict[str, Any], method: str, output: Path) -> Non
         f"quantized {len(errs)} layers with {method} in {report['seconds']:.1f} s "
         f"(mean layer error {sum(errs) / max(len(errs), 1):.4g}); wrote {output}"
     )
-    for key in ("activations", "simulated", "avg_bits", "smoothquant_model_alpha"):
+    for key in ("activations", "simulated", "avg_bits", "bpw", "smoothquant_model_alpha"):
         if key in report:
             out.print(f"  {key.replace('_', ' ')}: {report[key]}")
     if report.get("outliers"):

@@ -44,6 +44,9 @@ Examples:
 
   tinyllm quantize smollm2-135m --method mixed --avg-bits 3.5 --base gptq -o out/mixed
 
+  tinyllm quantize smollm2-135m --method mixed --base gptq --target-bpw 4.8 -o out/mix
+    (a GGUF type per layer by measured KL; then `tinyllm export out/mix --type auto`)
+
 Methods that quantize activations write an activation report (per-layer input outlier
 ratios) beside the checkpoint; `tinyllm outliers MODEL` prints it for any model.
 """
@@ -250,6 +253,22 @@ class Quant:
     ]
     CandidateBits = Annotated[
         str, typer.Option(help="mixed: widths a layer may get, comma-separated.")
+    ]
+    CandidateTypes = Annotated[
+        str,
+        typer.Option(
+            help="mixed over GGUF types: the types a layer may get, comma-separated (q2_k..q6_k, "
+            "q4_0, q4_1, q5_0, q5_1, q8_0); each layer gets one type's whole grid, chosen by "
+            "measured KL, and `tinyllm export --type auto` writes it as that type. Default with "
+            "--target-bpw: q2_k,q3_k,q4_k,q5_k,q6_k,q4_0,q5_0,q8_0."
+        ),
+    ]
+    TargetBpw = Annotated[
+        float | None,
+        typer.Option(
+            help="mixed over GGUF types: budget as GGUF bits per weight of the block linears, "
+            "scales and mins included (llama.cpp's bpw: Q4_K 4.5, Q5_0 5.5, Q6_K 6.56), e.g. 4.8."
+        ),
     ]
     FloatDtype = Annotated[
         str,

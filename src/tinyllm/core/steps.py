@@ -66,8 +66,9 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # compute device
     report: dict[str, Any] = field(default_factory=dict)  # e.g. per-layer errors
     # Per-layer bit widths for weight quantizers (mixed precision), keyed by the full linear
-    # name (LinearSite.name); layers not listed use the step's own `bits`.
-    layer_bits: dict[str, int] = field(default_factory=dict)
+    # name (LinearSite.name); layers not listed use the step's own `bits`. A string is a GGUF
+    # type name (q4_0 ... q6_k): the layer gets that type's whole grid.
+    layer_bits: dict[str, int | str] = field(default_factory=dict)
     train: TrainSetup | None = None  # what training steps (distill, movement, ...) need
 
 

@@ -42,7 +42,7 @@ def step_fields(method: str, base: str = "rtn") -> set[str]:
     classes = step_classes()
     fields = set(classes[method].model_fields) | set(RENAMED.get(method, {}))
     if method == "mixed":
-        fields = {"candidate_bits", "avg_bits", "size_mb", "base"}
+        fields = {"candidate_bits", "candidate_types", "avg_bits", "size_mb", "target_bpw", "base"}
     if method in WRAPPERS:
         fields |= step_fields(base) if base in classes else set()
     return fields
@@ -67,6 +67,13 @@ def quant_step(
     inner = quant_step(base, options, "rtn", flag)
     if method == "awq":
         return classes["awq"].from_options({**options, "base": inner}, "awq", flag)
-    mixed = {k: options[k] for k in ("avg_bits", "size_mb") if k in options}
+    mixed = {k: options[k] for k in ("avg_bits", "size_mb", "target_bpw") if k in options}
     mixed.update(base=inner, bits=options.get("candidate_bits", [3, 4, 8]))
+    types = options.get("candidate_types")
+    if not types and options.get("target_bpw") is not None:
+        from tinyllm.quant.mixed import DEFAULT_TYPES
+
+        types = list(DEFAULT_TYPES)
+    if types:
+        mixed["types"] = types
     return classes["mixed"].from_options(mixed, "mixed", flag)

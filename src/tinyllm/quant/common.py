@@ -23,16 +23,51 @@ log = logging.getLogger(__name__)
 Q = TypeVar("Q", bound="WeightQuant")
 
 
-# The grid a layer gets under `kquant` when its input features are not whole K super-blocks:
-# (bits, group size, symmetric) of the GGUF type it is exported as (export/gguf_blocks.py
-# K_FALLBACK: llama-quantize's rule, except Q4_0 where llama.cpp writes IQ4_NL, same size).
-K_FALLBACK_GRID: dict[str, tuple[int, int, bool]] = {
-    "q2_k": (4, 32, True),  # Q4_0
-    "q3_k": (4, 32, True),  # Q4_0
-    "q4_k": (5, 32, True),  # Q5_0
-    "q5_k": (5, 32, False),  # Q5_1
-    "q6_k": (8, 32, True),  # Q8_0
+# The legacy GGUF block types as tinyllm grids: (bits, group size, symmetric). Each block of 32
+# holds its codes, a float16 scale and, when asymmetric, a float16 min.
+LEGACY_GRIDS: dict[str, tuple[int, int, bool]] = {
+    "q4_0": (4, 32, True),
+    "q4_1": (4, 32, False),
+    "q5_0": (5, 32, True),
+    "q5_1": (5, 32, False),
+    "q8_0": (8, 32, True),
 }
+
+# The grid a layer gets under `kquant` when its input features are not whole K super-blocks:
+# the GGUF type it is exported as (export/gguf_blocks.py K_FALLBACK: llama-quantize's rule,
+# except Q4_0 where llama.cpp writes IQ4_NL, same size).
+K_FALLBACK_GRID: dict[str, tuple[int, int, bool]] = {
+    "q2_k": LEGACY_GRIDS["q4_0"],
+    "q3_k": LEGACY_GRIDS["q4_0"],
+    "q4_k": LEGACY_GRIDS["q5_0"],
+    "q5_k": LEGACY_GRIDS["q5_1"],
+    "q6_k": LEGACY_GRIDS["q8_0"],
+}
+GGUF_GRID_TYPES = (*LEGACY_GRIDS, *KSPECS)  # every GGUF type a layer can be quantized onto
+
+
+def gguf_grid(name: str) -> dict:
+    """The WeightQuant fields that put a layer on GGUF type `name`'s grid."""
+    if name in KSPECS:
+        spec = KSPECS[name]
+        return {"kquant": name, "bits": spec.bits, "group_size": spec.sub, "sym": spec.signed}
+    if name not in LEGACY_GRIDS:
+        raise ValueError(f"unknown GGUF type {name!r}; choose among {', '.join(GGUF_GRID_TYPES)}")
+    bits, group, sym = LEGACY_GRIDS[name]
+    return {"kquant": None, "bits": bits, "group_size": group, "sym": sym}
+
+
+def gguf_bpw(name: str) -> float:
+    """Bits per weight of GGUF type `name`'s blocks, scales (and mins) included."""
+    if name in KSPECS:
+        return KSPECS[name].bpw
+    bits, group, sym = LEGACY_GRIDS[name]
+    return bits + 16 / group * (1 if sym else 2)
+
+
+def gguf_fits(name: str, in_features: int) -> bool:
+    """Whether rows of `in_features` are whole blocks of GGUF type `name`."""
+    return in_features % (SUPER if name in KSPECS else LEGACY_GRIDS[name][1]) == 0
 
 
 class WeightQuant(Step):
@@ -90,10 +125,16 @@ class WeightQuant(Step):
         return self
 
 
-def layer_cfg(cfg: Q, name: str, layer_bits: Mapping[str, int], in_features: int = 0) -> Q:
+def layer_cfg(
+    cfg: Q, name: str, layer_bits: Mapping[str, int | str], in_features: int = 0
+) -> Q:
     """The config one layer is quantized with: `cfg`, with its bit width overridden when
-    `layer_bits` (Context.layer_bits, mixed precision) names the layer, and under `kquant` the
-    fallback grid when its `in_features` are not whole K super-blocks."""
+    `layer_bits` (Context.layer_bits, mixed precision) names the layer, its whole grid when the
+    entry is a GGUF type name (mixed over GGUF types), and under `kquant` the fallback grid when
+    its `in_features` are not whole K super-blocks."""
+    choice = layer_bits.get(name)
+    if isinstance(choice, str):
+        return type(cfg).model_validate({**cfg.model_dump(), **gguf_grid(choice)})
     if cfg.kquant is not None and in_features % SUPER:
         bits, group, sym = K_FALLBACK_GRID[cfg.kquant]
         update = {"kquant": None, "bits": bits, "group_size": group, "sym": sym}

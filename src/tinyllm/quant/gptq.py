@@ -308,7 +308,7 @@ def gptq_block(
     kwargs: dict,
     cfg: GPTQ,
     errors: dict[str, float],
-    layer_bits: Mapping[str, int] | None = None,
+    layer_bits: Mapping[str, int | str] | None = None,
     ref: list | None = None,
     float_block: nn.Module | None = None,
     advance: bool = False,
@@ -355,7 +355,11 @@ def gptq_block(
 
 
 def _quantize_stage(
-    sites: list, acc: HessianAccumulator, cfg: GPTQ, layer_bits: Mapping[str, int], errors: dict
+    sites: list,
+    acc: HessianAccumulator,
+    cfg: GPTQ,
+    layer_bits: Mapping[str, int | str],
+    errors: dict,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ on one stage's layers from their Hessians; layers sharing an input and a width
     quantize together. Each quantized weight is left in its float linear."""
@@ -363,7 +367,7 @@ def _quantize_stage(
     stacks: dict[tuple, list] = {}
     for s in sites:
         c = layer_cfg(cfg, s.name, layer_bits, s.module.in_features)
-        key = (acc.alias.get(s.local, s.local), c.bits, c.kquant)
+        key = (acc.alias.get(s.local, s.local), c.bits, c.group_size, c.sym, c.kquant)
         stacks.setdefault(key, []).append((s, c))
     for (owner, *_), members in stacks.items():
         results = gptq_quantize_stack(

@@ -16,6 +16,15 @@
 The budget is either `avg_bits`, the parameter-weighted mean code width over the block linears,
 or `size_mb`, their storage in MiB with scales and zero points, as QuantizedWeight.storage_bits
 counts it.
+
+Over GGUF types (`types`, e.g. q3_k, q4_k, q5_0, q6_k, q8_0) the options are whole grids rather
+than widths: a layer gets the grid of one type (quant/common.py gguf_grid), so `tinyllm export
+--type auto` writes it as that type, a per-tensor mix chosen by measurement where llama.cpp's
+_S/_M/_L mixes choose by rule. Each option's cost is the type's exact GGUF bytes, its probe is
+RTN on the type's grid (the K-quant search for K types), and a type whose blocks do not tile a
+layer's rows (K types need inputs in whole super-blocks of 256) is not offered to that layer.
+The budget is then `target_bpw`, GGUF bits per weight of the block linears with scales and mins
+counted (llama.cpp's "bpw"), or `size_mb`, their GGUF MiB.
 """
 
 from __future__ import annotations
@@ -39,7 +48,15 @@ from tinyllm.errors import ConfigError
 from tinyllm.kernels.primitives import SUPPORTED_BITS
 from tinyllm.models.anatomy import LinearSite, analyze
 from tinyllm.quant.awq import AWQ
-from tinyllm.quant.common import WeightQuant, check_divisible, target_linears
+from tinyllm.quant.common import (
+    GGUF_GRID_TYPES,
+    WeightQuant,
+    check_divisible,
+    gguf_bpw,
+    gguf_fits,
+    gguf_grid,
+    target_linears,
+)
 from tinyllm.quant.gptq import GPTQ
 from tinyllm.quant.rtn import RTN, rtn_quantize
 from tinyllm.util import dist
@@ -49,6 +66,9 @@ log = logging.getLogger(__name__)
 
 TOKENS_PER_BATCH = 1024  # sensitivity windows per forward, up to this many tokens
 MAX_STATES = 1 << 17  # budget resolution of the allocation table (coarser costs beyond)
+# GGUF types offered when a budget in bits per weight is given without types: every K type and
+# the symmetric legacy types (rows not in whole 256s get those; q4_1/q5_1 are offered on request)
+DEFAULT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q8_0")
 
 
 class Mixed(Step):
@@ -57,12 +77,28 @@ class Mixed(Step):
     calibrated = True
     base: RTN | GPTQ | AWQ = Field(default_factory=lambda: RTN(bits=4, group_size=64))
     bits: list[int] = Field(default_factory=lambda: [3, 4, 8])  # candidate widths
+    # candidate GGUF types instead of widths (a layer gets one type's whole grid)
+    types: list[str] | None = None
     avg_bits: float | None = None  # budget: parameter-weighted mean code width
     size_mb: float | None = None  # budget: MiB of the block linears with scales and zeros
+    target_bpw: float | None = None  # budget over types: GGUF bits per weight, scales included
     sensitivity_samples: int = 2  # calibration windows the sensitivities are measured on
     sensitivity_seq_len: int = 128  # tokens of each of those windows (their first tokens)
-    # a saved allocation (layer -> bits, e.g. from `tinyllm plan`) replayed instead of measuring
-    allocation: dict[str, int] | None = None
+    # a saved allocation (layer -> bits or GGUF type, e.g. from `tinyllm plan`) replayed
+    # instead of measuring
+    allocation: dict[str, int | str] | None = None
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("types must offer at least one GGUF type, e.g. [q4_k, q5_0, q8_0]")
+        bad = [t for t in v if t not in GGUF_GRID_TYPES]
+        if bad:
+            raise ValueError(f"types must be among {', '.join(GGUF_GRID_TYPES)}, got {bad}")
+        return sorted(set(v), key=lambda t: (gguf_bpw(t), t))
 
     @field_validator("bits")
     @classmethod
@@ -84,6 +120,13 @@ class Mixed(Step):
 
     @model_validator(mode="after")
     def _budget(self) -> Mixed:
+        if self.types is not None:
+            return self._types_budget()
+        if self.target_bpw is not None:
+            raise ValueError(
+                "target_bpw is the budget over GGUF types: give types too (or avg_bits, the mean "
+                "code width, for plain widths)"
+            )
         if grid_of(self.base).kquant is not None:
             raise ValueError(
                 "mixed precision over K-quant grids is not supported yet: give the base a plain "
@@ -112,6 +155,42 @@ class Mixed(Step):
             )
         return self
 
+    def _types_budget(self) -> Mixed:
+        grid = grid_of(self.base)
+        for t in self.types:  # every type's grid must be one the base can quantize onto
+            try:
+                type(grid).model_validate({**grid.model_dump(), **gguf_grid(t)})
+            except ValueError as exc:
+                msg = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+                raise ValueError(f"the base cannot quantize onto {t}: {msg}") from None
+        if self.allocation is not None:
+            bad = sorted({str(t) for t in self.allocation.values() if t not in self.types})
+            if bad:
+                raise ValueError(f"allocation uses types {bad} not offered in types {self.types}")
+            if self.target_bpw is not None or self.size_mb is not None:
+                raise ValueError("an allocation replaces the budget: drop target_bpw / size_mb")
+            return self
+        if self.avg_bits is not None:
+            raise ValueError(
+                "over GGUF types the budget is target_bpw (bits per weight, scales included, e.g. "
+                "4.8) or size_mb, not avg_bits"
+            )
+        if (self.target_bpw is None) == (self.size_mb is None):
+            raise ValueError(
+                "give exactly one budget: target_bpw (GGUF bits per weight of the block linears, "
+                "e.g. 4.8) or size_mb (their MiB)"
+            )
+        if self.size_mb is not None and self.size_mb <= 0:
+            raise ValueError(f"size_mb must be positive, got {self.size_mb}")
+        if self.target_bpw is not None and self.target_bpw <= 0:
+            raise ValueError(f"target_bpw must be positive, got {self.target_bpw}")
+        return self
+
+    @property
+    def options(self) -> list[int] | list[str]:
+        """What a layer chooses among: widths, or GGUF types (cheapest first)."""
+        return self.types if self.types is not None else self.bits
+
 
 def grid_of(base: RTN | GPTQ | AWQ) -> RTN | GPTQ:
     """The quantizer whose width varies per layer (AWQ's own base)."""
@@ -128,11 +207,18 @@ def storage_bits(out_f: int, in_f: int, bits: int, group_size: int, sym: bool) -
 
 
 def cost_table(sites: list[LinearSite], cfg: Mixed, grid: WeightQuant) -> torch.Tensor:
-    """Budget cost of every layer at every width, in bits. -> int64 [layers, widths]"""
+    """Budget cost of every layer at every option, in bits. -> int64 [layers, options]. Over
+    types a type that does not tile a layer costs as much as its costliest one that does (its
+    loss is infinite: it is never chosen)."""
     rows = []
     for s in sites:
         out_f, in_f = s.module.out_features, s.module.in_features
-        if cfg.size_mb is not None:
+        if cfg.types is not None:
+            row = [
+                round(out_f * in_f * gguf_bpw(t)) if gguf_fits(t, in_f) else -1 for t in cfg.types
+            ]
+            rows.append([c if c >= 0 else max(row) for c in row])
+        elif cfg.size_mb is not None:
             rows.append([storage_bits(out_f, in_f, b, grid.group_size, grid.sym) for b in cfg.bits])
         else:
             rows.append([out_f * in_f * b for b in cfg.bits])
@@ -141,17 +227,28 @@ def cost_table(sites: list[LinearSite], cfg: Mixed, grid: WeightQuant) -> torch.
 
 def budget_bits(cfg: Mixed, sites: list[LinearSite], cost: torch.Tensor) -> int:
     """The budget in the units of cost_table; ConfigError when even the narrowest width is over."""
+    params = sum(s.module.in_features * s.module.out_features for s in sites)
     if cfg.avg_bits is not None:
-        params = sum(s.module.in_features * s.module.out_features for s in sites)
         return math.floor(cfg.avg_bits * params + 1e-6)
+    least = int(cost.min(dim=1).values.sum())
+    if cfg.target_bpw is not None:
+        budget = math.floor(cfg.target_bpw * params + 1e-6)
+        if budget < least:
+            bpw = least / params
+            raise ConfigError(
+                f"target_bpw {cfg.target_bpw} is below the smallest reachable: {bpw:.4g} bits "
+                f"per weight with every block linear in its cheapest type of {cfg.types}; raise "
+                f"target_bpw to at least {bpw:.4g} or offer a cheaper type"
+            )
+        return budget
     budget = math.floor(cfg.size_mb * 8 * 2**20 + 1e-6)
-    least = int(cost[:, 0].sum())
     if budget < least:
         mib = least / (8 * 2**20)
+        cheapest = f"its cheapest type of {cfg.types}" if cfg.types else f"{cfg.bits[0]} bits"
         raise ConfigError(
             f"size_mb {cfg.size_mb} is below the smallest size reachable: {mib:.4g} MiB with "
-            f"every block linear at {cfg.bits[0]} bits (scales and zero points included); raise "
-            f"size_mb to at least {mib:.4g} or offer a smaller width in bits"
+            f"every block linear at {cheapest} (scales and zero points included); raise "
+            f"size_mb to at least {mib:.4g} or offer a cheaper option"
         )
     return budget
 
@@ -210,9 +307,23 @@ def _knapsack(loss: torch.Tensor, steps: torch.Tensor, cap: int) -> tuple[float,
 # --- sensitivity ------------------------------------------------------------------------------
 
 
-def probe_config(grid: RTN | GPTQ, bits: int, exact: bool) -> RTN:
-    """The RTN grid one layer is quantized on to measure its sensitivity at `bits`."""
-    return RTN(bits=bits, group_size=grid.group_size, sym=grid.sym, mse=exact and grid.mse)
+def probe_config(grid: RTN | GPTQ, option: int | str, exact: bool) -> RTN:
+    """The RTN grid one layer is quantized on to measure its sensitivity at `option`: a width
+    on the base's grid, or a GGUF type's whole grid."""
+    if isinstance(option, str):
+        return RTN(**gguf_grid(option), mse=exact and grid.mse)
+    return RTN(bits=option, group_size=grid.group_size, sym=grid.sym, mse=exact and grid.mse)
+
+
+def _check_types(sites: list[LinearSite], types: list[str]) -> None:
+    """Every layer must be tiled by at least one offered type."""
+    for s in sites:
+        if not any(gguf_fits(t, s.module.in_features) for t in types):
+            raise ConfigError(
+                f"none of the types {types} tiles the {s.module.in_features} input features of "
+                f"{s.name} (K types need multiples of 256, the others of 32): offer a type that "
+                "does, e.g. q5_0 or q8_0"
+            )
 
 
 def kl_from_delta(p: torch.Tensor, d: torch.Tensor) -> float:
@@ -312,11 +423,13 @@ def measure_sensitivity(
     model: nn.Module,
     sites: list[LinearSite],
     windows: torch.Tensor,
-    bits: list[int],
-    quantizer: Callable[[torch.Tensor, int], torch.Tensor],
-) -> dict[str, dict[int, float]]:
-    """KL(float || model) with only one layer quantized by quantizer(weight, bits) -> dequantized
-    weight, for every layer and width: {layer name: {bits: mean KL per position}}."""
+    bits: list[int] | list[str],
+    quantizer: Callable[[torch.Tensor, int | str], torch.Tensor | None],
+) -> dict[str, dict[int | str, float]]:
+    """KL(float || model) with only one layer quantized by quantizer(weight, option) ->
+    dequantized weight, for every layer and option (a width or a GGUF type): {layer name:
+    {option: mean KL per position}}. An option the quantizer answers None for (a type that does
+    not tile the layer) is infinitely bad."""
     was_training = model.training
     model.eval()
     probe = SensitivityProbe(model, windows)
@@ -332,12 +445,17 @@ def measure_sensitivity(
                 w = s.module.weight.data
                 out[s.name] = {}
                 for b in bits:
-                    s.module.weight.data = quantizer(w, b).to(w.dtype)
+                    q = quantizer(w, b)
+                    if q is None:
+                        out[s.name][b] = math.inf
+                        bar.update(task, advance=1, info=f"{s.name} {b}")
+                        continue
+                    s.module.weight.data = q.to(w.dtype)
                     try:
                         out[s.name][b] = max(probe.kl(s.block), 0.0)
                     finally:
                         s.module.weight.data = w
-                    bar.update(task, advance=1, info=f"{s.name} {b} bits")
+                    bar.update(task, advance=1, info=f"{s.name} {b}")
     finally:
         for stack in stacks:
             stack.close()
@@ -348,11 +466,13 @@ def measure_sensitivity(
 # --- the step ---------------------------------------------------------------------------------
 
 
-def _loss_table(sens: dict[str, dict[int, float]], sites: list[LinearSite], bits: list[int]):
-    """[layers, widths] sensitivities, made non-increasing in width (a wider grid measuring
-    worse than a narrower one is noise of the probe windows)."""
-    table = torch.tensor([[sens[s.name][b] for b in bits] for s in sites], dtype=torch.float64)
-    return table.cummin(dim=1).values
+def _loss_table(sens: dict[str, dict], sites: list[LinearSite], cfg: Mixed) -> torch.Tensor:
+    """[layers, options] sensitivities. Widths: made non-increasing in width (a wider grid
+    measuring worse than a narrower one is noise of the probe windows). Types are different
+    grids, not nested ones: a costlier type may truly be worse, and stays as measured."""
+    opts = cfg.options
+    table = torch.tensor([[sens[s.name][b] for b in opts] for s in sites], dtype=torch.float64)
+    return table if cfg.types is not None else table.cummin(dim=1).values
 
 
 def _windows(ctx: Context, cfg: Mixed) -> torch.Tensor:
@@ -369,7 +489,10 @@ def _windows(ctx: Context, cfg: Mixed) -> torch.Tensor:
 def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
     grid = grid_of(cfg.base)
     sites = target_linears(model)
-    check_divisible(sites, grid.group_size)
+    if cfg.types is None:
+        check_divisible(sites, grid.group_size)
+    else:
+        _check_types(sites, cfg.types)
     if cfg.allocation is not None:
         allocation = _replay(ctx, cfg, sites)
     else:
@@ -378,13 +501,15 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
         t0 = time.perf_counter()
         exact = isinstance(cfg.base, RTN)
 
-        def quantizer(w: torch.Tensor, bits: int) -> torch.Tensor:
-            return rtn_quantize(w.float(), probe_config(grid, bits, exact)).dequantize()
+        def quantizer(w: torch.Tensor, option: int | str) -> torch.Tensor | None:
+            if isinstance(option, str) and not gguf_fits(option, w.shape[1]):
+                return None
+            return rtn_quantize(w.float(), probe_config(grid, option, exact)).dequantize()
 
-        sens = measure_sensitivity(model, sites, _windows(ctx, cfg), cfg.bits, quantizer)
+        sens = measure_sensitivity(model, sites, _windows(ctx, cfg), cfg.options, quantizer)
         seconds = time.perf_counter() - t0
-        picks = allocate(_loss_table(sens, sites, cfg.bits), cost, budget)
-        allocation = {s.name: cfg.bits[int(k)] for s, k in zip(sites, picks, strict=True)}
+        picks = allocate(_loss_table(sens, sites, cfg), cost, budget)
+        allocation = {s.name: cfg.options[int(k)] for s, k in zip(sites, picks, strict=True)}
         _report(ctx, cfg, sites, allocation, sens, cost, picks, seconds)
     del sites  # a site holds its linear: the base must be able to free each one it swaps out
     previous = ctx.layer_bits
@@ -395,8 +520,9 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
         ctx.layer_bits = previous
 
 
-def _replay(ctx: Context, cfg: Mixed, sites: list[LinearSite]) -> dict[str, int]:
-    """A given allocation, checked: it must name exactly the model's block linears."""
+def _replay(ctx: Context, cfg: Mixed, sites: list[LinearSite]) -> dict[str, int | str]:
+    """A given allocation, checked: it must name exactly the model's block linears (and, over
+    types, give each one a type that tiles it)."""
     names = {s.name for s in sites}
     missing, unknown = names - set(cfg.allocation), set(cfg.allocation) - names
     if missing or unknown:
@@ -404,36 +530,55 @@ def _replay(ctx: Context, cfg: Mixed, sites: list[LinearSite]) -> dict[str, int]
             f"mixed: the allocation does not match this model's block linears (missing "
             f"{sorted(missing)[:3]}, unknown {sorted(unknown)[:3]}); plan it for this model"
         )
+    for s in sites:
+        t = cfg.allocation[s.name]
+        if isinstance(t, str) and not gguf_fits(t, s.module.in_features):
+            raise ConfigError(
+                f"mixed: the allocation gives {s.name} type {t}, whose blocks do not tile its "
+                f"{s.module.in_features} input features"
+            )
     params = {s.name: s.module.in_features * s.module.out_features for s in sites}
     ctx.report["bit_allocation"] = dict(cfg.allocation)
-    ctx.report["avg_bits"] = sum(params[n] * b for n, b in cfg.allocation.items()) / sum(
-        params.values()
-    )
+    ctx.report[_mean_key(cfg)] = sum(
+        params[n] * _width(b) for n, b in cfg.allocation.items()
+    ) / sum(params.values())
     return dict(cfg.allocation)
+
+
+def _width(option: int | str) -> float:
+    """Bits per weight of an option: a code width, or a GGUF type's bpw (scales included)."""
+    return gguf_bpw(option) if isinstance(option, str) else option
+
+
+def _mean_key(cfg: Mixed) -> str:
+    return "bpw" if cfg.types is not None else "avg_bits"
 
 
 def _report(
     ctx: Context,
     cfg: Mixed,
     sites: list[LinearSite],
-    allocation: dict[str, int],
-    sens: dict[str, dict[int, float]],
+    allocation: dict[str, int | str],
+    sens: dict[str, dict],
     cost: torch.Tensor,
     picks: torch.Tensor,
     seconds: float,
 ) -> None:
     params = torch.tensor([s.module.in_features * s.module.out_features for s in sites])
-    widths = torch.tensor([allocation[s.name] for s in sites])
+    widths = torch.tensor([_width(allocation[s.name]) for s in sites], dtype=torch.float64)
     avg = float((params * widths).sum() / params.sum())
     spent = int(cost.gather(1, picks[:, None]).sum())
     ctx.report["bit_allocation"] = allocation
-    ctx.report["sensitivity"] = sens
-    ctx.report["avg_bits"] = avg
+    # JSON has no infinity: a type not offered to a layer is left out of its row
+    ctx.report["sensitivity"] = {
+        n: {k: v for k, v in row.items() if math.isfinite(v)} for n, row in sens.items()
+    }
+    ctx.report[_mean_key(cfg)] = avg
     ctx.report["budget_used"] = spent / (8 * 2**20) if cfg.size_mb is not None else avg
     ctx.report["sensitivity_seconds"] = seconds
-    counts = {b: int((widths == b).sum()) for b in cfg.bits}
+    counts = {b: sum(1 for s in sites if allocation[s.name] == b) for b in cfg.options}
     log.info(
-        "mixed: %s layers per width, %.3f bits on average, sensitivities in %.1f s",
+        "mixed: %s layers per option, %.3f bits per weight on average, sensitivities in %.1f s",
         counts,
         avg,
         seconds,
