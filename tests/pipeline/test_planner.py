@@ -144,3 +144,45 @@ def test_mixed_candidates_fill_the_budget_and_beat_uniform() -> None:
     assert 3 <= m.avg_bits <= 4 and m.label.startswith("mixed ") and len(m.layer_bits) == 14
     step = candidate_step(m)
     assert step.allocation == m.layer_bits and step.base.group_size == 32
+
+
+def test_gguf_mix_candidates_fit_and_write_an_auto_export(tmp_path) -> None:
+    """GGUF type mixes: types that tile each layer, the size budget met with the block linears
+    in GGUF bytes, a mixed-over-types step, and a recipe that exports with --type auto."""
+    from tinyllm.pipeline.planner import (
+        Budget,
+        Plan,
+        candidate_step,
+        fits,
+        gguf_candidates,
+        recipe_yaml,
+    )
+    from tinyllm.quant.common import gguf_bpw
+
+    model = tiny_model()
+    windows = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    sens = layer_sensitivity(model, windows)
+    linears = {n: m for n, m in model.named_modules() if n in sens}
+    q4 = model_bytes(model, Grid(4, 32, True))
+    budget = Budget(q4 + sum(m.weight.numel() for m in linears.values()) // 4)  # ~ +2 bpw room
+    (mix,) = gguf_candidates(model, sens, budget)
+    assert fits(mix, budget) and mix.label.startswith("GGUF mix")
+    assert set(mix.layer_bits) == set(sens) and set(mix.layer_bits.values()) <= {
+        "q4_0", "q5_0", "q8_0"
+    }  # 64-wide rows: no K type  # fmt: skip
+    gguf_block = sum(linears[n].weight.numel() * gguf_bpw(t) / 8 for n, t in mix.layer_bits.items())
+    q4_block = sum(m.weight.numel() * 4.5 / 8 for m in linears.values())
+    assert gguf_block > q4_block  # the room is spent on wider types
+    step = candidate_step(mix)
+    assert step.types and step.allocation == mix.layer_bits
+    plan = Plan("tiny", budget, {"fp16_bytes": 1}, sens)
+    text = recipe_yaml(plan, mix, {"samples": 4})
+    recipe = load_recipe_text(text, tmp_path)
+    assert recipe.stages[0].types == step.types
+    assert recipe.exports[0].type == "auto"
+
+
+def load_recipe_text(text: str, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return load_recipe(path)

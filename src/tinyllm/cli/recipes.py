@@ -87,7 +87,9 @@ scores them with the evaluation harness. Writes OUTPUT/plan.md, plan.json, front
 OUTPUT/recommended.yaml, a recipe `tinyllm run` accepts. With --mixed (default) it also
 allocates per-layer widths (2, 3, 4, 5, 8 bits) that minimise the predicted KL at exactly the
 size budget, for each group size and symmetry; those candidates are verified as GPTQ with
-their widths and written as a `mixed` stage that replays the allocation.
+their widths and written as a `mixed` stage that replays the allocation. It also offers GGUF
+type mixes (a llama.cpp type per layer: Q2_K..Q6_K, Q4_0, Q5_0, Q8_0), their block linears
+sized as the GGUF file holds them, written with a `--type auto` GGUF export.
 
 The recommendation is the best verified candidate by --objective: kld (default, the measured
 KL divergence to the original), ppl (measured perplexity) or task:NAME (accuracy on a built-in
@@ -183,7 +185,11 @@ PlanOutputOpt = Annotated[
     Path, typer.Option("-o", "--output", help="Directory for plan.md/json, front.png, recipe.")
 ]
 MixedOpt = Annotated[
-    bool, typer.Option(help="Also search per-layer bit widths (2/3/4/5/8) filling the budget.")
+    bool,
+    typer.Option(
+        help="Also search per-layer bit widths (2/3/4/5/8) and per-layer GGUF types filling the "
+        "budget."
+    ),
 ]
 
 

@@ -17,7 +17,11 @@ float16 or quantized to 8 or 4 bits (measured directly: two extra forwards), plu
 candidates: for each group size and symmetry, the per-layer widths (2, 3, 4, 5 or 8 bits) that
 minimise the predicted KL with the model exactly at the size budget (the multiple-choice knapsack
 of quant/mixed.py over the same per-layer predictions); verified as GPTQ with those widths, and
-written to the recipe as a `mixed` stage that replays the allocation.
+written to the recipe as a `mixed` stage that replays the allocation. With them come GGUF type
+mixes: a llama.cpp type per block linear (quant/mixed.py DEFAULT_TYPES: Q2_K..Q6_K where rows
+are whole 256s, Q4_0, Q5_0, Q8_0), predicted the same way from each type's RTN error, their block
+linears sized in GGUF bytes (what the exported file holds), verified as GPTQ on each layer's
+type grid and written as a `mixed` stage over types with a `--type auto` GGUF export.
 """
 
 from __future__ import annotations
@@ -67,12 +71,21 @@ class Candidate:
     predicted_kld: float
     measured: dict[str, Any] | None = None  # evaluation of the real GPTQ model
     embed_bits: int | None = None  # embeddings (and head) quantized too; None: float16
-    layer_bits: dict[str, int] | None = None  # mixed precision: width per block linear
-    avg_bits: float | None = None  # mixed precision: parameter-weighted mean width
+    # mixed precision: width (or GGUF type name) per block linear
+    layer_bits: dict[str, int | str] | None = None
+    avg_bits: float | None = None  # mixed precision: parameter-weighted mean width (GGUF bpw)
+
+    @property
+    def gguf_mix(self) -> bool:
+        """A GGUF type per layer (the grid is only GPTQ's other settings)."""
+        return bool(self.layer_bits) and isinstance(next(iter(self.layer_bits.values())), str)
 
     @property
     def label(self) -> str:
         grid = self.grid.label
+        if self.gguf_mix:
+            emb = f" + emb{self.embed_bits}" if self.embed_bits else ""
+            return f"GGUF mix {self.avg_bits:.2f} bpw{emb}"
         if self.layer_bits is not None:  # the grid's bits are not used: say the mean width
             grid = f"mixed {self.avg_bits:.2f}b" + grid[grid.index("-") :]
         return grid + (f" + emb{self.embed_bits}" if self.embed_bits else "")
@@ -263,6 +276,57 @@ def mixed_candidates(
     return out
 
 
+def gguf_candidates(
+    model: nn.Module,
+    sens: dict[str, float],
+    budget: Budget,
+    embed_sens: dict[int, float] | None = None,
+) -> list[Candidate]:
+    """GGUF type mixes (and embedding options) with the least summed predicted KL whose size fits
+    the budget: each layer's KL on type t is predicted as sens * e(t) / e(probe), e(t) the
+    layer's squared RTN error on t's grid (the K-quant search for K types); a type whose blocks
+    do not tile the layer is not offered. Block linears count their GGUF bytes."""
+    from tinyllm.quant.common import gguf_bpw, gguf_fits, gguf_grid
+    from tinyllm.quant.mixed import DEFAULT_TYPES, allocate
+
+    types = sorted(DEFAULT_TYPES, key=gguf_bpw)
+    sites = analyze(model).linears
+    loss, cost = [], []
+    for s in track(sites, "GGUF types"):
+        w = s.module.weight.data.float()
+        probe = max(weight_error(w, probe_grid(w.shape[1])), 1e-20)
+        row_loss, row_cost = [], []
+        for t in types:
+            if not gguf_fits(t, w.shape[1]):
+                row_loss.append(math.inf)
+                row_cost.append(-1)
+                continue
+            wq = rtn_quantize(w, RTN(**gguf_grid(t))).dequantize()
+            row_loss.append(sens[s.name] * float((wq - w).pow(2).sum()) / probe)
+            row_cost.append(round(w.numel() * gguf_bpw(t) / 8))
+        loss.append(row_loss)
+        cost.append([c if c >= 0 else max(row_cost) for c in row_cost])
+    loss_t, cost_t = torch.tensor(loss, dtype=torch.float64), torch.tensor(cost)
+    numel = torch.tensor([s.module.weight.numel() for s in sites], dtype=torch.float64)
+    base = Grid(4, 32, True)  # GPTQ's settings; each layer's grid is its type's
+    out = []
+    for eb, extra in [(None, 0.0), *(embed_sens or {}).items()]:
+        rest = model_bytes(model, base, eb) - sum(
+            quantized_bytes(*s.module.weight.shape, base) for s in sites
+        )
+        room = budget.max_size_bytes - rest
+        if room < int(cost_t.min(dim=1).values.sum()):
+            continue
+        picks = allocate(loss_t, cost_t, room)
+        chosen = {s.name: types[int(k)] for s, k in zip(sites, picks, strict=True)}
+        size = rest + int(cost_t.gather(1, picks[:, None]).sum())
+        kld = float(loss_t.gather(1, picks[:, None]).sum()) + extra
+        bpw = torch.tensor([gguf_bpw(chosen[s.name]) for s in sites], dtype=torch.float64)
+        avg = float((numel * bpw).sum() / numel.sum())
+        out.append(Candidate(base, size, kld, None, eb, chosen, avg))
+    return out
+
+
 def pareto(cands: list[Candidate], key=lambda c: c.predicted_kld) -> list[Candidate]:
     """Candidates no other candidate beats on both size and `key` (sorted by size)."""
     front, best = [], math.inf
@@ -316,6 +380,9 @@ def candidate_step(c: Candidate) -> Any:
         return grid_step(c.grid)
     from tinyllm.quant.mixed import Mixed
 
+    if c.gguf_mix:
+        types = sorted(set(c.layer_bits.values()))
+        return Mixed(base=grid_step(c.grid), types=types, allocation=c.layer_bits)
     widths = sorted(set(c.layer_bits.values()))
     return Mixed(base=grid_step(c.grid), bits=widths, allocation=c.layer_bits)
 
@@ -449,7 +516,8 @@ def recipe_yaml(plan: Plan, c: Candidate, calibration: dict) -> str:
     if c.layer_bits is not None:
         step = candidate_step(c)
         base = {"type": "gptq", **asdict(c.grid)}
-        stages = [{"type": "mixed", "base": base, "bits": step.bits, "allocation": c.layer_bits}]
+        options = {"types": step.types} if c.gguf_mix else {"bits": step.bits}
+        stages = [{"type": "mixed", "base": base, **options, "allocation": c.layer_bits}]
     if c.embed_bits:
         step = embed_step(c.embed_bits)
         stages.append({"type": "embeddings", "bits": step.bits, "group_size": step.group_size})
@@ -459,6 +527,8 @@ def recipe_yaml(plan: Plan, c: Candidate, calibration: dict) -> str:
     qtype = None if c.layer_bits else gguf.get((c.grid.bits, c.grid.group_size, c.grid.sym))
     if c.embed_bits and c.embed_bits not in (4, 8):
         qtype = None
+    elif c.gguf_mix:
+        qtype = "auto"  # each layer in its type
     if qtype:
         data["export"] = [{"format": "gguf", "type": qtype, "strict": True}]
     head = (
@@ -547,10 +617,11 @@ def _candidates(
     budget: Budget,
 ) -> list[Candidate]:
     """The prediction for every grid (candidate_grids unless given), then (with `mixed`) the
-    mixed-precision candidates."""
+    mixed-precision candidates and the GGUF type mixes."""
     candidates, costs = predict(model, sens, grids or candidate_grids(), embed_sens)
     if mixed:
         candidates += mixed_candidates(model, costs, budget, embed_sens)
+        candidates += gguf_candidates(model, sens, budget, embed_sens)
     return candidates
 
 

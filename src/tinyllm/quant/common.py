@@ -125,9 +125,7 @@ class WeightQuant(Step):
         return self
 
 
-def layer_cfg(
-    cfg: Q, name: str, layer_bits: Mapping[str, int | str], in_features: int = 0
-) -> Q:
+def layer_cfg(cfg: Q, name: str, layer_bits: Mapping[str, int | str], in_features: int = 0) -> Q:
     """The config one layer is quantized with: `cfg`, with its bit width overridden when
     `layer_bits` (Context.layer_bits, mixed precision) names the layer, its whole grid when the
     entry is a GGUF type name (mixed over GGUF types), and under `kquant` the fallback grid when
