@@ -192,6 +192,10 @@ def _gguf_grid(method: str, name: str) -> dict[str, Any]:
         spec = KSPECS[name]
         grid = {"bits": spec.bits, "group_size": spec.sub, "sym": spec.signed}
         return {**grid, "kquant": name, "static_groups": True}
+    if name == "iq4_nl":
+        if method not in ("rtn", "gptq", "awq", "mixed"):
+            raise ConfigError(f"--gguf-compatible iq4_nl: not a grid --method {method} can use")
+        return {"bits": 4, "group_size": 32, "sym": True, "codebook": name, "static_groups": True}
     try:
         bits, group_size, sym = compatible_grid(name)
     except ValueError as exc:

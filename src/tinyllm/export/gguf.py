@@ -27,10 +27,13 @@ from tinyllm.export.gguf_blocks import (
     K_FALLBACK,
     K_TYPES,
     carry,
+    carry_iq4nl,
     carry_k,
     permute_rows,
+    quantize_iq4nl,
     quantize_k,
     why_not_carried,
+    why_not_iq4nl,
     why_not_k,
 )
 from tinyllm.kernels.qlinear import QuantEmbedding, QuantLinear
@@ -57,6 +60,7 @@ TYPES: dict[str, T] = {
     "q4_k": T.Q4_K,
     "q5_k": T.Q5_K,
     "q6_k": T.Q6_K,
+    "iq4_nl": T.IQ4_NL,
 }
 FILE_TYPES = {
     T.F32: LlamaFileType.ALL_F32,
@@ -72,6 +76,7 @@ FILE_TYPES = {
     T.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
     T.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
     T.Q6_K: LlamaFileType.MOSTLY_Q6_K,
+    T.IQ4_NL: LlamaFileType.MOSTLY_IQ4_NL,
 }
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 CARRY_ORDER = (T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1)  # for a quantized embedding table
@@ -310,25 +315,33 @@ def _float_data(value: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
         return arr.astype(np.float16), T.F16  # rows not a whole number of blocks
     if qtype in K_TYPES:
         return quantize_k(value, qtype), qtype
+    if qtype == T.IQ4_NL:
+        return quantize_iq4nl(value), qtype
     return gq.quantize(arr, qtype), qtype
 
 
 def _why_not(record: QuantizedWeight, qtype: T) -> str | None:
+    if qtype == T.IQ4_NL:
+        return why_not_iq4nl(record)
     return why_not_k(record, qtype) if qtype in K_TYPES else why_not_carried(record, qtype)
 
 
 def _carry(record: QuantizedWeight, qtype: T) -> np.ndarray:
+    if qtype == T.IQ4_NL:
+        return carry_iq4nl(record)
     return carry_k(record, qtype) if qtype in K_TYPES else carry(record, qtype)
 
 
 def own_type(t: Tensor) -> T:
-    """`--type auto`: the GGUF type a layer's own grid carries into (its K type, else the first
-    of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 that holds it exactly); F16 for float layers, Q8_0 for a
-    grid no type holds (re-quantized, or refused under --strict)."""
+    """`--type auto`: the GGUF type a layer's own grid carries into (its K type or IQ4_NL, else
+    the first of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 that holds it exactly); F16 for float layers, Q8_0
+    for a grid no type holds (re-quantized, or refused under --strict)."""
     if t.record is None:
         return T.F16
     if t.record.kquant is not None:
         return next(q for q, name in K_TYPES.items() if name == t.record.kquant)
+    if why_not_iq4nl(t.record) is None:
+        return T.IQ4_NL
     order = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
     return next((q for q in order if why_not_carried(t.record, q) is None), T.Q8_0)
 

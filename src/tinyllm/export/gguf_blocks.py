@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+from tinyllm.kernels.iq4grid import fit_iq4nl, is_iq4nl
 from tinyllm.kernels.kgrid import derive, fit_kgrid, kspec, quantize_on
 from tinyllm.kernels.qweight import QuantizedWeight
 
@@ -38,7 +39,7 @@ def why_not_carried(qw: QuantizedWeight, qtype: T) -> str | None:
         return f"{qtype.name} is not a block type tinyllm writes from integers"
     bits, needs_sym, _ = CARRIABLE[qtype]
     if qw.codebook is not None:
-        return "codebook (NF4) values are not on an integer grid"
+        return "codebook values (NF4, IQ4_NL) are not on an integer grid"
     if qw.kquant is not None:
         return (
             f"{qw.kquant} grids have float mins and super-block scales (export as GGUF {qw.kquant})"
@@ -133,12 +134,11 @@ K_TYPES: dict[T, str] = {
     T.Q5_K: "q5_k",
     T.Q6_K: "q6_k",
 }
-# The type of a tensor whose rows are not whole super-blocks: llama-quantize's rule, except
-# Q4_0 where llama.cpp writes IQ4_NL (same 4.5 bits per weight; tinyllm does not write IQ4_NL
-# yet). quant/common.py K_FALLBACK_GRID quantizes such layers on these grids.
+# The type of a tensor whose rows are not whole super-blocks: llama-quantize's rule.
+# quant/common.py K_FALLBACK_GRID quantizes such layers on these grids.
 K_FALLBACK: dict[T, T] = {
-    T.Q2_K: T.Q4_0,
-    T.Q3_K: T.Q4_0,
+    T.Q2_K: T.IQ4_NL,
+    T.Q3_K: T.IQ4_NL,
     T.Q4_K: T.Q5_0,
     T.Q5_K: T.Q5_1,
     T.Q6_K: T.Q8_0,
@@ -239,3 +239,31 @@ def carry_k(qw: QuantizedWeight, qtype: T) -> np.ndarray:
     if reason is not None:
         raise ValueError(reason)
     return np.concatenate(_k_blocks(qw, qtype), axis=-1).reshape(qw.shape[0], -1)
+
+
+# ---- IQ4_NL: a float16 scale and 32 four-bit table indices (ggml-common.h block_iq4_nl) ------
+
+
+def why_not_iq4nl(qw: QuantizedWeight) -> str | None:
+    """None when qw is an IQ4_NL record (kernels/iq4grid.py), else the reason."""
+    if not is_iq4nl(qw.codebook, qw.group_size):
+        return "the grid is not IQ4_NL's table (quantize with --gguf-compatible iq4_nl)"
+    if qw.perm is not None:
+        return "columns are permuted (act-order without static groups)"
+    return None
+
+
+def carry_iq4nl(qw: QuantizedWeight) -> np.ndarray:
+    """IQ4_NL blocks of an IQ4_NL record: d, then byte j = index j | index j + 16 << 4.
+    -> uint8 [rows, blocks * 18]"""
+    rows, cols = qw.shape
+    q = qw.codes().numpy().reshape(rows, cols // BLOCK, 2, BLOCK // 2).astype(np.uint8)
+    d = qw.scale.numpy().astype(np.float16).reshape(rows, cols // BLOCK, 1).view(np.uint8)
+    qs = q[:, :, 0] | (q[:, :, 1] << 4)
+    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+
+def quantize_iq4nl(value: torch.Tensor) -> np.ndarray:
+    """A float tensor [rows, cols] as IQ4_NL blocks (the same block search, unweighted)."""
+    w = value.float().reshape(-1, value.shape[-1])
+    return carry_iq4nl(QuantizedWeight.from_iq4nl(*fit_iq4nl(w))).reshape(*value.shape[:-1], -1)

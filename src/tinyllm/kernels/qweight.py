@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyllm.kernels.iq4grid import IQ4NL_GROUP, iq4nl_codebook
 from tinyllm.kernels.kgrid import derive, kspec
 from tinyllm.kernels.primitives import dequantize_codes, pack_bits, unpack_bits
 
@@ -63,6 +64,19 @@ class QuantizedWeight:
             zero=zero.to(torch.uint8).contiguous(),
             perm=perm,
             codebook=codebook,
+        )
+
+    @classmethod
+    def from_iq4nl(cls, codes: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
+        """An IQ4_NL record (kernels/iq4grid.py): table indices [out, in] and block scales."""
+        return cls.from_codes(
+            codes,
+            scale,
+            torch.full(scale.shape, 8, dtype=torch.uint8),
+            bits=4,
+            group_size=IQ4NL_GROUP,
+            sym=True,
+            codebook=iq4nl_codebook(),
         )
 
     @classmethod
@@ -135,7 +149,7 @@ class QuantizedWeight:
                     group_size=self.group_size,
                     sym=self.sym,
                     perm=self.perm,
-                    codebook=self.codebook,
+                    codebook=None if self.codebook is None else self.codebook.clone(),
                 )
             )
             start += n

@@ -33,58 +33,78 @@ LEGACY_GRIDS: dict[str, tuple[int, int, bool]] = {
     "q8_0": (8, 32, True),
 }
 
-# The grid a layer gets under `kquant` when its input features are not whole K super-blocks:
-# the GGUF type it is exported as (export/gguf_blocks.py K_FALLBACK: llama-quantize's rule,
-# except Q4_0 where llama.cpp writes IQ4_NL, same size).
-K_FALLBACK_GRID: dict[str, tuple[int, int, bool]] = {
-    "q2_k": LEGACY_GRIDS["q4_0"],
-    "q3_k": LEGACY_GRIDS["q4_0"],
-    "q4_k": LEGACY_GRIDS["q5_0"],
-    "q5_k": LEGACY_GRIDS["q5_1"],
-    "q6_k": LEGACY_GRIDS["q8_0"],
+# The GGUF type whose grid a layer gets under `kquant` when its input features are not whole K
+# super-blocks: the type it is exported as (export/gguf_blocks.py K_FALLBACK, llama-quantize's).
+K_FALLBACK_GRID: dict[str, str] = {
+    "q2_k": "iq4_nl",
+    "q3_k": "iq4_nl",
+    "q4_k": "q5_0",
+    "q5_k": "q5_1",
+    "q6_k": "q8_0",
 }
-GGUF_GRID_TYPES = (*LEGACY_GRIDS, *KSPECS)  # every GGUF type a layer can be quantized onto
+CODEBOOKS = ("iq4_nl",)  # non-uniform GGUF grids (kernels/iq4grid.py): 4-bit codes, groups of 32
+GGUF_GRID_TYPES = (*LEGACY_GRIDS, *CODEBOOKS, *KSPECS)  # every GGUF type a layer can be put on
 
 
 def gguf_grid(name: str) -> dict:
     """The WeightQuant fields that put a layer on GGUF type `name`'s grid."""
     if name in KSPECS:
         spec = KSPECS[name]
-        return {"kquant": name, "bits": spec.bits, "group_size": spec.sub, "sym": spec.signed}
+        grid = {"bits": spec.bits, "group_size": spec.sub, "sym": spec.signed}
+        return {"kquant": name, "codebook": None, **grid}
+    if name in CODEBOOKS:
+        return {"kquant": None, "codebook": name, "bits": 4, "group_size": 32, "sym": True}
     if name not in LEGACY_GRIDS:
         raise ValueError(f"unknown GGUF type {name!r}; choose among {', '.join(GGUF_GRID_TYPES)}")
     bits, group, sym = LEGACY_GRIDS[name]
-    return {"kquant": None, "bits": bits, "group_size": group, "sym": sym}
+    return {"kquant": None, "codebook": None, "bits": bits, "group_size": group, "sym": sym}
 
 
 def gguf_bpw(name: str) -> float:
     """Bits per weight of GGUF type `name`'s blocks, scales (and mins) included."""
     if name in KSPECS:
         return KSPECS[name].bpw
+    if name in CODEBOOKS:
+        return 4.5  # 4-bit indices and a float16 scale per 32
     bits, group, sym = LEGACY_GRIDS[name]
     return bits + 16 / group * (1 if sym else 2)
 
 
 def gguf_fits(name: str, in_features: int) -> bool:
     """Whether rows of `in_features` are whole blocks of GGUF type `name`."""
-    return in_features % (SUPER if name in KSPECS else LEGACY_GRIDS[name][1]) == 0
+    return in_features % (SUPER if name in KSPECS else 32) == 0
 
 
 class WeightQuant(Step):
     """Fields every integer weight quantizer shares. `kquant` (a llama.cpp K-quant type) puts
     each layer on that type's super-block grid (kernels/kgrid.py) and sets bits, group size
     and symmetry to the type's; layers whose inputs are not whole super-blocks of 256 get the
-    grid of the type llama.cpp falls back to (K_FALLBACK_GRID)."""
+    grid of the type llama.cpp falls back to (K_FALLBACK_GRID). `codebook` (iq4_nl) puts each
+    layer on llama.cpp's non-uniform IQ4_NL table (kernels/iq4grid.py), 4 bits, groups of 32."""
 
     bits: int = 4
     group_size: int = 64
     sym: bool = False
     kquant: str | None = None
+    codebook: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _kquant_grid(cls, data: dict) -> dict:
-        if not isinstance(data, dict) or data.get("kquant") is None:
+        if not isinstance(data, dict):
+            return data
+        if data.get("codebook") is not None:
+            if data["codebook"] not in CODEBOOKS:
+                got = data["codebook"]
+                raise ValueError(f"codebook must be one of {', '.join(CODEBOOKS)}, got {got!r}")
+            if data.get("kquant") is not None:
+                raise ValueError("a layer is on a K-quant grid or a codebook, not both")
+            grid = {"bits": 4, "group_size": 32, "sym": True}
+            for key, value in grid.items():
+                if data.get(key) is not None and data[key] != value:
+                    raise ValueError(f"{data['codebook']} fixes {key} at {value}, got {data[key]}")
+            return {**data, **grid}
+        if data.get("kquant") is None:
             return data
         name = data["kquant"]
         if name not in KSPECS:
@@ -134,8 +154,7 @@ def layer_cfg(cfg: Q, name: str, layer_bits: Mapping[str, int | str], in_feature
     if isinstance(choice, str):
         return type(cfg).model_validate({**cfg.model_dump(), **gguf_grid(choice)})
     if cfg.kquant is not None and in_features % SUPER:
-        bits, group, sym = K_FALLBACK_GRID[cfg.kquant]
-        update = {"kquant": None, "bits": bits, "group_size": group, "sym": sym}
+        update = gguf_grid(K_FALLBACK_GRID[cfg.kquant])
         return type(cfg).model_validate({**cfg.model_dump(), **update})
     bits = layer_bits.get(name)
     if bits is None or bits == cfg.bits:

@@ -28,6 +28,7 @@ from tinyllm.core.hessian import (
 )
 from tinyllm.core.kernels import one_thread
 from tinyllm.core.steps import Context, register
+from tinyllm.kernels.iq4grid import fit_iq4nl, iq4nl_codebook, nearest
 from tinyllm.kernels.kgrid import derive, fit_kgrid, kspec, working_grid
 from tinyllm.kernels.primitives import group_qparams, qmax
 from tinyllm.kernels.qweight import QuantizedWeight
@@ -76,10 +77,11 @@ class GPTQ(WeightQuant):
 
     @model_validator(mode="after")
     def _kquant_fits(self) -> GPTQ:
-        if self.kquant is not None and not self.static_groups:
-            raise ValueError(f"{self.kquant} grids are fixed before the column loop: static_groups")
-        if self.kquant is not None and self.refit_scales:
-            raise ValueError(f"refit_scales would leave the {self.kquant} super-block grid")
+        fixed = self.kquant or self.codebook
+        if fixed is not None and not self.static_groups:
+            raise ValueError(f"{fixed} grids are fixed before the column loop: static_groups")
+        if fixed is not None and self.refit_scales:
+            raise ValueError(f"refit_scales would leave the {fixed} grid")
         return self
 
 
@@ -183,15 +185,21 @@ def _gptq(
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols)
     static = cfg.static_groups or cfg.group_size == -1
     search = grid is None and not static  # grids from the updated weights as groups are reached
+    book = iq4nl_codebook() if cfg.codebook is not None else None
     if cfg.kquant is not None:
         superblock = fit_kgrid(W, kspec(cfg.kquant), _grid_search(cfg, H).get("importance"))
         scale, zero = working_grid(*derive(superblock, kspec(cfg.kquant)), kspec(cfg.kquant))
+    elif book is not None:  # IQ4_NL: block scales searched by the diag-H-weighted error
+        _, scale = fit_iq4nl(W, H.diagonal())
+        zero = torch.full_like(scale, 8.0)  # the index of the value nearest 0 (pruned weights)
     else:
         scale, zero = _start_grid(W, H, cfg, grid, static)
     # per column, in processing order (dynamic groups are stored in processing order)
     group_of = perm // g if static else torch.arange(cols) // g
     # The loop works on transposed copies ([columns, rows]): each column is a contiguous row.
     col_scale, col_zero = scale.t()[group_of].contiguous(), zero.t()[group_of].contiguous()
+    if book is not None:  # w / s on a block whose scale is 0 (all zeros): any index will do
+        col_div = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
     if cfg.act_order:  # (the identity order needs no permuted copy of an [in, in] matrix)
         H = H[perm][:, perm]
     Wt = W.t()[perm].contiguous()
@@ -211,16 +219,23 @@ def _gptq(
                 col_scale[col : col + g] = scale[:, col // g]
                 col_zero[col : col + g] = zero[:, col // g]
             w, s, z, q, err = W1[i], col_scale[col], col_zero[col], codes[col], Err1[i]
-            torch.div(w, s, out=q).add_(z).round_().clamp_(0, top)
+            if book is not None:  # the nearest table value, not an integer step
+                q.copy_(nearest(w / col_div[col]))
+            else:
+                torch.div(w, s, out=q).add_(z).round_().clamp_(0, top)
             if keep is not None:  # z: the code of 0 (a K grid's float zero: the nearest code)
                 torch.where(keep[col], q, z.round().clamp(0, top), out=q)
-            # err = (w - (q - z) s) / d, in place: one pass per op, no temporaries
-            torch.sub(q, z, out=err).mul_(s).sub_(w).div_(-diag[col])
+            if book is not None:  # err = (w - V[q] s) / d
+                torch.mul(book[q.long()], s, out=err).sub_(w).div_(-diag[col])
+            else:  # err = (w - (q - z) s) / d, in place: one pass per op, no temporaries
+                torch.sub(q, z, out=err).mul_(s).sub_(w).div_(-diag[col])
             W1[i + 1 :].addr_(U[col, col + 1 : i2], err, alpha=-1.0)
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
-    if cfg.kquant is not None:
+    if cfg.kquant is not None or book is not None:
         stored = torch.empty(rows, cols, dtype=torch.uint8)
         stored[:, perm] = codes.t().to(torch.uint8)
+        if book is not None:
+            return QuantizedWeight.from_iq4nl(stored, scale)
         return QuantizedWeight.from_kquant(stored, cfg.kquant, superblock)
     return _record(codes.t().to(torch.uint8), scale, zero, perm, cfg, static)
 
@@ -367,7 +382,7 @@ def _quantize_stage(
     stacks: dict[tuple, list] = {}
     for s in sites:
         c = layer_cfg(cfg, s.name, layer_bits, s.module.in_features)
-        key = (acc.alias.get(s.local, s.local), c.bits, c.group_size, c.sym, c.kquant)
+        key = (acc.alias.get(s.local, s.local), c.bits, c.group_size, c.sym, c.kquant, c.codebook)
         stacks.setdefault(key, []).append((s, c))
     for (owner, *_), members in stacks.items():
         results = gptq_quantize_stack(

@@ -66,9 +66,9 @@ log = logging.getLogger(__name__)
 
 TOKENS_PER_BATCH = 1024  # sensitivity windows per forward, up to this many tokens
 MAX_STATES = 1 << 17  # budget resolution of the allocation table (coarser costs beyond)
-# GGUF types offered when a budget in bits per weight is given without types: every K type and
-# the symmetric legacy types (rows not in whole 256s get those; q4_1/q5_1 are offered on request)
-DEFAULT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q8_0")
+# GGUF types offered when a budget in bits per weight is given without types: every K type,
+# IQ4_NL and the symmetric legacy types (rows not in whole 256s get those; q4_1/q5_1 on request)
+DEFAULT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "iq4_nl", "q5_0", "q8_0")
 
 
 class Mixed(Step):
@@ -127,7 +127,7 @@ class Mixed(Step):
                 "target_bpw is the budget over GGUF types: give types too (or avg_bits, the mean "
                 "code width, for plain widths)"
             )
-        if grid_of(self.base).kquant is not None:
+        if grid_of(self.base).kquant is not None or grid_of(self.base).codebook is not None:
             raise ValueError(
                 "mixed precision over K-quant grids is not supported yet: give the base a plain "
                 "grid (no kquant / --gguf-compatible q*_k)"
