@@ -35,7 +35,7 @@ and scales; other layers are re-quantized with a warning (or refused with --stri
 
 --type mix --target-bpw B writes a float model as a per-tensor mix of GGUF types chosen by
 measurement (where llama.cpp's _S/_M/_L mixes choose by rule): each block linear's KL
-divergence is measured in every type that tiles it (q2_k..q6_k, q4_0, q5_0, q8_0), the types
+divergence is measured in every type that tiles it (q2_k..q6_k, q4_0, iq4_nl, q5_0, q8_0), the types
 minimising the summed KL within B bits per weight are picked, and GPTQ quantizes each layer on
 its type's grid from --samples calibration windows. It is `tinyllm quantize --method mixed
 --base gptq --target-bpw B` followed by `--type auto`, in one command (minutes, not seconds).
@@ -74,8 +74,9 @@ TypeOpt = Annotated[
     typer.Option(
         "--type",
         help="GGUF: type of the block linears, f32, f16 (default), bf16, q8_0, q4_0, q4_1, "
-        "q5_0, q5_1, or a K-quant q2_k, q3_k, q4_k, q5_k, q6_k (tensors whose rows are not a "
-        "multiple of 256 take llama.cpp's fallback: q5_0, q5_1, q8_0, and q4_0 for q2_k/q3_k), "
+        "q5_0, q5_1, iq4_nl, or a K-quant q2_k, q3_k, q4_k, q5_k, q6_k (tensors whose rows are "
+        "not a multiple of 256 take llama.cpp's fallback: q5_0, q5_1, q8_0, and iq4_nl for "
+        "q2_k/q3_k), "
         "or auto: each quantized layer in the type its own grid carries into (a mixed-precision "
         "checkpoint keeps every layer's width), or mix: a type per block linear chosen by "
         "measured KL under --target-bpw (float models; runs GPTQ). "
