@@ -269,3 +269,29 @@ def test_mixed_over_gguf_types_config_errors(tokenizer) -> None:
         quantize(model, Mixed(base=GPTQ(), types=["q4_k"], target_bpw=4.5), calib=calib)
     with pytest.raises(ConfigError, match=r"target_bpw 3\.0 is below the smallest reachable"):
         quantize(model, Mixed(base=GPTQ(), types=["q4_k", "q4_0"], target_bpw=3.0), calib=calib)
+
+
+def test_mixed_sensitivity_cache_is_reused(tokenizer, tmp_path, monkeypatch) -> None:
+    """A second budget reads the measured sensitivities back instead of measuring again."""
+    import tinyllm.quant.mixed as mixed_mod
+    from tinyllm.quant.mixed import Mixed
+
+    cache = tmp_path / "sens.json"
+    calib = torch.randint(0, len(tokenizer), (2, 16))
+    types = ["q4_k", "q4_0", "q8_0"]
+    step = Mixed(base=RTN(), types=types, target_bpw=6.0, sensitivity_cache=str(cache))
+    first = quantize(_model(len(tokenizer)), step, calib=calib)
+    assert cache.is_file()
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(mixed_mod, "measure_sensitivity", no_measuring)
+    again = quantize(_model(len(tokenizer)), step, calib=calib)
+    assert again["bit_allocation"] == first["bit_allocation"]
+    assert again["sensitivity"] == first["sensitivity"]
+    cheaper = step.model_copy(update={"target_bpw": 5.0})
+    assert quantize(_model(len(tokenizer)), cheaper, calib=calib)["bpw"] <= 5.0
+    other = step.model_copy(update={"sensitivity_seq_len": 8})  # other probe windows: measure
+    with pytest.raises(AssertionError, match="measured again"):
+        quantize(_model(len(tokenizer)), other, calib=calib)

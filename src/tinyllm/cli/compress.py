@@ -80,6 +80,7 @@ def quantize(
     candidate_bits: Q.CandidateBits = "3,4,8",
     candidate_types: Q.CandidateTypes = "",
     target_bpw: Q.TargetBpw = None,
+    sensitivity_cache: Q.SensitivityCache = None,
     calib_corpus: CalibCorpusOpt = "enwiki",
     samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 512,

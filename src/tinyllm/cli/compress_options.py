@@ -264,6 +264,14 @@ class Quant:
             "with --target-bpw: q2_k,q3_k,q4_k,q5_k,q6_k,q4_0,iq4_nl,q5_0,q8_0."
         ),
     ]
+    SensitivityCache = Annotated[
+        str | None,
+        typer.Option(
+            help="mixed: JSON file of the measured per-layer sensitivities; reused when it covers "
+            "every layer and option (another budget is then seconds, not minutes), else measured "
+            "and written. One file per model and calibration corpus."
+        ),
+    ]
     TargetBpw = Annotated[
         float | None,
         typer.Option(

@@ -30,11 +30,13 @@ counted (llama.cpp's "bpw"), or `size_mb`, their GGUF MiB.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from functools import reduce
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,7 @@ from tinyllm.quant.common import (
 from tinyllm.quant.gptq import GPTQ
 from tinyllm.quant.rtn import RTN, rtn_quantize
 from tinyllm.util import dist
+from tinyllm.util.fs import write_text_atomic
 from tinyllm.util.progress import make_progress
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,9 @@ class Mixed(Step):
     # a saved allocation (layer -> bits or GGUF type, e.g. from `tinyllm plan`) replayed
     # instead of measuring
     allocation: dict[str, int | str] | None = None
+    # JSON file of measured sensitivities: reused when it holds every layer and option with the
+    # same probe windows, else measured and written; one file per model and calibration corpus
+    sensitivity_cache: str | None = None
 
     @field_validator("types")
     @classmethod
@@ -506,7 +512,10 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
                 return None
             return rtn_quantize(w.float(), probe_config(grid, option, exact)).dequantize()
 
-        sens = measure_sensitivity(model, sites, _windows(ctx, cfg), cfg.options, quantizer)
+        sens = _cached(cfg, sites)
+        if sens is None:
+            sens = measure_sensitivity(model, sites, _windows(ctx, cfg), cfg.options, quantizer)
+            _store(cfg, sens)
         seconds = time.perf_counter() - t0
         picks = allocate(_loss_table(sens, sites, cfg), cost, budget)
         allocation = {s.name: cfg.options[int(k)] for s, k in zip(sites, picks, strict=True)}
@@ -518,6 +527,52 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
         apply_step(model, cfg.base, ctx)
     finally:
         ctx.layer_bits = previous
+
+
+def _cache_key(cfg: Mixed) -> dict:
+    return {"samples": cfg.sensitivity_samples, "seq_len": cfg.sensitivity_seq_len}
+
+
+def _cached(cfg: Mixed, sites: list[LinearSite]) -> dict[str, dict] | None:
+    """The sensitivities in cfg.sensitivity_cache when it covers every layer and option with the
+    same probe windows, else None (measure)."""
+    if cfg.sensitivity_cache is None or not Path(cfg.sensitivity_cache).is_file():
+        return None
+    try:
+        data = json.loads(Path(cfg.sensitivity_cache).read_text())
+        table = data["sensitivity"]
+        same = data.get("probe") == _cache_key(cfg)
+        sens = {s.name: {o: float(table[s.name][str(o)]) for o in cfg.options} for s in sites}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning(
+            "mixed: %s does not cover this model and options; measuring", cfg.sensitivity_cache
+        )
+        return None
+    if not same:
+        log.warning(
+            "mixed: %s was measured on other probe windows; measuring", cfg.sensitivity_cache
+        )
+        return None
+    log.info("mixed: sensitivities from %s", cfg.sensitivity_cache)
+    return sens
+
+
+def _store(cfg: Mixed, sens: dict[str, dict]) -> None:
+    """Write the measured sensitivities (merged over an existing file's other options)."""
+    if cfg.sensitivity_cache is None:
+        return
+    path = Path(cfg.sensitivity_cache)
+    table: dict[str, dict] = {}
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if old.get("probe") == _cache_key(cfg):
+            table = old.get("sensitivity", {})
+    except (OSError, ValueError, AttributeError):
+        table = {}
+    for name, row in sens.items():
+        table.setdefault(name, {}).update({str(k): v for k, v in row.items()})
+    text = json.dumps({"probe": _cache_key(cfg), "sensitivity": table})
+    write_text_atomic(path, text.replace("Infinity", '"inf"'))
 
 
 def _replay(ctx: Context, cfg: Mixed, sites: list[LinearSite]) -> dict[str, int | str]:
