@@ -13,7 +13,8 @@ Rows:
   mix-at-TYPE              `tinyllm quantize --method mixed --base gptq --size-mb S` (a GGUF
                            type per block linear, chosen by measured KL) with S the block
                            linears' MiB in llama-TYPE-imatrix's file (equal size), then
-                           `tinyllm export --type auto --strict`
+                           `tinyllm export --type auto --strict`; the rows share one
+                           --sensitivity-cache (measured once per model)
 SmolLM2-135M's rows are 576 wide, not a multiple of the 256-weight K super-block: only ffn_down
 (1536 inputs) can be a K type; llama-quantize and tinyllm both give the other tensors the
 fallback type (Q5_0 for Q4_K, ...), so file sizes sit above the K type's nominal bits.
@@ -115,6 +116,7 @@ def _mix(name: str, path: Path) -> dict:
     mib = block_mib(peer)
     flags = ["--method", "mixed", "--base", "gptq", "--size-mb", f"{mib:.4f}"]
     flags += ["--candidate-types", ",".join(DEFAULT_TYPES)]
+    flags += ["--sensitivity-cache", str(Setup.kwork / "sensitivity.json")]  # one per model
     ckpt = Setup.kwork / f"{name}.ckpt"
     if not (ckpt / "tinyllm.json").exists():
         run([*CLI, "quantize", Setup.model, *flags, "-o", str(ckpt), "--overwrite"])
