@@ -204,6 +204,7 @@ def test_auto_type_keeps_each_layers_own_grid(tokenizer, tmp_path: Path) -> None
     tensors = _tensors(tmp_path / "a.gguf")
     assert tensors["blk.0.attn_q.weight"].tensor_type == T.Q8_0
     assert tensors["blk.1.attn_q.weight"].tensor_type == T.Q4_0
+    assert tensors["token_embd.weight"].tensor_type == T.Q8_0  # a float table: --embed-type's
     model = _model(len(tokenizer))
     quantize(model, RTN(kquant="q5_k"))
     export(model, tokenizer, tmp_path / "k.gguf", "gguf", "auto", strict=True)

@@ -412,8 +412,9 @@ def export_gguf(
         _hparams(w, model.config, fam)
         _tokenizer(w, tokenizer, model.config)
         for t in track(tensors, description=f"GGUF {qtype}"):
-            kind = embed if t.name.startswith(("token_embd.", "output.")) else main
-            if qtype == "auto" and kind is main:
+            table = t.name.startswith(("token_embd.", "output."))
+            kind = embed if table else main
+            if qtype == "auto" and not table:  # the embedding/head follow --embed-type
                 kind = own_type(t)
             data, stored = tensor_data(t, kind, report, strict)
             w.add_tensor(t.name, data, raw_dtype=stored)
