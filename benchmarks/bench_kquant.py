@@ -15,6 +15,10 @@ Rows:
                            linears' MiB in llama-TYPE-imatrix's file (equal size), then
                            `tinyllm export --type auto --strict`; the rows share one
                            --sensitivity-cache (measured once per model)
+  layout-TYPE              `tinyllm quantize --method mixed --base gptq --layout-from
+                           llama-TYPE-imatrix.gguf` (GPTQ codes on exactly llama-quantize's
+                           per-tensor types), then `tinyllm export --type auto --strict`: the
+                           same layout, so the same decode kernels
 SmolLM2-135M's rows are 576 wide, not a multiple of the 256-weight K super-block: only ffn_down
 (1536 inputs) can be a K type; llama-quantize and tinyllm both give the other tensors the
 fallback type (Q5_0 for Q4_K, ...), so file sizes sit above the K type's nominal bits.
@@ -46,7 +50,8 @@ LLAMA = {  # row -> llama-quantize type
 }
 OURS = {f"gptq-{k}": (["--method", "gptq"], k) for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")}
 MIX = {f"mix-at-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m")}
-ROWS = ["f16", *LLAMA, *OURS, *MIX]
+LAYOUT = {f"layout-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m")}
+ROWS = ["f16", *LLAMA, *OURS, *MIX, *LAYOUT]
 
 
 class Setup:
@@ -109,14 +114,19 @@ def block_mib(path: Path) -> float:
 
 
 def _mix(name: str, path: Path) -> dict:
-    """Our measured mix at the block-linear size of llama.cpp's file of the same name."""
-    peer = Setup.kwork / f"{MIX[name]}.gguf"
+    """Our measured mix at the block-linear size of llama.cpp's file of the same name, or (a
+    layout row) GPTQ on exactly that file's per-tensor types."""
+    peer_row = MIX.get(name) or LAYOUT[name]
+    peer = Setup.kwork / f"{peer_row}.gguf"
     if not peer.exists():
-        _llama(MIX[name], peer)
+        _llama(peer_row, peer)
     mib = block_mib(peer)
-    flags = ["--method", "mixed", "--base", "gptq", "--size-mb", f"{mib:.4f}"]
-    flags += ["--candidate-types", ",".join(DEFAULT_TYPES)]
-    flags += ["--sensitivity-cache", str(Setup.kwork / "sensitivity.json")]  # one per model
+    flags = ["--method", "mixed", "--base", "gptq"]
+    if name in LAYOUT:
+        flags += ["--layout-from", str(peer)]
+    else:
+        flags += ["--size-mb", f"{mib:.4f}", "--candidate-types", ",".join(DEFAULT_TYPES)]
+        flags += ["--sensitivity-cache", str(Setup.kwork / "sensitivity.json")]  # one per model
     ckpt = Setup.kwork / f"{name}.ckpt"
     if not (ckpt / "tinyllm.json").exists():
         run([*CLI, "quantize", Setup.model, *flags, "-o", str(ckpt), "--overwrite"])
@@ -134,7 +144,7 @@ def build(name: str) -> tuple[Path, dict]:
         return _f16(), {"command": f"tinyllm export {Setup.model} --type f16"}
     Setup.kwork.mkdir(parents=True, exist_ok=True)
     path = Setup.kwork / f"{name}.gguf"
-    if name in MIX:
+    if name in MIX or name in LAYOUT:
         return path, _mix(name, path)
     info = _llama(name, path) if name in LLAMA else _ours(name, path)
     return path, info

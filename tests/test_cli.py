@@ -252,6 +252,31 @@ def test_export_type_mix(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
     assert_clean_error(p, "quantized")
 
 
+def test_quantize_layout_from_a_gguf_file(tiny_dir: Path, corpus_file: Path, tmp_path: Path):
+    """--layout-from: GPTQ codes on exactly the per-tensor types of an existing GGUF file; the
+    export holds the same type in every tensor."""
+    from gguf import GGUFReader
+
+    calib = ["--calib-corpus", str(corpus_file), "--samples", "4", "--seq-len", "32"]
+    peer = tmp_path / "peer.gguf"
+    p = run("export", str(tiny_dir), "--type", "mix", "--target-bpw", "6", *calib, "-o", str(peer))
+    assert p.returncode == 0, p.stderr
+    p = run("quantize", str(tiny_dir), "--method", "mixed", "--base", "gptq", *calib,
+            "--layout-from", str(peer), "-o", str(tmp_path / "q"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    ours = tmp_path / "ours.gguf"
+    p = run("export", str(tmp_path / "q"), "--type", "auto", "--strict", "-o", str(ours))
+    assert p.returncode == 0, p.stderr
+
+    def types(path: Path) -> dict[str, str]:
+        return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+    assert types(ours) == types(peer) and len(set(types(ours).values())) >= 3
+    p = run("quantize", str(tiny_dir), "--method", "mixed", "--layout-from", str(corpus_file),
+            "-o", str(tmp_path / "bad"))  # fmt: skip
+    assert_clean_error(p, "is not a GGUF file")
+
+
 def test_generate_streams_and_reports(tiny_dir: Path):
     p = run("generate", str(tiny_dir), "The quick", "--max-tokens", "5", "--temperature", "0.8",
             "--seed", "3")  # fmt: skip

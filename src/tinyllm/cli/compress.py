@@ -81,6 +81,7 @@ def quantize(
     candidate_types: Q.CandidateTypes = "",
     target_bpw: Q.TargetBpw = None,
     sensitivity_cache: Q.SensitivityCache = None,
+    layout_from: Q.LayoutFrom = None,
     calib_corpus: CalibCorpusOpt = "enwiki",
     samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
@@ -118,6 +119,9 @@ def quant_steps(ctx: typer.Context, opts: dict[str, Any]) -> list:
     options["candidate_bits"] = _widths(opts["candidate_bits"])
     options["candidate_types"] = [t.strip() for t in opts["candidate_types"].split(",")]
     options["candidate_types"] = [t for t in options["candidate_types"] if t]
+    if opts.get("layout_from") is not None:
+        options["allocation"] = _layout(opts["model"], opts["layout_from"])
+        options["candidate_types"] = sorted(set(options["allocation"].values()))
     if opts["gguf_compatible"] is not None:
         options.update(_gguf_grid(method, opts["gguf_compatible"]))
     steps = [quant_step(method, options, base, field_flag(ctx, QUANT_FIELD))]
@@ -173,6 +177,18 @@ def calibration(opts: dict[str, Any]):
         first = exc.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-")
         raise ConfigError(f"{flag}: {first['msg']}") from None
+
+
+def _layout(model: str, path: Path) -> dict[str, str]:
+    """--layout-from: each block linear's GGUF type in the file, read against the model's
+    skeleton (no weights loaded)."""
+    from tinyllm.export.gguf import gguf_layout
+    from tinyllm.models.load import hf_directory, load_config
+    from tinyllm.models.validate import meta_model
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--layout-from: {path} does not exist")
+    return gguf_layout(meta_model(load_config(hf_directory(model))), Path(path))
 
 
 def _widths(text: str) -> list[int]:

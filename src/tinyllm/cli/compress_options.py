@@ -4,6 +4,7 @@ registry (core/registry.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -262,6 +263,14 @@ class Quant:
             "q4_0, q4_1, iq4_nl, q5_0, q5_1, q8_0); each layer gets one type's whole grid, chosen "
             "by measured KL, and `tinyllm export --type auto` writes it as that type. Default "
             "with --target-bpw: q2_k,q3_k,q4_k,q5_k,q6_k,q4_0,iq4_nl,q5_0,q8_0."
+        ),
+    ]
+    LayoutFrom = Annotated[
+        Path | None,
+        typer.Option(
+            help="mixed: put every block linear on the GGUF type its tensor has in this GGUF file "
+            "(e.g. llama-quantize's Q4_K_M of the same model), no sensitivity measured: the same "
+            "layout with tinyllm's codes; `tinyllm export --type auto` writes it."
         ),
     ]
     SensitivityCache = Annotated[

@@ -280,6 +280,33 @@ def _block_name(mod_name: str, blocks_path: str, fam: Family) -> str | None:
     return name.format(bid=bid) if name else None
 
 
+def gguf_layout(model: nn.Module, path: Path) -> dict[str, str]:
+    """Block linear name -> the GGUF type (lower case) its tensor holds in the GGUF file at
+    `path`: an existing file's per-tensor layout, for quantizing onto the same types (`tinyllm
+    quantize --method mixed --layout-from FILE`). `model` may be a meta-device skeleton."""
+    from gguf import GGUFReader
+
+    from tinyllm.quant.common import GGUF_GRID_TYPES
+
+    try:
+        types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(str(path)).tensors}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path} is not a GGUF file tinyllm can read: {exc}") from None
+    fam, anatomy = gguf_family(model), analyze(model)
+    out = {}
+    for s in anatomy.linears:
+        name = f"{_block_name(s.name, anatomy.blocks_path, fam)}.weight"
+        if name not in types:
+            raise ConfigError(f"{path} has no tensor {name} for {s.name}: a file of another model?")
+        if types[name] not in GGUF_GRID_TYPES:
+            raise ConfigError(
+                f"{path}: {name} is {types[name].upper()}, not a type tinyllm quantizes onto "
+                f"({', '.join(GGUF_GRID_TYPES)})"
+            )
+        out[s.name] = types[name]
+    return out
+
+
 def _is_final_norm(mod_name: str, mod: nn.Module, blocks_path: str) -> bool:
     return is_norm(mod) and not mod_name.startswith(blocks_path + ".")
 
