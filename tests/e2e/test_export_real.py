@@ -40,7 +40,7 @@ def test_carried_q4_0_scores_like_our_quantized_model(tmp_path):
 
 
 def test_carried_q3_k_scores_like_our_quantized_model(tmp_path):
-    """K-quant blocks (ffn_down: 1536 inputs) and their IQ4_NL fallback (576-wide rows), every
+    """K-quant blocks (ffn_down: 1536 inputs) and their Q4_0 fallback (576-wide rows), every
     code carried, run by llama.cpp's own kernels: the same perplexity as in memory."""
     model, tok = tinyllm.load("smollm2-135m")
     tinyllm.quantize(model, tinyllm.RTN(kquant="q3_k"))

@@ -21,7 +21,7 @@ from tinyllm.quant.api import quantize
 from tinyllm.quant.gptq import GPTQ
 from tinyllm.quant.rtn import RTN
 
-FALLBACK = {"q2_k": T.IQ4_NL, "q3_k": T.IQ4_NL, "q4_k": T.Q5_0, "q5_k": T.Q5_1, "q6_k": T.Q8_0}
+FALLBACK = {"q2_k": T.Q4_0, "q3_k": T.Q4_0, "q4_k": T.Q5_0, "q5_k": T.Q5_1, "q6_k": T.Q8_0}
 
 
 def _model(vocab: int) -> LlamaForCausalLM:

@@ -196,7 +196,7 @@ class Quant:
             "carries the integers exactly. q2_k | q3_k | q4_k | q5_k | q6_k: llama.cpp's "
             "K-quant super-block grids (scales and mins quantized per 256 weights, chosen by a "
             "search weighted by the inputs' mean square); layers whose inputs are not a "
-            "multiple of 256 get the grid llama.cpp falls back to (q5_0, q5_1, q8_0; iq4_nl for "
+            "multiple of 256 get the grid llama.cpp falls back to (q5_0, q5_1, q8_0; q4_0 for "
             "q2_k/q3_k). iq4_nl: llama.cpp's non-uniform 4-bit table, a float16 scale per 32 "
             "weights (same size as q4_0, finer near zero)."
         ),

@@ -134,11 +134,12 @@ K_TYPES: dict[T, str] = {
     T.Q5_K: "q5_k",
     T.Q6_K: "q6_k",
 }
-# The type of a tensor whose rows are not whole super-blocks: llama-quantize's rule.
-# quant/common.py K_FALLBACK_GRID quantizes such layers on these grids.
+# The type of a tensor whose rows are not whole super-blocks: what the llama-quantize in use here
+# writes (Q4_0 for Q2_K/Q3_K, as its Q3_K_M file of SmolLM2 shows; newer llama.cpp may write
+# IQ4_NL there). quant/common.py K_FALLBACK_GRID quantizes such layers on these grids.
 K_FALLBACK: dict[T, T] = {
-    T.Q2_K: T.IQ4_NL,
-    T.Q3_K: T.IQ4_NL,
+    T.Q2_K: T.Q4_0,
+    T.Q3_K: T.Q4_0,
     T.Q4_K: T.Q5_0,
     T.Q5_K: T.Q5_1,
     T.Q6_K: T.Q8_0,

@@ -36,8 +36,8 @@ LEGACY_GRIDS: dict[str, tuple[int, int, bool]] = {
 # The GGUF type whose grid a layer gets under `kquant` when its input features are not whole K
 # super-blocks: the type it is exported as (export/gguf_blocks.py K_FALLBACK, llama-quantize's).
 K_FALLBACK_GRID: dict[str, str] = {
-    "q2_k": "iq4_nl",
-    "q3_k": "iq4_nl",
+    "q2_k": "q4_0",
+    "q3_k": "q4_0",
     "q4_k": "q5_0",
     "q5_k": "q5_1",
     "q6_k": "q8_0",
