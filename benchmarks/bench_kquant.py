@@ -49,7 +49,7 @@ LLAMA = {  # row -> llama-quantize type
     "llama-q6_k-imatrix": "Q6_K",
 }
 OURS = {f"gptq-{k}": (["--method", "gptq"], k) for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")}
-MIX = {f"mix-at-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m")}
+MIX = {f"mix-at-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")}
 LAYOUT = {f"layout-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m")}
 ROWS = ["f16", *LLAMA, *OURS, *MIX, *LAYOUT]
 
