@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python benchmarks/bench_ood.py [--rows NAME,...] [--force] [--table]
 Each row is one GGUF file, made as benchmarks/bench_gguf.py makes it (its `build`, same files
-under benchmarks/work/gguf, so the two benchmarks share them), plus `edge-q4_0`, the GGUF of the
+under benchmarks/work/gguf, so the two benchmarks share them; KQUANT rows are bench_kquant.py's
+files), plus `edge-q4_0`, the GGUF of the
 built-in edge recipe (`tinyllm run edge`, the `make demo` output in runs/edge when it is there,
 else run into benchmarks/work/ood/edge). Every model is calibrated on English Wikipedia (enwiki),
 llama.cpp's imatrix included (`llama-imatrix` on 128 x 512 enwiki calibration windows). It is
@@ -33,7 +34,10 @@ EDGE_FILE = "export/model-q4_0.gguf"
 CORPORA = ["enwiki", "bgwiki", "lee-news", "crime-and-punishment"]
 WINDOWS, SEQ_LEN = 16, 512
 THREADS = 2  # llama.cpp's
+# bench_kquant.py's files (its `build`): the mix chooser's rows and llama.cpp's K mixes
+KQUANT = ["mix-at-q4_k_m", "llama-q3_k_m-imatrix", "mix-at-q3_k_m"]
 ROWS = ["f16", "llama-q4_0-imatrix", "llama-q4_k_m-imatrix", "awq-gptq-rf2-ft-q4_0", "edge-q4_0"]
+ROWS += KQUANT
 ALL_ROWS = [*dict.fromkeys([*ROWS, *LLAMA, *OURS, *QAT])]
 
 
@@ -96,7 +100,12 @@ def score_corpora(path: Path) -> dict:
 
 
 def run_row(name: str) -> dict:
-    path, info = build_edge() if name == "edge-q4_0" else build(name)
+    if name in KQUANT:
+        from bench_kquant import build as build_kquant
+
+        path, info = build_kquant(name)
+    else:
+        path, info = build_edge() if name == "edge-q4_0" else build(name)
     return {**info, "bytes": path.stat().st_size, "corpora": score_corpora(path)}
 
 
