@@ -186,14 +186,7 @@ def _gptq(
     static = cfg.static_groups or cfg.group_size == -1
     search = grid is None and not static  # grids from the updated weights as groups are reached
     book = iq4nl_codebook() if cfg.codebook is not None else None
-    if cfg.kquant is not None:
-        superblock = fit_kgrid(W, kspec(cfg.kquant), _grid_search(cfg, H).get("importance"))
-        scale, zero = working_grid(*derive(superblock, kspec(cfg.kquant)), kspec(cfg.kquant))
-    elif book is not None:  # IQ4_NL: block scales searched by the diag-H-weighted error
-        _, scale = fit_iq4nl(W, H.diagonal())
-        zero = torch.full_like(scale, 8.0)  # the index of the value nearest 0 (pruned weights)
-    else:
-        scale, zero = _start_grid(W, H, cfg, grid, static)
+    scale, zero, superblock = _fixed_grid(W, H, cfg, grid, static)
     # per column, in processing order (dynamic groups are stored in processing order)
     group_of = perm // g if static else torch.arange(cols) // g
     # The loop works on transposed copies ([columns, rows]): each column is a contiguous row.
@@ -225,10 +218,7 @@ def _gptq(
                 torch.div(w, s, out=q).add_(z).round_().clamp_(0, top)
             if keep is not None:  # z: the code of 0 (a K grid's float zero: the nearest code)
                 torch.where(keep[col], q, z.round().clamp(0, top), out=q)
-            if book is not None:  # err = (w - V[q] s) / d
-                torch.mul(book[q.long()], s, out=err).sub_(w).div_(-diag[col])
-            else:  # err = (w - (q - z) s) / d, in place: one pass per op, no temporaries
-                torch.sub(q, z, out=err).mul_(s).sub_(w).div_(-diag[col])
+            _column_error(w, s, z, q, book, err).div_(-diag[col])
             W1[i + 1 :].addr_(U[col, col + 1 : i2], err, alpha=-1.0)
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
     if cfg.kquant is not None or book is not None:
@@ -238,6 +228,35 @@ def _gptq(
             return QuantizedWeight.from_iq4nl(stored, scale)
         return QuantizedWeight.from_kquant(stored, cfg.kquant, superblock)
     return _record(codes.t().to(torch.uint8), scale, zero, perm, cfg, static)
+
+
+def _column_error(
+    w: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    q: torch.Tensor,
+    book: torch.Tensor | None,
+    err: torch.Tensor,
+) -> torch.Tensor:
+    """err = dequantized code - w, in place: (q - z) s on a grid, V[q] s on a codebook."""
+    if book is not None:
+        return torch.mul(book[q.long()], s, out=err).sub_(w)
+    return torch.sub(q, z, out=err).mul_(s).sub_(w)  # one pass per op, no temporaries
+
+
+def _fixed_grid(
+    W: torch.Tensor, H: torch.Tensor, cfg: GPTQ, grid: tuple | None, static: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """(scale, zero, K super-block parameters or None) the column loop starts from: a K-quant
+    grid, IQ4_NL's block scales (searched by the diag-H-weighted error), or _start_grid's."""
+    if cfg.kquant is not None:
+        superblock = fit_kgrid(W, kspec(cfg.kquant), _grid_search(cfg, H).get("importance"))
+        scale, zero = working_grid(*derive(superblock, kspec(cfg.kquant)), kspec(cfg.kquant))
+        return scale, zero, superblock
+    if cfg.codebook is not None:
+        _, scale = fit_iq4nl(W, H.diagonal())
+        return scale, torch.full_like(scale, 8.0), None  # 8: the index nearest 0 (pruned)
+    return (*_start_grid(W, H, cfg, grid, static), None)
 
 
 def _start_grid(
