@@ -20,6 +20,8 @@ from tinyllm.core.estimate import (
     compress_memory,
     estimate,
     host_profile,
+    kept_replays,
+    recomputed_flops,
     shape_of,
 )
 from tinyllm.errors import ConfigError, ModelLoadError, ModelNotFoundError, TinyLLMError
@@ -68,7 +70,7 @@ def test_estimates_grow_with_model_size(configs):
     one, qwen = (estimate(configs[n], Job("eval"), HOST) for n in SIZES[1:3])
     assert one.peak_bytes < qwen.peak_bytes
     one, qwen = (estimate(configs[n], on, HOST) for n in SIZES[1:3])
-    key = "calibration hidden states (x2, float32)"
+    key = "calibration hidden states (x1, float32)"  # 128 x 512: too large to keep a copy
     assert qwen.memory[key] == one.memory[key] * 1536 // 2048
 
 
@@ -98,6 +100,25 @@ def test_memory_parts_follow_the_settings(configs):
     assert a["method workspace (Hessians)"] > 2 * 4 * 8192**2  # two ffn^2 float32 matrices
     rtn = compress_memory(shape, Job(method="rtn", stream="on"))
     assert not any("calibration" in k for k in rtn) and sum(rtn.values()) < sum(a.values())
+
+
+def test_kept_replays_follow_the_staged_pass_limit(configs):
+    """What a staged pass keeps (core.calib.KEEP_STAGE_BYTES): at 32 x 256 a 1B block keeps
+    o_proj's inputs (a second hidden-state copy) and down_proj's; at 128 x 512 neither fits, so
+    the estimate holds one copy and adds the recomputed attention and MLP inputs' time."""
+    shape = shape_of(configs["llama-3.2-1b"])
+    small, large = Job(samples=32, seq_len=256, stream="on"), Job(stream="on")
+    assert kept_replays(shape, small, METHODS["gptq"]) == (True, True)
+    assert kept_replays(shape, large, METHODS["gptq"]) == (False, False)
+    assert recomputed_flops(shape, small, METHODS["gptq"]) == 0
+    big = estimate(configs["llama-3.2-1b"], large, HOST)
+    assert "down_proj inputs (float16)" not in big.memory
+    assert big.memory["calibration hidden states (x1, float32)"] == 128 * 512 * 2048 * 4
+    linears = 2 * 2048 * 8192 + 2048 * (2048 + 2 * 512)  # gate + up, q + k + v
+    attention = 2.0 * 128 * 512 * 512 * 2048
+    want = 2.0 * 128 * 512 * linears + attention
+    assert recomputed_flops(shape, large, METHODS["gptq"]) == want
+    assert big.time["recomputed, not kept"] > 0
 
 
 def test_stream_auto_decides_as_quantize_does(configs, monkeypatch):

@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import tiny_model
 from tests.quant.tiny import quantize_tiny_model
+from tinyllm.core import calib
 from tinyllm.core.calib import (
     _Kept,
     block_inputs,
@@ -388,3 +389,32 @@ def test_staged_gptq_takes_kwargs_captured_for_a_whole_batch():
         assert torch.equal(r_one[name].dequantize(), r_whole[name].dequantize()), name
     for a, b in zip(xs_one, xs_whole, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@torch.no_grad()
+def test_staged_pass_recomputes_a_stage_whose_inputs_exceed_the_keep_limit(monkeypatch):
+    """Above KEEP_STAGE_BYTES a stage's inputs are not kept: the final forward recomputes the
+    module, so the outputs are those of the pass that keeps nothing (wide=None), bit for bit,
+    every stage observes the same inputs, and the narrow stage (o_proj's, kept in float32
+    below the limit) is recomputed too."""
+    model = tiny_model()
+    inputs, kwargs = block_inputs(model, [torch.randint(0, 320, (2, 24)) for _ in range(2)])
+    base = analyze(model).blocks[0]
+    names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+    stages = input_stages(base, inputs[0][0][:1], kwargs[0], names)
+    plans = replay_plans(base, inputs[0][0][:1], kwargs[0], names)
+    assert len(calib._kept_stages(base, names, stages, plans, inputs[0], torch.float16)) == 2
+    outs, seen = {}, {}
+    for limit in (0, 1 << 30):
+        monkeypatch.setattr(calib, "KEEP_STAGE_BYTES", limit)
+        kept = calib._kept_stages(base, names, stages, plans, inputs[0], torch.float16)
+        assert len(kept) == (0 if limit == 0 else 2)
+        xs, seen[limit] = [x.clone() for x in inputs[0]], []
+        _rounding_pass(copy.deepcopy(base), xs, kwargs[0], torch.float16, seen[limit])
+        outs[limit] = xs
+    monkeypatch.setattr(calib, "KEEP_STAGE_BYTES", 1 << 30)
+    xs, none = [x.clone() for x in inputs[0]], []
+    _rounding_pass(copy.deepcopy(base), xs, kwargs[0], None, none)
+    assert seen[0] == seen[1 << 30] == none
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], xs, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(outs[0], outs[1 << 30], strict=True))

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from tinyllm.core.kernels import block_compute
 from tinyllm.core.placement import placement
 from tinyllm.models.anatomy import analyze
+from tinyllm.util.memory import trim_heap
 from tinyllm.util.progress import make_progress
 
 
@@ -528,7 +529,7 @@ def staged_pass(
     names = [n for stage in stages for n in stage]
     if probe is None:
         probe = probe_block(block, xs[0], kwargs, names) if names else Probe([], {})
-    keep = _kept_stages(block, names, stages, probe.plans, xs[0].shape[-1], wide)
+    keep = _kept_stages(block, names, stages, probe.plans, xs, wide)
     replays: dict[str, _Replayed] = {}
     tokens = xs[0].shape[0] * xs[0].shape[1]
     for k, stage in enumerate([*stages, None]):
@@ -538,9 +539,17 @@ def staged_pass(
             _forward_batches(block, xs, kwargs, stage, replays, _stage_hook(stage, observe, kept))
         if stage is not None:
             compress(stage)
+            trim_heap()  # the stage's Hessians and solve buffers, freed: give them back
             if kept is not None:
                 name, parent, index, arity, _ = keep[k]
                 replays[parent] = _Replayed(name[len(parent) + 1 :], index, arity, kept.items)
+
+
+# A stage's inputs are kept for replay only up to this size (all batches): above it the final
+# forward recomputes the module instead (one more forward of it per block, for the memory of
+# up to two more copies of the calibration activations: 1.5 GiB on a Llama-3.2-1B block at
+# 128 x 512). SmolLM2-135M and Gemma-3-270M at 128 x 512 keep both of theirs (<= 256 MiB each).
+KEEP_STAGE_BYTES = 256 * 2**20
 
 
 def _kept_stages(
@@ -548,24 +557,33 @@ def _kept_stages(
     names: list[str],
     stages: list[list[str]],
     plans: dict[str, tuple[str, int | None, int]],
-    hidden: int,
+    xs: list[torch.Tensor],
     wide: torch.dtype | None,
 ) -> dict[int, tuple[str, str, int | None, int, bool]]:
     """Stages whose inputs staged_pass keeps, to replay a module by its compressed linear:
     {stage: (linear, parent, index, arity, wide)} for each plan (replay_plans) whose parent holds
-    no linear of a later stage. Inputs no wider than the block's `hidden` size (o_proj's) are
-    kept as they are (one more copy of the calibration activations); wider ones (down_proj's,
-    2.7x on SmolLM2) are kept in `wide` (float16: half the memory; each batch whose values
-    float16 cannot hold stays in its own dtype), so the final forward sees them rounded to 11
-    significant bits, while the stage's own observation saw them exact. With 16-bit calibration
-    forwards they are kept as they are; wide=None does not keep them (the final forward
-    recomputes the MLP up to them)."""
+    no linear of a later stage and whose kept inputs take at most KEEP_STAGE_BYTES. Inputs no
+    wider than the block's hidden size (o_proj's) are kept as they are (one more copy of the
+    calibration activations); wider ones (down_proj's, 2.7x on SmolLM2) are kept in `wide`
+    (float16: half the memory; each batch whose values float16 cannot hold stays in its own
+    dtype), so the final forward sees them rounded to 11 significant bits, while the stage's own
+    observation saw them exact. With 16-bit calibration forwards they are kept as they are;
+    wide=None does not keep them (the final forward recomputes the MLP up to them)."""
+    hidden, rows = xs[0].shape[-1], sum(x.numel() // x.shape[-1] for x in xs)
     stage_of = {n: k for k, stage in enumerate(stages) for n in stage}
     keep: dict[int, tuple[str, str, int | None, int, bool]] = {}
     for name, (parent, index, arity) in plans.items():
         inside = [n for n in names if n.startswith(parent + ".")]
-        narrow = block.get_submodule(name).in_features <= hidden
-        if (narrow or wide is not None) and all(stage_of[n] <= stage_of[name] for n in inside):
+        width = block.get_submodule(name).in_features
+        narrow = width <= hidden
+        held = (
+            xs[0].dtype
+            if narrow or wide is None
+            else min(wide, xs[0].dtype, key=lambda d: d.itemsize)
+        )
+        fits = rows * width * held.itemsize <= KEEP_STAGE_BYTES
+        later = any(stage_of[n] > stage_of[name] for n in inside)
+        if fits and (narrow or wide is not None) and not later:
             keep.setdefault(stage_of[name], (name, parent, index, arity, not narrow))
     return keep
 

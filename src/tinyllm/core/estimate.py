@@ -520,15 +520,48 @@ def small_buffers(shape: Shape, job: Job, m: MethodCost) -> list[int]:
 
 
 def calibration_memory(shape: Shape, job: Job, m: MethodCost) -> dict[str, int]:
-    """Calibration activations held across blocks, in bytes."""
+    """Calibration activations held across blocks, in bytes: the hidden states, and what a
+    staged pass keeps for replay (o_proj's inputs, down_proj's in float16) where each fits
+    core.calib.KEEP_STAGE_BYTES (above it the module is recomputed: see replay_seconds)."""
     tokens = job.samples * job.seq_len
-    streams = 2 + (1 if m.float_targets else 0)
+    kept_o, kept_down = kept_replays(shape, job, m)
+    streams = 1 + int(kept_o) + (1 if m.float_targets else 0)
     parts = {
         f"calibration hidden states (x{streams}, float32)": tokens * shape.hidden * 4 * streams
     }
-    if m.keeps_down_inputs:
+    if kept_down:
         parts["down_proj inputs (float16)"] = tokens * shape.ffn * 2
     return parts
+
+
+def kept_replays(shape: Shape, job: Job, m: MethodCost) -> tuple[bool, bool]:
+    """(a second copy of the hidden states, down_proj's inputs kept): a staged pass keeps each
+    where it fits core.calib.KEEP_STAGE_BYTES (o_proj's inputs are that copy); other calibrated
+    methods hold inputs and outputs of a block pass."""
+    from tinyllm.core.calib import KEEP_STAGE_BYTES
+
+    if not m.keeps_down_inputs:
+        return True, False
+    tokens = job.samples * job.seq_len
+    return (
+        tokens * shape.hidden * 4 <= KEEP_STAGE_BYTES,
+        tokens * shape.ffn * 2 <= KEEP_STAGE_BYTES,
+    )
+
+
+def recomputed_flops(shape: Shape, job: Job, m: MethodCost) -> float:
+    """FLOPs per block a staged pass spends recomputing what it does not keep: attention up to
+    o_proj, the MLP up to down_proj (kept_replays)."""
+    if not m.keeps_down_inputs:
+        return 0.0
+    kept_o, kept_down = kept_replays(shape, job, m)
+    tokens = job.samples * job.seq_len
+    roles = set() if kept_o else {"q", "k", "v"}
+    roles |= set() if kept_down else {"gate", "up"}
+    flops = sum(
+        2.0 * tokens * x.in_features * x.out_features for x in shape.linears if x.role in roles
+    )
+    return flops + (0.0 if kept_o else 2.0 * tokens * job.seq_len * shape.hidden)
 
 
 def block_forward_flops(shape: Shape, tokens: int, seq_len: int) -> float:
@@ -545,6 +578,11 @@ def compress_time(shape: Shape, job: Job, host: Host) -> dict[str, float]:
     if m.calibrated:
         fwd = m.passes * block_forward_flops(shape, tokens, job.seq_len)
         parts["block forwards"] = shape.layers * fwd / (rate * COSTS["matmul_efficiency"])
+        again = recomputed_flops(shape, job, m)
+        if again:
+            parts["recomputed, not kept"] = (
+                shape.layers * again / (rate * COSTS["matmul_efficiency"])
+            )
     if m.hessian:
         groups = {x.input_group: x.in_features for x in shape.linears}
         hess = sum(1.0 * tokens * n**2 for n in groups.values())

@@ -14,21 +14,25 @@ from tinyllm.util import dist
 log = logging.getLogger(__name__)
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, retrying with more damping. On one
-    thread, so its bits do not depend on the thread count (core.kernels.one_thread)."""
+def inverse_cholesky(
+    H: torch.Tensor, damp: float, name: str, order: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, retrying with more damping; with
+    `order`, of H with its rows and columns in that order (GPTQ's act-order), permuted straight
+    into the matrix that is factored, so no other [in, in] copy is alive. On one thread, so its
+    bits do not depend on the thread count (core.kernels.one_thread)."""
     with one_thread():
-        return _inverse_cholesky(H, damp, name)
+        return _inverse_cholesky(H, damp, name, order)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    mean_diag = H.diagonal().mean()
+def _inverse_cholesky(
+    H: torch.Tensor, damp: float, name: str, order: torch.Tensor | None
+) -> torch.Tensor:
     for _ in range(6):
-        # one [in, in] matrix besides H at a time (each intermediate is freed as the next one
-        # exists): on a 14336-wide down_proj, 0.8 GB each
+        # one [in, in] matrix besides H at a time: on a 14336-wide down_proj, 0.8 GB each
         # (in place: the same LAPACK calls, the same bits as out-of-place)
-        L = H.clone()
-        L.diagonal().add_(damp * mean_diag)
+        L = H.clone() if order is None else permuted(H, order)
+        L.diagonal().add_(damp * L.diagonal().mean())
         info = torch.empty((), dtype=torch.int32)
         torch.linalg.cholesky_ex(L, out=(L, info))
         if info == 0:
@@ -39,6 +43,14 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor:
         log.warning("%s: Cholesky failed with damp %.3g, retrying with %.3g", name, damp, damp * 10)
         damp *= 10
     raise ConfigError(f"{name}: Hessian is not positive definite even with damp {damp:.3g}")
+
+
+def permuted(H: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """H[order][:, order], a row panel at a time (no second [in, in] temporary)."""
+    out = torch.empty_like(H)
+    for i, rows in _row_blocks(0, H.shape[0]):
+        out[i : i + rows] = H.index_select(0, order[i : i + rows]).index_select(1, order)
+    return out
 
 
 def prepare_layer(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +126,19 @@ def add_gram_upper_bf16(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: fl
 
 
 def mirror_upper(H: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is H's (in place)."""
-    upper = H.triu()
-    return H.copy_(upper + upper.triu(1).t())
+    """The symmetric matrix whose upper triangle is H's, in place: each row panel's part left
+    of the diagonal is copied from the column panel above it, so no [in, in] temporary exists
+    (a 14336-wide Hessian is 0.8 GB)."""
+    for i, rows in _row_blocks(0, H.shape[0]):
+        panel = H[i : i + rows, : i + rows]  # rows i.., columns up to the panel's own end
+        panel.copy_(torch.where(_lower_mask(rows, i), H[: i + rows, i : i + rows].t(), panel))
+    return H
+
+
+def _lower_mask(rows: int, start: int) -> torch.Tensor:
+    """[rows, start + rows] True strictly below the diagonal of rows start.. of a matrix."""
+    r = torch.arange(start, start + rows)[:, None]
+    return torch.arange(start + rows)[None, :] < r
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -92,18 +92,18 @@ def staged(cfg: GPTQ) -> bool:
     return cfg.float_targets == 0
 
 
-def _grid_search(cfg: GPTQ, H: torch.Tensor, cols: slice = slice(None)) -> dict:
+def _grid_search(cfg: GPTQ, diag: torch.Tensor, cols: slice = slice(None)) -> dict:
     """group_qparams' search options for these columns: weighted by diag H if asked."""
     if cfg.mse and cfg.weighted_grid:
-        return {"mse": True, "norm": 2.0, "importance": H.diagonal()[cols]}
+        return {"mse": True, "norm": 2.0, "importance": diag[cols]}
     return {"mse": cfg.mse}
 
 
 def _group_grid(
-    window: torch.Tensor, cfg: GPTQ, H: torch.Tensor, col: int
+    window: torch.Tensor, cfg: GPTQ, diag: torch.Tensor, col: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid of one group of columns [rows, g] starting at `col` -> ([rows], [rows])."""
-    opts = _grid_search(cfg, H, slice(col, col + window.shape[1]))
+    opts = _grid_search(cfg, diag, slice(col, col + window.shape[1]))
     s, z = group_qparams(window, cfg.bits, -1, cfg.sym, **opts)
     return s[:, 0].half().float(), z[:, 0]
 
@@ -193,25 +193,24 @@ def _gptq(
     col_scale, col_zero = scale.t()[group_of].contiguous(), zero.t()[group_of].contiguous()
     if book is not None:  # w / s on a block whose scale is 0 (all zeros): any index will do
         col_div = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
-    if cfg.act_order:  # (the identity order needs no permuted copy of an [in, in] matrix)
-        H = H[perm][:, perm]
+    hdiag = H.diagonal()[perm]  # (the loop needs no permuted copy of H: U is made from H)
     Wt = W.t()[perm].contiguous()
     keep = kept_positions(Wt)  # a pruned model stays pruned: zeros are quantized to exact zeros
-    U = inverse_cholesky(H, cfg.damp, name)
+    U = inverse_cholesky(H, cfg.damp, name, perm if cfg.act_order else None)
     diag = U.diagonal().tolist()
-    codes = torch.zeros(cols, rows)  # processing order
+    codes = torch.empty(cols, rows, dtype=torch.uint8)  # processing order
     top = qmax(cfg.bits)
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
-        W1, Err1 = Wt[i1:i2].clone(), torch.zeros(i2 - i1, rows)
+        W1, Err1, Q1 = Wt[i1:i2].clone(), torch.zeros(i2 - i1, rows), torch.zeros(i2 - i1, rows)
         for i in range(i2 - i1):
             col = i1 + i
             if search and col % g == 0:  # grid from the current, updated weights
                 window = torch.cat([W1[i:], Wt[i2:]])[:g].t()
-                scale[:, col // g], zero[:, col // g] = _group_grid(window, cfg, H, col)
+                scale[:, col // g], zero[:, col // g] = _group_grid(window, cfg, hdiag, col)
                 col_scale[col : col + g] = scale[:, col // g]
                 col_zero[col : col + g] = zero[:, col // g]
-            w, s, z, q, err = W1[i], col_scale[col], col_zero[col], codes[col], Err1[i]
+            w, s, z, q, err = W1[i], col_scale[col], col_zero[col], Q1[i], Err1[i]
             if book is not None:  # the nearest table value, not an integer step
                 q.copy_(nearest(w / col_div[col]))
             else:
@@ -221,13 +220,14 @@ def _gptq(
             _column_error(w, s, z, q, book, err).div_(-diag[col])
             W1[i + 1 :].addr_(U[col, col + 1 : i2], err, alpha=-1.0)
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
+        codes[i1:i2] = Q1  # (whole numbers 0..top: exact in uint8)
     if cfg.kquant is not None or book is not None:
         stored = torch.empty(rows, cols, dtype=torch.uint8)
-        stored[:, perm] = codes.t().to(torch.uint8)
+        stored[:, perm] = codes.t()
         if book is not None:
             return QuantizedWeight.from_iq4nl(stored, scale)
         return QuantizedWeight.from_kquant(stored, cfg.kquant, superblock)
-    return _record(codes.t().to(torch.uint8), scale, zero, perm, cfg, static)
+    return _record(codes.t(), scale, zero, perm, cfg, static)
 
 
 def _column_error(
@@ -250,7 +250,9 @@ def _fixed_grid(
     """(scale, zero, K super-block parameters or None) the column loop starts from: a K-quant
     grid, IQ4_NL's block scales (searched by the diag-H-weighted error), or _start_grid's."""
     if cfg.kquant is not None:
-        superblock = fit_kgrid(W, kspec(cfg.kquant), _grid_search(cfg, H).get("importance"))
+        superblock = fit_kgrid(
+            W, kspec(cfg.kquant), _grid_search(cfg, H.diagonal()).get("importance")
+        )
         scale, zero = working_grid(*derive(superblock, kspec(cfg.kquant)), kspec(cfg.kquant))
         return scale, zero, superblock
     if cfg.codebook is not None:
@@ -269,7 +271,9 @@ def _start_grid(
     if grid is not None:
         scale, zero = grid[0].float(), grid[1].float()
     elif static:  # grids from the original weights, in original column order
-        scale, zero = group_qparams(W, cfg.bits, cfg.group_size, cfg.sym, **_grid_search(cfg, H))
+        scale, zero = group_qparams(
+            W, cfg.bits, cfg.group_size, cfg.sym, **_grid_search(cfg, H.diagonal())
+        )
     else:
         scale, zero = torch.zeros(rows, cols // g), torch.zeros(rows, cols // g)
     return scale.half().float(), zero
