@@ -3,8 +3,9 @@
 Run: .venv/bin/python benchmarks/bench_scale.py [--rows NAME,...] [--force] [--table]
 
 Each compression row runs `tinyllm quantize MODEL --method gptq|rtn --bits 4 --group-size 128
---stream on` in its own process under `/usr/bin/time -v` (peak RSS = Maximum resident set size;
-outputs in benchmarks/work/scale/, git-ignored) and reads the run's own report (seconds, blocks,
+--stream on` (group size 64 on smollm2-135m, whose 576-wide inputs 128 does not divide) in its
+own process under `/usr/bin/time -v` (peak RSS = Maximum resident set size; outputs in
+benchmarks/work/scale/, git-ignored) and reads the run's own report (seconds, blocks,
 calibration tokens) from the checkpoint. Each generate row runs `tinyllm generate` on a
 compressed row's output. The models come from benchmarks/synthetic.py (seeded random bf16
 weights in the exact configs; quality means nothing, time and memory are real) under
@@ -69,7 +70,8 @@ def _out(row: str) -> Path:
 def run_quant(name: str) -> dict:
     model, method, samples, seq_len = QUANT[name]
     out = _out(name)
-    args = [*CLI, "quantize", model, "--method", method, "--bits", "4", "--group-size", "128"]
+    group = "64" if model == "smollm2-135m" else "128"  # 128 does not divide its 576 inputs
+    args = [*CLI, "quantize", model, "--method", method, "--bits", "4", "--group-size", group]
     if samples:
         args += ["--samples", str(samples), "--seq-len", str(seq_len)]
     else:  # data-free RTN: plain rounding (the clipping search costs minutes per 8B block)

@@ -179,7 +179,21 @@ def test_a_gpu_job_splits_host_and_device_memory(configs):
     assert est.peak_bytes < COSTS["baseline_bytes"] + 2**30 + COSTS["cuda_context_bytes"]
 
 
-def test_host_profile_is_measured_once_then_cached():
+def test_host_profile_is_not_cached_from_a_busy_cpu(monkeypatch):
+    """A micro-benchmark taken while the CPU is shared is used once, not kept."""
+    import tinyllm.core.estimate as est
+
+    monkeypatch.setattr(est, "_busy", lambda: "load average 9.0 on 2 cores")
+    busy = host_profile("cpu", refresh=True)
+    assert busy.measured and "not cached" in busy.source
+    monkeypatch.setattr(est, "_busy", lambda: "")
+    assert not host_profile("cpu").source.startswith("cached")  # nothing was kept
+
+
+def test_host_profile_is_measured_once_then_cached(monkeypatch):
+    import tinyllm.core.estimate as est
+
+    monkeypatch.setattr(est, "_busy", lambda: "")  # (the test run may keep the CPU busy)
     first = host_profile("cpu")
     assert first.measured and first.gflops > 0 and first.bandwidth_gbs > 0
     again = host_profile("cpu")

@@ -337,9 +337,24 @@ def host_profile(device: str = "cpu", refresh: bool = False) -> Host:
         return Host(
             device, COSTS["default_gflops"], COSTS["default_bandwidth_gbs"], False, "default"
         )
+    busy = kind == "cpu" and _busy()
+    if busy:  # a shared CPU: right for now, wrong to keep (a later estimate would run slow)
+        return Host(device, gflops, gbs, True, f"measured now, {busy} (not cached)")
     cached[key] = {"gflops": gflops, "bandwidth_gbs": gbs, "when": time.time()}
     write_json_atomic(path, cached)
     return Host(device, gflops, gbs, True, "measured now")
+
+
+def _busy() -> str:
+    """'' on an idle CPU, else what keeps it busy: the 1-minute load average at or above half
+    the cores (the micro-benchmark then measures a share of the CPU, not the CPU)."""
+    import os
+
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return ""
+    return f"load average {load:.1f} on {cores} cores" if load >= cores / 2 else ""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
