@@ -52,6 +52,23 @@ ROWS: dict[str, tuple[str, dict, list[str]]] = {
         {"method": "gptq", "samples": 16, "seq_len": 256, "stream": "on"},
         [],
     ),
+    # the sizes of BENCHMARKS.md's Scale rows: 135M and the first block of Llama-3.2-1B at
+    # 128 x 512, the first block of Llama-3.1-8B at 8 x 256 (its peak is the full model's)
+    "smollm2-135m-gptq-128x512": (
+        "smollm2-135m",
+        {"method": "gptq", "samples": 128, "seq_len": 512, "stream": "on", "group_size": 64},
+        ["--group-size", "64"],
+    ),
+    "llama-3.2-1b-1l-gptq-128x512": (
+        str(SYNTH / "llama-3.2-1b-1l"),
+        {"method": "gptq", "samples": 128, "seq_len": 512, "stream": "on"},
+        ["--group-size", "128"],
+    ),
+    "llama-3.1-8b-1l-gptq-8x256": (
+        str(SYNTH / "llama-3.1-8b-1l"),
+        {"method": "gptq", "samples": 8, "seq_len": 256, "stream": "on"},
+        ["--group-size", "128"],
+    ),
     # generate: `tinyllm generate MODEL Hello` (64 tokens, the default and the estimate's)
     "smollm2-135m-generate": ("smollm2-135m", {"job": "generate", "method": None}, []),
     "smollm2-360m-generate": (str(SYNTH / "smollm2-360m"), {"job": "generate", "method": None}, []),

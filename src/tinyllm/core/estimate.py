@@ -44,7 +44,7 @@ COSTS: dict[str, float] = {
     # RSS of `quantize --stream on` and of `generate` on a one-block 64-wide model
     "baseline_bytes": 430 * MiB,
     "forward_pack_factor": 2.0,  # block weights alive during its forward (float32 + oneDNN copy)
-    "hessian_copies": 3.0,  # float32 in x in matrices during the solve (8B down_proj: H + two)
+    "hessian_copies": 2.0,  # float32 in x in matrices during the solve: H and its factor
     "transient_ffn_copies": 3.0,  # float32 batch x seq x ffn tensors alive inside the MLP
     "attention_scores": 1.0,  # float32 batch x heads x seq x seq attention scores
     "mmap_threshold_bytes": 32 * MiB,  # glibc: bigger buffers are mapped and returned on free
@@ -68,6 +68,13 @@ COSTS: dict[str, float] = {
     # layers) in FLOP-equivalents; 135M's block 0 (3,840 columns in 5 stacks) took 0.36-0.43 s
     "solve_efficiency": 0.5,
     "solve_column_flops": 1.6e7,
+    # the inverse Cholesky factors run on one thread: this fraction of one thread's share of the
+    # micro-benchmark's rate (4096/8192/14336 wide: 44/56/65 GFLOPS against 168 on 2 threads)
+    "factor_efficiency": 0.7,
+    # per block parameter, what a streamed block costs beyond its arithmetic (reading it and
+    # widening it to float32, oneDNN's packing, packing and writing the result): fitted on
+    # streaming GPTQ of smollm2-135m and synthetic smollm2-360m (0.31 and 1.17 s per block)
+    "stream_seconds_per_param": 1.0e-7,
     "io_gbs": 1.0,  # reading stored weights and writing the packed checkpoint, GB/s
     "fixed_seconds": 25.0,  # start-up, loading, calibration windows, kwargs capture, writing
     "serve_fixed_seconds": 19.0,  # start-up of eval/generate (imports, tokenizer, engine)
@@ -472,10 +479,10 @@ def _widest(shape: Shape) -> Linear:
 
 
 def compress_memory(shape: Shape, job: Job) -> dict[str, int]:
-    """The parts of a compression's peak memory, in bytes. Streaming holds the embedding table
-    through a pass (core/placement.py gives it back between passes) besides one block's work;
-    the measured peaks of streaming GPTQ on synthetic smollm2-360m and Llama-3.2-1B shapes
-    (0.99 and 1.01 of this sum) include it."""
+    """The parts of a compression's peak memory, in bytes. Streaming has two phases: the input
+    embeddings are read (in their stored dtype) to compute the first block's inputs, then given
+    back (core/placement.py) before any block is read; the parts are those of the larger phase
+    (embedding_phase names the other)."""
     m = METHODS[job.method]
     parts = {"process baseline": int(COSTS["baseline_bytes"])}
     if m.calibrated:
@@ -485,8 +492,22 @@ def compress_memory(shape: Shape, job: Job) -> dict[str, int]:
         parts["the whole model in float32 (not streamed)"] = 4 * shape.params
         block["one block in float32 (x2 in forward)"] = int(4 * shape.block_params)
         return parts | block
-    parts["input embeddings (stored dtype)"] = shape.embed_params * shape.stored_bytes
-    return parts | block
+    first = embedding_phase(shape, job)
+    return first if sum(first.values()) > sum((parts | block).values()) else parts | block
+
+
+def embedding_phase(shape: Shape, job: Job) -> dict[str, int]:
+    """A streamed compression's memory while the input embeddings are held: computing the first
+    block's inputs (calibrated methods) or writing the tensors outside the blocks at the end."""
+    parts = {
+        "process baseline": int(COSTS["baseline_bytes"]),
+        "input embeddings (stored dtype)": shape.embed_params * shape.stored_bytes,
+    }
+    if METHODS[job.method].calibrated:
+        parts["calibration hidden states (x1, float32)"] = (
+            job.samples * job.seq_len * shape.hidden * 4
+        )
+    return parts
 
 
 def block_memory(shape: Shape, job: Job, m: MethodCost) -> dict[str, int]:
@@ -601,19 +622,34 @@ def compress_time(shape: Shape, job: Job, host: Host) -> dict[str, float]:
     if m.hessian:
         groups = {x.input_group: x.in_features for x in shape.linears}
         hess = sum(1.0 * tokens * n**2 for n in groups.values())
-        solve = sum(
-            x.in_features**3 / 3 + 2.0 * x.out_features * x.in_features**2 for x in shape.linears
-        )
+        solve = sum(2.0 * x.out_features * x.in_features**2 for x in shape.linears)
         stacks = {(x.input_group, x.out_features): x.in_features for x in shape.linears}
         columns = COSTS["solve_column_flops"] * sum(stacks.values())
         parts["Hessians"] = shape.layers * hess / (rate * COSTS["hessian_efficiency"])
         parts["solves"] = shape.layers * (solve / COSTS["solve_efficiency"] + columns) / rate
+        parts["inverse Cholesky factors (one thread)"] = shape.layers * factor_seconds(
+            groups.values(), host
+        )
     else:
         flops = COSTS["quantize_flops_per_weight"] * shape.linear_params
         parts["rounding"] = shape.layers * flops / (rate * COSTS["matmul_efficiency"])
     moved = shape.params * shape.stored_bytes + shape.layers * packed_linear_bytes(shape, job)
     parts["reading and writing weights"] = moved / (COSTS["io_gbs"] * 1e9)
+    if streams(shape, job):
+        per_param = COSTS["stream_seconds_per_param"]
+        parts["streamed blocks: widening, packing"] = shape.layers * shape.block_params * per_param
     return parts
+
+
+def factor_seconds(widths: Any, host: Host) -> float:
+    """Seconds of one block's inverse Cholesky factors (core.hessian.inverse_cholesky: Cholesky,
+    inverse, Cholesky again, about 4/3 n^3 FLOPs per distinct input of width n). They run on one
+    thread, so their bits do not depend on the thread count: at one thread's share of the rate."""
+    import torch
+
+    threads = 1 if host.device.startswith("cuda") else max(1, torch.get_num_threads())
+    rate = host.gflops * 1e9 / threads * COSTS["factor_efficiency"]
+    return sum(4.0 / 3.0 * n**3 for n in widths) / rate
 
 
 def lean(float_params: int) -> bool:
@@ -757,6 +793,12 @@ def assumptions(shape: Shape, job: Job, host: Host) -> list[str]:
         if m.calibrated:
             batch = min(int(COSTS["calib_batch"]), job.samples)
             said.append(f"calibration {job.samples} x {job.seq_len} tokens, batches of {batch}")
+        if streams(shape, job):
+            emb = human_bytes(sum(embedding_phase(shape, job).values()))
+            said.append(
+                f"the input embeddings are held only before and after the blocks (that phase: "
+                f"{emb}); the peak is the larger phase's"
+            )
     if job.job != "compress" or METHODS[job.method].packed:
         if job.method:
             said.append(
