@@ -73,8 +73,9 @@ COSTS: dict[str, float] = {
     "factor_efficiency": 0.7,
     # per block parameter, what a streamed block costs beyond its arithmetic (reading it and
     # widening it to float32, oneDNN's packing, packing and writing the result): fitted on
-    # streaming GPTQ of smollm2-135m and synthetic smollm2-360m (0.31 and 1.17 s per block)
-    "stream_seconds_per_param": 1.0e-7,
+    # streaming GPTQ of smollm2-135m and synthetic smollm2-360m at 16 x 256 (about 0.2 and
+    # 0.6 s per block, what their runs took beyond the other parts)
+    "stream_seconds_per_param": 0.5e-7,
     "io_gbs": 1.0,  # reading stored weights and writing the packed checkpoint, GB/s
     "fixed_seconds": 25.0,  # start-up, loading, calibration windows, kwargs capture, writing
     "serve_fixed_seconds": 19.0,  # start-up of eval/generate (imports, tokenizer, engine)
@@ -627,6 +628,9 @@ def compress_time(shape: Shape, job: Job, host: Host) -> dict[str, float]:
         columns = COSTS["solve_column_flops"] * sum(stacks.values())
         parts["Hessians"] = shape.layers * hess / (rate * COSTS["hessian_efficiency"])
         parts["solves"] = shape.layers * (solve / COSTS["solve_efficiency"] + columns) / rate
+        # each layer's reported output error (core.hessian.output_error: D H and W H)
+        checks = sum(4.0 * x.out_features * x.in_features**2 for x in shape.linears)
+        parts["output errors"] = shape.layers * checks / (rate * COSTS["matmul_efficiency"])
         parts["inverse Cholesky factors (one thread)"] = shape.layers * factor_seconds(
             groups.values(), host
         )
