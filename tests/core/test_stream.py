@@ -1,10 +1,12 @@
 """Streaming compression (one block in memory) gives the checkpoint the in-memory path gives:
 the same tensors, key by key, for every step registry.STREAMS names; the sharded checkpoint
-loads back; bad requests are refused clearly."""
+loads back; bad requests are refused clearly. An interrupted streamed run resumes from its last
+finished block and writes what an uninterrupted run writes (core/resume.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,11 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
 from tinyllm.core.compress import Calibration, compress
+from tinyllm.core.placement import Streaming
 from tinyllm.core.registry import STREAMS, step_class
+from tinyllm.core.resume import ACTIVATIONS, JOURNAL
 from tinyllm.errors import ConfigError
+from tinyllm.quant.gptq import GPTQ
 
 # Small settings per step: group sizes the 64/128-wide tiny model divides.
 SETTINGS = {
@@ -204,3 +209,118 @@ def test_tied_embeddings_stream_like_in_memory(tmp_path: Path, tokenizer, calib:
         assert all(torch.equal(a[k], b[k]) for k in a)
         info = json.loads((streamed.out / "tinyllm.json").read_text())
         assert info["tied_embeddings"] is True
+
+
+# --- resuming an interrupted streamed run ------------------------------------------------
+class _Killed(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, blocks: int) -> None:
+    """Make the streamed run fail while it leaves block `blocks` (after `blocks` finished)."""
+    real = Streaming.leave
+
+    def leave(self, i, block):
+        if i == blocks:
+            raise _Killed
+        real(self, i, block)
+
+    monkeypatch.setattr(Streaming, "leave", leave)
+
+
+@pytest.mark.parametrize("name", ["gptq", "rtn", "awq"])
+def test_a_resumed_run_writes_the_uninterrupted_runs_checkpoint(
+    name,
+    four_block_dir: Path,
+    tmp_path: Path,
+    calib: Calibration,
+    monkeypatch,
+):
+    full = compress(four_block_dir, [_step(name)], calib, tmp_path / "full", stream="on")
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(_Killed):
+            compress(four_block_dir, [_step(name)], calib, out, stream="on")
+    work = Path(f"{out}.stream0")
+    state = json.loads((work / JOURNAL).read_text())
+    assert state["done"] == 2 and (work / ACTIVATIONS).is_file() and not out.exists()
+    left = []
+    real = Streaming.leave
+    with monkeypatch.context() as m:  # count the blocks the resumed run compresses
+        m.setattr(Streaming, "leave", lambda self, i, b: (left.append(i), real(self, i, b)))
+        resumed = compress(four_block_dir, [_step(name)], calib, out, stream="on", resume=True)
+    assert left == [2]  # only the unfinished block
+    a, b = _tensors(full.out), _tensors(resumed.out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.report["layer_errors"] == full.report["layer_errors"]  # blocks 0-1 too
+    assert not work.exists()  # cleaned once the output is written
+
+
+def test_resume_refuses_another_runs_record(
+    four_block_dir: Path,
+    tmp_path: Path,
+    calib: Calibration,
+    monkeypatch,
+):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(_Killed):
+            compress(four_block_dir, [GPTQ(bits=4, group_size=32)], calib, out, stream="on")
+    with pytest.raises(ConfigError, match="other settings"):
+        compress(
+            four_block_dir, [GPTQ(bits=3, group_size=32)], calib, out, stream="on", resume=True
+        )
+    other = Calibration(corpus=calib.corpus, samples=8, seq_len=64, seed=1)
+    with pytest.raises(ConfigError, match="other calibration"):
+        compress(
+            four_block_dir, [GPTQ(bits=4, group_size=32)], other, out, stream="on", resume=True
+        )
+
+
+def test_runs_that_cannot_resume_start_over(
+    four_block_dir: Path,
+    tmp_path: Path,
+    calib: Calibration,
+    monkeypatch,
+    caplog,
+):
+    """SmoothQuant keeps a model-wide choice across blocks: no record is kept, a failed run
+    leaves nothing behind, and --resume starts from block 0 with a warning."""
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(_Killed):
+            compress(four_block_dir, [_step("smoothquant")], calib, out, stream="on")
+    assert not Path(f"{out}.stream0").exists()
+    with caplog.at_level(logging.WARNING):
+        done = compress(
+            four_block_dir, [_step("smoothquant")], calib, out, stream="on", resume=True
+        )
+    assert done.out == out and "starting the streamed run from block 0" in caplog.text
+
+
+def test_cli_quantize_resume(four_block_dir: Path, tmp_path: Path, corpus: Path, monkeypatch):
+    """`tinyllm quantize --stream on` interrupted keeps its work and says how to continue;
+    `--resume` continues it (one block left) and writes the checkpoint."""
+    from typer.testing import CliRunner
+
+    from tinyllm.cli import app
+
+    out = tmp_path / "q"
+    args = ["quantize", str(four_block_dir), "--method", "rtn", "--group-size", "32"]
+    args += ["--stream", "on", "-o", str(out)]
+    runner = CliRunner()
+    assert "--resume" in runner.invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"}).output
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        failed = runner.invoke(app, args)
+    assert failed.exit_code != 0 and Path(f"{out}.stream0", JOURNAL).is_file()
+    left = []
+    real = Streaming.leave
+    monkeypatch.setattr(Streaming, "leave", lambda self, i, b: (left.append(i), real(self, i, b)))
+    done = runner.invoke(app, [*args, "--resume"])
+    assert done.exit_code == 0, done.output
+    assert left == [2] and (out / "tinyllm.json").is_file()

@@ -116,6 +116,18 @@ DeviceOpt = Annotated[
 ]
 
 
+StreamResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue an interrupted streamed run (one-step gptq, awq, rtn or nf4) from its "
+        "last finished block, kept in OUTPUT.stream0 with the calibration activations; the "
+        "same source, settings and calibration are checked. The result is the uninterrupted "
+        "run's, byte for byte. Other runs start from block 0.",
+    ),
+]
+
+
 StreamOpt = Annotated[
     str,
     typer.Option(

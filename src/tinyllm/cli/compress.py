@@ -25,6 +25,7 @@ from tinyllm.cli._common import (
     SeedOpt,
     SeqLenOpt,
     StreamOpt,
+    StreamResumeOpt,
     _check_calib_dtype,
     device_of,
     flag_of,
@@ -39,6 +40,7 @@ Q, P, D = opts_.Quant, opts_.Prune, opts_.Distill
 
 CALIB = ("calib_corpus", "samples", "seq_len", "seed", "calib_dtype")
 QUANT_GENERAL = {"model", "output", "method", "overwrite", "float_dtype", "device", "stream"}
+QUANT_GENERAL |= {"resume"}
 QUANT_GENERAL |= set(CALIB)
 QUANT_GENERAL |= {"gguf_compatible", "embed_bits"}
 QUANT_FIELD = {"alpha_search": "search", "fp8_format": "format"}  # option -> step field
@@ -91,6 +93,7 @@ def quantize(
     float_dtype: Q.FloatDtype = "float16",
     device: DeviceOpt = "auto",
     stream: StreamOpt = "auto",
+    resume: StreamResumeOpt = False,
 ) -> None:
     from tinyllm.core.compress import compress
 
@@ -100,7 +103,7 @@ def quantize(
     result = compress(
         model, steps, calibration(opts), output,
         overwrite=overwrite, float_dtype=float_dtype, meta=meta, device=device_of(device),
-        stream=stream,
+        stream=stream, resume=resume,
     )  # fmt: skip
     print_quant_report(result.report, method, output)
 

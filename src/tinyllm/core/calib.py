@@ -709,10 +709,13 @@ def calibrate_blocks(
     kwargs = _block_kwargs(model, blocks, batches[0])
     xs = [x.to(where.device) for x in _first_inputs(model, blocks, batches)]
     where.embeddings_done(model)
+    ref = [x.clone() for x in xs] if reference else None
+    start = where.begin_pass(xs, ref)  # > 0: a resumed streamed run (core/resume.py)
     with make_progress() as bar:
-        task = bar.add_task(description, total=len(blocks), info="")
-        ref = [x.clone() for x in xs] if reference else None
+        task = bar.add_task(description, total=len(blocks), completed=start, info="")
         for i, block in enumerate(blocks):
+            if i < start:
+                continue
             where.enter(i, block)
             kw = tree_map(lambda v: v.to(where.device) if torch.is_tensor(v) else v, kwargs[i])
             finish = _call(fn, i, block, xs, kw, ref, description)
@@ -720,6 +723,7 @@ def calibrate_blocks(
             if finish is not None:
                 finish()
             where.leave(i, block)
+            where.block_done(i, xs, ref)
             info = status(i) if status else ""
             bar.update(task, advance=1, info=f"block {i + 1}/{len(blocks)} {info}")
     model.train(was_training)
@@ -729,10 +733,14 @@ def for_each_block(model: nn.Module, fn: Callable[[int, nn.Module], None]) -> No
     """fn(index, block) on every block where it lives (core/placement.py: streamed blocks are
     read before and written after), for methods that need no calibration data."""
     where = placement()
+    start = where.begin_pass()
     for i, block in enumerate(analyze(model).blocks):
+        if i < start:
+            continue
         where.enter(i, block)
         fn(i, block)
         where.leave(i, block)
+        where.block_done(i)
 
 
 def _call(

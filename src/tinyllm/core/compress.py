@@ -24,8 +24,10 @@ from torch import nn
 
 from tinyllm.core.placement import Placement, Streaming, placed
 from tinyllm.core.registry import STREAMS, kind_of, name_of
+from tinyllm.core.resume import JOURNAL, RESUMABLE, Journal, fingerprint
 from tinyllm.core.steps import Context, Step, TrainSetup, apply_step, fit_batch
 from tinyllm.errors import ConfigError
+from tinyllm.util import dist
 from tinyllm.util.device import resolve_device
 from tinyllm.util.memory import peak_rss_bytes
 
@@ -94,7 +96,7 @@ def compress(
     resolve_device(device)  # a GPU this machine lacks fails before the slow part
     directory = _stream_source(source, steps, stream)
     if directory is not None:
-        settings = {"float_dtype": float_dtype, "overwrite": overwrite, "meta": meta}
+        settings = {"float_dtype": float_dtype, "meta": meta, "resume": resume}
         return _compress_streamed(directory, source, steps, calibration, out, device, settings)
     model, tok = load(source)
     ctx = _context(steps, tok, calibration)
@@ -152,7 +154,9 @@ def _compress_streamed(
     device: str,
     settings: dict[str, Any],
 ) -> CompressResult:
-    """compress() for a model read, compressed and written one block at a time."""
+    """compress() for a model read, compressed and written one block at a time. The work
+    directory keeps the finished blocks and the progress record (core/resume.py) until the
+    output is written: `settings["resume"]` continues an interrupted run from there."""
     import shutil
 
     from tinyllm.core.stream import open_streamed, save_streamed
@@ -161,10 +165,12 @@ def _compress_streamed(
     ctx = _context(steps, tok, calibration)
     ctx.device = resolve_device(device)
     work = Path(f"{out or directory / 'tinyllm'}.stream{_rank()}")
+    journal = _journal(work, source, steps, ctx, settings["resume"])
+    where = Streaming(model, weights, work, ctx.device, tied=tied, journal=journal)
     try:
-        with placed(Streaming(model, weights, work, ctx.device, tied=tied)) as where:
+        with placed(where):
             t0 = time.perf_counter()
-            report = run_steps(model, steps, ctx)
+            report = run_steps(model, steps, ctx, report_to=where if journal else None)
             report["seconds"] = time.perf_counter() - t0
             info = _meta(source, steps, calibration, ctx, report, settings["float_dtype"])
             info.update(report.pop("checkpoint_meta", {}), **(settings["meta"] or {}), stream=True)
@@ -173,9 +179,35 @@ def _compress_streamed(
                 files = _report_files(report, steps)
                 dtype = getattr(torch, settings["float_dtype"])
                 result.out = save_streamed(model, tok, where, Path(out), info, files, dtype, tied)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if journal is not None and (work / JOURNAL).is_file():
+            log.warning("the finished blocks are kept in %s: run the same command with "
+                        "--resume to continue from there", work)  # fmt: skip
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _journal(
+    work: Path, source: str | Path, steps: list[Step], ctx: Context, resume: bool
+) -> Journal | None:
+    """The progress record of a streamed run that can resume (one step of a RESUMABLE
+    method, one process), read back when `resume` asks for it; None for other runs. A run
+    that does not resume starts from an empty work directory."""
+    import shutil
+
+    can = len(steps) == 1 and name_of(steps[0]) in RESUMABLE and dist.world() == 1
+    journal = Journal(work, fingerprint(str(source), steps, ctx.calib, ctx.batch_size))
+    if resume and can and journal.load() is not None:
+        log.info("resuming from block %d (%s)", journal.state["done"], work)
+        return journal
+    if resume:
+        why = "nothing recorded" if can else "only one-step gptq, awq, rtn or nf4 runs resume"
+        log.warning("--resume: starting the streamed run from block 0 (%s)", why)
+    shutil.rmtree(work, ignore_errors=True)
+    return journal if can else None
 
 
 def _check(steps: list[Step], float_dtype: str) -> None:
@@ -220,14 +252,19 @@ def _train_dir(out: str | Path | None, train_dir: str | Path | None) -> Path:
     return Path(str(out) + ".train")
 
 
-def run_steps(model: nn.Module, steps: list[Step], ctx: Context) -> dict[str, Any]:
-    """Apply each step in place with its own report; the reports merged (dicts joined)."""
+def run_steps(
+    model: nn.Module, steps: list[Step], ctx: Context, report_to: Placement | None = None
+) -> dict[str, Any]:
+    """Apply each step in place with its own report; the reports merged (dicts joined).
+    `report_to`: a placement that records each step's report as it grows (core/resume.py)."""
     report: dict[str, Any] = {}
     for cfg in steps:
         log.info("applying %s", cfg)
         if kind_of(cfg) == "prune":
             _check_float(model, cfg)
         one = Context(**{**ctx.__dict__, "report": {}, "layer_bits": {}})
+        if report_to is not None:
+            report_to.report = one.report
         apply_step(model, cfg, one)
         for key, value in one.report.items():
             old = report.get(key)

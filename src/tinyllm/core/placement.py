@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tinyllm.checkpoint import checkpoint_tensors, fill_from_tensors
+from tinyllm.core.resume import Journal
 from tinyllm.kernels.qlinear import ActQuantLinear, QuantLinear, set_module
 from tinyllm.models.anatomy import find_blocks
 from tinyllm.models.lazy import LazyWeights, materialize, read_file, release
@@ -52,6 +53,15 @@ class Placement:
     def embeddings_done(self, model: nn.Module) -> None:
         """After the first inputs of a pass are computed."""
 
+    def begin_pass(self, xs: list | None = None, ref: list | None = None) -> int:
+        """A pass over the blocks starts, its first inputs in `xs` (and `ref`): -> the first
+        block it must compute (a resumed streamed run replaces the inputs by the recorded ones
+        and skips the blocks it finished)."""
+        return 0
+
+    def block_done(self, i: int, xs: list | None = None, ref: list | None = None) -> None:
+        """Block i is compressed and left; xs (and ref) hold its outputs."""
+
 
 class Streaming(Placement):
     """Blocks read from `weights` when first entered, written to `workdir` when left, and read
@@ -67,6 +77,7 @@ class Streaming(Placement):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         tied: bool = False,
+        journal: Journal | None = None,
     ) -> None:
         super().__init__(device)
         self.model, self.weights, self.dtype, self.tied = model, weights, dtype, tied
@@ -74,6 +85,31 @@ class Streaming(Placement):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prefix, _ = find_blocks(model)
         self.stored: dict[int, tuple[Path, dict, dict]] = {}  # block -> file, quantized, sparse
+        # core/resume.py: progress recorded after each block; `report` is the running step's
+        self.journal, self.report, self.passes = journal, {}, 0
+
+    def begin_pass(self, xs: list | None = None, ref: list | None = None) -> int:
+        self.passes += 1
+        state = self.journal.state if self.journal is not None else None
+        if state is None or state["pass"] != self.passes - 1:
+            return 0
+        self.stored.update(self.journal.stored())
+        saved_xs, saved_ref = self.journal.activations(self.device)
+        for live, saved in ((xs, saved_xs), (ref, saved_ref)):
+            if live is not None:
+                live[:] = saved
+        for key, value in state["report"].items():  # in place: a method holds its dicts
+            held = self.report.get(key)
+            if isinstance(held, dict) and isinstance(value, dict):
+                held.update(value)
+            else:
+                self.report[key] = value
+        self.journal.state = None  # used
+        return int(state["done"])
+
+    def block_done(self, i: int, xs: list | None = None, ref: list | None = None) -> None:
+        if self.journal is not None:
+            self.journal.save(self.passes - 1, i + 1, self.stored, self.report, xs, ref)
 
     def enter(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.prefix}.{i}"
