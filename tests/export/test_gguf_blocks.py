@@ -5,15 +5,16 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
 from tinyllm.export.gguf_blocks import (
+    CARRIABLE,
     K_TYPES,
     carry,
     carry_k,
-    compatible_grid,
     permute_rows,
     why_not_carried,
 )
 from tinyllm.kernels.kgrid import KSPECS, derive, fit_kgrid, quantize_on
 from tinyllm.kernels.qweight import QuantizedWeight
+from tinyllm.quant.common import gguf_grid
 from tinyllm.quant.nf4 import NF4, nf4_quantize
 from tinyllm.quant.rtn import RTN, rtn_quantize
 
@@ -61,11 +62,13 @@ def test_permute_rows_interleaves_rotary_halves():
     assert permute_rows(t, 2)[:, 0].tolist() == out
 
 
-def test_compatible_grid():
-    assert compatible_grid("q4_0") == (4, 32, True)
-    assert compatible_grid("q5_1") == (5, 32, False)
+def test_gguf_grid_of_each_carriable_type():
+    """The grid --gguf-compatible puts a layer on is the one the export carries exactly."""
+    for qtype, (bits, sym, _) in CARRIABLE.items():
+        grid = gguf_grid(qtype.name.lower())
+        assert (grid["bits"], grid["group_size"], grid["sym"]) == (bits, 32, sym)
     with pytest.raises(ValueError, match="q8_0"):
-        compatible_grid("q4_k")
+        gguf_grid("q9_0")
 
 
 @pytest.mark.parametrize("qtype", list(K_TYPES))

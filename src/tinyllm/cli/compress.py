@@ -203,24 +203,16 @@ def _widths(text: str) -> list[int]:
 
 def _gguf_grid(method: str, name: str) -> dict[str, Any]:
     """--gguf-compatible: the grid (and GPTQ static groups) of a GGUF block type."""
-    from tinyllm.export.gguf_blocks import compatible_grid
-    from tinyllm.kernels.kgrid import KSPECS
+    from tinyllm.quant.common import CODEBOOKS, GGUF_GRID_TYPES, gguf_grid
 
     if method == "nf4":
         raise ConfigError("--gguf-compatible: NF4 codebooks have no GGUF block type")
-    if name in KSPECS:
-        spec = KSPECS[name]
-        grid = {"bits": spec.bits, "group_size": spec.sub, "sym": spec.signed}
-        return {**grid, "kquant": name, "static_groups": True}
-    if name == "iq4_nl":
-        if method not in ("rtn", "gptq", "awq", "mixed"):
-            raise ConfigError(f"--gguf-compatible iq4_nl: not a grid --method {method} can use")
-        return {"bits": 4, "group_size": 32, "sym": True, "codebook": name, "static_groups": True}
-    try:
-        bits, group_size, sym = compatible_grid(name)
-    except ValueError as exc:
-        raise ConfigError(f"--gguf-compatible: {exc}") from exc
-    return {"bits": bits, "group_size": group_size, "sym": sym, "static_groups": True}
+    if name in CODEBOOKS and method not in ("rtn", "gptq", "awq", "mixed"):
+        raise ConfigError(f"--gguf-compatible {name}: not a grid --method {method} can use")
+    if name not in GGUF_GRID_TYPES:
+        raise ConfigError(f"--gguf-compatible: choose one of {', '.join(GGUF_GRID_TYPES)}")
+    grid = {k: v for k, v in gguf_grid(name).items() if v is not None}
+    return {**grid, "static_groups": True}
 
 
 def _first_line(exc: Exception) -> str:

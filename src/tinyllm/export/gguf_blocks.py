@@ -116,16 +116,6 @@ def permute_rows(data: np.ndarray | torch.Tensor, n_head: int):
     return shaped.swapaxes(1, 2).reshape(data.shape)
 
 
-def compatible_grid(name: str) -> tuple[int, int, bool]:
-    """(bits, group size, symmetric) that makes a quantizer's output carriable into `name`."""
-    by_name = {t.name.lower(): t for t in CARRIABLE}
-    if name not in by_name:
-        known = [*by_name, "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
-        raise ValueError(f"choose one of {', '.join(known)}")
-    bits, sym, _ = CARRIABLE[by_name[name]]
-    return bits, BLOCK, sym
-
-
 # ---- K-quants: super-blocks of 256 (ggml-common.h block_q2_K .. block_q6_K) ----------------
 K_TYPES: dict[T, str] = {
     T.Q2_K: "q2_k",

@@ -286,7 +286,7 @@ def gguf_candidates(
     the budget: each layer's KL on type t is predicted as sens * e(t) / e(probe), e(t) the
     layer's squared RTN error on t's grid (the K-quant search for K types); a type whose blocks
     do not tile the layer is not offered. Block linears count their GGUF bytes."""
-    from tinyllm.quant.common import gguf_bpw, gguf_fits, gguf_grid
+    from tinyllm.quant.common import gguf_bpw, gguf_fits, gguf_grid, gguf_type_bits
     from tinyllm.quant.mixed import DEFAULT_TYPES, allocate
 
     types = sorted(DEFAULT_TYPES, key=gguf_bpw)
@@ -295,17 +295,15 @@ def gguf_candidates(
     for s in track(sites, "GGUF types"):
         w = s.module.weight.data.float()
         probe = max(weight_error(w, probe_grid(w.shape[1])), 1e-20)
-        row_loss, row_cost = [], []
+        row_loss = []
         for t in types:
             if not gguf_fits(t, w.shape[1]):
                 row_loss.append(math.inf)
-                row_cost.append(-1)
                 continue
             wq = rtn_quantize(w, RTN(**gguf_grid(t))).dequantize()
             row_loss.append(sens[s.name] * float((wq - w).pow(2).sum()) / probe)
-            row_cost.append(round(w.numel() * gguf_bpw(t) / 8))
         loss.append(row_loss)
-        cost.append([c if c >= 0 else max(row_cost) for c in row_cost])
+        cost.append([bits // 8 for bits in gguf_type_bits(*w.shape, types)])  # whole bytes
     loss_t, cost_t = torch.tensor(loss, dtype=torch.float64), torch.tensor(cost)
     numel = torch.tensor([s.module.weight.numel() for s in sites], dtype=torch.float64)
     base = Grid(4, 32, True)  # GPTQ's settings; each layer's grid is its type's

@@ -75,6 +75,17 @@ def gguf_fits(name: str, in_features: int) -> bool:
     return in_features % (SUPER if name in KSPECS else 32) == 0
 
 
+def gguf_type_bits(out_features: int, in_features: int, types: list[str]) -> list[int]:
+    """Bits of an [out, in] weight stored as each GGUF type (exact: whole blocks). A type whose
+    blocks do not tile the rows costs as much as the costliest type that does (callers give it
+    an infinite loss, so it is never chosen)."""
+    row = [
+        round(out_features * in_features * gguf_bpw(t)) if gguf_fits(t, in_features) else -1
+        for t in types
+    ]
+    return [c if c >= 0 else max(row) for c in row]
+
+
 class WeightQuant(Step):
     """Fields every integer weight quantizer shares. `kquant` (a llama.cpp K-quant type) puts
     each layer on that type's super-block grid (kernels/kgrid.py) and sets bits, group size

@@ -57,6 +57,7 @@ from tinyllm.quant.common import (
     gguf_bpw,
     gguf_fits,
     gguf_grid,
+    gguf_type_bits,
     target_linears,
 )
 from tinyllm.quant.gptq import GPTQ
@@ -220,10 +221,7 @@ def cost_table(sites: list[LinearSite], cfg: Mixed, grid: WeightQuant) -> torch.
     for s in sites:
         out_f, in_f = s.module.out_features, s.module.in_features
         if cfg.types is not None:
-            row = [
-                round(out_f * in_f * gguf_bpw(t)) if gguf_fits(t, in_f) else -1 for t in cfg.types
-            ]
-            rows.append([c if c >= 0 else max(row) for c in row])
+            rows.append(gguf_type_bits(out_f, in_f, cfg.types))
         elif cfg.size_mb is not None:
             rows.append([storage_bits(out_f, in_f, b, grid.group_size, grid.sym) for b in cfg.bits])
         else:
