@@ -273,6 +273,9 @@ def test_resume_refuses_another_runs_record(
         compress(
             four_block_dir, [GPTQ(bits=3, group_size=32)], calib, out, stream="on", resume=True
         )
+    bf16 = Calibration(corpus=calib.corpus, samples=8, seq_len=64, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="other settings"):  # (the forwards' dtype)
+        compress(four_block_dir, [GPTQ(bits=4, group_size=32)], bf16, out, stream="on", resume=True)
     other = Calibration(corpus=calib.corpus, samples=8, seq_len=64, seed=1)
     with pytest.raises(ConfigError, match="other calibration"):
         compress(

@@ -199,7 +199,8 @@ def _journal(
     import shutil
 
     can = len(steps) == 1 and name_of(steps[0]) in RESUMABLE and dist.world() == 1
-    journal = Journal(work, fingerprint(str(source), steps, ctx.calib, ctx.batch_size))
+    how = [str(source), ctx.batch_size, ctx.calib_dtype, str(ctx.device)]
+    journal = Journal(work, fingerprint(how, steps, ctx.calib))
     if resume and can and journal.load() is not None:
         log.info("resuming from block %d (%s)", journal.state["done"], work)
         return journal

@@ -33,11 +33,14 @@ JOURNAL = "journal.json"
 ACTIVATIONS = "activations.safetensors"
 
 
-def fingerprint(source: str, steps: list[Any], windows: torch.Tensor | None, batch: int) -> str:
-    """Digest of what decides a run's result: the source, the steps' settings, the calibration
-    token ids and the batch size."""
+def fingerprint(how: list[Any], steps: list[Any], windows: torch.Tensor | None) -> str:
+    """Digest of what decides a run's result: `how` (the source, the batch size, the
+    calibration forwards' dtype, the device), the steps' settings and the calibration token
+    ids."""
     h = hashlib.sha256()
-    h.update(json.dumps([str(source), batch, [s.model_dump(mode="json") for s in steps]]).encode())
+    h.update(
+        json.dumps([[str(x) for x in how], [s.model_dump(mode="json") for s in steps]]).encode()
+    )
     if windows is not None:
         h.update(windows.contiguous().numpy().tobytes())
     return h.hexdigest()
