@@ -559,7 +559,7 @@ def small_buffers(shape: Shape, job: Job, m: MethodCost) -> list[int]:
 def calibration_memory(shape: Shape, job: Job, m: MethodCost) -> dict[str, int]:
     """Calibration activations held across blocks, in bytes: the hidden states, and what a
     staged pass keeps for replay (o_proj's inputs, down_proj's in float16) where each fits
-    core.calib.KEEP_STAGE_BYTES (above it the module is recomputed: see replay_seconds)."""
+    core.calib.KEEP_STAGE_BYTES (above it the module is recomputed: recomputed_flops)."""
     tokens = job.samples * job.seq_len
     kept_o, kept_down = kept_replays(shape, job, m)
     streams = 1 + int(kept_o) + (1 if m.float_targets else 0)
