@@ -279,6 +279,19 @@ def shard_name(k: int, n: int) -> str:
     return f"model-{k:05d}-of-{n:05d}.safetensors"
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint directory's weight files: model.safetensors, or the shards its index
+    names (a streamed checkpoint); [] when there are none."""
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    try:
+        shards = set(json.loads((path / INDEX).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    files = [path / name for name in sorted(shards) if isinstance(name, str)]
+    return files if files and all(f.is_file() for f in files) else []
+
+
 def write_index(tmp: Path, weight_map: dict[str, str], total_size: int) -> None:
     """model.safetensors.index.json: which shard holds each tensor (Hugging Face's format)."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}

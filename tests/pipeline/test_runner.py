@@ -129,3 +129,44 @@ def test_sigkill_in_a_stage_then_resume_matches_an_uninterrupted_run(
     for sa, sb in zip(a["stages"], b["stages"], strict=True):
         assert sa["eval"]["perplexity"] == sb["eval"]["perplexity"]
         assert sa["eval"]["kld"] == sb["eval"]["kld"]
+
+
+def test_a_streamed_stage_is_sharded_scored_and_resumed_like_an_in_memory_one(
+    tiny_dir, corpus_file, tmp_path, monkeypatch
+):
+    """`stream: on` compresses one block at a time into a sharded checkpoint; the run scores
+    it (weights_bytes over the shards), resumes past it, and its scores equal the in-memory
+    run's. A model too big for float32 (threshold lowered) is scored lean and released while
+    its stage runs: same scores."""
+    import tinyllm.core.load as core_load
+
+    stages = "  - {type: gptq, bits: 4, group_size: 32}\n"
+    text = recipe_text(tiny_dir, corpus_file, stages)
+    whole = run_recipe(parse_recipe(text), text, tmp_path / "whole")
+    streamed_text = "stream: on\n" + text
+    recipe = parse_recipe(streamed_text)
+    assert recipe.stream == "on" and parse_recipe("stream: off\n" + text).stream == "off"
+    out = tmp_path / "streamed"
+    streamed = run_recipe(recipe, streamed_text, out)
+    stage_dir = out / streamed["stages"][0]["dir"]
+    shards = sorted(stage_dir.glob("model-*.safetensors"))
+    assert shards and not (stage_dir / "model.safetensors").exists()
+    assert streamed["stages"][0]["weights_bytes"] == sum(f.stat().st_size for f in shards)
+    a, b = whole["stages"][0], streamed["stages"][0]
+    for key in ("perplexity", "kld", "top1_agreement", "bits_per_weight"):
+        assert a["eval"][key] == pytest.approx(b["eval"][key], rel=1e-6), key
+    again = run_recipe(recipe, streamed_text, out, resume=True)  # the sharded stage counts
+    assert again["stages"] == streamed["stages"]
+
+    monkeypatch.setattr(core_load, "NARROW_BYTES", 1)  # every model is now "too big"
+    lean = run_recipe(parse_recipe(streamed_text), streamed_text, tmp_path / "lean")
+    assert lean["stages"][0]["eval"]["kld"] == pytest.approx(b["eval"]["kld"], rel=0.05)
+    assert lean["original"]["eval"]["perplexity"] == pytest.approx(
+        streamed["original"]["eval"]["perplexity"], rel=0.02
+    )
+
+
+def test_a_bad_stream_key_names_the_line(tiny_dir, corpus_file):
+    text = "stream: sometimes\n" + recipe_text(tiny_dir, corpus_file, PRUNE_QUANT)
+    with pytest.raises(RecipeError, match=r"line 1.*stream.*auto, on, off"):
+        parse_recipe(text)

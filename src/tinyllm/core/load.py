@@ -43,7 +43,7 @@ def load(
     `verify`: check a tinyllm checkpoint's weight files against the sha256 digests it recorded
     (default: on, unless the CLI was given --no-verify)."""
     r = resolve(spec)
-    narrow = inference and _too_big(spec, r.kind)
+    narrow = inference and too_big(spec)
     if r.kind == "tinyllm_dir":
         check = _verify_default if verify is None else verify
         chosen = None if narrow else dtype
@@ -57,10 +57,13 @@ NARROW_SHARE = 0.5
 NARROW_BYTES = 2 << 30
 
 
-def _too_big(spec: str | Path, kind: str) -> bool:
+def too_big(spec: str | Path) -> bool:
+    """Whether the model's float32 tensors exceed NARROW_SHARE of the memory available or
+    NARROW_BYTES: what `load(..., inference=True)` keeps narrow."""
     from tinyllm.models.lazy import float32_bytes
     from tinyllm.models.load import hf_directory
     from tinyllm.util.memory import available_bytes
 
-    directory = resolve(spec).path if kind == "tinyllm_dir" else hf_directory(spec)
+    r = resolve(spec)
+    directory = r.path if r.kind == "tinyllm_dir" else hf_directory(spec)
     return float32_bytes(directory) > min(NARROW_SHARE * available_bytes(), NARROW_BYTES)

@@ -7,6 +7,7 @@ value of the wrong type (`bits: "4"`, `bits: 4.5`); an int where a float is expe
 
     model: smollm2-135m
     device: auto            # or cpu, cuda, cuda:N (auto: a GPU when present)
+    stream: auto            # or on, off: compress one block in memory at a time
     calibration: {corpus: enwiki, samples: 128, seq_len: 512}
     stages:
       - {type: wanda, sparsity: 0.3}
@@ -28,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinyllm.core import registry
-from tinyllm.core.compress import Calibration
+from tinyllm.core.compress import STREAM_MODES, Calibration
 from tinyllm.core.steps import Step
 from tinyllm.distill.steps import Distill, Recover  # noqa: F401  (stage configs, re-exported)
 from tinyllm.errors import ConfigError
@@ -85,6 +86,10 @@ class Recipe:
     # Where every stage and score computes (auto, cpu, cuda, cuda:N). Not part of `normalized`:
     # a run may resume on another machine.
     device: str = "auto"
+    # Compression stages read, compress and write one block at a time (auto: when the model's
+    # float32 weights would not fit comfortably; docs/streaming.md). Not part of `normalized`
+    # either: a streamed stage writes what an in-memory one writes.
+    stream: str = "auto"
     gates: list[Gate] = field(default_factory=list)  # final: on the last stage's result
     stage_gates: list[list[Gate]] = field(default_factory=list)  # per stage (may be shorter)
 
@@ -203,7 +208,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     data, where = _yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with model:, stages: and export:")
-    allowed = {"model", "device", "calibration", "evaluation", "stages", "export", "gates"}
+    allowed = {"model", "device", "stream", "calibration", "evaluation", "stages", "export"}
+    allowed.add("gates")
     for key in data:
         if key not in allowed:
             raise RecipeError(
@@ -228,6 +234,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         ],
         source=source,
         device=_device(data, where),
+        stream=_stream(data, where),
         gates=_gates(data.get("gates"), ("gates",), where, evaluation),
         stage_gates=[
             _gates(s.get("gates"), ("stages", i, "gates"), where, evaluation)
@@ -285,6 +292,19 @@ def _device(data: dict, where: Where) -> str:
             f"{where.at(('device',))}, field device: unknown device {value!r}; use {DEVICE_HELP}"
         )
     return value.strip().lower()
+
+
+def _stream(data: dict, where: Where) -> str:
+    """The `stream:` key: auto, on or off (core.compress.STREAM_MODES)."""
+    value = data.get("stream", "auto")
+    if isinstance(value, bool):  # YAML reads a bare on/off as a boolean
+        value = "on" if value else "off"
+    if value not in STREAM_MODES:
+        raise RecipeError(
+            f"{where.at(('stream',))}, field stream: {value!r} is not one of "
+            f"{', '.join(STREAM_MODES)} (on: one block in memory at a time; docs/streaming.md)"
+        )
+    return value
 
 
 def _list(data: dict, key: str, where: Where) -> list:

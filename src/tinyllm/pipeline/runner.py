@@ -43,6 +43,7 @@ import yaml
 from pydantic import BaseModel
 from torch import nn
 
+from tinyllm.checkpoint import weight_files
 from tinyllm.errors import TinyLLMError
 from tinyllm.eval.gates import GatesFailedError, check_gates, summary, write_junit_suites
 from tinyllm.pipeline.recipe import (
@@ -58,7 +59,6 @@ from tinyllm.util.fs import atomic_dir, recover_dir, write_json_atomic, write_te
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
 JUNIT = "gates.xml"
 # final gates also checked on each exported file's scores (the others measure tinyllm's harness)
 EXPORT_METRICS = ("ppl", "ppl_ratio", "kld", "top1", "size", "task")
@@ -158,7 +158,7 @@ def _resumable(out: Path, recipe: Recipe, text: str) -> dict:
     keep = min(done, same)
     if keep:
         last = model_dir(out, keep - 1, recipe.stages[keep - 1])
-        if not (last / WEIGHTS).is_file():
+        if not weight_files(last):
             raise RecipeError(
                 f"--resume: {STATE} says stage {keep} finished, but its checkpoint {last} is "
                 "missing; start the run over with --overwrite"
@@ -234,13 +234,25 @@ class Runner:
     """Runs one recipe into one output directory."""
 
     def __init__(self, recipe: Recipe, out: Path, state: dict, on_stage: Callable | None = None):
-        from tinyllm.core.load import load
+        from tinyllm.core.load import load, too_big
 
         self.recipe, self.out, self.state = recipe, Path(out), state
         self.on_stage = on_stage or (lambda record: None)
-        self.original, self.tokenizer = load(recipe.model)
-        self._calib: torch.Tensor | None = None
         self.device = run_device(recipe)  # every stage and every score computes there
+        # a model whose float32 weights would not fit comfortably is scored lean (bf16 or its
+        # packed codes, as `tinyllm eval` loads it) and not held while a stage compresses it
+        self.large = self.device == "cpu" and too_big(recipe.model)
+        self._original, self.tokenizer = load(recipe.model, inference=self.large)
+        self._calib: torch.Tensor | None = None
+
+    @property
+    def original(self) -> nn.Module:
+        """The original model (the reference of every score), loaded again if a stage let it go."""
+        from tinyllm.core.load import load
+
+        if self._original is None:
+            self._original = load(self.recipe.model, inference=self.large)[0]
+        return self._original
 
     def save_state(self) -> None:
         write_json_atomic(self.out / STATE, self.state)
@@ -348,16 +360,19 @@ class Runner:
 
     def run_stage(self, i: int, cfg: BaseModel) -> dict:
         from tinyllm.core.load import load
-        from tinyllm.util.memory import PeakRSS
+        from tinyllm.util.memory import PeakRSS, trim_heap
 
         name, kind = stage_name(cfg), kind_of(cfg)
         log.info("stage %d/%d: %s", i + 1, len(self.recipe.stages), name)
+        if self.large:
+            self._original = None  # the stage gets the memory; scoring loads it again
+            trim_heap()
         t0 = time.perf_counter()
         with PeakRSS() as mem:
             report = self.train(i, cfg) if kind == "train" else self.compress(i, cfg)
         seconds = time.perf_counter() - t0
         where = model_dir(self.out, i, cfg)
-        model, _ = load(where)
+        model, _ = load(where, inference=self.large)
         return {
             "index": i + 1,
             "type": name,
@@ -367,7 +382,7 @@ class Runner:
             "dir": str(where.relative_to(self.out)),
             "seconds": seconds,
             "peak_rss_bytes": mem.peak,
-            "weights_bytes": (where / WEIGHTS).stat().st_size,
+            "weights_bytes": sum(f.stat().st_size for f in weight_files(where)),
             "report": report,
             "eval": self.score(model, f"stage {i + 1}: {name}"),
         }
@@ -383,6 +398,7 @@ class Runner:
             stage_dir(self.out, i, cfg),
             overwrite=True,
             device=self.device,
+            stream=self.recipe.stream,
         )
         return {k: v for k, v in result.report.items() if k != "seconds"}
 
