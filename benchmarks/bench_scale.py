@@ -59,7 +59,16 @@ QUANT = {
 GENERATE = {"llama-3.1-8b-rtn-generate": "llama-3.1-8b-rtn"}
 # streamed against in-memory on the real model: the same command with --stream on and off
 IDENTITY = {"smollm2-135m-stream-identity": ("smollm2-135m", 32, 256)}
-ROWS = [*QUANT, *GENERATE, *IDENTITY]
+# a whole recipe (`tinyllm run`, stream: on): the original scored lean, one streamed stage,
+# the stage scored against the original
+RECIPE = {"llama-3.2-1b-recipe-rtn": str(SYNTH / "llama-3.2-1b")}
+RECIPE_TEXT = """model: {model}
+stream: on
+evaluation: {{corpus: enwiki, windows: 4, seq_len: 256}}
+stages:
+  - {{type: rtn, bits: 4, group_size: 128}}
+"""
+ROWS = [*QUANT, *GENERATE, *IDENTITY, *RECIPE]
 PROMPT = "The history of the city begins"
 
 
@@ -144,9 +153,36 @@ def run_identity(name: str) -> dict:
     }
 
 
+def run_recipe(name: str) -> dict:
+    """`tinyllm run` on a recipe with one streamed stage: peak RSS of the whole run."""
+    out = _out(name)
+    WORK.mkdir(parents=True, exist_ok=True)
+    recipe = WORK / f"{out.name}.yaml"
+    recipe.write_text(RECIPE_TEXT.format(model=RECIPE[name]))
+    args = [*CLI, "run", str(recipe), "-o", str(out), "--overwrite"]
+    measured = timed(args, WORK / f"{out.name}.log")
+    if measured["returncode"] != 0:
+        raise SystemExit(f"{name} failed: see {WORK / f'{out.name}.log'}")
+    state = json.loads((out / "state.json").read_text())
+    stage = state["stages"][0]
+    return {
+        "command": f"tinyllm run {recipe.name} -o OUT --overwrite",
+        "recipe": recipe.read_text(),
+        "measured": measured,
+        "stage_seconds": round(stage["seconds"], 1),
+        "stage_peak_rss_bytes": stage["peak_rss_bytes"],
+        "stage_weights_bytes": stage["weights_bytes"],
+        "original_eval_seconds": round(state["original"]["eval"]["eval_seconds"], 1),
+        "stage_eval_seconds": round(stage["eval"]["eval_seconds"], 1),
+        "source_bytes": _source_bytes(RECIPE[name]),
+    }
+
+
 def run_row(name: str) -> dict:
     if name in IDENTITY:
         return run_identity(name)
+    if name in RECIPE:
+        return run_recipe(name)
     return run_quant(name) if name in QUANT else run_generate(name)
 
 

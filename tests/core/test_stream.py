@@ -31,6 +31,9 @@ SETTINGS = {
     "sparsegpt": {"sparsity": 0.5},
     "smoothquant": {},
     "int8-static": {},
+    "channels": {"ratio": 0.25},
+    "heads": {"count": 1},
+    "blocks": {"count": 1},
 }
 
 
@@ -82,15 +85,21 @@ def test_streamed_checkpoint_equals_in_memory(
     info_b = json.loads((streamed.out / "tinyllm.json").read_text())
     assert info_a["quantized"] == info_b["quantized"]
     assert info_a["sparse"] == info_b["sparse"]
-    assert len(list(streamed.out.glob("model-*-of-*.safetensors"))) == 4  # 3 blocks + the rest
+    blocks = json.loads((streamed.out / "config.json").read_text())["num_hidden_layers"]
+    assert blocks == (2 if name == "blocks" else 3)
+    assert len(list(streamed.out.glob("model-*-of-*.safetensors"))) == blocks + 1  # + the rest
+    assert (whole.out / "config.json").read_text() == (streamed.out / "config.json").read_text()
     index = json.loads((streamed.out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(b)
 
 
+@pytest.mark.parametrize("first", ["wanda", "blocks", "channels"])
 def test_two_streamed_steps_equal_in_memory(
-    four_block_dir: Path, tmp_path: Path, calib: Calibration
+    first: str, four_block_dir: Path, tmp_path: Path, calib: Calibration
 ) -> None:
-    steps = [_step("wanda"), _step("gptq")]
+    """Steps chain on a streamed model; after layer dropping (the stored blocks renumbered)
+    and channel pruning (smaller tensors) too."""
+    steps = [_step(first), _step("gptq")]
     whole = compress(four_block_dir, steps, calib, tmp_path / "whole", stream="off")
     streamed = compress(four_block_dir, steps, calib, tmp_path / "streamed", stream="on")
     a, b = _tensors(whole.out), _tensors(streamed.out)
@@ -119,6 +128,12 @@ def test_stream_on_refuses_steps_that_need_the_whole_model(
 
     with pytest.raises(ConfigError, match="cannot stream: magnitude"):
         compress(four_block_dir, [Magnitude(sparsity=0.5)], calib, tmp_path / "o", stream="on")
+    from tinyllm.prune.structured import Channels
+
+    with pytest.raises(ConfigError, match="channels: importance gradient needs a backward"):
+        compress(
+            four_block_dir, [Channels(importance="gradient")], calib, tmp_path / "o", stream="on"
+        )
     with pytest.raises(ConfigError, match="stream must be one of"):
         compress(four_block_dir, [_step("rtn")], calib, tmp_path / "o", stream="sometimes")
 

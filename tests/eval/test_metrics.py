@@ -38,3 +38,36 @@ def test_top1_and_padded_vocab():
     ref = torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]]])
     model = torch.tensor([[[0.0, 2.0, 1.0, 9.0], [0.0, 1.0, 0.0, 9.0]]])  # padded column dropped
     assert top1_agree(ref, model).tolist() == [[True, False]]
+
+
+def test_kl_in_chunks_equals_the_whole_expression(monkeypatch):
+    """token_kl and token_nll walk the positions CHUNK at a time (bounded temporaries on a
+    128k vocabulary); each position gets exactly the one-shot expression's value."""
+    from tinyllm.eval import divergence
+
+    g = torch.Generator().manual_seed(3)
+    ref, logits = torch.randn(3, 70, 50, generator=g), torch.randn(3, 70, 50, generator=g)
+    ref_lp, lp = torch.log_softmax(ref, -1), torch.log_softmax(logits, -1)
+    whole = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0)
+    monkeypatch.setattr(divergence, "CHUNK", 32)  # 70 positions: 3 chunks, the last short
+    assert torch.equal(token_kl(ref, logits), whole)
+    assert token_kl(ref[:, :0], logits[:, :0]).shape == (3, 0)
+    targets = torch.randint(0, 50, (3, 70), generator=g)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.equal(token_nll(logits, targets), torch.logsumexp(logits, -1) - picked)
+    assert torch.equal(token_kl(ref[1], logits[1]), whole[1])  # one window: [T, V]
+    assert torch.equal(token_nll(logits[1], targets[1]), token_nll(logits, targets)[1])
+
+
+def test_evaluation_batches_bound_the_logits():
+    """Windows per forward: TOKENS_PER_BATCH tokens, fewer when the vocabulary is large."""
+    from types import SimpleNamespace
+
+    from tinyllm.eval.evaluate import _batch_size
+
+    def model(vocab):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+
+    assert _batch_size(model(49152), 513) == 3  # SmolLM2: 2048 tokens
+    assert _batch_size(model(128256), 257) == 4  # Llama 3: 1046 tokens of 512 MiB
+    assert _batch_size(model(262144), 513) == 1  # Gemma 3

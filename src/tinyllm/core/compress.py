@@ -130,11 +130,11 @@ def _stream_source(source: str | Path, steps: list[Step], mode: str) -> Path | N
         raise ConfigError(f"stream must be one of {', '.join(STREAM_MODES)}, got '{mode}'")
     if mode == "off":
         return None
-    names = [name_of(cfg) for cfg in steps]
-    refused = [n for n in names if n not in STREAMS]
-    if resolve(source).kind == "tinyllm_dir" or refused:
+    refused = [name_of(cfg) for cfg in steps if name_of(cfg) not in STREAMS]
+    reasons = [f"{name_of(cfg)}: {cfg.whole_model()}" for cfg in steps if cfg.whole_model()]
+    if resolve(source).kind == "tinyllm_dir" or refused or reasons:
         if mode == "on":
-            why = f"{', '.join(refused)} need(s) the whole model" if refused else ""
+            why = f"{', '.join(refused)} need(s) the whole model" if refused else "; ".join(reasons)
             why = why or f"{source} is a tinyllm checkpoint (streaming reads safetensors models)"
             raise ConfigError(
                 f"cannot stream: {why}; streaming runs {', '.join(sorted(STREAMS))} on a "

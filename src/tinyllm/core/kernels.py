@@ -46,14 +46,20 @@ class OneDNNLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+# A linear whose fp32 weight is larger than this keeps running on PyTorch's GEMM: oneDNN's
+# packed copy would double it (a 128k-vocabulary head tied to its embeddings: 1 GB more).
+PACK_LIMIT_BYTES = 512 << 20
+
+
 def _swappable(module: nn.Module) -> bool:
     """A plain fp32 nn.Linear holding its weight (not, say, one that compressed-tensors
-    decompresses on the fly)."""
+    decompresses on the fly), small enough to pack."""
     weight = getattr(module, "weight", None)
     return (
         type(module) is nn.Linear
         and isinstance(weight, torch.Tensor)
         and weight.dtype == torch.float32
+        and weight.numel() * 4 <= PACK_LIMIT_BYTES
         and weight.device.type == "cpu"  # oneDNN's packed weights are CPU tensors
         and not module._forward_pre_hooks
     )

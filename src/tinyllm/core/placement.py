@@ -62,6 +62,10 @@ class Placement:
     def block_done(self, i: int, xs: list | None = None, ref: list | None = None) -> None:
         """Block i is compressed and left; xs (and ref) hold its outputs."""
 
+    def blocks_kept(self, keep: list[int]) -> None:
+        """Only the blocks at `keep` (ascending) remain, renumbered 0.. (layer dropping; the
+        model's module list is rewritten by the caller)."""
+
 
 class Streaming(Placement):
     """Blocks read from `weights` when first entered, written to `workdir` when left, and read
@@ -85,6 +89,7 @@ class Streaming(Placement):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prefix, _ = find_blocks(model)
         self.stored: dict[int, tuple[Path, dict, dict]] = {}  # block -> file, quantized, sparse
+        self.source_index: list[int] | None = None  # block -> its index in the source (dropping)
         # core/resume.py: progress recorded after each block; `report` is the running step's
         self.journal, self.report, self.passes = journal, {}, 0
 
@@ -111,10 +116,30 @@ class Streaming(Placement):
         if self.journal is not None:
             self.journal.save(self.passes - 1, i + 1, self.stored, self.report, xs, ref)
 
+    def blocks_kept(self, keep: list[int]) -> None:
+        """Renumber the stored blocks: each kept one rewritten under its new index (in
+        ascending order, so block j's new file is never one a later kept block still needs),
+        and remember where an unstored one is read from in the source."""
+        stored, self.stored = self.stored, {}
+        for j, old in enumerate(keep):
+            if old not in stored or old == j:
+                self.stored.update({j: stored[old]} if old in stored else {})
+                continue
+            file, quantized, sparse = stored[old]
+            rename = _renumber(f"{self.prefix}.{old}.", f"{self.prefix}.{j}.")
+            moved = self.workdir / f"block{j:05d}.safetensors"
+            partial = moved.with_suffix(".partial")
+            save_file(rename(read_file(file)), str(partial))
+            partial.replace(moved)
+            file.unlink()
+            self.stored[j] = (moved, rename(quantized), rename(sparse))
+        source = self.source_index or list(range(max(keep) + 1))
+        self.source_index = [source[old] for old in keep]
+
     def enter(self, i: int, block: nn.Module) -> None:
-        prefix = f"{self.prefix}.{i}"
         if i not in self.stored:
-            materialize(block, prefix, self.weights, self.dtype, self.device)
+            source = self.source_index[i] if self.source_index is not None else i
+            materialize(block, f"{self.prefix}.{source}", self.weights, self.dtype, self.device)
             return
         file, quantized, sparse = self.stored[i]
         info = {"quantized": quantized, "sparse": sparse}
@@ -140,8 +165,7 @@ class Streaming(Placement):
             head.weight = emb.weight
 
     def leave(self, i: int, block: nn.Module) -> None:
-        prefix = f"{self.prefix}.{i}"
-        tensors, quantized, sparse = checkpoint_tensors(self.model, prefix)
+        tensors, quantized, sparse = checkpoint_tensors(self.model, f"{self.prefix}.{i}")
         file = self.workdir / f"block{i:05d}.safetensors"
         partial = file.with_suffix(".partial")
         save_file({k: v.cpu() for k, v in tensors.items()}, str(partial))
@@ -150,6 +174,16 @@ class Streaming(Placement):
         unpack_block(block)
         release(block)
         trim_heap()
+
+
+def _renumber(old: str, new: str):
+    """A function that renames the keys of a dict that start with `old` to start with `new`
+    (the tensors, quantized records and sparse layers of a renumbered block)."""
+
+    def rename(d: dict) -> dict:
+        return {new + k[len(old) :] if k.startswith(old) else k: v for k, v in d.items()}
+
+    return rename
 
 
 def unpack_block(block: nn.Module) -> None:

@@ -73,6 +73,7 @@ BY_NAME: dict[str, Entry] = {e.name: e for e in STEPS}
 # tests/core/test_stream.py proves each gives the in-memory result.
 STREAMS = frozenset(
     {"gptq", "awq", "rtn", "nf4", "wanda", "sparsegpt", "smoothquant", "int8-static"}
+    | {"channels", "heads", "blocks"}  # activation importance (gradient: Step.whole_model)
 )
 
 

@@ -29,6 +29,11 @@ class Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     calibrated: ClassVar[bool] = False  # needs calibration windows
 
+    def whole_model(self) -> str | None:
+        """Why these settings need the whole model in memory although the step is one that
+        streams (registry.STREAMS); None: it streams."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """The step as checkpoints and reports record it: its registry name and every field."""
         from tinyllm.core.registry import BY_NAME, name_of

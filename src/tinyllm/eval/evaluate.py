@@ -36,6 +36,7 @@ from tinyllm.util.progress import make_progress
 log = logging.getLogger(__name__)
 
 TOKENS_PER_BATCH = 2048  # windows are batched up to this many tokens per forward
+LOGIT_BYTES = 512 << 20  # and up to this many bytes of float32 logits (a 128k vocabulary: 1k)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def evaluate(
         check_same_tokenizer(tokenizer, reference[1])
     check_task_names(tasks)  # before any scoring
     data, corpus_name = evaluation_windows(tokenizer, corpus, seq_len, windows)  # [W, L(+1)]
-    batch_size = batch_size or max(1, TOKENS_PER_BATCH // data.shape[1])
+    batch_size = batch_size or _batch_size(model, data.shape[1])
     model.eval()
     ref_model = reference[0] if reference is not None else None
     on = place(model, device)
@@ -160,6 +161,13 @@ def evaluate(
         energy_source=energy.source,
         tasks=_tasks(model, tokenizer, name, tasks, task_limit, fast) if tasks else None,
     )
+
+
+def _batch_size(model: nn.Module, length: int) -> int:
+    """Windows per forward: up to TOKENS_PER_BATCH tokens and LOGIT_BYTES of logits."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    tokens = min(TOKENS_PER_BATCH, LOGIT_BYTES // (4 * int(vocab)))
+    return max(1, tokens // length)
 
 
 def _tasks(

@@ -372,6 +372,7 @@ class Runner:
             report = self.train(i, cfg) if kind == "train" else self.compress(i, cfg)
         seconds = time.perf_counter() - t0
         where = model_dir(self.out, i, cfg)
+        self.original  # noqa: B018 (loaded again first: its load's transient copy meets no stage model)
         model, _ = load(where, inference=self.large)
         return {
             "index": i + 1,

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tinyllm.core.calib import calibrate_blocks, observe_block
+from tinyllm.core.placement import placement
 from tinyllm.core.steps import Context, Step, register
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.models.anatomy import LinearSite, find_blocks
@@ -43,6 +44,8 @@ FFN_CONFIG_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 Importance = Literal["activation", "gradient"]
 
 
+_GRADIENT_WHOLE = "importance gradient needs a backward pass through the whole model"
+
 GRAD_BATCH = 2  # windows per backward pass of the gradient (Taylor) importance
 
 
@@ -51,12 +54,18 @@ class Channels(Step):
     ratio: float = Field(0.25, gt=0, lt=1)  # fraction of FFN channels removed in every block
     importance: Importance = "activation"
 
+    def whole_model(self) -> str | None:
+        return _GRADIENT_WHOLE if self.importance == "gradient" else None
+
 
 class Heads(Step):
     calibrated = True
     ratio: float | None = Field(None, gt=0, lt=1)  # fraction of KV groups removed per block
     count: int | None = Field(None, ge=1)  # or this many groups per block
     importance: Importance = "activation"
+
+    def whole_model(self) -> str | None:
+        return _GRADIENT_WHOLE if self.importance == "gradient" else None
 
     @model_validator(mode="after")
     def _one(self) -> Heads:
@@ -283,6 +292,8 @@ def prune_blocks(model: nn.Module, cfg: Blocks, ctx: Context) -> None:
         raise ConfigError(f"cannot remove {cfg.count} of the model's {n} blocks: one must stay")
     influence = block_influence(model, ctx)
     drop = set(torch.tensor(influence).topk(cfg.count, largest=False).indices.tolist())
-    keep_blocks(model, [i for i in range(n) if i not in drop])
+    keep = [i for i in range(n) if i not in drop]
+    placement().blocks_kept(keep)  # a streamed run renumbers the blocks it stored
+    keep_blocks(model, keep)
     ctx.report["block_influence"] = influence
     ctx.report["dropped_blocks"] = sorted(drop)
