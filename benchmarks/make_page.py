@@ -386,6 +386,40 @@ AREAS: dict[str, list[Row]] = {
             "{:.0f}x",
         ),
         Row(
+            "Llama-3.2-1B shape, a whole recipe (`stream: on`, RTN stage, original and stage "
+            "scored on 4 x 256), peak RSS",
+            "scale.json",
+            "llama-3.2-1b-recipe-rtn",
+            lambda d: d["llama-3.2-1b-recipe-rtn"]["measured"]["peak_rss_bytes"] / GB,
+            "**{:.2f} GB**",
+            "the two models' files (bf16 original + 4-bit stage)",
+            lambda d: (
+                (
+                    d["llama-3.2-1b-recipe-rtn"]["source_bytes"]
+                    + d["llama-3.2-1b-recipe-rtn"]["stage_weights_bytes"]
+                )
+                / GB
+            ),
+            "benchmarks/bench_scale.py --rows llama-3.2-1b-recipe-rtn",
+            "",
+            None,
+            "{:.2f} GB",
+        ),
+        Row(
+            "Llama-3.2-1B shape, streamed structured pruning (25% FFN channels, 32 x 256), "
+            "peak RSS",
+            "scale.json",
+            "llama-3.2-1b-channels-25%-32x256",
+            lambda d: d["llama-3.2-1b-channels-25%-32x256"]["measured"]["peak_rss_bytes"] / GB,
+            "**{:.2f} GB**",
+            "float32 weights of the full 1B model",
+            lambda d: 4 * 1.236e9 / GB,
+            "benchmarks/bench_scale.py --rows 'llama-3.2-1b-channels-25%-32x256'",
+            "",
+            None,
+            "{:.1f} GB",
+        ),
+        Row(
             "smollm2-135m GPTQ 4-bit g64 (32 x 256): streamed tensors equal to in-memory ones",
             "scale.json",
             "smollm2-135m-stream-identity",

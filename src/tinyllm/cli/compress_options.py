@@ -198,7 +198,9 @@ class Quant:
             "search weighted by the inputs' mean square); layers whose inputs are not a "
             "multiple of 256 get the grid llama.cpp falls back to (q5_0, q5_1, q8_0; q4_0 for "
             "q2_k/q3_k). iq4_nl: llama.cpp's non-uniform 4-bit table, a float16 scale per 32 "
-            "weights (same size as q4_0, finer near zero)."
+            "weights (same size as q4_0, finer near zero). iq4_xs: the same table, each 32's "
+            "scale a 6-bit multiple of a float16 per 256 (4.25 bits per weight; rows not a "
+            "multiple of 256 get iq4_nl, as llama.cpp falls back)."
         ),
     ]
     EmbedBits = Annotated[

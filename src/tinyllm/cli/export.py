@@ -74,9 +74,9 @@ TypeOpt = Annotated[
     typer.Option(
         "--type",
         help="GGUF: type of the block linears, f32, f16 (default), bf16, q8_0, q4_0, q4_1, "
-        "q5_0, q5_1, iq4_nl, or a K-quant q2_k, q3_k, q4_k, q5_k, q6_k (tensors whose rows are "
-        "not a multiple of 256 take llama.cpp's fallback: q5_0, q5_1, q8_0, and q4_0 for "
-        "q2_k/q3_k), "
+        "q5_0, q5_1, iq4_nl, iq4_xs, or a K-quant q2_k, q3_k, q4_k, q5_k, q6_k (tensors whose "
+        "rows are not a multiple of 256 take llama.cpp's fallback: q5_0, q5_1, q8_0, q4_0 for "
+        "q2_k/q3_k, iq4_nl for iq4_xs), "
         "or auto: each quantized layer in the type its own grid carries into (a mixed-precision "
         "checkpoint keeps every layer's width), or mix: a type per block linear chosen by "
         "measured KL under --target-bpw (float models; runs GPTQ). "

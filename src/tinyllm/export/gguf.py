@@ -28,12 +28,15 @@ from tinyllm.export.gguf_blocks import (
     K_TYPES,
     carry,
     carry_iq4nl,
+    carry_iq4xs,
     carry_k,
     permute_rows,
     quantize_iq4nl,
+    quantize_iq4xs,
     quantize_k,
     why_not_carried,
     why_not_iq4nl,
+    why_not_iq4xs,
     why_not_k,
 )
 from tinyllm.kernels.qlinear import QuantEmbedding, QuantLinear
@@ -61,6 +64,7 @@ TYPES: dict[str, T] = {
     "q5_k": T.Q5_K,
     "q6_k": T.Q6_K,
     "iq4_nl": T.IQ4_NL,
+    "iq4_xs": T.IQ4_XS,
 }
 FILE_TYPES = {
     T.F32: LlamaFileType.ALL_F32,
@@ -77,6 +81,7 @@ FILE_TYPES = {
     T.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
     T.Q6_K: LlamaFileType.MOSTLY_Q6_K,
     T.IQ4_NL: LlamaFileType.MOSTLY_IQ4_NL,
+    T.IQ4_XS: LlamaFileType.MOSTLY_IQ4_XS,
 }
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 CARRY_ORDER = (T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1)  # for a quantized embedding table
@@ -344,18 +349,24 @@ def _float_data(value: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
         return quantize_k(value, qtype), qtype
     if qtype == T.IQ4_NL:
         return quantize_iq4nl(value), qtype
+    if qtype == T.IQ4_XS:
+        return quantize_iq4xs(value), qtype
     return gq.quantize(arr, qtype), qtype
 
 
 def _why_not(record: QuantizedWeight, qtype: T) -> str | None:
     if qtype == T.IQ4_NL:
         return why_not_iq4nl(record)
+    if qtype == T.IQ4_XS:
+        return why_not_iq4xs(record)
     return why_not_k(record, qtype) if qtype in K_TYPES else why_not_carried(record, qtype)
 
 
 def _carry(record: QuantizedWeight, qtype: T) -> np.ndarray:
     if qtype == T.IQ4_NL:
         return carry_iq4nl(record)
+    if qtype == T.IQ4_XS:
+        return carry_iq4xs(record)
     return carry_k(record, qtype) if qtype in K_TYPES else carry(record, qtype)
 
 
@@ -367,6 +378,8 @@ def own_type(t: Tensor) -> T:
         return T.F16
     if t.record.kquant is not None:
         return next(q for q, name in K_TYPES.items() if name == t.record.kquant)
+    if why_not_iq4xs(t.record) is None:
+        return T.IQ4_XS  # the smaller of the two types the record fits
     if why_not_iq4nl(t.record) is None:
         return T.IQ4_NL
     order = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
@@ -377,7 +390,7 @@ def tensor_type(t: Tensor, qtype: T) -> T:
     """qtype, or for a K type the type llama.cpp falls back to when rows are not whole
     super-blocks (K_FALLBACK)."""
     cols = t.record.shape[1] if t.record is not None else t.value.shape[-1]
-    if qtype in K_TYPES and cols % gq.GGML_QUANT_SIZES[qtype][0]:
+    if qtype in K_FALLBACK and cols % gq.GGML_QUANT_SIZES[qtype][0]:
         return K_FALLBACK[qtype]
     return qtype
 

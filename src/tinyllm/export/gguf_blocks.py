@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from tinyllm.kernels.iq4grid import fit_iq4nl, is_iq4nl
+from tinyllm.kernels.iq4grid import fit_iq4nl, fit_iq4xs, iq4xs_superblocks, is_iq4nl
 from tinyllm.kernels.kgrid import derive, fit_kgrid, kspec, quantize_on
 from tinyllm.kernels.qweight import QuantizedWeight
 
@@ -133,6 +133,7 @@ K_FALLBACK: dict[T, T] = {
     T.Q4_K: T.Q5_0,
     T.Q5_K: T.Q5_1,
     T.Q6_K: T.Q8_0,
+    T.IQ4_XS: T.IQ4_NL,
 }
 
 
@@ -258,3 +259,47 @@ def quantize_iq4nl(value: torch.Tensor) -> np.ndarray:
     """A float tensor [rows, cols] as IQ4_NL blocks (the same block search, unweighted)."""
     w = value.float().reshape(-1, value.shape[-1])
     return carry_iq4nl(QuantizedWeight.from_iq4nl(*fit_iq4nl(w))).reshape(*value.shape[:-1], -1)
+
+
+# ---- IQ4_XS: per 256 weights d:f16, scales_h:u16, scales_l:4 bytes, qs:128 bytes -------------
+# (ggml-common.h block_iq4_xs) block b's scale is d * (l_b - 32), l_b a 6-bit number: its low 4
+# bits in nibble b % 2 of scales_l[b / 2], its high 2 bits at bit 2b of scales_h; qs as IQ4_NL's.
+
+
+def why_not_iq4xs(qw: QuantizedWeight) -> str | None:
+    """None when qw is an IQ4_NL record whose block scales lie on IQ4_XS's super-block grid."""
+    reason = why_not_iq4nl(qw)
+    if reason is not None:
+        return reason.replace("iq4_nl", "iq4_xs")
+    if qw.shape[1] % 256:
+        return f"rows of {qw.shape[1]} are not whole super-blocks of 256"
+    if iq4xs_superblocks(qw.scale.reshape(qw.shape[0], -1)) is None:
+        return "the block scales are not on a super-block's 6-bit grid (--gguf-compatible iq4_xs)"
+    return None
+
+
+def carry_iq4xs(qw: QuantizedWeight) -> np.ndarray:
+    """IQ4_XS super-blocks of an IQ4_XS record. -> uint8 [rows, supers * 136]"""
+    reason = why_not_iq4xs(qw)
+    if reason is not None:
+        raise ValueError(reason)
+    rows, cols = qw.shape
+    supers = cols // 256
+    d, k = iq4xs_superblocks(qw.scale.reshape(rows, -1))
+    d = d.numpy().reshape(rows, supers, 1).view(np.uint8)  # [rows, supers, 2]
+    level = (k + 32).numpy().astype(np.uint16)  # [rows, supers, 8], 6 bits each
+    low = (level & 0xF).astype(np.uint8)
+    scales_l = low[..., 0::2] | (low[..., 1::2] << 4)  # [rows, supers, 4]
+    shifts = (2 * np.arange(8)).astype(np.uint16)
+    scales_h = ((level >> 4) << shifts).sum(-1, dtype=np.uint16)  # [rows, supers]
+    scales_h = scales_h.reshape(rows, supers, 1).view(np.uint8)  # [rows, supers, 2]
+    q = qw.codes().numpy().reshape(rows, supers, 8, 2, BLOCK // 2).astype(np.uint8)
+    qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(rows, supers, 128)
+    return np.concatenate([d, scales_h, scales_l, qs], axis=-1).reshape(rows, -1)
+
+
+def quantize_iq4xs(value: torch.Tensor) -> np.ndarray:
+    """A float tensor [rows, cols] (cols a multiple of 256) as IQ4_XS super-blocks."""
+    w = value.float().reshape(-1, value.shape[-1])
+    qw = QuantizedWeight.from_iq4nl(*fit_iq4xs(w))
+    return carry_iq4xs(qw).reshape(*value.shape[:-1], -1)

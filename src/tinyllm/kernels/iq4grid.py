@@ -11,6 +11,14 @@ squared error: for 15 trial scales spread around the one that maps the block's l
 weight onto V's outermost value, the weights are rounded to their nearest table entries, the scale
 is refitted by weighted least squares for those indices, and the trial with the least error after
 rounding the scale to float16 and re-rounding the weights to it wins.
+
+IQ4_XS (`fit_iq4xs`) is the same table in super-blocks of 256 weights: one float16 d per
+super-block and, per block of 32, a 6-bit signed multiple k in [-32, 31], so a block's scale is
+d * k (4.25 bits per weight instead of 4.5). Its blocks' scales are first fitted as IQ4_NL's, then
+put on the super-block's grid (d = -the largest-magnitude block scale / 32, as llama.cpp's
+quantize_row_iq4_xs does), and the weights re-rounded to those scales. An IQ4_XS record is an
+IQ4_NL record whose scales lie on that grid; `iq4xs_superblocks` recovers d and k from it.
+Rows that are not whole super-blocks get IQ4_NL's grid, the type llama.cpp falls back to.
 """
 
 from __future__ import annotations
@@ -83,3 +91,62 @@ def quantize_iq4nl_on(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     g = w.float().reshape(rows, cols // IQ4NL_GROUP, IQ4NL_GROUP)
     div = torch.where(scale == 0, torch.ones_like(scale), scale)
     return nearest(g / div[..., None]).reshape(rows, cols).to(torch.uint8)
+
+
+IQ4XS_SUPER = 256  # weights per IQ4_XS super-block: 8 blocks of 32
+IQ4XS_BLOCKS = IQ4XS_SUPER // IQ4NL_GROUP
+
+
+def iq4xs_fits(cols: int) -> bool:
+    return cols % IQ4XS_SUPER == 0
+
+
+def on_xs_grid(scale: torch.Tensor) -> torch.Tensor:
+    """Block scales [rows, blocks] (blocks a multiple of 8) put on IQ4_XS's super-block grid:
+    d = float16(-peak / 32) per 8 blocks, each block's scale d * round(scale / d) in [-32, 31]."""
+    rows, blocks = scale.shape
+    s = scale.float().reshape(rows, blocks // IQ4XS_BLOCKS, IQ4XS_BLOCKS)
+    peak = s.gather(-1, s.abs().argmax(-1, keepdim=True))
+    d = (-peak / 32).half().float()
+    k = (s / torch.where(d == 0, torch.ones_like(d), d)).round().clamp(-32, 31)
+    return (d * k).reshape(rows, blocks)
+
+
+def fit_iq4xs(
+    w: torch.Tensor, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fit_iq4nl's blocks, their scales on IQ4_XS's super-block grid, the weights rounded to
+    them. [out, in] (in a multiple of 256) -> (indices uint8 [out, in], scale [out, in / 32])"""
+    if not iq4xs_fits(w.shape[1]):
+        raise ValueError(f"IQ4_XS needs input features in whole blocks of 256, got {w.shape[1]}")
+    _, scale = fit_iq4nl(w, importance)
+    scale = on_xs_grid(scale)
+    return quantize_iq4nl_on(w, scale), scale
+
+
+def fit_codebook(
+    name: str, w: torch.Tensor, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of codebook type `name` (iq4_nl, iq4_xs; IQ4_NL's for rows that are not whole
+    IQ4_XS super-blocks). -> (indices, block scales)"""
+    if name == "iq4_xs" and iq4xs_fits(w.shape[1]):
+        return fit_iq4xs(w, importance)
+    return fit_iq4nl(w, importance)
+
+
+def iq4xs_superblocks(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The IQ4_XS super-blocks behind block scales [rows, blocks]: (d float16 [rows, supers],
+    k int [rows, supers, 8] in [-32, 31]) with d * k equal to every scale exactly; None when the
+    scales are not on that grid."""
+    rows, blocks = scale.shape
+    if blocks % IQ4XS_BLOCKS:
+        return None
+    s = scale.float().reshape(rows, blocks // IQ4XS_BLOCKS, IQ4XS_BLOCKS)
+    peak = s.gather(-1, s.abs().argmax(-1, keepdim=True))  # a k = -32 block, if on the grid
+    d = -peak / 32
+    if not torch.equal(d.half().float(), d):
+        return None
+    k = (s / torch.where(d == 0, torch.ones_like(d), d)).round()
+    if not torch.equal(d * k, s) or k.min() < -32 or k.max() > 31:
+        return None
+    return d[..., 0].half(), k.to(torch.int64)

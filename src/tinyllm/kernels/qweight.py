@@ -68,8 +68,10 @@ class QuantizedWeight:
 
     @classmethod
     def from_iq4nl(cls, codes: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
-        """An IQ4_NL record (kernels/iq4grid.py): table indices [out, in] and block scales."""
-        return cls.from_codes(
+        """An IQ4_NL record (kernels/iq4grid.py): table indices [out, in] and block scales.
+        Scales on IQ4_XS's super-block grid (d * k: more bits than float16 holds) stay float32,
+        exact, in memory and in the checkpoint."""
+        qw = cls.from_codes(
             codes,
             scale,
             torch.full(scale.shape, 8, dtype=torch.uint8),
@@ -78,6 +80,9 @@ class QuantizedWeight:
             sym=True,
             codebook=iq4nl_codebook(),
         )
+        if not torch.equal(qw.scale.float(), scale.float()):
+            qw.scale = scale.float().contiguous()
+        return qw
 
     @classmethod
     def from_kquant(
@@ -152,6 +157,8 @@ class QuantizedWeight:
                     codebook=None if self.codebook is None else self.codebook.clone(),
                 )
             )
+            if self.scale.dtype == torch.float32:  # exact IQ4_XS scales stay exact
+                out[-1].scale = self.scale[rows].contiguous()
             start += n
         if start != self.shape[0]:
             raise ValueError(f"row sizes {sizes} do not add up to {self.shape[0]}")
@@ -189,6 +196,8 @@ class QuantizedWeight:
             return round(self.shape[0] * self.shape[1] * kspec(self.kquant).bpw)
         if self.scale_dq is not None:
             bits += sum(t.numel() * t.element_size() * 8 for t in self.scale_dq.values())
+        elif self.scale.dtype == torch.float32 and self.codebook is not None:
+            bits += self.scale.numel() * 8  # IQ4_XS: 6 bits per 32, a float16 per 256
         else:
             bits += self.scale.numel() * 16
         if not self.sym and self.codebook is None:

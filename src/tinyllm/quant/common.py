@@ -42,7 +42,9 @@ K_FALLBACK_GRID: dict[str, str] = {
     "q5_k": "q5_1",
     "q6_k": "q8_0",
 }
-CODEBOOKS = ("iq4_nl",)  # non-uniform GGUF grids (kernels/iq4grid.py): 4-bit codes, groups of 32
+# non-uniform GGUF grids (kernels/iq4grid.py): 4-bit codes, groups of 32 (IQ4_XS: their scales
+# on a 6-bit grid per super-block of 256)
+CODEBOOKS = ("iq4_nl", "iq4_xs")
 GGUF_GRID_TYPES = (*LEGACY_GRIDS, *CODEBOOKS, *KSPECS)  # every GGUF type a layer can be put on
 
 
@@ -64,6 +66,8 @@ def gguf_bpw(name: str) -> float:
     """Bits per weight of GGUF type `name`'s blocks, scales (and mins) included."""
     if name in KSPECS:
         return KSPECS[name].bpw
+    if name == "iq4_xs":
+        return 4.25  # 4-bit indices, 6 bits per 32, a float16 d per 256
     if name in CODEBOOKS:
         return 4.5  # 4-bit indices and a float16 scale per 32
     bits, group, sym = LEGACY_GRIDS[name]
@@ -72,7 +76,7 @@ def gguf_bpw(name: str) -> float:
 
 def gguf_fits(name: str, in_features: int) -> bool:
     """Whether rows of `in_features` are whole blocks of GGUF type `name`."""
-    return in_features % (SUPER if name in KSPECS else 32) == 0
+    return in_features % (SUPER if name in KSPECS or name == "iq4_xs" else 32) == 0
 
 
 def gguf_type_bits(out_features: int, in_features: int, types: list[str]) -> list[int]:
@@ -90,8 +94,10 @@ class WeightQuant(Step):
     """Fields every integer weight quantizer shares. `kquant` (a llama.cpp K-quant type) puts
     each layer on that type's super-block grid (kernels/kgrid.py) and sets bits, group size
     and symmetry to the type's; layers whose inputs are not whole super-blocks of 256 get the
-    grid of the type llama.cpp falls back to (K_FALLBACK_GRID). `codebook` (iq4_nl) puts each
-    layer on llama.cpp's non-uniform IQ4_NL table (kernels/iq4grid.py), 4 bits, groups of 32."""
+    grid of the type llama.cpp falls back to (K_FALLBACK_GRID). `codebook` (iq4_nl, iq4_xs) puts
+    each layer on llama.cpp's non-uniform IQ4_NL table (kernels/iq4grid.py), 4 bits, groups of
+    32; iq4_xs puts the groups' scales on its super-block grid too (IQ4_NL's for rows not whole
+    super-blocks, as llama.cpp falls back)."""
 
     bits: int = 4
     group_size: int = 64

@@ -28,7 +28,7 @@ from tinyllm.core.hessian import (
 )
 from tinyllm.core.kernels import one_thread
 from tinyllm.core.steps import Context, register
-from tinyllm.kernels.iq4grid import fit_iq4nl, iq4nl_codebook, nearest
+from tinyllm.kernels.iq4grid import fit_codebook, iq4nl_codebook, nearest
 from tinyllm.kernels.kgrid import derive, fit_kgrid, kspec, working_grid
 from tinyllm.kernels.primitives import group_qparams, qmax
 from tinyllm.kernels.qweight import QuantizedWeight
@@ -256,7 +256,7 @@ def _fixed_grid(
         scale, zero = working_grid(*derive(superblock, kspec(cfg.kquant)), kspec(cfg.kquant))
         return scale, zero, superblock
     if cfg.codebook is not None:
-        _, scale = fit_iq4nl(W, H.diagonal())
+        _, scale = fit_codebook(cfg.codebook, W, H.diagonal())
         return scale, torch.full_like(scale, 8.0), None  # 8: the index nearest 0 (pruned)
     return (*_start_grid(W, H, cfg, grid, static), None)
 

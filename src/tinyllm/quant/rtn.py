@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tinyllm.core.steps import Context, register
-from tinyllm.kernels.iq4grid import fit_iq4nl
+from tinyllm.kernels.iq4grid import fit_codebook
 from tinyllm.kernels.kgrid import derive, fit_kgrid, kspec, quantize_on
 from tinyllm.kernels.primitives import group_qparams, quantize_codes
 from tinyllm.kernels.qweight import QuantizedWeight
@@ -19,9 +19,10 @@ class RTN(WeightQuant):
 
 def rtn_quantize(w: torch.Tensor, cfg: RTN) -> QuantizedWeight:
     """[out, in] float -> QuantizedWeight on a min/max (or MSE-clipped) grid; under `kquant` on
-    that K type's searched super-block grid, under `codebook` on IQ4_NL's table."""
+    that K type's searched super-block grid, under `codebook` on IQ4_NL's table (IQ4_XS: its
+    blocks' scales on a super-block grid)."""
     if cfg.codebook is not None:
-        return QuantizedWeight.from_iq4nl(*fit_iq4nl(w))
+        return QuantizedWeight.from_iq4nl(*fit_codebook(cfg.codebook, w))
     if cfg.kquant is not None:
         spec = kspec(cfg.kquant)
         superblock = fit_kgrid(w, spec)
