@@ -342,3 +342,26 @@ def test_cli_quantize_resume(four_block_dir: Path, tmp_path: Path, corpus: Path,
     done = runner.invoke(app, [*args, "--resume"])
     assert done.exit_code == 0, done.output
     assert left == [2] and (out / "tinyllm.json").is_file()
+
+
+def test_cli_prune_blocks_streamed_reports_the_shapes_left(
+    four_block_dir: Path, tmp_path: Path, corpus: Path
+):
+    """`tinyllm prune --method blocks --stream on` says what it left (a structured method has no
+    layer sparsity to report), and `--importance gradient` is refused with the reason."""
+    from typer.testing import CliRunner
+
+    from tinyllm.cli import app
+
+    args = ["prune", str(four_block_dir), "--calib-corpus", str(corpus), "--samples", "4"]
+    args += ["--seq-len", "32", "--stream", "on"]
+    runner = CliRunner()
+    done = runner.invoke(
+        app, [*args, "--method", "blocks", "--count", "1", "-o", str(tmp_path / "b")]
+    )
+    assert done.exit_code == 0, done.output
+    assert "now 2 blocks, FFN width 128, 2 KV heads" in " ".join(done.output.split())
+    refused = runner.invoke(
+        app, [*args, "--method", "channels", "--importance", "gradient", "-o", str(tmp_path / "c")]
+    )
+    assert isinstance(refused.exception, ConfigError) and "backward pass" in str(refused.exception)

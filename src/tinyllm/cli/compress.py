@@ -295,11 +295,18 @@ def print_prune_report(result: Any, method: str, where: Path) -> None:
         )
         return
     if result.meta.get("stream"):  # the model was never whole in memory: its layer report
-        layers = result.report.get("layer_sparsity", {}) or {"": float("nan")}
-        mean = sum(layers.values()) / len(layers)
+        layers = result.report.get("layer_sparsity")
+        c = result.model.config
+        what = (
+            f"mean layer sparsity {sum(layers.values()) / len(layers):.1%}"
+            if layers  # structured pruning: the shapes it left
+            else f"now {c.num_hidden_layers} blocks, FFN width "
+            f"{getattr(c, 'intermediate_size', '?')}, {getattr(c, 'num_key_value_heads', '?')} "
+            "KV heads"
+        )
         out.print(
-            f"pruned with {method} in {result.report['seconds']:.1f} s (streamed): mean layer "
-            f"sparsity {mean:.1%}; wrote {where}"
+            f"pruned with {method} in {result.report['seconds']:.1f} s (streamed): {what}; "
+            f"wrote {where}"
         )
         return
     out.print(
