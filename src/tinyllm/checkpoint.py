@@ -38,7 +38,7 @@ from tinyllm.kernels.qlinear import (
 )
 from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import analyze
-from tinyllm.models.lazy import compute_in_float32, read_file, skeleton
+from tinyllm.models.lazy import LazyWeights, compute_in_float32, read_file, skeleton
 from tinyllm.models.load import check_safetensors_dir, load_config, load_tokenizer
 from tinyllm.models.sparsity import SPARSE_MIN
 from tinyllm.models.validate import (
@@ -419,6 +419,49 @@ def fill_from_tensors(
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise ModelLoadError(f"checkpoint tensors the model does not have: {unexpected[:2]}")
+
+
+class CheckpointWeights(LazyWeights):
+    """A float tinyllm checkpoint's tensors, read on demand as a Hugging Face directory's are
+    (streaming compression starts from it): a sparse layer, stored as bitmask + values, reads
+    back dense (float32)."""
+
+    def __init__(self, directory: Path, sparse: dict[str, list[int]]) -> None:
+        super().__init__(directory)
+        self.sparse = {key: (int(shape[0]), int(shape[1])) for key, shape in sparse.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sparse or super().__contains__(name)
+
+    def keys(self) -> list[str]:
+        parts = {f"{k}.{leaf}" for k in self.sparse for leaf in ("mask", "values")}
+        return [k for k in self.entries if k not in parts] + list(self.sparse)
+
+    def numel(self, name: str) -> int:
+        if name in self.sparse:
+            return self.sparse[name][0] * self.sparse[name][1]
+        return super().numel(name)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.sparse:
+            return super().get(name, dtype)
+        read = super().get  # (zero-argument super() does not work inside a comprehension)
+        parts = {f"{name}.{leaf}": read(f"{name}.{leaf}") for leaf in ("mask", "values")}
+        w = _dense(parts, name, list(self.sparse[name]))
+        return w if dtype is None else w.to(dtype)
+
+
+def open_lazy_checkpoint(path: Path, verify: bool = True) -> tuple[Any, Any, CheckpointWeights]:
+    """A float tinyllm checkpoint to stream from: (config, tokenizer, weights), everything
+    checked as `load_checkpoint` checks it; a quantized one is refused (its layers are packed
+    records, not weights a step can start from)."""
+    info, config, tokenizer = _checked_parts(Path(path), verify)
+    if info.get("quantized"):
+        raise ConfigError(
+            f"{path} is quantized: streaming starts from float (or pruned) weights; quantize "
+            "the model it was made from, or use --stream off"
+        )
+    return config, tokenizer, CheckpointWeights(Path(path), info.get("sparse") or {})
 
 
 def _checked_parts(path: Path, verify: bool) -> tuple[dict, Any, Any]:

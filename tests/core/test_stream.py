@@ -365,3 +365,21 @@ def test_cli_prune_blocks_streamed_reports_the_shapes_left(
         app, [*args, "--method", "channels", "--importance", "gradient", "-o", str(tmp_path / "c")]
     )
     assert isinstance(refused.exception, ConfigError) and "backward pass" in str(refused.exception)
+
+
+def test_a_pruned_checkpoint_streams_into_the_in_memory_result(
+    four_block_dir: Path, tmp_path: Path, calib: Calibration
+) -> None:
+    """A recipe's second stage starts from a tinyllm checkpoint: a pruned one (sparse layers
+    stored as bitmask + values) streams, block by block, into the checkpoint the in-memory path
+    writes from it. A quantized one is refused under --stream on (and loaded whole by auto)."""
+    pruned = compress(four_block_dir, [_step("wanda")], calib, tmp_path / "p", stream="off")
+    assert json.loads((pruned.out / "tinyllm.json").read_text())["sparse"]
+    whole = compress(pruned.out, [_step("gptq")], calib, tmp_path / "whole", stream="off")
+    streamed = compress(pruned.out, [_step("gptq")], calib, tmp_path / "streamed", stream="on")
+    a, b = _tensors(whole.out), _tensors(streamed.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((streamed.out / "tinyllm.json").read_text())
+    assert [s["type"] for s in info["steps"]] == ["wanda", "gptq"] and info["stream"]
+    with pytest.raises(ConfigError, match="is quantized"):
+        compress(whole.out, [_step("rtn")], calib, tmp_path / "again", stream="on")

@@ -140,7 +140,7 @@ def test_a_streamed_stage_is_sharded_scored_and_resumed_like_an_in_memory_one(
     its stage runs: same scores."""
     import tinyllm.core.load as core_load
 
-    stages = "  - {type: gptq, bits: 4, group_size: 32}\n"
+    stages = "  - {type: wanda, sparsity: 0.5}\n  - {type: gptq, bits: 4, group_size: 32}\n"
     text = recipe_text(tiny_dir, corpus_file, stages)
     whole = run_recipe(parse_recipe(text), text, tmp_path / "whole")
     streamed_text = "stream: on\n" + text
@@ -148,13 +148,14 @@ def test_a_streamed_stage_is_sharded_scored_and_resumed_like_an_in_memory_one(
     assert recipe.stream == "on" and parse_recipe("stream: off\n" + text).stream == "off"
     out = tmp_path / "streamed"
     streamed = run_recipe(recipe, streamed_text, out)
-    stage_dir = out / streamed["stages"][0]["dir"]
-    shards = sorted(stage_dir.glob("model-*.safetensors"))
-    assert shards and not (stage_dir / "model.safetensors").exists()
-    assert streamed["stages"][0]["weights_bytes"] == sum(f.stat().st_size for f in shards)
-    a, b = whole["stages"][0], streamed["stages"][0]
-    for key in ("perplexity", "kld", "top1_agreement", "bits_per_weight"):
-        assert a["eval"][key] == pytest.approx(b["eval"][key], rel=1e-6), key
+    for i in (0, 1):  # the second stage streams from the first's (pruned) checkpoint
+        stage_dir = out / streamed["stages"][i]["dir"]
+        shards = sorted(stage_dir.glob("model-*.safetensors"))
+        assert shards and not (stage_dir / "model.safetensors").exists()
+        assert streamed["stages"][i]["weights_bytes"] == sum(f.stat().st_size for f in shards)
+        a, b = whole["stages"][i], streamed["stages"][i]
+        for key in ("perplexity", "kld", "top1_agreement", "bits_per_weight", "sparsity"):
+            assert a["eval"][key] == pytest.approx(b["eval"][key], rel=1e-6), key
     again = run_recipe(recipe, streamed_text, out, resume=True)  # the sharded stage counts
     assert again["stages"] == streamed["stages"]
 

@@ -123,6 +123,7 @@ STREAM_MODES = ("auto", "on", "off")
 
 def _stream_source(source: str | Path, steps: list[Step], mode: str) -> Path | None:
     """The Hugging Face directory to stream from, or None to load the model whole."""
+    from tinyllm.checkpoint import read_info
     from tinyllm.core.stream import should_stream
     from tinyllm.models.load import hf_directory, resolve
 
@@ -132,16 +133,19 @@ def _stream_source(source: str | Path, steps: list[Step], mode: str) -> Path | N
         return None
     refused = [name_of(cfg) for cfg in steps if name_of(cfg) not in STREAMS]
     reasons = [f"{name_of(cfg)}: {cfg.whole_model()}" for cfg in steps if cfg.whole_model()]
-    if resolve(source).kind == "tinyllm_dir" or refused or reasons:
+    r = resolve(source)
+    packed = r.kind == "tinyllm_dir" and bool(read_info(r.path).quantized)
+    if refused or reasons or packed:
         if mode == "on":
             why = f"{', '.join(refused)} need(s) the whole model" if refused else "; ".join(reasons)
-            why = why or f"{source} is a tinyllm checkpoint (streaming reads safetensors models)"
+            why = why or f"{source} is quantized (streaming starts from float or pruned weights)"
             raise ConfigError(
                 f"cannot stream: {why}; streaming runs {', '.join(sorted(STREAMS))} on a "
-                "Hugging Face model or a registered name (use --stream off)"
+                "Hugging Face model, a registered name or a float tinyllm checkpoint (use "
+                "--stream off)"
             )
         return None
-    directory = hf_directory(source)
+    directory = r.path if r.kind == "tinyllm_dir" else hf_directory(source)
     return directory if should_stream(directory, mode) else None
 
 

@@ -21,10 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tinyllm.checkpoint import (
+    TINYLLM_CONFIG,
     checkpoint_info,
     checkpoint_tensors,
     compact,
     finish_checkpoint,
+    open_lazy_checkpoint,
     round_floats,
     shard_name,
     write_index,
@@ -43,10 +45,15 @@ AUTO_SHARE = 0.5
 
 
 def open_streamed(directory: Path) -> tuple[nn.Module, Any, LazyWeights, bool]:
-    """A Hugging Face directory as a skeleton whose non-block tensors (embeddings, norms) are
-    read, the head left on disk unless tied. -> (model, tokenizer, weights, tied embeddings)"""
-    config, tokenizer = checked_hf_dir(directory)
-    weights = LazyWeights(directory)
+    """A Hugging Face directory (or a float tinyllm checkpoint) as a skeleton whose non-block
+    tensors (embeddings, norms) are read, the head left on disk unless tied.
+    -> (model, tokenizer, weights, tied embeddings)"""
+    weights: LazyWeights
+    if (directory / TINYLLM_CONFIG).is_file():  # a float or pruned tinyllm checkpoint
+        config, tokenizer, weights = open_lazy_checkpoint(directory)
+    else:
+        config, tokenizer = checked_hf_dir(directory)
+        weights = LazyWeights(directory)
     model = skeleton(config)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     head_key = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
@@ -81,7 +88,7 @@ def should_stream(directory: Path, mode: str) -> bool:
     if mode != "auto":
         return mode == "on"
     weights = LazyWeights(directory)
-    numel = sum(weights.numel(k) for k in weights.entries)
+    numel = sum(weights.numel(k) for k in weights.entries)  # a sparse layer: its parts
     return 4 * numel > AUTO_SHARE * available_bytes()
 
 
