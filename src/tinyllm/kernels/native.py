@@ -10,6 +10,11 @@ and are read from wherever tinyllm is installed. Where they are missing, no comp
 the build fails, `q4_kernel()` returns None, logs one warning saying why, and the layouts fall
 back to PyTorch's kernels (kernels/layouts.py): same results, slower decode.
 
+`TINYLLM_KERNEL_ISA` picks the vector path: `native` (default: what this CPU has; AVX-512 where
+present), `avx2` (AVX-512 disabled: the AVX2 + FMA + F16C paths every x86 laptop has) or `scalar`
+(no AVX at all: the plain C++ loops). Each builds into its own directory, so the three can be
+compared on one machine (tests/kernels, benchmarks/bench_decode.py).
+
 Builds are serialized by an OS file lock (`flock`), which the kernel releases when its holder
 dies. torch's own build lock is a plain file that a process killed mid-build leaves behind, and
 every later process then waits on it forever; under our lock no other build is running, so such
@@ -63,16 +68,31 @@ def q4_kernel() -> Any | None:
     return _build()
 
 
+# TINYLLM_KERNEL_ISA -> the compiler flags that pick the kernels' vector path
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx"]}
+
+
+def kernel_isa() -> str:
+    """The vector path asked for (TINYLLM_KERNEL_ISA: native, avx2 or scalar)."""
+    isa = os.environ.get("TINYLLM_KERNEL_ISA", "native").strip().lower() or "native"
+    if isa not in ISA_FLAGS:
+        from tinyllm.errors import ConfigError
+
+        raise ConfigError(f"TINYLLM_KERNEL_ISA must be one of {', '.join(ISA_FLAGS)}, got {isa!r}")
+    return isa
+
+
 def _build() -> Any | None:
     from torch.utils import cpp_extension
 
-    build = _build_dir(_build_tag())
+    isa = kernel_isa()
+    build = _build_dir(f"{_build_tag()}-{isa}")
     try:
         with build_lock(build):
             return cpp_extension.load(
-                name="tinyllm_q4gemv",
+                name=f"tinyllm_q4gemv_{isa}",
                 sources=[str(s) for s in SOURCES],
-                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                extra_cflags=["-O3", "-march=native", *ISA_FLAGS[isa], "-ffast-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
                 verbose=False,

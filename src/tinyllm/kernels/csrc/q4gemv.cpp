@@ -12,8 +12,12 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+// The AVX2 paths need FMA and F16C too (every AVX2 CPU has them; -march=native enables them).
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TINYLLM_AVX2 1
 #endif
 
 constexpr int64_t L = 16;
@@ -71,6 +75,54 @@ static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, co
     }
   }
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, out[t]);
+}
+#elif defined(TINYLLM_AVX2)
+// AVX2: the 16 lanes as two 8-float halves (rows 0-7 and 8-15 of the lane block).
+template <int MT>
+static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const at::Half* S,
+                           const at::Half* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
+                           int64_t G, int64_t half) {
+  constexpr int U = MT == 1 ? 2 : 1;
+  const __m256i low = _mm256_set1_epi32(15);
+  __m256 out[MT][2];
+  for (int t = 0; t < MT; ++t) out[t][0] = out[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 ae[U][MT][2], ao[U][MT][2];
+    for (int u = 0; u < U; ++u)
+      for (int t = 0; t < MT; ++t)
+        for (int h = 0; h < 2; ++h) ae[u][t][h] = ao[u][t][h] = _mm256_setzero_ps();
+    const uint8_t* c = W + (b * (K / 2) + g * half) * L;
+    const float* xg = X + m0 * K + g * 2 * half;
+    int64_t j = 0;
+    auto step = [&](int u, int64_t jj) {
+      const __m128i raw = _mm_loadu_si128((const __m128i*)(c + jj * L));
+      const __m256i q[2] = {_mm256_cvtepu8_epi32(raw), _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8))};
+      for (int h = 0; h < 2; ++h) {
+        const __m256 we = _mm256_cvtepi32_ps(_mm256_and_si256(q[h], low));
+        const __m256 wo = _mm256_cvtepi32_ps(_mm256_srli_epi32(q[h], 4));
+        for (int t = 0; t < MT; ++t) {
+          const float* xr = xg + t * K + 2 * jj;
+          ae[u][t][h] = _mm256_fmadd_ps(we, _mm256_set1_ps(xr[0]), ae[u][t][h]);
+          ao[u][t][h] = _mm256_fmadd_ps(wo, _mm256_set1_ps(xr[1]), ao[u][t][h]);
+        }
+      }
+    };
+    for (; j + U <= half; j += U)
+      for (int u = 0; u < U; ++u) step(u, j + u);
+    for (; j < half; ++j) step(0, j);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(S + (b * G + g) * L + 8 * h)));
+      const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Z + (b * G + g) * L + 8 * h)));
+      for (int t = 0; t < MT; ++t) {
+        __m256 acc = _mm256_add_ps(ae[0][t][h], ao[0][t][h]);
+        for (int u = 1; u < U; ++u) acc = _mm256_add_ps(acc, _mm256_add_ps(ae[u][t][h], ao[u][t][h]));
+        const __m256 sx = _mm256_set1_ps(GX[(m0 + t) * G + g]);
+        out[t][h] = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, sx, acc), out[t][h]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(Y + (m0 + t) * N + b * L + 8 * h, out[t][h]);
 }
 #else
 template <int MT>
@@ -137,6 +189,16 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
 // activations, 64 products per instruction). Not exact: each block of x is rounded to 255 levels
 // of its absolute maximum. y[n] = sum_g s * sum_{blocks} sa * (sum q*xi - z * sum xi).
 // Needs groups (and K) in multiples of 32; the caller checks `q4_i8_supported()`.
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(TINYLLM_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 bool q4_i8_supported() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
   return true;
@@ -276,6 +338,25 @@ static inline void q8_tile(const float* X, const int8_t* W, const float* S, floa
   }
   const __m512 s = _mm512_loadu_ps(S + b * L);
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, _mm512_mul_ps(s, acc[t]));
+#elif defined(TINYLLM_AVX2)
+  __m256 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  const int8_t* c = W + b * K * L;
+  for (int64_t k = 0; k < K; ++k, c += L) {
+    const __m128i raw = _mm_loadu_si128((const __m128i*)c);
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+    for (int t = 0; t < MT; ++t) {
+      const __m256 x = _mm256_set1_ps(X[(m0 + t) * K + k]);
+      acc[t][0] = _mm256_fmadd_ps(w0, x, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(w1, x, acc[t][1]);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m256 s = _mm256_loadu_ps(S + b * L + 8 * h);
+    for (int t = 0; t < MT; ++t)
+      _mm256_storeu_ps(Y + (m0 + t) * N + b * L + 8 * h, _mm256_mul_ps(s, acc[t][h]));
+  }
 #else
   float acc[MT][L] = {};
   const int8_t* c = W + b * K * L;
@@ -433,4 +514,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_gemv_i8", &q4_gemv_i8, "4-bit GEMV with int8 block-quantized activations", nogil);
   m.def("q8_gemv_i8", &q8_gemv_i8, "8-bit GEMV with int8 block-quantized activations", nogil);
   m.def("q4_i8_supported", &q4_i8_supported, "whether q4_gemv_i8 was compiled in");
+  m.def("isa", &isa, "the vector path the kernels were compiled with");
 }

@@ -9,8 +9,11 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TINYLLM_AVX2 1
 #endif
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
@@ -74,6 +77,18 @@ static inline float dot_row(const float* q, const at::Half* k, int64_t D) {
                             _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + d))), acc);
     return _mm512_reduce_add_ps(acc);
   }
+#elif defined(TINYLLM_AVX2)
+  if (D % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d),
+                            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k + d))), acc);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    float sum = 0.f;
+    for (int i = 0; i < 8; ++i) sum += lanes[i];
+    return sum;
+  }
 #endif
   float acc = 0.f;
   for (int64_t d = 0; d < D; ++d) acc += q[d] * float(k[d]);
@@ -86,6 +101,15 @@ static inline void axpy_row(float w, const at::Half* v, float* o, int64_t D) {
     for (int64_t d = 0; d < D; d += 16) {
       const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(v + d)));
       _mm512_storeu_ps(o + d, _mm512_fmadd_ps(wv, vv, _mm512_loadu_ps(o + d)));
+    }
+    return;
+  }
+#elif defined(TINYLLM_AVX2)
+  if (D % 8 == 0) {
+    const __m256 wv = _mm256_set1_ps(w);
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(v + d)));
+      _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, vv, _mm256_loadu_ps(o + d)));
     }
     return;
   }
