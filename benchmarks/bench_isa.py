@@ -1,0 +1,86 @@
+"""Decode speed of the kernels' vector paths: the native build (AVX-512 on a host that has it),
+the AVX2 build and the scalar build (TINYLLM_KERNEL_ISA, kernels/native.py), each through the
+tinyllm runtime on the same 4-bit smollm2-135m checkpoint.
+
+Run: .venv/bin/python benchmarks/bench_isa.py [--rounds 3]
+Each round runs `tinyllm bench CKPT --concurrency 1,16 --prompt-len 64 --gen-len 64 --repeats 3`
+once per path, in turn (so a slow spell of the shared host hits every path alike); the table
+gives the median over rounds of each path's batch-1 decode tokens/s (and 16-stream tokens/s)
+and its ratio to the native build's. The checkpoint: `tinyllm quantize smollm2-135m --method
+rtn --bits 4 --group-size 64` (speed does not depend on how the codes were chosen). Each path's
+kernels are built once before timing. Writes benchmarks/results/isa_smollm2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from provenance import write_result
+
+HERE = Path(__file__).parent
+OUT = HERE / "results" / "isa_smollm2.json"
+CKPT = HERE / "work" / "isa" / "rtn-4b-g64"
+CLI = [sys.executable, "-m", "tinyllm.cli"]
+ISAS = ["native", "avx2", "scalar"]
+
+
+def _env(isa: str) -> dict:
+    return {**os.environ, "TINYLLM_KERNEL_ISA": isa}
+
+
+def _bench(isa: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "b.json"
+        args = [*CLI, "bench", str(CKPT), "--concurrency", "1,16", "--prompt-len", "64"]
+        args += ["--gen-len", "64", "--repeats", "3", "--json", str(out)]
+        subprocess.run(args, check=True, env=_env(isa), capture_output=True)
+        return json.loads(out.read_text())
+
+
+def _decode_tps(result: list[dict], streams: int) -> float:
+    level = next(r for r in result if r["concurrency"] == streams)
+    return float(level["decode_tokens_per_s"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if not (CKPT / "tinyllm.json").exists():
+        quant = ["--method", "rtn", "--bits", "4", "--group-size", "64"]
+        subprocess.run([*CLI, "quantize", "smollm2-135m", *quant, "-o", str(CKPT)], check=True)
+    probe = "from tinyllm.kernels import native; print(native.q4_kernel().isa())"
+    built = {}
+    for isa in ISAS:  # build every path before any timing
+        done = subprocess.run([sys.executable, "-c", probe], env=_env(isa), check=True,
+                              capture_output=True, text=True)  # fmt: skip
+        built[isa] = done.stdout.strip().splitlines()[-1]
+    runs: dict[str, list[list[dict]]] = {isa: [] for isa in ISAS}
+    for r in range(args.rounds):
+        for isa in ISAS:
+            runs[isa].append(_bench(isa))
+            print(f"round {r + 1} {isa}: {_decode_tps(runs[isa][-1], 1):.1f} tok/s", flush=True)
+    rows = {}
+    for isa in ISAS:
+        one = statistics.median(_decode_tps(x, 1) for x in runs[isa])
+        many = statistics.median(_decode_tps(x, 16) for x in runs[isa])
+        rows[isa] = {"built": built[isa], "batch1_decode_tps": one, "streams16_decode_tps": many}
+    for isa in ISAS:
+        rows[isa]["batch1_vs_native"] = (
+            rows[isa]["batch1_decode_tps"] / rows["native"]["batch1_decode_tps"]
+        )
+    command = f"benchmarks/bench_isa.py --rounds {args.rounds}"
+    write_result(OUT, {"command": command, "rows": rows, "runs": runs})
+    for isa, row in rows.items():
+        print(isa, json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
