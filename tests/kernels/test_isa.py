@@ -1,7 +1,8 @@
 """The kernels' AVX2 and scalar paths, built here with AVX-512 (or AVX) disabled
 (TINYLLM_KERNEL_ISA), pass the same tests as the native build: every 4-/8-bit GEMV tile against
 dequantize-then-matmul, and the lean runtime's greedy tokens (fused RMSNorm, RoPE and paged
-attention over float32 and float16 KV) against transformers. Each build takes about a minute."""
+attention over float32, float16 and int8 KV) against transformers. Each build takes about a
+minute."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ CHECKS = [
     "tests/kernels/test_qlinear.py::test_kernels_match_dequantize_then_matmul",
     "tests/runtime/test_engine.py::test_batched_greedy_matches_transformers_generate",
     "tests/runtime/test_engine.py::test_float16_kv_cache_halves_memory_and_keeps_the_tokens",
+    "tests/runtime/test_engine.py::test_int8_kv_cache_halves_float16_bytes_and_keeps_the_tokens",
+    "tests/runtime/test_engine.py::test_fused_int8_decode_attention_equals_the_dequantized_reference",
 ]
 
 

@@ -322,3 +322,48 @@ def test_the_loop_survives_a_raising_step_and_reports_a_stall(tokenizer) -> None
     assert loop.problem() is None
     loop.beat -= 1.0  # as if a step had hung for a second
     assert "no progress" in loop.problem()
+
+
+def test_int8_kv_cache_halves_float16_bytes_and_keeps_the_tokens(tokenizer) -> None:
+    """--kv-dtype int8: a code per element plus a float32 scale per token and head, (hd + 4) /
+    (2 hd) of float16's bytes; greedy tokens as with float16 on the tiny model; the fused decode
+    attention reads the codes and scales exactly as the PyTorch path dequantizes them."""
+    model = tiny_model("llama")
+    half = engine(model, tokenizer, kv_dtype="float16")
+    quart = engine(model, tokenizer, kv_dtype="int8")
+    hd = quart.cache.shape.head_dim
+    ratio = quart.cache.shape.bytes_per_token() / half.cache.shape.bytes_per_token()
+    assert ratio == (hd + 4) / (2 * hd)
+    assert quart.cache.pool_bytes() <= 2 * 2**20
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    a, b = half.generate(PROMPTS, params), quart.generate(PROMPTS, params)
+    assert [s.output for s in a] == [s.output for s in b]
+
+
+def test_fused_int8_decode_attention_equals_the_dequantized_reference() -> None:
+    from tinyllm.kernels import native
+    from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
+
+    ops = native.q4_kernel()
+    if ops is None:
+        pytest.skip("tinyllm's C++ kernels are not built here")
+    torch.manual_seed(0)
+    cache = PagedKVCache(CacheShape(1, (2,), 64, torch.int8), num_blocks=8, block_size=4)
+    for seq, n in ((0, 13), (1, 6)):
+        cache.add(seq)
+        slots = cache.reserve(seq, n)
+        cache.write(0, slots, torch.randn(n, 2, 64), torch.randn(n, 2, 64))
+    lengths = torch.tensor([13, 6])
+    ctx = torch.zeros(2, 13, dtype=torch.long)
+    for seq in (0, 1):
+        ctx[seq, : lengths[seq]] = cache.slots(seq)
+    q = torch.randn(2, 4, 64)  # 4 query heads over 2 KV heads
+    got = ops.paged_decode_attention(
+        q, cache.k[0], cache.v[0], ctx, lengths, torch.zeros(2, dtype=torch.long), 0.125,
+        cache.k_scale[0], cache.v_scale[0],
+    )  # fmt: skip
+    for seq in (0, 1):
+        k, v = cache.read(0, ctx[seq, : lengths[seq]])  # [L, 2, 64]
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        w = torch.softmax(torch.einsum("hd,lhd->hl", q[seq], k) * 0.125, -1)
+        torch.testing.assert_close(got[seq], torch.einsum("hl,lhd->hd", w, v), rtol=1e-4, atol=1e-5)

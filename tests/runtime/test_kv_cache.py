@@ -75,3 +75,29 @@ def test_fork_copies_a_shared_partial_block_on_write() -> None:
     cache.release(1)
     cache.release(2)
     assert cache.used_blocks == 0
+
+
+def test_int8_pool_round_trips_within_half_a_step_and_copies_scales_on_write() -> None:
+    import torch
+
+    from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache, quantize_kv
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 16)
+    x[2, 1] = 0.0  # a zero head: scale 0, codes 0
+    codes, scale = quantize_kv(x)
+    assert codes.dtype == torch.int8 and scale.shape == (5, 3)
+    back = codes.float() * scale[..., None]
+    assert ((back - x).abs() <= scale[..., None] / 2 + 1e-7).all()
+    assert torch.equal(back[2, 1], torch.zeros(16))
+    cache = PagedKVCache(CacheShape(1, (3,), 16, torch.int8), num_blocks=4, block_size=4)
+    cache.add(0)
+    slots = cache.reserve(0, 3)
+    cache.write(0, slots, x[:3], -x[:3])
+    k, v = cache.read(0, slots)
+    assert torch.equal(k, back[:3]) and torch.equal(v, -back[:3])
+    cache.fork(0, 1)
+    cache.reserve(1, 1)  # the shared partial block is copied, scales included
+    k1, _ = cache.read(0, cache.slots(1)[:3])
+    assert torch.equal(k1, back[:3])
+    assert cache.pool_bytes() == 2 * 16 * 3 * 16 + 2 * 16 * 3 * 4

@@ -89,8 +89,9 @@ KvDtypeOpt = Annotated[
     str,
     typer.Option(
         "--kv-dtype",
-        help="KV cache precision: float16 (half the memory and traffic, like llama.cpp) or "
-        "float32 (exactly what transformers keeps).",
+        help="KV cache precision: float16 (half the memory and traffic, like llama.cpp), "
+        "float32 (exactly what transformers keeps) or int8 (a scale per token and head: about "
+        "half of float16's bytes; lean runtime only).",
     ),
 ]
 

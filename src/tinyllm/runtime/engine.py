@@ -48,13 +48,14 @@ from tinyllm.util.device import module_device, resolve_device
 
 log = logging.getLogger(__name__)
 INTERNAL_ERROR = "internal error while generating (details are in the server log)"
-KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+KV_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
 
 
 @dataclass
 class EngineConfig:
     kv_memory_mb: float = 256.0  # the KV pool, preallocated
-    kv_dtype: str = "float16"  # or "float32" (exact: what transformers keeps)
+    # or "float32" (exact: what transformers keeps), or "int8" (a scale per token and head)
+    kv_dtype: str = "float16"
     int8_activations: bool = False  # 4-bit layers on int8 x int4 integer kernels (not exact)
     block_size: int = 16
     token_budget: int = 512  # tokens per step over all sequences (decode + prefill chunks)

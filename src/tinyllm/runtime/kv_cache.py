@@ -7,6 +7,12 @@ prompt blocks with identical token prefixes are shared between sequences (the ha
 covers every token before it too), a fork shares every block, and a write into a block that
 another sequence also holds copies it first (copy on write). Freeing a sequence returns the
 blocks nobody else holds to the free list at once.
+
+An int8 pool (`CacheShape.dtype = torch.int8`, `--kv-dtype int8`) stores each token's key and
+value of each KV head as 8-bit integers with one float32 scale (its absolute maximum / 127):
+head_dim + 4 bytes per head and token instead of 2 x head_dim in float16. `write` quantizes what
+a forward produces, `read` gives float32 back; the C++ decode attention reads the codes and scales
+directly.
 """
 
 from __future__ import annotations
@@ -30,10 +36,25 @@ class CacheShape:
     head_dim: int
     dtype: torch.dtype = torch.float32
 
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == torch.int8
+
     def bytes_per_token(self) -> int:
-        """2 (K and V) x sum over layers of kv_heads x head_dim x bytes per element."""
+        """2 (K and V) x sum over layers of kv_heads x (head_dim x bytes per element, plus a
+        float32 scale per head in an int8 pool)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * sum(self.kv_heads) * self.head_dim * elem
+        per_head = self.head_dim * elem + (4 if self.quantized else 0)
+        return 2 * sum(self.kv_heads) * per_head
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, heads, hd] float -> (int8 codes [T, heads, hd], float32 scales [T, heads]): symmetric,
+    one scale per token and head (its absolute maximum maps to 127)."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127.0
+    div = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x / div[..., None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
 @dataclass
@@ -66,6 +87,11 @@ class PagedKVCache:
             for h in shape.kv_heads
         ]
         self.v = [torch.zeros_like(t) for t in self.k]
+        # an int8 pool's scales, [slots, kv_heads] float32 per layer (empty lists otherwise)
+        scales = (
+            [torch.zeros(t.shape[:2], device=device) for t in self.k] if shape.quantized else []
+        )
+        self.k_scale, self.v_scale = scales, [torch.zeros_like(t) for t in scales]
         self.refs = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives block 0 first
         self.by_hash: dict[bytes, int] = {}
@@ -100,7 +126,28 @@ class PagedKVCache:
         return self.num_blocks - len(self.free)
 
     def pool_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        tensors = self.k + self.v + self.k_scale + self.v_scale
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # --- contents ---------------------------------------------------------------------------
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the keys and values [T, kv_heads, hd] of layer `layer` at `slots` [T]."""
+        if not self.shape.quantized:
+            self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(0, slots, v.to(self.v[layer].dtype))
+            return
+        for pool, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            codes, scale = quantize_kv(x)
+            pool[layer].index_copy_(0, slots, codes)
+            scales[layer].index_copy_(0, slots, scale)
+
+    def read(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of layer `layer` at slots `idx` (any shape), float32:
+        [*idx.shape, kv_heads, hd] each."""
+        if not self.shape.quantized:
+            return self.k[layer][idx].float(), self.v[layer][idx].float()
+        k = self.k[layer][idx].float() * self.k_scale[layer][idx][..., None]
+        return k, self.v[layer][idx].float() * self.v_scale[layer][idx][..., None]
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -192,9 +239,8 @@ class PagedKVCache:
         new = self.free.pop()
         bs = self.block_size
         src, dst = slice(old * bs, (old + 1) * bs), slice(new * bs, (new + 1) * bs)
-        for k, v in zip(self.k, self.v, strict=True):
-            k[dst] = k[src]
-            v[dst] = v[src]
+        for t in self.k + self.v + self.k_scale + self.v_scale:
+            t[dst] = t[src]
         self.refs[old] -= 1
         self.refs[new] = 1
         seq.table[index] = new

@@ -26,8 +26,15 @@ class RuntimeLM(LogitsLM):
     """A model `tinyllm.load` returns, run by the runtime's lean forward (on its device)."""
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, name: str = "runtime", int8_act: bool = False
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        name: str = "runtime",
+        int8_act: bool = False,
+        kv_dtype: torch.dtype = torch.float32,
     ) -> None:
+        """`kv_dtype`: the KV pool's precision (float32: exact; float16 or int8 as the engine's
+        --kv-dtype), so a score includes what the cache's rounding costs."""
         super().__init__(name, tokenizer)
         reason = unsupported_reason(model)
         if reason:
@@ -36,11 +43,13 @@ class RuntimeLM(LogitsLM):
                 "serves it through transformers, which `tinyllm eval` scores directly"
             )
         self.runtime = LlamaRuntime(model.eval(), int8_act)
+        self.kv_dtype = kv_dtype
         self.tokens_per_batch = max(64, min(2048, LOGITS_BYTES // (4 * self.runtime.vocab)))
 
     def tail_logits(self, seqs: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
         blocks = sum(-(-len(s) // BLOCK) for s in seqs)
-        cache = PagedKVCache(self.runtime.cache_shape(), blocks, BLOCK, self.runtime.device)
+        shape = self.runtime.cache_shape(self.kv_dtype)
+        cache = PagedKVCache(shape, blocks, BLOCK, self.runtime.device)
         batch = self._batch(cache, seqs, starts)
         logits = self.runtime.forward(batch, cache).float().cpu()  # [sum of tails, V]
         return list(logits.split([len(s) - st for s, st in zip(seqs, starts, strict=True)]))

@@ -306,10 +306,8 @@ class LlamaRuntime:
                     self._rotate(k, cos[:, None], sin[:, None]),
                 )
             v = v.view(t, ly.kv_heads, hd)
-            kpool, vpool = cache.k[i], cache.v[i]
-            kpool.index_copy_(0, batch.slots, k.to(kpool.dtype))
-            vpool.index_copy_(0, batch.slots, v.to(vpool.dtype))
-            attn = self._attention(q, kpool, vpool, batch, ops)  # [T, heads, hd]
+            cache.write(i, batch.slots, k, v)
+            attn = self._attention(q, cache, i, batch, ops)  # [T, heads, hd]
             x = x + ly.o(attn.reshape(t, ly.heads * hd))[0]
             h = self._norm(x, ly.mlp_norm, ops)
             gate, up = ly.gate_up(h)
@@ -322,27 +320,30 @@ class LlamaRuntime:
     def _attention(
         self,
         q: torch.Tensor,
-        kpool: torch.Tensor,
-        vpool: torch.Tensor,
+        cache: PagedKVCache,
+        layer: int,
         batch: FlatBatch,
         ops: object = None,
     ) -> torch.Tensor:
         d = batch.decode
         if ops is not None and d is not None and d.all_rows:  # decode only: one fused call
             scale = 1.0 / math.sqrt(q.shape[-1])
+            none = torch.empty(0)  # float pools have no scales
+            scales = (cache.k_scale[layer], cache.v_scale[layer]) if cache.k_scale else (none, none)
+            kpool, vpool = cache.k[layer], cache.v[layer]
             return ops.paged_decode_attention(
-                q.contiguous(), kpool, vpool, d.ctx, d.lengths, d.starts, scale
+                q.contiguous(), kpool, vpool, d.ctx, d.lengths, d.starts, scale, *scales
             )
         out = torch.empty_like(q)
         if d is not None:
-            keys = kpool[d.ctx].transpose(1, 2).to(q.dtype)  # [B, kv_heads, Lmax, hd]
-            vals = vpool[d.ctx].transpose(1, 2).to(q.dtype)
+            kv = cache.read(layer, d.ctx)
+            keys, vals = (t.transpose(1, 2).to(q.dtype) for t in kv)  # [B, kv_heads, Lmax, hd]
             qd = q[d.rows].unsqueeze(2)  # [B, heads, 1, hd]
             o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=d.mask, enable_gqa=True)
             out[d.rows] = o.squeeze(2)
         for p in batch.prefills:
-            keys = kpool[p.ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kv_heads, L, hd]
-            vals = vpool[p.ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            kv = cache.read(layer, p.ctx)
+            keys, vals = (t.transpose(0, 1).unsqueeze(0).to(q.dtype) for t in kv)  # [1, kvh, L, hd]
             qp = q[p.rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
             o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=p.mask, enable_gqa=True)
             out[p.rows] = o.squeeze(0).transpose(0, 1)

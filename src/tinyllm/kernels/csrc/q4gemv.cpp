@@ -500,7 +500,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool,
                                      torch::Tensor ctx, torch::Tensor lengths,
-                                     torch::Tensor starts, double scale);
+                                     torch::Tensor starts, double scale, torch::Tensor kscale,
+                                     torch::Tensor vscale);
 
 // Every op releases the GIL while it runs, so a server's event loop can serve sockets meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -117,10 +117,64 @@ static inline void axpy_row(float w, const at::Half* v, float* o, int64_t D) {
   for (int64_t d = 0; d < D; ++d) o[d] += w * float(v[d]);
 }
 
+// int8 keys and values (an int8 pool; their per-head scale is applied by the caller)
+static inline float dot_row(const float* q, const int8_t* k, int64_t D) {
+#ifdef __AVX512F__
+  if (D % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d),
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                _mm_loadu_si128((const __m128i*)(k + d)))), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#elif defined(TINYLLM_AVX2)
+  if (D % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d),
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                _mm_loadl_epi64((const __m128i*)(k + d)))), acc);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    float sum = 0.f;
+    for (int i = 0; i < 8; ++i) sum += lanes[i];
+    return sum;
+  }
+#endif
+  float acc = 0.f;
+  for (int64_t d = 0; d < D; ++d) acc += q[d] * float(k[d]);
+  return acc;
+}
+static inline void axpy_row(float w, const int8_t* v, float* o, int64_t D) {
+#ifdef __AVX512F__
+  if (D % 16 == 0) {
+    const __m512 wv = _mm512_set1_ps(w);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 vv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(v + d))));
+      _mm512_storeu_ps(o + d, _mm512_fmadd_ps(wv, vv, _mm512_loadu_ps(o + d)));
+    }
+    return;
+  }
+#elif defined(TINYLLM_AVX2)
+  if (D % 8 == 0) {
+    const __m256 wv = _mm256_set1_ps(w);
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 vv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(v + d))));
+      _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, vv, _mm256_loadu_ps(o + d)));
+    }
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) o[d] += w * float(v[d]);
+}
+
+// KS, VS: an int8 pool's per-(slot, KV head) scales; nullptr for float pools
 template <typename KV>
 static void decode_attention(const float* Q, const KV* K, const KV* V, const int64_t* C,
                              const int64_t* LEN, const int64_t* ST, float* O, int64_t B,
-                             int64_t H, int64_t KVH, int64_t D, int64_t Lmax, float scale) {
+                             int64_t H, int64_t KVH, int64_t D, int64_t Lmax, float scale,
+                             const float* KS = nullptr, const float* VS = nullptr) {
   const int64_t rep = H / KVH;
   // one work item per (sequence, KV head): each cached key and value row is read once and used
   // by every query head of its group
@@ -133,7 +187,8 @@ static void decode_attention(const float* Q, const KV* K, const KV* V, const int
       const float* qb = Q + (b * H + kvh * rep) * D;  // rep query heads, contiguous
       for (int64_t l = lo; l < hi; ++l) {
         const KV* kv = K + (slots[l] * KVH + kvh) * D;
-        for (int64_t r = 0; r < rep; ++r) p[r * Lmax + l] = dot_row(qb + r * D, kv, D) * scale;
+        const float ks = KS ? KS[slots[l] * KVH + kvh] * scale : scale;
+        for (int64_t r = 0; r < rep; ++r) p[r * Lmax + l] = dot_row(qb + r * D, kv, D) * ks;
       }
       for (int64_t r = 0; r < rep; ++r) {
         float* pr = p.data() + r * Lmax;
@@ -149,8 +204,9 @@ static void decode_attention(const float* Q, const KV* K, const KV* V, const int
       }
       for (int64_t l = lo; l < hi; ++l) {
         const KV* vv = V + (slots[l] * KVH + kvh) * D;
+        const float vs = VS ? VS[slots[l] * KVH + kvh] : 1.f;
         for (int64_t r = 0; r < rep; ++r)
-          axpy_row(p[r * Lmax + l], vv, O + (b * H + kvh * rep + r) * D, D);
+          axpy_row(p[r * Lmax + l] * vs, vv, O + (b * H + kvh * rep + r) * D, D);
       }
     }
   });
@@ -158,16 +214,24 @@ static void decode_attention(const float* Q, const KV* K, const KV* V, const int
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool,
                                      torch::Tensor ctx, torch::Tensor lengths,
-                                     torch::Tensor starts, double scale) {
-  // q [B, H, D] float32; pools [S, KVH, D] float32 or float16; ctx [B, Lmax] slots; keys
-  // starts[b]..lengths[b]-1 are visible
+                                     torch::Tensor starts, double scale, torch::Tensor kscale,
+                                     torch::Tensor vscale) {
+  // q [B, H, D] float32; pools [S, KVH, D] float32, float16 or int8 (then kscale/vscale
+  // [S, KVH] float32, else empty); ctx [B, Lmax] slots; keys starts[b]..lengths[b]-1 are visible
   TORCH_CHECK(q.is_contiguous() && kpool.is_contiguous() && vpool.is_contiguous(), "contiguous");
   TORCH_CHECK(kpool.dtype() == vpool.dtype(), "K and V pools must share a dtype");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = kpool.size(1);
   auto out = torch::empty_like(q);
   const int64_t *C = ctx.data_ptr<int64_t>(), *LEN = lengths.data_ptr<int64_t>(),
                 *ST = starts.data_ptr<int64_t>();
-  if (kpool.dtype() == torch::kFloat16) {
+  if (kpool.dtype() == torch::kInt8) {
+    TORCH_CHECK(kscale.numel() == kpool.size(0) * KVH && vscale.numel() == kscale.numel() &&
+                kscale.is_contiguous() && vscale.is_contiguous() &&
+                kscale.dtype() == torch::kFloat32, "an int8 pool needs float32 scales [S, KVH]");
+    decode_attention(q.data_ptr<float>(), kpool.data_ptr<int8_t>(), vpool.data_ptr<int8_t>(),
+                     C, LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale),
+                     kscale.data_ptr<float>(), vscale.data_ptr<float>());
+  } else if (kpool.dtype() == torch::kFloat16) {
     decode_attention(q.data_ptr<float>(), kpool.data_ptr<at::Half>(), vpool.data_ptr<at::Half>(),
                      C, LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale));
   } else {
