@@ -6,9 +6,11 @@ Run: .venv/bin/python benchmarks/bench_isa.py [--rounds 3]
 Each round runs `tinyllm bench CKPT --concurrency 1,16 --prompt-len 64 --gen-len 64 --repeats 3`
 once per path, in turn (so a slow spell of the shared host hits every path alike); the table
 gives the median over rounds of each path's batch-1 decode tokens/s (and 16-stream tokens/s)
-and its ratio to the native build's. The checkpoint: `tinyllm quantize smollm2-135m --method
-rtn --bits 4 --group-size 64` (speed does not depend on how the codes were chosen). Each path's
-kernels are built once before timing. Writes benchmarks/results/isa_smollm2.json.
+and its ratio to the native build's. The checkpoint is bench_runtime.py's INT4 model: `tinyllm
+quantize smollm2-135m --method rtn --bits 4 --group-size 32 --sym --embed-bits 8` (the Q4_0
+grid, 8-bit embeddings and tied head on the q8 kernel; speed does not depend on how the codes
+were chosen). Each path's kernels are built once before timing. Writes
+benchmarks/results/isa_smollm2.json.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from provenance import write_result
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "isa_smollm2.json"
-CKPT = HERE / "work" / "isa" / "rtn-4b-g64"
+CKPT = HERE / "work" / "isa" / "rtn-4b-g32-e8"
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 ISAS = ["native", "avx2", "scalar"]
 
@@ -54,7 +56,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if not (CKPT / "tinyllm.json").exists():
-        quant = ["--method", "rtn", "--bits", "4", "--group-size", "64"]
+        quant = [
+            "--method",
+            "rtn",
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--sym",
+            "--embed-bits",
+            "8",
+        ]
         subprocess.run([*CLI, "quantize", "smollm2-135m", *quant, "-o", str(CKPT)], check=True)
     probe = "from tinyllm.kernels import native; print(native.q4_kernel().isa())"
     built = {}

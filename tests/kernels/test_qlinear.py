@@ -57,7 +57,7 @@ def test_int8_activation_kernel_is_close_to_the_exact_product(group, sym):
 
     k = native.q4_kernel()
     if k is None or not k.q4_i8_supported():
-        pytest.skip("needs tinyllm's native kernels with AVX512-VNNI")
+        pytest.skip("needs tinyllm's native kernels with AVX512-VNNI or AVX2")
     torch.manual_seed(0)
     qw = rtn_quantize(torch.randn(96, 256), RTN(bits=4, group_size=group, sym=sym))
     layer = QuantLinear(qw)
@@ -74,7 +74,7 @@ def test_int8_activation_head_kernel_is_close_to_the_exact_product():
 
     k = native.q4_kernel()
     if k is None or not k.q4_i8_supported():
-        pytest.skip("needs tinyllm's native kernels with AVX512-VNNI")
+        pytest.skip("needs tinyllm's native kernels with AVX512-VNNI or AVX2")
     torch.manual_seed(0)
     qw = rtn_quantize(torch.randn(160, 256), RTN(bits=8, group_size=-1, sym=True))
     layer = QuantLinear(qw)

@@ -101,7 +101,7 @@ Int8ActOpt = Annotated[
     typer.Option(
         "--int8-act",
         help="Run 4-bit layers on integer kernels with activations rounded to int8 per block of "
-        "32 (AVX512-VNNI; like llama.cpp's Q4_0 x Q8_0): faster, no longer bit-exact. Lean "
+        "32 (AVX512-VNNI or AVX2; like llama.cpp's Q4_0 x Q8_0): faster, no longer bit-exact. Lean "
         "forward only (Llama, Qwen2, Mistral): refused where a model falls back to transformers.",
     ),
 ]

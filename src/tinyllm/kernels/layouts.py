@@ -139,7 +139,7 @@ class Q4Native(Layout):
 
     @staticmethod
     def i8_supported(group: int) -> bool:
-        """Whether the int8-activation GEMV runs here (AVX512-VNNI) for this group size."""
+        """Whether the int8-activation GEMV runs here (AVX512-VNNI or AVX2) for this group size."""
         return group % 32 == 0 and bool(native.q4_kernel().q4_i8_supported())
 
 

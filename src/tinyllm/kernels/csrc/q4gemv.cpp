@@ -9,6 +9,7 @@
 //   y[n] = sum_g s[n,g] * (sum_{k in g} q[n,k] x[k] - z[n,g] * sum_{k in g} x[k]).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -200,11 +201,35 @@ std::string isa() {
 }
 
 bool q4_i8_supported() {
-#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#if (defined(__AVX512VNNI__) && defined(__AVX512VBMI__)) || defined(TINYLLM_AVX2)
   return true;
 #else
   return false;
 #endif
+}
+
+// Activations rounded to int8 per block of 32 inputs (symmetric, amax -> 127), in plain C++ (the
+// AVX2 kernels' input; M x K work, small next to the product): codes of the even and odd columns
+// (the nibble order) or of every column, the block scales and the blocks' code sums.
+[[maybe_unused]] static void quantize_blocks(const float* X, int64_t M, int64_t K, int8_t* XE, int8_t* XO,
+                            int8_t* XQ, float* SA, float* SX) {
+  const int64_t KB = K / 32, H2 = K / 2;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t blk = 0; blk < KB; ++blk) {
+      const float* xb = X + m * K + blk * 32;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int8_t q = int8_t(std::nearbyint(xb[i] * inv));
+        sum += q;
+        if (XQ) XQ[m * K + blk * 32 + i] = q;
+        if (XE) (i % 2 ? XO : XE)[m * H2 + blk * 16 + i / 2] = q;
+      }
+      SA[m * KB + blk] = amax / 127.f;
+      SX[m * KB + blk] = float(sum);
+    }
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
@@ -259,6 +284,63 @@ static inline void q4_i8_tile(const int8_t* XE, const int8_t* XO, const float* S
 }
 #endif
 
+#if defined(TINYLLM_AVX2)
+// 16 int32 row sums [0-3, 8-11] and [4-7, 12-15] (what unpacklo/hi + madd give) -> rows 0-7, 8-15
+static inline void rows_in_order(__m256i a, __m256i b, __m256* lo, __m256* hi) {
+  *lo = _mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, b, 0x20));
+  *hi = _mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// AVX2 (no VNNI): each input pair's 16 codes widened to int16 and interleaved (row r: low nibble,
+// high nibble), vpmaddwd against the pair's two int8 activations: one int32 per row and pair.
+template <int MT>
+static inline void q4_i8_tile(const int8_t* XE, const int8_t* XO, const float* SA,
+                              const float* SX, const uint8_t* W, const at::Half* S,
+                              const at::Half* Z, float* Y, int64_t b, int64_t m0, int64_t K,
+                              int64_t N, int64_t G, int64_t group) {
+  const __m256i nib = _mm256_set1_epi16(15);
+  const int64_t KB = K / 32, H2 = K / 2;
+  __m256 out[MT][2];
+  for (int t = 0; t < MT; ++t) out[t][0] = out[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 z[2], s[2];
+    for (int h = 0; h < 2; ++h) {
+      z[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Z + (b * G + g) * L + 8 * h)));
+      s[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(S + (b * G + g) * L + 8 * h)));
+    }
+    __m256 fg[MT][2];
+    for (int t = 0; t < MT; ++t) fg[t][0] = fg[t][1] = _mm256_setzero_ps();
+    for (int64_t blk = g * group / 32; blk < (g + 1) * group / 32; ++blk) {
+      __m256i acc_a[MT], acc_b[MT];
+      for (int t = 0; t < MT; ++t) acc_a[t] = acc_b[t] = _mm256_setzero_si256();
+      for (int64_t j = blk * 16; j < blk * 16 + 16; ++j) {
+        const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(W + (b * H2 + j) * L)));
+        const __m256i lo = _mm256_and_si256(c, nib), hi = _mm256_srli_epi16(c, 4);
+        const __m256i pa = _mm256_unpacklo_epi16(lo, hi), pb = _mm256_unpackhi_epi16(lo, hi);
+        for (int t = 0; t < MT; ++t) {
+          const int16_t e = XE[(m0 + t) * H2 + j], o = XO[(m0 + t) * H2 + j];
+          const __m256i xp = _mm256_set1_epi32(int32_t(uint16_t(e)) | (int32_t(o) << 16));
+          acc_a[t] = _mm256_add_epi32(acc_a[t], _mm256_madd_epi16(pa, xp));
+          acc_b[t] = _mm256_add_epi32(acc_b[t], _mm256_madd_epi16(pb, xp));
+        }
+      }
+      for (int t = 0; t < MT; ++t) {
+        __m256 dot[2];
+        rows_in_order(acc_a[t], acc_b[t], &dot[0], &dot[1]);
+        const __m256 sa = _mm256_set1_ps(SA[(m0 + t) * KB + blk]);
+        const __m256 sx = _mm256_set1_ps(SX[(m0 + t) * KB + blk]);
+        for (int h = 0; h < 2; ++h)
+          fg[t][h] = _mm256_fmadd_ps(sa, _mm256_fnmadd_ps(z[h], sx, dot[h]), fg[t][h]);
+      }
+    }
+    for (int t = 0; t < MT; ++t)
+      for (int h = 0; h < 2; ++h) out[t][h] = _mm256_fmadd_ps(s[h], fg[t][h], out[t][h]);
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(Y + (m0 + t) * N + b * L + 8 * h, out[t][h]);
+}
+#endif
+
 torch::Tensor q4_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
                          torch::Tensor zero, int64_t group) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
@@ -301,8 +383,28 @@ torch::Tensor q4_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
     }
   });
   return y;
+#elif defined(TINYLLM_AVX2)
+  auto xs = x.contiguous();
+  const int64_t KB = K / 32, H2 = K / 2;
+  std::vector<int8_t> xe(M * H2), xo(M * H2);
+  std::vector<float> sa(M * KB), sx(M * KB);
+  quantize_blocks(xs.data_ptr<float>(), M, K, xe.data(), xo.data(), nullptr, sa.data(), sx.data());
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* W = codes.data_ptr<uint8_t>();
+  const at::Half *S = scale.data_ptr<at::Half>(), *Z = zero.data_ptr<at::Half>();
+  float* Y = y.data_ptr<float>();
+  const int8_t *XE = xe.data(), *XO = xo.data();
+  const float *SA = sa.data(), *SX = sx.data();
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) q4_i8_tile<4>(XE, XO, SA, SX, W, S, Z, Y, b, m, K, N, G, group);
+      for (; m < M; ++m) q4_i8_tile<1>(XE, XO, SA, SX, W, S, Z, Y, b, m, K, N, G, group);
+    }
+  });
+  return y;
 #else
-  TORCH_CHECK(false, "q4_gemv_i8 needs AVX512-VNNI and AVX512-VBMI");
+  TORCH_CHECK(false, "q4_gemv_i8 needs AVX512-VNNI or AVX2");
 #endif
 }
 
@@ -426,6 +528,45 @@ static inline void q8_i8_tile(const int8_t* XQ, const float* SA, const float* SX
 }
 #endif
 
+#if defined(TINYLLM_AVX2)
+// AVX2: inputs k and k+1 of 16 rows widened to int16 and interleaved, vpmaddwd against the two
+// int8 activations: one int32 per row and input pair (|w|, |x| <= 127: no overflow in a block).
+template <int MT>
+static inline void q8_i8_tile(const int8_t* XQ, const float* SA, const float* SX,
+                              const int8_t* W, const float* S, float* Y, int64_t b, int64_t m0,
+                              int64_t K, int64_t N) {
+  const int64_t KB = K / 32;
+  __m256 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < KB; ++blk) {
+    __m256i da[MT], db[MT];
+    for (int t = 0; t < MT; ++t) da[t] = db[t] = _mm256_setzero_si256();
+    for (int64_t k = blk * 32; k < blk * 32 + 32; k += 2) {
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(W + (b * K + k) * L)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(W + (b * K + k + 1) * L)));
+      const __m256i pa = _mm256_unpacklo_epi16(w0, w1), pb = _mm256_unpackhi_epi16(w0, w1);
+      for (int t = 0; t < MT; ++t) {
+        const int16_t x0 = XQ[(m0 + t) * K + k], x1 = XQ[(m0 + t) * K + k + 1];
+        const __m256i xp = _mm256_set1_epi32(int32_t(uint16_t(x0)) | (int32_t(x1) << 16));
+        da[t] = _mm256_add_epi32(da[t], _mm256_madd_epi16(pa, xp));
+        db[t] = _mm256_add_epi32(db[t], _mm256_madd_epi16(pb, xp));
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      __m256 dot[2];
+      rows_in_order(da[t], db[t], &dot[0], &dot[1]);
+      const __m256 sa = _mm256_set1_ps(SA[(m0 + t) * KB + blk]);
+      for (int h = 0; h < 2; ++h) acc[t][h] = _mm256_fmadd_ps(sa, dot[h], acc[t][h]);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m256 s = _mm256_loadu_ps(S + b * L + 8 * h);
+    for (int t = 0; t < MT; ++t)
+      _mm256_storeu_ps(Y + (m0 + t) * N + b * L + 8 * h, _mm256_mul_ps(s, acc[t][h]));
+  }
+}
+#endif
+
 torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L;
@@ -464,8 +605,28 @@ torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
     }
   });
   return y;
+#elif defined(TINYLLM_AVX2)
+  auto xs = x.contiguous();
+  const int64_t KB = K / 32;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> sa(M * KB), sx(M * KB);
+  quantize_blocks(xs.data_ptr<float>(), M, K, nullptr, nullptr, xq.data(), sa.data(), sx.data());
+  auto y = torch::empty({M, N}, x.options());
+  const int8_t* W = codes.data_ptr<int8_t>();
+  const float* S = scale.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int8_t* XQ = xq.data();
+  const float *SA = sa.data(), *SX = sx.data();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) q8_i8_tile<4>(XQ, SA, SX, W, S, Y, b, m, K, N);
+      for (; m < M; ++m) q8_i8_tile<1>(XQ, SA, SX, W, S, Y, b, m, K, N);
+    }
+  });
+  return y;
 #else
-  TORCH_CHECK(false, "q8_gemv_i8 needs AVX512-VNNI and AVX512-VBMI");
+  TORCH_CHECK(false, "q8_gemv_i8 needs AVX512-VNNI or AVX2");
 #endif
 }
 
