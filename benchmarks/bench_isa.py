@@ -4,7 +4,8 @@ tinyllm runtime on the same 4-bit smollm2-135m checkpoint.
 
 Run: .venv/bin/python benchmarks/bench_isa.py [--rounds 3]
 Each round runs `tinyllm bench CKPT --concurrency 1,16 --prompt-len 64 --gen-len 64 --repeats 3`
-once per path, in turn (so a slow spell of the shared host hits every path alike); the table
+once per path (and with `--int8-act` on the native and AVX2 builds), in turn, so a slow spell
+of the shared host hits every row alike; the table
 gives the median over rounds of each path's batch-1 decode tokens/s (and 16-stream tokens/s)
 and its ratio to the native build's. The checkpoint is bench_runtime.py's INT4 model: `tinyllm
 quantize smollm2-135m --method rtn --bits 4 --group-size 32 --sym --embed-bits 8` (the Q4_0
@@ -31,17 +32,22 @@ OUT = HERE / "results" / "isa_smollm2.json"
 CKPT = HERE / "work" / "isa" / "rtn-4b-g32-e8"
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 ISAS = ["native", "avx2", "scalar"]
+# rows: a vector path, and with `--int8-act` (integer kernels) where the path has them
+ROWS = {**{isa: (isa, False) for isa in ISAS}, "native-int8act": ("native", True),
+        "avx2-int8act": ("avx2", True)}  # fmt: skip
 
 
 def _env(isa: str) -> dict:
     return {**os.environ, "TINYLLM_KERNEL_ISA": isa}
 
 
-def _bench(isa: str) -> list[dict]:
+def _bench(row: str) -> list[dict]:
+    isa, int8_act = ROWS[row]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "b.json"
         args = [*CLI, "bench", str(CKPT), "--concurrency", "1,16", "--prompt-len", "64"]
         args += ["--gen-len", "64", "--repeats", "3", "--json", str(out)]
+        args += ["--int8-act"] if int8_act else []
         subprocess.run(args, check=True, env=_env(isa), capture_output=True)
         return json.loads(out.read_text())
 
@@ -90,8 +96,8 @@ def main() -> None:
         )
     command = f"benchmarks/bench_isa.py --rounds {args.rounds}"
     write_result(OUT, {"command": command, "rows": rows, "runs": runs})
-    for isa, row in rows.items():
-        print(isa, json.dumps(row))
+    for name, row in rows.items():
+        print(name, json.dumps(row))
 
 
 if __name__ == "__main__":
