@@ -87,6 +87,16 @@ def _out(row: str) -> Path:
     return WORK / row.replace("(", "-").replace(")", "").replace(" ", "")
 
 
+def _run_streamed(name: str, args: list[str], out: Path) -> tuple[dict, dict]:
+    """Run one compression command under /usr/bin/time -v: (measured, its tinyllm.json)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    log = WORK / f"{out.name}.log"
+    measured = timed(args, log)
+    if measured["returncode"] != 0:
+        raise SystemExit(f"{name} failed: see {log}")
+    return measured, json.loads((out / "tinyllm.json").read_text())
+
+
 def run_quant(name: str) -> dict:
     model, method, samples, seq_len = QUANT[name]
     out = _out(name)
@@ -97,12 +107,7 @@ def run_quant(name: str) -> dict:
     else:  # data-free RTN: plain rounding (the clipping search costs minutes per 8B block)
         args += ["--no-mse"]
     args += ["--stream", "on", "-o", str(out), "--overwrite"]
-    WORK.mkdir(parents=True, exist_ok=True)
-    log = WORK / f"{out.name}.log"
-    measured = timed(args, log)
-    if measured["returncode"] != 0:
-        raise SystemExit(f"{name} failed: see {log}")
-    info = json.loads((out / "tinyllm.json").read_text())
+    measured, info = _run_streamed(name, args, out)
     config = json.loads((out / "config.json").read_text())
     blocks = int(config["num_hidden_layers"])
     tokens = max(samples * seq_len, 1)
@@ -126,12 +131,7 @@ def run_prune(name: str) -> dict:
     out = _out(name).with_name(_out(name).name.replace("%", "pct"))
     args = [*CLI, "prune", model, *options, "--samples", "32", "--seq-len", "256"]
     args += ["--stream", "on", "-o", str(out), "--overwrite"]
-    WORK.mkdir(parents=True, exist_ok=True)
-    log = WORK / f"{out.name}.log"
-    measured = timed(args, log)
-    if measured["returncode"] != 0:
-        raise SystemExit(f"{name} failed: see {log}")
-    info = json.loads((out / "tinyllm.json").read_text())
+    measured, info = _run_streamed(name, args, out)
     source = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
     return {
         "command": " ".join(["tinyllm", *args[3:]]),

@@ -80,21 +80,28 @@ def test_iq4nl_config_errors() -> None:
         GPTQ(codebook="iq4_nl", static_groups=False)
 
 
-def test_llamacpp_runs_iq4nl_file(tokenizer, tmp_path: Path) -> None:
-    """llama.cpp's IQ4_NL kernels on our blocks give our quantized model's logits."""
-    pytest.importorskip("llama_cpp")
+def assert_llamacpp_matches(model, tokenizer, cfg, qtype: str, path: Path) -> None:
+    """Quantize `model` with `cfg`, export it as `qtype` to `path` (strict): llama.cpp's logits
+    are our quantized model's, far closer to them than to the float model's."""
     from tinyllm.export import llamacpp
 
-    model = _model(len(tokenizer))
     ids = tokenizer("Pack my box with five dozen liquor jugs.")["input_ids"][:24]
     with torch.no_grad():
         float_logits = model(torch.tensor([ids])).logits[0].numpy()
-    quantize(model, RTN(codebook="iq4_nl"))
-    path = tmp_path / "nl.gguf"
-    export(model, tokenizer, path, "gguf", "iq4_nl", embed_type="f32", strict=True)
+    quantize(model, cfg)
+    export(model, tokenizer, path, "gguf", qtype, embed_type="f32", strict=True)
     theirs = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64), ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
     err = np.abs(theirs - ours).max()
     assert err < 0.02 * np.abs(ours).max()
     assert err < 0.5 * np.abs(theirs - float_logits).max()
+
+
+def test_llamacpp_runs_iq4nl_file(tokenizer, tmp_path: Path) -> None:
+    """llama.cpp's IQ4_NL kernels on our blocks give our quantized model's logits."""
+    pytest.importorskip("llama_cpp")
+    model = _model(len(tokenizer))
+    assert_llamacpp_matches(
+        model, tokenizer, RTN(codebook="iq4_nl"), "iq4_nl", tmp_path / "nl.gguf"
+    )

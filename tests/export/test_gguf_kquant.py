@@ -24,13 +24,13 @@ from tinyllm.quant.rtn import RTN
 FALLBACK = {"q2_k": T.Q4_0, "q3_k": T.Q4_0, "q4_k": T.Q5_0, "q5_k": T.Q5_1, "q6_k": T.Q8_0}
 
 
-def _model(vocab: int) -> LlamaForCausalLM:
+def _model(vocab: int, hidden: int = 64, ffn: int = 256) -> LlamaForCausalLM:
     """Hidden 64 (rows of 64: fallback types), FFN 256 (ffn_down rows are one super-block)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=256,
+        hidden_size=hidden,
+        intermediate_size=ffn,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
