@@ -60,41 +60,36 @@ def _decode_tps(result: list[dict], streams: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rows", default=",".join(ISAS), help=f"among {', '.join(ROWS)}")
     args = ap.parse_args()
+    chosen = args.rows.split(",")
     if not (CKPT / "tinyllm.json").exists():
-        quant = [
-            "--method",
-            "rtn",
-            "--bits",
-            "4",
-            "--group-size",
-            "32",
-            "--sym",
-            "--embed-bits",
-            "8",
-        ]
+        quant = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]
+        quant += ["--embed-bits", "8"]
         subprocess.run([*CLI, "quantize", "smollm2-135m", *quant, "-o", str(CKPT)], check=True)
     probe = "from tinyllm.kernels import native; print(native.q4_kernel().isa())"
     built = {}
-    for isa in ISAS:  # build every path before any timing
+    for isa in sorted({ROWS[row][0] for row in chosen}):  # every path built before any timing
         done = subprocess.run([sys.executable, "-c", probe], env=_env(isa), check=True,
                               capture_output=True, text=True)  # fmt: skip
         built[isa] = done.stdout.strip().splitlines()[-1]
-    runs: dict[str, list[list[dict]]] = {isa: [] for isa in ISAS}
+    runs: dict[str, list[list[dict]]] = {row: [] for row in chosen}
     for r in range(args.rounds):
-        for isa in ISAS:
-            runs[isa].append(_bench(isa))
-            print(f"round {r + 1} {isa}: {_decode_tps(runs[isa][-1], 1):.1f} tok/s", flush=True)
+        for row in chosen:
+            runs[row].append(_bench(row))
+            print(f"round {r + 1} {row}: {_decode_tps(runs[row][-1], 1):.1f} tok/s", flush=True)
     rows = {}
-    for isa in ISAS:
-        one = statistics.median(_decode_tps(x, 1) for x in runs[isa])
-        many = statistics.median(_decode_tps(x, 16) for x in runs[isa])
-        rows[isa] = {"built": built[isa], "batch1_decode_tps": one, "streams16_decode_tps": many}
-    for isa in ISAS:
-        rows[isa]["batch1_vs_native"] = (
-            rows[isa]["batch1_decode_tps"] / rows["native"]["batch1_decode_tps"]
-        )
-    command = f"benchmarks/bench_isa.py --rounds {args.rounds}"
+    for row in chosen:
+        isa, int8_act = ROWS[row]
+        one = statistics.median(_decode_tps(x, 1) for x in runs[row])
+        many = statistics.median(_decode_tps(x, 16) for x in runs[row])
+        rows[row] = {"built": built[isa], "int8_act": int8_act, "batch1_decode_tps": one}
+        rows[row]["streams16_decode_tps"] = many
+    for row in rows.values():
+        for key in ("batch1", "streams16"):
+            row[f"{key}_vs_native"] = row[f"{key}_decode_tps"] / rows["native"][f"{key}_decode_tps"]
+    rows_flag = "" if args.rows == ",".join(ISAS) else f" --rows {args.rows}"
+    command = f"benchmarks/bench_isa.py --rounds {args.rounds}{rows_flag}"
     write_result(OUT, {"command": command, "rows": rows, "runs": runs})
     for name, row in rows.items():
         print(name, json.dumps(row))
