@@ -122,7 +122,8 @@ STREAM_MODES = ("auto", "on", "off")
 
 
 def _stream_source(source: str | Path, steps: list[Step], mode: str) -> Path | None:
-    """The Hugging Face directory to stream from, or None to load the model whole."""
+    """The directory to stream from (a Hugging Face model or a float tinyllm checkpoint), or
+    None to load the model whole."""
     from tinyllm.checkpoint import read_info
     from tinyllm.core.stream import should_stream
     from tinyllm.models.load import hf_directory, resolve

@@ -122,8 +122,10 @@ class Streaming(Placement):
         and remember where an unstored one is read from in the source."""
         stored, self.stored = self.stored, {}
         for j, old in enumerate(keep):
-            if old not in stored or old == j:
-                self.stored.update({j: stored[old]} if old in stored else {})
+            if old not in stored:
+                continue
+            if old == j:
+                self.stored[j] = stored[old]
                 continue
             file, quantized, sparse = stored[old]
             rename = _renumber(f"{self.prefix}.{old}.", f"{self.prefix}.{j}.")

@@ -78,23 +78,22 @@ static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, co
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(Y + (m0 + t) * N + b * L, out[t]);
 }
 #elif defined(TINYLLM_AVX2)
-// AVX2: the 16 lanes as two 8-float halves (rows 0-7 and 8-15 of the lane block).
+// AVX2: the 16 lanes as two 8-float halves (rows 0-7 and 8-15 of the lane block). Even and odd
+// columns accumulate into one register per row half (16 registers only: tiles of at most 4 rows).
 template <int MT>
 static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, const at::Half* S,
                            const at::Half* Z, float* Y, int64_t b, int64_t m0, int64_t K, int64_t N,
                            int64_t G, int64_t half) {
-  constexpr int U = MT == 1 ? 2 : 1;
+  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);  // 8 independent chains
   const __m256i low = _mm256_set1_epi32(15);
   __m256 out[MT][2];
   for (int t = 0; t < MT; ++t) out[t][0] = out[t][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256 ae[U][MT][2], ao[U][MT][2];
+    __m256 acc[U][MT][2];
     for (int u = 0; u < U; ++u)
-      for (int t = 0; t < MT; ++t)
-        for (int h = 0; h < 2; ++h) ae[u][t][h] = ao[u][t][h] = _mm256_setzero_ps();
+      for (int t = 0; t < MT; ++t) acc[u][t][0] = acc[u][t][1] = _mm256_setzero_ps();
     const uint8_t* c = W + (b * (K / 2) + g * half) * L;
     const float* xg = X + m0 * K + g * 2 * half;
-    int64_t j = 0;
     auto step = [&](int u, int64_t jj) {
       const __m128i raw = _mm_loadu_si128((const __m128i*)(c + jj * L));
       const __m256i q[2] = {_mm256_cvtepu8_epi32(raw), _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8))};
@@ -103,11 +102,12 @@ static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, co
         const __m256 wo = _mm256_cvtepi32_ps(_mm256_srli_epi32(q[h], 4));
         for (int t = 0; t < MT; ++t) {
           const float* xr = xg + t * K + 2 * jj;
-          ae[u][t][h] = _mm256_fmadd_ps(we, _mm256_set1_ps(xr[0]), ae[u][t][h]);
-          ao[u][t][h] = _mm256_fmadd_ps(wo, _mm256_set1_ps(xr[1]), ao[u][t][h]);
+          acc[u][t][h] = _mm256_fmadd_ps(we, _mm256_set1_ps(xr[0]), acc[u][t][h]);
+          acc[u][t][h] = _mm256_fmadd_ps(wo, _mm256_set1_ps(xr[1]), acc[u][t][h]);
         }
       }
     };
+    int64_t j = 0;
     for (; j + U <= half; j += U)
       for (int u = 0; u < U; ++u) step(u, j + u);
     for (; j < half; ++j) step(0, j);
@@ -115,10 +115,10 @@ static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, co
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(S + (b * G + g) * L + 8 * h)));
       const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Z + (b * G + g) * L + 8 * h)));
       for (int t = 0; t < MT; ++t) {
-        __m256 acc = _mm256_add_ps(ae[0][t][h], ao[0][t][h]);
-        for (int u = 1; u < U; ++u) acc = _mm256_add_ps(acc, _mm256_add_ps(ae[u][t][h], ao[u][t][h]));
+        __m256 a = acc[0][t][h];
+        for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][t][h]);
         const __m256 sx = _mm256_set1_ps(GX[(m0 + t) * G + g]);
-        out[t][h] = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, sx, acc), out[t][h]);
+        out[t][h] = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, sx, a), out[t][h]);
       }
     }
   }
@@ -176,7 +176,9 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
+#ifndef TINYLLM_AVX2  // AVX2 has 16 vector registers: its widest tile is 4 rows
       for (; m + 8 <= M; m += 8) q4_tile<8>(X, GX, W, S, Z, Y, b, m, K, N, G, half);
+#endif
       for (; m + 4 <= M; m += 4) q4_tile<4>(X, GX, W, S, Z, Y, b, m, K, N, G, half);
       for (; m + 2 <= M; m += 2) q4_tile<2>(X, GX, W, S, Z, Y, b, m, K, N, G, half);
       for (; m < M; ++m) q4_tile<1>(X, GX, W, S, Z, Y, b, m, K, N, G, half);
@@ -483,7 +485,9 @@ torch::Tensor q8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale)
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
+#ifndef TINYLLM_AVX2
       for (; m + 8 <= M; m += 8) q8_tile<8>(X, W, S, Y, b, m, K, N);
+#endif
       for (; m + 4 <= M; m += 4) q8_tile<4>(X, W, S, Y, b, m, K, N);
       for (; m + 2 <= M; m += 2) q8_tile<2>(X, W, S, Y, b, m, K, N);
       for (; m < M; ++m) q8_tile<1>(X, W, S, Y, b, m, K, N);
