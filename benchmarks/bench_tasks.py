@@ -54,7 +54,8 @@ def compress(model: str, variant: str) -> tuple[str, float]:
         edge = Path(__file__).parents[1] / "src" / "tinyllm" / "recipes" / "edge.yaml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(edge.read_text().replace("model: smollm2-135m", f"model: {model}"))
-        subprocess.run([*CLI, "run", str(recipe), "-o", str(out), "--overwrite"], check=True)
+        again = "--resume" if (out / "state.json").is_file() else "--overwrite"  # keep done stages
+        subprocess.run([*CLI, "run", str(recipe), "-o", str(out), again], check=True)
         stages = sorted(p for p in (out / "stages").iterdir() if (p / "model").is_dir())
         return str(stages[-1] / "model"), time.perf_counter() - t0
     cmd = [*CLI, VARIANTS[variant][0], model, *VARIANTS[variant][1:], "-o", str(out)]

@@ -359,7 +359,7 @@ def load_checkpoint(
     against their recorded sha256 digests (unless `verify` is False), and the shapes config.json
     and tinyllm.json imply are compared with the stored ones."""
     path = Path(path)
-    info, config, tokenizer = _checked_parts(path, verify)
+    info, config, tokenizer = checked_parts(path, verify)
     model = skeleton(config)
     records: dict[str, QuantizedWeight] = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -455,7 +455,7 @@ def open_lazy_checkpoint(path: Path, verify: bool = True) -> tuple[Any, Any, Che
     """A float tinyllm checkpoint to stream from: (config, tokenizer, weights), everything
     checked as `load_checkpoint` checks it; a quantized one is refused (its layers are packed
     records, not weights a step can start from)."""
-    info, config, tokenizer = _checked_parts(Path(path), verify)
+    info, config, tokenizer = checked_parts(Path(path), verify)
     if info.get("quantized"):
         raise ConfigError(
             f"{path} is quantized: streaming starts from float (or pruned) weights; quantize "
@@ -464,7 +464,7 @@ def open_lazy_checkpoint(path: Path, verify: bool = True) -> tuple[Any, Any, Che
     return config, tokenizer, CheckpointWeights(Path(path), info.get("sparse") or {})
 
 
-def _checked_parts(path: Path, verify: bool) -> tuple[dict, Any, Any]:
+def checked_parts(path: Path, verify: bool) -> tuple[dict, Any, Any]:
     """tinyllm.json (validated), config and tokenizer of a checkpoint, after checking digests,
     shapes and vocabulary against each other; no weight is allocated. -> (info, config, tok)"""
     meta = read_info(path)

@@ -136,8 +136,10 @@ StreamOpt = Annotated[
         help="auto, on or off. On: read, compress and write one decoder block at a time (peak "
         "memory about one block, the embeddings and the calibration activations; the output is "
         "sharded). Auto streams a Hugging Face model whose float32 weights exceed half of the "
-        "memory available. Streams gptq, awq, rtn, nf4, wanda, sparsegpt, smoothquant and "
-        "int8-static; other methods and tinyllm checkpoints load the model whole.",
+        "memory available. Streams gptq, awq, rtn, nf4, wanda, sparsegpt, smoothquant, "
+        "int8-static and channels/heads/blocks pruning (activation importance), from a Hugging "
+        "Face model or a float or pruned tinyllm checkpoint; other methods and quantized "
+        "checkpoints load the model whole.",
     ),
 ]
 

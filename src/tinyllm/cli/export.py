@@ -58,6 +58,9 @@ Examples:
   tinyllm export out/gptq-q4_0 --format hf -o out/gptq-q4_0-hf
 
   tinyllm export out/gptq-q4_0 --format onnx --type q4 -o smollm2-q4.onnx
+
+A model too big to load whole (an 8B checkpoint on a 16 GB machine) is exported to GGUF one
+decoder block at a time (--stream auto picks it; docs/streaming.md).
 """
 
 FormatOpt = Annotated[
@@ -117,21 +120,31 @@ def export(
     samples: SamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
     calib_corpus: CalibCorpusOpt = "enwiki",
+    stream: Annotated[
+        str,
+        typer.Option(
+            help="GGUF: on reads the model one decoder block at a time (memory: the embedding "
+            "table, the head and one block), off loads it whole, auto streams a model whose "
+            "float32 tensors would not fit (what `tinyllm generate` loads narrow). The file is "
+            "the same either way. Not with --type mix.",
+        ),
+    ] = "auto",
 ) -> None:
-    from tinyllm.core.load import load
-    from tinyllm.export import check_options, check_output, summary
+    from tinyllm.export import check_output, export_model, summary
     from tinyllm.export import export as run_export
 
     check_output(output, format, overwrite)  # fail before loading
     if type == "mix" or target_bpw is not None:
+        if stream == "on":
+            raise ConfigError("--type mix quantizes the model in memory; drop --stream on")
         m, tok = _mix(model, format, target_bpw, (calib_corpus, samples, seq_len))
-        type = "auto"
+        report = run_export(
+            m, tok, output, format, "auto", overwrite, strict, embed_type=embed_type
+        )
     else:
-        check_options(format, type, embed_type)
-        m, tok = load(model)
-    report = run_export(
-        m, tok, output, format, type, overwrite=overwrite, strict=strict, embed_type=embed_type
-    )
+        report = export_model(
+            model, output, format, type, overwrite, strict, stream, embed_type=embed_type
+        )
     out.print(summary(output, format, report))
 
 

@@ -25,6 +25,11 @@ def set_verify_default(verify: bool) -> None:
     _verify_default = verify
 
 
+def verify_default() -> bool:
+    """Whether checkpoint digests are checked when a caller does not say."""
+    return _verify_default
+
+
 def load(
     spec: str | Path = DEFAULT_MODEL,
     verify: bool | None = None,

@@ -22,9 +22,11 @@ from torch import nn
 
 from tinyllm.checkpoint import (
     TINYLLM_CONFIG,
+    checked_parts,
     checkpoint_info,
     checkpoint_tensors,
     compact,
+    fill_from_tensors,
     finish_checkpoint,
     open_lazy_checkpoint,
     round_floats,
@@ -32,6 +34,8 @@ from tinyllm.checkpoint import (
     write_index,
 )
 from tinyllm.core.placement import Streaming, unpack_block
+from tinyllm.errors import ModelLoadError
+from tinyllm.kernels.qweight import QuantizedWeight
 from tinyllm.models.anatomy import find_blocks
 from tinyllm.models.lazy import LazyWeights, materialize, release, skeleton
 from tinyllm.models.load import checked_hf_dir
@@ -80,6 +84,54 @@ def _materialize_rest(
             _materialize_rest(child, f"{name}.{child_name}", blocks, weights, head)
         return
     materialize(module, name, weights, None)
+
+
+class BlockReader:
+    """A model directory (a tinyllm checkpoint, packed or not, or a Hugging Face one) read one
+    decoder block at a time, for work that visits each block once (a streamed GGUF export):
+    `model` is the skeleton with everything outside the blocks read as stored (embeddings,
+    norms, the head), `enter(i)` reads block i (packed records swapped in, large float tensors
+    as stored), `leave(i)` gives it back. Peak memory: the tables and one block."""
+
+    def __init__(self, directory: Path, verify: bool = True) -> None:
+        directory = Path(directory)
+        if (directory / TINYLLM_CONFIG).is_file():
+            self.info, config, self.tokenizer = checked_parts(directory, verify)
+        else:
+            config, self.tokenizer = checked_hf_dir(directory)
+            self.info = {"quantized": {}}
+        self.weights = LazyWeights(directory)
+        self.model = skeleton(config)
+        self.prefix, self.blocks = find_blocks(self.model)
+        self.records: dict[str, QuantizedWeight] = {}  # the tables' (a tied head shares one)
+        keys = self.weights.keys()
+        self.block_keys: list[list[str]] = [[] for _ in self.blocks]
+        for k in keys:
+            if k.startswith(self.prefix + "."):
+                self.block_keys[int(k[len(self.prefix) + 1 :].split(".")[0])].append(k)
+        self._fill([k for k in keys if not k.startswith(self.prefix + ".")], self.records)
+        if self._unread():  # a tied head is not stored: it is the table
+            self.model.tie_weights()
+        if self._unread():
+            raise ModelLoadError(f"{directory}: does not match its config ({self._unread()[:2]})")
+
+    def _unread(self) -> list[str]:
+        """Tensors outside the blocks still on the meta device."""
+        state = self.model.state_dict(keep_vars=True)
+        return [k for k, t in state.items() if t.is_meta and not k.startswith(self.prefix + ".")]
+
+    def _fill(self, keys: list[str], records: dict[str, QuantizedWeight]) -> None:
+        tensors = {k: self.weights.get(k) for k in keys}
+        fill_from_tensors(self.model, tensors, self.info, records, None)
+
+    def enter(self, i: int) -> nn.Module:
+        self._fill(self.block_keys[i], {})
+        return self.blocks[i]
+
+    def leave(self, i: int) -> None:
+        unpack_block(self.blocks[i])
+        release(self.blocks[i])
+        trim_heap()
 
 
 def should_stream(directory: Path, mode: str) -> bool:

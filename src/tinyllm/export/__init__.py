@@ -96,3 +96,58 @@ def export(
     from tinyllm.export.gguf import export_gguf
 
     return export_gguf(model, tokenizer, path, qtype, strict=strict, **options)
+
+
+STREAM_MODES = ("auto", "on", "off")
+
+
+def streams(spec: str | Path, fmt: str, mode: str = "auto") -> bool:
+    """Whether exporting `spec` reads it one block at a time (GGUF only): 'on', 'off', or 'auto'
+    (when its float32 tensors would not be loaded whole for inference either: core.load.too_big)."""
+    from tinyllm.core.load import too_big
+    from tinyllm.models.load import resolve
+
+    if mode not in STREAM_MODES:
+        raise ConfigError(f"unknown --stream '{mode}'; choose one of {', '.join(STREAM_MODES)}")
+    if mode == "off" or fmt != "gguf":
+        if mode == "on":
+            raise ConfigError(
+                f"a streamed export writes GGUF only; {fmt} loads the model whole (--stream off)"
+            )
+        return False
+    if mode == "on" and resolve(spec).kind == "gguf":
+        raise ConfigError(f"{spec} is a GGUF file: it streams from a model directory only")
+    return mode == "on" or too_big(spec)
+
+
+def export_model(
+    spec: str | Path,
+    path: Path,
+    fmt: str = "gguf",
+    qtype: str | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    stream: str = "auto",
+    **options: Any,
+) -> Any:
+    """Export the model `spec` names (`export` after `tinyllm.load`), or for GGUF read one
+    decoder block at a time (`stream`: a model too big to load whole); the same file either way."""
+    check_output(path, fmt, overwrite)
+    check_options(fmt, qtype, options.get("embed_type"))
+    if not streams(spec, fmt, stream):
+        from tinyllm.core.load import load
+
+        model, tokenizer = load(spec)
+        return export(model, tokenizer, path, fmt, qtype, overwrite, strict, **options)
+    from tinyllm.core.load import verify_default
+    from tinyllm.core.stream import BlockReader
+    from tinyllm.export.gguf import export_gguf
+    from tinyllm.models.load import hf_directory, resolve
+
+    r = resolve(spec)
+    directory = r.path if r.kind == "tinyllm_dir" else hf_directory(spec)
+    reader = BlockReader(directory, verify=verify_default())
+    qtype = qtype or DEFAULT_TYPES[fmt]
+    return export_gguf(
+        reader.model, reader.tokenizer, path, qtype, strict=strict, reader=reader, **options
+    )

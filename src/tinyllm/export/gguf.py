@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from gguf import GGUFWriter, LlamaFileType, TokenType
 from gguf import quants as gq
 from torch import nn
 
+from tinyllm.core.stream import BlockReader
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.export.gguf_blocks import (
     K_FALLBACK,
@@ -223,6 +226,10 @@ def _tokenizer(w: GGUFWriter, tok: Any, cfg: Any) -> None:
         w.add_chat_template(tok.chat_template)
 
 
+# tensor data written so far stays in memory up to this size, then goes to a temporary file
+SPOOL_BYTES = 256 << 20
+
+
 @dataclass
 class Tensor:
     """One tensor to write: float values or a quantized record, and its GGUF name."""
@@ -233,8 +240,11 @@ class Tensor:
     permute_heads: int = 0  # > 0: rows are Q/K heads to put in GGUF's rotary order
 
 
-def collect_tensors(model: nn.Module, fam: Family) -> list[Tensor]:
-    """Every tensor of the model under its GGUF name; an unmapped tensor is an error."""
+def collect_tensors(
+    model: nn.Module, fam: Family, reader: BlockReader | None = None
+) -> Iterator[Tensor]:
+    """Every tensor of the model under its GGUF name, in module order; an unmapped tensor is an
+    error. With a `reader` the blocks are read one at a time as they come (`_named_modules`)."""
     anatomy = analyze(model)
     cfg = model.config
     heads = {
@@ -249,9 +259,8 @@ def collect_tensors(model: nn.Module, fam: Family) -> list[Tensor]:
     tied = tied_head(model)
     if head is not None and not tied:
         top[module_names[id(head)]] = "output"
-    out: list[Tensor] = []
     done: set[str] = set()
-    for mod_name, mod in model.named_modules():
+    for mod_name, mod in _named_modules(model, anatomy.blocks_path, reader):
         gguf_name = top.get(mod_name) or _block_name(mod_name, anatomy.blocks_path, fam)
         if gguf_name is None and _is_final_norm(mod_name, mod, anatomy.blocks_path):
             gguf_name = "output_norm"
@@ -261,7 +270,7 @@ def collect_tensors(model: nn.Module, fam: Family) -> list[Tensor]:
         if fam.gguf.permute_qk:
             perm = heads.get(gguf_name.rsplit(".", 1)[-1], 0)
         if isinstance(mod, QuantLinear | QuantEmbedding):
-            out.append(Tensor(f"{gguf_name}.weight", record=mod.qweight, permute_heads=perm))
+            yield Tensor(f"{gguf_name}.weight", record=mod.qweight, permute_heads=perm)
             done.add(f"{mod_name}.weight")
         for pname, p in mod.named_parameters(recurse=False):
             full = f"{mod_name}.{pname}"
@@ -270,10 +279,27 @@ def collect_tensors(model: nn.Module, fam: Family) -> list[Tensor]:
             value = p.detach().float()
             if "norm" in gguf_name and pname == "weight":
                 value = value + fam.norm_offset
-            out.append(Tensor(f"{gguf_name}.{pname}", value=value, permute_heads=perm))
+            yield Tensor(f"{gguf_name}.{pname}", value=value, permute_heads=perm)
             done.add(full)
     _check_all_mapped(model, done, tied)
-    return out
+
+
+def _named_modules(
+    model: nn.Module, blocks_path: str, reader: BlockReader | None
+) -> Iterator[tuple[str, nn.Module]]:
+    """model.named_modules(), in its order; with a `reader`, each block is read just before its
+    modules are visited and given back after (a streamed export holds one block)."""
+    if reader is None:
+        yield from model.named_modules()
+        return
+    for name, mod in model.named_modules():
+        if name.startswith(blocks_path + "."):
+            continue
+        yield name, mod
+        if name == blocks_path:
+            for i in range(len(mod)):
+                yield from reader.enter(i).named_modules(prefix=f"{blocks_path}.{i}")
+                reader.leave(i)
 
 
 def _block_name(mod_name: str, blocks_path: str, fam: Family) -> str | None:
@@ -430,8 +456,12 @@ def export_gguf(
     embed_type: str | None = None,
     strict: bool = False,
     name: str = "tinyllm export",
+    reader: BlockReader | None = None,
 ) -> ExportReport:
-    """Write `model` as a GGUF file llama.cpp loads; returns what was carried or re-quantized."""
+    """Write `model` as a GGUF file llama.cpp loads; returns what was carried or re-quantized.
+    With a `reader` (core.stream.BlockReader: `model` is its skeleton) the blocks are read one
+    at a time; either way each tensor's data goes to a temporary file beside the output as soon
+    as it is made (SPOOL_BYTES in memory first), so memory holds the model and one tensor."""
     if qtype not in TYPES and qtype != "auto":
         raise ConfigError(f"unknown GGUF type '{qtype}'; choose one of {', '.join(TYPES)}, auto")
     if embed_type is not None and embed_type not in TYPES:
@@ -439,13 +469,17 @@ def export_gguf(
     fam = gguf_family(model)
     main = TYPES.get(qtype, T.Q8_0)  # auto: each layer in its record's type (own_type)
     embed = TYPES[embed_type] if embed_type else (main if main in FLOAT_TYPES else T.Q8_0)
-    tensors = collect_tensors(model, fam)
-    record = next((t.record for t in tensors if t.name == "token_embd.weight"), None)
+    tensors = collect_tensors(model, fam, reader)
+    record = getattr(model.get_input_embeddings(), "qweight", None)
     if embed_type is None and record is not None:  # quantized embeddings: carry them if possible
         embed = next((q for q in CARRY_ORDER if why_not_carried(record, q) is None), embed)
     report = ExportReport()
-    with atomic_path(Path(path)) as tmp:
-        w = GGUFWriter(str(tmp), fam.gguf.arch)
+    with (
+        atomic_path(Path(path)) as tmp,
+        tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=Path(path).parent) as spool,
+    ):
+        w = GGUFWriter(str(tmp), fam.gguf.arch, use_temp_file=True)
+        w.temp_file = spool
         w.add_name(name)
         w.add_file_type(int(LlamaFileType.GUESSED if qtype == "auto" else FILE_TYPES[main]))
         w.add_quantization_version(2)

@@ -478,18 +478,19 @@ class Runner:
             self.stop(what, record["gates"], self.out / record["path"])
 
     def write_exports(self) -> None:
-        from tinyllm.core.load import load
-        from tinyllm.export import export
+        """Each export of the last stage's model; a GGUF one streams block by block under the
+        recipe's `stream:` (auto: a model too big to load whole), the others load it whole."""
+        from tinyllm.export import export_model
         from tinyllm.util.fs import dir_size
 
         last = self.source(len(self.recipe.stages))
-        model, tok = load(last)
         self.state["exports"] = []
         for e in self.recipe.exports:
             path = self.out / "export" / _export_name(e)
             path.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            export(model, tok, path, e.format, e.type, overwrite=True, strict=e.strict)
+            stream = self.recipe.stream if e.format == "gguf" else "off"
+            export_model(last, path, e.format, e.type, True, e.strict, stream)
             size = dir_size(path) if path.is_dir() else _file_size(path)
             self.state["exports"].append(
                 {
