@@ -54,7 +54,10 @@ QUANT = {
     "llama-3.1-8b(4 blocks)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-4l"), "gptq", 8, 256),
     "llama-3.1-8b(1 block)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-1l"), "gptq", 8, 256),
     "llama-3.1-8b-rtn": (str(SYNTH / "llama-3.1-8b"), "rtn", 0, 0),
+    "llama-3.1-8b-rtn-q4_0": (str(SYNTH / "llama-3.1-8b"), "rtn", 0, 0),
 }
+# rows quantized onto a GGUF grid (instead of --bits 4 --group-size 128)
+GRID = {"llama-3.1-8b-rtn-q4_0": ["--gguf-compatible", "q4_0"]}
 # row -> (model, prune options): structured pruning streamed (activation importance), 32 x 256
 PRUNE = {
     "llama-3.2-1b-channels-25%-32x256": (
@@ -66,6 +69,22 @@ PRUNE = {
         ["--method", "blocks", "--count", "4"],
     ),
 }
+# row -> (source: a model directory or a compression row, export options, also in memory):
+# `tinyllm export --stream on` (and off, where the model fits), then llama.cpp reads the file
+EXPORT = {
+    "llama-3.2-1b-export-q8_0": (str(SYNTH / "llama-3.2-1b"), ["--type", "q8_0"], True),
+    "llama-3.1-8b-export-q8_0": (str(SYNTH / "llama-3.1-8b"), ["--type", "q8_0"], False),
+    "llama-3.1-8b-rtn-q4_0-export": (
+        "llama-3.1-8b-rtn-q4_0",
+        ["--type", "q4_0", "--strict"],
+        False,
+    ),
+}
+LLAMACPP_CHECK = (
+    "import sys, numpy as np; from tinyllm.export import llamacpp as l; "
+    "x = l.logits(l.open_gguf(sys.argv[1], n_ctx=32), [1, 2, 3, 4]); "
+    "print('llama.cpp logits', x.shape, 'finite:', bool(np.isfinite(x).all()))"
+)
 # row -> the compression row whose output it generates from
 GENERATE = {"llama-3.1-8b-rtn-generate": "llama-3.1-8b-rtn"}
 # streamed against in-memory on the real model: the same command with --stream on and off
@@ -79,7 +98,7 @@ evaluation: {{corpus: enwiki, windows: 4, seq_len: 256}}
 stages:
   - {{type: rtn, bits: 4, group_size: 128}}
 """
-ROWS = [*QUANT, *PRUNE, *GENERATE, *IDENTITY, *RECIPE]
+ROWS = [*QUANT, *PRUNE, *GENERATE, *IDENTITY, *RECIPE, *EXPORT]
 PROMPT = "The history of the city begins"
 
 
@@ -101,7 +120,8 @@ def run_quant(name: str) -> dict:
     model, method, samples, seq_len = QUANT[name]
     out = _out(name)
     group = "64" if model == "smollm2-135m" else "128"  # 128 does not divide its 576 inputs
-    args = [*CLI, "quantize", model, "--method", method, "--bits", "4", "--group-size", group]
+    args = [*CLI, "quantize", model, "--method", method]
+    args += GRID.get(name, ["--bits", "4", "--group-size", group])
     if samples:
         args += ["--samples", str(samples), "--seq-len", str(seq_len)]
     else:  # data-free RTN: plain rounding (the clipping search costs minutes per 8B block)
@@ -213,7 +233,40 @@ def run_recipe(name: str) -> dict:
     }
 
 
+def run_export(name: str) -> dict:
+    """`tinyllm export --stream on` (and off where `whole`): peak RSS, same bytes, llama.cpp."""
+    import filecmp
+
+    source, options, whole = EXPORT[name]
+    src = str(_out(source)) if source in QUANT else source
+    WORK.mkdir(parents=True, exist_ok=True)
+    measured, paths = {}, {}
+    for stream in ("on", "off") if whole else ("on",):
+        paths[stream] = WORK / f"{_out(name).name}.{stream}.gguf"
+        args = [*CLI, "export", src, *options, "--stream", stream]
+        log = WORK / f"{paths[stream].stem}.log"
+        measured[stream] = timed([*args, "-o", str(paths[stream]), "--overwrite"], log)
+        if measured[stream]["returncode"] != 0:
+            raise SystemExit(f"{name} failed: see {log}")
+    identical = filecmp.cmp(paths["on"], paths["off"], shallow=False) if whole else None
+    if whole:
+        paths.pop("off").unlink()
+    log = WORK / f"{_out(name).name}.llamacpp.log"
+    check = timed([sys.executable, "-c", LLAMACPP_CHECK, str(paths["on"])], log)
+    return {
+        "command": " ".join(["tinyllm", "export", src, *options, "--stream on"]),
+        "measured": measured["on"],
+        "measured_in_memory": measured.get("off"),
+        "identical_to_in_memory": identical,
+        "gguf_bytes": paths["on"].stat().st_size,
+        "source_bytes": _source_bytes(src),
+        "llamacpp": {**check, "output": log.read_text(errors="replace")[-300:]},
+    }
+
+
 def run_row(name: str) -> dict:
+    if name in EXPORT:
+        return run_export(name)
     if name in IDENTITY:
         return run_identity(name)
     if name in RECIPE:

@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf import quants as gq
 
-from tests.conftest import tiny_model
+from tests.conftest import tiny_config, tiny_model
 from tinyllm.errors import ArchitectureError, ConfigError
 from tinyllm.export import export
 from tinyllm.export.gguf_blocks import permute_rows
@@ -202,3 +202,40 @@ def test_llamacpp_score_matches_our_metrics(tokenizer, tmp_path: Path):
     assert got["top1_agreement"] == pytest.approx(
         float(top1_agree(ours, mine).float().mean()), abs=0.1
     )
+
+
+def test_llama3_rope_scaling_runs_in_llamacpp(tokenizer, tmp_path: Path):
+    """Llama-3.1/3.2 scale RoPE by frequency ('llama3'): the file carries rope_freqs.weight and
+    llama.cpp's logits match ours; the scaling changes the logits here, so the check can fail."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    from tinyllm.export import llamacpp
+
+    cfg = tiny_config("llama", vocab=len(tokenizer))
+    plain = cfg.rope_parameters.get("rope_theta", 10000.0)
+    cfg.rope_parameters = {
+        "rope_type": "llama3",
+        "rope_theta": plain,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    cfg.initializer_range = 0.1  # sharp enough attention for positions to matter
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    path = tmp_path / "m.gguf"
+    export(model, tokenizer, path, "gguf", "f32")
+    r, _ = _read(path)
+    assert [t.name for t in r.tensors][0] == "rope_freqs.weight"
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"][:24]
+    theirs = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64), ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": plain}
+        unscaled = AutoModelForCausalLM.from_config(cfg).eval()
+        unscaled.load_state_dict(model.state_dict())
+        other = unscaled(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(other - ours).max() > 100 * 5e-3  # (1.67 here)
+    np.testing.assert_allclose(theirs, ours, atol=5e-3, rtol=0)  # (2e-3 here)

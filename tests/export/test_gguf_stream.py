@@ -119,3 +119,20 @@ def test_cli_export_stream_on(tmp_path: Path, tokenizer):
     ref = tmp_path / "ref.gguf"
     export_model(src, ref, "gguf", stream="off")
     assert out.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_1", "iq4_nl", "q5_0"])
+def test_tables_converted_in_row_chunks_give_the_same_bytes(
+    tmp_path: Path, tokenizer, monkeypatch, qtype: str
+):
+    """A large float tensor is converted a few rows at a time (no float32 copy of a 128k
+    table): every type quantizes rows on their own, so the bytes are those of one conversion."""
+    from tinyllm.export import gguf
+
+    src = _source(tmp_path, tokenizer)
+    whole = tmp_path / "whole.gguf"
+    export_model(src, whole, "gguf", qtype, embed_type=qtype)
+    monkeypatch.setattr(gguf, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows: chunks that end mid-table
+    chunked = tmp_path / "chunked.gguf"
+    export_model(src, chunked, "gguf", qtype, embed_type=qtype)
+    assert whole.read_bytes() == chunked.read_bytes()

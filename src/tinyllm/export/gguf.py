@@ -115,15 +115,36 @@ def gguf_family(model: nn.Module) -> Family:
     return fam
 
 
-def _rope_theta(cfg: Any, fam: Family) -> float:
-    theta = getattr(cfg, "rope_theta", None)
+def _rope_params(cfg: Any) -> dict:
     params = getattr(cfg, "rope_parameters", None) or {}
-    if theta is None and "full_attention" in params:  # per layer type (Gemma 3)
-        params = params["full_attention"]
+    if getattr(cfg, "rope_theta", None) is None and "full_attention" in params:
+        params = params["full_attention"]  # per layer type (Gemma 3)
+    return params
+
+
+def _rope_theta(cfg: Any, fam: Family) -> float:
+    theta, params = getattr(cfg, "rope_theta", None), _rope_params(cfg)
     kind = params.get("rope_type", "default")
     if fam.gguf.rope_types and kind not in fam.gguf.rope_types:
         raise ArchitectureError(f"rope scaling '{kind}' is not supported by the GGUF writer yet")
     return float(theta if theta is not None else params.get("rope_theta", 10000.0))
+
+
+def rope_freqs(cfg: Any, theta: float, head_dim: int) -> np.ndarray | None:
+    """Llama 3's RoPE scaling (Llama-3.1/3.2) as llama.cpp reads it, the tensor
+    `rope_freqs.weight`: per rotary frequency the factor it is divided by, 1 for wavelengths
+    shorter than original_context / high_freq_factor, `factor` for those longer than
+    original_context / low_freq_factor, interpolated between. None for other RoPE kinds."""
+    p = _rope_params(cfg)
+    if p.get("rope_type") != "llama3":
+        return None
+    freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen, old = 2 * np.pi / freq, p["original_max_position_embeddings"]
+    lo, hi, factor = p["low_freq_factor"], p["high_freq_factor"], p["factor"]
+    smooth = (old / wavelen - lo) / (hi - lo)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old / hi, 1.0, np.where(wavelen > old / lo, factor, between))
+    return out.astype(np.float32)
 
 
 def _hparams(w: GGUFWriter, cfg: Any, fam: Family) -> None:
@@ -135,7 +156,8 @@ def _hparams(w: GGUFWriter, cfg: Any, fam: Family) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(_rope_theta(cfg, fam))
+    theta = _rope_theta(cfg, fam)
+    w.add_rope_freq_base(theta)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
@@ -144,6 +166,9 @@ def _hparams(w: GGUFWriter, cfg: Any, fam: Family) -> None:
         value = getattr(cfg, attr, None)
         if value is not None:
             w.add_uint32(f"{fam.gguf.arch}.{key}", int(value))
+    factors = rope_freqs(cfg, theta, head_dim)
+    if factors is not None:  # a model-level tensor, first as llama.cpp's converter writes it
+        w.add_tensor("rope_freqs.weight", factors)
 
 
 def _adds_bos(tok: Any) -> bool:
@@ -276,9 +301,9 @@ def collect_tensors(
             full = f"{mod_name}.{pname}"
             if full in done:
                 continue
-            value = p.detach().float()
+            value = p.detach()  # as held: a narrow table is widened chunk by chunk
             if "norm" in gguf_name and pname == "weight":
-                value = value + fam.norm_offset
+                value = value.float() + fam.norm_offset
             yield Tensor(f"{gguf_name}.{pname}", value=value, permute_heads=perm)
             done.add(full)
     _check_all_mapped(model, done, tied)
@@ -362,8 +387,17 @@ class ExportReport:
     types: dict[str, str] = field(default_factory=dict)
 
 
+# a float tensor is converted CHUNK_ELEMENTS at a time (row-wise: every type quantizes rows
+# on their own), so a 128k-vocabulary table never has a float32 copy and its temporaries
+CHUNK_ELEMENTS = 1 << 24
+
+
 def _float_data(value: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
     """Float values in qtype (gguf.quants for the block types). 1-D tensors stay F32."""
+    if value.ndim == 2 and value.shape[0] > 1 and value.numel() > CHUNK_ELEMENTS:
+        step = max(1, CHUNK_ELEMENTS // value.shape[1])
+        parts = [_float_data(value[i : i + step], qtype) for i in range(0, len(value), step)]
+        return np.concatenate([data for data, _ in parts]), parts[0][1]
     arr = value.float().numpy()
     if arr.ndim < 2 or qtype == T.F32:
         return arr.astype(np.float32), T.F32

@@ -142,7 +142,10 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
-        "llama", gguf=GGUFNames("llama", LLAMA_GGUF, permute_qk=True), onnx=True, runtime=True
+        "llama",
+        gguf=GGUFNames("llama", LLAMA_GGUF, permute_qk=True, rope_types=("default", "llama3")),
+        onnx=True,
+        runtime=True,
     ),
     "qwen2": Family(
         "qwen2", gguf=GGUFNames("qwen2", LLAMA_GGUF), onnx=True, runtime=True, window="refuse"
