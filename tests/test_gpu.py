@@ -153,6 +153,25 @@ def test_gptq_on_the_gpu_is_close_to_the_cpu(tiny_dir: Path, corpus_file: Path, 
     assert (tmp_path / "gpu" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stream", ["off", "on"])
+def test_offloaded_activations_on_the_gpu_give_its_result(
+    tiny_dir: Path, corpus_file: Path, tmp_path: Path, stream: str
+) -> None:
+    """Activations kept in CPU memory (offload on) while blocks compute on the GPU: the same
+    computations in the same order as with them on the GPU, so the same codes."""
+    from tinyllm.core.compress import Calibration, compress
+    from tinyllm.quant.gptq import GPTQ
+
+    cal = Calibration(corpus=str(corpus_file), samples=4, seq_len=32)
+    step = GPTQ(bits=4, group_size=32)
+    runs = {}
+    for offload in ("off", "on"):
+        out = tmp_path / offload
+        compress(tiny_dir, [step], cal, out, device="cuda", stream=stream, offload=offload)
+        runs[offload] = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
+    assert runs["on"] == runs["off"]
+
+
 def test_the_commands_run_on_the_gpu(tiny_dir: Path, corpus_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "q"
     p = run("quantize", str(tiny_dir), "--method", "gptq", "--group-size", "32",

@@ -144,6 +144,18 @@ StreamOpt = Annotated[
 ]
 
 
+OffloadOpt = Annotated[
+    str,
+    typer.Option(
+        "--offload",
+        help="auto, on or off: keep the calibration activations in CPU memory while blocks "
+        "compute on a GPU, each batch copied over when used (for a GPU too small for them). "
+        "Auto offloads when they would take over a quarter of the GPU's free memory; on the "
+        "CPU there is nothing to offload to.",
+    ),
+]
+
+
 def device_of(spec: str) -> str:
     """--device checked before anything loads: its torch name ('cpu', 'cuda', 'cuda:1'), or a
     ConfigError saying what this machine has."""

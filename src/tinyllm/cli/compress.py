@@ -19,6 +19,7 @@ from tinyllm.cli._common import (
     CalibDtypeOpt,
     DeviceOpt,
     ModelArg,
+    OffloadOpt,
     OutputDirOpt,
     OverwriteOpt,
     SamplesOpt,
@@ -39,12 +40,14 @@ from tinyllm.errors import ConfigError
 Q, P, D = opts_.Quant, opts_.Prune, opts_.Distill
 
 CALIB = ("calib_corpus", "samples", "seq_len", "seed", "calib_dtype")
-QUANT_GENERAL = {"model", "output", "method", "overwrite", "float_dtype", "device", "stream"}
+QUANT_GENERAL = {
+    "model", "output", "method", "overwrite", "float_dtype", "device", "stream", "offload"
+}  # fmt: skip
 QUANT_GENERAL |= {"resume"}
 QUANT_GENERAL |= set(CALIB)
 QUANT_GENERAL |= {"gguf_compatible", "embed_bits"}
 QUANT_FIELD = {"alpha_search": "search", "fp8_format": "format"}  # option -> step field
-PRUNE_GENERAL = {"model", "output", "method", "overwrite", "device", "stream", *CALIB}
+PRUNE_GENERAL = {"model", "output", "method", "overwrite", "device", "stream", "offload", *CALIB}
 
 
 @app.command(help=help_text(opts_.QUANTIZE_HELP))
@@ -94,6 +97,7 @@ def quantize(
     device: DeviceOpt = "auto",
     stream: StreamOpt = "auto",
     resume: StreamResumeOpt = False,
+    offload: OffloadOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress
 
@@ -103,7 +107,7 @@ def quantize(
     result = compress(
         model, steps, calibration(opts), output,
         overwrite=overwrite, float_dtype=float_dtype, meta=meta, device=device_of(device),
-        stream=stream, resume=resume,
+        stream=stream, resume=resume, offload=offload,
     )  # fmt: skip
     print_quant_report(result.report, method, output)
 
@@ -264,6 +268,7 @@ def prune(
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     stream: StreamOpt = "auto",
+    offload: OffloadOpt = "auto",
 ) -> None:
     from tinyllm.core.compress import compress
     from tinyllm.prune.api import prune_step, step_classes, step_fields, training_pruners
@@ -278,6 +283,7 @@ def prune(
     result = compress(
         model, [cfg], calibration(opts), where, overwrite=overwrite,
         train_dir=output if trains else None, device=device_of(device), stream=stream,
+        offload=offload,
     )  # fmt: skip
     print_prune_report(result, method, where)
 

@@ -707,9 +707,11 @@ def calibrate_blocks(
     where = placement()
     where.embeddings_needed(model)
     kwargs = _block_kwargs(model, blocks, batches[0])
-    xs = [x.to(where.device) for x in _first_inputs(model, blocks, batches)]
+    first = _first_inputs(model, blocks, batches)
+    xs = where.activations(first, copies=3 if reference else 2)  # + the outputs being made
+    del first  # (each input is freed as the pass replaces it)
     where.embeddings_done(model)
-    ref = [x.clone() for x in xs] if reference else None
+    ref = where.activations([x.clone() for x in xs]) if reference else None
     start = where.begin_pass(xs, ref)  # > 0: a resumed streamed run (core/resume.py)
     with make_progress() as bar:
         task = bar.add_task(description, total=len(blocks), completed=start, info="")

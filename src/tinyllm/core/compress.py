@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from tinyllm.core.placement import Placement, Streaming, placed
+from tinyllm.core.placement import OFFLOAD_MODES, Placement, Streaming, placed
 from tinyllm.core.registry import STREAMS, kind_of, name_of
 from tinyllm.core.resume import JOURNAL, RESUMABLE, Journal, fingerprint
 from tinyllm.core.steps import Context, Step, TrainSetup, apply_step, fit_batch
@@ -77,6 +77,7 @@ def compress(
     meta: dict[str, Any] | None = None,
     device: str = "cpu",
     stream: str = "auto",
+    offload: str = "auto",
 ) -> CompressResult:
     """Load `source`, run `steps` in order, round floats to `float_dtype`, save to `out`.
 
@@ -85,18 +86,23 @@ def compress(
     continues. `meta` adds fields to the checkpoint's tinyllm.json. `device` (auto, cpu,
     cuda[:N]) is where blocks are computed; the model itself stays in CPU memory. `stream`
     ("auto", "on", "off"): read, compress and write one block at a time (core/stream.py); auto
-    streams a model whose float32 weights would not fit comfortably in memory."""
+    streams a model whose float32 weights would not fit comfortably in memory. `offload`
+    ("auto", "on", "off"): keep the calibration activations in CPU memory while blocks compute
+    on a GPU (auto: when the GPU's free memory is short for them; core.placement)."""
     from tinyllm.checkpoint import check_output_dir, round_floats
     from tinyllm.core.load import load
 
     steps, calibration = list(steps), calibration or Calibration()
     _check(steps, float_dtype)
+    if offload not in OFFLOAD_MODES:
+        raise ConfigError(f"unknown offload '{offload}'; choose one of {', '.join(OFFLOAD_MODES)}")
     if out is not None:
         check_output_dir(Path(out), overwrite or resume)  # fail before the slow part
     resolve_device(device)  # a GPU this machine lacks fails before the slow part
     directory = _stream_source(source, steps, stream)
     if directory is not None:
         settings = {"float_dtype": float_dtype, "meta": meta, "resume": resume}
+        settings["offload"] = offload
         return _compress_streamed(directory, source, steps, calibration, out, device, settings)
     model, tok = load(source)
     ctx = _context(steps, tok, calibration)
@@ -105,7 +111,7 @@ def compress(
         workdir = _train_dir(out, train_dir)
         ctx.train = _train_setup(str(source), teacher, tok, workdir, resume, overwrite)
     t0 = time.perf_counter()
-    with placed(Placement(ctx.device)):
+    with placed(Placement(ctx.device, offload)):
         report = run_steps(model, steps, ctx)
     report["seconds"] = time.perf_counter() - t0
     round_floats(model, getattr(torch, float_dtype))
@@ -171,7 +177,9 @@ def _compress_streamed(
     ctx.device = resolve_device(device)
     work = Path(f"{out or directory / 'tinyllm'}.stream{_rank()}")
     journal = _journal(work, source, steps, ctx, settings["resume"])
-    where = Streaming(model, weights, work, ctx.device, tied=tied, journal=journal)
+    where = Streaming(
+        model, weights, work, ctx.device, tied=tied, journal=journal, offload=settings["offload"]
+    )
     try:
         with placed(where):
             t0 = time.perf_counter()

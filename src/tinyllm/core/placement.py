@@ -30,14 +30,65 @@ from tinyllm.models.anatomy import find_blocks
 from tinyllm.models.lazy import LazyWeights, materialize, read_file, release
 from tinyllm.util.memory import trim_heap
 
+# offload="auto": calibration activations stay in CPU memory when the copies a pass holds
+# (inputs, outputs, a reference stream) would take more than this share of the device's free memory
+OFFLOAD_SHARE = 0.25
+OFFLOAD_MODES = ("auto", "on", "off")
+
+
+class HostActivations(list):
+    """Calibration activations held in CPU memory while blocks compute on a GPU (activation
+    offload): an item is copied to `device` when read and back to the host when written, so the
+    device holds the batch being computed, not the whole calibration set. Reads are always
+    copies (on the CPU too), so a method that changed a read item in place would be wrong on
+    every device, not only on a GPU: the CPU tests see what a GPU run would."""
+
+    def __init__(self, items: list[torch.Tensor], device: torch.device) -> None:
+        super().__init__(x.to("cpu") for x in items)
+        self.device = device
+
+    def __getitem__(self, i):  # type: ignore[override]
+        got = super().__getitem__(i)
+        if isinstance(i, slice):
+            return [x.to(self.device, copy=True) for x in got]
+        return got.to(self.device, copy=True)
+
+    def __setitem__(self, i, value) -> None:  # type: ignore[override]
+        if isinstance(i, slice):
+            super().__setitem__(i, [v.to("cpu") for v in value])
+        else:
+            super().__setitem__(i, value.to("cpu"))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
 
 class Placement:
-    """The whole model in CPU memory; blocks computed on `device` (moved there and back)."""
+    """The whole model in CPU memory; blocks computed on `device` (moved there and back).
+    `offload` ("auto", "on", "off"): keep the calibration activations in CPU memory
+    (HostActivations); auto does when a GPU's free memory is short for them."""
 
     streaming = False
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
+    def __init__(self, device: torch.device | str = "cpu", offload: str = "auto") -> None:
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, not {offload!r}")
+        self.device, self.offload = torch.device(device), offload
+
+    def activations(self, items: list[torch.Tensor], copies: int = 2) -> list[torch.Tensor]:
+        """A pass's calibration activations where they are kept: on the compute device, or in
+        CPU memory (`offload`). `copies`: how many such sets the pass holds at once."""
+        if self.offloads(sum(x.numel() * x.element_size() for x in items) * copies):
+            return HostActivations(items, self.device)
+        return [x.to(self.device) for x in items]
+
+    def offloads(self, nbytes: int) -> bool:
+        if self.offload != "auto":
+            return self.offload == "on"
+        if self.device.type != "cuda":
+            return False  # the CPU is the host: nothing to offload to
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return nbytes > OFFLOAD_SHARE * free
 
     def enter(self, i: int, block: nn.Module) -> None:
         if self.device.type != "cpu":
@@ -82,8 +133,9 @@ class Streaming(Placement):
         dtype: torch.dtype = torch.float32,
         tied: bool = False,
         journal: Journal | None = None,
+        offload: str = "auto",
     ) -> None:
-        super().__init__(device)
+        super().__init__(device, offload)
         self.model, self.weights, self.dtype, self.tied = model, weights, dtype, tied
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
