@@ -34,6 +34,19 @@ SETTINGS = {
     "channels": {"ratio": 0.25},
     "heads": {"count": 1},
     "blocks": {"count": 1},
+    # a given allocation (tinyllm plan): every other layer at 8 bits
+    "mixed": {
+        "base": GPTQ(bits=4, group_size=32),
+        "bits": [4, 8],
+        "allocation": {
+            f"model.layers.{i}.{m}": 8 if (i + k) % 2 else 4
+            for i in range(3)
+            for k, m in enumerate(
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+                + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+            )
+        },
+    },
 }
 
 
@@ -383,3 +396,27 @@ def test_a_pruned_checkpoint_streams_into_the_in_memory_result(
     assert [s["type"] for s in info["steps"]] == ["wanda", "gptq"] and info["stream"]
     with pytest.raises(ConfigError, match="is quantized"):
         compress(whole.out, [_step("rtn")], calib, tmp_path / "again", stream="on")
+
+
+def test_mixed_streams_from_cached_sensitivities(
+    four_block_dir: Path, tmp_path: Path, calib: Calibration
+) -> None:
+    """Sensitivities measured in memory into --sensitivity-cache let the same mixed run stream
+    (the base quantizer goes over the blocks) and give the in-memory checkpoint; without them a
+    streamed run is refused with what to do."""
+    from tinyllm.quant.mixed import Mixed
+
+    cache = tmp_path / "sens.json"
+    step = Mixed(base=GPTQ(bits=4, group_size=32), bits=[3, 4, 8], avg_bits=5.0)
+    cached = step.model_copy(update={"sensitivity_cache": str(cache)})
+    with pytest.raises(ConfigError, match="measuring sensitivities"):
+        compress(four_block_dir, [step], calib, tmp_path / "x", stream="on")
+    with pytest.raises(ConfigError, match="stream off to fill"):
+        compress(four_block_dir, [cached], calib, tmp_path / "y", stream="on")
+    whole = compress(four_block_dir, [cached], calib, tmp_path / "whole", stream="off")
+    assert cache.is_file()
+    streamed = compress(four_block_dir, [cached], calib, tmp_path / "streamed", stream="on")
+    assert streamed.meta.get("stream")
+    a, b = _tensors(whole.out), _tensors(streamed.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.report["bit_allocation"] == streamed.report["bit_allocation"]

@@ -137,7 +137,8 @@ StreamOpt = Annotated[
         "memory about one block, the embeddings and the calibration activations; the output is "
         "sharded). Auto streams a Hugging Face model whose float32 weights exceed half of the "
         "memory available. Streams gptq, awq, rtn, nf4, wanda, sparsegpt, smoothquant, "
-        "int8-static and channels/heads/blocks pruning (activation importance), from a Hugging "
+        "int8-static, mixed (with --allocation or a filled --sensitivity-cache) and "
+        "channels/heads/blocks pruning (activation importance), from a Hugging "
         "Face model or a float or pruned tinyllm checkpoint; other methods and quantized "
         "checkpoints load the model whole.",
     ),

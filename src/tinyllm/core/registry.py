@@ -74,6 +74,7 @@ BY_NAME: dict[str, Entry] = {e.name: e for e in STEPS}
 STREAMS = frozenset(
     {"gptq", "awq", "rtn", "nf4", "wanda", "sparsegpt", "smoothquant", "int8-static"}
     | {"channels", "heads", "blocks"}  # activation importance (gradient: Step.whole_model)
+    | {"mixed"}  # from a given allocation or cached sensitivities (measuring: Step.whole_model)
 )
 
 

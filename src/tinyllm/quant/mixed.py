@@ -45,6 +45,7 @@ from torch import nn
 
 from tinyllm.core.calib import block_inputs, run_block
 from tinyllm.core.kernels import OneDNNLinear, fast_linears, onednn_available
+from tinyllm.core.placement import placement
 from tinyllm.core.steps import Context, Step, apply_step, register
 from tinyllm.errors import ConfigError
 from tinyllm.kernels.primitives import SUPPORTED_BITS
@@ -192,6 +193,14 @@ class Mixed(Step):
         if self.target_bpw is not None and self.target_bpw <= 0:
             raise ValueError(f"target_bpw must be positive, got {self.target_bpw}")
         return self
+
+    def whole_model(self) -> str | None:
+        if self.allocation is not None or self.sensitivity_cache is not None:
+            return None  # the base quantizer alone goes over the blocks: it streams
+        return (
+            "measuring sensitivities re-runs every later block for each layer; stream it with "
+            "an allocation (`tinyllm plan`) or a --sensitivity-cache measured in memory before"
+        )
 
     @property
     def options(self) -> list[int] | list[str]:
@@ -511,6 +520,13 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
             return rtn_quantize(w.float(), probe_config(grid, option, exact)).dequantize()
 
         sens = _cached(cfg, sites)
+        if sens is None and placement().streaming:
+            raise ConfigError(
+                f"mixed: {cfg.sensitivity_cache} does not hold this model's sensitivities for "
+                f"{cfg.options} on {_cache_key(cfg)} probe windows, and a streamed model cannot "
+                "measure them (every later block per layer); run once with --stream off to "
+                "fill the cache"
+            )
         if sens is None:
             sens = measure_sensitivity(model, sites, _windows(ctx, cfg), cfg.options, quantizer)
             _store(cfg, sens)
