@@ -1,5 +1,5 @@
-"""The runtime on the real default model (slow): FP32 greedy output identical to transformers'
-generate for 64 tokens on 10 prompts, all ten decoding in one batch; an INT4 checkpoint through
+"""The runtime on the real models (slow): FP32 greedy output identical to transformers'
+generate for 64 tokens on 10 prompts, all ten decoding in one batch (SmolLM2 and Gemma 3); an INT4 checkpoint through
 the engine identical to the same checkpoint through tinyllm.load."""
 
 import pytest
@@ -19,13 +19,15 @@ TEN = [
 ]
 
 
-def test_fp32_batched_greedy_equals_transformers_generate() -> None:
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_fp32_batched_greedy_equals_transformers_generate(name: str) -> None:
     import tinyllm
     from tinyllm.runtime.engine import Engine, EngineConfig
     from tinyllm.runtime.sampling import SamplingParams
 
-    model, tok = tinyllm.load("smollm2-135m")
+    model, tok = tinyllm.load(name)
     engine = Engine(model, tok, EngineConfig(kv_memory_mb=64, kv_dtype="float32"))
+    assert engine.fallback is None  # the lean forward, for Gemma 3 too
     ids = [tok.encode(p) for p in TEN]
     seqs = engine.generate(ids, SamplingParams(max_tokens=64))
     eos = model.generation_config.eos_token_id

@@ -48,7 +48,7 @@ def test_gemma3_scales_through_its_pre_feedforward_norm():
 
 
 def test_support_lists():
-    assert supporting("runtime") == ["llama", "qwen2", "mistral"]
+    assert supporting("runtime") == ["llama", "qwen2", "mistral", "gemma3_text"]
     assert sorted(supporting("onnx")) == ["llama", "mistral", "qwen2"]
     assert sorted(supporting("gguf")) == ["gemma3_text", "llama", "mistral", "qwen2"]
 
@@ -79,13 +79,13 @@ def test_models_load_refuses_a_checkpoint_and_names_tinyllm_load(tmp_path: Path)
 
 def test_the_runtime_reads_the_sliding_window_rule_from_the_table():
     """Mistral's window applies to every layer; Qwen2 with its window switched on falls back."""
-    from tinyllm.runtime.model import LlamaRuntime, unsupported_reason
+    from tinyllm.runtime.model import LeanRuntime, unsupported_reason
 
     mistral = tiny_model("mistral")
     mistral.config.sliding_window = 7
     assert unsupported_reason(mistral) is None
-    assert LlamaRuntime(mistral).window == 7
+    assert LeanRuntime(mistral).window == 7
     qwen = tiny_model("qwen2")
-    assert LlamaRuntime(qwen).window is None
+    assert LeanRuntime(qwen).window is None
     qwen.config.use_sliding_window = True
     assert "sliding window" in unsupported_reason(qwen)

@@ -205,10 +205,47 @@ def test_int8_activation_mode_runs_the_integer_kernel_and_mostly_agrees(tokenize
     assert first == [s.output[:3] for s in exact]  # rounding moves logits by ~0.5%
 
 
+def _gemma3(window: int = 6):
+    """A three-block Gemma 3 with both layer types, a window the prompts and outputs exceed,
+    and its own RoPE base per layer type."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("gemma3")
+    cfg.num_hidden_layers = 3
+    cfg.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    cfg.sliding_window = window
+    cfg.initializer_range = 0.1  # sharper attention: the window and the RoPE bases matter
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("budget", [64, 8])
+def test_gemma3_runs_in_the_lean_forward_with_greedy_parity(budget: int, tokenizer) -> None:
+    """Gemma 3 (q/k norms, four norms per block scaling by 1 + w, GELU, sliding and global
+    layers with their own RoPE bases, embedding scaling) through the lean forward: the greedy
+    tokens of transformers' generate, chunked prefill included."""
+    model = _gemma3()
+    eng = engine(model, tokenizer, token_budget=budget)
+    assert eng.fallback is None
+    assert [ly.window for ly in eng.runtime.layers] == [6, None, 6]
+    seqs = eng.generate(PROMPTS, GREEDY)
+    assert [s.output for s in seqs] == [hf_greedy(model, p, 12) for p in PROMPTS]
+    assert eng.cache.used_blocks == 0
+
+
+def test_gemma3_window_changes_the_tokens(tokenizer) -> None:
+    """The check above can fail: another window gives other tokens on these prompts."""
+    a = engine(_gemma3(6), tokenizer).generate(PROMPTS, GREEDY)
+    b = engine(_gemma3(1000), tokenizer).generate(PROMPTS, GREEDY)
+    assert [s.output for s in a] != [s.output for s in b]
+
+
 def test_other_families_fall_back_to_transformers_with_the_same_tokens(tokenizer) -> None:
-    model = tiny_model("gemma3")  # sliding-window layers: not in the lean forward's table
+    model = tiny_model("phi3")  # not in the lean forward's table
     eng = engine(model, tokenizer, token_budget=8)  # chunked prefill through the fallback too
-    assert eng.fallback and "gemma3" in eng.fallback
+    assert eng.fallback and "phi3" in eng.fallback
     seqs = eng.generate(PROMPTS, GREEDY)
     assert [s.output for s in seqs] == [hf_greedy(model, p, 12) for p in PROMPTS]
     assert eng.cache.used_blocks == 0 and not eng.runtime.caches

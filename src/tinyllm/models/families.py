@@ -118,8 +118,9 @@ class Family:
     runtime: bool = False  # the lean runtime's forward fits it (else the transformers fallback)
     # How the lean runtime treats `config.sliding_window`: "none" (the family has none),
     # "config" (every layer attends within it, Mistral), "refuse" (a window switched on by
-    # `use_sliding_window` is not supported: the transformers fallback runs it, Qwen2).
-    window: Literal["none", "config", "refuse"] = "none"
+    # `use_sliding_window` is not supported: the transformers fallback runs it, Qwen2),
+    # "layers" (the layers `config.layer_types` names "sliding_attention" do, Gemma 3).
+    window: Literal["none", "config", "refuse", "layers"] = "none"
 
     def local(self, role: str) -> str:
         """The module name inside a block that plays `role`."""
@@ -168,6 +169,8 @@ FAMILIES: dict[str, Family] = {
             limits=gemma3_gguf_limits,
             rope_types=(),
         ),
+        runtime=True,
+        window="layers",
     ),
 }
 

@@ -33,7 +33,7 @@ from tinyllm.runtime.model import (
     DecodeGroup,
     FlatBatch,
     HFRuntime,
-    LlamaRuntime,
+    LeanRuntime,
     PrefillChunk,
     unsupported_reason,
 )
@@ -126,9 +126,9 @@ class Engine:
                 "model, one sequence at a time per step (slower; the paged cache only accounts)",
                 self.fallback,
             )
-            self.runtime: LlamaRuntime | HFRuntime = HFRuntime(model)
+            self.runtime: LeanRuntime | HFRuntime = HFRuntime(model)
         else:
-            self.runtime = LlamaRuntime(model, self.cfg.int8_activations)
+            self.runtime = LeanRuntime(model, self.cfg.int8_activations)
         budget = int(self.cfg.kv_memory_mb * 2**20)
         if self.cfg.kv_dtype not in KV_DTYPES:
             raise ConfigError(
@@ -366,10 +366,9 @@ class Engine:
             return None
         lens = torch.tensor([len(c) for _, c in decoders])
         ctx = torch.nn.utils.rnn.pad_sequence([c for _, c in decoders], batch_first=True)
-        window = getattr(self.runtime, "window", None)
-        starts = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
+        starts = torch.zeros_like(lens)  # sliding-window layers narrow it (model._windowed)
         kpos = torch.arange(ctx.shape[1])[None, :]
-        mask = (kpos < lens[:, None]) & (kpos >= starts[:, None])  # [B, Lmax]
+        mask = kpos < lens[:, None]  # [B, Lmax]
         rows = [r for r, _ in decoders]
         all_rows = rows == list(range(total_rows))
         return DecodeGroup(torch.tensor(rows), ctx, mask[:, None, None, :], lens, starts, all_rows)

@@ -1,6 +1,6 @@
 """The tinyllm runtime's forward (its packed INT4/INT8 kernels) as a `LanguageModel`.
 
-`RuntimeLM` runs the lean forward (`runtime.model.LlamaRuntime`) on a flat batch of prompts,
+`RuntimeLM` runs the lean forward (`runtime.model.LeanRuntime`) on a flat batch of prompts,
 each a prefill chunk over a paged KV cache of its own, and asks for the logits of every position
 a request reads (`FlatBatch.logit_rows`), so tasks score the numbers the engine would serve.
 Families the lean forward does not run (`unsupported_reason`) are refused: the engine runs them
@@ -17,7 +17,7 @@ from torch import nn
 from tinyllm.errors import ConfigError
 from tinyllm.eval.lm import LOGITS_BYTES, LogitsLM
 from tinyllm.runtime.kv_cache import PagedKVCache
-from tinyllm.runtime.model import FlatBatch, LlamaRuntime, PrefillChunk, unsupported_reason
+from tinyllm.runtime.model import FlatBatch, LeanRuntime, PrefillChunk, unsupported_reason
 
 BLOCK = 16  # KV cache block size (tokens)
 
@@ -42,7 +42,7 @@ class RuntimeLM(LogitsLM):
                 f"the runtime's lean forward does not run this model ({reason}); the engine "
                 "serves it through transformers, which `tinyllm eval` scores directly"
             )
-        self.runtime = LlamaRuntime(model.eval(), int8_act)
+        self.runtime = LeanRuntime(model.eval(), int8_act)
         self.kv_dtype = kv_dtype
         self.tokens_per_batch = max(64, min(2048, LOGITS_BYTES // (4 * self.runtime.vocab)))
 

@@ -1,4 +1,4 @@
-"""A lean decoder forward for the Llama family over a paged KV cache.
+"""A lean decoder forward for Llama-like families and Gemma 3 over a paged KV cache.
 
 It runs the modules of a loaded model directly (embedding, norms' weights, the linear layers
 whatever they are: fp32 `nn.Linear`, packed `QuantLinear`, pruned shapes) but replaces
@@ -8,15 +8,18 @@ attention is per group: all decoding sequences together (one gather of their cac
 masked batched attention), each prefill chunk on its own (causal with an offset).
 
 Families are data: the family table (models/families.py, `runtime=True`) names each family's
-norms, embedding and head. Llama, Qwen2 (q/k/v biases live in the linears), Mistral (optional
-sliding window) and TinyLlama (a Llama) share this code; other families (and the RoPE variants
-and settings `unsupported_reason` names) are not refused: the engine runs them on `HFRuntime`,
-the transformers model itself, and logs a warning that says why.
+norms, embedding and head; the config says the rest. Llama, Qwen2 (q/k/v biases live in the
+linears), Mistral (a sliding window on every layer), TinyLlama (a Llama) and Gemma 3 (per-head
+q/k norms, norms after attention and after the MLP, norms scaling by 1 + w, GELU, sliding
+windows and their own RoPE base on the layers `layer_types` marks, an attention scale from
+`query_pre_attn_scalar`) share this code. Other families (and the RoPE variants and settings
+`unsupported_reason` names) are not refused: the engine runs them on `HFRuntime`, the
+transformers model itself, and logs a warning that says why.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,26 @@ from tinyllm.util.device import module_device
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
+# activations the lean forward runs (config.hidden_act / hidden_activation)
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def _rope_types(cfg: object) -> list[str]:
+    """The RoPE kind of every attention type (Gemma 3 keeps one per layer type)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return [v.get("rope_type", "default") for v in params.values()]
+    return [params.get("rope_type", "default")]
+
+
+def _activation(cfg: object) -> str:
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the lean forward cannot run this model, or None if it can."""
     cfg = model.config
@@ -42,11 +65,16 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if fam not in FAMILIES or not FAMILIES[fam].runtime:
         supported = ", ".join(supporting("runtime"))
         return f"model family '{fam}' is not in the runtime's table ({supported})"
-    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope not in STATIC_ROPE:
+    rope = next((r for r in _rope_types(cfg) if r not in STATIC_ROPE), None)
+    if rope is not None:
         return f"RoPE type '{rope}' depends on sequence length"
     if getattr(cfg, "use_sliding_window", False) and FAMILIES[fam].window == "refuse":
         return f"{fam} with a sliding window"
+    if _activation(cfg) not in ACTIVATIONS:
+        return f"activation '{_activation(cfg)}'"
+    for what in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(cfg, what, None):
+            return f"{what} set"
     return None
 
 
@@ -99,6 +127,10 @@ def _common_q4_group(mods: list[nn.Module]) -> int | None:
     return groups.pop() if len(groups) == 1 and len(ins) == 1 else None
 
 
+# the norms of a block the forward reads, by family role (Layer fields)
+NORM_ROLES = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
@@ -109,6 +141,12 @@ class Layer:
     down: Fused
     heads: int
     kv_heads: int
+    window: int | None = None  # keys visible to a query: its last `window` positions
+    rope: str = ""  # which RoPE table (Gemma 3: the layer type)
+    q_norm: torch.Tensor | None = None  # per-head norms of q and k (Gemma 3)
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # norms of the attention and MLP outputs
+    post_mlp_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -202,8 +240,9 @@ class HFRuntime:
         return torch.stack(out) if out else torch.empty(0, 0)
 
 
-class LlamaRuntime:
-    """Holds references to the model's modules (nothing copied) and runs flat batches."""
+class LeanRuntime:
+    """Holds references to the model's modules (nothing copied but the norm weights of a family
+    whose norms scale by offset + w) and runs flat batches."""
 
     def release(self, seq_id: int) -> None:
         """Nothing to drop: the sequence's keys live in the paged cache."""
@@ -214,25 +253,27 @@ class LlamaRuntime:
         if reason:
             raise ValueError(reason)
         cfg = model.config
-        fam = FAMILIES[cfg.model_type]
+        fam = self.fam = FAMILIES[cfg.model_type]
         self.model = model
         self.device = module_device(model)
         self.embed = model.get_submodule(fam.embed)
-        self.final_norm = model.get_submodule(fam.final_norm).weight
+        self.final_norm = self._norm_weight(model.get_submodule(fam.final_norm))
         self.head = model.get_submodule(fam.head)
         self.eps = float(cfg.rms_norm_eps)
         self.head_dim = int(
             getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         )
-        self.window = getattr(cfg, "sliding_window", None) if fam.window == "config" else None
-        rotary = model.get_submodule("model.rotary_emb")
-        self.inv_freq = rotary.inv_freq.float()  # [head_dim / 2]
-        self.rope_scale = float(rotary.attention_scaling)
+        self.scale = float(getattr(cfg, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.act = ACTIVATIONS[_activation(cfg)]
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.ropes = self._ropes(model.get_submodule("model.rotary_emb"))
         self.layers = self._layers(model, fam)
+        self.window = next((ly.window for ly in self.layers if ly.window), None)
         self.vocab = int(cfg.vocab_size)
         # tinyllm's C++ ops for norm, RoPE and decode attention (fp32 CPU tensors only), when
         # they build; elsewhere the same steps run as PyTorch ops
-        fp32 = all(t.dtype == torch.float32 for t in (self.final_norm, self.inv_freq))
+        fp32 = all(t.dtype == torch.float32 for t, _ in self.ropes.values())
+        fp32 = fp32 and self.final_norm.dtype == torch.float32
         cpu = self.device.type == "cpu"
         self.fused_ops = cpu and fp32 and native.q4_kernel() is not None
         self.head_i8 = (
@@ -244,22 +285,50 @@ class LlamaRuntime:
         )
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
 
+    def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
+        """The weight a norm multiplies by: its own, or offset + w (Gemma: 1 + w, in float32)."""
+        if not self.fam.norm_offset:
+            return norm.weight
+        return (norm.weight.float() + self.fam.norm_offset).detach()
+
+    @staticmethod
+    def _ropes(rotary: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
+        """RoPE frequencies and scaling by table name: "" (one table), or per layer type."""
+        if hasattr(rotary, "inv_freq"):
+            return {"": (rotary.inv_freq.float(), float(rotary.attention_scaling))}
+        return {
+            lt: (getattr(rotary, f"{lt}_inv_freq").float(),
+                 float(getattr(rotary, f"{lt}_attention_scaling")))
+            for lt in rotary.rope_type  # the layer types that have a table
+        }  # fmt: skip
+
     def _layers(self, model: nn.Module, fam: Family) -> list[Layer]:
-        anat = analyze(model)
+        anat, cfg = analyze(model), model.config
+        types = list(getattr(cfg, "layer_types", None) or [])
         out = []
         for i, block in enumerate(anat.blocks):
             lin = {s.role: s.module for s in anat.block_linears(i)}
-            hd = self.head_dim
+            norms = {
+                role: self._norm_weight(block.get_submodule(fam.local(role)))
+                for role in NORM_ROLES
+                if role in fam.roles
+            }
+            lt = types[i] if types else ""
+            window = {
+                "config": getattr(cfg, "sliding_window", None),
+                "layers": (cfg.sliding_window if lt == "sliding_attention" else None),
+            }.get(fam.window)
             out.append(
                 Layer(
-                    attn_norm=block.get_submodule(fam.local("attn_norm")).weight,
-                    mlp_norm=block.get_submodule(fam.local("mlp_norm")).weight,
+                    **norms,
                     qkv=Fused([lin["q"], lin["k"], lin["v"]], self.int8_act),
                     o=Fused([lin["o"]], self.int8_act),
                     gate_up=Fused([lin["gate"], lin["up"]], self.int8_act),
                     down=Fused([lin["down"]], self.int8_act),
-                    heads=lin["q"].out_features // hd,
-                    kv_heads=lin["k"].out_features // hd,
+                    heads=lin["q"].out_features // self.head_dim,
+                    kv_heads=lin["k"].out_features // self.head_dim,
+                    window=window,
+                    rope=lt if lt in self.ropes else "",
                 )
             )
         return out
@@ -270,15 +339,18 @@ class LlamaRuntime:
         )
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor, ops: object = None) -> torch.Tensor:
-        if ops is not None:
-            return ops.rms_norm(x, w, self.eps)
+        if ops is not None and x.dim() == 2:
+            return ops.rms_norm(x.contiguous(), w, self.eps)
         var = x.pow(2).mean(-1, keepdim=True)
         return w * (x * torch.rsqrt(var + self.eps))
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale  # [T, hd]
+    def _rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for name, (inv_freq, scale) in self.ropes.items():
+            freqs = positions[:, None].float() * inv_freq[None, :]  # [T, hd/2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            out[name] = (emb.cos() * scale, emb.sin() * scale)  # [T, hd]
+        return out
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -292,30 +364,56 @@ class LlamaRuntime:
         ops = native.q4_kernel() if self.fused_ops else None
         batch = batch.to(self.device)
         x = self.embed(batch.tokens).float().contiguous()  # [T, hidden]
-        cos, sin = self._rope(batch.positions)  # [T, hd]
-        t, hd = x.shape[0], self.head_dim
+        ropes = self._rope(batch.positions)
+        windowed = {w: _windowed(batch, w) for w in {ly.window for ly in self.layers}}
         for i, ly in enumerate(self.layers):
-            h = self._norm(x, ly.attn_norm, ops)
-            q, k, v = ly.qkv(h)
-            q, k = q.view(t, ly.heads, hd), k.view(t, ly.kv_heads, hd)
-            if ops is not None:
-                ops.rope_(q, k, cos, sin)
-            else:
-                q, k = (
-                    self._rotate(q, cos[:, None], sin[:, None]),
-                    self._rotate(k, cos[:, None], sin[:, None]),
-                )
-            v = v.view(t, ly.kv_heads, hd)
-            cache.write(i, batch.slots, k, v)
-            attn = self._attention(q, cache, i, batch, ops)  # [T, heads, hd]
-            x = x + ly.o(attn.reshape(t, ly.heads * hd))[0]
-            h = self._norm(x, ly.mlp_norm, ops)
-            gate, up = ly.gate_up(h)
-            x = x + ly.down(F.silu(gate) * up)[0]
+            x = self._block(x, i, ly, ropes[ly.rope], windowed[ly.window], cache, ops)
         x = self._norm(x[batch.logit_rows].contiguous(), self.final_norm, ops)
         if self.head_i8 and x.shape[0] <= NATIVE_MAX_ROWS:
-            return Q8Native.gemv_i8(x, self.head.packed())
-        return self.head(x).float()
+            logits = Q8Native.gemv_i8(x, self.head.packed())
+        else:
+            logits = self.head(x).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _block(
+        self,
+        x: torch.Tensor,
+        i: int,
+        ly: Layer,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: FlatBatch,
+        cache: PagedKVCache,
+        ops: object,
+    ) -> torch.Tensor:
+        """Decoder block i on the flat batch x [T, hidden] (its K/V written to the cache)."""
+        t, hd = x.shape[0], self.head_dim
+        h = self._norm(x, ly.attn_norm, ops)
+        q, k, v = ly.qkv(h)
+        q, k = q.reshape(t, ly.heads, hd), k.reshape(t, ly.kv_heads, hd)
+        if ly.q_norm is not None:
+            q = self._norm(q.reshape(-1, hd), ly.q_norm, ops).view(t, ly.heads, hd)
+            k = self._norm(k.reshape(-1, hd), ly.k_norm, ops).view(t, ly.kv_heads, hd)
+        cos, sin = rope
+        if ops is not None:
+            ops.rope_(q, k, cos, sin)
+        else:
+            q, k = (self._rotate(q, cos[:, None], sin[:, None]),
+                    self._rotate(k, cos[:, None], sin[:, None]))  # fmt: skip
+        v = v.view(t, ly.kv_heads, hd)
+        cache.write(i, batch.slots, k, v)
+        attn = self._attention(q, cache, i, batch, ops)  # [T, heads, hd]
+        out = ly.o(attn.reshape(t, ly.heads * hd))[0]
+        if ly.post_attn_norm is not None:
+            out = self._norm(out, ly.post_attn_norm, ops)
+        x = x + out
+        h = self._norm(x, ly.mlp_norm, ops)
+        gate, up = ly.gate_up(h)
+        out = ly.down(self.act(gate) * up)[0]
+        if ly.post_mlp_norm is not None:
+            out = self._norm(out, ly.post_mlp_norm, ops)
+        return x + out
 
     def _attention(
         self,
@@ -325,9 +423,8 @@ class LlamaRuntime:
         batch: FlatBatch,
         ops: object = None,
     ) -> torch.Tensor:
-        d = batch.decode
+        d, scale = batch.decode, self.scale
         if ops is not None and d is not None and d.all_rows:  # decode only: one fused call
-            scale = 1.0 / math.sqrt(q.shape[-1])
             none = torch.empty(0)  # float pools have no scales
             scales = (cache.k_scale[layer], cache.v_scale[layer]) if cache.k_scale else (none, none)
             kpool, vpool = cache.k[layer], cache.v[layer]
@@ -339,20 +436,40 @@ class LlamaRuntime:
             kv = cache.read(layer, d.ctx)
             keys, vals = (t.transpose(1, 2).to(q.dtype) for t in kv)  # [B, kv_heads, Lmax, hd]
             qd = q[d.rows].unsqueeze(2)  # [B, heads, 1, hd]
-            o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=d.mask, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qd, keys, vals, attn_mask=d.mask, enable_gqa=True, scale=scale
+            )
             out[d.rows] = o.squeeze(2)
         for p in batch.prefills:
             kv = cache.read(layer, p.ctx)
             keys, vals = (t.transpose(0, 1).unsqueeze(0).to(q.dtype) for t in kv)  # [1, kvh, L, hd]
             qp = q[p.rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
-            o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=p.mask, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qp, keys, vals, attn_mask=p.mask, enable_gqa=True, scale=scale
+            )
             out[p.rows] = o.squeeze(0).transpose(0, 1)
         return out
 
     def visible(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
-        """[n, k_len] bool: key j is visible to a query at position p (causal, sliding window)."""
-        kpos = torch.arange(k_len)[None, :]
-        mask = kpos <= q_pos[:, None]
-        if self.window:
-            mask &= kpos > q_pos[:, None] - self.window
-        return mask
+        """[n, k_len] bool: key j is visible to a query at position p (causal; a layer's sliding
+        window is applied by the forward, `_windowed`)."""
+        return torch.arange(k_len)[None, :] <= q_pos[:, None]
+
+
+def _windowed(batch: FlatBatch, window: int | None) -> FlatBatch:
+    """The batch with each query's keys limited to its last `window` positions (sliding-window
+    layers); the batch itself for full attention. Masks and starts only: the same rows and keys."""
+    if not window:
+        return batch
+    d = batch.decode
+    if d is not None:
+        starts = (d.lengths - window).clamp(min=0)
+        kpos = torch.arange(d.ctx.shape[1], device=d.ctx.device)[None, :]
+        mask = d.mask & (kpos >= starts[:, None])[:, None, None, :]
+        d = DecodeGroup(d.rows, d.ctx, mask, d.lengths, starts, d.all_rows)
+    prefills = []
+    for p in batch.prefills:
+        qpos = batch.positions[p.rows]
+        kpos = torch.arange(p.mask.shape[1], device=p.mask.device)[None, :]
+        prefills.append(PrefillChunk(p.rows, p.ctx, p.mask & (kpos > qpos[:, None] - window)))
+    return dataclasses.replace(batch, decode=d, prefills=prefills)
