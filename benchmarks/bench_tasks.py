@@ -56,8 +56,9 @@ def compress(model: str, variant: str) -> tuple[str, float]:
         recipe.write_text(edge.read_text().replace("model: smollm2-135m", f"model: {model}"))
         again = "--resume" if (out / "state.json").is_file() else "--overwrite"  # keep done stages
         subprocess.run([*CLI, "run", str(recipe), "-o", str(out), again], check=True)
-        stages = sorted(p for p in (out / "stages").iterdir() if (p / "model").is_dir())
-        return str(stages[-1] / "model"), time.perf_counter() - t0
+        last = sorted((out / "stages").iterdir())[-1]  # a training stage keeps it in model/
+        model = last / "model" if (last / "model").is_dir() else last
+        return str(model), time.perf_counter() - t0
     cmd = [*CLI, VARIANTS[variant][0], model, *VARIANTS[variant][1:], "-o", str(out)]
     subprocess.run([*cmd, "--overwrite"], check=True)
     return str(out), time.perf_counter() - t0
