@@ -6,6 +6,11 @@ Rows:
            (RTN 4-bit g32 sym, the Q4_0 grid, + 8-bit embeddings), transformers `generate` on
            that same model and on FP32, the engine on FP32; then `llama-bench -n 64 -t 2` on the
            Q4_0 GGUF carrying the same integers (`tinyllm export --type q4_0`).
+  prefill  one 512-token prompt (enwiki text) through the engine's forward (RuntimeLM: a
+           prefill chunk, the last position's logits), INT4: exact (the packed kernel's float
+           path), --int8-act (int8 activations per block of 32, the integer kernel), and the
+           modules one by one (each weight unpacked to float for a float GEMM, what prefill ran
+           before); interleaved medians; then `llama-bench -p 512 -n 0` on the Q4_0 file.
   streams  aggregate decode tokens/s with 1 and 16 concurrent streams over HTTP, each stream
            64 prompt + 64 generated tokens: `tinyllm serve` (INT4) and `llama-server -np 16`
            (the Q4_0 file), both 2 threads, driven by the same client.
@@ -39,7 +44,7 @@ from rowtable import row_args, run_rows
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "runtime_smollm2.json"
 WORK = ROOT / "work" / "runtime"
-ROWS = ["decode", "streams", "kv", "load", "throttle"]
+ROWS = ["decode", "prefill", "streams", "kv", "load", "throttle"]
 THREADS = 2
 
 
@@ -113,6 +118,45 @@ def decode_row() -> dict:
     tg = re.search(rf"tg{n}\s*\|\s*([0-9.]+)", bench)
     res["llama_cpp_q4_0"] = float(tg.group(1)) if tg else None
     res["command"] = "benchmarks/bench_runtime.py --rows decode"
+    return res
+
+
+# --- prefill ------------------------------------------------------------------------------
+def prefill_row() -> dict:
+    import torch
+
+    import tinyllm
+    from tinyllm.eval.evaluate import evaluation_windows
+    from tinyllm.runtime.lm import RuntimeLM
+
+    torch.set_num_threads(THREADS)
+    q, tok = tinyllm.load(int4_checkpoint())
+    windows, _ = evaluation_windows(tok, "enwiki", 512, 1)
+    ids = windows[0].tolist()
+    unpacked = RuntimeLM(q, tok)
+    for ly in unpacked.runtime.layers:  # each module on its own: QuantLinear unpacks
+        for f in (ly.qkv, ly.o, ly.gate_up, ly.down):
+            f.group = None
+    cases = {
+        "engine_int4": RuntimeLM(q, tok),
+        "engine_int4_int8act": RuntimeLM(q, tok, int8_act=True),
+    }
+    cases["unpacked_float_gemm"] = unpacked
+    reps, samples = 5, {k: [] for k in cases}
+    for lm in cases.values():
+        lm.tail_logits([ids], [len(ids) - 1])  # warm-up
+    for _ in range(reps):
+        for k, lm in cases.items():
+            t0 = time.perf_counter()
+            lm.tail_logits([ids], [len(ids) - 1])
+            samples[k].append(len(ids) / (time.perf_counter() - t0))
+    res: dict = {k: statistics.median(v) for k, v in samples.items()}
+    res["samples"] = samples
+    bench = run([tool("llama-bench"), "-m", str(q4_0_gguf()), "-p", "512", "-n", "0",
+                 "-r", str(reps), "-t", str(THREADS)])  # fmt: skip
+    pp = re.search(r"pp512\s*\|\s*([0-9.]+)", bench)
+    res["llama_cpp_q4_0_pp512"] = float(pp.group(1)) if pp else None
+    res["command"] = "benchmarks/bench_runtime.py --rows prefill"
     return res
 
 
@@ -394,8 +438,8 @@ def throttle_row() -> dict:
 
 def run_row(name: str) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
-    rows = {"decode": decode_row, "streams": streams_row, "kv": kv_row, "load": load_row,
-            "throttle": throttle_row}  # fmt: skip
+    rows = {"decode": decode_row, "prefill": prefill_row, "streams": streams_row, "kv": kv_row,
+            "load": load_row, "throttle": throttle_row}  # fmt: skip
     return rows[name]()
 
 
@@ -411,6 +455,13 @@ def table(results: dict) -> str:
             if d.get(k):
                 lines.append(f"| {k} | {d[k]:.1f} | {base / d[k]:.2f} |")
         lines.append("")
+    p = results.get("prefill")
+    if p:
+        ref = p["llama_cpp_q4_0_pp512"]
+        lines += ["| prefill, 512-token prompt | tokens/s | x llama.cpp pp512 |", "|---|---|---|"]
+        for k in ["engine_int4", "engine_int4_int8act", "unpacked_float_gemm"]:
+            lines.append(f"| {k} | {p[k]:.1f} | {p[k] / ref:.2f} |")
+        lines += [f"| llama_cpp_q4_0_pp512 | {ref:.1f} | 1.00 |", ""]
     s = results.get("streams")
     if s:
         lines += [

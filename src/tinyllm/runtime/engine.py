@@ -344,9 +344,8 @@ class Engine:
                 decoders.append((row, ctx))
             else:
                 qpos = torch.arange(start, start + n)
-                prefills.append(
-                    PrefillChunk(slice(row, row + n), ctx, self.runtime.visible(qpos, start + n))
-                )
+                mask = self.runtime.visible(qpos, start + n)
+                prefills.append(PrefillChunk(slice(row, row + n), ctx, mask, causal=start == 0))
             seq.computed += n
             row += n
         return FlatBatch(

@@ -63,7 +63,7 @@ class RuntimeLM(LogitsLM):
             slots.append(cache.reserve(sid, len(seq)))
             span = slice(row, row + len(seq))
             mask = self.runtime.visible(torch.arange(len(seq)), len(seq))  # [n, n] causal
-            prefills.append(PrefillChunk(span, cache.slots(sid), mask))
+            prefills.append(PrefillChunk(span, cache.slots(sid), mask, causal=True))
             spans.append((sid, span))
             rows.append(torch.arange(row + start, row + len(seq)))
             row += len(seq)
