@@ -11,6 +11,9 @@ Rows:
            path), --int8-act (int8 activations per block of 32, the integer kernel), and the
            modules one by one (each weight unpacked to float for a float GEMM, what prefill ran
            before); interleaved medians; then `llama-bench -p 512 -n 0` on the Q4_0 file.
+  gemma    Gemma-3-270M INT4 (same recipe) in the engine, in process: 1 and 16 streams of 64
+           prompt + 64 generated tokens, exact and --int8-act; `llama-bench -n 64` on its Q4_0
+           export.
   streams  aggregate decode tokens/s with 1 and 16 concurrent streams over HTTP, each stream
            64 prompt + 64 generated tokens: `tinyllm serve` (INT4) and `llama-server -np 16`
            (the Q4_0 file), both 2 threads, driven by the same client.
@@ -44,22 +47,23 @@ from rowtable import row_args, run_rows
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "runtime_smollm2.json"
 WORK = ROOT / "work" / "runtime"
-ROWS = ["decode", "prefill", "streams", "kv", "load", "throttle"]
+ROWS = ["decode", "prefill", "streams", "kv", "load", "throttle", "gemma"]
+GEMMA = "gemma3-270m"
 THREADS = 2
 
 
-def int4_checkpoint() -> Path:
-    ckpt = WORK / "int4"
+def int4_checkpoint(model: str = MODEL) -> Path:
+    ckpt = WORK / ("int4" if model == MODEL else f"{model}-int4")
     if not (ckpt / "tinyllm.json").exists():
         flags = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]
-        run([*CLI, "quantize", MODEL, *flags, "--embed-bits", "8", "-o", str(ckpt)])
+        run([*CLI, "quantize", model, *flags, "--embed-bits", "8", "-o", str(ckpt)])
     return ckpt
 
 
-def q4_0_gguf() -> Path:
-    path = WORK / "int4-q4_0.gguf"
+def q4_0_gguf(model: str = MODEL) -> Path:
+    path = WORK / ("int4-q4_0.gguf" if model == MODEL else f"{model}-int4-q4_0.gguf")
     if not path.exists():
-        run([*CLI, "export", str(int4_checkpoint()), "--type", "q4_0", "-o", str(path)])
+        run([*CLI, "export", str(int4_checkpoint(model)), "--type", "q4_0", "-o", str(path)])
     return path
 
 
@@ -262,19 +266,33 @@ def _rates(out: list[dict], wall: float) -> dict:
     return {"e2e": _aggregate(out, wall), "decode": decode_rate([r["times"] for r in out])}
 
 
-def engine_levels() -> dict:
+def engine_levels(model: str = MODEL) -> dict:
     """The same 1 and 16 streams in-process (`tinyllm bench`), without HTTP."""
     import tinyllm
     from tinyllm.runtime.bench import bench
     from tinyllm.runtime.engine import Engine, EngineConfig
     from tinyllm.runtime.scheduler import SchedulerConfig
 
-    q, tok = tinyllm.load(int4_checkpoint())
+    q, tok = tinyllm.load(int4_checkpoint(model))
     res = {}
     for tag, i8 in (("engine", False), ("engine_i8", True)):
         cfg = EngineConfig(int8_activations=i8, scheduler=SchedulerConfig(max_batch=16))
-        for r in bench(Engine(q, tok, cfg), [1, 16], 64, 64, repeats=3):
+        engine = Engine(q, tok, cfg)
+        res["fallback"] = engine.fallback
+        for r in bench(engine, [1, 16], 64, 64, repeats=3):
             res[f"{tag}_{r.concurrency}"] = {"e2e": r.tokens_per_s, "decode": r.decode_tokens_per_s}
+    return res
+
+
+def gemma_row() -> dict:
+    """Gemma-3-270M INT4 (the Q4_0 grid, 8-bit embeddings) in the engine, in process: 1 and 16
+    streams of 64 + 64 tokens; `llama-bench -n 64` on its Q4_0 export (the same integers)."""
+    res = engine_levels(GEMMA)
+    bench = run([tool("llama-bench"), "-m", str(q4_0_gguf(GEMMA)), "-p", "0", "-n", "64",
+                 "-r", "5", "-t", str(THREADS)])  # fmt: skip
+    tg = re.search(r"tg64\s*\|\s*([0-9.]+)", bench)
+    res["llama_cpp_q4_0_tg64"] = float(tg.group(1)) if tg else None
+    res["command"] = "benchmarks/bench_runtime.py --rows gemma"
     return res
 
 
@@ -439,7 +457,7 @@ def throttle_row() -> dict:
 def run_row(name: str) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     rows = {"decode": decode_row, "prefill": prefill_row, "streams": streams_row, "kv": kv_row,
-            "load": load_row, "throttle": throttle_row}  # fmt: skip
+            "load": load_row, "throttle": throttle_row, "gemma": gemma_row}  # fmt: skip
     return rows[name]()
 
 
@@ -462,6 +480,15 @@ def table(results: dict) -> str:
         for k in ["engine_int4", "engine_int4_int8act", "unpacked_float_gemm"]:
             lines.append(f"| {k} | {p[k]:.1f} | {p[k] / ref:.2f} |")
         lines += [f"| llama_cpp_q4_0_pp512 | {ref:.1f} | 1.00 |", ""]
+    g = results.get("gemma")
+    if g:
+        ref = g["llama_cpp_q4_0_tg64"]
+        lines += ["| gemma3-270m INT4, in process | 1 stream decode tok/s | x llama.cpp tg64 | "
+                  "16 streams decode tok/s | 16 / 1 |", "|---|---|---|---|---|"]  # fmt: skip
+        for tag in ("engine", "engine_i8"):
+            one, many = g[f"{tag}_1"]["decode"], g[f"{tag}_16"]["decode"]
+            lines.append(f"| {tag} | {one:.1f} | {one / ref:.2f} | {many:.1f} | {many / one:.2f} |")
+        lines += [f"| llama.cpp Q4_0 tg64 | {ref:.1f} | 1.00 | | |", ""]
     s = results.get("streams")
     if s:
         lines += [
