@@ -38,6 +38,9 @@ VARIANTS: dict[str, list[str]] = {
     "sparsegpt-50": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", *SAMPLES],
     "sparsegpt-2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", *SAMPLES],
     "edge": ["run"],
+    # the edge recipe's exported GGUF (export/model-q4_0.gguf) scored through llama.cpp, on the
+    # same windows and questions: what ships, not tinyllm's in-memory model
+    "edge-gguf": [],
 }
 MODELS = ["smollm2-135m", "gemma3-270m"]
 ROWS = [f"{m}/{v}" for m in MODELS for v in VARIANTS]
@@ -64,8 +67,32 @@ def compress(model: str, variant: str) -> tuple[str, float]:
     return str(out), time.perf_counter() - t0
 
 
+def score_gguf(model: str, limit: int | None) -> dict:
+    """The edge row's GGUF through llama.cpp (export.scoring, as the recipe runner scores its
+    exports): perplexity, KLD and top-1 on the rows' windows, and the same task questions."""
+    from tinyllm.core.load import load
+    from tinyllm.eval.evaluate import evaluation_windows
+    from tinyllm.eval.tasks import run_tasks
+    from tinyllm.export.scoring import open_backend, score_windows
+
+    path = KEEP / model / "edge" / "export" / "model-q4_0.gguf"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the {model}/edge row first")
+    ref, tok = load(model)
+    lm = open_backend("gguf", path, tok)
+    windows, _ = evaluation_windows(tok, "enwiki", 512, int(WINDOWS))
+    result = {"model": str(path), "runtime": "llama.cpp", **score_windows(lm, windows, ref)}
+    result["tasks"] = run_tasks(lm, TASKS, limit)
+    params = sum(p.numel() for p in ref.parameters())
+    result["size_bytes"] = path.stat().st_size
+    result["bits_per_weight"] = 8 * path.stat().st_size / params  # the whole file, header included
+    return {**result, "task_limit": limit}
+
+
 def run_row(name: str, limit: int | None) -> dict:
     model, variant = name.split("/")
+    if variant == "edge-gguf":
+        return score_gguf(model, limit)
     target, seconds = compress(model, variant)
     limit = None if variant.endswith("-full") else limit
     extra = ["--task-limit", str(limit)] if limit else []
