@@ -58,6 +58,12 @@ OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same
         [*AWQ_GPTQ, "--no-mse", "--float-targets", "0.25", "--refit-scales", "2"],
         "awq-gptq-nomse-rf2-ft-4b-g32-sym",
     ),
+    # the same, calibrated on a mix of three corpora (issue 35: out-of-domain text)
+    "awq-gptq-rf2-ft-q4_0-mixcal": (
+        [*AWQ_GPTQ, "--no-mse", "--float-targets", "0.25", "--refit-scales", "2"]
+        + ["--calib-corpus", "enwiki+bgwiki+lee-news"],
+        "-",  # no bench_quant.py twin
+    ),
 }
 LLAMA = {  # row -> (llama-quantize type, with imatrix)
     "llama-q4_0": ("Q4_0", False),

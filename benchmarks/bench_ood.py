@@ -37,7 +37,7 @@ THREADS = 2  # llama.cpp's
 # bench_kquant.py's files (its `build`): the mix chooser's rows and llama.cpp's K mixes
 KQUANT = ["mix-at-q4_k_m", "llama-q3_k_m-imatrix", "mix-at-q3_k_m"]
 ROWS = ["f16", "llama-q4_0-imatrix", "llama-q4_k_m-imatrix", "awq-gptq-rf2-ft-q4_0", "edge-q4_0"]
-ROWS += KQUANT
+ROWS += [*KQUANT, "awq-gptq-rf2-ft-q4_0-mixcal"]
 ALL_ROWS = [*dict.fromkeys([*ROWS, *LLAMA, *OURS, *QAT])]
 
 
