@@ -60,8 +60,8 @@ OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same
     ),
     # the same, calibrated on a mix of three corpora (issue 35: out-of-domain text)
     "awq-gptq-rf2-ft-q4_0-mixcal": (
-        [*AWQ_GPTQ, "--no-mse", "--float-targets", "0.25", "--refit-scales", "2"]
-        + ["--calib-corpus", "enwiki+bgwiki+lee-news"],
+        [*AWQ_GPTQ, "--no-mse", "--float-targets", "0.25", "--refit-scales", "2",
+         "--calib-corpus", "enwiki+bgwiki+lee-news"],  # fmt: skip
         "-",  # no bench_quant.py twin
     ),
 }
