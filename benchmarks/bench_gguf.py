@@ -35,6 +35,7 @@ WORK = ROOT / "work" / "gguf"
 CLI = [sys.executable, "-m", "tinyllm.cli"]
 MODEL = "smollm2-135m"
 AWQ_GPTQ = ["--method", "awq", "--base", "gptq", "--no-weighted-grid"]
+MIX_CAL = ["--calib-corpus", "enwiki+bgwiki+lee-news"]
 OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same checkpoint)
     "rtn-q4_0": (["--method", "rtn"], "rtn-4b-g32-sym"),
     "gptq-q4_0": (["--method", "gptq", "--no-weighted-grid"], "gptq-4b-g32-sym"),
@@ -60,8 +61,7 @@ OURS = {  # row -> (tinyllm quantize flags, the bench_quant.py row with the same
     ),
     # the same, calibrated on a mix of three corpora (issue 35: out-of-domain text)
     "awq-gptq-rf2-ft-q4_0-mixcal": (
-        [*AWQ_GPTQ, "--no-mse", "--float-targets", "0.25", "--refit-scales", "2",
-         "--calib-corpus", "enwiki+bgwiki+lee-news"],  # fmt: skip
+        [*AWQ_GPTQ, "--no-mse", "--float-targets", "0.25", "--refit-scales", "2", *MIX_CAL],
         "-",  # no bench_quant.py twin
     ),
 }
