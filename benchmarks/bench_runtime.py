@@ -14,6 +14,8 @@ Rows:
   gemma    Gemma-3-270M INT4 (same recipe) in the engine, in process: 1 and 16 streams of 64
            prompt + 64 generated tokens, exact and --int8-act; `llama-bench -n 64` on its Q4_0
            export.
+  speculate batch-1 greedy decode with prompt-lookup speculation (--speculate 4) against none,
+           on an extractive and a free-text prompt: tokens/s, identical outputs, drafts accepted.
   streams  aggregate decode tokens/s with 1 and 16 concurrent streams over HTTP, each stream
            64 prompt + 64 generated tokens: `tinyllm serve` (INT4) and `llama-server -np 16`
            (the Q4_0 file), both 2 threads, driven by the same client.
@@ -47,7 +49,7 @@ from rowtable import row_args, run_rows
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "runtime_smollm2.json"
 WORK = ROOT / "work" / "runtime"
-ROWS = ["decode", "prefill", "streams", "kv", "load", "throttle", "gemma"]
+ROWS = ["decode", "prefill", "streams", "kv", "load", "throttle", "gemma", "speculate"]
 GEMMA = "gemma3-270m"
 THREADS = 2
 
@@ -284,6 +286,48 @@ def engine_levels(model: str = MODEL) -> dict:
     return res
 
 
+SPECULATE_PROMPTS = {
+    "extractive (repeat a sentence)": "Repeat the text exactly.\nText: The committee met on "
+    "Tuesday to review the budget for the new library, the park renovation and the road "
+    "repairs.\nRepeat: The committee met on Tuesday to review",
+    "free text": "The history of the Roman Empire begins with",
+}
+
+
+def speculate_row() -> dict:
+    """Batch-1 greedy decode, INT4 engine, prompt-lookup speculation (--speculate 4) against
+    none, interleaved (5 runs each, the first dropped as warm-up): tokens/s and equal outputs."""
+    import torch
+
+    import tinyllm
+    from tinyllm.runtime.engine import Engine, EngineConfig
+    from tinyllm.runtime.sampling import SamplingParams
+
+    torch.set_num_threads(THREADS)
+    q, tok = tinyllm.load(int4_checkpoint())
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    res: dict = {"command": "benchmarks/bench_runtime.py --rows speculate"}
+    for name, text in SPECULATE_PROMPTS.items():
+        ids = tok.encode(text)
+        engines = {k: Engine(q, tok, EngineConfig(kv_memory_mb=64, speculate=k)) for k in (0, 4)}
+        tps: dict[int, list[float]] = {0: [], 4: []}
+        outputs = {}
+        for _ in range(5):
+            for k, e in engines.items():
+                seq = e.generate([ids], params)[0]
+                outputs[k] = seq.output
+                tps[k].append(seq.decode_tokens_per_s)
+        m = engines[4].metrics
+        res[name] = {
+            "plain": statistics.median(tps[0][1:]),
+            "speculate_4": statistics.median(tps[4][1:]),
+            "identical": outputs[0] == outputs[4],
+            "accepted": m.draft_accepted,
+            "proposed": m.draft_tokens,
+        }
+    return res
+
+
 def gemma_row() -> dict:
     """Gemma-3-270M INT4 (the Q4_0 grid, 8-bit embeddings) in the engine, in process: 1 and 16
     streams of 64 + 64 tokens; `llama-bench -n 64` on its Q4_0 export (the same integers)."""
@@ -457,7 +501,8 @@ def throttle_row() -> dict:
 def run_row(name: str) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     rows = {"decode": decode_row, "prefill": prefill_row, "streams": streams_row, "kv": kv_row,
-            "load": load_row, "throttle": throttle_row, "gemma": gemma_row}  # fmt: skip
+            "load": load_row, "throttle": throttle_row, "gemma": gemma_row,
+            "speculate": speculate_row}  # fmt: skip
     return rows[name]()
 
 
@@ -480,6 +525,18 @@ def table(results: dict) -> str:
         for k in ["engine_int4", "engine_int4_int8act", "unpacked_float_gemm"]:
             lines.append(f"| {k} | {p[k]:.1f} | {p[k] / ref:.2f} |")
         lines += [f"| llama_cpp_q4_0_pp512 | {ref:.1f} | 1.00 |", ""]
+    sp = results.get("speculate")
+    if sp:
+        lines += ["| batch-1 decode, INT4 | plain tok/s | --speculate 4 tok/s | x plain | "
+                  "identical | drafts accepted |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for name in SPECULATE_PROMPTS:
+            r = sp[name]
+            lines.append(
+                f"| {name} | {r['plain']:.1f} | {r['speculate_4']:.1f} | "
+                f"{r['speculate_4'] / r['plain']:.2f} | {r['identical']} | "
+                f"{r['accepted']} of {r['proposed']} |"
+            )
+        lines.append("")
     g = results.get("gemma")
     if g:
         ref = g["llama_cpp_q4_0_tg64"]

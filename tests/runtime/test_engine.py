@@ -404,3 +404,62 @@ def test_fused_int8_decode_attention_equals_the_dequantized_reference() -> None:
         k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
         w = torch.softmax(torch.einsum("hd,lhd->hl", q[seq], k) * 0.125, -1)
         torch.testing.assert_close(got[seq], torch.einsum("hl,lhd->hd", w, v), rtol=1e-4, atol=1e-5)
+
+
+def test_lookup_draft_proposes_what_followed_the_latest_match() -> None:
+    from tinyllm.runtime.engine import lookup_draft
+
+    ids = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert lookup_draft(ids, 2) == [7, 8]  # the latest earlier "1 2 3"
+    assert lookup_draft([4, 5, 6, 5], 3, min_n=1) == [6, 5]  # "5" once before: what followed
+    assert lookup_draft([4, 5, 6, 5], 3) == []  # one token alone is not matched by default
+    assert lookup_draft([1, 2, 3], 4) == []  # no earlier occurrence of anything
+    assert lookup_draft([7], 2) == []
+
+
+REPEATS = [[5, 9, 14, 5, 9, 14, 5, 9], list(range(30, 50)) * 3, [7, 7, 7, 7], [20, 21, 22]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_speculative_greedy_output_is_plain_greedy(family: str, tokenizer) -> None:
+    """Prompt-lookup drafts verified in one forward: the tokens of plain greedy decoding, with
+    drafts accepted (repetitive prompts) and rejected; no KV block left behind."""
+    model = tiny_model(family)
+    plain = engine(model, tokenizer).generate(REPEATS, GREEDY)
+    spec = engine(model, tokenizer, speculate=4)
+    seqs = spec.generate(REPEATS, GREEDY)
+    assert [s.output for s in seqs] == [s.output for s in plain]
+    assert spec.metrics.draft_tokens > spec.metrics.draft_accepted > 0
+    assert spec.cache.used_blocks == 0
+
+
+def test_speculation_keeps_stops_limits_and_sampled_sequences(tokenizer) -> None:
+    """An EOS or max_tokens inside an accepted draft ends the sequence there; sampled
+    sequences decode as before (no drafts)."""
+    from tinyllm.runtime.sampling import SamplingParams
+
+    model = tiny_model("llama")
+    for params in (SamplingParams(max_tokens=5, ignore_eos=True), SamplingParams(max_tokens=12)):
+        a = engine(model, tokenizer).generate(REPEATS, params)
+        b = engine(model, tokenizer, speculate=6).generate(REPEATS, params)
+        assert [(s.output, s.finish_reason) for s in a] == [(s.output, s.finish_reason) for s in b]
+    sampled = SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
+    a = engine(model, tokenizer).generate(REPEATS, sampled)
+    spec = engine(model, tokenizer, speculate=4)
+    b = spec.generate(REPEATS, sampled)
+    assert [s.output for s in a] == [s.output for s in b] and spec.metrics.draft_tokens == 0
+
+
+def test_truncate_gives_back_the_blocks_past_the_kept_tokens() -> None:
+    from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
+
+    cache = PagedKVCache(CacheShape(1, (1,), 4, torch.float32), 8, block_size=4)
+    cache.add(0)
+    cache.reserve(0, 10)  # 3 blocks
+    assert cache.used_blocks == 3
+    cache.truncate(0, 5)
+    assert cache.used_blocks == 2 and len(cache.slots(0)) == 5
+    again = cache.reserve(0, 3)  # positions 5..7: the same block, then no new one
+    assert cache.used_blocks == 2 and again.tolist() == cache.slots(0)[5:].tolist()
+    with pytest.raises(ValueError):
+        cache.truncate(0, 9)

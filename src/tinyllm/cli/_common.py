@@ -96,13 +96,26 @@ KvDtypeOpt = Annotated[
 ]
 
 
+SpeculateOpt = Annotated[
+    int,
+    typer.Option(
+        "--speculate",
+        min=0,
+        max=16,
+        help="Speculative decoding by prompt lookup: a greedy request proposes up to K tokens "
+        "(what followed the latest earlier occurrence of its last 3 tokens) and one forward "
+        "verifies them; the output is plain greedy decoding's, faster where text repeats "
+        "(summaries, code edits, extraction). 0: off. Sampled requests decode as usual.",
+    ),
+]
 Int8ActOpt = Annotated[
     bool,
     typer.Option(
         "--int8-act",
         help="Run 4-bit layers on integer kernels with activations rounded to int8 per block of "
-        "32 (AVX512-VNNI or AVX2; like llama.cpp's Q4_0 x Q8_0): faster, no longer bit-exact. Lean "
-        "forward only (Llama, Qwen2, Mistral): refused where a model falls back to transformers.",
+        "32 (AVX512-VNNI or AVX2; like llama.cpp's Q4_0 x Q8_0), prompts too: faster, no longer "
+        "bit-exact. Lean forward only (Llama, Qwen2, Mistral, Gemma 3): refused where a model "
+        "falls back to transformers.",
     ),
 ]
 

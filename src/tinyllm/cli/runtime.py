@@ -15,6 +15,7 @@ from tinyllm.cli._common import (
     KvDtypeOpt,
     KvOpt,
     ModelArg,
+    SpeculateOpt,
     _make_step,
     device_of,
     err,
@@ -25,8 +26,10 @@ from tinyllm.cli.app import app
 
 GENERATE_HELP = """Generate text with the tinyllm runtime, streaming tokens as they come.
 
-Llama, Qwen2 and Mistral checkpoints (float, quantized with packed INT4/INT8 kernels, pruned) run on
-the lean forward; other families fall back to the transformers model (a warning says why).
+Llama, Qwen2, Mistral and Gemma 3 checkpoints (float, quantized with packed INT4/INT8 kernels,
+pruned) run on the lean forward; other families fall back to the transformers model (a warning
+says why). --speculate K verifies prompt-lookup drafts of up to K tokens per step (greedy only;
+the same output, faster where the text repeats).
 
 Example:
 
@@ -45,7 +48,13 @@ Example, then a client in Python:
 
 
 def _engine(
-    model: str, kv_memory: float, kv_dtype: str, int8_act: bool, device: str, scheduler=None
+    model: str,
+    kv_memory: float,
+    kv_dtype: str,
+    int8_act: bool,
+    device: str,
+    scheduler=None,
+    speculate: int = 0,
 ):
     """Load MODEL into an engine on DEVICE with the KV and kernel options (and a scheduler)."""
     from tinyllm.runtime.engine import EngineConfig, load_engine
@@ -56,6 +65,7 @@ def _engine(
         kv_dtype=kv_dtype,
         int8_activations=int8_act,
         scheduler=scheduler or SchedulerConfig(),
+        speculate=speculate,
         # checked before the model loads; --int8-act's kernels are CPU ones, so auto means cpu
         device=device_of("cpu" if int8_act and device == "auto" else device),
     )
@@ -79,6 +89,7 @@ def generate(
     kv_memory: KvOpt = 64.0,
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
+    speculate: SpeculateOpt = 0,
     device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.runtime.sampling import SamplingParams
@@ -94,7 +105,7 @@ def generate(
         seed=seed,
         stop=stop or [],
     )
-    engine = _engine(model, kv_memory, kv_dtype, int8_act, device)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, speculate=speculate)
     ids = engine.prompt_ids(prompt, chat=chat)
     [seq] = engine.generate(
         [ids], params, sink=lambda ev: out.print(ev.text, end="", highlight=False)
@@ -116,6 +127,7 @@ def bench(
     kv_memory: KvOpt = 256.0,
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
+    speculate: SpeculateOpt = 0,
     json_out: JsonOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -128,7 +140,9 @@ def bench(
     from tinyllm.runtime.bench import bench as run_bench
 
     levels = parse_levels(concurrency)
-    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, bench_scheduler(levels))
+    engine = _engine(
+        model, kv_memory, kv_dtype, int8_act, device, bench_scheduler(levels), speculate
+    )
     rows = run_bench(engine, levels, prompt_len, gen_len, repeats)
     table = Table(title=f"tinyllm bench {model} (prompt {prompt_len}, generate {gen_len})")
     for col in COLUMNS:
@@ -215,6 +229,7 @@ def serve(
     kv_memory: KvOpt = 256.0,
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
+    speculate: SpeculateOpt = 0,
     device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.runtime.scheduler import SchedulerConfig
@@ -233,7 +248,7 @@ def serve(
     )
     target = None if target_itl is None else target_itl / 1000
     scheduler = SchedulerConfig(max_batch=max_batch, max_queue=max_queue, target_itl_p95=target)
-    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, scheduler)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, scheduler, speculate)
     auth = "API keys required" if keys else "no auth"
     err.print(f"serving {name or model} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops")
     run_server(engine, name or model, keys, host, port, limits)

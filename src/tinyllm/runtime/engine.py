@@ -59,6 +59,10 @@ class EngineConfig:
     int8_activations: bool = False  # 4-bit layers on int8 x int4 integer kernels (not exact)
     block_size: int = 16
     token_budget: int = 512  # tokens per step over all sequences (decode + prefill chunks)
+    # speculative decoding by prompt lookup: a greedy sequence proposes up to this many tokens
+    # (what followed the latest earlier occurrence of its last DRAFT_NGRAM tokens), verified in
+    # one forward; the output is plain greedy decoding's. 0: off.
+    speculate: int = 0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"  # auto, cpu, cuda[:N]: the model and the KV pool move there
 
@@ -93,6 +97,7 @@ class Sequence:
     admitted: float | None = None
     token_times: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
+    draft: list[int] = field(default_factory=list)  # tokens proposed for this step
 
     @property
     def ids(self) -> list[int]:
@@ -253,9 +258,10 @@ class Engine:
         logits = logits.cpu()  # sampling and detokenizing run on the CPU (no copy there)
         dt = time.perf_counter() - t0
         tokens = sum(w[1] for w in work)
+        decoding = any(w[1] == 1 or w[0].draft for w in work)
         with self._lock:
             self._sample(work, logits)
-            if any(w[1] == 1 for w in work):
+            if decoding:
                 self.scheduler.observe_step(dt)
             self.metrics.step(dt, tokens, self.cache.used_blocks)
         return tokens
@@ -297,11 +303,21 @@ class Engine:
             n = min(seq.pending, budget)
             if n <= 0:
                 break
+            seq.draft = self._draft(seq, budget - 1) if n == 1 else []
+            n += len(seq.draft)
             slots = self._reserve(seq, n, planned={id(w[0]) for w in work})
             if slots is not None:
                 work.append((seq, n, slots))
                 budget -= n
         return work
+
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """Tokens to verify after a plain-greedy sequence's next one (prompt lookup), within
+        `room` more tokens of this step and the tokens it may still generate."""
+        k = min(self.cfg.speculate, room, seq.params.max_tokens - len(seq.output) - 1)
+        if k <= 0 or self.fallback or not seq.params.plain_greedy:
+            return []
+        return lookup_draft(seq.ids, k)
 
     def _reserve(self, seq: Sequence, n: int, planned: set[int]) -> torch.Tensor | None:
         """Slots for n tokens of seq, preempting the newest unplanned sequences (seq itself
@@ -321,7 +337,7 @@ class Engine:
         self.cache.release(seq.id)
         self.runtime.release(seq.id)
         self.running.remove(seq)
-        seq.computed = 0
+        seq.computed, seq.draft = 0, []
         self.scheduler.finished(seq.tenant)
         self.scheduler.enqueue(seq.tenant, seq, front=True)
         self.metrics.preemptions += 1
@@ -333,12 +349,14 @@ class Engine:
         row = 0
         for seq, n, seq_slots in work:
             start = seq.computed
-            tokens += seq.ids[start : start + n]
+            tokens += (seq.ids + seq.draft)[start : start + n]
             positions += range(start, start + n)
             slots.append(seq_slots)
             spans.append((seq.id, slice(row, row + n)))
             ctx = self.cache.slots(seq.id)  # [start + n]
-            if start + n == len(seq.ids):
+            if seq.draft:  # the next token's logits, and each draft token's (to verify it)
+                logit_rows += range(row, row + n)
+            elif start + n == len(seq.ids):
                 logit_rows.append(row + n - 1)
             if n == 1:
                 decoders.append((row, ctx))
@@ -377,18 +395,29 @@ class Engine:
         in work order); plain greedy rows share one argmax. A failure here (NaN logits, a
         tokenizer or stop-string error) ends only the sequence it happened in."""
         now = time.perf_counter()
-        ready = [seq for seq, _, _ in work if seq.computed == len(seq.ids)]
+        ready, first, r = [], [], 0  # sequences that get tokens, and their first logits row
+        for seq, _, _ in work:
+            if seq.draft or seq.computed == len(seq.ids):
+                ready.append(seq)
+                first.append(r)
+                r += 1 + len(seq.draft)
         plain = [i for i, s in enumerate(ready) if s.params.plain_greedy]
+        rows = [first[i] + j for i in plain for j in range(1 + len(ready[i].draft))]
         greedy: dict[int, int] = {}
-        if plain:
-            top, picks = logits[plain].max(-1)  # one pass: the argmax, and NaN/inf rows
+        if rows:
+            top, picks = logits[rows].max(-1)  # one pass: the argmax, and NaN/inf rows
             ok = (top < math.inf).tolist()
-            greedy = {i: t for i, t, g in zip(plain, picks.tolist(), ok, strict=True) if g}
+            greedy = {i: t for i, t, g in zip(rows, picks.tolist(), ok, strict=True) if g}
         for i, seq in enumerate(ready):
             try:
-                token = greedy.get(i)
+                if seq.draft:
+                    self._accept(
+                        seq, [greedy.get(first[i] + j) for j in range(len(seq.draft) + 1)], now
+                    )
+                    continue
+                token = greedy.get(first[i])
                 if token is None:
-                    token = self._sample_one(seq, logits[i])
+                    token = self._sample_one(seq, logits[first[i]])
                 self._append(seq, token, now)
             except NonFiniteLogits:
                 log.error("sequence %d: the model produced non-finite logits", seq.id)
@@ -397,6 +426,24 @@ class Engine:
             except Exception:
                 log.exception("sequence %d failed while sampling or detokenizing", seq.id)
                 self._finish_safely(seq, "error", INTERNAL_ERROR)
+
+    def _accept(self, seq: Sequence, picks: list[int | None], now: float) -> None:
+        """Verify a draft: picks[j] is the greedy token after the next token and j draft
+        tokens. The draft's longest prefix that greedy decoding would have produced is kept,
+        then greedy's own next token; the keys of rejected draft tokens are dropped."""
+        draft, seq.draft = seq.draft, []
+        if any(p is None for p in picks):
+            raise NonFiniteLogits
+        a = 0
+        while a < len(draft) and picks[a] == draft[a]:
+            a += 1
+        seq.computed -= len(draft) - a
+        self.cache.truncate(seq.id, seq.computed)
+        self.metrics.drafted(len(draft), a)
+        for token in [*draft[:a], picks[a]]:
+            self._append(seq, token, now)
+            if seq.finish_reason:
+                return
 
     def _sample_one(self, seq: Sequence, row: torch.Tensor) -> int:
         p = seq.params.repetition_penalty
@@ -501,6 +548,24 @@ class Engine:
         while any(s.finish_reason is None for s in seqs):
             self.step()
         return seqs
+
+
+# prompt lookup matches the last 3 tokens, else 2; one token alone predicted too poorly (free
+# text ran 0.7x with it: BENCHMARKS.md)
+DRAFT_NGRAM, DRAFT_MIN_NGRAM = 3, 2
+
+
+def lookup_draft(
+    ids: list[int], k: int, max_n: int = DRAFT_NGRAM, min_n: int = DRAFT_MIN_NGRAM
+) -> list[int]:
+    """Prompt-lookup drafting: up to k tokens that followed the latest earlier occurrence of
+    the last n tokens of `ids` (the longest n from max_n down to min_n that occurs); [] if none."""
+    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
+        tail = ids[-n:]
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start : start + n] == tail:
+                return ids[start + n : start + n + k]
+    return []
 
 
 def _place(model: nn.Module, cfg: EngineConfig) -> torch.device:

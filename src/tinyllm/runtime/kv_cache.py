@@ -218,12 +218,27 @@ class PagedKVCache:
         if seq is None:
             return
         for block in seq.table:
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                digest = self.hash_of.pop(block, None)
-                if digest is not None and self.by_hash.get(digest) == block:
-                    del self.by_hash[digest]
-                self.free.append(block)
+            self._unref(block)
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep the sequence's first `length` tokens (rejected draft tokens go): the blocks past
+        them are given back, and the slots after `length` are written again by the next reserve."""
+        seq = self.seqs[seq_id]
+        if not 0 <= length <= seq.length:
+            raise ValueError(f"cannot truncate {seq.length} tokens to {length}")
+        keep = self.blocks_for(length)
+        for block in seq.table[keep:]:
+            self._unref(block)
+        del seq.table[keep:]
+        seq.length = length
+
+    def _unref(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            digest = self.hash_of.pop(block, None)
+            if digest is not None and self.by_hash.get(digest) == block:
+                del self.by_hash[digest]
+            self.free.append(block)
 
     def _publish(self, seq: SeqBlocks) -> None:
         """Make the sequence's full prompt blocks findable by later sequences."""

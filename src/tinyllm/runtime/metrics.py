@@ -59,6 +59,8 @@ class Metrics:
         self.sampling_fallbacks = 0  # non-finite probabilities: argmax taken instead of a draw
         self.nonfinite_logits = 0  # sequences ended because the model produced NaN/inf logits
         self.step_failures = 0  # engine steps that raised (their sequences ended with an error)
+        self.draft_tokens = 0  # speculative decoding: tokens proposed, and those accepted
+        self.draft_accepted = 0
         self.rejections: collections.Counter[str] = collections.Counter()
         self.finishes: collections.Counter[str] = collections.Counter()
         self.queue: dict[str, int] = {}
@@ -83,6 +85,10 @@ class Metrics:
         self.tokens_computed += tokens
         self.kv_blocks_used = kv_used
         self._rate.append((time.perf_counter(), self.tokens_generated))
+
+    def drafted(self, proposed: int, accepted: int) -> None:
+        self.draft_tokens += proposed
+        self.draft_accepted += accepted
 
     def prefix_hit(self, tokens: int) -> None:
         self.prefix_tokens_reused += tokens
@@ -159,6 +165,12 @@ class Metrics:
                 self.prefix_tokens_reused,
             ),
             ("preemptions_total", "Sequences preempted for KV space.", self.preemptions),
+            ("draft_tokens_total", "Speculative draft tokens proposed.", self.draft_tokens),
+            (
+                "draft_accepted_tokens_total",
+                "Speculative draft tokens accepted (what greedy decoding would have produced).",
+                self.draft_accepted,
+            ),
             (
                 "sampling_fallbacks_total",
                 "Draws replaced by the argmax because the probabilities were not finite.",
