@@ -434,8 +434,8 @@ def test_speculative_greedy_output_is_plain_greedy(family: str, tokenizer) -> No
 
 
 def test_speculation_keeps_stops_limits_and_sampled_sequences(tokenizer) -> None:
-    """An EOS or max_tokens inside an accepted draft ends the sequence there; sampled
-    sequences decode as before (no drafts)."""
+    """An EOS or max_tokens inside an accepted draft ends the sequence there; greedy with a
+    repetition penalty stays token for token; sampled sequences speculate too."""
     from tinyllm.runtime.sampling import SamplingParams
 
     model = tiny_model("llama")
@@ -443,11 +443,16 @@ def test_speculation_keeps_stops_limits_and_sampled_sequences(tokenizer) -> None
         a = engine(model, tokenizer).generate(REPEATS, params)
         b = engine(model, tokenizer, speculate=6).generate(REPEATS, params)
         assert [(s.output, s.finish_reason) for s in a] == [(s.output, s.finish_reason) for s in b]
-    sampled = SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
-    a = engine(model, tokenizer).generate(REPEATS, sampled)
+    penalised = SamplingParams(max_tokens=10, repetition_penalty=1.3, ignore_eos=True)
+    a = engine(model, tokenizer).generate(REPEATS, penalised)
     spec = engine(model, tokenizer, speculate=4)
-    b = spec.generate(REPEATS, sampled)
-    assert [s.output for s in a] == [s.output for s in b] and spec.metrics.draft_tokens == 0
+    b = spec.generate(REPEATS, penalised)  # greedy on penalised logits: still token for token
+    assert [s.output for s in a] == [s.output for s in b]
+    sampled = SamplingParams(max_tokens=16, temperature=0.05, seed=3, ignore_eos=True)  # repeats
+    spec = engine(model, tokenizer, speculate=4)
+    seqs = spec.generate(REPEATS, sampled)
+    assert [len(s.output) for s in seqs] == [16] * len(REPEATS)
+    assert spec.metrics.draft_tokens > 0 and spec.cache.used_blocks == 0
 
 
 def test_truncate_gives_back_the_blocks_past_the_kept_tokens() -> None:
@@ -463,3 +468,26 @@ def test_truncate_gives_back_the_blocks_past_the_kept_tokens() -> None:
     assert cache.used_blocks == 2 and again.tolist() == cache.slots(0)[5:].tolist()
     with pytest.raises(ValueError):
         cache.truncate(0, 9)
+
+
+def test_verified_drafts_are_distributed_as_sampling_one_token_at_a_time() -> None:
+    """Speculative sampling with a prompt-lookup draft: the first token, and the second given
+    the first, follow the target distributions (20,000 draws; chi-square, 1e-4 level), for a
+    draft token the target likes and one it does not."""
+    from scipy.stats import chisquare
+
+    from tinyllm.runtime.sampling import SamplingParams, verify_draft
+
+    params = SamplingParams(temperature=1.0, max_tokens=4)
+    rows = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 1.5, 0.5, -3.0]])
+    p = torch.softmax(rows.double(), dim=-1)
+    gen = torch.Generator().manual_seed(0)
+    for d0 in (0, 3):
+        draws = [verify_draft(rows, [d0], params, [9], gen)[0] for _ in range(20000)]
+        first = torch.bincount(torch.tensor([t[0] for t in draws]), minlength=4).double()
+        assert chisquare(first, p[0] * first.sum()).pvalue > 1e-4
+        second = [t[1] for t in draws if t[0] == d0]  # d0 kept: the bonus token from row 1
+        counts = torch.bincount(torch.tensor(second), minlength=4).double()
+        if counts.sum() > 1000:
+            assert chisquare(counts, p[1] * counts.sum()).pvalue > 1e-4
+        assert all(len(t) == (2 if t[0] == d0 else 1) for t in draws)

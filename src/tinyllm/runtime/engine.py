@@ -42,6 +42,7 @@ from tinyllm.runtime.sampling import (
     SamplingParams,
     make_generator,
     sample_token,
+    verify_draft,
 )
 from tinyllm.runtime.scheduler import Scheduler, SchedulerConfig
 from tinyllm.util.device import module_device, resolve_device
@@ -315,7 +316,7 @@ class Engine:
         """Tokens to verify after a plain-greedy sequence's next one (prompt lookup), within
         `room` more tokens of this step and the tokens it may still generate."""
         k = min(self.cfg.speculate, room, seq.params.max_tokens - len(seq.output) - 1)
-        if k <= 0 or self.fallback or not seq.params.plain_greedy:
+        if k <= 0 or self.fallback:
             return []
         return lookup_draft(seq.ids, k)
 
@@ -411,9 +412,9 @@ class Engine:
         for i, seq in enumerate(ready):
             try:
                 if seq.draft:
-                    self._accept(
-                        seq, [greedy.get(first[i] + j) for j in range(len(seq.draft) + 1)], now
-                    )
+                    rows = logits[first[i] : first[i] + len(seq.draft) + 1]
+                    picks = [greedy.get(first[i] + j) for j in range(len(seq.draft) + 1)]
+                    self._accept(seq, picks if seq.params.plain_greedy else rows, now)
                     continue
                 token = greedy.get(first[i])
                 if token is None:
@@ -427,20 +428,29 @@ class Engine:
                 log.exception("sequence %d failed while sampling or detokenizing", seq.id)
                 self._finish_safely(seq, "error", INTERNAL_ERROR)
 
-    def _accept(self, seq: Sequence, picks: list[int | None], now: float) -> None:
-        """Verify a draft: picks[j] is the greedy token after the next token and j draft
-        tokens. The draft's longest prefix that greedy decoding would have produced is kept,
-        then greedy's own next token; the keys of rejected draft tokens are dropped."""
+    def _accept(self, seq: Sequence, picks: list[int | None] | torch.Tensor, now: float) -> None:
+        """Verify a draft. Plain greedy: picks[j] is the argmax after the next token and j
+        draft tokens; the draft's longest prefix greedy decoding would have produced is kept,
+        then greedy's own next token. Otherwise picks are the logits rows, and
+        sampling.verify_draft keeps or replaces draft tokens so that the tokens are
+        distributed as one-at-a-time sampling gives them. The keys of rejected draft tokens
+        are dropped."""
         draft, seq.draft = seq.draft, []
-        if any(p is None for p in picks):
-            raise NonFiniteLogits
-        a = 0
-        while a < len(draft) and picks[a] == draft[a]:
-            a += 1
+        if isinstance(picks, torch.Tensor):
+            tokens, fell_back = verify_draft(picks, draft, seq.params, seq.ids, seq.generator)
+            self.metrics.sampling_fallbacks += int(fell_back)
+        else:
+            if any(p is None for p in picks):
+                raise NonFiniteLogits
+            a = 0
+            while a < len(draft) and picks[a] == draft[a]:
+                a += 1
+            tokens = [*draft[:a], picks[a]]
+        a = len(tokens) - 1  # draft tokens kept (each kept token is the draft's, in order)
         seq.computed -= len(draft) - a
         self.cache.truncate(seq.id, seq.computed)
         self.metrics.drafted(len(draft), a)
-        for token in [*draft[:a], picks[a]]:
+        for token in tokens:
             self._append(seq, token, now)
             if seq.finish_reason:
                 return

@@ -143,6 +143,59 @@ def sample_token(
     return int(torch.multinomial(probs, 1, generator=gen)), False
 
 
+def verify_draft(
+    rows: torch.Tensor,  # [len(draft) + 1, vocab]: logits after the next token and each draft
+    draft: list[int],
+    params: SamplingParams,
+    history: list[int],  # the sequence's tokens before the draft (prompt and output)
+    gen: torch.Generator | None,
+) -> tuple[list[int], bool]:
+    """Speculative decoding's verification (Leviathan et al. 2023; Chen et al. 2023) for a
+    draft proposed deterministically (prompt lookup: the draft's own distribution is all on its
+    token): draft token j is kept with probability p_j(token), else a token is drawn from p_j
+    without it and the step ends; when every draft token is kept one more is drawn from the
+    last row. The tokens are distributed as sampling one at a time would give them; greedy
+    requests keep the draft while it is the argmax. -> (tokens, fell_back)"""
+    out: list[int] = []
+    fell_back = False
+    for j, row in enumerate(rows):
+        seen = torch.tensor(history + out) if params.repetition_penalty != 1.0 else _NONE
+        d = draft[j] if j < len(draft) else None
+        if params.greedy or d is None:
+            token, fb = sample_token(row, params, seen, gen)
+            fell_back |= fb
+            out.append(token)
+            if token != d:
+                return out, fell_back
+            continue
+        probs = _probs(row, params, seen)
+        if probs is None:  # not finite: the argmax, as sample_token falls back
+            out.append(int(torch.argmax(row)))
+            return out, True
+        if float(torch.rand((), generator=gen)) < float(probs[d]):
+            out.append(d)
+            continue
+        probs[d] = 0.0
+        out.append(int(torch.multinomial(probs / probs.sum(), 1, generator=gen)))
+        return out, fell_back
+    return out, fell_back
+
+
+_NONE = torch.empty(0, dtype=torch.long)
+
+
+def _probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor) -> torch.Tensor | None:
+    """The sampling distribution sample_token draws from (None where it falls back)."""
+    if not float(logits.max()) < math.inf:
+        raise NonFiniteLogits("the model produced NaN or infinite logits")
+    logits = apply_logit_bias(logits, params.logit_bias)
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    if not math.isfinite(float(logits.max())):
+        return None
+    return torch.softmax(logits.float(), dim=-1)
+
+
 def sample(
     logits: torch.Tensor,  # [vocab]
     params: SamplingParams,
