@@ -99,6 +99,8 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
     draft: list[int] = field(default_factory=list)  # tokens proposed for this step
+    draft_misses: int = 0  # drafts rejected whole in a row; drafting pauses 2**misses steps
+    draft_pause: int = 0
 
     @property
     def ids(self) -> list[int]:
@@ -318,6 +320,9 @@ class Engine:
         k = min(self.cfg.speculate, room, seq.params.max_tokens - len(seq.output) - 1)
         if k <= 0 or self.fallback:
             return []
+        if seq.draft_pause > 0:  # its recent drafts were rejected whole: decode plainly a while
+            seq.draft_pause -= 1
+            return []
         return lookup_draft(seq.ids, k)
 
     def _reserve(self, seq: Sequence, n: int, planned: set[int]) -> torch.Tensor | None:
@@ -447,6 +452,8 @@ class Engine:
                 a += 1
             tokens = [*draft[:a], picks[a]]
         a = len(tokens) - 1  # draft tokens kept (each kept token is the draft's, in order)
+        seq.draft_misses = 0 if a else min(seq.draft_misses + 1, MAX_DRAFT_MISSES)
+        seq.draft_pause = 2**seq.draft_misses - 1 if seq.draft_misses else 0
         seq.computed -= len(draft) - a
         self.cache.truncate(seq.id, seq.computed)
         self.metrics.drafted(len(draft), a)
@@ -563,6 +570,9 @@ class Engine:
 # prompt lookup matches the last 3 tokens, else 2; one token alone predicted too poorly (free
 # text ran 0.7x with it: BENCHMARKS.md)
 DRAFT_NGRAM, DRAFT_MIN_NGRAM = 3, 2
+# after m drafts rejected whole in a row a sequence drafts again only after 2**m - 1 plain steps
+# (m at most this): free text, where lookups rarely hold, pays little for speculation
+MAX_DRAFT_MISSES = 4
 
 
 def lookup_draft(
