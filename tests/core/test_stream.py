@@ -21,6 +21,8 @@ from tinyllm.core.resume import ACTIVATIONS, JOURNAL
 from tinyllm.errors import ConfigError
 from tinyllm.quant.gptq import GPTQ
 
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+LINEARS += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 # Small settings per step: group sizes the 64/128-wide tiny model divides.
 SETTINGS = {
     "gptq": {"bits": 4, "group_size": 32},
@@ -41,10 +43,7 @@ SETTINGS = {
         "allocation": {
             f"model.layers.{i}.{m}": 8 if (i + k) % 2 else 4
             for i in range(3)
-            for k, m in enumerate(
-                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-                + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-            )
+            for k, m in enumerate(LINEARS)
         },
     },
 }

@@ -1,6 +1,6 @@
 """The runtime on the real models (slow): FP32 greedy output identical to transformers'
-generate for 64 tokens on 10 prompts, all ten decoding in one batch (SmolLM2 and Gemma 3); an INT4 checkpoint through
-the engine identical to the same checkpoint through tinyllm.load."""
+generate for 64 tokens on 10 prompts, all ten decoding in one batch (SmolLM2, Gemma 3); an
+INT4 checkpoint through the engine identical to the same checkpoint through tinyllm.load."""
 
 import pytest
 import torch

@@ -228,7 +228,7 @@ def test_llama3_rope_scaling_runs_in_llamacpp(tokenizer, tmp_path: Path):
     path = tmp_path / "m.gguf"
     export(model, tokenizer, path, "gguf", "f32")
     r, _ = _read(path)
-    assert [t.name for t in r.tensors][0] == "rope_freqs.weight"
+    assert next(t.name for t in r.tensors) == "rope_freqs.weight"
     ids = tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"][:24]
     theirs = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=64), ids)
     with torch.no_grad():
