@@ -60,9 +60,9 @@ class EngineConfig:
     int8_activations: bool = False  # 4-bit layers on int8 x int4 integer kernels (not exact)
     block_size: int = 16
     token_budget: int = 512  # tokens per step over all sequences (decode + prefill chunks)
-    # speculative decoding by prompt lookup: a greedy sequence proposes up to this many tokens
+    # speculative decoding by prompt lookup: a decoding sequence proposes up to this many tokens
     # (what followed the latest earlier occurrence of its last DRAFT_NGRAM tokens), verified in
-    # one forward; the output is plain greedy decoding's. 0: off.
+    # one forward; greedy output is plain decoding's, sampled output is distributed as it. 0: off.
     speculate: int = 0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"  # auto, cpu, cuda[:N]: the model and the KV pool move there
@@ -315,7 +315,7 @@ class Engine:
         return work
 
     def _draft(self, seq: Sequence, room: int) -> list[int]:
-        """Tokens to verify after a plain-greedy sequence's next one (prompt lookup), within
+        """Tokens to verify after a decoding sequence's next one (prompt lookup), within
         `room` more tokens of this step and the tokens it may still generate."""
         k = min(self.cfg.speculate, room, seq.params.max_tokens - len(seq.output) - 1)
         if k <= 0 or self.fallback:
@@ -397,9 +397,10 @@ class Engine:
         return DecodeGroup(torch.tensor(rows), ctx, mask[:, None, None, :], lens, starts, all_rows)
 
     def _sample(self, work: list[tuple[Sequence, int, torch.Tensor]], logits: torch.Tensor) -> None:
-        """A token for every sequence whose known tokens are all computed (one logits row each,
-        in work order); plain greedy rows share one argmax. A failure here (NaN logits, a
-        tokenizer or stop-string error) ends only the sequence it happened in."""
+        """Tokens for every sequence whose known tokens are all computed (one logits row each,
+        in work order; a sequence with a draft has one row more per draft token, _accept);
+        plain greedy rows share one argmax. A failure here (NaN logits, a tokenizer or
+        stop-string error) ends only the sequence it happened in."""
         now = time.perf_counter()
         ready, first, r = [], [], 0  # sequences that get tokens, and their first logits row
         for seq, _, _ in work:
@@ -408,12 +409,12 @@ class Engine:
                 first.append(r)
                 r += 1 + len(seq.draft)
         plain = [i for i, s in enumerate(ready) if s.params.plain_greedy]
-        rows = [first[i] + j for i in plain for j in range(1 + len(ready[i].draft))]
-        greedy: dict[int, int] = {}
-        if rows:
-            top, picks = logits[rows].max(-1)  # one pass: the argmax, and NaN/inf rows
+        argmax_rows = [first[i] + j for i in plain for j in range(1 + len(ready[i].draft))]
+        greedy: dict[int, int] = {}  # logits row -> its argmax (plain greedy sequences)
+        if argmax_rows:
+            top, picks = logits[argmax_rows].max(-1)  # one pass: the argmax, and NaN/inf rows
             ok = (top < math.inf).tolist()
-            greedy = {i: t for i, t, g in zip(rows, picks.tolist(), ok, strict=True) if g}
+            greedy = {r: t for r, t, g in zip(argmax_rows, picks.tolist(), ok, strict=True) if g}
         for i, seq in enumerate(ready):
             try:
                 if seq.draft:
