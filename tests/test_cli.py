@@ -287,9 +287,17 @@ def test_generate_streams_and_reports(tiny_dir: Path):
     assert again.stdout == p.stdout  # seeded sampling repeats
 
 
+def test_generate_with_a_draft_model_gives_plain_greedy_output(tiny_dir: Path):
+    plain = run("generate", str(tiny_dir), "The quick", "--max-tokens", "8")
+    spec = run("generate", str(tiny_dir), "The quick", "--max-tokens", "8", "--draft", str(tiny_dir))
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["generate", "{d}", "hi", "--draft", "/no/such/model"], "/no/such/model"),
         (["generate", "{d}", "hi", "--chat"], "no chat template"),
         (["generate", "{d}", "hi", "--max-tokens", "100000"], "exceeds the context"),
         (["generate", "{d}", "hi", "--kv-memory", "0.0001"], "holds no block"),

@@ -102,10 +102,22 @@ SpeculateOpt = Annotated[
         "--speculate",
         min=0,
         max=16,
-        help="Speculative decoding by prompt lookup: a greedy request proposes up to K tokens "
-        "(what followed the latest earlier occurrence of its last 3 tokens) and one forward "
-        "verifies them; the output is plain greedy decoding's, faster where text repeats "
-        "(summaries, code edits, extraction). 0: off. Sampled requests decode as usual.",
+        help="Speculative decoding: each decoding request proposes up to K tokens and one "
+        "forward verifies them. Drafts come from --draft's model, else by prompt lookup (what "
+        "followed the latest earlier occurrence of the last 3 tokens: fast where text repeats, "
+        "as in summaries, code edits, extraction). Greedy output is plain decoding's; sampled "
+        "requests use speculative sampling, distributed as plain sampling. 0: off (4 with "
+        "--draft).",
+    ),
+]
+DraftOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--draft",
+        help="Draft model for --speculate (anything MODEL takes): a smaller model with the same "
+        "tokenizer, such as `tinyllm prune MODEL --method blocks` or a lower-bit copy. It "
+        "proposes greedily, the model verifies: the output does not depend on it, the speed "
+        "does (bench it).",
     ),
 ]
 Int8ActOpt = Annotated[

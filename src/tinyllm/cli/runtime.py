@@ -10,6 +10,7 @@ from rich.table import Table
 
 from tinyllm.cli._common import (
     DeviceOpt,
+    DraftOpt,
     Int8ActOpt,
     JsonOpt,
     KvDtypeOpt,
@@ -28,8 +29,8 @@ GENERATE_HELP = """Generate text with the tinyllm runtime, streaming tokens as t
 
 Llama, Qwen2, Mistral and Gemma 3 checkpoints (float, quantized with packed INT4/INT8 kernels,
 pruned) run on the lean forward; other families fall back to the transformers model (a warning
-says why). --speculate K verifies prompt-lookup drafts of up to K tokens per step (greedy only;
-the same output, faster where the text repeats).
+says why). --speculate K verifies drafts of up to K tokens per step (prompt lookup, or a draft
+model with --draft DIR): the same output as plain decoding, faster when drafts are accepted.
 
 Example:
 
@@ -55,8 +56,10 @@ def _engine(
     device: str,
     scheduler=None,
     speculate: int = 0,
+    draft: str | None = None,
 ):
-    """Load MODEL into an engine on DEVICE with the KV and kernel options (and a scheduler)."""
+    """Load MODEL into an engine on DEVICE with the KV and kernel options (and a scheduler);
+    DRAFT, a draft model for speculative decoding (4 tokens a step unless SPECULATE says)."""
     from tinyllm.runtime.engine import EngineConfig, load_engine
     from tinyllm.runtime.scheduler import SchedulerConfig
 
@@ -65,11 +68,14 @@ def _engine(
         kv_dtype=kv_dtype,
         int8_activations=int8_act,
         scheduler=scheduler or SchedulerConfig(),
-        speculate=speculate,
+        speculate=speculate or (DRAFT_TOKENS if draft else 0),
         # checked before the model loads; --int8-act's kernels are CPU ones, so auto means cpu
         device=device_of("cpu" if int8_act and device == "auto" else device),
     )
-    return load_engine(model, cfg)
+    return load_engine(model, cfg, draft)
+
+
+DRAFT_TOKENS = 4  # --draft without --speculate
 
 
 @app.command(help=help_text(GENERATE_HELP))
@@ -90,6 +96,7 @@ def generate(
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
     speculate: SpeculateOpt = 0,
+    draft: DraftOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.runtime.sampling import SamplingParams
@@ -105,7 +112,7 @@ def generate(
         seed=seed,
         stop=stop or [],
     )
-    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, speculate=speculate)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, None, speculate, draft)
     ids = engine.prompt_ids(prompt, chat=chat)
     [seq] = engine.generate(
         [ids], params, sink=lambda ev: out.print(ev.text, end="", highlight=False)
@@ -128,6 +135,7 @@ def bench(
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
     speculate: SpeculateOpt = 0,
+    draft: DraftOpt = None,
     json_out: JsonOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -141,7 +149,7 @@ def bench(
 
     levels = parse_levels(concurrency)
     engine = _engine(
-        model, kv_memory, kv_dtype, int8_act, device, bench_scheduler(levels), speculate
+        model, kv_memory, kv_dtype, int8_act, device, bench_scheduler(levels), speculate, draft
     )
     rows = run_bench(engine, levels, prompt_len, gen_len, repeats)
     table = Table(title=f"tinyllm bench {model} (prompt {prompt_len}, generate {gen_len})")
@@ -230,6 +238,7 @@ def serve(
     kv_dtype: KvDtypeOpt = "float16",
     int8_act: Int8ActOpt = False,
     speculate: SpeculateOpt = 0,
+    draft: DraftOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     from tinyllm.runtime.scheduler import SchedulerConfig
@@ -248,7 +257,7 @@ def serve(
     )
     target = None if target_itl is None else target_itl / 1000
     scheduler = SchedulerConfig(max_batch=max_batch, max_queue=max_queue, target_itl_p95=target)
-    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, scheduler, speculate)
+    engine = _engine(model, kv_memory, kv_dtype, int8_act, device, scheduler, speculate, draft)
     auth = "API keys required" if keys else "no auth"
     err.print(f"serving {name or model} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops")
     run_server(engine, name or model, keys, host, port, limits)

@@ -27,14 +27,15 @@ import torch
 from torch import nn
 
 from tinyllm.errors import ConfigError
+from tinyllm.runtime.draft import DraftModel
 from tinyllm.runtime.kv_cache import OutOfBlocks, PagedKVCache
 from tinyllm.runtime.metrics import Metrics
 from tinyllm.runtime.model import (
-    DecodeGroup,
+    BatchItem,
     FlatBatch,
     HFRuntime,
     LeanRuntime,
-    PrefillChunk,
+    flat_batch,
     unsupported_reason,
 )
 from tinyllm.runtime.sampling import (
@@ -60,9 +61,10 @@ class EngineConfig:
     int8_activations: bool = False  # 4-bit layers on int8 x int4 integer kernels (not exact)
     block_size: int = 16
     token_budget: int = 512  # tokens per step over all sequences (decode + prefill chunks)
-    # speculative decoding by prompt lookup: a decoding sequence proposes up to this many tokens
-    # (what followed the latest earlier occurrence of its last DRAFT_NGRAM tokens), verified in
-    # one forward; greedy output is plain decoding's, sampled output is distributed as it. 0: off.
+    # speculative decoding: a decoding sequence proposes up to this many tokens, the draft
+    # model's greedy ones (Engine(draft=...)) or else by prompt lookup (what followed the latest
+    # earlier occurrence of its last DRAFT_NGRAM tokens), verified in one forward; greedy output
+    # is plain decoding's, sampled output is distributed as it. 0: off.
     speculate: int = 0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"  # auto, cpu, cuda[:N]: the model and the KV pool move there
@@ -118,7 +120,14 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: object, cfg: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: object,
+        cfg: EngineConfig | None = None,
+        draft: tuple[nn.Module, object] | None = None,
+    ):
+        """`draft`: (model, tokenizer) of a draft model for cfg.speculate (runtime.draft)."""
         self.cfg = cfg or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.device = _place(model, self.cfg)
@@ -163,6 +172,24 @@ class Engine:
             )
         self.max_context = min(self.runtime.max_positions, pool_tokens)
         self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
+        self.drafter = None if draft is None else self._drafter(*draft)
+
+    def _drafter(self, model: nn.Module, tokenizer: object) -> DraftModel:
+        """The draft model on the engine's device, with a KV pool of the engine's budget."""
+        if self.cfg.speculate <= 0:
+            raise ConfigError("a draft model proposes cfg.speculate tokens: set it (--speculate)")
+        if self.fallback:
+            raise ConfigError(f"speculative decoding needs the lean runtime, and {self.fallback}")
+        if _vocab(tokenizer) != _vocab(self.tokenizer):
+            raise ConfigError(
+                "the draft model's tokenizer differs from the model's: a draft must share its "
+                "vocabulary (a pruned, layer-dropped or quantized copy of the same model)"
+            )
+        _place(model, self.cfg)
+        kv = int(self.cfg.kv_memory_mb * 2**20)
+        dtype = KV_DTYPES[self.cfg.kv_dtype]
+        bs, i8 = self.cfg.block_size, self.cfg.int8_activations
+        return DraftModel(model, self.vocab_size, dtype, kv, bs, self.device, i8)
 
     # --- requests ---------------------------------------------------------------------------
     def prompt_ids(self, text: str, chat: bool = False) -> list[int]:
@@ -246,7 +273,10 @@ class Engine:
             self._admit()
             if not self.running:
                 return 0
-            work = self._plan()
+            wants = self._draft_requests()
+        proposals = self._propose(wants)  # the draft model's forwards, outside the lock
+        with self._lock:
+            work = self._plan(proposals)
             batch = self._build(work)
         t0 = time.perf_counter()
         try:
@@ -295,9 +325,10 @@ class Engine:
             self.running.append(seq)
         self.metrics.queue_depth(self._queue_depths())
 
-    def _plan(self) -> list[tuple[Sequence, int, torch.Tensor]]:
-        """(sequence, tokens to compute now, their cache slots): decoders first, then prompt
-        chunks, within the token budget. Preempts when the pool cannot hold a step."""
+    def _plan(self, proposals: dict[int, list[int]]) -> list[tuple[Sequence, int, torch.Tensor]]:
+        """(sequence, tokens to compute now, their cache slots): decoders first (with their
+        drafts: the draft model's `proposals`, else prompt lookup), then prompt chunks, within
+        the token budget. Preempts when the pool cannot hold a step."""
         budget = self.cfg.token_budget
         work: list[tuple[Sequence, int, torch.Tensor]] = []
         for seq in sorted(self.running, key=lambda s: s.pending != 1):
@@ -306,7 +337,7 @@ class Engine:
             n = min(seq.pending, budget)
             if n <= 0:
                 break
-            seq.draft = self._draft(seq, budget - 1) if n == 1 else []
+            seq.draft = self._draft(seq, budget - 1, proposals) if n == 1 else []
             n += len(seq.draft)
             slots = self._reserve(seq, n, planned={id(w[0]) for w in work})
             if slots is not None:
@@ -314,15 +345,43 @@ class Engine:
                 budget -= n
         return work
 
-    def _draft(self, seq: Sequence, room: int) -> list[int]:
-        """Tokens to verify after a decoding sequence's next one (prompt lookup), within
-        `room` more tokens of this step and the tokens it may still generate."""
-        k = min(self.cfg.speculate, room, seq.params.max_tokens - len(seq.output) - 1)
-        if k <= 0 or self.fallback:
-            return []
+    def _draft_room(self, seq: Sequence) -> int:
+        """Draft tokens a decoding sequence may propose now (0 while its drafting pauses)."""
+        if self.fallback or seq.pending != 1 or seq.draft_pause > 0:
+            return 0
+        return min(self.cfg.speculate, seq.params.max_tokens - len(seq.output) - 1)
+
+    def _draft_requests(self) -> dict[int, tuple[list[int], int]]:
+        """What the draft model is asked this step: {sequence id: (its tokens, k)}."""
+        if self.drafter is None:
+            return {}
+        ks = ((s, self._draft_room(s)) for s in self.running)
+        return {s.id: (s.ids, k) for s, k in ks if k > 0}
+
+    def _propose(self, wants: dict[int, tuple[list[int], int]]) -> dict[int, list[int]]:
+        """The draft model's proposals; a failure costs only the drafts (logged, counted)."""
+        if not wants:
+            return {}
+        try:
+            return self.drafter.propose(wants)
+        except Exception:
+            log.exception("the draft model failed: decoding this step without drafts")
+            self.metrics.step_failures += 1
+            for sid in wants:
+                self.drafter.release(sid)  # its cache state is unknown: start it again
+            return {}
+
+    def _draft(self, seq: Sequence, room: int, proposals: dict[int, list[int]]) -> list[int]:
+        """Tokens to verify after a decoding sequence's next one, within `room` more tokens
+        of this step and the tokens it may still generate."""
         if seq.draft_pause > 0:  # its recent drafts were rejected whole: decode plainly a while
             seq.draft_pause -= 1
             return []
+        k = min(self._draft_room(seq), room)
+        if k <= 0:
+            return []
+        if self.drafter is not None:
+            return proposals.get(seq.id, [])[:k]
         return lookup_draft(seq.ids, k)
 
     def _reserve(self, seq: Sequence, n: int, planned: set[int]) -> torch.Tensor | None:
@@ -342,6 +401,8 @@ class Engine:
         log.info("KV pool full: preempting sequence %d (it will recompute)", seq.id)
         self.cache.release(seq.id)
         self.runtime.release(seq.id)
+        if self.drafter is not None:
+            self.drafter.release(seq.id)
         self.running.remove(seq)
         seq.computed, seq.draft = 0, []
         self.scheduler.finished(seq.tenant)
@@ -349,52 +410,15 @@ class Engine:
         self.metrics.preemptions += 1
 
     def _build(self, work: list[tuple[Sequence, int, torch.Tensor]]) -> FlatBatch:
-        tokens, positions, slots, logit_rows, spans = [], [], [], [], []
-        decoders: list[tuple[int, torch.Tensor]] = []  # (row, the sequence's slots)
-        prefills: list[PrefillChunk] = []
-        row = 0
-        for seq, n, seq_slots in work:
+        items = []
+        for seq, n, slots in work:
             start = seq.computed
-            tokens += (seq.ids + seq.draft)[start : start + n]
-            positions += range(start, start + n)
-            slots.append(seq_slots)
-            spans.append((seq.id, slice(row, row + n)))
-            ctx = self.cache.slots(seq.id)  # [start + n]
-            if seq.draft:  # the next token's logits, and each draft token's (to verify it)
-                logit_rows += range(row, row + n)
-            elif start + n == len(seq.ids):
-                logit_rows.append(row + n - 1)
-            if n == 1:
-                decoders.append((row, ctx))
-            else:
-                qpos = torch.arange(start, start + n)
-                mask = self.runtime.visible(qpos, start + n)
-                prefills.append(PrefillChunk(slice(row, row + n), ctx, mask, causal=start == 0))
+            # a draft: the next token's logits and each draft token's (to verify it)
+            want = "all" if seq.draft else "last" if start + n == len(seq.ids) else "none"
+            new = (seq.ids + seq.draft)[start : start + n]
+            items.append(BatchItem(seq.id, new, start, slots, want))
             seq.computed += n
-            row += n
-        return FlatBatch(
-            torch.tensor(tokens),
-            torch.tensor(positions),
-            torch.cat(slots),
-            torch.tensor(logit_rows, dtype=torch.long),
-            self._decode_group(decoders, row),
-            prefills,
-            spans,
-        )
-
-    def _decode_group(
-        self, decoders: list[tuple[int, torch.Tensor]], total_rows: int
-    ) -> DecodeGroup | None:
-        if not decoders:
-            return None
-        lens = torch.tensor([len(c) for _, c in decoders])
-        ctx = torch.nn.utils.rnn.pad_sequence([c for _, c in decoders], batch_first=True)
-        starts = torch.zeros_like(lens)  # sliding-window layers narrow it (model._windowed)
-        kpos = torch.arange(ctx.shape[1])[None, :]
-        mask = kpos < lens[:, None]  # [B, Lmax]
-        rows = [r for r, _ in decoders]
-        all_rows = rows == list(range(total_rows))
-        return DecodeGroup(torch.tensor(rows), ctx, mask[:, None, None, :], lens, starts, all_rows)
+        return flat_batch(items, self.cache, self.runtime)
 
     def _sample(self, work: list[tuple[Sequence, int, torch.Tensor]], logits: torch.Tensor) -> None:
         """Tokens for every sequence whose known tokens are all computed (one logits row each,
@@ -523,6 +547,8 @@ class Engine:
             seq.output.pop()
         self.cache.release(seq.id)
         self.runtime.release(seq.id)
+        if self.drafter is not None:
+            self.drafter.release(seq.id)
         if seq in self.running:
             self.running.remove(seq)
             self.scheduler.finished(seq.tenant, time.perf_counter() - seq.arrival)
@@ -703,11 +729,18 @@ class EngineLoop:
         return reason
 
 
-def load_engine(model: str, cfg: EngineConfig | None = None) -> Engine:
+def load_engine(model: str, cfg: EngineConfig | None = None, draft: str | None = None) -> Engine:
     """An Engine over a model spec: a registered name, a Hugging Face directory, a .gguf file or
-    a tinyllm output directory (whatever `tinyllm.core.load.load` takes)."""
+    a tinyllm output directory (whatever `tinyllm.core.load.load` takes); `draft`, a second
+    such spec, is its draft model for speculative decoding."""
     from tinyllm.core.load import load
 
     on_cpu = resolve_device((cfg or EngineConfig()).device).type == "cpu"
     m, tok = load(model, inference=on_cpu)  # codes held once; a large model's tables narrow
-    return Engine(m, tok, cfg)
+    return Engine(m, tok, cfg, load(draft, inference=on_cpu) if draft else None)
+
+
+def _vocab(tokenizer: object) -> dict | int:
+    """What two tokenizers must agree on to share token ids: the vocabulary, else its size."""
+    get = getattr(tokenizer, "get_vocab", None)
+    return get() if callable(get) else len(tokenizer)

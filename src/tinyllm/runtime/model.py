@@ -200,6 +200,64 @@ class FlatBatch:
         return FlatBatch(*t, decode, [p.to(device) for p in self.prefills], self.spans)
 
 
+@dataclass
+class BatchItem:
+    """One sequence's share of a step: its new tokens and where their keys go."""
+
+    seq_id: int
+    tokens: list[int]  # the tokens to compute now
+    start: int  # the position of the first
+    slots: torch.Tensor  # [len(tokens)] cache slots of their K/V (reserved)
+    logits: str  # rows whose next-token logits are wanted: "all", "last" or "none"
+
+
+def flat_batch(items: list[BatchItem], cache: PagedKVCache, runtime: object) -> FlatBatch:
+    """The flat batch of a step (`runtime.visible` masks prefill chunks): a one-token item joins
+    the decode group, a longer one is a prefill chunk over the sequence's cached keys."""
+    tokens, positions, logit_rows, spans = [], [], [], []
+    decoders: list[tuple[int, torch.Tensor]] = []  # (row, the sequence's slots)
+    prefills: list[PrefillChunk] = []
+    row = 0
+    for it in items:
+        n, start = len(it.tokens), it.start
+        tokens += it.tokens
+        positions += range(start, start + n)
+        spans.append((it.seq_id, slice(row, row + n)))
+        ctx = cache.slots(it.seq_id)  # [start + n]
+        if it.logits == "all":
+            logit_rows += range(row, row + n)
+        elif it.logits == "last":
+            logit_rows.append(row + n - 1)
+        if n == 1:
+            decoders.append((row, ctx))
+        else:
+            mask = runtime.visible(torch.arange(start, start + n), start + n)
+            prefills.append(PrefillChunk(slice(row, row + n), ctx, mask, causal=start == 0))
+        row += n
+    return FlatBatch(
+        torch.tensor(tokens),
+        torch.tensor(positions),
+        torch.cat([it.slots for it in items]),
+        torch.tensor(logit_rows, dtype=torch.long),
+        _decode_group(decoders, row),
+        prefills,
+        spans,
+    )
+
+
+def _decode_group(decoders: list[tuple[int, torch.Tensor]], total_rows: int) -> DecodeGroup | None:
+    if not decoders:
+        return None
+    lens = torch.tensor([len(c) for _, c in decoders])
+    ctx = torch.nn.utils.rnn.pad_sequence([c for _, c in decoders], batch_first=True)
+    starts = torch.zeros_like(lens)  # sliding-window layers narrow it (_windowed)
+    kpos = torch.arange(ctx.shape[1])[None, :]
+    mask = kpos < lens[:, None]  # [B, Lmax]
+    rows = [r for r, _ in decoders]
+    all_rows = rows == list(range(total_rows))
+    return DecodeGroup(torch.tensor(rows), ctx, mask[:, None, None, :], lens, starts, all_rows)
+
+
 class HFRuntime:
     """The fallback for families the lean forward does not know: the transformers model itself,
     one sequence at a time, each with its own transformers KV cache. The paged cache still
