@@ -16,6 +16,9 @@ Rows:
            export.
   speculate batch-1 greedy decode with prompt-lookup speculation (--speculate 4) against none,
            on an extractive and a free-text prompt: tokens/s, identical outputs, drafts accepted.
+  draft    the same prompts and INT4 model with a draft model (--draft): SmolLM2-135M with the
+           DRAFT_DROP blocks of least influence dropped (`tinyllm prune --method blocks`, no
+           training), quantized the same way; --speculate 2 and 4 against none.
   streams  aggregate decode tokens/s with 1 and 16 concurrent streams over HTTP, each stream
            64 prompt + 64 generated tokens: `tinyllm serve` (INT4) and `llama-server -np 16`
            (the Q4_0 file), both 2 threads, driven by the same client.
@@ -49,7 +52,7 @@ from rowtable import row_args, run_rows
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "runtime_smollm2.json"
 WORK = ROOT / "work" / "runtime"
-ROWS = ["decode", "prefill", "streams", "kv", "load", "throttle", "gemma", "speculate"]
+ROWS = ["decode", "prefill", "streams", "kv", "load", "throttle", "gemma", "speculate", "draft"]
 GEMMA = "gemma3-270m"
 THREADS = 2
 
@@ -59,6 +62,18 @@ def int4_checkpoint(model: str = MODEL) -> Path:
     if not (ckpt / "tinyllm.json").exists():
         flags = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]
         run([*CLI, "quantize", model, *flags, "--embed-bits", "8", "-o", str(ckpt)])
+    return ckpt
+
+
+def draft_checkpoint(drop: int) -> Path:
+    """SmolLM2-135M less its `drop` least influential blocks, quantized as int4_checkpoint."""
+    ckpt = WORK / f"drop{drop}-int4"
+    if not (ckpt / "tinyllm.json").exists():
+        pruned = WORK / f"drop{drop}"
+        run([*CLI, "prune", MODEL, "--method", "blocks", "--count", str(drop), "--samples",
+             "16", "-o", str(pruned), "--overwrite"])  # fmt: skip
+        flags = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]
+        run([*CLI, "quantize", str(pruned), *flags, "--embed-bits", "8", "-o", str(ckpt)])
     return ckpt
 
 
@@ -294,9 +309,10 @@ SPECULATE_PROMPTS = {
 }
 
 
-def speculate_row() -> dict:
-    """Batch-1 greedy decode, INT4 engine, prompt-lookup speculation (--speculate 4) against
-    none, interleaved (5 runs each, the first dropped as warm-up): tokens/s and equal outputs."""
+def _speculation(ks: tuple[int, ...], draft: Path | None = None) -> dict:
+    """Batch-1 greedy decode of the INT4 model on SPECULATE_PROMPTS, speculating K tokens (each
+    of ks; by prompt lookup, or with `draft`'s model) against none, interleaved (5 runs each,
+    the first dropped as warm-up): median tokens/s, equal outputs, drafts accepted."""
     import torch
 
     import tinyllm
@@ -305,27 +321,45 @@ def speculate_row() -> dict:
 
     torch.set_num_threads(THREADS)
     q, tok = tinyllm.load(int4_checkpoint())
+    d = tinyllm.load(draft) if draft else None
     params = SamplingParams(max_tokens=64, ignore_eos=True)
-    res: dict = {"command": "benchmarks/bench_runtime.py --rows speculate"}
+    res: dict = {}
     for name, text in SPECULATE_PROMPTS.items():
         ids = tok.encode(text)
-        engines = {k: Engine(q, tok, EngineConfig(kv_memory_mb=64, speculate=k)) for k in (0, 4)}
-        tps: dict[int, list[float]] = {0: [], 4: []}
+        engines = {k: Engine(q, tok, EngineConfig(kv_memory_mb=64, speculate=k), d if k else None)
+                   for k in (0, *ks)}  # fmt: skip
+        tps: dict[int, list[float]] = {k: [] for k in engines}
         outputs = {}
         for _ in range(5):
             for k, e in engines.items():
                 seq = e.generate([ids], params)[0]
                 outputs[k] = seq.output
                 tps[k].append(seq.decode_tokens_per_s)
-        m = engines[4].metrics
-        res[name] = {
-            "plain": statistics.median(tps[0][1:]),
-            "speculate_4": statistics.median(tps[4][1:]),
-            "identical": outputs[0] == outputs[4],
-            "accepted": m.draft_accepted,
-            "proposed": m.draft_tokens,
-        }
+        res[name] = {"plain": statistics.median(tps[0][1:])}
+        for k in ks:
+            m = engines[k].metrics
+            res[name][f"speculate_{k}"] = statistics.median(tps[k][1:])
+            res[name][f"identical_{k}"] = outputs[0] == outputs[k]
+            res[name][f"accepted_{k}"] = [m.draft_accepted, m.draft_tokens]
     return res
+
+
+def speculate_row() -> dict:
+    """Prompt-lookup speculation, --speculate 4, against none."""
+    res = _speculation((4,))
+    for r in res.values():  # the keys of the table's earlier rows
+        r["identical"] = r.pop("identical_4")
+        r["accepted"], r["proposed"] = r.pop("accepted_4")
+    return {**res, "command": "benchmarks/bench_runtime.py --rows speculate"}
+
+
+DRAFT_DROP = 18  # of SmolLM2-135M's 30 blocks
+
+
+def draft_row() -> dict:
+    """A layer-dropped draft model, --speculate 2 and 4, against none."""
+    res = _speculation((2, 4), draft_checkpoint(DRAFT_DROP))
+    return {**res, "drop": DRAFT_DROP, "command": "benchmarks/bench_runtime.py --rows draft"}
 
 
 def gemma_row() -> dict:
@@ -502,7 +536,7 @@ def run_row(name: str) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     rows = {"decode": decode_row, "prefill": prefill_row, "streams": streams_row, "kv": kv_row,
             "load": load_row, "throttle": throttle_row, "gemma": gemma_row,
-            "speculate": speculate_row}  # fmt: skip
+            "speculate": speculate_row, "draft": draft_row}  # fmt: skip
     return rows[name]()
 
 
@@ -536,6 +570,20 @@ def table(results: dict) -> str:
                 f"{r['speculate_4'] / r['plain']:.2f} | {r['identical']} | "
                 f"{r['accepted']} of {r['proposed']} |"
             )
+        lines.append("")
+    dr = results.get("draft")
+    if dr:
+        lines += [f"| batch-1 decode, INT4, draft: {DRAFT_DROP} blocks dropped | plain tok/s | "
+                  "k | tok/s | x plain | identical | drafts accepted |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name in SPECULATE_PROMPTS:
+            r = dr[name]
+            for k in (2, 4):
+                a, n = r[f"accepted_{k}"]
+                lines.append(
+                    f"| {name} | {r['plain']:.1f} | {k} | {r[f'speculate_{k}']:.1f} | "
+                    f"{r[f'speculate_{k}'] / r['plain']:.2f} | {r[f'identical_{k}']} | {a} of {n} |"
+                )
         lines.append("")
     g = results.get("gemma")
     if g:
