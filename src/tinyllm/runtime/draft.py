@@ -65,7 +65,7 @@ class DraftModel:
             if not items:
                 break
             logits = self.runtime.forward(flat_batch(items, self.cache, self.runtime), self.cache)
-            ready = [it.seq_id for it in items if it.logits == "last"]
+            ready = [it.seq_id for it in items if it.logits]
             picks = logits[:, : self.vocab].float().argmax(-1).tolist()
             feed = {}
             for sid, token in zip(ready, picks, strict=True):
@@ -100,7 +100,7 @@ class DraftModel:
                 self.release(sid)
                 self.dropped.add(sid)
                 continue
-            want = "last" if len(chunk) == len(tokens) else "none"
-            items.append(BatchItem(sid, chunk, len(self.fed[sid]), slots, want))
+            last = int(len(chunk) == len(tokens))  # logits once the whole catch-up is in
+            items.append(BatchItem(sid, chunk, len(self.fed[sid]), slots, last))
             self.fed[sid].extend(chunk)
         return items

@@ -414,7 +414,7 @@ class Engine:
         for seq, n, slots in work:
             start = seq.computed
             # a draft: the next token's logits and each draft token's (to verify it)
-            want = "all" if seq.draft else "last" if start + n == len(seq.ids) else "none"
+            want = n if seq.draft else int(start + n == len(seq.ids))
             new = (seq.ids + seq.draft)[start : start + n]
             items.append(BatchItem(seq.id, new, start, slots, want))
             seq.computed += n

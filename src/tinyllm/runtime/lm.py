@@ -17,7 +17,7 @@ from torch import nn
 from tinyllm.errors import ConfigError
 from tinyllm.eval.lm import LOGITS_BYTES, LogitsLM
 from tinyllm.runtime.kv_cache import PagedKVCache
-from tinyllm.runtime.model import FlatBatch, LeanRuntime, PrefillChunk, unsupported_reason
+from tinyllm.runtime.model import BatchItem, FlatBatch, LeanRuntime, flat_batch, unsupported_reason
 
 BLOCK = 16  # KV cache block size (tokens)
 
@@ -55,24 +55,9 @@ class RuntimeLM(LogitsLM):
         return list(logits.split([len(s) - st for s, st in zip(seqs, starts, strict=True)]))
 
     def _batch(self, cache: PagedKVCache, seqs: list[list[int]], starts: list[int]) -> FlatBatch:
-        """Every sequence as one prefill chunk from position 0; logits from its start on."""
-        slots, rows, prefills, spans = [], [], [], []
-        row = 0
+        """Every sequence as one chunk from position 0; logits from its start on."""
+        items = []
         for sid, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
             cache.add(sid)
-            slots.append(cache.reserve(sid, len(seq)))
-            span = slice(row, row + len(seq))
-            mask = self.runtime.visible(torch.arange(len(seq)), len(seq))  # [n, n] causal
-            prefills.append(PrefillChunk(span, cache.slots(sid), mask, causal=True))
-            spans.append((sid, span))
-            rows.append(torch.arange(row + start, row + len(seq)))
-            row += len(seq)
-        return FlatBatch(
-            tokens=torch.tensor([t for s in seqs for t in s]),
-            positions=torch.cat([torch.arange(len(s)) for s in seqs]),
-            slots=torch.cat(slots),
-            logit_rows=torch.cat(rows),
-            decode=None,
-            prefills=prefills,
-            spans=spans,
-        )
+            items.append(BatchItem(sid, seq, 0, cache.reserve(sid, len(seq)), len(seq) - start))
+        return flat_batch(items, cache, self.runtime)

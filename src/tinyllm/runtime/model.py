@@ -208,7 +208,7 @@ class BatchItem:
     tokens: list[int]  # the tokens to compute now
     start: int  # the position of the first
     slots: torch.Tensor  # [len(tokens)] cache slots of their K/V (reserved)
-    logits: str  # rows whose next-token logits are wanted: "all", "last" or "none"
+    logits: int  # how many of its last rows' next-token logits are wanted (0 to all)
 
 
 def flat_batch(items: list[BatchItem], cache: PagedKVCache, runtime: object) -> FlatBatch:
@@ -224,10 +224,7 @@ def flat_batch(items: list[BatchItem], cache: PagedKVCache, runtime: object) -> 
         positions += range(start, start + n)
         spans.append((it.seq_id, slice(row, row + n)))
         ctx = cache.slots(it.seq_id)  # [start + n]
-        if it.logits == "all":
-            logit_rows += range(row, row + n)
-        elif it.logits == "last":
-            logit_rows.append(row + n - 1)
+        logit_rows += range(row + n - it.logits, row + n)
         if n == 1:
             decoders.append((row, ctx))
         else:
