@@ -288,8 +288,8 @@ def test_generate_streams_and_reports(tiny_dir: Path):
 
 
 def test_generate_with_a_draft_model_gives_plain_greedy_output(tiny_dir: Path):
-    plain = run("generate", str(tiny_dir), "The quick", "--max-tokens", "8")
-    spec = run("generate", str(tiny_dir), "The quick", "--max-tokens", "8", "--draft", str(tiny_dir))
+    args = ("generate", str(tiny_dir), "The quick", "--max-tokens", "8")
+    plain, spec = run(*args), run(*args, "--draft", str(tiny_dir))
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout
 
