@@ -19,6 +19,9 @@ Rows:
   draft    the same prompts and INT4 model with a draft model (--draft): SmolLM2-135M with the
            DRAFT_DROP blocks of least influence dropped (`tinyllm prune --method blocks`, no
            training), quantized the same way; --speculate 2 and 4 against none.
+  static   tensor allocations in one steady-state decode step (torch profiler) and decode tokens/s
+           at 1 and 16 streams, the engine's workspace against the same engine without it
+           (the allocating path), interleaved; SmolLM2 and Gemma 3 INT4.
   streams  aggregate decode tokens/s with 1 and 16 concurrent streams over HTTP, each stream
            64 prompt + 64 generated tokens: `tinyllm serve` (INT4) and `llama-server -np 16`
            (the Q4_0 file), both 2 threads, driven by the same client.
@@ -52,7 +55,18 @@ from rowtable import row_args, run_rows
 ROOT = Path(__file__).parent
 OUT = ROOT / "results" / "runtime_smollm2.json"
 WORK = ROOT / "work" / "runtime"
-ROWS = ["decode", "prefill", "streams", "kv", "load", "throttle", "gemma", "speculate", "draft"]
+ROWS = [
+    "decode",
+    "prefill",
+    "streams",
+    "kv",
+    "load",
+    "throttle",
+    "gemma",
+    "speculate",
+    "draft",
+    "static",
+]
 GEMMA = "gemma3-270m"
 THREADS = 2
 
@@ -374,6 +388,58 @@ def gemma_row() -> dict:
     return res
 
 
+def _step_allocations(engine, streams: int, prompt: list[int]) -> dict:
+    """Tensor allocations and bytes of one steady-state decode step (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinyllm.runtime.sampling import SamplingParams
+
+    for _ in range(streams):
+        engine.submit(list(prompt), SamplingParams(max_tokens=64, ignore_eos=True))
+    for _ in range(8):  # prefill, then decode: every buffer has its size
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        engine.step()
+    while engine.has_work():
+        engine.step()
+    events = [e for e in prof.events() if e.self_cpu_memory_usage > 0]
+    return {"allocations": len(events), "bytes": sum(e.self_cpu_memory_usage for e in events)}
+
+
+def static_row() -> dict:
+    """Static memory: allocations per steady-state decode step and decode tokens/s at 1 and 16
+    streams, the workspace (the default) against the allocating path (the same engine with its
+    workspace removed), interleaved in one process; SmolLM2 and Gemma 3 INT4."""
+    import torch
+
+    import tinyllm
+    from tinyllm.runtime.bench import bench
+    from tinyllm.runtime.engine import Engine, EngineConfig
+    from tinyllm.runtime.scheduler import SchedulerConfig
+
+    torch.set_num_threads(THREADS)
+    res = {"command": "benchmarks/bench_runtime.py --rows static"}
+    for model in (MODEL, GEMMA):
+        q, tok = tinyllm.load(int4_checkpoint(model))
+        engine = Engine(q, tok, EngineConfig(scheduler=SchedulerConfig(max_batch=16)))
+        ws, prompt = engine.runtime.ws, tok.encode("The history of the Roman Empire begins with")
+        row: dict = {}
+        for streams in (1, 16):
+            for mode in ("static", "allocating"):
+                engine.runtime.ws = ws if mode == "static" else None
+                row[f"{mode}_{streams}"] = _step_allocations(engine, streams, prompt)
+                row[f"{mode}_{streams}"]["decode"] = []
+            for _ in range(3):  # interleaved repeats
+                for mode in ("static", "allocating"):
+                    engine.runtime.ws = ws if mode == "static" else None
+                    r = bench(engine, [streams], 64, 64, repeats=1)[0]
+                    row[f"{mode}_{streams}"]["decode"].append(r.decode_tokens_per_s)
+        engine.runtime.ws = ws
+        row["workspace_mib"] = ws.nbytes() / 2**20
+        res[model] = row
+    return res
+
+
 def streams_row() -> dict:
     env_threads = {"OMP_NUM_THREADS": str(THREADS)}
     os.environ.update(env_threads)
@@ -536,7 +602,7 @@ def run_row(name: str) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     rows = {"decode": decode_row, "prefill": prefill_row, "streams": streams_row, "kv": kv_row,
             "load": load_row, "throttle": throttle_row, "gemma": gemma_row,
-            "speculate": speculate_row, "draft": draft_row}  # fmt: skip
+            "speculate": speculate_row, "draft": draft_row, "static": static_row}  # fmt: skip
     return rows[name]()
 
 
@@ -583,6 +649,20 @@ def table(results: dict) -> str:
                 lines.append(
                     f"| {name} | {r['plain']:.1f} | {k} | {r[f'speculate_{k}']:.1f} | "
                     f"{r[f'speculate_{k}'] / r['plain']:.2f} | {r[f'identical_{k}']} | {a} of {n} |"
+                )
+        lines.append("")
+    st = results.get("static")
+    if st:
+        lines += ["| static memory, INT4 | streams | allocations per decode step (bytes): "
+                  "workspace | without | decode tok/s: workspace | without | x without |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for model in (MODEL, GEMMA):
+            for n in (1, 16):
+                a, b = st[model][f"static_{n}"], st[model][f"allocating_{n}"]
+                ta, tb = statistics.median(a["decode"]), statistics.median(b["decode"])
+                lines.append(
+                    f"| {model} | {n} | {a['allocations']} ({a['bytes']}) | "
+                    f"{b['allocations']} ({b['bytes']}) | {ta:.1f} | {tb:.1f} | {ta / tb:.2f} |"
                 )
         lines.append("")
     g = results.get("gemma")

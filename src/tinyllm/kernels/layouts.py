@@ -131,11 +131,19 @@ class Q4Native(Layout):
         return native.q4_kernel().q4_dequant(w, s, z, qw.effective_group)
 
     @classmethod
-    def gemv(cls, x: torch.Tensor, packed: Packed, group: int, i8: bool = False) -> torch.Tensor:
-        """float32 x [m, in] -> [m, out]; `i8` rounds x to int8 per block of 32 (not exact)."""
+    def gemv(
+        cls,
+        x: torch.Tensor,
+        packed: Packed,
+        group: int,
+        i8: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """float32 x [m, in] -> [m, out] (into `out` when given); `i8` rounds x to int8 per
+        block of 32 (not exact)."""
         k = native.q4_kernel()
         fn = k.q4_gemv_i8 if i8 else k.q4_gemv
-        return fn(x, *(packed[n] for n in cls.BUFFERS), group)
+        return fn(x, *(packed[n] for n in cls.BUFFERS), group, out=out)
 
     @staticmethod
     def i8_supported(group: int) -> bool:
@@ -184,9 +192,9 @@ class Q8Native(Layout):
         return k.q8_gemv(x.float(), packed["w_q8"], packed["w_q8_scale"]).to(x.dtype)
 
     @staticmethod
-    def gemv_i8(x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    def gemv_i8(x: torch.Tensor, packed: Packed, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 x [m, in] rounded to int8 per block of 32, times the codes (not exact)."""
-        return native.q4_kernel().q8_gemv_i8(x, packed["w_q8"], packed["w_q8_scale"])
+        return native.q4_kernel().q8_gemv_i8(x, packed["w_q8"], packed["w_q8_scale"], out=out)
 
     @staticmethod
     def i8_supported(in_features: int) -> bool:

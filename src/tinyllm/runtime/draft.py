@@ -42,7 +42,7 @@ class DraftModel:
         reason = unsupported_reason(model)
         if reason:
             raise ConfigError(f"a draft model must run on the lean runtime, and {reason}")
-        self.runtime = LeanRuntime(model, int8_act)
+        self.runtime = LeanRuntime(model, int8_act, static=True)
         shape = self.runtime.cache_shape(kv_dtype)
         self.cache = PagedKVCache.for_budget(shape, kv_bytes, block_size, device)
         self.vocab = vocab  # the target's: a wider draft head never proposes beyond it

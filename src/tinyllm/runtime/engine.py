@@ -145,7 +145,7 @@ class Engine:
             )
             self.runtime: LeanRuntime | HFRuntime = HFRuntime(model)
         else:
-            self.runtime = LeanRuntime(model, self.cfg.int8_activations)
+            self.runtime = LeanRuntime(model, self.cfg.int8_activations, static=True)
         budget = int(self.cfg.kv_memory_mb * 2**20)
         if self.cfg.kv_dtype not in KV_DTYPES:
             raise ConfigError(
@@ -435,9 +435,10 @@ class Engine:
         plain = [i for i, s in enumerate(ready) if s.params.plain_greedy]
         argmax_rows = [first[i] + j for i in plain for j in range(1 + len(ready[i].draft))]
         greedy: dict[int, int] = {}  # logits row -> its argmax (plain greedy sequences)
-        if argmax_rows:
-            top, picks = logits[argmax_rows].max(-1)  # one pass: the argmax, and NaN/inf rows
-            ok = (top < math.inf).tolist()
+        if argmax_rows:  # one pass: the argmax, and NaN/inf rows (every row: no copy)
+            every = argmax_rows == list(range(logits.shape[0]))
+            top, picks = self._argmax(logits if every else logits[argmax_rows])
+            ok = [t < math.inf for t in top.tolist()]
             greedy = {r: t for r, t, g in zip(argmax_rows, picks.tolist(), ok, strict=True) if g}
         for i, seq in enumerate(ready):
             try:
@@ -457,6 +458,15 @@ class Engine:
             except Exception:
                 log.exception("sequence %d failed while sampling or detokenizing", seq.id)
                 self._finish_safely(seq, "error", INTERNAL_ERROR)
+
+    def _argmax(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max and argmax of each row, into the runtime's workspace when it has one."""
+        ws = getattr(self.runtime, "ws", None)
+        if ws is None or logits.device.type != "cpu":
+            return logits.max(-1)
+        n = logits.shape[0]
+        out = (ws.get("top", n, 1, logits.dtype)[:, 0], ws.get("argmax", n, 1, torch.long)[:, 0])
+        return torch.max(logits, -1, out=out)
 
     def _accept(self, seq: Sequence, picks: list[int | None] | torch.Tensor, now: float) -> None:
         """Verify a draft. Plain greedy: picks[j] is the argmax after the next token and j

@@ -24,6 +24,8 @@ import torch
 
 from tinyllm.errors import ConfigError
 
+NO_SCALES = torch.empty(0)  # a float pool's scales, for the native kv_write
+
 
 class OutOfBlocks(Exception):
     """The pool has fewer free blocks than a request needs (the scheduler waits or preempts)."""
@@ -64,6 +66,9 @@ class SeqBlocks:
     table: list[int] = field(default_factory=list)
     length: int = 0
     hashes: list[bytes] = field(default_factory=list)  # of its full, shareable prompt blocks
+    # the slot of every position (valid below `length`); grows by doubling, so a decode step
+    # writes one entry instead of rebuilding the sequence's whole slot list
+    slot_map: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
 class PagedKVCache:
@@ -130,8 +135,16 @@ class PagedKVCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # --- contents ---------------------------------------------------------------------------
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the keys and values [T, kv_heads, hd] of layer `layer` at `slots` [T]."""
+    def write(
+        self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: object = None
+    ) -> None:
+        """Store the keys and values [T, kv_heads, hd] of layer `layer` at `slots` [T]. `ops`:
+        the runtime's native kernels (CPU float32 k and v), which convert or quantize each row
+        straight into the pool (the same values as the PyTorch ops below, no temporaries)."""
+        if ops is not None:
+            for pool, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+                ops.kv_write(pool[layer], scales[layer] if scales else NO_SCALES, slots, x)
+            return
         if not self.shape.quantized:
             self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))
             self.v[layer].index_copy_(0, slots, v.to(self.v[layer].dtype))
@@ -175,6 +188,7 @@ class PagedKVCache:
             self.refs[block] += 1
             seq.table.append(block)
             seq.length += bs
+        self._map(seq, 0, seq.length)
         return seq.length
 
     def fork(self, parent: int, child: int) -> None:
@@ -182,7 +196,9 @@ class PagedKVCache:
         src = self.seqs[parent]
         for block in src.table:
             self.refs[block] += 1
-        self.seqs[child] = SeqBlocks(list(src.table), src.length, list(src.hashes))
+        self.seqs[child] = SeqBlocks(
+            list(src.table), src.length, list(src.hashes), src.slot_map.clone()
+        )
 
     def reserve(self, seq_id: int, n: int) -> torch.Tensor:
         """Slots for the sequence's next `n` tokens (allocating and un-sharing blocks as needed)."""
@@ -198,19 +214,32 @@ class PagedKVCache:
             block = self.free.pop()
             self.refs[block] = 1
             seq.table.append(block)
-        pos = torch.arange(seq.length, seq.length + n)
-        table = torch.tensor(seq.table)
-        slots = table[pos // bs] * bs + pos % bs
+        self._map(seq, seq.length, seq.length + n)
+        slots = seq.slot_map[seq.length : seq.length + n]
         seq.length += n
         self._publish(seq)
         return slots
 
     def slots(self, seq_id: int) -> torch.Tensor:
-        """Every filled slot of the sequence, in position order: [length]."""
+        """Every filled slot of the sequence, in position order: [length] (a view, valid until
+        the sequence's table next changes)."""
         seq = self.seqs[seq_id]
+        return seq.slot_map[: seq.length]
+
+    def _map(self, seq: SeqBlocks, start: int, end: int) -> None:
+        """Write the slots of positions start..end-1 into the sequence's slot map."""
+        if end <= start:
+            return
+        if seq.slot_map.shape[0] < end:
+            grown = torch.empty(max(end, 2 * seq.slot_map.shape[0], 64), dtype=torch.long)
+            grown[: seq.slot_map.shape[0]] = seq.slot_map
+            seq.slot_map = grown
         bs = self.block_size
-        pos = torch.arange(seq.length)
-        return torch.tensor(seq.table, dtype=torch.long)[pos // bs] * bs + pos % bs
+        if end - start == 1:  # a decode step: one entry, no temporaries (a numpy view's)
+            seq.slot_map.numpy()[start] = seq.table[start // bs] * bs + start % bs
+            return
+        pos = torch.arange(start, end)
+        seq.slot_map[start:end] = torch.tensor(seq.table)[pos // bs] * bs + pos % bs
 
     def release(self, seq_id: int) -> None:
         """Drop the sequence; blocks nobody else holds go back to the pool at once."""
@@ -259,3 +288,4 @@ class PagedKVCache:
         self.refs[old] -= 1
         self.refs[new] = 1
         seq.table[index] = new
+        self._map(seq, index * bs, min((index + 1) * bs, seq.length))

@@ -20,6 +20,7 @@ transformers model itself, and logs a warning that says why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from tinyllm.kernels.layouts import NATIVE_MAX_ROWS, Q4Native, Q8Native
 from tinyllm.models.anatomy import analyze
 from tinyllm.models.families import FAMILIES, Family, supporting
 from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
+from tinyllm.runtime.workspace import Workspace
 from tinyllm.util.device import module_device
 
 # RoPE variants whose frequencies do not depend on the sequence length (the module's inv_freq
@@ -38,12 +40,14 @@ from tinyllm.util.device import module_device
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
-# activations the lean forward runs (config.hidden_act / hidden_activation)
+# activations the lean forward runs (config.hidden_act / hidden_activation), applied in place
 ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu": lambda x: torch.ops.aten.gelu_(x),
 }
+
+NONE = torch.empty(0)  # "no tensor" for the native ops (a float pool's scales)
 
 
 def _rope_types(cfg: object) -> list[str]:
@@ -111,12 +115,13 @@ class Fused:
                 start += n
             self.buffers[name] = whole
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:  # [T, in] -> [T, out_i] each
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """[T, in] -> [T, out_i] each; the kernel writes into `out` [T, sum out_i] if given."""
         if self.group is None:
             return [m(x) for m in self.mods]
         # any number of rows, prefill too: the kernel converts the codes tile by tile, never
         # a float copy of the weight (1.1x an unpacked float GEMM at 512 rows; --int8-act 1.4x)
-        y = Q4Native.gemv(x, self.buffers, self.group, i8=self.i8)
+        y = Q4Native.gemv(x, self.buffers, self.group, i8=self.i8, out=out)
         return list(y.split(self.sizes, dim=-1)) if len(self.mods) > 1 else [y]
 
 
@@ -158,14 +163,15 @@ class DecodeGroup:
 
     rows: torch.Tensor  # [B] rows of the flat batch
     ctx: torch.Tensor  # [B, Lmax] slots of each sequence's keys (padding repeats slot 0)
-    mask: torch.Tensor  # [B, 1, 1, Lmax] True where a key is real and visible
+    mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where a key is real and visible; None in
+    # a static decode-only batch (the native attention reads lengths and starts only)
     lengths: torch.Tensor  # [B] keys per sequence (its new token's included)
     starts: torch.Tensor  # [B] first visible key (sliding window), else 0
     all_rows: bool  # the decode group is the whole flat batch, in order
 
     def to(self, device: torch.device) -> DecodeGroup:
         t = (x.to(device) for x in (self.rows, self.ctx, self.mask, self.lengths, self.starts))
-        return DecodeGroup(*t, self.all_rows)
+        return DecodeGroup(*t, self.all_rows)  # (a batch built for the native CPU path stays)
 
 
 @dataclass
@@ -214,6 +220,9 @@ class BatchItem:
 def flat_batch(items: list[BatchItem], cache: PagedKVCache, runtime: object) -> FlatBatch:
     """The flat batch of a step (`runtime.visible` masks prefill chunks): a one-token item joins
     the decode group, a longer one is a prefill chunk over the sequence's cached keys."""
+    ws = getattr(runtime, "ws", None)
+    if ws is not None and all(len(it.tokens) == 1 for it in items):
+        return _decode_batch(items, cache, ws)
     tokens, positions, logit_rows, spans = [], [], [], []
     decoders: list[tuple[int, torch.Tensor]] = []  # (row, the sequence's slots)
     prefills: list[PrefillChunk] = []
@@ -240,6 +249,27 @@ def flat_batch(items: list[BatchItem], cache: PagedKVCache, runtime: object) -> 
         prefills,
         spans,
     )
+
+
+def _decode_batch(items: list[BatchItem], cache: PagedKVCache, ws: Workspace) -> FlatBatch:
+    """A decode-only batch written into the workspace (a runtime with one runs the native CPU
+    path): no tensor is allocated, the fields are filled through a numpy view of the buffer."""
+    b = len(items)
+    meta = ws.get("batch", 7, b, torch.long)
+    m = meta.numpy()  # tokens, positions, slots, logit rows, lengths, window starts, rows
+    ctx = ws.grid("ctx", b, max(it.start for it in items) + 1)
+    s = 0
+    for r, it in enumerate(items):
+        keys = cache.slots(it.seq_id)  # [start + 1], the new token's slot last
+        ctx[r, : it.start + 1].copy_(keys)
+        m[0, r], m[1, r], m[2, r] = it.tokens[0], it.start, int(it.slots[0])
+        m[4, r], m[5, r], m[6, r] = it.start + 1, 0, r
+        if it.logits:
+            m[3, s] = r
+            s += 1
+    decode = DecodeGroup(meta[6], ctx, None, meta[4], meta[5], all_rows=True)
+    spans = [(it.seq_id, slice(r, r + 1)) for r, it in enumerate(items)]
+    return FlatBatch(meta[0], meta[1], meta[2], meta[3, :s], decode, [], spans)
 
 
 def _decode_group(decoders: list[tuple[int, torch.Tensor]], total_rows: int) -> DecodeGroup | None:
@@ -306,7 +336,9 @@ class LeanRuntime:
     def release(self, seq_id: int) -> None:
         """Nothing to drop: the sequence's keys live in the paged cache."""
 
-    def __init__(self, model: nn.Module, int8_act: bool = False) -> None:
+    def __init__(self, model: nn.Module, int8_act: bool = False, static: bool = False) -> None:
+        """`static`: run in a preallocated workspace (runtime/workspace.py; the native CPU path
+        only): the logits a forward returns are then valid until the next forward."""
         self.int8_act = int8_act
         reason = unsupported_reason(model)
         if reason:
@@ -324,7 +356,8 @@ class LeanRuntime:
         )
         self.scale = float(getattr(cfg, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self.act = ACTIVATIONS[_activation(cfg)]
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.softcap = _scalar(softcap) if softcap else None
         self.ropes = self._ropes(model.get_submodule("model.rotary_emb"))
         self.layers = self._layers(model, fam)
         self.window = next((ly.window for ly in self.layers if ly.window), None)
@@ -343,6 +376,23 @@ class LeanRuntime:
             and Q8Native.i8_supported(self.head.in_features)
         )
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
+        self.ws = Workspace(self.device) if static and self.fused_ops else None
+        self.embed_q8 = self._tied_q8_embedding() if self.fused_ops else None
+
+    def _tied_q8_embedding(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """A packed embedding tied to a head in the q8 layout: its rows are read from the head's
+        codes by one native call (the same floats as its own lookup) -> (codes, scale, mult)."""
+        head_qw = getattr(self.head, "qweight", None)
+        if head_qw is None or getattr(self.embed, "qweight", None) is not head_qw:
+            return None
+        if not isinstance(getattr(self.head, "layout", None), Q8Native):
+            return None
+        packed = self.head.packed()
+        return packed["w_q8"], packed["w_q8_scale"], float(self.embed.output_scale)
+
+    def _buf(self, name: str, rows: int, cols: int) -> torch.Tensor | None:
+        """The workspace's buffer for this step, or None (ops then allocate their output)."""
+        return None if self.ws is None else self.ws.get(name, rows, cols)
 
     def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
         """The weight a norm multiplies by: its own, or offset + w (Gemma: 1 + w, in float32)."""
@@ -351,13 +401,13 @@ class LeanRuntime:
         return (norm.weight.float() + self.fam.norm_offset).detach()
 
     @staticmethod
-    def _ropes(rotary: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
+    def _ropes(rotary: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """RoPE frequencies and scaling by table name: "" (one table), or per layer type."""
         if hasattr(rotary, "inv_freq"):
-            return {"": (rotary.inv_freq.float(), float(rotary.attention_scaling))}
+            return {"": (rotary.inv_freq.float(), _scalar(rotary.attention_scaling))}
         return {
             lt: (getattr(rotary, f"{lt}_inv_freq").float(),
-                 float(getattr(rotary, f"{lt}_attention_scaling")))
+                 _scalar(getattr(rotary, f"{lt}_attention_scaling")))
             for lt in rotary.rope_type  # the layer types that have a table
         }  # fmt: skip
 
@@ -397,18 +447,29 @@ class LeanRuntime:
             len(self.layers), tuple(ly.kv_heads for ly in self.layers), self.head_dim, dtype
         )
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor, ops: object = None) -> torch.Tensor:
-        if ops is not None and x.dim() == 2:
-            return ops.rms_norm(x.contiguous(), w, self.eps)
+    def _norm(
+        self, x: torch.Tensor, w: torch.Tensor, ops: object = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """RMSNorm over the last dim of x [R, D] or [T, H, D]; the native op writes into `out`
+        (which may be x itself) when given, the PyTorch ops return a new tensor."""
+        if ops is not None:
+            return ops.rms_norm(x, w, self.eps, out=out)
         var = x.pow(2).mean(-1, keepdim=True)
         return w * (x * torch.rsqrt(var + self.eps))
 
     def _rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        out = {}
+        """cos and sin [T, hd] of each RoPE table at the step's positions."""
+        out, t = {}, positions.shape[0]
         for name, (inv_freq, scale) in self.ropes.items():
-            freqs = positions[:, None].float() * inv_freq[None, :]  # [T, hd/2]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            out[name] = (emb.cos() * scale, emb.sin() * scale)  # [T, hd]
+            half = inv_freq.shape[0]
+            emb = self._buf(f"rope{name}", t, 2 * half)
+            emb = torch.empty(t, 2 * half, device=inv_freq.device) if emb is None else emb
+            pos = self._buf("positions", t, 1)  # as float, converted in place
+            pos = positions[:, None].float() if pos is None else pos.copy_(positions[:, None])
+            torch.mul(pos, inv_freq[None, :], out=emb[:, :half])  # [T, hd/2]
+            emb[:, half:].copy_(emb[:, :half])
+            cos = torch.cos(emb, out=self._buf(f"cos{name}", t, 2 * half)).mul_(scale)
+            out[name] = (cos, torch.sin(emb, out=self._buf(f"sin{name}", t, 2 * half)).mul_(scale))
         return out
 
     @staticmethod
@@ -422,18 +483,54 @@ class LeanRuntime:
         """Logits [S, vocab] for `batch.logit_rows`; writes every new token's K/V to the cache."""
         ops = native.q4_kernel() if self.fused_ops else None
         batch = batch.to(self.device)
-        x = self.embed(batch.tokens).float().contiguous()  # [T, hidden]
+        x = self._embed(batch.tokens, ops)  # [T, hidden]
         ropes = self._rope(batch.positions)
-        windowed = {w: _windowed(batch, w) for w in {ly.window for ly in self.layers}}
+        windowed = {w: self._windowed(batch, w, ops) for w in {ly.window for ly in self.layers}}
         for i, ly in enumerate(self.layers):
             x = self._block(x, i, ly, ropes[ly.rope], windowed[ly.window], cache, ops)
-        x = self._norm(x[batch.logit_rows].contiguous(), self.final_norm, ops)
-        if self.head_i8 and x.shape[0] <= NATIVE_MAX_ROWS:
-            logits = Q8Native.gemv_i8(x, self.head.packed())
+        return self._logits(x, batch.logit_rows, ops)
+
+    def _windowed(self, batch: FlatBatch, window: int | None, ops: object) -> FlatBatch:
+        d = batch.decode  # the native decode attention reads window starts, not masks
+        masks = ops is None or d is None or not d.all_rows
+        if self.ws is None or d is None or not window:
+            return _windowed(batch, window, masks)
+        return _windowed(
+            batch, window, masks, self.ws.get(f"starts{window}", len(d.rows), 1, torch.long)
+        )
+
+    def _embed(self, tokens: torch.Tensor, ops: object) -> torch.Tensor:
+        """The tokens' embeddings [T, hidden] float32 (in the workspace when it has one)."""
+        out = self._buf("x", tokens.shape[0], self.model.config.hidden_size)
+        if self.embed_q8 is not None:
+            codes, scale, mult = self.embed_q8
+            return ops.q8_rows(codes, scale, tokens, mult, out=out)
+        w = getattr(self.embed, "weight", None)
+        plain = isinstance(self.embed, nn.Embedding) and self.embed.max_norm is None
+        if out is None or not plain or w.dtype != torch.float32:
+            return self.embed(tokens).float().contiguous()
+        x = torch.index_select(w, 0, tokens, out=out)
+        scale = getattr(self.embed, "embed_scale", None)  # Gemma's scaled embedding
+        return x if scale is None else x.mul_(scale)
+
+    def _logits(self, x: torch.Tensor, rows: torch.Tensor, ops: object) -> torch.Tensor:
+        """Final norm and head on the rows whose logits are wanted -> [S, vocab] float32."""
+        n, head = rows.shape[0], self.head
+        x = torch.index_select(x, 0, rows, out=self._buf("final", n, x.shape[1]))
+        x = self._norm(x, self.final_norm, ops, out=x if ops is not None else None)
+        out = self._buf("logits", n, head.out_features)
+        small = n <= NATIVE_MAX_ROWS and getattr(head, "bias", None) is None
+        if self.head_i8 and small:
+            logits = Q8Native.gemv_i8(x, head.packed(), out=out)
+        elif ops is not None and small and isinstance(getattr(head, "layout", None), Q8Native):
+            packed = head.packed()
+            logits = ops.q8_gemv(x, packed["w_q8"], packed["w_q8_scale"], out=out)
+        elif out is not None and type(head) is nn.Linear and head.bias is None:
+            logits = torch.mm(x, head.weight.t(), out=out)
         else:
-            logits = self.head(x).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = head(x).float()
+        if self.softcap is not None:
+            logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
     def _block(
@@ -446,33 +543,35 @@ class LeanRuntime:
         cache: PagedKVCache,
         ops: object,
     ) -> torch.Tensor:
-        """Decoder block i on the flat batch x [T, hidden] (its K/V written to the cache)."""
-        t, hd = x.shape[0], self.head_dim
-        h = self._norm(x, ly.attn_norm, ops)
-        q, k, v = ly.qkv(h)
+        """Decoder block i on the flat batch x [T, hidden], updated in place (its K/V written to
+        the cache). Each output lands in a workspace buffer when there is one."""
+        (t, hidden), hd, buf = x.shape, self.head_dim, self._buf
+        h = self._norm(x, ly.attn_norm, ops, out=buf("h", t, hidden))
+        q, k, v = ly.qkv(h, out=buf("qkv", t, (ly.heads + 2 * ly.kv_heads) * hd))
         q, k = q.reshape(t, ly.heads, hd), k.reshape(t, ly.kv_heads, hd)
-        if ly.q_norm is not None:
-            q = self._norm(q.reshape(-1, hd), ly.q_norm, ops).view(t, ly.heads, hd)
-            k = self._norm(k.reshape(-1, hd), ly.k_norm, ops).view(t, ly.kv_heads, hd)
+        if ly.q_norm is not None:  # per head, in place on the native path
+            q = self._norm(q, ly.q_norm, ops, out=q if ops is not None else None)
+            k = self._norm(k, ly.k_norm, ops, out=k if ops is not None else None)
         cos, sin = rope
         if ops is not None:
             ops.rope_(q, k, cos, sin)
         else:
             q, k = (self._rotate(q, cos[:, None], sin[:, None]),
                     self._rotate(k, cos[:, None], sin[:, None]))  # fmt: skip
-        v = v.view(t, ly.kv_heads, hd)
-        cache.write(i, batch.slots, k, v)
-        attn = self._attention(q, cache, i, batch, ops)  # [T, heads, hd]
-        out = ly.o(attn.reshape(t, ly.heads * hd))[0]
+        v = v.reshape(t, ly.kv_heads, hd)
+        cache.write(i, batch.slots, k, v, ops)
+        attn = self._attention(q, cache, i, batch, ops, buf("attn", t, ly.heads * hd))
+        out = ly.o(attn.reshape(t, ly.heads * hd), out=buf("proj", t, hidden))[0]
         if ly.post_attn_norm is not None:
-            out = self._norm(out, ly.post_attn_norm, ops)
-        x = x + out
-        h = self._norm(x, ly.mlp_norm, ops)
-        gate, up = ly.gate_up(h)
-        out = ly.down(self.act(gate) * up)[0]
+            out = self._norm(out, ly.post_attn_norm, ops, out=out if ops is not None else None)
+        x = x.add_(out)
+        h = self._norm(x, ly.mlp_norm, ops, out=h if ops is not None else None)
+        gate, up = ly.gate_up(h, out=buf("gate_up", t, 2 * ly.gate_up.sizes[0]))
+        act = torch.mul(self.act(gate), up, out=buf("act", t, ly.gate_up.sizes[0]))
+        out = ly.down(act, out=buf("proj", t, hidden))[0]
         if ly.post_mlp_norm is not None:
-            out = self._norm(out, ly.post_mlp_norm, ops)
-        return x + out
+            out = self._norm(out, ly.post_mlp_norm, ops, out=out if ops is not None else None)
+        return x.add_(out)
 
     def _attention(
         self,
@@ -481,16 +580,19 @@ class LeanRuntime:
         layer: int,
         batch: FlatBatch,
         ops: object = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention of q [T, heads, hd] over the cache -> [T, heads, hd] (into `out` [T,
+        heads * hd] when given)."""
         d, scale = batch.decode, self.scale
+        out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+        out = out.view(q.shape)
         if ops is not None and d is not None and d.all_rows:  # decode only: one fused call
-            none = torch.empty(0)  # float pools have no scales
-            scales = (cache.k_scale[layer], cache.v_scale[layer]) if cache.k_scale else (none, none)
+            scales = (cache.k_scale[layer], cache.v_scale[layer]) if cache.k_scale else (NONE, NONE)
             kpool, vpool = cache.k[layer], cache.v[layer]
             return ops.paged_decode_attention(
-                q.contiguous(), kpool, vpool, d.ctx, d.lengths, d.starts, scale, *scales
+                q, kpool, vpool, d.ctx, d.lengths, d.starts, scale, *scales, out=out
             )
-        out = torch.empty_like(q)
         if d is not None:
             kv = cache.read(layer, d.ctx)
             keys, vals = (t.transpose(1, 2).to(q.dtype) for t in kv)  # [B, kv_heads, Lmax, hd]
@@ -516,16 +618,36 @@ class LeanRuntime:
         return torch.arange(k_len)[None, :] <= q_pos[:, None]
 
 
-def _windowed(batch: FlatBatch, window: int | None) -> FlatBatch:
+def _scalar(x: float) -> torch.Tensor:
+    """A float32 0-dim tensor: in-place ops take it without wrapping a Python number in a new
+    tensor each call (the same float32 arithmetic)."""
+    return torch.tensor(float(x), dtype=torch.float32)
+
+
+@functools.cache
+def _window_tensor(window: int) -> torch.Tensor:
+    return torch.tensor(window)
+
+
+def _windowed(
+    batch: FlatBatch, window: int | None, masks: bool = True, out: torch.Tensor | None = None
+) -> FlatBatch:
     """The batch with each query's keys limited to its last `window` positions (sliding-window
-    layers); the batch itself for full attention. Masks and starts only: the same rows and keys."""
+    layers); the batch itself for full attention. Masks and starts only: the same rows and keys.
+    Without `masks` only the decode group's starts change (into `out` [B, 1] when given): the
+    native decode attention reads nothing else."""
     if not window:
         return batch
     d = batch.decode
     if d is not None:
-        starts = (d.lengths - window).clamp(min=0)
-        kpos = torch.arange(d.ctx.shape[1], device=d.ctx.device)[None, :]
-        mask = d.mask & (kpos >= starts[:, None])[:, None, None, :]
+        starts = torch.sub(
+            d.lengths, _window_tensor(window), out=None if out is None else out[:, 0]
+        )
+        starts = starts.clamp_(min=0)
+        mask = d.mask
+        if masks:
+            kpos = torch.arange(d.ctx.shape[1], device=d.ctx.device)[None, :]
+            mask = d.mask & (kpos >= starts[:, None])[:, None, None, :]
         d = DecodeGroup(d.rows, d.ctx, mask, d.lengths, starts, d.all_rows)
     prefills = []
     for p in batch.prefills:

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -22,6 +23,12 @@
 #endif
 
 constexpr int64_t L = 16;
+
+// runtime_ops.cpp: `out` or a new tensor; per-thread grow-only scratch (slots 0-2 here)
+torch::Tensor output(const std::optional<torch::Tensor>& out, at::IntArrayRef sizes,
+                     const torch::TensorOptions& options);
+float* scratch_f32(int64_t n, int slot);
+int8_t* scratch_i8(int64_t n, int slot);
 
 // One tile: rows m0..m0+MT of x against the 16 output rows of lane block b. The 4-bit codes of
 // each input pair are widened to float once and used for every row of the tile, so a batch of
@@ -159,16 +166,17 @@ static inline void q4_tile(const float* X, const float* GX, const uint8_t* W, co
 #endif
 
 torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
-                      torch::Tensor zero, int64_t group) {
+                      torch::Tensor zero, int64_t group, std::optional<torch::Tensor> out) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L, G = K / group;
   TORCH_CHECK(codes.size(1) * 2 == K && K % group == 0 && group % 2 == 0, "bad shapes");
   auto xs = x.contiguous();
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output(out, {M, N}, x.options());
   const float* X = xs.data_ptr<float>();
-  std::vector<float> gsum(M * G, 0.f);  // sum of x over each group: the zero point's share
+  float* gsum = scratch_f32(M * G, 2);  // sum of x over each group: the zero point's share
+  std::fill(gsum, gsum + M * G, 0.f);
   for (int64_t i = 0; i < M * K; ++i) gsum[i / group] += X[i];
-  const float* GX = gsum.data();
+  const float* GX = gsum;
   const uint8_t* W = codes.data_ptr<uint8_t>();
   const at::Half *S = scale.data_ptr<at::Half>(), *Z = zero.data_ptr<at::Half>();
   float* Y = y.data_ptr<float>();
@@ -344,7 +352,7 @@ static inline void q4_i8_tile(const int8_t* XE, const int8_t* XO, const float* S
 #endif
 
 torch::Tensor q4_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
-                         torch::Tensor zero, int64_t group) {
+                         torch::Tensor zero, int64_t group, std::optional<torch::Tensor> out) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L, G = K / group;
   TORCH_CHECK(codes.size(1) * 2 == K && K % group == 0 && group % 32 == 0, "bad shapes");
@@ -352,8 +360,8 @@ torch::Tensor q4_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   auto xs = x.contiguous();
   const float* X = xs.data_ptr<float>();
   const int64_t KB = K / 32, H2 = K / 2;
-  std::vector<int8_t> xe(M * H2), xo(M * H2);
-  std::vector<float> sa(M * KB), sx(M * KB);
+  int8_t *xe = scratch_i8(M * H2, 0), *xo = scratch_i8(M * H2, 1);
+  float *sa = scratch_f32(M * KB, 0), *sx = scratch_f32(M * KB, 1);
   // symmetric int8 per block of 32 inputs, split into even and odd columns (the nibble order)
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -365,17 +373,17 @@ torch::Tensor q4_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
       const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       const __m512i qe = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(x0, even, x1), inv));
       const __m512i qo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(x0, odd, x1), inv));
-      _mm_storeu_si128((__m128i*)(xe.data() + m * H2 + blk * 16), _mm512_cvtepi32_epi8(qe));
-      _mm_storeu_si128((__m128i*)(xo.data() + m * H2 + blk * 16), _mm512_cvtepi32_epi8(qo));
+      _mm_storeu_si128((__m128i*)(xe + m * H2 + blk * 16), _mm512_cvtepi32_epi8(qe));
+      _mm_storeu_si128((__m128i*)(xo + m * H2 + blk * 16), _mm512_cvtepi32_epi8(qo));
       sa[m * KB + blk] = amax / 127.f;
       sx[m * KB + blk] = float(_mm512_reduce_add_epi32(_mm512_add_epi32(qe, qo)));
     }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output(out, {M, N}, x.options());
   const uint8_t* W = codes.data_ptr<uint8_t>();
   const at::Half *S = scale.data_ptr<at::Half>(), *Z = zero.data_ptr<at::Half>();
   float* Y = y.data_ptr<float>();
-  const int8_t *XE = xe.data(), *XO = xo.data();
-  const float *SA = sa.data(), *SX = sx.data();
+  const int8_t *XE = xe, *XO = xo;
+  const float *SA = sa, *SX = sx;
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
@@ -388,15 +396,15 @@ torch::Tensor q4_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 #elif defined(TINYLLM_AVX2)
   auto xs = x.contiguous();
   const int64_t KB = K / 32, H2 = K / 2;
-  std::vector<int8_t> xe(M * H2), xo(M * H2);
-  std::vector<float> sa(M * KB), sx(M * KB);
-  quantize_blocks(xs.data_ptr<float>(), M, K, xe.data(), xo.data(), nullptr, sa.data(), sx.data());
-  auto y = torch::empty({M, N}, x.options());
+  int8_t *xe = scratch_i8(M * H2, 0), *xo = scratch_i8(M * H2, 1);
+  float *sa = scratch_f32(M * KB, 0), *sx = scratch_f32(M * KB, 1);
+  quantize_blocks(xs.data_ptr<float>(), M, K, xe, xo, nullptr, sa, sx);
+  auto y = output(out, {M, N}, x.options());
   const uint8_t* W = codes.data_ptr<uint8_t>();
   const at::Half *S = scale.data_ptr<at::Half>(), *Z = zero.data_ptr<at::Half>();
   float* Y = y.data_ptr<float>();
-  const int8_t *XE = xe.data(), *XO = xo.data();
-  const float *SA = sa.data(), *SX = sx.data();
+  const int8_t *XE = xe, *XO = xo;
+  const float *SA = sa, *SX = sx;
   at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
@@ -472,12 +480,13 @@ static inline void q8_tile(const float* X, const int8_t* W, const float* S, floa
 #endif
 }
 
-torch::Tensor q8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale) {
+torch::Tensor q8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
+                      std::optional<torch::Tensor> out) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L;
   TORCH_CHECK(codes.size(1) == K && codes.size(2) == L, "bad shapes");
   auto xs = x.contiguous();
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output(out, {M, N}, x.options());
   const float* X = xs.data_ptr<float>();
   const int8_t* W = codes.data_ptr<int8_t>();
   const float* S = scale.data_ptr<float>();
@@ -571,7 +580,8 @@ static inline void q8_i8_tile(const int8_t* XQ, const float* SA, const float* SX
 }
 #endif
 
-torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale) {
+torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
+                         std::optional<torch::Tensor> out) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L;
   TORCH_CHECK(codes.size(1) == K && codes.size(2) == L && K % 32 == 0, "bad shapes");
@@ -579,8 +589,8 @@ torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   auto xs = x.contiguous();
   const float* X = xs.data_ptr<float>();
   const int64_t KB = K / 32;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> sa(M * KB), sx(M * KB);
+  int8_t* xq = scratch_i8(M * K, 0);
+  float *sa = scratch_f32(M * KB, 0), *sx = scratch_f32(M * KB, 1);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t blk = 0; blk < KB; ++blk) {
       const float* xb = X + m * K + blk * 32;
@@ -589,17 +599,17 @@ torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
       const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));
       const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
-      _mm_storeu_si128((__m128i*)(xq.data() + m * K + blk * 32), _mm512_cvtepi32_epi8(q0));
-      _mm_storeu_si128((__m128i*)(xq.data() + m * K + blk * 32 + 16), _mm512_cvtepi32_epi8(q1));
+      _mm_storeu_si128((__m128i*)(xq + m * K + blk * 32), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128((__m128i*)(xq + m * K + blk * 32 + 16), _mm512_cvtepi32_epi8(q1));
       sa[m * KB + blk] = amax / 127.f;
       sx[m * KB + blk] = float(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
     }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output(out, {M, N}, x.options());
   const int8_t* W = codes.data_ptr<int8_t>();
   const float* S = scale.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  const int8_t* XQ = xq.data();
-  const float *SA = sa.data(), *SX = sx.data();
+  const int8_t* XQ = xq;
+  const float *SA = sa, *SX = sx;
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
@@ -612,15 +622,15 @@ torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 #elif defined(TINYLLM_AVX2)
   auto xs = x.contiguous();
   const int64_t KB = K / 32;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> sa(M * KB), sx(M * KB);
-  quantize_blocks(xs.data_ptr<float>(), M, K, nullptr, nullptr, xq.data(), sa.data(), sx.data());
-  auto y = torch::empty({M, N}, x.options());
+  int8_t* xq = scratch_i8(M * K, 0);
+  float *sa = scratch_f32(M * KB, 0), *sx = scratch_f32(M * KB, 1);
+  quantize_blocks(xs.data_ptr<float>(), M, K, nullptr, nullptr, xq, sa, sx);
+  auto y = output(out, {M, N}, x.options());
   const int8_t* W = codes.data_ptr<int8_t>();
   const float* S = scale.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  const int8_t* XQ = xq.data();
-  const float *SA = sa.data(), *SX = sx.data();
+  const int8_t* XQ = xq;
+  const float *SA = sa, *SX = sx;
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
@@ -632,6 +642,33 @@ torch::Tensor q8_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 #else
   TORCH_CHECK(false, "q8_gemv_i8 needs AVX512-VNNI or AVX2");
 #endif
+}
+
+// Rows `ids` of an 8-bit per-row weight in the q8 layout, dequantized and times `mult` (a tied
+// embedding read from its head's codes): out[i, k] = q[ids[i], k] * s[ids[i]] * mult, in that
+// order (as the record's own dequantization; not fast-math, so the same floats)
+__attribute__((optimize("no-fast-math"))) torch::Tensor q8_rows(
+    torch::Tensor codes, torch::Tensor scale, torch::Tensor ids, double mult,
+    std::optional<torch::Tensor> out) {
+  const int64_t B = codes.size(0), K = codes.size(1), T = ids.numel();
+  TORCH_CHECK(codes.size(2) == L && ids.dtype() == torch::kInt64 && ids.is_contiguous(),
+              "q8_rows: bad args");
+  auto y = output(out, {T, K}, torch::dtype(torch::kFloat32));
+  const int8_t* W = codes.data_ptr<int8_t>();
+  const float* S = scale.data_ptr<float>();
+  const int64_t* I = ids.data_ptr<int64_t>();
+  float* Y = y.data_ptr<float>();
+  const float m = float(mult);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(I[t] >= 0 && I[t] < B * L, "q8_rows: id out of range");
+    const int64_t b = I[t] / L, l = I[t] % L;
+    const float s = S[b * L + l];
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = float(W[(b * K + k) * L + l]) * s;
+      Y[t * K + k] = m == 1.f ? v : v * m;
+    }
+  }
+  return y;
 }
 
 // Unpack the 16-row interleaved 4-bit codes to a float32 weight [N, K]: w = s * (q - z). For
@@ -661,24 +698,38 @@ torch::Tensor q4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor
 }
 
 // runtime_ops.cpp
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps,
+                       std::optional<torch::Tensor> out);
 void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
+void kv_write(torch::Tensor pool, torch::Tensor scales, torch::Tensor slots, torch::Tensor x);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool,
                                      torch::Tensor ctx, torch::Tensor lengths,
                                      torch::Tensor starts, double scale, torch::Tensor kscale,
-                                     torch::Tensor vscale);
+                                     torch::Tensor vscale, std::optional<torch::Tensor> out);
 
 // Every op releases the GIL while it runs, so a server's event loop can serve sockets meanwhile.
+// `out=` (optional everywhere it appears): write the result there instead of a new tensor.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row", nogil);
+  using py::arg;
+  const auto out = arg("out") = py::none();
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row", arg("x"), arg("w"), arg("eps"), out, nogil);
   m.def("rope_", &rope_, "rotate-half RoPE in place on q and k", nogil);
-  m.def("paged_decode_attention", &paged_decode_attention, "one-token attention, paged KV", nogil);
-  m.def("q4_gemv", &q4_gemv, "4-bit grouped GEMV on 16-row interleaved codes", nogil);
-  m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes", nogil);
+  m.def("kv_write", &kv_write, "store K or V rows at their pool slots (int8: quantized)", nogil);
+  m.def("paged_decode_attention", &paged_decode_attention, "one-token attention, paged KV",
+        arg("q"), arg("kpool"), arg("vpool"), arg("ctx"), arg("lengths"), arg("starts"),
+        arg("scale"), arg("kscale"), arg("vscale"), out, nogil);
+  m.def("q4_gemv", &q4_gemv, "4-bit grouped GEMV on 16-row interleaved codes", arg("x"),
+        arg("codes"), arg("scale"), arg("zero"), arg("group"), out, nogil);
+  m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes", arg("x"),
+        arg("codes"), arg("scale"), out, nogil);
+  m.def("q8_rows", &q8_rows, "rows of an 8-bit per-row weight (an embedding lookup)",
+        arg("codes"), arg("scale"), arg("ids"), arg("mult"), out, nogil);
   m.def("q4_dequant", &q4_dequant, "16-row interleaved 4-bit codes to a float weight", nogil);
-  m.def("q4_gemv_i8", &q4_gemv_i8, "4-bit GEMV with int8 block-quantized activations", nogil);
-  m.def("q8_gemv_i8", &q8_gemv_i8, "8-bit GEMV with int8 block-quantized activations", nogil);
+  m.def("q4_gemv_i8", &q4_gemv_i8, "4-bit GEMV with int8 block-quantized activations", arg("x"),
+        arg("codes"), arg("scale"), arg("zero"), arg("group"), out, nogil);
+  m.def("q8_gemv_i8", &q8_gemv_i8, "8-bit GEMV with int8 block-quantized activations", arg("x"),
+        arg("codes"), arg("scale"), out, nogil);
   m.def("q4_i8_supported", &q4_i8_supported, "whether q4_gemv_i8 was compiled in");
   m.def("isa", &isa, "the vector path the kernels were compiled with");
 }

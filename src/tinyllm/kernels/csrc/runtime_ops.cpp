@@ -1,13 +1,21 @@
 // tinyllm runtime ops (CPU, float32): the small per-layer steps of a decode forward fused into
 // one call each, so a decode step is not dominated by the dispatch cost of many tiny ops.
-//   rms_norm:               y = w * x / sqrt(mean(x^2) + eps), per row
+//   rms_norm:               y = w * x / sqrt(mean(x^2) + eps), per row (rows may be strided, y may
+//                           be x itself)
 //   rope_:                  rotate-half RoPE applied in place to q [T, H, D] and k [T, KVH, D]
+//   kv_write:               store keys or values [T, KVH, D] at their slots of a float32, float16
+//                           or int8 pool (int8: symmetric per slot and head, as quantize_kv)
 //   paged_decode_attention: one query token per sequence against its cached keys and values,
 //                           read through its slot table from the paged pool (grouped-query heads;
-//                           a float32 or float16 pool)
+//                           a float32, float16 or int8 pool)
+// Every op that returns a tensor takes an optional `out` to write into instead (the runtime's
+// preallocated workspace), and scratch memory is per thread and grows only: a steady-state
+// decode step allocates nothing.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -16,20 +24,106 @@
 #define TINYLLM_AVX2 1
 #endif
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: [T, H] f32");
-  const int64_t T = x.size(0), H = x.size(1);
-  auto y = torch::empty_like(x);
-  const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xr = X + t * H;
+// `out` when given (checked: float32, contiguous, the expected shape), else a new tensor
+torch::Tensor output(const std::optional<torch::Tensor>& out, at::IntArrayRef sizes,
+                     const torch::TensorOptions& options) {
+  if (!out.has_value()) return torch::empty(sizes, options);
+  TORCH_CHECK(out->dtype() == torch::kFloat32 && out->is_contiguous() && out->sizes() == sizes,
+              "out must be a contiguous float32 tensor of shape ", sizes, ", got ", out->sizes());
+  return *out;
+}
+
+// Per-thread scratch that only grows (slot: which buffer; a caller and the parallel workers it
+// starts use different slots)
+float* scratch_f32(int64_t n, int slot) {
+  thread_local std::vector<float> bufs[4];
+  auto& b = bufs[slot];
+  if (int64_t(b.size()) < n) b.resize(n);
+  return b.data();
+}
+int8_t* scratch_i8(int64_t n, int slot) {
+  thread_local std::vector<int8_t> bufs[2];
+  auto& b = bufs[slot];
+  if (int64_t(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
+// rows of a [R, D] or [T, H, D] tensor whose last dim is contiguous (and heads packed): the
+// pointer of row r
+struct Rows {
+  float* base;
+  int64_t R, D, H, s0, s1;
+  Rows(torch::Tensor& x) : base(x.data_ptr<float>()), D(x.size(-1)) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.stride(-1) == 1 && (x.dim() == 2 || x.dim() == 3),
+                "rms_norm: float32 [R, D] or [T, H, D] with contiguous rows");
+    H = x.dim() == 3 ? x.size(1) : 1;
+    s1 = x.dim() == 3 ? x.stride(1) : 0;
+    s0 = x.stride(0);
+    R = x.size(0) * H;
+  }
+  float* row(int64_t r) const { return base + (r / H) * s0 + (r % H) * s1; }
+};
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps,
+                       std::optional<torch::Tensor> out) {
+  torch::Tensor y = out.has_value() ? *out : torch::empty(x.sizes(), x.options());
+  TORCH_CHECK(y.sizes() == x.sizes(), "rms_norm: out must have x's shape");
+  Rows xr(x), yr(y);
+  const int64_t D = xr.D;
+  TORCH_CHECK(w.numel() == D && w.is_contiguous() && w.dtype() == torch::kFloat32, "bad weight");
+  const float* W = w.data_ptr<float>();
+  for (int64_t r = 0; r < xr.R; ++r) {
+    const float* xv = xr.row(r);
+    float* yv = yr.row(r);
     float ss = 0.f;
-    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
-    const float r = 1.f / std::sqrt(ss / float(H) + float(eps));
-    for (int64_t i = 0; i < H; ++i) Y[t * H + i] = W[i] * (xr[i] * r);
+    for (int64_t i = 0; i < D; ++i) ss += xv[i] * xv[i];
+    const float inv = 1.f / std::sqrt(ss / float(D) + float(eps));
+    for (int64_t i = 0; i < D; ++i) yv[i] = W[i] * (xv[i] * inv);
   }
   return y;
+}
+
+// int8 codes of one row as quantize_kv makes them: round(x / (amax / 127)), ties to even. Not
+// fast-math: x / s must not become x * (1 / s), or a code could differ from PyTorch's.
+__attribute__((optimize("no-fast-math"))) static float quantize_row(const float* x, int8_t* q,
+                                                                     int64_t D) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  const float s = amax / 127.0f, div = s > 0.f ? s : 1.f;
+  for (int64_t d = 0; d < D; ++d)
+    q[d] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(x[d] / div))));
+  return s;
+}
+
+void kv_write(torch::Tensor pool, torch::Tensor scales, torch::Tensor slots, torch::Tensor x) {
+  // x [T, KVH, D] float32, heads and dims contiguous (rows may be strided); pool [S, KVH, D]
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1 &&
+              x.stride(1) == x.size(2) && pool.is_contiguous() && pool.dim() == 3 &&
+              pool.size(1) == x.size(1) && pool.size(2) == x.size(2) &&
+              slots.dtype() == torch::kInt64 && slots.numel() == x.size(0), "kv_write: bad args");
+  const int64_t T = x.size(0), KVH = x.size(1), D = x.size(2), S = pool.size(0);
+  const float* X = x.data_ptr<float>();
+  const int64_t* SL = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(SL[t] >= 0 && SL[t] < S, "kv_write: bad slot");
+  const int64_t n = KVH * D;
+  if (pool.dtype() == torch::kInt8) {
+    TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous() &&
+                scales.numel() == S * KVH, "kv_write: an int8 pool needs scales [S, KVH]");
+    int8_t* P = pool.data_ptr<int8_t>();
+    float* SC = scales.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < KVH; ++h)
+        SC[SL[t] * KVH + h] = quantize_row(X + t * x.stride(0) + h * D, P + SL[t] * n + h * D, D);
+  } else if (pool.dtype() == torch::kFloat16) {
+    at::Half* P = pool.data_ptr<at::Half>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < n; ++i) P[SL[t] * n + i] = at::Half(X[t * x.stride(0) + i]);
+  } else {
+    TORCH_CHECK(pool.dtype() == torch::kFloat32, "kv_write: pool must be float32, float16 or int8");
+    float* P = pool.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      std::copy(X + t * x.stride(0), X + t * x.stride(0) + n, P + SL[t] * n);
+  }
 }
 
 static void rope_rows(float* x, const float* cos, const float* sin, int64_t T, int64_t H,
@@ -171,27 +265,28 @@ static inline void axpy_row(float w, const int8_t* v, float* o, int64_t D) {
 
 // KS, VS: an int8 pool's per-(slot, KV head) scales; nullptr for float pools
 template <typename KV>
-static void decode_attention(const float* Q, const KV* K, const KV* V, const int64_t* C,
-                             const int64_t* LEN, const int64_t* ST, float* O, int64_t B,
-                             int64_t H, int64_t KVH, int64_t D, int64_t Lmax, float scale,
+static void decode_attention(const float* Q, int64_t QS, const KV* K, const KV* V,
+                             const int64_t* C, int64_t CS, const int64_t* LEN,
+                             const int64_t* ST, float* O, int64_t B, int64_t H, int64_t KVH,
+                             int64_t D, int64_t Lmax, float scale,
                              const float* KS = nullptr, const float* VS = nullptr) {
   const int64_t rep = H / KVH;
   // one work item per (sequence, KV head): each cached key and value row is read once and used
   // by every query head of its group
   at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(rep * Lmax);
+    float* p = scratch_f32(rep * Lmax, 3);  // this worker's scores
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KVH, kvh = i % KVH;
-      const int64_t* slots = C + b * Lmax;
+      const int64_t* slots = C + b * CS;
       const int64_t lo = ST[b], hi = LEN[b];
-      const float* qb = Q + (b * H + kvh * rep) * D;  // rep query heads, contiguous
+      const float* qb = Q + b * QS + kvh * rep * D;  // rep query heads, contiguous
       for (int64_t l = lo; l < hi; ++l) {
         const KV* kv = K + (slots[l] * KVH + kvh) * D;
         const float ks = KS ? KS[slots[l] * KVH + kvh] * scale : scale;
         for (int64_t r = 0; r < rep; ++r) p[r * Lmax + l] = dot_row(qb + r * D, kv, D) * ks;
       }
       for (int64_t r = 0; r < rep; ++r) {
-        float* pr = p.data() + r * Lmax;
+        float* pr = p + r * Lmax;
         float mx = -INFINITY, sum = 0.f;
         for (int64_t l = lo; l < hi; ++l) mx = std::max(mx, pr[l]);
         for (int64_t l = lo; l < hi; ++l) {
@@ -215,28 +310,35 @@ static void decode_attention(const float* Q, const KV* K, const KV* V, const int
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool,
                                      torch::Tensor ctx, torch::Tensor lengths,
                                      torch::Tensor starts, double scale, torch::Tensor kscale,
-                                     torch::Tensor vscale) {
-  // q [B, H, D] float32; pools [S, KVH, D] float32, float16 or int8 (then kscale/vscale
+                                     torch::Tensor vscale, std::optional<torch::Tensor> o) {
+  // q [B, H, D] float32 (rows may be strided); pools [S, KVH, D] float32, float16 or int8 (then kscale/vscale
   // [S, KVH] float32, else empty); ctx [B, Lmax] slots; keys starts[b]..lengths[b]-1 are visible
-  TORCH_CHECK(q.is_contiguous() && kpool.is_contiguous() && vpool.is_contiguous(), "contiguous");
+  // q's rows may be strided (a view of a fused projection's output), its heads packed
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1 &&
+              q.stride(1) == q.size(2), "q: float32 [B, H, D], heads and dims contiguous");
+  TORCH_CHECK(kpool.is_contiguous() && vpool.is_contiguous(), "contiguous pools");
+  TORCH_CHECK(ctx.dtype() == torch::kInt64 && ctx.dim() == 2 && ctx.stride(1) == 1 &&
+              lengths.is_contiguous() && starts.is_contiguous(),
+              "ctx: int64 [B, Lmax], rows may be strided; lengths, starts contiguous");
   TORCH_CHECK(kpool.dtype() == vpool.dtype(), "K and V pools must share a dtype");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = kpool.size(1);
-  auto out = torch::empty_like(q);
+  auto out = output(o, q.sizes(), q.options());
   const int64_t *C = ctx.data_ptr<int64_t>(), *LEN = lengths.data_ptr<int64_t>(),
                 *ST = starts.data_ptr<int64_t>();
   if (kpool.dtype() == torch::kInt8) {
     TORCH_CHECK(kscale.numel() == kpool.size(0) * KVH && vscale.numel() == kscale.numel() &&
                 kscale.is_contiguous() && vscale.is_contiguous() &&
                 kscale.dtype() == torch::kFloat32, "an int8 pool needs float32 scales [S, KVH]");
-    decode_attention(q.data_ptr<float>(), kpool.data_ptr<int8_t>(), vpool.data_ptr<int8_t>(),
-                     C, LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale),
+    decode_attention(q.data_ptr<float>(), q.stride(0), kpool.data_ptr<int8_t>(), vpool.data_ptr<int8_t>(),
+                     C, ctx.stride(0), LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale),
                      kscale.data_ptr<float>(), vscale.data_ptr<float>());
   } else if (kpool.dtype() == torch::kFloat16) {
-    decode_attention(q.data_ptr<float>(), kpool.data_ptr<at::Half>(), vpool.data_ptr<at::Half>(),
-                     C, LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale));
+    decode_attention(q.data_ptr<float>(), q.stride(0), kpool.data_ptr<at::Half>(), vpool.data_ptr<at::Half>(),
+                     C, ctx.stride(0), LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale));
   } else {
-    decode_attention(q.data_ptr<float>(), kpool.data_ptr<float>(), vpool.data_ptr<float>(), C,
-                     LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1), float(scale));
+    decode_attention(q.data_ptr<float>(), q.stride(0), kpool.data_ptr<float>(), vpool.data_ptr<float>(), C,
+                     ctx.stride(0), LEN, ST, out.data_ptr<float>(), B, H, KVH, D, ctx.size(1),
+                     float(scale));
   }
   return out;
 }
