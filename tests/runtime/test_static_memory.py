@@ -75,6 +75,7 @@ def test_a_steady_state_decode_step_allocates_nothing(family, kv, tokenizer) -> 
 def test_the_static_path_gives_the_same_logits_and_tokens(family, tokenizer) -> None:
     model = packed(family)
     static, plain = LeanRuntime(model, static=True), LeanRuntime(model)
+    assert static.fuse_blocks  # decode steps run each block as one native call
 
     def logits(runtime, steps: int) -> list[torch.Tensor]:
         cache = PagedKVCache(runtime.cache_shape(torch.float16), 64, 4)

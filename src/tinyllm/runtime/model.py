@@ -47,7 +47,8 @@ ACTIVATIONS = {
     "gelu": lambda x: torch.ops.aten.gelu_(x),
 }
 
-NONE = torch.empty(0)  # "no tensor" for the native ops (a float pool's scales)
+NONE = torch.empty(0)  # "no tensor" for the native ops (a float pool's scales, a missing norm)
+ACT_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # decode_block's activation codes
 
 
 def _rope_types(cfg: object) -> list[str]:
@@ -378,6 +379,21 @@ class LeanRuntime:
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
         self.ws = Workspace(self.device) if static and self.fused_ops else None
         self.embed_q8 = self._tied_q8_embedding() if self.fused_ops else None
+        self.act_id = ACT_IDS[_activation(cfg)]
+        # each layer's constant arguments of the native decode_block, when all of it is native
+        self.blocks = [self._block_args(ly) for ly in self.layers] if self.ws else []
+        self.fuse_blocks = bool(self.blocks) and all(self.blocks)
+
+    def _block_args(self, ly: Layer) -> tuple | None:
+        """(packed linears, group sizes, int8 activations, norms) for decode_block, or None when
+        a linear of the layer is not on the 4-bit kernel (it then runs op by op)."""
+        fused = (ly.qkv, ly.o, ly.gate_up, ly.down)
+        if any(f.group is None for f in fused) or len({f.i8 for f in fused}) != 1:
+            return None
+        lin = [f.buffers[n] for f in fused for n in Q4Native.BUFFERS]
+        norms = [getattr(ly, role) for role in NORM_ROLES]
+        norms = [NONE if n is None else n.float().contiguous() for n in norms]
+        return lin, [f.group for f in fused], fused[0].i8, norms
 
     def _tied_q8_embedding(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """A packed embedding tied to a head in the q8 layout: its rows are read from the head's
@@ -486,9 +502,46 @@ class LeanRuntime:
         x = self._embed(batch.tokens, ops)  # [T, hidden]
         ropes = self._rope(batch.positions)
         windowed = {w: self._windowed(batch, w, ops) for w in {ly.window for ly in self.layers}}
-        for i, ly in enumerate(self.layers):
-            x = self._block(x, i, ly, ropes[ly.rope], windowed[ly.window], cache, ops)
+        d = batch.decode
+        if (
+            self.fuse_blocks and self.ws and d is not None and d.all_rows
+        ):  # decode: a call per block
+            self._decode_blocks(x, ropes, windowed, cache, ops)
+        else:
+            for i, ly in enumerate(self.layers):
+                x = self._block(x, i, ly, ropes[ly.rope], windowed[ly.window], cache, ops)
         return self._logits(x, batch.logit_rows, ops)
+
+    def _decode_blocks(
+        self, x: torch.Tensor, ropes: dict, windowed: dict, cache: PagedKVCache, ops: object
+    ) -> None:
+        """Every block of a decode-only step through the native decode_block (what _block
+        computes, op for op), x updated in place."""
+        bufs = self._block_buffers(x.shape[0])
+        for i, ly in enumerate(self.layers):
+            lin, groups, i8, norms = self.blocks[i]
+            scales = [cache.k_scale[i], cache.v_scale[i]] if cache.k_scale else [NONE, NONE]
+            batch = windowed[ly.window]
+            d = batch.decode
+            ops.decode_block(
+                x, lin, groups, i8, norms, self.eps, ly.heads, ly.kv_heads, self.act_id,
+                *ropes[ly.rope], [cache.k[i], cache.v[i], *scales], batch.slots, d.ctx,
+                d.lengths, d.starts, self.scale, bufs[i],
+            )  # fmt: skip
+
+    def _block_buffers(self, t: int) -> list[list[torch.Tensor]]:
+        """decode_block's workspace outputs of every layer for a step of t rows (kept while
+        the step size and the workspace stay the same)."""
+        key = (t, self.ws.grown)
+        if getattr(self, "_bufs_key", None) != key:
+            hidden, hd, out = self.model.config.hidden_size, self.head_dim, []
+            for ly in self.layers:
+                qkv, inter = (ly.heads + 2 * ly.kv_heads) * hd, ly.gate_up.sizes[0]
+                out.append([self.ws.get(name, t, cols) for name, cols in (
+                    ("h", hidden), ("qkv", qkv), ("attn", ly.heads * hd), ("proj", hidden),
+                    ("gate_up", 2 * inter), ("act", inter))])  # fmt: skip
+            self._bufs, self._bufs_key = out, (t, self.ws.grown)
+        return self._bufs
 
     def _windowed(self, batch: FlatBatch, window: int | None, ops: object) -> FlatBatch:
         d = batch.decode  # the native decode attention reads window starts, not masks

@@ -706,6 +706,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch
                                      torch::Tensor ctx, torch::Tensor lengths,
                                      torch::Tensor starts, double scale, torch::Tensor kscale,
                                      torch::Tensor vscale, std::optional<torch::Tensor> out);
+void decode_block(torch::Tensor x, std::vector<torch::Tensor> lin, std::vector<int64_t> groups,
+                  bool i8, std::vector<torch::Tensor> norms, double eps, int64_t heads,
+                  int64_t kv_heads, int64_t act, torch::Tensor cos, torch::Tensor sin,
+                  std::vector<torch::Tensor> kv, torch::Tensor slots, torch::Tensor ctx,
+                  torch::Tensor lengths, torch::Tensor starts, double scale,
+                  std::vector<torch::Tensor> bufs);
 
 // Every op releases the GIL while it runs, so a server's event loop can serve sockets meanwhile.
 // `out=` (optional everywhere it appears): write the result there instead of a new tensor.
@@ -730,6 +736,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("codes"), arg("scale"), arg("zero"), arg("group"), out, nogil);
   m.def("q8_gemv_i8", &q8_gemv_i8, "8-bit GEMV with int8 block-quantized activations", arg("x"),
         arg("codes"), arg("scale"), out, nogil);
+  m.def("decode_block", &decode_block, "one decoder block of a decode step, in place", nogil);
   m.def("q4_i8_supported", &q4_i8_supported, "whether q4_gemv_i8 was compiled in");
   m.def("isa", &isa, "the vector path the kernels were compiled with");
 }

@@ -342,3 +342,59 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kpool, torch
   }
   return out;
 }
+
+torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
+                      torch::Tensor zero, int64_t group, std::optional<torch::Tensor> out);
+torch::Tensor q4_gemv_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
+                         torch::Tensor zero, int64_t group, std::optional<torch::Tensor> out);
+
+// One decoder block of a decode step, the same kernels and ATen ops in the same order as the
+// Python block (LeanRuntime._block), so the same floats; one call instead of a dozen from
+// Python per layer. x [T, hidden] is updated in place.
+//   lin:   codes, scale, zero of the fused q/k/v, o, gate/up and down linears (q4 layout)
+//   norms: attn, mlp, q, k, post-attention, post-MLP weights (an empty tensor: none)
+//   kv:    the layer's K and V pools and their scales (empty for float pools)
+//   bufs:  workspace outputs: h [T, hidden], qkv, attn [T, heads * hd], proj [T, hidden],
+//          gate_up [T, 2F], act [T, F]
+//   act:   0 silu, 1 gelu (tanh approximation), 2 gelu
+void decode_block(torch::Tensor x, std::vector<torch::Tensor> lin, std::vector<int64_t> groups,
+                  bool i8, std::vector<torch::Tensor> norms, double eps, int64_t heads,
+                  int64_t kv_heads, int64_t act, torch::Tensor cos, torch::Tensor sin,
+                  std::vector<torch::Tensor> kv, torch::Tensor slots, torch::Tensor ctx,
+                  torch::Tensor lengths, torch::Tensor starts, double scale,
+                  std::vector<torch::Tensor> bufs) {
+  TORCH_CHECK(lin.size() == 12 && groups.size() == 4 && norms.size() == 6 && kv.size() == 4 &&
+              bufs.size() == 6, "decode_block: bad argument lists");
+  auto gemv = [&](int j, const torch::Tensor& in, const torch::Tensor& out) {
+    auto f = i8 ? q4_gemv_i8 : q4_gemv;
+    return f(in, lin[3 * j], lin[3 * j + 1], lin[3 * j + 2], groups[j], out);
+  };
+  const int64_t T = x.size(0), hd = cos.size(1);
+  auto h = rms_norm(x, norms[0], eps, bufs[0]);
+  auto qkv = gemv(0, h, bufs[1]);
+  auto q = qkv.narrow(1, 0, heads * hd).view({T, heads, hd});
+  auto k = qkv.narrow(1, heads * hd, kv_heads * hd).view({T, kv_heads, hd});
+  auto v = qkv.narrow(1, (heads + kv_heads) * hd, kv_heads * hd).view({T, kv_heads, hd});
+  if (norms[2].numel()) {
+    rms_norm(q, norms[2], eps, q);
+    rms_norm(k, norms[3], eps, k);
+  }
+  rope_(q, k, cos, sin);
+  kv_write(kv[0], kv[2], slots, k);
+  kv_write(kv[1], kv[3], slots, v);
+  paged_decode_attention(q, kv[0], kv[1], ctx, lengths, starts, scale, kv[2], kv[3],
+                         bufs[2].view({T, heads, hd}));
+  auto o = gemv(1, bufs[2], bufs[3]);
+  if (norms[4].numel()) rms_norm(o, norms[4], eps, o);
+  x.add_(o);
+  rms_norm(x, norms[1], eps, h);
+  auto gu = gemv(2, h, bufs[4]);
+  const int64_t F = gu.size(1) / 2;
+  auto gate = gu.narrow(1, 0, F), up = gu.narrow(1, F, F);
+  if (act == 0) at::silu_(gate);
+  else at::gelu_(gate, act == 1 ? "tanh" : "none");
+  at::mul_out(bufs[5], gate, up);
+  auto d = gemv(3, bufs[5], bufs[3]);
+  if (norms[5].numel()) rms_norm(d, norms[5], eps, d);
+  x.add_(d);
+}
