@@ -408,7 +408,7 @@ def test_mixed_streams_from_cached_sensitivities(
     cache = tmp_path / "sens.json"
     step = Mixed(base=GPTQ(bits=4, group_size=32), bits=[3, 4, 8], avg_bits=5.0)
     cached = step.model_copy(update={"sensitivity_cache": str(cache)})
-    with pytest.raises(ConfigError, match="measuring sensitivities"):
+    with pytest.raises(ConfigError, match="measuring KL sensitivities"):
         compress(four_block_dir, [step], calib, tmp_path / "x", stream="on")
     with pytest.raises(ConfigError, match="stream off to fill"):
         compress(four_block_dir, [cached], calib, tmp_path / "y", stream="on")
@@ -419,3 +419,23 @@ def test_mixed_streams_from_cached_sensitivities(
     a, b = _tensors(whole.out), _tensors(streamed.out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert whole.report["bit_allocation"] == streamed.report["bit_allocation"]
+
+
+def test_mixed_with_block_sensitivities_streams_and_equals_in_memory(
+    four_block_dir: Path, tmp_path: Path, calib: Calibration
+) -> None:
+    """--sensitivity block measures in one pass over the blocks, so a streamed model measures it
+    itself: the same sensitivities, allocation and tensors as in memory."""
+    from tinyllm.quant.mixed import Mixed
+
+    step = Mixed(base=GPTQ(bits=4, group_size=32), bits=[3, 4, 8], avg_bits=5.0,
+                 sensitivity="block")  # fmt: skip
+    assert step.whole_model() is None
+    whole = compress(four_block_dir, [step], calib, tmp_path / "whole", stream="off")
+    streamed = compress(four_block_dir, [step], calib, tmp_path / "streamed", stream="on")
+    assert streamed.meta.get("stream")
+    assert whole.report["sensitivity"] == streamed.report["sensitivity"]
+    alloc = whole.report["bit_allocation"]
+    assert alloc == streamed.report["bit_allocation"] and len(set(alloc.values())) > 1
+    a, b = _tensors(whole.out), _tensors(streamed.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

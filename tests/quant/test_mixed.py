@@ -142,6 +142,42 @@ def test_sensitivity_is_the_measured_kl(family, monkeypatch):
         assert torch.equal(model(windows).logits, ref)  # weights restored
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_block_sensitivity_is_the_block_output_error(family):
+    """Block-local sensitivity: the mean squared change of the layer's own block output on the
+    float inputs of that block, for every layer and option, weights restored."""
+    from tinyllm.core.calib import block_inputs, run_block
+    from tinyllm.quant.mixed import block_sensitivity
+
+    model = _opinionated(family)
+    windows = torch.randint(0, 320, (4, 16))
+    sites = target_linears(model)
+
+    def quantizer(w, bits):
+        return rtn_quantize(w, RTN(bits=bits, group_size=-1)).dequantize()
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sens = block_sensitivity(model, windows, [2, 8], quantizer, Context(batch_size=2))
+    assert set(sens) == {s.name for s in sites}
+    inputs, kwargs = block_inputs(model, list(windows.split(2)))
+    blocks = analyze(model).blocks
+    with torch.no_grad():
+        for s in (sites[1], sites[-1]):
+            xs, kw, block = inputs[s.block], kwargs[s.block], blocks[s.block]
+            ref = [run_block(block, x, kw) for x in xs]
+            w = s.module.weight.data
+            s.module.weight.data = quantizer(w, 2)
+            err = sum(
+                float((run_block(block, x, kw) - r).pow(2).sum())
+                for x, r in zip(xs, ref, strict=True)
+            )
+            s.module.weight.data = w
+            assert sens[s.name][2] == pytest.approx(err / windows.numel(), rel=1e-4)
+            assert 0 <= sens[s.name][8] < sens[s.name][2]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_probe_finds_the_final_norm():
     model = tiny_model("llama")
     probe = SensitivityProbe(model, torch.randint(0, 320, (2, 8)))

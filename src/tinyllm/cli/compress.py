@@ -86,6 +86,7 @@ def quantize(
     candidate_types: Q.CandidateTypes = "",
     target_bpw: Q.TargetBpw = None,
     sensitivity_cache: Q.SensitivityCache = None,
+    sensitivity: Q.Sensitivity = "kld",
     layout_from: Q.LayoutFrom = None,
     calib_corpus: CalibCorpusOpt = "enwiki",
     samples: SamplesOpt = 128,

@@ -283,6 +283,16 @@ class Quant:
             "and written. One file per model and calibration corpus."
         ),
     ]
+    Sensitivity = Annotated[
+        str,
+        typer.Option(
+            help="mixed: how a layer's sensitivity is measured. kld: the next-token KL with that "
+            "layer alone quantized (re-runs every later block per layer and option: in memory "
+            "only). block: the squared error the layer adds to its own block's output, one pass "
+            "over the blocks (block-local: a streamed model measures it; cheaper, blind to what "
+            "an error does after its block)."
+        ),
+    ]
     TargetBpw = Annotated[
         float | None,
         typer.Option(

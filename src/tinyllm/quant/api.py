@@ -43,7 +43,7 @@ def step_fields(method: str, base: str = "rtn") -> set[str]:
     fields = set(classes[method].model_fields) | set(RENAMED.get(method, {}))
     if method == "mixed":
         fields = {"candidate_bits", "candidate_types", "avg_bits", "size_mb", "target_bpw", "base"}
-        fields |= {"sensitivity_cache", "layout_from"}
+        fields |= {"sensitivity_cache", "sensitivity", "layout_from"}
     if method in WRAPPERS:
         fields |= step_fields(base) if base in classes else set()
     return fields
@@ -68,7 +68,7 @@ def quant_step(
     inner = quant_step(base, options, "rtn", flag)
     if method == "awq":
         return classes["awq"].from_options({**options, "base": inner}, "awq", flag)
-    budget = ("avg_bits", "size_mb", "target_bpw", "sensitivity_cache", "allocation")
+    budget = ("avg_bits", "size_mb", "target_bpw", "sensitivity_cache", "allocation", "sensitivity")
     mixed = {k: options[k] for k in budget if k in options}
     mixed.update(base=inner, bits=options.get("candidate_bits", [3, 4, 8]))
     types = options.get("candidate_types")

@@ -37,13 +37,14 @@ import time
 from collections.abc import Callable
 from functools import reduce
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from tinyllm.core.calib import block_inputs, run_block
+from tinyllm.core.calib import Advanced, block_inputs, calibrate_blocks, run_block
 from tinyllm.core.kernels import OneDNNLinear, fast_linears, onednn_available
 from tinyllm.core.placement import placement
 from tinyllm.core.steps import Context, Step, apply_step, register
@@ -87,6 +88,9 @@ class Mixed(Step):
     avg_bits: float | None = None  # budget: parameter-weighted mean code width
     size_mb: float | None = None  # budget: MiB of the block linears with scales and zeros
     target_bpw: float | None = None  # budget over types: GGUF bits per weight, scales included
+    # kld: the next-token KL with one layer quantized (every later block re-run: in memory);
+    # block: the squared error that layer adds to its own block's output (block-local: streams)
+    sensitivity: Literal["kld", "block"] = "kld"
     sensitivity_samples: int = 2  # calibration windows the sensitivities are measured on
     sensitivity_seq_len: int = 128  # tokens of each of those windows (their first tokens)
     # a saved allocation (layer -> bits or GGUF type, e.g. from `tinyllm plan`) replayed
@@ -197,9 +201,12 @@ class Mixed(Step):
     def whole_model(self) -> str | None:
         if self.allocation is not None or self.sensitivity_cache is not None:
             return None  # the base quantizer alone goes over the blocks: it streams
+        if self.sensitivity == "block":
+            return None  # a measuring pass over the blocks, then the base's: it streams
         return (
-            "measuring sensitivities re-runs every later block for each layer; stream it with "
-            "an allocation (`tinyllm plan`) or a --sensitivity-cache measured in memory before"
+            "measuring KL sensitivities re-runs every later block for each layer; stream it "
+            "with --sensitivity block (block-local), an allocation (`tinyllm plan`) or a "
+            "--sensitivity-cache measured in memory before"
         )
 
     @property
@@ -476,6 +483,46 @@ def measure_sensitivity(
     return out
 
 
+@torch.no_grad()
+def block_sensitivity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    options: list[int] | list[str],
+    quantizer: Callable[[torch.Tensor, int | str], torch.Tensor | None],
+    ctx: Context,
+) -> dict[str, dict[int | str, float]]:
+    """Block-local sensitivities, one pass over the blocks (so a streamed model measures them):
+    for every layer and option, that layer alone quantized, the mean squared change of its
+    block's output on the float inputs. The residual stream carries a block's output change to
+    the final norm, which scales every block's alike, so these add up across blocks as KL does
+    to first order; what a change does after its block is not measured (that is the KL
+    sensitivity's cost: every later block per probe). -> {layer: {option: error}}"""
+    out: dict[str, dict[int | str, float]] = {}
+
+    def measure(i: int, block: nn.Module, xs: list, kwargs: dict) -> Advanced:
+        ref = [run_block(block, x, kwargs) for x in xs]
+        tokens = sum(x.shape[0] * x.shape[1] for x in xs)
+        for s in (s for s in target_linears(model) if s.block == i):
+            w, out[s.name] = s.module.weight.data, {}
+            for option in options:
+                q = quantizer(w, option)
+                if q is None:
+                    out[s.name][option] = math.inf
+                    continue
+                s.module.weight.data = q.to(w.dtype)
+                try:
+                    err = sum(float((run_block(block, x, kwargs) - r).float().pow(2).sum())
+                              for x, r in zip(xs, ref, strict=True))  # fmt: skip
+                finally:
+                    s.module.weight.data = w
+                out[s.name][option] = err / tokens
+        xs[:] = ref  # the float outputs are the next block's inputs
+        return Advanced()
+
+    calibrate_blocks(model, windows, ctx.batch_size, measure, "block sensitivity")
+    return out
+
+
 # --- the step ---------------------------------------------------------------------------------
 
 
@@ -520,6 +567,9 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
             return rtn_quantize(w.float(), probe_config(grid, option, exact)).dequantize()
 
         sens = _cached(cfg, sites)
+        if sens is None and cfg.sensitivity == "block":
+            sens = block_sensitivity(model, _windows(ctx, cfg), cfg.options, quantizer, ctx)
+            _store(cfg, sens)
         if sens is None and placement().streaming:
             raise ConfigError(
                 f"mixed: {cfg.sensitivity_cache} does not hold this model's sensitivities for "
@@ -544,7 +594,8 @@ def apply(model: nn.Module, cfg: Mixed, ctx: Context) -> None:
 
 
 def _cache_key(cfg: Mixed) -> dict:
-    return {"samples": cfg.sensitivity_samples, "seq_len": cfg.sensitivity_seq_len}
+    key = {"samples": cfg.sensitivity_samples, "seq_len": cfg.sensitivity_seq_len}
+    return key if cfg.sensitivity == "kld" else {**key, "sensitivity": cfg.sensitivity}
 
 
 def _cached(cfg: Mixed, sites: list[LinearSite]) -> dict[str, dict] | None:
