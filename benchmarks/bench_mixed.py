@@ -53,6 +53,16 @@ ROWS: dict[str, Step | None] = {
     "mixed-rtn-3.5b-g64-s8": Mixed(
         base=RTN(bits=4, group_size=64), bits=MIXED_BITS, avg_bits=3.5, sensitivity_samples=8
     ),
+    # block-local sensitivities (--sensitivity block: what a streamed model measures)
+    "mixed-rtn-3.5b-g64-block": Mixed(
+        base=RTN(bits=4, group_size=64), bits=MIXED_BITS, avg_bits=3.5, sensitivity="block"
+    ),
+    "mixed-gptq-3.5b-g64-block": Mixed(
+        base=GPTQ(bits=4, group_size=64, weighted_grid=False),
+        bits=MIXED_BITS,
+        avg_bits=3.5,
+        sensitivity="block",
+    ),
 }
 _reference: tuple | None = None
 

@@ -503,9 +503,8 @@ class LeanRuntime:
         ropes = self._rope(batch.positions)
         windowed = {w: self._windowed(batch, w, ops) for w in {ly.window for ly in self.layers}}
         d = batch.decode
-        if (
-            self.fuse_blocks and self.ws and d is not None and d.all_rows
-        ):  # decode: a call per block
+        decode_only = d is not None and d.all_rows
+        if self.fuse_blocks and self.ws is not None and decode_only:  # a native call per block
             self._decode_blocks(x, ropes, windowed, cache, ops)
         else:
             for i, ly in enumerate(self.layers):
