@@ -53,6 +53,8 @@ QUANT = {
     "llama-3.2-1b(1 block)-gptq-128x512": (str(SYNTH / "llama-3.2-1b-1l"), "gptq", 128, 512),
     "llama-3.1-8b(4 blocks)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-4l"), "gptq", 8, 256),
     "llama-3.1-8b(1 block)-gptq-8x256": (str(SYNTH / "llama-3.1-8b-1l"), "gptq", 8, 256),
+    # all 32 blocks: about 2 h on 2 cores; an interrupted run resumes (--resume) when rerun
+    "llama-3.1-8b-gptq-8x256": (str(SYNTH / "llama-3.1-8b"), "gptq", 8, 256),
     "llama-3.1-8b-rtn": (str(SYNTH / "llama-3.1-8b"), "rtn", 0, 0),
     "llama-3.1-8b-rtn-q4_0": (str(SYNTH / "llama-3.1-8b"), "rtn", 0, 0),
 }
@@ -86,7 +88,10 @@ LLAMACPP_CHECK = (
     "print('llama.cpp logits', x.shape, 'finite:', bool(np.isfinite(x).all()))"
 )
 # row -> the compression row whose output it generates from
-GENERATE = {"llama-3.1-8b-rtn-generate": "llama-3.1-8b-rtn"}
+GENERATE = {
+    "llama-3.1-8b-rtn-generate": "llama-3.1-8b-rtn",
+    "llama-3.1-8b-gptq-generate": "llama-3.1-8b-gptq-8x256",
+}
 # streamed against in-memory on the real model: the same command with --stream on and off
 IDENTITY = {"smollm2-135m-stream-identity": ("smollm2-135m", 32, 256)}
 # a whole recipe (`tinyllm run`, stream: on): the original scored lean, one streamed stage,
@@ -126,7 +131,8 @@ def run_quant(name: str) -> dict:
         args += ["--samples", str(samples), "--seq-len", str(seq_len)]
     else:  # data-free RTN: plain rounding (the clipping search costs minutes per 8B block)
         args += ["--no-mse"]
-    args += ["--stream", "on", "-o", str(out), "--overwrite"]
+    resume = (out.parent / f"{out.name}.stream0" / "journal.json").is_file()
+    args += ["--stream", "on", "-o", str(out), "--resume" if resume else "--overwrite"]
     measured, info = _run_streamed(name, args, out)
     config = json.loads((out / "config.json").read_text())
     blocks = int(config["num_hidden_layers"])
