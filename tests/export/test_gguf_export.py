@@ -123,6 +123,21 @@ def test_llamacpp_logits_match_ours(family, tokenizer, tmp_path: Path):
     np.testing.assert_allclose(theirs, ours, atol=2e-3, rtol=0)
 
 
+def test_llamacpp_logits_refuse_a_sequence_longer_than_the_context(tokenizer, tmp_path: Path):
+    """A window longer than llama.cpp's context (Gemma's BOS + 512 in a 512 context) is a clear
+    ConfigError naming both lengths, not llama_decode's bare return code."""
+    pytest.importorskip("llama_cpp")
+    from tinyllm.errors import ConfigError
+    from tinyllm.export import llamacpp
+
+    path = tmp_path / "m.gguf"
+    export(tiny_model(vocab=len(tokenizer)), tokenizer, path, "gguf", "f32")
+    llm = llamacpp.open_gguf(path, n_ctx=256)
+    with pytest.raises(ConfigError, match=f"{llm.n_ctx() + 1} tokens"):
+        llamacpp.logits(llm, [5] * (llm.n_ctx() + 1))
+    assert llamacpp.logits(llm, [5] * 8).shape == (8, len(tokenizer))  # still usable after
+
+
 def test_llamacpp_runs_carried_q4_0(tokenizer, tmp_path: Path):
     pytest.importorskip("llama_cpp")
     from tinyllm.export import llamacpp

@@ -49,6 +49,11 @@ def logits(llm: Any, ids: list[int], start: int = 0, reuse: bool = False) -> np.
     with `reuse` rewound to the prefix `ids` shares with the sequence evaluated last (its KV cache
     and logits rows are those of the same tokens at the same positions), as llama.cpp's own
     generate does. -> float32 [len(ids) - start, vocab]"""
+    if len(ids) > llm.n_ctx():
+        raise ConfigError(
+            f"{len(ids)} tokens do not fit llama.cpp's context of {llm.n_ctx()}: "
+            "open the file with a larger n_ctx"
+        )
     keep = _shared_prefix(llm, ids) if reuse else 0
     if keep:
         llm.n_tokens = keep  # eval() drops the KV cache from here on
