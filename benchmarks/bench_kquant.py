@@ -15,6 +15,8 @@ Rows:
                            linears' MiB in llama-TYPE-imatrix's file (equal size), then
                            `tinyllm export --type auto --strict`; the rows share one
                            --sensitivity-cache (measured once per model)
+  mix-at-TYPE-mixcal       mix-at-TYPE calibrated on enwiki+bgwiki+lee-news (128 x 512 windows
+                           drawn from the three; its own sensitivity cache), for bench_ood.py
   layout-TYPE              `tinyllm quantize --method mixed --base gptq --layout-from
                            llama-TYPE-imatrix.gguf` (GPTQ codes on exactly llama-quantize's
                            per-tensor types), then `tinyllm export --type auto --strict`: the
@@ -54,8 +56,10 @@ OURS = {
     for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")
 }
 MIX = {f"mix-at-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")}
+MIXCAL = {f"{k}-mixcal": v for k, v in MIX.items() if k == "mix-at-q4_k_m"}
+MIX_CAL = ["--calib-corpus", "enwiki+bgwiki+lee-news"]
 LAYOUT = {f"layout-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m")}
-ROWS = ["f16", *LLAMA, *OURS, *MIX, *LAYOUT]
+ROWS = ["f16", *LLAMA, *OURS, *MIX, *MIXCAL, *LAYOUT]
 
 
 class Setup:
@@ -120,7 +124,7 @@ def block_mib(path: Path) -> float:
 def _mix(name: str, path: Path) -> dict:
     """Our measured mix at the block-linear size of llama.cpp's file of the same name, or (a
     layout row) GPTQ on exactly that file's per-tensor types."""
-    peer_row = MIX.get(name) or LAYOUT[name]
+    peer_row = MIX.get(name) or MIXCAL.get(name) or LAYOUT[name]
     peer = Setup.kwork / f"{peer_row}.gguf"
     if not peer.exists():
         _llama(peer_row, peer)
@@ -130,7 +134,9 @@ def _mix(name: str, path: Path) -> dict:
         flags += ["--layout-from", str(peer)]
     else:
         flags += ["--size-mb", f"{mib:.4f}", "--candidate-types", ",".join(DEFAULT_TYPES)]
-        flags += ["--sensitivity-cache", str(Setup.kwork / "sensitivity.json")]  # one per model
+        cache = "sensitivity-mixcal.json" if name in MIXCAL else "sensitivity.json"
+        flags += ["--sensitivity-cache", str(Setup.kwork / cache)]  # one per model and corpus
+        flags += MIX_CAL if name in MIXCAL else []
     ckpt = Setup.kwork / f"{name}.ckpt"
     if not (ckpt / "tinyllm.json").exists():
         run([*CLI, "quantize", Setup.model, *flags, "-o", str(ckpt), "--overwrite"])
@@ -148,7 +154,7 @@ def build(name: str) -> tuple[Path, dict]:
         return _f16(), {"command": f"tinyllm export {Setup.model} --type f16"}
     Setup.kwork.mkdir(parents=True, exist_ok=True)
     path = Setup.kwork / f"{name}.gguf"
-    if name in MIX or name in LAYOUT:
+    if name in MIX or name in MIXCAL or name in LAYOUT:
         return path, _mix(name, path)
     info = _llama(name, path) if name in LLAMA else _ours(name, path)
     return path, info

