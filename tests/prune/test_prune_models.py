@@ -133,6 +133,26 @@ def test_block_pruning_removes_the_block_that_changes_least() -> None:
     torch.testing.assert_close(model(CALIB[:2]).logits, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_block_influence_is_one_minus_the_cosine_of_each_blocks_input_and_output() -> None:
+    """Measured in one pass (each block's outputs feed the next): equal to 1 - cos(in, out) of the
+    dense model's own forward, caught with hooks, for every block."""
+    model = tiny_model()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(_module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append((x, out[0] if isinstance(out, tuple) else out))
+
+    handles = [b.register_forward_hook(hook, with_kwargs=True) for b in model.model.layers]
+    with torch.no_grad():
+        model(CALIB)
+    for h in handles:
+        h.remove()
+    want = [float(1 - torch.nn.functional.cosine_similarity(x, y, dim=-1).mean()) for x, y in seen]
+    report = prune(model, Blocks(count=1), calib=CALIB, batch_size=len(CALIB))
+    assert report["block_influence"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
 def test_bad_structured_requests_are_refused() -> None:
     with pytest.raises(ConfigError, match="at least one must stay"):
         prune(tiny_model(), Heads(count=2), calib=CALIB)

@@ -272,13 +272,18 @@ def block_influence(model: nn.Module, ctx: Context) -> list[float]:
     influence = [0.0] * len(blocks)
 
     def measure(i: int, block: nn.Module, xs: list, kwargs: dict):
-        from tinyllm.core.calib import run_block
+        from tinyllm.core.calib import Advanced, run_block
 
-        sims = [F.cosine_similarity(x, run_block(block, x, kwargs), dim=-1).mean() for x in xs]
+        sims = []
+        for b, x in enumerate(xs):  # the outputs become the next block's inputs: one pass
+            y = run_block(block, x, kwargs)
+            sims.append(F.cosine_similarity(x, y, dim=-1).mean())
+            xs[b] = y
         mean = torch.stack(sims).mean()
         if dist.world() > 1:  # every rank's batches are of one size: weigh each rank's mean
             mean = mean.new_tensor(dist.mean_over_ranks(float(mean), sum(len(x) for x in xs)))
         influence[i] = float(1 - mean)
+        return Advanced()
 
     calibrate_blocks(model, ctx.calib, ctx.batch_size, measure, "block influence")
     return influence
