@@ -105,6 +105,19 @@ def test_a_draft_must_share_the_vocabulary_and_have_k(tokenizer) -> None:
         engine(model, tokenizer, (tiny_model("opt"), tokenizer), speculate=4)
 
 
+def test_the_drafts_pool_holds_the_models_tokens_at_the_drafts_bytes(tokenizer) -> None:
+    """A layer-dropped draft gets as many KV blocks as the model's pool (so it never runs out
+    first) and, with half the layers, half the bytes: --kv-memory is not spent twice."""
+    from tinyllm.models.surgery import keep_blocks
+
+    model = tiny_model("llama")
+    draft = copy.deepcopy(model)
+    keep_blocks(draft, [0])
+    spec = engine(model, tokenizer, (draft, tokenizer), speculate=4)
+    assert spec.drafter.cache.num_blocks == spec.cache.num_blocks
+    assert spec.drafter.cache.pool_bytes() * 2 == spec.cache.pool_bytes()
+
+
 def test_proposals_after_plain_steps_equal_a_fresh_drafts() -> None:
     """The target rejected a whole draft and then decoded plainly a few steps (drafting
     paused): the draft's stale keys, mid-sequence now, are dropped before it proposes again."""
@@ -113,7 +126,7 @@ def test_proposals_after_plain_steps_equal_a_fresh_drafts() -> None:
     model = tiny_model("llama")
 
     def drafter() -> DraftModel:
-        return DraftModel(model, 320, torch.float32, 2**20, 4, torch.device("cpu"))
+        return DraftModel(model, 320, torch.float32, 64, 4, torch.device("cpu"))
 
     d, ids = drafter(), list(range(30, 50))
     first = d.propose({0: (ids, 4)})[0]

@@ -2,12 +2,14 @@
 layer-dropped or pruned student, a lower-bit copy) proposes k tokens for each decoding sequence,
 greedily, and the engine's target verifies them in one forward (Engine._accept).
 
-The draft keeps its own paged KV cache. Per sequence it remembers which tokens it holds keys
-for: the sequence's tokens up to the last verification plus the draft tokens it fed itself.
-Before each proposal it keeps the longest prefix of those that the sequence still agrees with
-(rejected draft tokens are truncated away) and feeds what is new (the prompt the first time, in
-chunks of at most CATCH_UP tokens, then the one or two tokens verification added). So a draft
-of k tokens costs k forwards of the draft model, batched over every drafting sequence.
+The draft keeps its own paged KV cache, with as many blocks as the target's pool (so as many
+tokens; its bytes are the draft's per token: a layer-dropped draft's pool is smaller). Per
+sequence it remembers which tokens it holds keys for: the sequence's tokens up to the last
+verification plus the draft tokens it fed itself. Before each proposal it keeps the longest
+prefix of those that the sequence still agrees with (rejected draft tokens are truncated away)
+and feeds what is new (the prompt the first time, in chunks of at most CATCH_UP tokens, then the
+one or two tokens verification added). So a draft of k tokens costs k forwards of the draft
+model, batched over every drafting sequence.
 
 A draft that cannot run (its pool is full, a forward fails) proposes nothing: the engine
 decodes plainly, so output never depends on the draft, only speed does.
@@ -34,7 +36,7 @@ class DraftModel:
         model: nn.Module,
         vocab: int,
         kv_dtype: torch.dtype,
-        kv_bytes: int,
+        num_blocks: int,
         block_size: int,
         device: torch.device,
         int8_act: bool = False,
@@ -43,8 +45,8 @@ class DraftModel:
         if reason:
             raise ConfigError(f"a draft model must run on the lean runtime, and {reason}")
         self.runtime = LeanRuntime(model, int8_act, static=True)
-        shape = self.runtime.cache_shape(kv_dtype)
-        self.cache = PagedKVCache.for_budget(shape, kv_bytes, block_size, device)
+        shape = self.runtime.cache_shape(kv_dtype)  # as many tokens as the target's pool holds
+        self.cache = PagedKVCache(shape, num_blocks, block_size, device)
         self.vocab = vocab  # the target's: a wider draft head never proposes beyond it
         self.fed: dict[int, list[int]] = {}  # per sequence: the tokens whose keys are cached
         self.dropped: set[int] = set()  # sequences the pool could not hold: no more drafts

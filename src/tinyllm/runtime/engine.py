@@ -186,10 +186,10 @@ class Engine:
                 "vocabulary (a pruned, layer-dropped or quantized copy of the same model)"
             )
         _place(model, self.cfg)
-        kv = int(self.cfg.kv_memory_mb * 2**20)
         dtype = KV_DTYPES[self.cfg.kv_dtype]
         bs, i8 = self.cfg.block_size, self.cfg.int8_activations
-        return DraftModel(model, self.vocab_size, dtype, kv, bs, self.device, i8)
+        blocks = self.cache.num_blocks  # the model's tokens, at the draft's bytes per token
+        return DraftModel(model, self.vocab_size, dtype, blocks, bs, self.device, i8)
 
     # --- requests ---------------------------------------------------------------------------
     def prompt_ids(self, text: str, chat: bool = False) -> list[int]:
