@@ -24,7 +24,7 @@ import torch
 
 from tinyllm.errors import ConfigError
 
-NO_SCALES = torch.empty(0)  # a float pool's scales, for the native kv_write
+NONE = torch.empty(0)  # "no tensor" for the native ops (a float pool's scales, a missing norm)
 
 
 class OutOfBlocks(Exception):
@@ -143,7 +143,7 @@ class PagedKVCache:
         straight into the pool (the same values as the PyTorch ops below, no temporaries)."""
         if ops is not None:
             for pool, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-                ops.kv_write(pool[layer], scales[layer] if scales else NO_SCALES, slots, x)
+                ops.kv_write(pool[layer], scales[layer] if scales else NONE, slots, x)
             return
         if not self.shape.quantized:
             self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))

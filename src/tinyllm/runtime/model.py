@@ -31,7 +31,7 @@ from tinyllm.kernels import native
 from tinyllm.kernels.layouts import NATIVE_MAX_ROWS, Q4Native, Q8Native
 from tinyllm.models.anatomy import analyze
 from tinyllm.models.families import FAMILIES, Family, supporting
-from tinyllm.runtime.kv_cache import CacheShape, PagedKVCache
+from tinyllm.runtime.kv_cache import NONE, CacheShape, PagedKVCache
 from tinyllm.runtime.workspace import Workspace
 from tinyllm.util.device import module_device
 
@@ -47,7 +47,6 @@ ACTIVATIONS = {
     "gelu": lambda x: torch.ops.aten.gelu_(x),
 }
 
-NONE = torch.empty(0)  # "no tensor" for the native ops (a float pool's scales, a missing norm)
 ACT_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # decode_block's activation codes
 
 
