@@ -17,6 +17,9 @@ Rows:
                            --sensitivity-cache (measured once per model)
   mix-at-TYPE-mixcal       mix-at-TYPE calibrated on enwiki+bgwiki+lee-news (128 x 512 windows
                            drawn from the three; its own sensitivity cache), for bench_ood.py
+  mix-at-TYPE-no-q4_k      mix-at-TYPE without Q4_K among the candidates: SmolLM2's shipped
+                           weights sit on a Q4_1 grid (32 weights, float scale and min), which
+                           Q4_K's sub-blocks nearly hold, so Q4_K looks lossless on its ffn_down
   layout-TYPE              `tinyllm quantize --method mixed --base gptq --layout-from
                            llama-TYPE-imatrix.gguf` (GPTQ codes on exactly llama-quantize's
                            per-tensor types), then `tinyllm export --type auto --strict`: the
@@ -58,8 +61,9 @@ OURS = {
 MIX = {f"mix-at-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")}
 MIXCAL = {f"{k}-mixcal": v for k, v in MIX.items() if k == "mix-at-q4_k_m"}
 MIX_CAL = ["--calib-corpus", "enwiki+bgwiki+lee-news"]
+NOGRID = {f"{k}-no-q4_k": (v, "q4_k") for k, v in MIX.items() if k == "mix-at-q4_k_m"}
 LAYOUT = {f"layout-{k}": f"llama-{k}-imatrix" for k in ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m")}
-ROWS = ["f16", *LLAMA, *OURS, *MIX, *MIXCAL, *LAYOUT]
+ROWS = ["f16", *LLAMA, *OURS, *MIX, *MIXCAL, *NOGRID, *LAYOUT]
 
 
 class Setup:
@@ -124,7 +128,7 @@ def block_mib(path: Path) -> float:
 def _mix(name: str, path: Path) -> dict:
     """Our measured mix at the block-linear size of llama.cpp's file of the same name, or (a
     layout row) GPTQ on exactly that file's per-tensor types."""
-    peer_row = MIX.get(name) or MIXCAL.get(name) or LAYOUT[name]
+    peer_row = MIX.get(name) or MIXCAL.get(name) or NOGRID.get(name, ("",))[0] or LAYOUT[name]
     peer = Setup.kwork / f"{peer_row}.gguf"
     if not peer.exists():
         _llama(peer_row, peer)
@@ -133,7 +137,8 @@ def _mix(name: str, path: Path) -> dict:
     if name in LAYOUT:
         flags += ["--layout-from", str(peer)]
     else:
-        flags += ["--size-mb", f"{mib:.4f}", "--candidate-types", ",".join(DEFAULT_TYPES)]
+        types = [t for t in DEFAULT_TYPES if t not in NOGRID.get(name, ("", ""))[1:]]
+        flags += ["--size-mb", f"{mib:.4f}", "--candidate-types", ",".join(types)]
         cache = "sensitivity-mixcal.json" if name in MIXCAL else "sensitivity.json"
         flags += ["--sensitivity-cache", str(Setup.kwork / cache)]  # one per model and corpus
         flags += MIX_CAL if name in MIXCAL else []
@@ -154,7 +159,7 @@ def build(name: str) -> tuple[Path, dict]:
         return _f16(), {"command": f"tinyllm export {Setup.model} --type f16"}
     Setup.kwork.mkdir(parents=True, exist_ok=True)
     path = Setup.kwork / f"{name}.gguf"
-    if name in MIX or name in MIXCAL or name in LAYOUT:
+    if name in MIX or name in MIXCAL or name in NOGRID or name in LAYOUT:
         return path, _mix(name, path)
     info = _llama(name, path) if name in LLAMA else _ours(name, path)
     return path, info
