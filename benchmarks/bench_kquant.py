@@ -27,7 +27,7 @@ Rows:
 SmolLM2-135M's rows are 576 wide, not a multiple of the 256-weight K super-block: only ffn_down
 (1536 inputs) can be a K type; llama-quantize and tinyllm both give the other tensors the
 fallback type (Q5_0 for Q4_K, ...), so file sizes sit above the K type's nominal bits.
-Gemma-3-270M (width 640) likewise: only ffn_down (2048 inputs) holds K blocks.
+Gemma-3-270M (width 640): ffn_down (2048 inputs) and attn_output (1024) hold K blocks.
 Results merge into benchmarks/results/kquant_<model>.json row by row (resumable); the JSON
 also keeps llama-bench's tg64 decode speed of each file (not in the table: on a shared host it
 is noise, compare files with a paired farm-bench run instead).
