@@ -66,6 +66,7 @@ ROWS = [
     "speculate",
     "draft",
     "static",
+    "head",
 ]
 GEMMA = "gemma3-270m"
 THREADS = 2
@@ -440,6 +441,44 @@ def static_row() -> dict:
     return res
 
 
+def head_row() -> dict:
+    """The verified int8 head of greedy exact-mode steps (runtime.model._verified_argmax_head)
+    against the float head for every logit (the same engine with head_l1 removed): decode
+    tokens/s at 1 and 16 streams, interleaved in one process, whether the tokens are identical,
+    and how many logits per row the last step recomputed exactly; SmolLM2 and Gemma 3 INT4."""
+    import torch
+
+    import tinyllm
+    from tinyllm.runtime.bench import bench, bench_prompts
+    from tinyllm.runtime.engine import Engine, EngineConfig
+    from tinyllm.runtime.sampling import SamplingParams
+    from tinyllm.runtime.scheduler import SchedulerConfig
+
+    torch.set_num_threads(THREADS)
+    res = {"command": "benchmarks/bench_runtime.py --rows head"}
+    for model in (MODEL, GEMMA):
+        q, tok = tinyllm.load(int4_checkpoint(model))
+        engine = Engine(q, tok, EngineConfig(scheduler=SchedulerConfig(max_batch=16)))
+        l1 = engine.runtime.head_l1
+        prompts = bench_prompts(tok, 16, 64)
+        greedy = SamplingParams(max_tokens=64, ignore_eos=True)
+        outputs, row = {}, {"vocab": engine.vocab_size}
+        for mode in ("verified", "exact"):
+            engine.runtime.head_l1 = l1 if mode == "verified" else None
+            outputs[mode] = [s.output for s in engine.generate(prompts, greedy)]
+            row[f"{mode}_1"], row[f"{mode}_16"] = [], []
+        row["candidates_per_row"] = engine.runtime.argmax_candidates.float().mean().item()
+        row["identical_tokens"] = outputs["verified"] == outputs["exact"]
+        for _ in range(5):  # interleaved repeats
+            for streams in (1, 16):
+                for mode in ("verified", "exact"):
+                    engine.runtime.head_l1 = l1 if mode == "verified" else None
+                    r = bench(engine, [streams], 64, 64, repeats=1)[0]
+                    row[f"{mode}_{streams}"].append(r.decode_tokens_per_s)
+        res[model] = row
+    return res
+
+
 def streams_row() -> dict:
     env_threads = {"OMP_NUM_THREADS": str(THREADS)}
     os.environ.update(env_threads)
@@ -602,7 +641,8 @@ def run_row(name: str) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     rows = {"decode": decode_row, "prefill": prefill_row, "streams": streams_row, "kv": kv_row,
             "load": load_row, "throttle": throttle_row, "gemma": gemma_row,
-            "speculate": speculate_row, "draft": draft_row, "static": static_row}  # fmt: skip
+            "speculate": speculate_row, "draft": draft_row, "static": static_row,
+            "head": head_row}  # fmt: skip
     return rows[name]()
 
 
@@ -663,6 +703,20 @@ def table(results: dict) -> str:
                 lines.append(
                     f"| {model} | {n} | {a['allocations']} ({a['bytes']}) | "
                     f"{b['allocations']} ({b['bytes']}) | {ta:.1f} | {tb:.1f} | {ta / tb:.2f} |"
+                )
+        lines.append("")
+    hd = results.get("head")
+    if hd:
+        lines += ["| exact-mode head, INT4 | streams | decode tok/s: verified int8 head | float "
+                  "head | x float | tokens identical | logits recomputed per row |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for model in (MODEL, GEMMA):
+            r = hd[model]
+            for n in (1, 16):
+                ta, tb = statistics.median(r[f"verified_{n}"]), statistics.median(r[f"exact_{n}"])
+                lines.append(
+                    f"| {model} | {n} | {ta:.1f} | {tb:.1f} | {ta / tb:.2f} | "
+                    f"{r['identical_tokens']} | {r['candidates_per_row']:.0f} of {r['vocab']} |"
                 )
         lines.append("")
     g = results.get("gemma")

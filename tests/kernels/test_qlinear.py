@@ -86,6 +86,48 @@ def test_int8_activation_head_kernel_is_close_to_the_exact_product():
         assert 1e-5 < rel < 0.015
 
 
+def test_verified_int8_head_gives_the_exact_argmax_where_int8_alone_does_not():
+    """q8_argmax_fix: the int8-activation head's error stays within its bound everywhere, the
+    candidates it recomputes equal the exact product (the row maxima included), and each row's
+    argmax is the exact one, on a head built so that int8 activations alone pick wrong tokens:
+    token t reads one input k(t) next to an outlier, where int8 steps are coarse."""
+    from tinyllm.kernels import native
+    from tinyllm.runtime.model import _block_l1
+
+    k = native.q4_kernel()
+    if k is None or not k.q4_i8_supported():
+        pytest.skip("needs tinyllm's native kernels with AVX512-VNNI or AVX2")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 256, generator=g)
+    x[:, ::37] = 300.0  # an outlier in 7 of the 8 blocks of 32
+    reads = [i for i in range(224) if i % 37]  # the other inputs of those blocks
+    w = torch.zeros(224, 256)  # 224 tokens (14 lanes of 16): token t reads input reads[t]
+    w[torch.arange(len(reads)), torch.tensor(reads)] = 1.0
+    layer = QuantLinear(rtn_quantize(w, RTN(bits=8, group_size=-1, sym=True)))
+    packed = layer.packed()
+    l1 = _block_l1(packed)
+    codes, scale = packed["w_q8"], packed["w_q8_scale"]
+    exact = k.q8_gemv(x, codes, scale)
+    torch.testing.assert_close(exact[:, : len(reads)], x[:, reads])  # the head reads x exactly
+    approx = k.q8_gemv_i8(x, codes, scale)
+    amax = x.abs().view(16, 8, 32).amax(-1)
+    bound = (amax * l1).sum(-1, keepdim=True) * (1 / 254 + (256 + 8) * 2**-23)
+    assert ((approx - exact).abs() <= bound).all()
+    assert (approx.argmax(-1) != exact.argmax(-1)).sum() >= 4  # int8 alone misses
+    fixed, counts = approx.clone(), torch.empty(16, dtype=torch.long)
+    assert k.q8_argmax_fix(x, codes, scale, l1, fixed, 224, counts) == 0
+    assert torch.equal(fixed.argmax(-1), exact.argmax(-1))
+    torch.testing.assert_close(fixed.amax(-1), exact.amax(-1), rtol=1e-6, atol=1e-6)
+    redone = fixed != approx
+    assert (counts > 0).all() and redone.any()
+    torch.testing.assert_close(fixed[redone], exact[redone], rtol=1e-6, atol=1e-6)
+    # a row with more candidates than the cap, or non-finite input, is left for q8_gemv
+    x[3, 5] = float("nan")
+    again = k.q8_gemv_i8(x, codes, scale)
+    assert k.q8_argmax_fix(x, codes, scale, l1, again, 224, counts) == 1 and counts[3] == -1
+    assert k.q8_argmax_fix(x, codes, scale, l1, again, 1, counts) == 16
+
+
 def test_a_kernel_build_killed_midway_does_not_hang_later_builds(tmp_path):
     """torch's build baton is a plain file: a builder killed while holding it used to make every
     later process wait forever. Our flock dies with its holder, and under it the baton is stale."""

@@ -158,3 +158,35 @@ def test_runtime_lm_keeps_its_own_logits() -> None:
 
     lm = RuntimeLM(copy.deepcopy(tiny_model("llama")), tiny_tokenizer())
     assert lm.runtime.ws is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_greedy_steps_verify_an_int8_head_and_decode_what_the_exact_head_decodes(
+    family, tokenizer
+) -> None:
+    """Exact mode, greedy requests: the q8 head runs on int8 activations and only the entries
+    that could be a row's maximum are recomputed (runtime.argmax_candidates); the tokens equal
+    the exact head's, for plain decoding and with a draft (verification rows)."""
+    if not native.q4_kernel().q4_i8_supported():
+        pytest.skip("needs AVX512-VNNI or AVX2")
+    model = packed(family)
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    cfg = EngineConfig(kv_memory_mb=2.0, block_size=4, token_budget=64)
+    eng = Engine(model, tokenizer, cfg)
+    assert eng.runtime.head_l1 is not None
+    first = [s.output for s in eng.generate(PROMPTS, greedy)]
+    counts = eng.runtime.argmax_candidates
+    assert counts is not None and (counts > 0).all() and (counts < 320).all()
+    eng.runtime.head_l1 = None  # the exact float head for every entry
+    assert [s.output for s in eng.generate(PROMPTS, greedy)] == first
+    spec = Engine(
+        model,
+        tokenizer,
+        EngineConfig(**{**cfg.__dict__, "speculate": 3}),
+        draft=(copy.deepcopy(model), tokenizer),
+    )
+    assert [s.output for s in spec.generate(PROMPTS, greedy)] == first
+    sampled = SamplingParams(max_tokens=4, temperature=0.8, seed=1)  # a step not argmax-only
+    eng.runtime.head_l1, eng.runtime.argmax_candidates = LeanRuntime(model).head_l1, None
+    eng.generate([PROMPTS[0]], sampled)
+    assert eng.runtime.argmax_candidates is None

@@ -66,7 +66,9 @@ class DraftModel:
             items = self._items(feed)
             if not items:
                 break
-            logits = self.runtime.forward(flat_batch(items, self.cache, self.runtime), self.cache)
+            batch = flat_batch(items, self.cache, self.runtime)
+            batch.argmax_only = True  # greedy proposals
+            logits = self.runtime.forward(batch, self.cache)
             ready = [it.seq_id for it in items if it.logits]
             picks = logits[:, : self.vocab].float().argmax(-1).tolist()
             feed = {}

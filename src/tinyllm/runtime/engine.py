@@ -278,6 +278,8 @@ class Engine:
         with self._lock:
             work = self._plan(proposals)
             batch = self._build(work)
+            # only argmaxes are read: the runtime may verify an int8 head's maximum instead
+            batch.argmax_only = all(w[0].params.plain_greedy for w in work)
         t0 = time.perf_counter()
         try:
             logits = self.runtime.forward(batch, self.cache)

@@ -196,6 +196,7 @@ class FlatBatch:
     decode: DecodeGroup | None
     prefills: list[PrefillChunk]
     spans: list[tuple[int, slice]]  # (sequence id, its rows), in row order
+    argmax_only: bool = False  # every logits row is used for its argmax alone (greedy)
 
     def to(self, device: torch.device) -> FlatBatch:
         """The batch with its tensors on `device` (the engine builds it on the CPU)."""
@@ -203,7 +204,8 @@ class FlatBatch:
             return self
         t = (x.to(device) for x in (self.tokens, self.positions, self.slots, self.logit_rows))
         decode = None if self.decode is None else self.decode.to(device)
-        return FlatBatch(*t, decode, [p.to(device) for p in self.prefills], self.spans)
+        prefills = [p.to(device) for p in self.prefills]
+        return FlatBatch(*t, decode, prefills, self.spans, self.argmax_only)
 
 
 @dataclass
@@ -215,6 +217,19 @@ class BatchItem:
     start: int  # the position of the first
     slots: torch.Tensor  # [len(tokens)] cache slots of their K/V (reserved)
     logits: int  # how many of its last rows' next-token logits are wanted (0 to all)
+
+
+def _block_l1(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per block of 32 inputs, the largest L1 norm of any row of a q8 head's 32 weights
+    (|s_t| * sum |q_tk|): q8_argmax_fix's error bound. -> float32 [in / 32]"""
+    codes, scale = packed["w_q8"], packed["w_q8_scale"]  # [N/16, K, 16], [N/16, 16]
+    nb, k, lanes = codes.shape
+    top = torch.zeros(k // 32)
+    for b in range(0, nb, 1024):  # in chunks: no int16 copy of a whole large head
+        c = codes[b : b + 1024].to(torch.int16).abs().view(-1, k // 32, 32, lanes).sum(2)
+        l1 = c.float() * scale[b : b + 1024, None, :].abs()
+        top = torch.maximum(top, l1.amax(dim=(0, 2)))
+    return top * (1 + 2**-20)  # the products' own rounding, outward
 
 
 def flat_batch(items: list[BatchItem], cache: PagedKVCache, runtime: object) -> FlatBatch:
@@ -375,6 +390,13 @@ class LeanRuntime:
             and self.head.bias is None
             and Q8Native.i8_supported(self.head.in_features)
         )
+        # exact mode, greedy steps: the q8 head runs on int8 activations and the entries that
+        # could be the row's maximum are recomputed exactly (kernels' q8_argmax_fix)
+        verify = self.fused_ops and not int8_act and not self.head_i8 and self.head.bias is None
+        verify = verify and isinstance(getattr(self.head, "layout", None), Q8Native)
+        verify = verify and Q8Native.i8_supported(self.head.in_features)
+        self.head_l1 = _block_l1(self.head.packed()) if verify else None
+        self.argmax_candidates: torch.Tensor | None = None  # the last verified step's, per row
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 2048))
         self.ws = Workspace(self.device) if static and self.fused_ops else None
         self.embed_q8 = self._tied_q8_embedding() if self.fused_ops else None
@@ -508,7 +530,7 @@ class LeanRuntime:
         else:
             for i, ly in enumerate(self.layers):
                 x = self._block(x, i, ly, ropes[ly.rope], windowed[ly.window], cache, ops)
-        return self._logits(x, batch.logit_rows, ops)
+        return self._logits(x, batch.logit_rows, ops, batch.argmax_only)
 
     def _decode_blocks(
         self, x: torch.Tensor, ropes: dict, windowed: dict, cache: PagedKVCache, ops: object
@@ -564,14 +586,19 @@ class LeanRuntime:
         scale = getattr(self.embed, "embed_scale", None)  # Gemma's scaled embedding
         return x if scale is None else x.mul_(scale)
 
-    def _logits(self, x: torch.Tensor, rows: torch.Tensor, ops: object) -> torch.Tensor:
-        """Final norm and head on the rows whose logits are wanted -> [S, vocab] float32."""
+    def _logits(
+        self, x: torch.Tensor, rows: torch.Tensor, ops: object, argmax_only: bool = False
+    ) -> torch.Tensor:
+        """Final norm and head on the rows whose logits are wanted -> [S, vocab] float32. With
+        argmax_only, each row's maximum (and its argmax) is exact; other entries may not be."""
         n, head = rows.shape[0], self.head
         x = torch.index_select(x, 0, rows, out=self._buf("final", n, x.shape[1]))
         x = self._norm(x, self.final_norm, ops, out=x if ops is not None else None)
         out = self._buf("logits", n, head.out_features)
         small = n <= NATIVE_MAX_ROWS and getattr(head, "bias", None) is None
-        if self.head_i8 and small:
+        if argmax_only and self.head_l1 is not None and small:
+            logits = self._verified_argmax_head(x, ops, out)
+        elif self.head_i8 and small:
             logits = Q8Native.gemv_i8(x, head.packed(), out=out)
         elif ops is not None and small and isinstance(getattr(head, "layout", None), Q8Native):
             packed = head.packed()
@@ -582,6 +609,23 @@ class LeanRuntime:
             logits = head(x).float()
         if self.softcap is not None:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def _verified_argmax_head(self, x: torch.Tensor, ops: object, out: torch.Tensor | None):
+        """The q8 head on int8 activations, then q8_argmax_fix: the candidates for each row's
+        maximum recomputed exactly (a row with too many, or non-finite input: all of it)."""
+        packed, n = self.head.packed(), x.shape[0]
+        logits = Q8Native.gemv_i8(x, packed, out=out)
+        ws = self.ws
+        counts = torch.empty(n, dtype=torch.long) if ws is None else ws.get("fix", n, 1, torch.long)
+        counts = counts.view(n)
+        cap = max(64, logits.shape[1] // 16)
+        codes, scale = packed["w_q8"], packed["w_q8_scale"]
+        if ops.q8_argmax_fix(x, codes, scale, self.head_l1, logits, cap, counts):
+            for r, c in enumerate(counts.tolist()):
+                if c < 0:
+                    ops.q8_gemv(x[r : r + 1], codes, scale, out=logits[r : r + 1])
+        self.argmax_candidates = counts  # per row: entries recomputed exactly (tests, metrics)
         return logits
 
     def _block(

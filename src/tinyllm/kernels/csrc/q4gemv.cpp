@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -671,6 +672,76 @@ __attribute__((optimize("no-fast-math"))) torch::Tensor q8_rows(
   return y;
 }
 
+// Exact argmax through an int8-activation head. `logits` [M, N] holds q8_gemv_i8's product of x
+// [M, K] with an 8-bit per-row head (codes q, row scales s); x-hat, the activations it used, differ
+// from x by at most amax_b / 254 in each block b of 32 (amax_b: the block's largest |x|). So with
+// l1[b] >= s_t * sum_{k in b} |q_tk| for every row t,
+//   |approx_t - exact_t| <= B = sum_b l1[b] * amax_b * (1/254 + (K + K/32) * 2^-23),
+// the last term covering float rounding of both products. Every t with approx_t < max - 2B then
+// has exact_t < exact_{argmax approx}: the exact argmax is among the others, which are recomputed
+// exactly (s_t * sum_k q_tk x_k, as q8_gemv) in place. counts[m] gets how many; -1 marks a row left
+// as it was because more than `cap` entries were candidates or x was not finite (recompute it
+// with q8_gemv). -> the number of such rows.
+// Finite by its bits (the file builds with fast-math, under which std::isfinite may fold to true).
+static inline bool finite_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+__attribute__((optimize("no-fast-math"))) int64_t q8_argmax_fix(
+    torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor l1,
+    torch::Tensor logits, int64_t cap, torch::Tensor counts) {
+  const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L, KB = K / 32;
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && codes.size(1) == K &&
+                  K % 32 == 0 && l1.numel() == KB && logits.size(0) == M &&
+                  logits.size(1) == N && logits.stride(1) == 1 && counts.numel() == M &&
+                  counts.dtype() == torch::kInt64,
+              "q8_argmax_fix: bad args");
+  const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>(), *L1 = l1.data_ptr<float>();
+  const int8_t* W = codes.data_ptr<int8_t>();
+  int64_t* C = counts.data_ptr<int64_t>();
+  const double slack = 1.0 / 254 + double(K + KB) * std::ldexp(1.0, -23);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = X + m * K;
+    float* y = logits.data_ptr<float>() + m * logits.stride(0);
+    double bound = 0;
+    bool finite = true;
+    for (int64_t b = 0; b < KB; ++b) {
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) {
+        finite = finite && finite_bits(xr[b * 32 + i]);
+        amax = std::max(amax, std::fabs(xr[b * 32 + i]));
+      }
+      bound += double(L1[b]) * amax * slack;
+    }
+    float top = -INFINITY;
+    for (int64_t t = 0; t < N; ++t) top = std::max(top, y[t]);
+    if (!finite || !finite_bits(float(bound)) || !finite_bits(top)) {
+      C[m] = -1;
+      continue;
+    }
+    const float floor = float(double(top) - 2 * bound);
+    int64_t n = 0;
+    for (int64_t t = 0; t < N; ++t) n += y[t] >= floor;
+    if (n > cap) {
+      C[m] = -1;
+      continue;
+    }
+    for (int64_t t = 0; t < N; ++t) {
+      if (y[t] < floor) continue;
+      const int8_t* c = W + (t / L) * K * L + t % L;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += float(c[k * L]) * xr[k];
+      y[t] = S[t] * acc;
+    }
+    C[m] = n;
+  }
+  int64_t left = 0;
+  for (int64_t m = 0; m < M; ++m) left += C[m] < 0;
+  return left;
+}
+
 // Unpack the 16-row interleaved 4-bit codes to a float32 weight [N, K]: w = s * (q - z). For
 // prefill-sized inputs, where one float GEMM beats the GEMV tiles.
 torch::Tensor q4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
@@ -729,6 +800,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("codes"), arg("scale"), arg("zero"), arg("group"), out, nogil);
   m.def("q8_gemv", &q8_gemv, "8-bit per-row GEMV on 16-row interleaved codes", arg("x"),
         arg("codes"), arg("scale"), out, nogil);
+  m.def("q8_argmax_fix", &q8_argmax_fix, "exact argmax candidates of an int8-activation head",
+        nogil);
   m.def("q8_rows", &q8_rows, "rows of an 8-bit per-row weight (an embedding lookup)",
         arg("codes"), arg("scale"), arg("ids"), arg("mult"), out, nogil);
   m.def("q4_dequant", &q4_dequant, "16-row interleaved 4-bit codes to a float weight", nogil);
