@@ -689,9 +689,42 @@ static inline bool finite_bits(float v) {
   return (u & 0x7f800000u) != 0x7f800000u;
 }
 
-__attribute__((optimize("no-fast-math"))) int64_t q8_argmax_fix(
-    torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor l1,
-    torch::Tensor logits, int64_t cap, torch::Tensor counts) {
+// One row of q8_argmax_fix -> its count (or -1). The scans over the N logits are plain loops the
+// compiler vectorizes (fast-math reductions; x is checked finite first, by its bits, so the
+// logits are finite too).
+static int64_t argmax_fix_row(const float* xr, const int8_t* W, const float* S, const float* L1,
+                              float* y, int64_t K, int64_t N, int64_t cap, double slack) {
+  const int64_t KB = K / 32;
+  double bound = 0;
+  bool finite = true;
+  for (int64_t b = 0; b < KB; ++b) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) {
+      finite = finite && finite_bits(xr[b * 32 + i]);
+      amax = std::max(amax, std::fabs(xr[b * 32 + i]));
+    }
+    bound += double(L1[b]) * amax * slack;
+  }
+  if (!finite || !finite_bits(float(bound))) return -1;
+  float top = y[0];
+  for (int64_t t = 1; t < N; ++t) top = std::max(top, y[t]);
+  if (!finite_bits(top)) return -1;
+  const float floor = float(double(top) - 2 * bound);
+  int64_t n = 0;
+  for (int64_t t = 0; t < N; ++t) n += y[t] >= floor ? 1 : 0;
+  if (n > cap) return -1;
+  for (int64_t t = 0; t < N; ++t) {
+    if (y[t] < floor) continue;
+    const int8_t* c = W + (t / L) * K * L + t % L;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += float(c[k * L]) * xr[k];
+    y[t] = S[t] * acc;
+  }
+  return n;
+}
+
+int64_t q8_argmax_fix(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor l1,
+                      torch::Tensor logits, int64_t cap, torch::Tensor counts) {
   const int64_t M = x.size(0), K = x.size(1), B = codes.size(0), N = B * L, KB = K / 32;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && codes.size(1) == K &&
                   K % 32 == 0 && l1.numel() == KB && logits.size(0) == M &&
@@ -701,42 +734,13 @@ __attribute__((optimize("no-fast-math"))) int64_t q8_argmax_fix(
   const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>(), *L1 = l1.data_ptr<float>();
   const int8_t* W = codes.data_ptr<int8_t>();
   int64_t* C = counts.data_ptr<int64_t>();
+  float* Y = logits.data_ptr<float>();
+  const int64_t stride = logits.stride(0);
   const double slack = 1.0 / 254 + double(K + KB) * std::ldexp(1.0, -23);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = X + m * K;
-    float* y = logits.data_ptr<float>() + m * logits.stride(0);
-    double bound = 0;
-    bool finite = true;
-    for (int64_t b = 0; b < KB; ++b) {
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) {
-        finite = finite && finite_bits(xr[b * 32 + i]);
-        amax = std::max(amax, std::fabs(xr[b * 32 + i]));
-      }
-      bound += double(L1[b]) * amax * slack;
-    }
-    float top = -INFINITY;
-    for (int64_t t = 0; t < N; ++t) top = std::max(top, y[t]);
-    if (!finite || !finite_bits(float(bound)) || !finite_bits(top)) {
-      C[m] = -1;
-      continue;
-    }
-    const float floor = float(double(top) - 2 * bound);
-    int64_t n = 0;
-    for (int64_t t = 0; t < N; ++t) n += y[t] >= floor;
-    if (n > cap) {
-      C[m] = -1;
-      continue;
-    }
-    for (int64_t t = 0; t < N; ++t) {
-      if (y[t] < floor) continue;
-      const int8_t* c = W + (t / L) * K * L + t % L;
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += float(c[k * L]) * xr[k];
-      y[t] = S[t] * acc;
-    }
-    C[m] = n;
-  }
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      C[m] = argmax_fix_row(X + m * K, W, S, L1, Y + m * stride, K, N, cap, slack);
+  });
   int64_t left = 0;
   for (int64_t m = 0; m < M; ++m) left += C[m] < 0;
   return left;
