@@ -675,7 +675,7 @@ __attribute__((optimize("no-fast-math"))) torch::Tensor q8_rows(
 // Exact argmax through an int8-activation head. `logits` [M, N] holds q8_gemv_i8's product of x
 // [M, K] with an 8-bit per-row head (codes q, row scales s); x-hat, the activations it used, differ
 // from x by at most amax_b / 254 in each block b of 32 (amax_b: the block's largest |x|). So with
-// l1[b] >= s_t * sum_{k in b} |q_tk| for every row t,
+// l1[b] >= |s_t| * sum_{k in b} |q_tk| for every row t,
 //   |approx_t - exact_t| <= B = sum_b l1[b] * amax_b * (1/254 + (K + K/32) * 2^-23),
 // the last term covering float rounding of both products. Every t with approx_t < max - 2B then
 // has exact_t < exact_{argmax approx}: the exact argmax is among the others, which are recomputed
